@@ -1,0 +1,68 @@
+# C declarations the core needs from libc, POSIX and Linux, in one place.
+from libc.stdint cimport uint64_t, int64_t
+from posix.types cimport off_t
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *attr)
+    int pthread_rwlockattr_destroy(pthread_rwlockattr_t *attr)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *attr, int pref)
+    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+    int pthread_rwlock_init(pthread_rwlock_t *lock, const pthread_rwlockattr_t *attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t *lock)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t *lock)
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t preadv(int fd, const iovec *iov, int iovcnt, off_t offset)
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, off_t offset)
+    ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t len)
+
+
+cdef extern from "<linux/falloc.h>" nogil:
+    int FALLOC_FL_KEEP_SIZE
+    int FALLOC_FL_PUNCH_HOLE
+    int FALLOC_FL_ZERO_RANGE
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/fs.h>" nogil:
+    unsigned long BLKZEROOUT
+    unsigned long BLKDISCARD
+
+
+cdef extern from *:
+    """
+    #define CXLFLASH_CTZ64(x) ((int)__builtin_ctzll((unsigned long long)(x)))
+    #define CXLFLASH_POPCOUNT64(x) ((int)__builtin_popcountll((unsigned long long)(x)))
+    """
+    int ctz64 "CXLFLASH_CTZ64"(uint64_t x) nogil
+    int popcount64 "CXLFLASH_POPCOUNT64"(uint64_t x) nogil

@@ -1,0 +1,83 @@
+# One context's resource handle table (RHT) and its per-handle LXTs:
+# spec §2.5, §2.6, §19.
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from cxlflash._core.includes.system cimport pthread_rwlock_t
+
+cdef enum:
+    MC_RHT_NMASK = 16
+    MC_CHUNK_SHIFT = 16
+    LXT_GROUP_SIZE = 8
+    LXT_LUNIDX_SHIFT = 8
+    LXT_PERM_SHIFT = 4
+    RHT_PERM_READ = 1
+    RHT_PERM_WRITE = 2
+    RHT_PERM_RW = 3
+    RHT_FMT_VIRTUAL = 0
+    RHT_FMT_DIRECT = 1
+    DIRECT_VALID = 0x80
+
+# AFU response codes (sislite.h), as the translation reports them.
+cdef enum:
+    AFU_RC_OK = 0
+    AFU_RC_RHT_INVALID = 0x01
+    AFU_RC_RHT_OUT_OF_BOUNDS = 0x03
+    AFU_RC_RHT_RW_PERM = 0x05
+    AFU_RC_LXT_OUT_OF_BOUNDS = 0x13
+    AFU_RC_LXT_RW_PERM = 0x15
+    AFU_RC_CAP_VIOLATION = 0x21
+    # Not an AFU code: a direct LBA beyond the LUN, which the device itself
+    # refuses with CHECK CONDITION / ILLEGAL REQUEST (spec §19.3).
+    SCSI_LBA_OUT_OF_RANGE = 0x100
+
+# Table states, checked by the data path.
+cdef enum:
+    TABLE_LIVE = 0
+    TABLE_IN_ERROR = 1      # AFU reset: the MMIO window reads all-ones
+    TABLE_GONE = 2          # the context was destroyed
+    TABLE_FOREIGN = 3       # used from a process that does not own it
+
+cdef struct rht_entry:
+    # format 0 (virtual)
+    uint64_t *lxt           # lxt_start: NULL when empty
+    uint32_t lxt_cnt        # chunks mapped
+    uint32_t lxt_cap        # entries allocated (a multiple of LXT_GROUP_SIZE)
+    # format 1 (direct)
+    uint64_t lun_id
+    uint64_t last_lba       # the LUN's last native LBA (bounds, decision 13)
+    uint8_t valid
+    # both
+    uint8_t fp              # format << 4 | permissions
+    uint8_t nmask           # byte 15: 16 for virtual, port_sel for direct, 0 = free
+
+
+cdef class ResourceTable:
+    cdef rht_entry *rht
+    cdef readonly uint32_t rht_size
+    cdef readonly uint32_t rht_out
+    cdef public int state
+    cdef pthread_rwlock_t rwlock
+
+    # The data path holds the read lock across translation and I/O;
+    # table changes take the write lock, so they wait for I/O in flight
+    # (what the kernel's heavyweight sync guarantees).
+    cdef void read_lock(self) noexcept nogil
+    cdef void write_lock(self) noexcept nogil
+    cdef void unlock(self) noexcept nogil
+
+    # Validate a handle for a read (write=0) or a write (write=1); returns
+    # an AFU_RC_* code.  Caller holds the lock.
+    cdef int lookup(self, uint32_t handle, int write) noexcept nogil
+    # Translate one LBA of a handle that ``lookup`` accepted: the physical
+    # LBA, or -1 with ``*afu_rc`` set.  Caller holds the lock.
+    cdef int64_t translate_one(self, uint32_t handle, uint64_t vlba,
+                               int write, int *afu_rc) noexcept nogil
+    # The number of blocks addressable through the handle (vLUN size in
+    # native blocks, or the LUN size for a direct handle).
+    cdef uint64_t extent(self, uint32_t handle) noexcept nogil
+
+    # Internal helpers.
+    cdef rht_entry *_entry(self, uint32_t handle, bint want_open=*) except NULL
+    cdef rht_entry *_virtual(self, uint32_t handle) except NULL
+    cdef int _checkout(self) except -1
+    cdef int _set_lxt_capacity(self, rht_entry *e, uint64_t n) noexcept nogil
+    cdef object _auns(self, rht_entry *e, uint64_t start, uint64_t stop)
