@@ -78,3 +78,19 @@ def afu_error(rc, handle, lba=None, *, index=None, extent=None, write=False):
     else:
         why = "the AFU refused the command"
     return AfuError(rc, f"AFU rc 0x{rc:02x} {name}: {why}{where}", index=index)
+
+
+class AdapterResetError(OSError):
+    """The context is in error after an AFU reset (``errno`` EIO).
+
+    The hardware shows this as an MMIO window that reads all-ones.  The
+    context's handles and data are intact: recover it with
+    ``DK_CXLFLASH_RECOVER_AFU`` (``Context.recover()``), then retry.
+    """
+
+    def __init__(self, message="the AFU was reset and this context is in error: "
+                 "recover it (DK_CXLFLASH_RECOVER_AFU) and retry"):
+        super().__init__(errno.EIO, message)
+
+    def __reduce__(self):
+        return (AdapterResetError, (self.strerror,))
