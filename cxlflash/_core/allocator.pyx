@@ -194,7 +194,9 @@ cdef class ChunkAllocator:
         """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of chunks ({n})")
-        out = np.empty(n, dtype=np.int64)
+        # Never more than the allocator holds: a huge ``n`` is refused with
+        # ENOSPC below instead of failing to allocate the result array.
+        out = np.empty(min(n, self.total_chunks), dtype=np.int64)
         cdef int64_t[::1] view = out
         cdef Py_ssize_t i, got = 0
         cdef int64_t avail
@@ -210,7 +212,7 @@ cdef class ChunkAllocator:
             raise OSError(
                 errno.ENOSPC,
                 f"cannot allocate {n} chunks: only {avail} are free")
-        return out if got == n else out[:got].copy()
+        return out if got == out.shape[0] else out[:got].copy()
 
     def free_many(self, auns):
         """Drop one reference to each chunk, in the order given.
@@ -272,6 +274,18 @@ cdef class ChunkAllocator:
         """The number of extra references to ``aun`` (0..255)."""
         self._check_aun(aun)
         return self.clone_map[aun]
+
+    def clone_counts(self, auns):
+        """The clone counts of many chunks (a uint8 array)."""
+        cdef const int64_t[::1] view = _aun_array(auns)
+        self._check_auns(view)
+        out = np.empty(view.shape[0], dtype=np.uint8)
+        cdef uint8_t[::1] o = out
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(view.shape[0]):
+                o[i] = self.clone_map[view[i]]
+        return out
 
     def is_allocated(self, int64_t aun):
         """Whether ``aun`` is allocated."""

@@ -209,6 +209,28 @@ def scrub_chunks(int fd, int zero_mode, auns, uint32_t block_size):
     return rc
 
 
+cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int rc,
+                          int afu_rc, uint64_t bad_lba, int write) except -1:
+    """Raise the exception for a failed transfer (``rc`` from transfer)."""
+    if rc == XFER_AFU_ERROR:
+        raise afu_error(afu_rc, handle, bad_lba, write=write,
+                        extent=table.extent(handle) if handle < table.rht_size else None)
+    if rc == XFER_IN_ERROR:
+        raise AdapterResetError()
+    if rc == XFER_FOREIGN:
+        raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: this context belongs to "
+                       "another process (a forked child must attach its own "
+                       "context and clone)")
+    if rc == XFER_GONE:
+        raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no longer "
+                       "exists (detached or closed)")
+    if rc == EINVAL:
+        raise OSError(rc, "the backing store refused the transfer (with O_DIRECT, "
+                      "buffers and offsets must be aligned: use "
+                      "cxlflash.aligned_buffer)")
+    raise OSError(rc, os.strerror(rc))
+
+
 cdef class DataPath:
     """DataPath(table, handle, fd, block_size, *, max_xfer=0, zero_mode=0)
 
@@ -247,24 +269,7 @@ cdef class DataPath:
 
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1:
         atomic_add(&self.stats.errors, 1)
-        if rc == XFER_AFU_ERROR:
-            raise afu_error(afu_rc, self.handle, bad_lba, write=write,
-                            extent=self.table.extent(self.handle)
-                            if self.handle < self.table.rht_size else None)
-        if rc == XFER_IN_ERROR:
-            raise AdapterResetError()
-        if rc == XFER_FOREIGN:
-            raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: this context "
-                           "belongs to another process (a forked child must "
-                           "attach its own context and clone)")
-        if rc == XFER_GONE:
-            raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no "
-                           "longer exists (detached or closed)")
-        if rc == EINVAL and self.fd >= 0:
-            raise OSError(rc, "the backing store refused the transfer (with "
-                          "O_DIRECT, buffers and offsets must be aligned: "
-                          "use cxlflash.aligned_buffer)")
-        raise OSError(rc, os.strerror(rc))
+        return raise_xfer_error(self.table, self.handle, rc, afu_rc, bad_lba, write)
 
     cdef int _run(self, uint64_t lba, uint64_t nblocks, char *buf, int write,
                   int *afu_rc, uint64_t *bad_lba) noexcept nogil:
@@ -508,7 +513,8 @@ cdef class DataPath:
 def afu_command(ResourceTable table not None, uint32_t handle, int fd,
                 uint32_t block_size, uint64_t lba, buffer, bint write=False):
     """One AFU command: read into (or, with ``write``, write from) ``buffer``
-    at ``lba`` through ``handle``, with no logical size and no splitting."""
+    at ``lba`` through ``handle``, with no logical size and no splitting.
+    Returns the number of blocks transferred."""
     cdef Py_buffer view
     cdef int rc, afu_rc = 0
     cdef uint64_t bad = 0, nblocks
@@ -523,4 +529,6 @@ def afu_command(ResourceTable table not None, uint32_t handle, int fd,
                           <char *> view.buf, write, &afu_rc, &bad)
     finally:
         PyBuffer_Release(&view)
-    return rc, afu_rc, bad
+    if rc:
+        raise_xfer_error(table, handle, rc, afu_rc, bad, write)
+    return nblocks

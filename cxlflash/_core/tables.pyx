@@ -291,10 +291,11 @@ cdef class ResourceTable:
         if rc == AFU_RC_OK:
             plba = self.translate_one(handle, vlba, write, &rc)
         self.unlock()
-        if plba < 0:
+        # Test the code, not the sign: a direct LBA >= 2**63 is valid.
+        if rc != AFU_RC_OK:
             raise afu_error(rc, handle, vlba, write=write,
                             extent=self.extent(handle) if handle < self.rht_size else None)
-        return plba
+        return <uint64_t> plba
 
     def translate_many(self, uint32_t handle, const lba_t[::1] vlbas, out=None,
                        bint write=False):
