@@ -33,7 +33,7 @@ TARGETS = [
      "test_translate_one_core", "test_translate_one_noop", "slowdown", 2.0),
     ("alloc_many(1M) on 4M chunks vs pure-Python kernel loop (full 1M, unscaled)",
      "test_alloc_many_core", "test_alloc_many_python", "speedup", 100.0),
-    ("clone_from+clone_many 1M chunks vs np.copyto 1M uint64 (throughput)",
+    ("clone_from(src, 3, allocator) 1M chunks vs np.copyto 1M uint64 (throughput)",
      "test_clone_core", "test_clone_copyto", "fraction", 0.25),
 ]
 

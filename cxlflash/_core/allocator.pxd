@@ -21,6 +21,9 @@ cdef class ChunkAllocator:
     cdef int64_t ba_alloc(self) noexcept nogil
     cdef int ba_free(self, int64_t aun) noexcept nogil
     cdef int ba_clone(self, int64_t aun) noexcept nogil
+    # Raise the clone count of every chunk an LXT maps, all or none (0 or
+    # -1); the caller holds ``mutex``.
+    cdef int clone_lxt(self, const uint64_t *lxt, uint64_t n) noexcept nogil
     cdef void lock(self) noexcept nogil
     cdef void unlock(self) noexcept nogil
     cdef int _check_aun(self, int64_t aun) except -1

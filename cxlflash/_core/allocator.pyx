@@ -113,6 +113,37 @@ cdef class ChunkAllocator:
         self.clone_map[aun] += 1
         return 0
 
+    cdef int clone_lxt(self, const uint64_t *lxt, uint64_t n) noexcept nogil:
+        cdef uint64_t i = 0, j, k, aun, diff
+        cdef uint8_t full
+        cdef uint8_t *counts
+        while i < n:
+            aun = lxt[i] >> 16
+            # Fast path: 64 consecutive chunks filling one bitmap word (what
+            # a fresh grow lays down) are cloned as a block.  The loops have
+            # no early exit so the compiler can vectorise them.
+            if ((aun & 63) == 0 and i + 64 <= n and aun + 64 <= <uint64_t> self.total_chunks
+                    and self.bitmap[aun >> 6] == 0):
+                diff = 0
+                for j in range(64):
+                    diff |= (lxt[i + j] >> 16) ^ (aun + j)
+                if diff == 0:
+                    counts = self.clone_map + aun
+                    full = 0
+                    for j in range(64):
+                        full |= counts[j] == MAX_AUN_CLONE_CNT
+                    if not full:
+                        for j in range(64):
+                            counts[j] += 1
+                        i += 64
+                        continue
+            if aun >= <uint64_t> self.total_chunks or self.ba_clone(aun) != 0:
+                for k in range(i):
+                    self.ba_free(lxt[k] >> 16)
+                return -1
+            i += 1
+        return 0
+
     # -- checks -------------------------------------------------------------
 
     cdef int _check_aun(self, int64_t aun) except -1:

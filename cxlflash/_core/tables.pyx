@@ -12,6 +12,7 @@ then ``plba = (entry & ~0xFFFF) | (vlba & 0xFFFF)``.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
+from cxlflash._core.allocator cimport ChunkAllocator
 from cxlflash._core.includes.system cimport (
     pthread_rwlock_init, pthread_rwlock_destroy, pthread_rwlock_rdlock,
     pthread_rwlock_wrlock, pthread_rwlock_unlock, pthread_rwlockattr_t,
@@ -76,6 +77,13 @@ cdef class ResourceTable:
 
     cdef void unlock(self) noexcept nogil:
         pthread_rwlock_unlock(&self.rwlock)
+
+    cdef void _write_begin(self):
+        """Take the write lock -- waiting for I/O in flight without the GIL
+        -- and return with the GIL held.  Every change to the table is made
+        holding both, so code that holds the GIL may read it unlocked."""
+        with nogil:
+            pthread_rwlock_wrlock(&self.rwlock)
 
     cdef int lookup(self, uint32_t handle, int write) noexcept nogil:
         cdef rht_entry *e
@@ -171,13 +179,12 @@ cdef class ResourceTable:
         """
         cdef int h = self._checkout()
         cdef rht_entry *e = &self.rht[h]
-        with nogil:
-            self.write_lock()
-            memset(e, 0, sizeof(rht_entry))
-            e.fp = (RHT_FMT_VIRTUAL << 4) | (perms & 3)
-            e.nmask = MC_RHT_NMASK
-            self.rht_out += 1
-            self.unlock()
+        self._write_begin()
+        memset(e, 0, sizeof(rht_entry))
+        e.fp = (RHT_FMT_VIRTUAL << 4) | (perms & 3)
+        e.nmask = MC_RHT_NMASK
+        self.rht_out += 1
+        self.unlock()
         return h
 
     def open_direct(self, int perms, uint64_t lun_id, int port_sel,
@@ -191,16 +198,15 @@ cdef class ResourceTable:
             raise ValueError(f"port_sel must be a nonzero 4-bit port mask, got {port_sel}")
         cdef int h = self._checkout()
         cdef rht_entry *e = &self.rht[h]
-        with nogil:
-            self.write_lock()
-            memset(e, 0, sizeof(rht_entry))
-            e.lun_id = lun_id
-            e.last_lba = last_lba
-            e.valid = DIRECT_VALID
-            e.fp = (RHT_FMT_DIRECT << 4) | (perms & 3)
-            e.nmask = <uint8_t> port_sel
-            self.rht_out += 1
-            self.unlock()
+        self._write_begin()
+        memset(e, 0, sizeof(rht_entry))
+        e.lun_id = lun_id
+        e.last_lba = last_lba
+        e.valid = DIRECT_VALID
+        e.fp = (RHT_FMT_DIRECT << 4) | (perms & 3)
+        e.nmask = <uint8_t> port_sel
+        self.rht_out += 1
+        self.unlock()
         return h
 
     def close(self, uint32_t handle):
@@ -211,12 +217,11 @@ cdef class ResourceTable:
         """
         cdef rht_entry *e = self._entry(handle)
         auns = self._auns(e, 0, e.lxt_cnt)
-        with nogil:
-            self.write_lock()
-            free(e.lxt)
-            memset(e, 0, sizeof(rht_entry))
-            self.rht_out -= 1
-            self.unlock()
+        self._write_begin()
+        free(e.lxt)
+        memset(e, 0, sizeof(rht_entry))
+        self.rht_out -= 1
+        self.unlock()
         return auns
 
     cdef object _auns(self, rht_entry *e, uint64_t start, uint64_t stop):
@@ -246,14 +251,13 @@ cdef class ResourceTable:
         if n == 0:
             return
         cdef int rc
-        with nogil:
-            self.write_lock()
-            rc = self._set_lxt_capacity(e, old + n)
-            if rc == 0:
-                for i in range(n):
-                    e.lxt[old + i] = ((<uint64_t> a[i]) << MC_CHUNK_SHIFT) | low
-                e.lxt_cnt = <uint32_t> (old + n)
-            self.unlock()
+        self._write_begin()
+        rc = self._set_lxt_capacity(e, old + n)
+        if rc == 0:
+            for i in range(n):
+                e.lxt[old + i] = ((<uint64_t> a[i]) << MC_CHUNK_SHIFT) | low
+            e.lxt_cnt = <uint32_t> (old + n)
+        self.unlock()
         if rc != 0:
             raise MemoryError(f"cannot allocate an LXT of {old + n} entries")
 
@@ -270,27 +274,24 @@ cdef class ResourceTable:
         n = old - new_count
         out = np.empty(n, dtype=np.int64)
         cdef int64_t[::1] v = out
-        with nogil:
-            self.write_lock()
-            for i in range(n):
-                v[i] = <int64_t> (e.lxt[old - 1 - i] >> MC_CHUNK_SHIFT)
-            e.lxt_cnt = <uint32_t> new_count
-            # A smaller LXT that cannot be had keeps the larger one.
-            self._set_lxt_capacity(e, new_count)
-            self.unlock()
+        self._write_begin()
+        for i in range(n):
+            v[i] = <int64_t> (e.lxt[old - 1 - i] >> MC_CHUNK_SHIFT)
+        e.lxt_cnt = <uint32_t> new_count
+        # A smaller LXT that cannot be had keeps the larger one.
+        self._set_lxt_capacity(e, new_count)
+        self.unlock()
         return out
 
     # -- translation -----------------------------------------------------------------
 
     def translate(self, uint32_t handle, uint64_t vlba, bint write=False):
         """Translate one LBA as the AFU would; raises :class:`AfuError`."""
-        cdef int rc
+        # No lock: the GIL is held, and the table only changes under it.
         cdef int64_t plba = -1
-        self.read_lock()
-        rc = self.lookup(handle, write)
+        cdef int rc = self.lookup(handle, write)
         if rc == AFU_RC_OK:
             plba = self.translate_one(handle, vlba, write, &rc)
-        self.unlock()
         # Test the code, not the sign: a direct LBA >= 2**63 is valid.
         if rc != AFU_RC_OK:
             raise afu_error(rc, handle, vlba, write=write,
@@ -318,6 +319,7 @@ cdef class ResourceTable:
         cdef rht_entry *e
         cdef uint64_t v, chunk, entry, cnt, need, last
         cdef uint64_t *lxt
+        cdef bint all_ok
         with nogil:
             self.read_lock()
             rc = self.lookup(handle, write)
@@ -338,19 +340,38 @@ cdef class ResourceTable:
                 else:
                     cnt = e.lxt_cnt
                     lxt = e.lxt
-                    for i in range(n):
-                        v = <uint64_t> vlbas[i]
-                        chunk = v >> MC_CHUNK_SHIFT
-                        if chunk >= cnt:
-                            rc = AFU_RC_LXT_OUT_OF_BOUNDS
-                            bad = i
-                            break
-                        entry = lxt[chunk]
-                        if not ((entry >> LXT_PERM_SHIFT) & need):
-                            rc = AFU_RC_LXT_RW_PERM
-                            bad = i
-                            break
-                        o[i] = (entry & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
+                    # The LXT permissions are checked once per entry up front
+                    # when the LXT is no longer than the batch; then the loop
+                    # checks only the bounds.
+                    all_ok = cnt <= <uint64_t> n
+                    if all_ok:
+                        for i in range(<Py_ssize_t> cnt):
+                            if not ((lxt[i] >> LXT_PERM_SHIFT) & need):
+                                all_ok = False
+                                break
+                    if all_ok:
+                        for i in range(n):
+                            v = <uint64_t> vlbas[i]
+                            chunk = v >> MC_CHUNK_SHIFT
+                            if chunk >= cnt:
+                                rc = AFU_RC_LXT_OUT_OF_BOUNDS
+                                bad = i
+                                break
+                            o[i] = (lxt[chunk] & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
+                    else:
+                        for i in range(n):
+                            v = <uint64_t> vlbas[i]
+                            chunk = v >> MC_CHUNK_SHIFT
+                            if chunk >= cnt:
+                                rc = AFU_RC_LXT_OUT_OF_BOUNDS
+                                bad = i
+                                break
+                            entry = lxt[chunk]
+                            if not ((entry >> LXT_PERM_SHIFT) & need):
+                                rc = AFU_RC_LXT_RW_PERM
+                                bad = i
+                                break
+                            o[i] = (entry & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
             self.unlock()
         if bad >= 0:
             raise afu_error(rc, handle, int(vlbas[bad]), index=bad, write=write,
@@ -359,12 +380,16 @@ cdef class ResourceTable:
 
     # -- clone -------------------------------------------------------------------------
 
-    def clone_slot(self, ResourceTable src not None, uint32_t handle, int perms):
+    def clone_slot(self, ResourceTable src not None, uint32_t handle, int perms,
+                   ChunkAllocator allocator=None):
         """Copy ``src``'s open entry ``handle`` into this (free) slot.
 
         Permissions become src ∩ ``perms``; the LXT is copied verbatim.
         Returns the chunk numbers whose clone counts the caller must raise
-        (empty for a direct entry).
+        (empty for a direct entry).  With ``allocator``, their clone counts
+        are raised here, in the same pass, all or none, and an empty array
+        is returned; when one cannot be (a chunk not allocated, or already
+        at 255 clones) ``OSError(EIO)`` is raised and nothing changes.
         """
         if src is self:
             raise ValueError("cannot clone a table into itself")
@@ -372,41 +397,62 @@ cdef class ResourceTable:
         cdef rht_entry *d = self._entry(handle, False)
         if d.nmask != 0:
             raise ValueError(f"resource handle {handle} of the destination is open")
-        cdef uint64_t cnt
+        # The source only changes under the GIL, which we hold.
+        cdef uint64_t cnt = s.lxt_cnt
         cdef uint64_t *lxt = NULL
-        with nogil:
-            src.read_lock()
-            cnt = s.lxt_cnt
-            if cnt:
-                lxt = <uint64_t *> calloc(<uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE,
-                                          sizeof(uint64_t))
-                if lxt != NULL:
-                    memcpy(lxt, s.lxt, cnt * sizeof(uint64_t))
-            src.unlock()
-        if cnt and lxt == NULL:
-            raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
-        with nogil:
-            self.write_lock()
-            memcpy(d, s, sizeof(rht_entry))
-            d.fp = s.fp & (0xFC | (perms & 3))
-            d.lxt = lxt
-            d.lxt_cap = lxt_groups(cnt) * LXT_GROUP_SIZE
-            self.rht_out += 1
-            self.unlock()
+        cdef int rc = 0
+        if cnt:
+            lxt = <uint64_t *> malloc(<uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE
+                                      * sizeof(uint64_t))
+            if lxt == NULL:
+                raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
+            with nogil:
+                memcpy(lxt, s.lxt, cnt * sizeof(uint64_t))
+                memset(lxt + cnt, 0, (lxt_groups(cnt) * LXT_GROUP_SIZE - cnt)
+                       * sizeof(uint64_t))
+                if allocator is not None:
+                    allocator.lock()
+                    rc = allocator.clone_lxt(lxt, cnt)
+                    allocator.unlock()
+            if rc:
+                free(lxt)
+                raise OSError(errno.EIO, f"cannot clone handle {handle}: a chunk is "
+                              "not allocated or already has 255 clones")
+        self._write_begin()
+        memcpy(d, s, sizeof(rht_entry))
+        d.fp = s.fp & (0xFC | (perms & 3))
+        d.lxt = lxt
+        d.lxt_cap = lxt_groups(cnt) * LXT_GROUP_SIZE
+        self.rht_out += 1
+        self.unlock()
+        if allocator is not None:
+            return np.empty(0, dtype=np.int64)
         return self._auns(d, 0, cnt)
 
-    def clone_from(self, ResourceTable src not None, int perms):
+    def clone_from(self, ResourceTable src not None, int perms,
+                   ChunkAllocator allocator=None):
         """Copy every open entry of ``src`` (handle numbers kept).
 
         Returns ``[(handle, auns), ...]``: for each copied handle, the chunks
-        whose clone counts the caller must raise.  This table must have no
-        open handle.
+        whose clone counts the caller must raise -- or, with ``allocator``,
+        raises them here (see :meth:`clone_slot`; a failure undoes the
+        handles already copied).  This table must have no open handle.
         """
         if self.rht_out:
             raise ValueError("the destination table has open handles")
         if src.rht_size > self.rht_size:
             raise ValueError("the source table is larger than the destination")
-        return [(h, self.clone_slot(src, h, perms)) for h in src.open_handles()]
+        done = []
+        try:
+            for h in src.open_handles():
+                done.append((h, self.clone_slot(src, h, perms, allocator)))
+        except BaseException:
+            for h, _ in done:
+                if allocator is not None and self.is_virtual(h):
+                    allocator.free_many(self.chunks(h))
+                self.close(h)
+            raise
+        return done
 
     # -- introspection -------------------------------------------------------------------
 
