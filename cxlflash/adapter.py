@@ -1,0 +1,408 @@
+"""The embedded adapter: host + driver + AFU in this process.
+
+``Adapter`` is what the kernel exposed as a SCSI host with its character
+device (the ``HT_*`` ioctls), ``Disk`` what it exposed as ``/dev/sdX`` (the
+``DK_*`` ioctls), and ``ioctl()`` the system call.  The AFU data path --
+what a context does through its MMIO window -- is ``Adapter.read``,
+``readinto``, ``write`` and ``translate``.
+"""
+import errno
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from . import uapi
+from ._core.datapath import afu_command
+from ._core.errors import afu_error
+from .backing import open_backing, MemoryBacking, FileBacking
+from .driver.core import Driver, Caller
+from .driver import superpipe, host
+from .driver.lun import sam_lun_id
+from .errors import (CxlFlashError, AfuError, AdapterResetError,
+                     ForkedAdapterError)
+
+__all__ = ["Adapter", "Disk", "ioctl"]
+
+_live_drivers = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    # A child's copy of an embedded adapter is frozen: its contexts belong
+    # to the parent, and their data paths refuse I/O (AFU rc 0x21).
+    for drv in list(_live_drivers):
+        for ctx in list(drv.ctx_tbl) + list(drv.ctx_err_recovery):
+            if ctx is not None:
+                ctx.table.state = 3         # TABLE_FOREIGN
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _caller():
+    return Caller(os.getpid(), os.getppid())
+
+
+class Disk:
+    """An open SCSI disk of a LUN on one port (the ``/dev/sdX`` fd)."""
+
+    def __init__(self, adapter, sdev, flags):
+        self.adapter = adapter
+        self.sdev = sdev
+        self.flags = flags
+        self.closed = False
+
+    @property
+    def wwid(self):
+        return self.sdev.wwid
+
+    @property
+    def port(self):
+        return self.sdev.port
+
+    @property
+    def writable(self):
+        return (self.flags & os.O_ACCMODE) != os.O_RDONLY
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"<Disk wwid={self.wwid.hex()} port={self.port}"
+                f"{' closed' if self.closed else ''}>")
+
+
+class Adapter:
+    """An embedded CXL Flash adapter.
+
+    ``directory``: where LUNs created by ``HT_CXLFLASH_LUN_PROVISION`` (and
+    :meth:`create_lun`) live as files; ``None`` keeps them in memory.
+    ``ports``: FC ports (1-4).  ``max_contexts``: contexts (PEs) the AFU
+    supports.  ``rht_per_context``: resource handles per context (256, as
+    with 4 KiB pages, or up to 4096).  ``port_max_luns`` and
+    ``port_capacity`` (4K blocks) bound what can be provisioned per port.
+    """
+
+    def __init__(self, directory=None, *, ports=2, max_contexts=512,
+                 rht_per_context=256, port_max_luns=64, port_capacity=1 << 30,
+                 lun_mode=0, sq_mode=False, lun_provision=True, afu_debug=True):
+        if directory is not None and not os.path.isdir(directory):
+            raise CxlFlashError(errno.ENOENT, f"directory {directory!r} does not exist")
+        self.directory = directory
+        self._driver = Driver(ports=ports, max_contexts=max_contexts,
+                              rht_per_context=rht_per_context,
+                              port_max_luns=port_max_luns, port_capacity=port_capacity,
+                              lun_mode=lun_mode, sq_mode=sq_mode,
+                              lun_provision=lun_provision, afu_debug=afu_debug)
+        self._owner_pid = os.getpid()
+        self._backings = {}          # wwid -> Backing we opened (and close)
+        self.provisioned = {}        # wwid -> {"port", "size", "lun_id", "path"}
+        self._serial = 0
+        self._lock = threading.Lock()
+        _live_drivers.add(self._driver)
+
+    # -- identity and fork ------------------------------------------------------
+
+    def _check_owner(self):
+        if os.getpid() != self._owner_pid:
+            raise ForkedAdapterError(self._owner_pid)
+        if self._driver.closed:
+            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+
+    @property
+    def driver(self):
+        """The driver model (for tools and tests)."""
+        return self._driver
+
+    @property
+    def ports(self):
+        return self._driver.num_ports
+
+    @property
+    def state(self):
+        """The adapter state: 'NORMAL', 'RESET' or 'FAILTERM'."""
+        return self._driver.afu.state
+
+    @property
+    def lun_mode(self):
+        """The internal-LUN mode (sysfs ``lun_mode``); nonzero restricts
+        the ioctls to physical access."""
+        return self._driver.lun_mode
+
+    @lun_mode.setter
+    def lun_mode(self, value):
+        self._driver.lun_mode = int(value)
+
+    # -- LUNs -------------------------------------------------------------------
+
+    def _new_wwid(self):
+        with self._lock:
+            self._serial += 1
+            serial = self._serial
+        return host._naa6_wwid(serial ^ (id(self) & 0xFFFF) << 20)
+
+    def add_lun(self, backing, *, ports=(0,), wwid=None, superpipe=True,
+                size=None, block_size=4096):
+        """Put a physical LUN behind the adapter, visible on ``ports``.
+
+        ``backing``: a path (regular file or block device), a
+        :class:`cxlflash.backing.Backing`, or ``None`` for memory (then
+        ``size`` in bytes is required; a missing file is created with
+        ``size``).  With ``superpipe`` (the default) superpipe mode is
+        enabled on every path, as ``cxlfsetlunmode`` would.  Returns the
+        16-byte WWID.
+        """
+        self._check_owner()
+        ports = tuple(ports)
+        if not ports:
+            raise CxlFlashError(errno.EINVAL, "a LUN needs at least one port")
+        if wwid is None:
+            wwid = self._new_wwid()
+        wwid = bytes(wwid)
+        if len(wwid) != uapi.CXLFLASH_WWID_LEN:
+            raise CxlFlashError(errno.EINVAL, f"a WWID has 16 bytes, got {len(wwid)}")
+        opened = open_backing(backing, size=size, block_size=block_size)
+        try:
+            self._driver.add_lun(opened, ports, wwid)
+        except BaseException:
+            if opened is not backing:
+                opened.close()
+            raise
+        if opened is not backing:
+            self._backings[wwid] = opened
+        if superpipe:
+            for p in ports:
+                self._driver.enable_superpipe(self._driver.sdev(wwid, p))
+        return wwid
+
+    def luns(self):
+        """The WWIDs of the LUNs behind the adapter."""
+        return [w for w, g in self._driver.gluns.items() if g.backing is not None]
+
+    def open_disk(self, wwid, port=0, flags=os.O_RDWR):
+        """Open the SCSI disk of LUN ``wwid`` on ``port`` (the ``/dev/sdX``
+        fd the DK_* ioctls are issued on)."""
+        self._check_owner()
+        return Disk(self, self._driver.sdev(bytes(wwid), port), flags)
+
+    def _provision(self, port, size_4k):
+        """Create a LUN for HT_CXLFLASH_LUN_PROVISION: (wwid, lun_id)."""
+        wwid = self._new_wwid()
+        nbytes = size_4k * uapi.CXLFLASH_BLOCK_SIZE
+        if self.directory is None:
+            backing, path = MemoryBacking(nbytes), None
+        else:
+            path = os.path.join(self.directory, f"lun-{wwid.hex()}.img")
+            backing = FileBacking(path, nbytes, create=True)
+        glun = self._driver.add_lun(backing, (port,), wwid)
+        self._backings[wwid] = backing
+        sdev = self._driver.sdev(wwid, port)
+        lun_id = sam_lun_id(sdev.scsi_lun)
+        self.provisioned[wwid] = {"port": port, "size": size_4k, "lun_id": lun_id,
+                                  "path": path}
+        return wwid, lun_id
+
+    def _unprovision(self, port, lun_id):
+        for wwid, p in list(self.provisioned.items()):
+            if p["port"] == port and p["lun_id"] == lun_id:
+                break
+        else:
+            raise CxlFlashError(errno.EIO, f"no provisioned LUN with id 0x{lun_id:016x} "
+                                f"on port {port}")
+        drv = self._driver
+        glun = drv.gluns[wwid]
+        sdev = drv.sdevs[(port, wwid)]
+        llun = drv.lluns.get(wwid)
+        if glun.mode != 0 or sdev.refs or (llun is not None and llun.port_sel):
+            raise CxlFlashError(errno.EIO, "the LUN is in use: release its handles, "
+                                "detach its contexts and disable superpipe first")
+        sdev.present = False
+        del self.provisioned[wwid]
+        glun.backing = None
+        backing = self._backings.pop(wwid, None)
+        if backing is not None:
+            backing.close()
+            if p["path"]:
+                os.unlink(p["path"])
+
+    # -- ioctls -------------------------------------------------------------------
+
+    def _disk_ioctl(self, disk, request, arg):
+        if disk.closed:
+            raise CxlFlashError(errno.EBADF, "the disk is closed")
+        drv = self._driver
+        if drv.closed:
+            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+        if os.getpid() != self._owner_pid:
+            # A child's copy of the driver: calls naming the parent's
+            # contexts fail their ownership check (EINVAL) as in the kernel;
+            # anything that would create state here is refused.
+            if request == uapi.DK_CXLFLASH_MANAGE_LUN:
+                raise ForkedAdapterError(self._owner_pid)
+            if request == uapi.DK_CXLFLASH_ATTACH:
+                try:
+                    flags = uapi.dk_cxlflash_attach.from_buffer_copy(
+                        memoryview(arg).cast("B")[:144]).hdr.flags
+                except (TypeError, ValueError):
+                    flags = 0
+                if not flags & uapi.DK_CXLFLASH_ATTACH_REUSE_CONTEXT:
+                    raise ForkedAdapterError(self._owner_pid)
+        superpipe.disk_ioctl(drv, disk.sdev, disk, request, arg, _caller(),
+                             reap=os.getpid() == self._owner_pid)
+
+    def _host_ioctl(self, request, arg):
+        self._check_owner()
+        host.host_ioctl(self._driver, self, request, arg, _caller())
+
+    # -- the AFU data path ------------------------------------------------------------
+
+    def _afu_io(self, context_id, rsrc_handle, lba, buffer, write):
+        drv = self._driver
+        pe = context_id & 0xFFFFFFFF
+        ctx = None
+        if pe < len(drv.ctx_tbl):
+            c = drv.ctx_tbl[pe]
+            if c is not None and c.ctxid == context_id:
+                ctx = c
+        if ctx is None:
+            ctx = next((c for c in drv.ctx_err_recovery if c.ctxid == context_id), None)
+        if ctx is None or ctx.pid != os.getpid():
+            raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: context "
+                           f"0x{context_id:016x} is not a live context of this process")
+        if ctx.err_recovery_active:
+            raise AdapterResetError()
+        table = ctx.table
+        if rsrc_handle >= table.rht_size:
+            raise afu_error(0x03, rsrc_handle)
+        llun = ctx.rht_lun[rsrc_handle]
+        if llun is None:
+            raise afu_error(0x01, rsrc_handle)
+        glun = llun.parent
+        return afu_command(table, rsrc_handle, glun.backing.fd, glun.blk_len, lba,
+                           buffer, write)
+
+    def read(self, context_id, rsrc_handle, lba, nblocks):
+        """Read ``nblocks`` native blocks at ``lba`` through a resource
+        handle of a context; returns bytes.  Raises :class:`AfuError` or
+        :class:`AdapterResetError` as the AFU would refuse the command."""
+        llun = self._slot_lun(context_id, rsrc_handle)
+        buf = bytearray(nblocks * (llun.parent.blk_len if llun else 4096))
+        self._afu_io(context_id, rsrc_handle, lba, buf, False)
+        return bytes(buf)
+
+    def _slot_lun(self, context_id, rsrc_handle):
+        c = self._driver.ctx_tbl[context_id & 0x1FF] if (context_id & 0xFFFFFFFF) < 512 else None
+        if c is not None and c.ctxid == context_id and rsrc_handle < len(c.rht_lun):
+            return c.rht_lun[rsrc_handle]
+        return None
+
+    def readinto(self, context_id, rsrc_handle, lba, buffer):
+        """Read into ``buffer`` (a multiple of the block size); returns the
+        number of blocks read."""
+        return self._afu_io(context_id, rsrc_handle, lba, buffer, False)
+
+    def write(self, context_id, rsrc_handle, lba, data):
+        """Write ``data`` (a multiple of the block size) at ``lba``; returns
+        the number of blocks written."""
+        return self._afu_io(context_id, rsrc_handle, lba, data, True)
+
+    def translate(self, context_id, rsrc_handle, lbas):
+        """The physical LBAs the AFU would address for ``lbas`` (uint64)."""
+        drv = self._driver
+        pe = context_id & 0xFFFFFFFF
+        ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
+        if ctx is None or ctx.ctxid != context_id:
+            ctx = next((c for c in drv.ctx_err_recovery if c.ctxid == context_id), None)
+        if ctx is None or ctx.pid != os.getpid():
+            raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: context "
+                           f"0x{context_id:016x} is not a live context of this process")
+        if ctx.err_recovery_active:
+            raise AdapterResetError()
+        return ctx.table.translate_many(
+            rsrc_handle, np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1))
+
+    # -- the AFU state machine and fault injection -------------------------------------
+
+    def reset(self):
+        """Reset the AFU (spec §16.1): every context goes into error --
+        its data path raises AdapterResetError -- until RECOVER_AFU."""
+        self._check_owner()
+        self._driver.begin_reset()
+        self._driver.end_reset(ok=True)
+
+    def begin_reset(self):
+        """First half of :meth:`reset`: the state stays RESET (ioctls wait)
+        until :meth:`end_reset`."""
+        self._check_owner()
+        self._driver.begin_reset()
+
+    def end_reset(self, ok=True):
+        """Second half of a reset: NORMAL, or FAILTERM when ``ok`` is false."""
+        self._check_owner()
+        self._driver.end_reset(ok)
+
+    def fail(self):
+        """Fail the AFU for good (FAILTERM): most ioctls get ENODEV; RESIZE,
+        RELEASE and DETACH still work so users can clean up."""
+        self._check_owner()
+        self._driver.fail()
+
+    def inject_fault(self, point, count=1, err=None):
+        """Make the next ``count`` operations at ``point`` fail (with
+        ``err``, or the point's usual errno).  Points: see
+        ``cxlflash.driver.afu.FAULT_POINTS`` ('sync' for the AFU sync)."""
+        self._driver.afu.faults.inject(point, count, err)
+
+    def signal_waiters(self):
+        """Interrupt every thread waiting in the driver, as a signal would
+        (they fail with EINTR)."""
+        self._driver.afu.signal_waiters()
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self):
+        """Destroy every context and close the LUNs the adapter opened."""
+        if os.getpid() != self._owner_pid or self._driver.closed:
+            return
+        self._driver.close()
+        for b in self._backings.values():
+            b.close()
+        self._backings.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return (f"<Adapter ports={self.ports} luns={len(self.luns())} "
+                f"state={self.state}>")
+
+
+def ioctl(target, request, arg):
+    """Issue an ioctl: ``DK_CXLFLASH_*`` on a :class:`Disk`,
+    ``HT_CXLFLASH_*`` on an :class:`Adapter`.  ``arg`` (a uapi structure)
+    is updated in place on success; on failure it is untouched and
+    :class:`CxlFlashError` carries the kernel's errno."""
+    if isinstance(target, Disk):
+        target.adapter._disk_ioctl(target, request, arg)
+    elif isinstance(target, Adapter):
+        target._host_ioctl(request, arg)
+    else:
+        raise CxlFlashError(errno.ENOTTY, f"{type(target).__name__} is not a "
+                            "cxlflash Disk or Adapter")
+    return 0

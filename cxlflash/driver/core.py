@@ -1,0 +1,379 @@
+"""The driver: the state one adapter shares between its contexts.
+
+``Driver`` holds the context table and the error-recovery list, the LUN
+records, the LUN table, the AFU, and the adapter fds it watches.  The ioctl
+handlers live in ``superpipe.py`` (contexts, direct LUNs, release, verify,
+recovery, LUN management), ``vlun.py`` (virtual LUNs: open, resize, clone)
+and ``host.py`` (the host ioctls); this module is their common ground:
+context lookup (spec §4), context teardown (§6.3, §7), the AFU reset (§16.1)
+and the dispatch pipeline (§3).
+
+Every entry point takes the caller's identity explicitly (``Caller``); the
+driver never asks the OS who is calling.
+"""
+import ctypes
+import errno
+import itertools
+import os
+import select
+import threading
+from typing import NamedTuple
+
+from .. import uapi
+from ..errors import CxlFlashError
+from .afu import Afu, NORMAL, RESET, FAILTERM
+from .context import Context, AdapterFile, MAX_CONTEXT
+from .lun import GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, sam_lun_id
+
+# get_context control flags (spec §4)
+CTX_CTRL_CLONE = 1 << 1
+CTX_CTRL_ERR = 1 << 2
+CTX_CTRL_ERR_FALLBACK = 1 << 3
+CTX_CTRL_NOPID = 1 << 4
+CTX_CTRL_FILE = 1 << 5
+
+
+class Caller(NamedTuple):
+    """Who is calling: the process id and its parent's."""
+    pid: int
+    ppid: int
+
+
+class Driver:
+    """One adapter's driver state (host + driver + AFU)."""
+
+    def __init__(self, *, ports=2, max_contexts=512, rht_per_context=256,
+                 port_max_luns=64, port_capacity=1 << 30, lun_mode=0,
+                 sq_mode=False, lun_provision=True, afu_debug=True):
+        if not 1 <= ports <= 4:
+            raise ValueError(f"an adapter has 1 to 4 FC ports, not {ports}")
+        if not 1 <= max_contexts <= MAX_CONTEXT:
+            raise ValueError(f"max_contexts must be 1..{MAX_CONTEXT}, got {max_contexts}")
+        if rht_per_context not in (256, 4096) and not 1 <= rht_per_context <= 4096:
+            raise ValueError("rht_per_context must be 1..4096")
+        self.num_ports = ports
+        self.max_contexts = max_contexts
+        self.rht_per_context = rht_per_context
+        self.port_max_luns = port_max_luns
+        self.port_capacity = port_capacity          # 4K blocks per port
+        self.lun_mode = lun_mode                    # internal_lun (sysfs lun_mode)
+        self.afu = Afu(num_ports=ports, sq_mode=sq_mode,
+                       lun_provision=lun_provision, debug=afu_debug)
+        self.ctx_tbl = [None] * MAX_CONTEXT
+        self.ctx_err_recovery = []
+        self.ctx_tbl_lock = threading.Lock()
+        self.recovery_mutex = threading.Lock()
+        self.recovery_threads = 0
+        self.recovery_retry_delay = 0.1            # seconds (kernel: 100 ms)
+        self.mailbox_retry_delay = 1.0             # seconds (kernel: 1 s)
+        self.global_mutex = threading.RLock()
+        self.gluns = {}                             # wwid -> GlobalLun
+        self.lluns = {}                             # wwid -> LocalLun
+        self.sdevs = {}                             # (port, wwid) -> Sdev
+        self.lun_table = LunTable(ports)
+        self.next_scsi_lun = 1
+        self._cookies = itertools.count(0x1000)
+        self._files = {}                            # driver fileno -> AdapterFile
+        self._files_lock = threading.Lock()
+        self._epoll = select.epoll()
+        self.closed = False
+
+    # -- LUNs and paths ----------------------------------------------------
+
+    def add_lun(self, backing, ports, wwid):
+        """Make ``backing`` a physical LUN visible on ``ports``."""
+        with self.global_mutex:
+            if wwid in self.gluns and self.gluns[wwid].backing is not None:
+                raise CxlFlashError(errno.EEXIST,
+                                    f"a LUN with WWID {wwid.hex()} is already on this adapter")
+            for p in ports:
+                if not 0 <= p < self.num_ports:
+                    raise CxlFlashError(
+                        errno.EINVAL, f"port {p} does not exist: this adapter has "
+                        f"ports 0..{self.num_ports - 1}")
+            glun = self.gluns.get(wwid)
+            if glun is None:
+                glun = self.gluns[wwid] = GlobalLun(wwid, backing)
+            glun.backing = backing
+            scsi_lun = self.next_scsi_lun
+            self.next_scsi_lun += 1
+            for p in ports:
+                self.sdevs[(p, wwid)] = Sdev(p, scsi_lun, wwid)
+            return glun
+
+    def sdev(self, wwid, port):
+        s = self.sdevs.get((port, wwid))
+        if s is None or not s.present:
+            raise CxlFlashError(
+                errno.ENODEV, f"no LUN with WWID {wwid.hex()} on port {port}")
+        return s
+
+    def glun_of(self, sdev):
+        return self.gluns[sdev.wwid]
+
+    def find_or_create_llun(self, wwid):
+        """The adapter's llun for ``wwid`` (created, with its glun, if new)."""
+        llun = self.lluns.get(wwid)
+        if llun is None:
+            self.afu.faults.check("alloc", "allocating the LUN record")
+            glun = self.gluns.get(wwid)
+            if glun is None:
+                glun = self.gluns[wwid] = GlobalLun(wwid, None)
+            llun = self.lluns[wwid] = LocalLun(glun, self.num_ports)
+        return llun
+
+    def enable_superpipe(self, sdev, wwid=None):
+        """MANAGE_LUN ENABLE_SUPERPIPE for ``sdev`` (spec §17), by default
+        under the device's own WWID."""
+        with self.global_mutex:
+            llun = self.find_or_create_llun(wwid or sdev.wwid)
+            if llun.parent.backing is None:
+                llun.parent.backing = self.gluns[sdev.wwid].backing
+            llun.port_sel |= 1 << sdev.port
+            llun.lun_id[sdev.port] = sam_lun_id(sdev.scsi_lun)
+            sdev.llun = llun
+            return llun
+
+    def disable_superpipe(self, sdev, wwid=None):
+        """MANAGE_LUN DISABLE_SUPERPIPE for ``sdev``: EBUSY while any handle
+        on the LUN is open anywhere."""
+        with self.global_mutex:
+            llun = self.find_or_create_llun(wwid or sdev.wwid)
+            if llun.parent.mode != MODE_NONE:
+                raise CxlFlashError(
+                    errno.EBUSY, "the LUN has open resource handles: release "
+                    "them before disabling superpipe mode")
+            sdev.llun = None
+            llun.port_sel &= ~(1 << sdev.port)
+            if llun.port_sel == 0:
+                self.lun_table.release(llun)
+
+    # -- adapter fds --------------------------------------------------------
+
+    def new_adapter_file(self):
+        self.afu.faults.check("adapter_file", "creating the adapter file")
+        f = AdapterFile()
+        with self._files_lock:
+            self._files[f.fileno] = f
+            self._epoll.register(f.fileno, select.EPOLLRDHUP | select.EPOLLHUP)
+        return f
+
+    def forget_file(self, f):
+        with self._files_lock:
+            if self._files.pop(f.fileno, None) is not None:
+                try:
+                    self._epoll.unregister(f.fileno)
+                except (OSError, ValueError):
+                    pass
+        f.close_driver_side()
+
+    def reap(self, caller):
+        """Run the release path for every adapter fd whose last copy was
+        closed since the last call (spec §6.3)."""
+        if not self._files:
+            return
+        try:
+            events = self._epoll.poll(0)
+        except OSError:
+            return
+        for fileno, _ in events:
+            f = self._files.get(fileno)
+            if f is not None:
+                self.release_file(f, caller)
+
+    def release_file(self, f, caller):
+        """The adapter fd's release (spec §6.3).  The closer of the last
+        copy is taken to be the context's owner (we cannot see who closed
+        it); the context is detached from every LUN and destroyed."""
+        ctx = self.get_context(0, caller, file=f,
+                               ctrl=CTX_CTRL_ERR_FALLBACK | CTX_CTRL_FILE | CTX_CTRL_NOPID)
+        if ctx is not None:
+            self.afu.rwsem.acquire_shared()
+            try:
+                for la in list(ctx.luns):
+                    self.detach_lun(ctx, la.llun, caller)
+            finally:
+                self.afu.rwsem.release_shared()
+                if ctx.mutex.locked():
+                    ctx.mutex.release()
+        self.forget_file(f)
+
+    # -- contexts -------------------------------------------------------------
+
+    def free_pe(self):
+        """The lowest free PE below max_contexts, or -1."""
+        for pe in range(self.max_contexts):
+            if self.ctx_tbl[pe] is None and not any(
+                    c.pe == pe for c in self.ctx_err_recovery):
+                return pe
+        return -1
+
+    def new_cookie(self):
+        return next(self._cookies) & 0xFFFFFFFF or 1
+
+    def get_context(self, raw_id, caller, llun=None, *, file=None, ctrl=0):
+        """Find a context and lock it (spec §4); None when not found, not
+        the caller's, or the LUN is not attached.  The caller releases
+        ``ctx.mutex``."""
+        pe = raw_id & 0xFFFFFFFF
+        by_file = bool(ctrl & CTX_CTRL_FILE)
+        if not by_file and pe >= MAX_CONTEXT:
+            return None
+        while True:
+            with self.ctx_tbl_lock:
+                ctx = None
+                if by_file:
+                    ctx = next((c for c in self.ctx_tbl if c is not None and c.file is file), None)
+                else:
+                    c = self.ctx_tbl[pe]
+                    if c is not None and c.ctxid == raw_id:
+                        ctx = c
+                if (ctrl & CTX_CTRL_ERR) or (ctx is None and ctrl & CTX_CTRL_ERR_FALLBACK):
+                    ctx = next((c for c in self.ctx_err_recovery
+                                if (by_file and c.file is file) or
+                                (not by_file and c.ctxid == raw_id)), None)
+                if ctx is None:
+                    return None
+            ctx.mutex.acquire()
+            # The context may have changed while we waited for it.
+            with self.ctx_tbl_lock:
+                still = (not ctx.removed and
+                         (ctx in self.ctx_err_recovery or self.ctx_tbl[ctx.pe] is ctx) and
+                         (by_file and ctx.file is file or not by_file and ctx.ctxid == raw_id))
+            if still:
+                break
+            ctx.mutex.release()
+            if ctx.removed:
+                return None
+        if not ctrl & CTX_CTRL_NOPID:
+            owner = caller.ppid if ctrl & CTX_CTRL_CLONE else caller.pid
+            if ctx.pid != owner:
+                ctx.mutex.release()
+                return None
+        if llun is not None and not by_file and not ctx.lun_attached(llun):
+            ctx.mutex.release()
+            return None
+        return ctx
+
+    def destroy_context(self, ctx):
+        """Remove a context whose last LUN was detached (spec §7 step 4)."""
+        with self.ctx_tbl_lock:
+            ctx.removed = True
+            if self.ctx_tbl[ctx.pe] is ctx:
+                self.ctx_tbl[ctx.pe] = None
+            if ctx in self.ctx_err_recovery:
+                self.ctx_err_recovery.remove(ctx)
+        ctx.table.state = 2       # TABLE_GONE: the data path refuses it
+        if ctx.file is not None:
+            self.forget_file(ctx.file)
+
+    def detach_lun(self, ctx, llun, caller):
+        """DETACH of one LUN from a locked context (spec §7 steps 2-5)."""
+        from .superpipe import release_handle
+        for h in list(ctx.table.open_handles()):
+            if ctx.rht_lun[h] is llun:
+                release_handle(self, ctx, llun, h, force=True)
+        for la in ctx.luns:
+            if la.llun is llun:
+                ctx.luns.remove(la)
+                if la.sdev is not None and la.counted:
+                    la.sdev.refs -= 1
+                break
+        ctx.kref -= 1
+        if ctx.kref <= 0:
+            self.destroy_context(ctx)
+
+    # -- the AFU state machine (spec §16.1) ----------------------------------------
+
+    def mark_all_contexts_in_error(self):
+        with self.ctx_tbl_lock:
+            for pe, ctx in enumerate(self.ctx_tbl):
+                if ctx is not None:
+                    self.ctx_tbl[pe] = None
+                    ctx.err_recovery_active = True
+                    ctx.table.state = 1      # TABLE_IN_ERROR: MMIO reads all-ones
+                    self.ctx_err_recovery.append(ctx)
+
+    def begin_reset(self):
+        """Start an AFU reset: state RESET, drain ioctls, put every context
+        in error.  Ioctls wait until :meth:`end_reset`."""
+        self.afu.set_state(RESET)
+        self.afu.rwsem.acquire_exclusive()
+        try:
+            self.mark_all_contexts_in_error()
+        finally:
+            self.afu.rwsem.release_exclusive()
+        self.afu.counters["resets"] += 1
+
+    def end_reset(self, ok=True):
+        """Finish the reset: the AFU is re-initialised (LUN tables
+        re-programmed) and the state becomes NORMAL, or FAILTERM."""
+        if ok:
+            with self.global_mutex:
+                self.lun_table.restore(self.lluns.values())
+        self.afu.set_state(NORMAL if ok else FAILTERM)
+
+    def fail(self):
+        """Permanent failure: FAILTERM, every context in error."""
+        self.afu.set_state(FAILTERM)
+        self.afu.rwsem.acquire_exclusive()
+        try:
+            self.mark_all_contexts_in_error()
+        finally:
+            self.afu.rwsem.release_exclusive()
+
+    def close(self):
+        """Tear the driver down: every context is destroyed."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.ctx_tbl_lock:
+            ctxs = [c for c in self.ctx_tbl if c is not None] + list(self.ctx_err_recovery)
+        for ctx in ctxs:
+            ctx.table.state = 2
+        with self._files_lock:
+            files = list(self._files.values())
+        for f in files:
+            self.forget_file(f)
+        self._epoll.close()
+
+
+# -- argument copy (the user/kernel boundary) ------------------------------------------
+
+
+def copy_in(arg, struct_type):
+    """Copy the caller's argument into a fresh structure: EFAULT when it is
+    not a buffer of at least the structure's size."""
+    size = ctypes.sizeof(struct_type)
+    try:
+        view = memoryview(arg).cast("B")
+    except TypeError:
+        raise CxlFlashError(errno.EFAULT, f"the argument is not a buffer of "
+                            f"{size} bytes (expected a {struct_type.__name__})") from None
+    if view.nbytes < size:
+        raise CxlFlashError(errno.EFAULT, f"the argument has {view.nbytes} bytes; "
+                            f"{struct_type.__name__} needs {size}")
+    return struct_type.from_buffer_copy(view[:size])
+
+
+def copy_out(arg, struct):
+    """Copy the result back to the caller: EFAULT when the buffer is
+    read-only (the operation has taken effect)."""
+    size = ctypes.sizeof(struct)
+    view = memoryview(arg).cast("B")
+    if view.readonly:
+        raise CxlFlashError(errno.EFAULT, "the argument is read-only: the result "
+                            "could not be copied back (the operation took effect)")
+    view[:size] = bytes(struct)
+
+
+def check_header(hdr, host=False):
+    if hdr.version != 0:
+        raise CxlFlashError(errno.EINVAL, f"unsupported structure version {hdr.version} "
+                            "(only version 0 exists)")
+    rsvd = hdr.rsvd[0] | hdr.rsvd[1] | (0 if host else hdr.rsvd[2])
+    if rsvd or hdr.return_flags:
+        raise CxlFlashError(errno.EINVAL, "hdr.rsvd and hdr.return_flags must be zero on input")
+
+
+__all__ = ["Driver", "Caller", "copy_in", "copy_out", "check_header", "uapi"]

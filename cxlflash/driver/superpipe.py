@@ -1,0 +1,432 @@
+"""The disk ioctls (the kernel's superpipe.c): the dispatch pipeline
+(spec §3), ATTACH (§5), DETACH (§7), USER_DIRECT (§9), RELEASE (§13),
+VERIFY (§15), RECOVER_AFU (§16.3) and MANAGE_LUN (§17).  The virtual-LUN
+ioctls are in ``vlun.py``."""
+import errno
+import os
+import time
+
+from .. import uapi
+from ..errors import CxlFlashError
+from .afu import AFU_LW_SYNC, AFU_HW_SYNC, NORMAL, RESET, FAILTERM
+from .context import Context, LunAccess
+from .core import (CTX_CTRL_ERR_FALLBACK, copy_in, copy_out, check_header)
+from .lun import MODE_NONE, MODE_VIRTUAL, MODE_PHYSICAL, sam_lun_id
+from . import vlun
+
+MAX_NUM_INTERRUPTS = 4
+MMIO_SIZE = 65536
+
+
+def _lookup_failed():
+    return CxlFlashError(errno.EINVAL, "no such context for this process on this "
+                         "LUN (unknown or stale context id, owned by another "
+                         "process, or the LUN is not attached to it)")
+
+
+# -- ATTACH / DETACH ----------------------------------------------------------
+
+
+def attach(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_ATTACH (spec §5)."""
+    llun = sdev.llun
+    glun = llun.parent
+    if disk is not None and not disk.writable:
+        raise CxlFlashError(errno.EPERM, "the disk was opened read-only: ATTACH "
+                            "needs it opened O_RDWR (use the access mode in "
+                            "hdr.flags for a read-only context)")
+    if arg.num_interrupts > MAX_NUM_INTERRUPTS:
+        raise CxlFlashError(errno.EINVAL, f"num_interrupts {arg.num_interrupts} "
+                            f"exceeds {MAX_NUM_INTERRUPTS}")
+    reuse = bool(arg.hdr.flags & uapi.DK_CXLFLASH_ATTACH_REUSE_CONTEXT)
+    if not reuse and (arg.hdr.flags & 3) == 3:
+        # Decision 16: access mode 3 would give a context with no access.
+        raise CxlFlashError(errno.EINVAL, "access mode 3 in hdr.flags is not "
+                            "O_RDONLY, O_WRONLY or O_RDWR")
+    if glun.max_lba == 0:
+        if drv.afu.faults.take("read_capacity") or drv.afu.state != NORMAL:
+            raise CxlFlashError(errno.ENODEV, "READ CAPACITY(16) failed")
+        glun.read_capacity()
+    ctx = None
+    if reuse:
+        ctx = drv.get_context(arg.context_id, caller)
+        if ctx is None:
+            raise _lookup_failed()
+    try:
+        if ctx is not None and ctx.lun_attached(llun):
+            raise CxlFlashError(errno.EINVAL, "the LUN is already attached to this context")
+        err = drv.afu.faults.take("sdev_get")
+        if err:
+            raise CxlFlashError(err, "cannot take a reference on the SCSI device")
+        drv.afu.faults.check("alloc", "allocating the LUN access record")
+        if reuse:
+            ctx.kref += 1
+            ctx.luns.insert(0, LunAccess(llun, sdev))
+            sdev.refs += 1
+            arg.adap_fd = (1 << 64) - 1
+            arg.hdr.return_flags = 0
+        else:
+            ctx = _new_context(drv, sdev, llun, arg, caller)
+            arg.adap_fd = ctx.file.user_fd
+            arg.hdr.return_flags = uapi.DK_CXLFLASH_APP_CLOSE_ADAP_FD
+        if drv.afu.sq_mode:
+            arg.hdr.return_flags |= uapi.DK_CXLFLASH_CONTEXT_SQ_CMD_MODE
+        arg.context_id = ctx.ctxid
+        arg.block_size = glun.blk_len
+        arg.mmio_size = MMIO_SIZE
+        arg.last_lba = glun.max_lba
+        arg.max_xfer = (uapi.CXLFLASH_MAX_SECTORS * uapi.MAX_SECTOR_UNIT) // glun.blk_len
+    finally:
+        if ctx is not None and ctx.mutex.locked():
+            ctx.mutex.release()
+
+
+def _new_context(drv, sdev, llun, arg, caller):
+    faults = drv.afu.faults
+    faults.check("alloc", "allocating the context")
+    with drv.ctx_tbl_lock:
+        pe = drv.free_pe()
+        if pe < 0 or faults.take("backend_context"):
+            raise CxlFlashError(errno.ENODEV, f"no free context: all "
+                                f"{drv.max_contexts} are in use")
+        err = faults.take("start_work")
+        if err:
+            raise CxlFlashError(err, "the backend could not start the context")
+        if faults.take("pe_range"):
+            raise CxlFlashError(errno.EPERM, "the backend returned a PE outside 0..511")
+        f = drv.new_adapter_file()
+        try:
+            faults.check("capability", "capability register readback")
+        except CxlFlashError:
+            drv.forget_file(f)
+            os.close(f.user_fd)
+            raise
+        ctx = Context(cookie=drv.new_cookie(), pe=pe, perms=(arg.hdr.flags + 1) & 3,
+                      irqs=arg.num_interrupts, pid=caller.pid, rht_size=drv.rht_per_context)
+        ctx.file = f
+        ctx.luns.insert(0, LunAccess(llun, sdev))
+        sdev.refs += 1
+        ctx.initialized = True
+        ctx.mutex.acquire()
+        drv.ctx_tbl[pe] = ctx
+    return ctx
+
+
+def detach(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_DETACH (spec §7)."""
+    ctx = drv.get_context(arg.context_id, caller, sdev.llun, ctrl=CTX_CTRL_ERR_FALLBACK)
+    if ctx is None:
+        raise _lookup_failed()
+    try:
+        drv.detach_lun(ctx, sdev.llun, caller)
+    finally:
+        ctx.mutex.release()
+
+
+# -- direct LUNs and release --------------------------------------------------
+
+
+def user_direct(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_USER_DIRECT (spec §9)."""
+    llun = sdev.llun
+    glun = llun.parent
+    glun.attach(MODE_PHYSICAL)
+    ctx = drv.get_context(arg.context_id, caller, llun)
+    if ctx is None:
+        glun.detach()
+        raise _lookup_failed()
+    try:
+        try:
+            h = ctx.table.open_direct(ctx.rht_perms, llun.lun_id[sdev.port],
+                                      1 << sdev.port, glun.max_lba)
+        except OSError as e:
+            glun.detach()
+            raise CxlFlashError(errno.EMFILE, e.strerror) from None
+        ctx.rht_lun[h] = llun
+        arg.hdr.return_flags = 0
+        arg.last_lba = glun.max_lba
+        arg.rsrc_handle = h
+        err = drv.afu.sync(ctx.pe, h, AFU_LW_SYNC)
+        if err:
+            release_handle(drv, ctx, llun, h, force=True)
+            raise CxlFlashError(err, "the AFU sync failed; the handle was released: retry")
+    finally:
+        ctx.mutex.release()
+
+
+def release_handle(drv, ctx, llun, handle, force=False):
+    """The internal RELEASE (spec §13 steps 2-6) on a locked context.
+
+    ``force`` (DETACH, rollbacks; decision 21) checks the handle in even if
+    the resize to 0 reports a failed sync.
+    """
+    vlun.get_rhte(drv, ctx, handle, llun)
+    glun = llun.parent
+    if glun.mode == MODE_VIRTUAL:
+        rc, _ = vlun.resize(drv, ctx, llun, handle, 0)
+        if rc and not force:
+            raise CxlFlashError(rc, "the AFU sync failed; the handle is still open "
+                                "with size 0: release it again")
+    elif glun.mode == MODE_PHYSICAL:
+        if not ctx.err_recovery_active:
+            drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC)
+    else:
+        return
+    leftover = ctx.table.close(handle)
+    if len(leftover) and glun.allocator is not None:
+        glun.allocator.free_many(leftover)
+    ctx.rht_lun[handle] = None
+    ctx.rht_needs_ws[handle] = False
+    glun.detach()
+
+
+def release(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_RELEASE (spec §13)."""
+    ctx = drv.get_context(arg.context_id, caller, sdev.llun, ctrl=CTX_CTRL_ERR_FALLBACK)
+    if ctx is None:
+        raise _lookup_failed()
+    try:
+        release_handle(drv, ctx, sdev.llun, arg.rsrc_handle)
+    finally:
+        ctx.mutex.release()
+
+
+# -- VERIFY -------------------------------------------------------------------
+
+
+def parse_sense(sense):
+    """(key, asc, ascq) of 18 bytes of sense data (spec §15.1), or None."""
+    code = sense[0] & 0x7F
+    if (code & 0x70) != 0x70:
+        return None
+    if code >= 0x72:
+        return sense[1] & 0x0F, sense[2], sense[3]
+    eff = min(18, sense[7] + 8)
+    return (sense[2] & 0x0F, sense[12] if eff > 12 else 0,
+            sense[13] if eff > 13 else 0)
+
+
+def verify(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_VERIFY (spec §15)."""
+    llun = sdev.llun
+    glun = llun.parent
+    ctx = drv.get_context(arg.context_id, caller, llun)
+    if ctx is None:
+        raise _lookup_failed()
+    try:
+        vlun.get_rhte(drv, ctx, arg.rsrc_handle, llun)
+        if arg.hint & uapi.DK_CXLFLASH_VERIFY_HINT_SENSE:
+            parsed = parse_sense(bytes(arg.sense_data))
+            if parsed is None:
+                raise CxlFlashError(errno.EINVAL, "sense data: response code is not "
+                                    "0x70-0x7F")
+            key, asc, _ = parsed
+            if key == 0x6:
+                if asc in (0x29, 0x2A):
+                    if drv.afu.faults.take("read_capacity") or drv.afu.state != NORMAL:
+                        raise CxlFlashError(errno.ENODEV, "READ CAPACITY(16) failed")
+                    glun.read_capacity()
+                elif asc != 0x3F:
+                    raise CxlFlashError(errno.EIO, f"unit attention with ASC "
+                                        f"0x{asc:02x} cannot be handled")
+            elif key not in (0x0, 0x1, 0x2):
+                raise CxlFlashError(errno.EIO, f"sense key 0x{key:x} is an error")
+        if glun.mode == MODE_PHYSICAL:
+            arg.last_lba = glun.max_lba
+        elif glun.mode == MODE_VIRTUAL:
+            arg.last_lba = vlun.last_lba_4k(ctx.table.lxt_count(arg.rsrc_handle), glun.blk_len)
+        else:
+            arg.last_lba = 0
+    finally:
+        ctx.mutex.release()
+
+
+# -- RECOVER_AFU --------------------------------------------------------------
+
+
+def recover_afu(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_RECOVER_AFU (spec §16.3)."""
+    afu = drv.afu
+    llun = sdev.llun
+    drv.recovery_threads += 1
+    held = False
+    try:
+        # Only one recovery at a time; wait for it with the rwsem dropped.
+        afu.rwsem.release_shared()
+        try:
+            held = afu.interruptible_acquire(drv.recovery_mutex)
+        finally:
+            afu.rwsem.acquire_shared()
+        if not held:
+            raise CxlFlashError(errno.EINTR, "interrupted waiting for another recovery")
+        if afu.check_state():
+            raise CxlFlashError(errno.ENODEV, "the adapter has failed")
+        retries = 0
+        while True:
+            ctx = drv.get_context(arg.context_id, caller, llun, ctrl=CTX_CTRL_ERR_FALLBACK)
+            if ctx is None:
+                raise _lookup_failed()
+            try:
+                if ctx.err_recovery_active:
+                    try:
+                        _recover_context(drv, ctx)
+                    except CxlFlashError as e:
+                        if e.errno != errno.ENODEV or not (
+                                drv.recovery_threads > 1 or retries < 20):
+                            raise
+                        retries += 1
+                    else:
+                        arg.hdr.return_flags = (uapi.DK_CXLFLASH_APP_CLOSE_ADAP_FD |
+                                                uapi.DK_CXLFLASH_RECOVER_AFU_CONTEXT_RESET)
+                        if afu.sq_mode:
+                            arg.hdr.return_flags |= uapi.DK_CXLFLASH_CONTEXT_SQ_CMD_MODE
+                        arg.context_id = ctx.ctxid
+                        arg.adap_fd = ctx.file.user_fd
+                        arg.mmio_size = MMIO_SIZE
+                        return
+                    mailbox = False
+                elif afu.faults.take("mailbox"):
+                    # The master mailbox reads all-ones: the device is in
+                    # error and its EEH handler is about to reset the AFU.
+                    mailbox = True
+                else:
+                    return           # healthy: nothing to do, outputs unchanged
+            finally:
+                ctx.mutex.release()
+            # Wait with the locks dropped, then look the context up again.
+            afu.rwsem.release_shared()
+            drv.recovery_mutex.release()
+            held = False
+            try:
+                if mailbox:
+                    time.sleep(drv.mailbox_retry_delay)
+                    drv.begin_reset()
+                    drv.end_reset()
+                else:
+                    time.sleep(drv.recovery_retry_delay)
+                held = afu.interruptible_acquire(drv.recovery_mutex)
+            finally:
+                afu.rwsem.acquire_shared()
+            if not held:
+                raise CxlFlashError(errno.EINTR, "interrupted during the recovery")
+            if mailbox:
+                rc = afu.check_state()
+                if rc:
+                    raise CxlFlashError(rc, "the adapter failed during the recovery"
+                                        if rc == errno.ENODEV else
+                                        "interrupted while the adapter was resetting")
+    finally:
+        if held:
+            drv.recovery_mutex.release()
+        drv.recovery_threads -= 1
+
+
+def _recover_context(drv, ctx):
+    """Give a context in error a new backend context, PE and adapter fd
+    (spec §16.3 step 4); handles, LXTs and chunks are kept."""
+    faults = drv.afu.faults
+    with drv.ctx_tbl_lock:
+        if faults.take("backend_context"):
+            raise CxlFlashError(errno.ENODEV, "cannot create a new backend context")
+        err = faults.take("start_work")
+        if err:
+            raise CxlFlashError(err, "the backend could not start the context")
+        if faults.take("pe_range"):
+            raise CxlFlashError(errno.EPERM, "the backend returned a PE outside 0..511")
+        ctx_pe_old = ctx.pe
+        ctx.pe = -1                       # its old PE no longer counts as used
+        pe = drv.free_pe()
+        if pe < 0:
+            ctx.pe = ctx_pe_old
+            raise CxlFlashError(errno.ENODEV, "no free context for the recovery")
+        try:
+            f = drv.new_adapter_file()
+        except CxlFlashError:
+            ctx.pe = ctx_pe_old
+            raise
+        if faults.take("capability"):
+            ctx.pe = ctx_pe_old
+            drv.forget_file(f)
+            os.close(f.user_fd)
+            raise CxlFlashError(errno.EAGAIN, "capability register readback mismatch")
+        ctx.pe = pe
+        ctx.ctxid = (ctx.cookie << 32) | pe
+        ctx.file = f                     # the old fd now finds no context
+        drv.ctx_err_recovery.remove(ctx)
+        drv.ctx_tbl[pe] = ctx
+        ctx.err_recovery_active = False
+        ctx.table.state = 0              # TABLE_LIVE
+
+
+# -- MANAGE_LUN ---------------------------------------------------------------
+
+
+def manage_lun(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_MANAGE_LUN (spec §17).  The WWID is the caller's word:
+    it is not checked against the device."""
+    wwid = bytes(arg.wwid)
+    flags = arg.hdr.flags
+    if flags & uapi.DK_CXLFLASH_MANAGE_LUN_ENABLE_SUPERPIPE:
+        drv.enable_superpipe(sdev, wwid)
+    elif flags & uapi.DK_CXLFLASH_MANAGE_LUN_DISABLE_SUPERPIPE:
+        drv.disable_superpipe(sdev, wwid)
+    else:
+        with drv.global_mutex:
+            drv.find_or_create_llun(wwid)
+
+
+# -- dispatch (spec §3) --------------------------------------------------------
+
+HANDLERS = {
+    uapi.DK_CXLFLASH_ATTACH: attach,
+    uapi.DK_CXLFLASH_USER_DIRECT: user_direct,
+    uapi.DK_CXLFLASH_RELEASE: release,
+    uapi.DK_CXLFLASH_DETACH: detach,
+    uapi.DK_CXLFLASH_VERIFY: verify,
+    uapi.DK_CXLFLASH_RECOVER_AFU: recover_afu,
+    uapi.DK_CXLFLASH_MANAGE_LUN: manage_lun,
+    uapi.DK_CXLFLASH_USER_VIRTUAL: vlun.user_virtual,
+    uapi.DK_CXLFLASH_VLUN_RESIZE: vlun.vlun_resize,
+    uapi.DK_CXLFLASH_VLUN_CLONE: vlun.vlun_clone,
+}
+INTERNAL_LUN_REFUSED = {uapi.DK_CXLFLASH_RELEASE, uapi.DK_CXLFLASH_USER_VIRTUAL,
+                        uapi.DK_CXLFLASH_VLUN_RESIZE, uapi.DK_CXLFLASH_VLUN_CLONE}
+FAILTERM_ALLOWED = {uapi.DK_CXLFLASH_VLUN_RESIZE, uapi.DK_CXLFLASH_RELEASE,
+                    uapi.DK_CXLFLASH_DETACH}
+
+
+def disk_ioctl(drv, sdev, disk, request, arg, caller, reap=True):
+    """One DK_* ioctl on ``sdev``: the pipeline of spec §3.  ``arg`` is the
+    caller's buffer, updated only on success.  ``reap`` first runs the
+    release path of adapter fds closed since the last call."""
+    afu = drv.afu
+    if reap:
+        drv.reap(caller)
+    afu.rwsem.acquire_shared()
+    try:
+        if drv.lun_mode and request in INTERNAL_LUN_REFUSED:
+            raise CxlFlashError(errno.EINVAL, "the adapter is in internal-LUN mode: "
+                                "only physical access is supported")
+        handler = HANDLERS.get(request)
+        if handler is None:
+            raise CxlFlashError(errno.EINVAL, f"0x{request:08X} is not a "
+                                "DK_CXLFLASH_* request")
+        if request != uapi.DK_CXLFLASH_MANAGE_LUN:
+            if sdev.llun is None:
+                raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on "
+                                    "this disk (DK_CXLFLASH_MANAGE_LUN)")
+            rc = afu.check_state()
+            if rc == errno.ENODEV and request in FAILTERM_ALLOWED:
+                rc = 0
+            if rc:
+                raise CxlFlashError(rc, "the adapter has failed" if rc == errno.ENODEV
+                                    else "interrupted while the adapter was resetting")
+            if sdev.llun is None:
+                raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on "
+                                    "this disk (DK_CXLFLASH_MANAGE_LUN)")
+        struct = copy_in(arg, uapi.DK_IOCTLS[request])
+        check_header(struct.hdr)
+        handler(drv, sdev, disk, struct, caller)
+        copy_out(arg, struct)
+    finally:
+        afu.rwsem.release_shared()

@@ -1,0 +1,243 @@
+"""Virtual LUNs (the kernel's vlun.c): USER_VIRTUAL (spec §10),
+VLUN_RESIZE (§11) and VLUN_CLONE (§14)."""
+import errno
+
+from .. import uapi
+from .._core.datapath import scrub_chunks
+from ..errors import CxlFlashError
+from .afu import AFU_LW_SYNC, AFU_HW_SYNC
+from .context import LunAccess
+from .core import CTX_CTRL_CLONE, CTX_CTRL_ERR_FALLBACK
+from .lun import MODE_VIRTUAL, MODE_PHYSICAL, MC_CHUNK_SHIFT
+
+U64 = (1 << 64) - 1
+
+
+def chunks_for(req_size, blk_len):
+    """4K blocks -> chunks (spec §11.1), with the kernel's u64 wrap."""
+    nsectors = ((req_size * uapi.CXLFLASH_BLOCK_SIZE) & U64) // blk_len
+    return -(-nsectors >> MC_CHUNK_SHIFT)
+
+
+def last_lba_4k(nchunks, blk_len):
+    """The vLUN's last LBA in 4K blocks; 2**64-1 when empty."""
+    return (((nchunks << MC_CHUNK_SHIFT) * blk_len) // uapi.CXLFLASH_BLOCK_SIZE - 1) & U64
+
+
+def _lxt_groups(n):
+    return -(-n // 8)
+
+
+def get_rhte(drv, ctx, handle, llun):
+    """Validate a resource handle of a context (spec §11.2 step 3)."""
+    if (handle >= ctx.table.rht_size or ctx.rht_lun[handle] is not llun
+            or not ctx.table.is_open(handle)):
+        raise CxlFlashError(errno.EINVAL, f"resource handle {handle} is not open "
+                            "in this context on this LUN")
+
+
+def grow(drv, ctx, llun, handle, new):
+    glun = llun.parent
+    alloc = glun.allocator
+    cur = ctx.table.lxt_count(handle)
+    if alloc.space() == 0:
+        raise CxlFlashError(errno.ENOSPC, "the LUN has no free chunk")
+    if _lxt_groups(new) != _lxt_groups(cur):
+        drv.afu.faults.check("alloc", "allocating the LXT")
+    auns = alloc.alloc_many(new - cur, partial=True)
+    if len(auns) == 0:
+        raise CxlFlashError(errno.ENOSPC, "the LUN has no free chunk")
+    try:
+        ctx.table.grow(handle, auns, llun.lun_index, llun.port_sel)
+    except MemoryError:
+        alloc.free_many(auns)
+        raise CxlFlashError(errno.ENOMEM, "cannot allocate the LXT") from None
+    if drv.afu.sync(ctx.pe, handle, AFU_LW_SYNC):
+        return errno.EAGAIN
+    return 0
+
+
+def shrink(drv, ctx, llun, handle, new):
+    glun = llun.parent
+    cur = ctx.table.lxt_count(handle)
+    if new and _lxt_groups(new) != _lxt_groups(cur):
+        drv.afu.faults.check("alloc", "allocating the LXT")
+    auns = ctx.table.shrink(handle, new)
+    rc = 0
+    if not ctx.err_recovery_active and drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC):
+        rc = errno.EAGAIN
+    alloc = glun.allocator
+    if ctx.rht_needs_ws[handle]:
+        # Decision 6: scrub the freed chunks themselves -- only those whose
+        # last reference this is, so a clone's data is never touched.
+        last_ref = auns[alloc.clone_counts(auns) == 0]
+        scrub_chunks(glun.backing.fd, glun.backing.zero_mode, last_ref, glun.blk_len)
+    alloc.free_many(auns)
+    return rc
+
+
+def resize(drv, ctx, llun, handle, req_size):
+    """The internal resize (spec §11.2 step 4-5): (rc, last_lba).  rc is 0
+    or EAGAIN (the change is kept); ENOSPC/ENOMEM raise, changing nothing."""
+    glun = llun.parent
+    new = chunks_for(req_size, glun.blk_len)
+    cur = ctx.table.lxt_count(handle)
+    if new > cur:
+        rc = grow(drv, ctx, llun, handle, new)
+    elif new < cur:
+        rc = shrink(drv, ctx, llun, handle, new)
+    else:
+        rc = errno.EAGAIN if drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC) else 0
+    return rc, last_lba_4k(ctx.table.lxt_count(handle), glun.blk_len)
+
+
+def user_virtual(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_USER_VIRTUAL (spec §10.1)."""
+    llun = sdev.llun
+    glun = llun.parent
+    with glun.mutex:
+        created = False
+        if glun.mode == 0:
+            glun.init_allocator()
+            created = True
+        try:
+            glun.attach(MODE_VIRTUAL, locked=True)
+        except CxlFlashError:
+            if created:
+                glun.allocator = None
+            raise
+    try:
+        with drv.global_mutex:
+            drv.lun_table.assign(llun)
+        ctx = drv.get_context(arg.context_id, caller, llun)
+        if ctx is None:
+            raise CxlFlashError(errno.EINVAL, "no such context for this process on this LUN")
+    except CxlFlashError:
+        glun.detach()
+        raise
+    try:
+        try:
+            h = ctx.table.open_virtual(ctx.rht_perms)
+        except OSError as e:
+            glun.detach()
+            raise CxlFlashError(errno.EMFILE, e.strerror) from None
+        ctx.rht_lun[h] = llun
+
+        def undo_open():
+            # Decision 7: a failed open frees what it grew.
+            glun.allocator.free_many(ctx.table.shrink(h, 0))
+            ctx.table.close(h)
+            ctx.rht_lun[h] = None
+            glun.detach()
+
+        try:
+            rc, last_lba = resize(drv, ctx, llun, h, arg.lun_size)
+        except CxlFlashError:
+            undo_open()
+            raise
+        if rc:
+            undo_open()
+            raise CxlFlashError(rc, "the AFU sync after the initial resize failed; "
+                                "the open was rolled back: retry")
+        if arg.hdr.flags & uapi.DK_CXLFLASH_UVIRTUAL_NEED_WRITE_SAME:
+            ctx.rht_needs_ws[h] = True
+        arg.hdr.return_flags = 0
+        if bin(llun.port_sel & 0xF).count("1") > 1:
+            arg.hdr.return_flags |= uapi.DK_CXLFLASH_ALL_PORTS_ACTIVE
+        arg.last_lba = last_lba
+        arg.rsrc_handle = h
+    finally:
+        ctx.mutex.release()
+
+
+def vlun_resize(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_VLUN_RESIZE (spec §11)."""
+    llun = sdev.llun
+    if llun.parent.mode != MODE_VIRTUAL:
+        raise CxlFlashError(errno.EINVAL, "the LUN is not in virtual mode")
+    ctx = drv.get_context(arg.context_id, caller, llun, ctrl=CTX_CTRL_ERR_FALLBACK)
+    if ctx is None:
+        raise CxlFlashError(errno.EINVAL, "no such context for this process on this LUN")
+    try:
+        get_rhte(drv, ctx, arg.rsrc_handle, llun)
+        rc, last_lba = resize(drv, ctx, llun, arg.rsrc_handle, arg.req_size)
+        arg.hdr.return_flags = 0
+        arg.last_lba = last_lba
+        if rc:
+            raise CxlFlashError(rc, "the AFU sync failed; the new size is in effect: "
+                                "resize again to the same size to repair")
+    finally:
+        ctx.mutex.release()
+
+
+def vlun_clone(drv, sdev, disk, arg, caller):
+    """DK_CXLFLASH_VLUN_CLONE (spec §14; decisions 9 and 10)."""
+    from .superpipe import release_handle
+    llun = sdev.llun
+    if arg.context_id_src == arg.context_id_dst:
+        raise CxlFlashError(errno.EINVAL, "source and destination contexts are the same")
+    if llun.parent.mode != MODE_VIRTUAL:
+        raise CxlFlashError(errno.EINVAL, "the LUN is not in virtual mode")
+    src = drv.get_context(arg.context_id_src, caller, llun, ctrl=CTX_CTRL_CLONE)
+    if src is None:
+        raise CxlFlashError(errno.EINVAL, "the source context is not owned by this "
+                            "process's parent, or does not have this LUN attached")
+    try:
+        dst = drv.get_context(arg.context_id_dst, caller, llun)
+        if dst is None:
+            raise CxlFlashError(errno.EINVAL, "the destination context is not this "
+                                "process's, or does not have this LUN attached")
+        try:
+            _clone(drv, src, dst, caller, release_handle)
+        finally:
+            dst.mutex.release()
+    finally:
+        src.mutex.release()
+
+
+def _clone(drv, src, dst, caller, release_handle):
+    if dst.table.rht_out:
+        raise CxlFlashError(errno.EINVAL, "the destination context has open handles")
+    side = []
+    for la in src.luns:
+        if not any(d.sdev is la.sdev or d.llun is la.llun for d in dst.luns + side):
+            drv.afu.faults.check("alloc", "copying the LUN access list")
+            side.append(LunAccess(la.llun, la.sdev))
+    done = []
+    for h in src.table.open_handles():
+        slot_llun = src.rht_lun[h]
+        glun = slot_llun.parent
+        virtual = src.table.is_virtual(h)
+        err = None
+        try:
+            if virtual and src.table.lxt_count(h):
+                drv.afu.faults.check("alloc", "allocating the LXT")
+            auns = dst.table.clone_slot(src.table, h, dst.rht_perms)
+        except (CxlFlashError, MemoryError):
+            err = errno.ENOMEM
+        if err is None and virtual:
+            if not glun.allocator.clone_many(auns):
+                dst.table.close(h)
+                err = errno.EIO
+            elif drv.afu.sync(dst.pe, h, AFU_LW_SYNC):
+                dst.table.close(h)
+                glun.allocator.free_many(auns)
+                err = errno.EAGAIN
+        if err is not None:
+            for j in done:
+                release_handle(drv, dst, dst.rht_lun[j], j, force=True)
+            raise CxlFlashError(err, {
+                errno.ENOMEM: "out of memory while cloning an LXT",
+                errno.EIO: f"handle {h}: a chunk is not allocated or already has "
+                           "255 clones",
+                errno.EAGAIN: "the AFU sync failed; the clone was rolled back: retry",
+            }[err])
+        dst.rht_lun[h] = slot_llun
+        glun.attach(MODE_VIRTUAL if virtual else MODE_PHYSICAL)
+        done.append(h)
+    # Decision 10: the copied LUN attachments are real attachments.
+    for la in side:
+        dst.luns.insert(0, la)
+        dst.kref += 1
+        if la.sdev is not None:
+            la.sdev.refs += 1
