@@ -6,10 +6,15 @@ and the AFU data path ``Adapter.read``/``readinto``/``write``/``translate``.
 """
 from . import uapi
 from .adapter import Adapter, Disk, ioctl
+from .backing import aligned_buffer
+from .context import Context
+from .lun import VirtualLun, DirectLun, ListResult, LIST_READ, LIST_WRITE, LIST_UNMAP
 from .errors import (CxlFlashError, AfuError, AdapterResetError,
                      ForkedAdapterError)
 
 __version__ = "0.1.0"
 
-__all__ = ["uapi", "Adapter", "Disk", "ioctl", "CxlFlashError", "AfuError",
-           "AdapterResetError", "ForkedAdapterError"]
+__all__ = ["uapi", "Adapter", "Disk", "ioctl", "Context", "VirtualLun",
+           "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE", "LIST_UNMAP",
+           "aligned_buffer", "CxlFlashError", "AfuError", "AdapterResetError",
+           "ForkedAdapterError"]

@@ -65,6 +65,17 @@ class Disk:
     def writable(self):
         return (self.flags & os.O_ACCMODE) != os.O_RDONLY
 
+    def attach(self, mode=os.O_RDWR, *, interrupts=0):
+        """Attach a new context to this disk's LUN (DK_CXLFLASH_ATTACH).
+
+        ``mode``: the context's access (os.O_RDONLY, O_WRONLY or O_RDWR).
+        Returns a :class:`cxlflash.Context`; use it as a context manager.
+        """
+        from .context import Context
+        if self.closed:
+            raise CxlFlashError(errno.EBADF, "the disk is closed")
+        return Context(self, mode, interrupts=interrupts)
+
     def close(self):
         self.closed = True
 
@@ -92,7 +103,8 @@ class Adapter:
 
     def __init__(self, directory=None, *, ports=2, max_contexts=512,
                  rht_per_context=256, port_max_luns=64, port_capacity=1 << 30,
-                 lun_mode=0, sq_mode=False, lun_provision=True, afu_debug=True):
+                 lun_mode=0, sq_mode=False, lun_provision=True, afu_debug=True,
+                 io_threads=8):
         if directory is not None and not os.path.isdir(directory):
             raise CxlFlashError(errno.ENOENT, f"directory {directory!r} does not exist")
         self.directory = directory
@@ -106,6 +118,8 @@ class Adapter:
         self.provisioned = {}        # wwid -> {"port", "size", "lun_id", "path"}
         self._serial = 0
         self._lock = threading.Lock()
+        self.io_threads = io_threads
+        self._executor = None
         _live_drivers.add(self._driver)
 
     # -- identity and fork ------------------------------------------------------
@@ -149,7 +163,7 @@ class Adapter:
         return host._naa6_wwid(serial ^ (id(self) & 0xFFFF) << 20)
 
     def add_lun(self, backing, *, ports=(0,), wwid=None, superpipe=True,
-                size=None, block_size=4096):
+                size=None, block_size=4096, direct=False):
         """Put a physical LUN behind the adapter, visible on ``ports``.
 
         ``backing``: a path (regular file or block device), a
@@ -168,7 +182,8 @@ class Adapter:
         wwid = bytes(wwid)
         if len(wwid) != uapi.CXLFLASH_WWID_LEN:
             raise CxlFlashError(errno.EINVAL, f"a WWID has 16 bytes, got {len(wwid)}")
-        opened = open_backing(backing, size=size, block_size=block_size)
+        opened = open_backing(backing, size=size, block_size=block_size,
+                              direct=direct)
         try:
             self._driver.add_lun(opened, ports, wwid)
         except BaseException:
@@ -191,6 +206,60 @@ class Adapter:
         fd the DK_* ioctls are issued on)."""
         self._check_owner()
         return Disk(self, self._driver.sdev(bytes(wwid), port), flags)
+
+    def create_lun(self, size, *, port=0, superpipe=True):
+        """Provision a new LUN of ``size`` bytes (a multiple of 4096) on
+        ``port`` with HT_CXLFLASH_LUN_PROVISION -- in memory, or as a file
+        in the adapter's directory -- and enable superpipe mode on it.
+        Returns its WWID."""
+        if size <= 0 or size % uapi.CXLFLASH_BLOCK_SIZE:
+            raise CxlFlashError(errno.EINVAL, f"a LUN size must be a positive multiple "
+                                f"of 4096 bytes, got {size}")
+        arg = uapi.ht_cxlflash_lun_provision()
+        arg.hdr.subcmd = uapi.HT_CXLFLASH_LUN_PROVISION_SUBCMD_CREATE_LUN
+        arg.port = port
+        arg.size = size // uapi.CXLFLASH_BLOCK_SIZE
+        self._host_ioctl(uapi.HT_CXLFLASH_LUN_PROVISION, arg)
+        wwid = bytes(arg.wwid)
+        if superpipe:
+            self._driver.enable_superpipe(self._driver.sdev(wwid, port))
+        return wwid
+
+    def delete_lun(self, wwid):
+        """Delete a LUN made by :meth:`create_lun` (its file too)."""
+        info = self.provisioned.get(bytes(wwid))
+        if info is None:
+            raise CxlFlashError(errno.ENODEV, f"no provisioned LUN {bytes(wwid).hex()}")
+        sdev = self._driver.sdev(bytes(wwid), info["port"])
+        if sdev.llun is not None:
+            self._driver.disable_superpipe(sdev)
+        arg = uapi.ht_cxlflash_lun_provision()
+        arg.hdr.subcmd = uapi.HT_CXLFLASH_LUN_PROVISION_SUBCMD_DELETE_LUN
+        arg.port = info["port"]
+        arg.lun_id = info["lun_id"]
+        self._host_ioctl(uapi.HT_CXLFLASH_LUN_PROVISION, arg)
+
+    @property
+    def executor(self):
+        """The thread pool behind the asynchronous I/O calls."""
+        ex = self._executor
+        if ex is None:
+            from concurrent.futures import ThreadPoolExecutor
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        max_workers=self.io_threads, thread_name_prefix="cxlflash-io")
+                ex = self._executor
+        return ex
+
+    def _context_record(self, context_id):
+        """The driver's record of a live or in-error context of ours."""
+        drv = self._driver
+        pe = context_id & 0xFFFFFFFF
+        ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
+        if ctx is None or ctx.ctxid != context_id:
+            ctx = next((c for c in drv.ctx_err_recovery if c.ctxid == context_id), None)
+        return ctx
 
     def _provision(self, port, size_4k):
         """Create a LUN for HT_CXLFLASH_LUN_PROVISION: (wwid, lun_id)."""
@@ -264,15 +333,7 @@ class Adapter:
     # -- the AFU data path ------------------------------------------------------------
 
     def _afu_io(self, context_id, rsrc_handle, lba, buffer, write):
-        drv = self._driver
-        pe = context_id & 0xFFFFFFFF
-        ctx = None
-        if pe < len(drv.ctx_tbl):
-            c = drv.ctx_tbl[pe]
-            if c is not None and c.ctxid == context_id:
-                ctx = c
-        if ctx is None:
-            ctx = next((c for c in drv.ctx_err_recovery if c.ctxid == context_id), None)
+        ctx = self._context_record(context_id)
         if ctx is None or ctx.pid != os.getpid():
             raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: context "
                            f"0x{context_id:016x} is not a live context of this process")
@@ -292,16 +353,12 @@ class Adapter:
         """Read ``nblocks`` native blocks at ``lba`` through a resource
         handle of a context; returns bytes.  Raises :class:`AfuError` or
         :class:`AdapterResetError` as the AFU would refuse the command."""
-        llun = self._slot_lun(context_id, rsrc_handle)
+        ctx = self._context_record(context_id)
+        llun = (ctx.rht_lun[rsrc_handle] if ctx is not None
+                and rsrc_handle < len(ctx.rht_lun) else None)
         buf = bytearray(nblocks * (llun.parent.blk_len if llun else 4096))
         self._afu_io(context_id, rsrc_handle, lba, buf, False)
         return bytes(buf)
-
-    def _slot_lun(self, context_id, rsrc_handle):
-        c = self._driver.ctx_tbl[context_id & 0x1FF] if (context_id & 0xFFFFFFFF) < 512 else None
-        if c is not None and c.ctxid == context_id and rsrc_handle < len(c.rht_lun):
-            return c.rht_lun[rsrc_handle]
-        return None
 
     def readinto(self, context_id, rsrc_handle, lba, buffer):
         """Read into ``buffer`` (a multiple of the block size); returns the
@@ -315,11 +372,7 @@ class Adapter:
 
     def translate(self, context_id, rsrc_handle, lbas):
         """The physical LBAs the AFU would address for ``lbas`` (uint64)."""
-        drv = self._driver
-        pe = context_id & 0xFFFFFFFF
-        ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
-        if ctx is None or ctx.ctxid != context_id:
-            ctx = next((c for c in drv.ctx_err_recovery if c.ctxid == context_id), None)
+        ctx = self._context_record(context_id)
         if ctx is None or ctx.pid != os.getpid():
             raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: context "
                            f"0x{context_id:016x} is not a live context of this process")
@@ -371,6 +424,8 @@ class Adapter:
         """Destroy every context and close the LUNs the adapter opened."""
         if os.getpid() != self._owner_pid or self._driver.closed:
             return
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         self._driver.close()
         for b in self._backings.values():
             b.close()

@@ -15,7 +15,7 @@ import struct
 from .errors import CxlFlashError
 
 __all__ = ["Backing", "MemoryBacking", "FileBacking", "BlockDeviceBacking",
-           "open_backing"]
+           "open_backing", "aligned_buffer"]
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -132,6 +132,15 @@ class BlockDeviceBacking(Backing):
     def size(self):
         buf = fcntl.ioctl(self.fd, BLKGETSIZE64, struct.pack("Q", 0))
         return struct.unpack("Q", buf)[0]
+
+
+def aligned_buffer(nbytes, alignment=4096):
+    """A zeroed numpy uint8 array of ``nbytes`` whose address is a multiple
+    of ``alignment`` (what O_DIRECT needs)."""
+    import numpy as np
+    raw = np.zeros(nbytes + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    return raw[start:start + nbytes]
 
 
 def _check_size(size, block_size):

@@ -47,6 +47,7 @@ cdef class DataPath:
     cdef public uint64_t limit
     cdef readonly int zero_mode
     cdef public bint closed
+    cdef public object on_reset
     cdef io_stats stats
 
     cdef int _check(self, uint64_t lba, uint64_t nblocks) except -1

@@ -239,7 +239,10 @@ cdef class DataPath:
     physical for a direct handle).  ``max_xfer`` (blocks, 0 = unlimited)
     splits large transfers into commands of at most that many blocks;
     ``limit`` (blocks) is a logical size below the AFU's bound: transfers
-    past it fail with EINVAL before any I/O.
+    past it fail with EINVAL before any I/O.  ``on_reset``: called (no
+    arguments) when a transfer finds the context in error after an AFU
+    reset; if it returns true (it recovered the context) the transfer is
+    re-driven once.
     """
 
     def __cinit__(self, ResourceTable table not None, uint32_t handle, int fd,
@@ -254,6 +257,7 @@ cdef class DataPath:
         self.limit = NO_LIMIT
         self.zero_mode = zero_mode
         self.closed = False
+        self.on_reset = None
         memset(&self.stats, 0, sizeof(io_stats))
 
     cdef int _check(self, uint64_t lba, uint64_t nblocks) except -1:
@@ -309,6 +313,9 @@ cdef class DataPath:
             self._check(lba, nblocks)
             with nogil:
                 rc = self._run(lba, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
+            if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
+                with nogil:
+                    rc = self._run(lba, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
         finally:
             PyBuffer_Release(&view)
         if rc:
@@ -340,6 +347,9 @@ cdef class DataPath:
             self._check(lba, nblocks)
             with nogil:
                 rc = self._run(lba, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
+            if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
+                with nogil:
+                    rc = self._run(lba, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
         finally:
             PyBuffer_Release(&view)
         if rc:
@@ -394,6 +404,9 @@ cdef class DataPath:
         self._check(lba, nblocks)
         with nogil:
             rc = self._unmap(lba, nblocks, &afu_rc, &bad)
+        if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
+            with nogil:
+                rc = self._unmap(lba, nblocks, &afu_rc, &bad)
         if rc:
             self._raise(rc, afu_rc, bad, 1)
         atomic_add(&self.stats.unmaps, 1)
@@ -532,3 +545,41 @@ def afu_command(ResourceTable table not None, uint32_t handle, int fd,
     if rc:
         raise_xfer_error(table, handle, rc, afu_rc, bad, write)
     return nblocks
+
+
+def raw_io(int fd, ops, offsets, uint64_t nbytes, buffer, buf_offsets=None):
+    """pread/pwrite ``nbytes`` at each byte offset of the bare backing
+    store, in one GIL-free loop: no translation, no checks -- the syscall
+    limit that benchmarks compare the data path against.
+
+    ``ops``: per request 1 (read) or 2 (write); ``buffer``: request ``i``
+    uses ``nbytes`` at ``buf_offsets[i]`` (default ``i * nbytes``).
+    Returns the number of requests done; raises OSError on the first
+    failure.
+    """
+    cdef const uint8_t[::1] o = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
+    cdef const uint64_t[::1] off = np.ascontiguousarray(offsets, dtype=np.uint64).reshape(-1)
+    cdef Py_ssize_t n = o.shape[0], i
+    cdef const uint64_t[::1] boff
+    if buf_offsets is None:
+        buf_offsets = np.arange(n, dtype=np.uint64) * np.uint64(nbytes)
+    boff = np.ascontiguousarray(buf_offsets, dtype=np.uint64).reshape(-1)
+    if off.shape[0] != n or boff.shape[0] != n:
+        raise ValueError("ops, offsets and buf_offsets must have the same length")
+    cdef Py_buffer view
+    cdef int64_t r = 0
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    try:
+        for i in range(n):
+            if boff[i] + nbytes > <uint64_t> view.len:
+                raise ValueError(f"request {i} does not fit in the buffer")
+        with nogil:
+            for i in range(n):
+                r = io_full(fd, <char *> view.buf + boff[i], nbytes, off[i], o[i] == 2)
+                if r < 0:
+                    break
+    finally:
+        PyBuffer_Release(&view)
+    if r < 0:
+        raise OSError(<int> -r, os.strerror(<int> -r))
+    return n

@@ -1,0 +1,226 @@
+"""``Context``: one process's attachment to the adapter (the block
+library's context), in idiomatic Python.
+
+A context is created by :meth:`Disk.attach` (DK_CXLFLASH_ATTACH), holds the
+adapter fd, and opens LUNs: :meth:`create_virtual` (a thin vLUN) and
+:meth:`open_direct` (the whole physical LUN).  Closing it releases every
+LUN, detaches every disk and closes the adapter fd -- also when a ``with``
+body raises.
+"""
+import errno
+import os
+import threading
+
+from . import uapi
+from .errors import CxlFlashError, ForkedAdapterError
+
+__all__ = ["Context"]
+
+_ACCESS = {os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}
+_PERMS = {os.O_RDONLY: 1, os.O_WRONLY: 2, os.O_RDWR: 3}
+
+
+def _check_mode(mode):
+    if mode not in _ACCESS:
+        raise CxlFlashError(errno.EINVAL, f"access mode must be os.O_RDONLY, "
+                            f"os.O_WRONLY or os.O_RDWR, got {mode!r}")
+    return mode
+
+
+class Context:
+    """An attached context.  Do not create directly: use
+    :meth:`Disk.attach`.
+
+    Attributes: ``context_id``, ``adap_fd`` (the adapter fd, closed with
+    the context), ``mode`` (the access mode), ``block_size`` (bytes of a
+    native block), ``max_xfer`` (blocks per transfer), ``disks``.
+    """
+
+    def __init__(self, disk, mode=os.O_RDWR, *, interrupts=0):
+        self.adapter = disk.adapter
+        self.mode = _check_mode(mode)
+        arg = uapi.dk_cxlflash_attach()
+        arg.hdr.flags = mode
+        arg.num_interrupts = interrupts
+        self.adapter._disk_ioctl(disk, uapi.DK_CXLFLASH_ATTACH, arg)
+        self.context_id = arg.context_id
+        self.adap_fd = arg.adap_fd
+        self.block_size = arg.block_size
+        self.max_xfer = arg.max_xfer
+        self.last_lba = arg.last_lba
+        self.return_flags = arg.hdr.return_flags
+        self.disks = [disk]
+        self.luns = []                 # open VirtualLun / DirectLun objects
+        self.closed = False
+        self.resets = 0
+        self._lock = threading.RLock()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _check_open(self):
+        if self.closed:
+            raise ValueError("the context is closed (detached)")
+
+    def _ioctl(self, disk, request, arg):
+        self._check_open()
+        self.adapter._disk_ioctl(disk, request, arg)
+        return arg
+
+    def _disk_for(self, disk):
+        if disk is None:
+            return self.disks[0]
+        if disk not in self.disks:
+            raise CxlFlashError(errno.EINVAL, "that disk is not attached to this "
+                                "context: use context.attach_disk(disk) first")
+        return disk
+
+    # -- LUNs -----------------------------------------------------------------------
+
+    def attach_disk(self, disk):
+        """Attach another LUN's disk to this context (ATTACH with
+        REUSE_CONTEXT).  Returns ``disk``."""
+        arg = uapi.dk_cxlflash_attach()
+        arg.hdr.flags = uapi.DK_CXLFLASH_ATTACH_REUSE_CONTEXT | self.mode
+        arg.context_id = self.context_id
+        self._ioctl(disk, uapi.DK_CXLFLASH_ATTACH, arg)
+        self.disks.append(disk)
+        return disk
+
+    def create_virtual(self, size=0, *, disk=None, scrub=False, best_effort=False):
+        """Open a thin virtual LUN of ``size`` blocks (of ``block_size``
+        bytes) on ``disk`` (the first attached by default).
+
+        ``scrub``: chunks the vLUN gives back are zeroed (NEED_WRITE_SAME).
+        Raises ENOSPC when the LUN cannot hold ``size`` blocks (unless
+        ``best_effort``), ENOMEM when the LUN is smaller than one chunk.
+        """
+        from .lun import VirtualLun
+        return VirtualLun(self, self._disk_for(disk), size, scrub=scrub,
+                          best_effort=best_effort)
+
+    def open_direct(self, *, disk=None):
+        """Open the whole physical LUN of ``disk`` for direct access."""
+        from .lun import DirectLun
+        return DirectLun(self, self._disk_for(disk))
+
+    # -- recovery and fork -------------------------------------------------------------
+
+    def recover(self):
+        """DK_CXLFLASH_RECOVER_AFU after an AFU reset: the context gets a new
+        id and adapter fd (the old fd is closed); handles and data are kept.
+        Returns True when a reset was recovered, False when the context was
+        healthy."""
+        with self._lock:
+            arg = uapi.dk_cxlflash_recover_afu()
+            arg.context_id = self.context_id
+            self._ioctl(self.disks[0], uapi.DK_CXLFLASH_RECOVER_AFU, arg)
+            if not arg.hdr.return_flags & uapi.DK_CXLFLASH_RECOVER_AFU_CONTEXT_RESET:
+                return False
+            old_fd = self.adap_fd
+            self.context_id = arg.context_id
+            self.adap_fd = arg.adap_fd
+            self.resets += 1
+            if arg.hdr.return_flags & uapi.DK_CXLFLASH_APP_CLOSE_ADAP_FD:
+                _close_quietly(old_fd)
+            for lun in self.luns:
+                lun._rebind()
+                lun._stats_extra["num_reset_contexts"] += 1
+            return True
+
+    def clone_after_fork(self, mode=None):
+        """In a forked child: attach a context of the child's own and clone
+        the parent's virtual LUNs into it (ATTACH + VLUN_CLONE), keeping
+        every handle number.  ``mode`` may keep or narrow the parent's
+        access, never widen it (EINVAL).  The data is shared with the
+        parent, not copied.  Direct LUNs are re-opened.
+        """
+        mode = self.mode if mode is None else _check_mode(mode)
+        if _PERMS[mode] & ~_PERMS[self.mode]:
+            raise CxlFlashError(errno.EINVAL, f"a child may not widen its parent's "
+                                f"access ({_ACCESS[self.mode]} -> {_ACCESS[mode]})")
+        with self._lock:
+            self._check_open()
+            parent_id, parent_fd = self.context_id, self.adap_fd
+            first = self.disks[0]
+            arg = uapi.dk_cxlflash_attach()
+            arg.hdr.flags = mode
+            self.adapter._disk_ioctl(first, uapi.DK_CXLFLASH_ATTACH, arg)
+            child_id, child_fd = arg.context_id, arg.adap_fd
+            try:
+                for disk in self.disks[1:]:
+                    reuse = uapi.dk_cxlflash_attach()
+                    reuse.hdr.flags = uapi.DK_CXLFLASH_ATTACH_REUSE_CONTEXT | mode
+                    reuse.context_id = child_id
+                    self.adapter._disk_ioctl(disk, uapi.DK_CXLFLASH_ATTACH, reuse)
+                clone = uapi.dk_cxlflash_clone()
+                clone.hdr.flags = mode
+                clone.context_id_src = parent_id
+                clone.context_id_dst = child_id
+                clone.adap_fd_src = parent_fd
+                if any(l.virtual for l in self.luns):
+                    self.adapter._disk_ioctl(first, uapi.DK_CXLFLASH_VLUN_CLONE, clone)
+            except BaseException:
+                for disk in self.disks:
+                    d = uapi.dk_cxlflash_detach()
+                    d.context_id = child_id
+                    try:
+                        self.adapter._disk_ioctl(disk, uapi.DK_CXLFLASH_DETACH, d)
+                    except CxlFlashError:
+                        pass
+                _close_quietly(child_fd)
+                raise
+            self.context_id, self.adap_fd, self.mode = child_id, child_fd, mode
+            self.return_flags = arg.hdr.return_flags
+            _close_quietly(parent_fd)        # the child's copy of the parent's fd
+            for lun in self.luns:
+                lun._after_fork()
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self):
+        """Release every LUN, detach every disk and close the adapter fd.
+        Safe to call twice; errors of individual steps do not stop the
+        rest (the first one is raised at the end)."""
+        with self._lock:
+            if self.closed:
+                return
+            first_error = None
+            for lun in list(reversed(self.luns)):
+                try:
+                    lun.close()
+                except Exception as e:            # keep tearing down
+                    first_error = first_error or e
+            for disk in reversed(self.disks):
+                arg = uapi.dk_cxlflash_detach()
+                arg.context_id = self.context_id
+                try:
+                    self.adapter._disk_ioctl(disk, uapi.DK_CXLFLASH_DETACH, arg)
+                except ForkedAdapterError:
+                    pass
+                except CxlFlashError as e:
+                    if e.errno != errno.EINVAL:   # EINVAL: already gone
+                        first_error = first_error or e
+            _close_quietly(self.adap_fd)
+            self.closed = True
+            if first_error is not None:
+                raise first_error
+
+    detach = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"id=0x{self.context_id:016x}"
+        return f"<Context {state} mode={_ACCESS.get(self.mode)} luns={len(self.luns)}>"
+
+
+def _close_quietly(fd):
+    if fd is not None and 0 <= fd < (1 << 31):
+        try:
+            os.close(fd)
+        except OSError:
+            pass

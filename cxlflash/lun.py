@@ -1,0 +1,403 @@
+"""``VirtualLun`` and ``DirectLun``: LUNs opened through a context, with
+the block library's semantics (the model of ``cblk_*``) in idiomatic
+Python.
+
+Units: LBAs and sizes are in blocks of ``block_size`` bytes (the LUN's
+native block, 4096 or 512), relative to the LUN object.  Buffers are
+anything with the buffer protocol (bytes, bytearray, memoryview, numpy
+arrays), C-contiguous, a multiple of ``block_size`` bytes; nothing is
+copied.
+
+Errors: ``OSError(EINVAL)`` for a transfer beyond the logical size,
+``CxlFlashError`` from the driver (ENOSPC, ENOMEM, ...),
+:class:`cxlflash.AfuError` when the AFU refuses a command,
+:class:`cxlflash.AdapterResetError` after an AFU reset that could not be
+recovered, ``ValueError`` after :meth:`close`.
+"""
+import asyncio
+import errno
+import os
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+
+from . import uapi
+from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
+from ._core.errors import afu_error
+from .errors import CxlFlashError, AdapterResetError
+
+__all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
+           "LIST_UNMAP", "CHUNK_BLOCKS"]
+
+CHUNK_BLOCKS = 1 << 16
+_STAT_NAMES = ("num_reads", "num_writes", "num_blocks_read", "num_blocks_written",
+               "num_unmaps", "num_blocks_unmapped", "num_errors", "num_list_calls")
+
+
+class ListResult:
+    """The outcome of :meth:`listio`: per request, the blocks transferred or
+    the error.  ``status`` (int64 array: blocks, or < 0 on error), ``ok``
+    (all succeeded), :meth:`errors` (index -> exception), :meth:`check`
+    (raise the first error)."""
+
+    def __init__(self, lun, status, codes, lbas):
+        self.status = status
+        self._codes = codes
+        self._lun = lun
+        self._lbas = lbas
+
+    @property
+    def ok(self):
+        return bool((self.status >= 0).all())
+
+    def __len__(self):
+        return len(self.status)
+
+    def error(self, i):
+        """The exception of request ``i``, or None."""
+        s = int(self.status[i])
+        if s >= 0:
+            return None
+        if s == -1000:
+            return afu_error(int(self._codes[i]), self._lun.handle, int(self._lbas[i]))
+        if s == -1001:
+            return AdapterResetError()
+        if s == -1002:
+            return CxlFlashError(errno.EBADF, "the context is gone or not this process's")
+        if s == -1003:
+            return OSError(errno.EINVAL, f"request {i} is beyond the logical size "
+                           f"of {self._lun.size} blocks")
+        return OSError(-s, os.strerror(-s))
+
+    def errors(self):
+        return {i: self.error(i) for i in np.flatnonzero(self.status < 0).tolist()}
+
+    def check(self):
+        """Raise the first request's error, if any; return self."""
+        bad = np.flatnonzero(self.status < 0)
+        if len(bad):
+            raise self.error(int(bad[0]))
+        return self
+
+
+class _Lun:
+    """What virtual and direct LUNs share: the data path and statistics."""
+
+    virtual = False
+
+    def __init__(self, context, disk):
+        self.context = context
+        self.disk = disk
+        self.adapter = context.adapter
+        self.handle = None
+        self.closed = False
+        self._dp = None
+        self._size = 0
+        self._stats_base = dict.fromkeys(_STAT_NAMES, 0)
+        self._stats_extra = {"num_areads": 0, "num_awrites": 0,
+                             "num_reset_contexts": 0}
+        self._lock = threading.Lock()
+
+    # -- binding to the context's table ---------------------------------------------
+
+    def _record(self):
+        return self.adapter._context_record(self.context.context_id)
+
+    def _rebind(self):
+        """(Re)create the data path on the context's current table."""
+        rec = self._record()
+        glun = rec.rht_lun[self.handle].parent
+        old = self._dp
+        if old is not None:
+            for k, v in old.get_stats().items():
+                self._stats_base["num_" + k] += v
+            old.close()
+        dp = DataPath(rec.table, self.handle, glun.backing.fd, glun.blk_len,
+                      max_xfer=self.context.max_xfer,
+                      zero_mode=glun.backing.zero_mode)
+        dp.limit = self._size
+        dp.on_reset = self._recover
+        self._dp = dp
+        self.block_size = glun.blk_len
+        self.readinto = dp.readinto
+        self.read = dp.read
+        self.write = dp.write
+        self.unmap = dp.unmap
+
+    def _after_fork(self):
+        self._rebind()
+
+    def _recover(self):
+        """After an AFU reset: recover the context (once per reset, whoever
+        sees it first) so the data path can re-drive the I/O, as the block
+        library does.  Returns True when the context is usable again."""
+        try:
+            self.context.recover()
+        except (CxlFlashError, ValueError):
+            return False
+        return self._record() is not None and not self._record().err_recovery_active
+
+    # -- synchronous I/O ------------------------------------------------------------------
+
+    @property
+    def size(self):
+        """The logical size in blocks."""
+        return self._size
+
+    def __len__(self):
+        return self._size
+
+    # readinto, write and unmap are the data path's own methods, bound per
+    # instance by _rebind() so a call goes straight to the Cython core;
+    # these definitions document them.
+
+    def readinto(self, lba, buffer):
+        """Read ``len(buffer) // block_size`` blocks at ``lba`` into
+        ``buffer``; returns the number of blocks read."""
+        return self._dp.readinto(lba, buffer)
+
+    def read(self, lba, nblocks):
+        """Read ``nblocks`` blocks at ``lba``; returns a bytearray."""
+        return self._dp.read(lba, nblocks)
+
+    def write(self, lba, data):
+        """Write ``data`` at ``lba``; returns the number of blocks written."""
+        return self._dp.write(lba, data)
+
+    def unmap(self, lba, nblocks):
+        """Zero ``nblocks`` blocks at ``lba`` (holes are punched in files,
+        BLKZEROOUT on block devices); returns the number of blocks."""
+        return self._dp.unmap(lba, nblocks)
+
+    def translate(self, lbas):
+        """The physical LBAs (uint64 array) the AFU addresses for ``lbas``."""
+        self._check_open()
+        lbas = np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1)
+        if len(lbas) and int(lbas.max()) >= self._size:
+            raise OSError(errno.EINVAL, f"LBA {int(lbas.max())} is beyond the logical "
+                          f"size of {self._size} blocks")
+        return self._dp.translate(lbas)
+
+    def listio(self, ops, lbas, nblocks, buffer, offsets=None):
+        """Issue a batch of requests in one call without the GIL (the block
+        library's ``cblk_listio``).
+
+        ``ops``: LIST_READ (1), LIST_WRITE (2) or LIST_UNMAP (3) per
+        request; ``lbas``, ``nblocks``: per request; ``buffer``: one
+        writable buffer holding every request's data, request ``i`` at
+        ``offsets[i]`` bytes (default: packed in order).  Returns a
+        :class:`ListResult`; one failing request does not stop the others.
+        """
+        self._check_open()
+        nb = np.ascontiguousarray(nblocks, dtype=np.uint64).reshape(-1)
+        if offsets is None:
+            sizes = nb * np.uint64(self.block_size)
+            offsets = np.zeros(len(nb), dtype=np.uint64)
+            if len(nb) > 1:
+                np.cumsum(sizes[:-1], out=offsets[1:])
+        lb = np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1)
+        status, codes = self._dp.listio(ops, lb, nb, buffer, offsets)
+        return ListResult(self, status, codes, lb)
+
+    # -- asynchronous I/O ---------------------------------------------------------------------
+
+    def _submit(self, kind, fn, *args):
+        self._check_open()
+        with self._lock:
+            self._stats_extra[kind] += 1
+        return self.adapter.executor.submit(fn, *args)
+
+    def aread(self, lba, nblocks):
+        """Start a read; returns a ``concurrent.futures.Future`` of the data."""
+        return self._submit("num_areads", self.read, lba, nblocks)
+
+    def areadinto(self, lba, buffer):
+        """Start a read into ``buffer``; a Future of the block count."""
+        return self._submit("num_areads", self.readinto, lba, buffer)
+
+    def awrite(self, lba, data):
+        """Start a write; a Future of the block count."""
+        return self._submit("num_awrites", self.write, lba, data)
+
+    async def read_async(self, lba, nblocks):
+        """``await lun.read_async(lba, n)``: the data, read in a worker."""
+        return await asyncio.wrap_future(self.aread(lba, nblocks))
+
+    async def readinto_async(self, lba, buffer):
+        return await asyncio.wrap_future(self.areadinto(lba, buffer))
+
+    async def write_async(self, lba, data):
+        return await asyncio.wrap_future(self.awrite(lba, data))
+
+    # -- statistics --------------------------------------------------------------------------
+
+    def stats(self):
+        """Counters modelled on the block library's ``chunk_stats_t``."""
+        out = {"block_size": self.block_size, "num_paths": 1,
+               "max_transfer_size": self.context.max_xfer}
+        live = self._dp.get_stats() if self._dp is not None else {}
+        for name in _STAT_NAMES:
+            out[name] = self._stats_base[name] + live.get(name[4:], 0)
+        out.update(self._stats_extra)
+        return out
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def _check_open(self):
+        if self.closed:
+            raise self._closed_error()
+
+    def _closed_error(self):
+        return ValueError(f"I/O on a closed {type(self).__name__}: it was released "
+                          "or its context detached")
+
+    def close(self):
+        """RELEASE the resource handle.  Safe to call twice."""
+        if self.closed:
+            return
+        if self._dp is not None:
+            self._dp.close()
+        self.closed = True
+        if self in self.context.luns:
+            self.context.luns.remove(self)
+        if self.context.closed:
+            return
+        arg = uapi.dk_cxlflash_release()
+        arg.context_id = self.context.context_id
+        arg.rsrc_handle = self.handle
+        self.context._ioctl(self.disk, uapi.DK_CXLFLASH_RELEASE, arg)
+
+    release = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class VirtualLun(_Lun):
+    """A thin virtual LUN: an exact logical size (``size`` blocks) over an
+    allocation of whole 65536-block chunks.
+
+    Growing within the allocated chunks issues no ioctl; growing beyond
+    them issues one VLUN_RESIZE.  Getting fewer chunks than asked raises
+    ENOSPC and leaves the size as it was, unless ``best_effort``.
+    """
+
+    virtual = True
+
+    def __init__(self, context, disk, size=0, *, scrub=False, best_effort=False):
+        super().__init__(context, disk)
+        self.scrub = scrub
+        arg = uapi.dk_cxlflash_uvirtual()
+        arg.context_id = context.context_id
+        arg.lun_size = 0
+        if scrub:
+            arg.hdr.flags = uapi.DK_CXLFLASH_UVIRTUAL_NEED_WRITE_SAME
+        context._ioctl(disk, uapi.DK_CXLFLASH_USER_VIRTUAL, arg)
+        self.handle = arg.rsrc_handle
+        context.luns.append(self)
+        try:
+            self._rebind()
+            if size:
+                self.set_size(size, best_effort=best_effort)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def chunks(self):
+        """Chunks allocated."""
+        self._check_open()
+        return self._record().table.lxt_count(self.handle)
+
+    @property
+    def allocated(self):
+        """Blocks allocated (a whole number of chunks)."""
+        return self.chunks * CHUNK_BLOCKS
+
+    @property
+    def lun_blocks(self):
+        """Blocks of the physical LUN under this vLUN."""
+        glun = self._record().rht_lun[self.handle].parent
+        return glun.max_lba + 1
+
+    def _resize_chunks(self, chunks):
+        arg = uapi.dk_cxlflash_resize()
+        arg.context_id = self.context.context_id
+        arg.rsrc_handle = self.handle
+        blocks_4k = chunks * CHUNK_BLOCKS * self.block_size // uapi.CXLFLASH_BLOCK_SIZE
+        arg.req_size = blocks_4k
+        try:
+            self.context._ioctl(self.disk, uapi.DK_CXLFLASH_VLUN_RESIZE, arg)
+        except CxlFlashError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+            # The size change happened but the AFU sync failed: the kernel
+            # repairs that with a resize to the same size.
+            self.context._ioctl(self.disk, uapi.DK_CXLFLASH_VLUN_RESIZE, arg)
+        return self.chunks
+
+    def set_size(self, blocks, *, best_effort=False, release=False):
+        """Set the logical size to ``blocks`` blocks; returns the new size.
+
+        ``release``: also give back chunks the new size does not need (they
+        are zeroed first when the vLUN was opened with ``scrub``).
+        ``best_effort``: when the LUN runs out of chunks, take what there
+        is (the kernel's partial growth) instead of raising ENOSPC.
+        """
+        self._check_open()
+        blocks = int(blocks)
+        if blocks < 0:
+            raise ValueError(f"a size cannot be negative ({blocks})")
+        if blocks > self.lun_blocks:
+            raise CxlFlashError(errno.EINVAL, f"{blocks} blocks exceed the physical "
+                                f"LUN ({self.lun_blocks} blocks)")
+        need = -(-blocks // CHUNK_BLOCKS)
+        have = self.chunks
+        if need > have or (release and need < have):
+            got = self._resize_chunks(need)
+            if got < need:
+                if not best_effort:
+                    self._resize_chunks(have)      # give the partial growth back
+                    raise CxlFlashError(
+                        errno.ENOSPC, f"the LUN has room for {got - have} more chunks; "
+                        f"{need - have} are needed for {blocks} blocks (the size "
+                        f"stays {self._size}; pass best_effort=True to take what "
+                        "there is)")
+                blocks = got * CHUNK_BLOCKS
+        self._size = blocks
+        self._dp.limit = blocks
+        return blocks
+
+    def __repr__(self):
+        if self.closed:
+            return "<VirtualLun closed>"
+        return (f"<VirtualLun handle={self.handle} size={self._size} blocks "
+                f"chunks={self.chunks} block_size={self.block_size}>")
+
+
+class DirectLun(_Lun):
+    """The whole physical LUN, LBAs passed through (USER_DIRECT)."""
+
+    def __init__(self, context, disk):
+        super().__init__(context, disk)
+        arg = uapi.dk_cxlflash_udirect()
+        arg.context_id = context.context_id
+        context._ioctl(disk, uapi.DK_CXLFLASH_USER_DIRECT, arg)
+        self.handle = arg.rsrc_handle
+        self._size = arg.last_lba + 1
+        context.luns.append(self)
+        try:
+            self._rebind()
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self):
+        if self.closed:
+            return "<DirectLun closed>"
+        return (f"<DirectLun handle={self.handle} size={self._size} blocks "
+                f"block_size={self.block_size}>")
