@@ -109,6 +109,12 @@ class _Lun:
         rec = self._record()
         glun = rec.rht_lun[self.handle].parent
         old = self._dp
+        if (old is not None and old.table is rec.table
+                and old.fd == glun.backing.fd):
+            # A recovery keeps the table: keep the data path, whose caller
+            # may be about to re-drive a transfer (and count it) on it.
+            old.max_xfer = self.context.max_xfer
+            return
         if old is not None:
             for k, v in old.get_stats().items():
                 self._stats_base["num_" + k] += v
@@ -179,14 +185,15 @@ class _Lun:
                           f"size of {self._size} blocks")
         return self._dp.translate(lbas)
 
-    def listio(self, ops, lbas, nblocks, buffer, offsets=None):
+    def listio(self, ops, lbas, nblocks, buffer, offsets=None, lat_ns=None):
         """Issue a batch of requests in one call without the GIL (the block
         library's ``cblk_listio``).
 
         ``ops``: LIST_READ (1), LIST_WRITE (2) or LIST_UNMAP (3) per
         request; ``lbas``, ``nblocks``: per request; ``buffer``: one
         writable buffer holding every request's data, request ``i`` at
-        ``offsets[i]`` bytes (default: packed in order).  Returns a
+        ``offsets[i]`` bytes (default: packed in order).  ``lat_ns``: an
+        optional int64 array that receives per-request latencies.  Returns a
         :class:`ListResult`; one failing request does not stop the others.
         """
         self._check_open()
@@ -197,7 +204,7 @@ class _Lun:
             if len(nb) > 1:
                 np.cumsum(sizes[:-1], out=offsets[1:])
         lb = np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1)
-        status, codes = self._dp.listio(ops, lb, nb, buffer, offsets)
+        status, codes = self._dp.listio(ops, lb, nb, buffer, offsets, lat_ns)
         return ListResult(self, status, codes, lb)
 
     # -- asynchronous I/O ---------------------------------------------------------------------
@@ -261,8 +268,8 @@ class _Lun:
         self.closed = True
         if self in self.context.luns:
             self.context.luns.remove(self)
-        if self.context.closed:
-            return
+        if self.context.closed or self.adapter.driver.closed:
+            return                  # the driver released it with the context
         arg = uapi.dk_cxlflash_release()
         arg.context_id = self.context.context_id
         arg.rsrc_handle = self.handle
@@ -358,7 +365,13 @@ class VirtualLun(_Lun):
         need = -(-blocks // CHUNK_BLOCKS)
         have = self.chunks
         if need > have or (release and need < have):
-            got = self._resize_chunks(need)
+            try:
+                got = self._resize_chunks(need)
+            except CxlFlashError as e:
+                # Not a single chunk free: best effort takes what there is.
+                if e.errno != errno.ENOSPC or not best_effort or need < have:
+                    raise
+                got = self.chunks
             if got < need:
                 if not best_effort:
                     self._resize_chunks(have)      # give the partial growth back

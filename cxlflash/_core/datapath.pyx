@@ -40,6 +40,20 @@ LIST_READ = 1
 LIST_WRITE = 2
 LIST_UNMAP = 3
 
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *tp)
+    int CLOCK_MONOTONIC
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
 cdef extern from *:
     """
     #define CXLFLASH_ATOMIC_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
@@ -421,7 +435,7 @@ cdef class DataPath:
             self.handle, np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1),
             write=write)
 
-    def listio(self, ops, lbas, nblocks, buffer, offsets):
+    def listio(self, ops, lbas, nblocks, buffer, offsets, lat_ns=None):
         """Issue a batch of requests in one GIL-free call.
 
         ``ops`` (LIST_READ / LIST_WRITE / LIST_UNMAP), ``lbas``, ``nblocks``
@@ -432,6 +446,10 @@ cdef class DataPath:
         refusal, with its code in ``afu_rc``; -1001 AFU reset; -1002
         context gone or foreign; -1003 beyond the logical size).
         Requests are independent: one failing does not stop the others.
+        A context found in error after an AFU reset is recovered first
+        (``on_reset``); a reset during the batch fails the rest with -1001.
+        ``lat_ns``: an optional int64 array that receives each request's
+        latency in nanoseconds.
         """
         if self.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
@@ -443,8 +461,17 @@ cdef class DataPath:
         cdef Py_ssize_t n = o.shape[0], i
         if not (l.shape[0] == c.shape[0] == off.shape[0] == n):
             raise ValueError("ops, lbas, nblocks and offsets must have the same length")
+        if self.table.state == TABLE_IN_ERROR and self.on_reset is not None:
+            self.on_reset()     # recover first, as readinto/write re-drive
         status = np.zeros(n, dtype=np.int64)
         codes = np.zeros(n, dtype=np.int32)
+        cdef int64_t[::1] lat
+        cdef bint timed = lat_ns is not None
+        cdef int64_t t0 = 0
+        if timed:
+            lat = lat_ns
+            if lat.shape[0] < n:
+                raise ValueError("lat_ns is shorter than the request list")
         cdef int64_t[::1] st = status
         cdef int[::1] cd = codes
         cdef Py_buffer view
@@ -457,6 +484,8 @@ cdef class DataPath:
             with nogil:
                 for i in range(n):
                     afu_rc = 0
+                    if timed:
+                        t0 = now_ns()
                     if o[i] < 1 or o[i] > 3:
                         st[i] = -EINVAL
                     elif limit != NO_LIMIT and (l[i] > limit or c[i] > limit - l[i]):
@@ -481,6 +510,8 @@ cdef class DataPath:
                             st[i] = -1002
                         else:
                             st[i] = -rc
+                    if timed:
+                        lat[i] = now_ns() - t0
                     if st[i] < 0:
                         nerr += 1
                     elif o[i] == 1:
@@ -547,7 +578,8 @@ def afu_command(ResourceTable table not None, uint32_t handle, int fd,
     return nblocks
 
 
-def raw_io(int fd, ops, offsets, uint64_t nbytes, buffer, buf_offsets=None):
+def raw_io(int fd, ops, offsets, uint64_t nbytes, buffer, buf_offsets=None,
+           lat_ns=None):
     """pread/pwrite ``nbytes`` at each byte offset of the bare backing
     store, in one GIL-free loop: no translation, no checks -- the syscall
     limit that benchmarks compare the data path against.
@@ -555,7 +587,7 @@ def raw_io(int fd, ops, offsets, uint64_t nbytes, buffer, buf_offsets=None):
     ``ops``: per request 1 (read) or 2 (write); ``buffer``: request ``i``
     uses ``nbytes`` at ``buf_offsets[i]`` (default ``i * nbytes``).
     Returns the number of requests done; raises OSError on the first
-    failure.
+    failure.  ``lat_ns``: optional int64 array of per-request latencies.
     """
     cdef const uint8_t[::1] o = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
     cdef const uint64_t[::1] off = np.ascontiguousarray(offsets, dtype=np.uint64).reshape(-1)
@@ -567,7 +599,13 @@ def raw_io(int fd, ops, offsets, uint64_t nbytes, buffer, buf_offsets=None):
     if off.shape[0] != n or boff.shape[0] != n:
         raise ValueError("ops, offsets and buf_offsets must have the same length")
     cdef Py_buffer view
-    cdef int64_t r = 0
+    cdef int64_t r = 0, t0 = 0
+    cdef int64_t[::1] lat
+    cdef bint timed = lat_ns is not None
+    if timed:
+        lat = lat_ns
+        if lat.shape[0] < n:
+            raise ValueError("lat_ns is shorter than the request list")
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:
         for i in range(n):
@@ -575,7 +613,11 @@ def raw_io(int fd, ops, offsets, uint64_t nbytes, buffer, buf_offsets=None):
                 raise ValueError(f"request {i} does not fit in the buffer")
         with nogil:
             for i in range(n):
+                if timed:
+                    t0 = now_ns()
                 r = io_full(fd, <char *> view.buf + boff[i], nbytes, off[i], o[i] == 2)
+                if timed:
+                    lat[i] = now_ns() - t0
                 if r < 0:
                     break
     finally:

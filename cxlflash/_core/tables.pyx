@@ -14,6 +14,9 @@ from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
 from cxlflash._core.allocator cimport ChunkAllocator
 from cxlflash._core.includes.system cimport (
+    posix_memalign, madvise, MADV_HUGEPAGE, pthread_mutex_t, pthread_mutex_init,
+    pthread_mutex_lock, pthread_mutex_unlock)
+from cxlflash._core.includes.system cimport (
     pthread_rwlock_init, pthread_rwlock_destroy, pthread_rwlock_rdlock,
     pthread_rwlock_wrlock, pthread_rwlock_unlock, pthread_rwlockattr_t,
     pthread_rwlockattr_init, pthread_rwlockattr_setkind_np,
@@ -33,6 +36,58 @@ MAX_RHT_SIZE = 4096
 
 cdef inline uint32_t lxt_groups(uint64_t n) noexcept nogil:
     return <uint32_t> ((n + LXT_GROUP_SIZE - 1) // LXT_GROUP_SIZE)
+
+
+# -- LXT memory ---------------------------------------------------------------
+# Large LXTs (>= 4 MiB, 512 k chunks) are 2 MiB-aligned and advised onto
+# huge pages, and a few freed ones are kept for reuse: a fresh multi-MiB LXT
+# would otherwise cost thousands of page faults on every clone or regrowth.
+
+DEF HUGE_LXT = 4194304
+DEF LXT_CACHE_SLOTS = 4
+cdef void *lxt_cache[LXT_CACHE_SLOTS]
+cdef uint64_t lxt_cache_cap[LXT_CACHE_SLOTS]
+cdef pthread_mutex_t lxt_cache_mutex
+pthread_mutex_init(&lxt_cache_mutex, NULL)
+
+
+cdef uint64_t *lxt_alloc(uint64_t entries) noexcept nogil:
+    """Memory for an LXT of ``entries`` entries (uninitialised), or NULL."""
+    cdef size_t nbytes = entries * sizeof(uint64_t)
+    cdef void *p = NULL
+    cdef int i
+    if nbytes < HUGE_LXT:
+        return <uint64_t *> malloc(nbytes)
+    pthread_mutex_lock(&lxt_cache_mutex)
+    for i in range(LXT_CACHE_SLOTS):
+        if lxt_cache[i] != NULL and lxt_cache_cap[i] == entries:
+            p = lxt_cache[i]
+            lxt_cache[i] = NULL
+            break
+    pthread_mutex_unlock(&lxt_cache_mutex)
+    if p != NULL:
+        return <uint64_t *> p
+    if posix_memalign(&p, 2097152, nbytes) != 0:
+        return NULL
+    madvise(p, nbytes, MADV_HUGEPAGE)
+    return <uint64_t *> p
+
+
+cdef void lxt_free(uint64_t *lxt, uint64_t entries) noexcept nogil:
+    """Free an LXT from lxt_alloc (a large one may be kept for reuse)."""
+    cdef int i
+    if lxt == NULL:
+        return
+    if entries * sizeof(uint64_t) >= HUGE_LXT:
+        pthread_mutex_lock(&lxt_cache_mutex)
+        for i in range(LXT_CACHE_SLOTS):
+            if lxt_cache[i] == NULL:
+                lxt_cache[i] = lxt
+                lxt_cache_cap[i] = entries
+                lxt = NULL
+                break
+        pthread_mutex_unlock(&lxt_cache_mutex)
+    free(lxt)
 
 
 cdef class ResourceTable:
@@ -63,7 +118,7 @@ cdef class ResourceTable:
         cdef uint32_t i
         if self.rht != NULL:
             for i in range(self.rht_size):
-                free(self.rht[i].lxt)
+                lxt_free(self.rht[i].lxt, self.rht[i].lxt_cap)
             free(self.rht)
         pthread_rwlock_destroy(&self.rwlock)
 
@@ -156,13 +211,21 @@ cdef class ResourceTable:
         if cap == e.lxt_cap:
             return 0
         if cap == 0:
-            free(e.lxt)
+            lxt_free(e.lxt, e.lxt_cap)
             e.lxt = NULL
             e.lxt_cap = 0
             return 0
-        p = <uint64_t *> realloc(e.lxt, cap * sizeof(uint64_t))
-        if p == NULL:
-            return -1
+        if cap * sizeof(uint64_t) < HUGE_LXT and e.lxt_cap * sizeof(uint64_t) < HUGE_LXT:
+            p = <uint64_t *> realloc(e.lxt, cap * sizeof(uint64_t))
+            if p == NULL:
+                return -1
+        else:
+            p = lxt_alloc(cap)
+            if p == NULL:
+                return -1
+            if e.lxt != NULL:
+                memcpy(p, e.lxt, (cap if cap < e.lxt_cap else e.lxt_cap) * sizeof(uint64_t))
+                lxt_free(e.lxt, e.lxt_cap)
         if cap > e.lxt_cap:
             memset(p + e.lxt_cap, 0, (cap - e.lxt_cap) * sizeof(uint64_t))
         e.lxt = p
@@ -218,7 +281,7 @@ cdef class ResourceTable:
         cdef rht_entry *e = self._entry(handle)
         auns = self._auns(e, 0, e.lxt_cnt)
         self._write_begin()
-        free(e.lxt)
+        lxt_free(e.lxt, e.lxt_cap)
         memset(e, 0, sizeof(rht_entry))
         self.rht_out -= 1
         self.unlock()
@@ -402,8 +465,7 @@ cdef class ResourceTable:
         cdef uint64_t *lxt = NULL
         cdef int rc = 0
         if cnt:
-            lxt = <uint64_t *> malloc(<uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE
-                                      * sizeof(uint64_t))
+            lxt = lxt_alloc(<uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE)
             if lxt == NULL:
                 raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
             with nogil:
@@ -415,7 +477,7 @@ cdef class ResourceTable:
                     rc = allocator.clone_lxt(lxt, cnt)
                     allocator.unlock()
             if rc:
-                free(lxt)
+                lxt_free(lxt, <uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE)
                 raise OSError(errno.EIO, f"cannot clone handle {handle}: a chunk is "
                               "not allocated or already has 255 clones")
         self._write_begin()

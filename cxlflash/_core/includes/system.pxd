@@ -66,3 +66,12 @@ cdef extern from *:
     """
     int ctz64 "CXLFLASH_CTZ64"(uint64_t x) nogil
     int popcount64 "CXLFLASH_POPCOUNT64"(uint64_t x) nogil
+
+
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+    int MADV_HUGEPAGE

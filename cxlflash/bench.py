@@ -1,0 +1,832 @@
+"""Benchmark runs: the workloads behind ``cxlflash bench``.
+
+Every figure is measured honestly: a warm-up that is not recorded, the
+workload and its raw baseline interleaved batch by batch on the same data
+and the same physical offsets, per-request latencies taken inside the
+GIL-free core (so both sides pay the same clock reads), errors counted and
+reported, and the data of every write workload verified at the end: each
+written block holds a pattern derived from its LBA and the sequence number
+of its last write, re-read and checked block by block.
+"""
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+
+from . import __version__
+from ._core import pattern
+from ._core.allocator import ChunkAllocator
+from ._core.datapath import raw_io, LIST_READ, LIST_WRITE
+from ._core.tables import ResourceTable
+from .adapter import Adapter
+from .errors import CxlFlashError
+
+CHUNK_BLOCKS = 1 << 16
+BATCH = 256                 # requests per GIL-free call
+HIST_STEPS = 32             # latency histogram bins per power of two
+
+
+class BenchError(Exception):
+    """A bad option or an impossible run: reported in one line."""
+
+
+@dataclass
+class Options:
+    workload: str = "matrix"          # matrix | io | arkdb | resize-storm
+    target: str = "memory"            # memory, a file path or a block device
+    size: int = 1 << 30               # LUN size in bytes (memory / new file)
+    lun: str = "virtual"              # virtual | direct
+    vlun_blocks: int = 2 * CHUNK_BLOCKS
+    read_pct: int = 100
+    blocks: int = 1                   # blocks per request
+    threads: int = 1                  # queue depth: one worker thread each
+    pattern: str = "random"           # random | seq
+    duration: float = 3.0             # seconds per measured row
+    warmup: float = 0.3
+    compare_raw: bool = True
+    seed: int = 1
+    quiet: bool = False
+    direct_io: bool = False
+
+
+# -- latency histogram -----------------------------------------------------------
+
+
+class Histogram:
+    """Log-scale latency histogram (about 2 % resolution), mergeable."""
+
+    def __init__(self):
+        self.counts = np.zeros(64 * HIST_STEPS, dtype=np.int64)
+
+    def add(self, lat_ns):
+        lat = np.maximum(np.asarray(lat_ns, dtype=np.float64), 1.0)
+        idx = np.minimum((np.log2(lat) * HIST_STEPS).astype(np.int64), len(self.counts) - 1)
+        self.counts += np.bincount(idx, minlength=len(self.counts))
+
+    def merge(self, other):
+        self.counts += other.counts
+
+    @property
+    def total(self):
+        return int(self.counts.sum())
+
+    def percentile(self, p):
+        """Latency in ns at percentile ``p`` (bin midpoint)."""
+        total = self.total
+        if total == 0:
+            return float("nan")
+        rank = math.ceil(total * p / 100.0)
+        i = int(np.searchsorted(np.cumsum(self.counts), rank))
+        return 2 ** ((i + 0.5) / HIST_STEPS)
+
+    def nonzero(self):
+        idx = np.flatnonzero(self.counts)
+        return [(float(2 ** ((i + 0.5) / HIST_STEPS)), int(self.counts[i])) for i in idx]
+
+
+@dataclass
+class Side:
+    """One side of a row (the workload or its baseline)."""
+    ops: int = 0
+    seconds: float = 0.0
+    nbytes: int = 0
+    errors: int = 0
+    hist: Histogram = field(default_factory=Histogram)
+    timeline: list = field(default_factory=list)   # (elapsed s, ops/s)
+
+    @property
+    def rate(self):
+        return self.ops / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str                 # what an op is: "IO", "LBA", "chunk"
+    main: Side
+    base: Side = None
+    base_name: str = ""
+    verified: str = ""        # "", "ok (N blocks)" or "FAILED: ..."
+    failed: bool = False
+
+    @property
+    def ratio(self):
+        if self.base is None or not self.base.rate:
+            return None
+        return self.main.rate / self.base.rate
+
+    def as_dict(self):
+        def side(s):
+            if s is None:
+                return None
+            return {"ops": s.ops, "seconds": s.seconds, "ops_per_s": s.rate,
+                    "bytes_per_s": s.nbytes / s.seconds if s.seconds else 0.0,
+                    "errors": s.errors,
+                    "latency_ns": {"p50": s.hist.percentile(50),
+                                   "p99": s.hist.percentile(99),
+                                   "p99.9": s.hist.percentile(99.9)},
+                    "histogram": s.hist.nonzero(), "timeline": s.timeline}
+        return {"name": self.name, "unit": self.unit, "workload": side(self.main),
+                "baseline_name": self.base_name, "baseline": side(self.base),
+                "ratio": self.ratio, "verified": self.verified, "failed": self.failed}
+
+
+# -- progress ------------------------------------------------------------------------
+
+
+class Progress:
+    """A live status line on stderr: off with --quiet or when stderr is not
+    a terminal."""
+
+    def __init__(self, enabled=None, stream=None):
+        self.stream = stream or sys.stderr
+        if enabled is None:
+            enabled = self.stream.isatty()
+        self.enabled = enabled
+        self._last = 0.0
+        self._width = 0
+
+    def update(self, label, elapsed, total, rate, unit="ops", force=False):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        frac = min(elapsed / total, 1.0) if total else 1.0
+        bar = "#" * int(frac * 20)
+        line = (f"\r{label:<24} [{bar:<20}] {elapsed:5.1f}/{total:.1f}s "
+                f"{_si(rate)}{unit}/s")
+        self._width = max(self._width, len(line))
+        self.stream.write(line.ljust(self._width))
+        self.stream.flush()
+
+    def clear(self):
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+def _si(x):
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:7.2f}{unit} "
+    return f"{x:7.1f} "
+
+
+# -- the I/O workload ------------------------------------------------------------------------
+
+
+class IoRun:
+    """A block I/O workload on one LUN object (virtual or direct), with its
+    raw baseline on the bare backing store at the same physical offsets."""
+
+    def __init__(self, lun, backing_fd, opts, name, rng_seed):
+        self.lun = lun
+        self.fd = backing_fd
+        self.o = opts
+        self.name = name
+        self.bs = lun.block_size
+        self.space = lun.size - (lun.size % max(opts.blocks, 1))
+        if self.space < opts.blocks * opts.threads:
+            raise BenchError(f"the LUN ({lun.size} blocks) is too small for "
+                             f"{opts.threads} threads of {opts.blocks}-block requests")
+        self.seq_of = np.zeros(lun.size, dtype=np.uint64)   # last write's sequence
+        self.seed = rng_seed
+        self.writes = opts.read_pct < 100
+
+    def _requests(self, rng, t, cursor, n):
+        """Request starting LBAs for thread ``t``.  Writers keep to their own
+        LBAs (lba // blocks % threads == t) so the last write is known."""
+        o = self.o
+        slots = self.space // o.blocks                  # request slots
+        if o.pattern == "seq":
+            idx = (cursor + np.arange(n, dtype=np.int64) * o.threads + t) % slots
+        else:
+            idx = rng.integers(0, max(slots // o.threads, 1), n, dtype=np.int64) * o.threads + t
+            idx %= slots
+        return (idx * o.blocks).astype(np.uint64)
+
+    def run(self, duration, progress, record=True):
+        o = self.o
+        main, base = Side(), Side()
+        lock = threading.Lock()
+        stop = threading.Event()
+        start = time.monotonic()
+        errors = []
+
+        def worker(t):
+            try:
+                rng = np.random.default_rng(self.seed * 1000 + t)
+                nbytes = o.blocks * self.bs
+                buf = np.empty(BATCH * nbytes, dtype=np.uint8)
+                lat = np.empty(BATCH, dtype=np.int64)
+                hist_m, hist_b = Histogram(), Histogram()
+                m_ops = b_ops = m_err = 0
+                m_t = b_t = 0.0
+                seq = (t + 1) << 40
+                cursor = 0
+                nb = np.full(BATCH, o.blocks, dtype=np.uint64)
+                while not stop.is_set():
+                    lbas = self._requests(rng, t, cursor, BATCH)
+                    cursor += BATCH * o.threads
+                    if o.read_pct >= 100:
+                        ops = np.full(BATCH, LIST_READ, dtype=np.uint8)
+                    elif o.read_pct <= 0:
+                        ops = np.full(BATCH, LIST_WRITE, dtype=np.uint8)
+                    else:
+                        ops = np.where(rng.integers(0, 100, BATCH) < o.read_pct,
+                                       LIST_READ, LIST_WRITE).astype(np.uint8)
+                    wmask = ops == LIST_WRITE
+                    seqs = seq + np.arange(BATCH, dtype=np.uint64)
+                    seq += BATCH
+                    if wmask.any():
+                        pattern.fill(buf, lbas, seqs, self.bs, o.blocks)
+                    # The two sides take turns going first, so neither gets
+                    # the other's CPU-cache warmth more often.
+                    raw_first = o.compare_raw and (cursor // (BATCH * o.threads)) % 2 == 0
+                    if raw_first:
+                        b_t += self._raw(ops, lbas, nbytes, buf, lat, hist_b, wmask, seqs)
+                        b_ops += BATCH
+                    t0 = time.perf_counter()
+                    res = self.lun.listio(ops, lbas, nb, buf, lat_ns=lat)
+                    m_t += time.perf_counter() - t0
+                    ok = res.status >= 0
+                    m_ops += int(ok.sum())
+                    m_err += int((~ok).sum())
+                    hist_m.add(lat[ok])
+                    if wmask.any():
+                        self._record_writes(lbas[wmask & ok], seqs[wmask & ok])
+                    if o.compare_raw and not raw_first:
+                        b_t += self._raw(ops, lbas, nbytes, buf, lat, hist_b, wmask, seqs)
+                        b_ops += BATCH
+                with lock:
+                    main.ops += m_ops
+                    main.errors += m_err
+                    main.seconds = max(main.seconds, m_t)
+                    main.hist.merge(hist_m)
+                    base.ops += b_ops
+                    base.seconds = max(base.seconds, b_t)
+                    base.hist.merge(hist_b)
+            except BaseException as e:       # reported by the caller
+                errors.append(e)
+                stop.set()
+
+        threads = [threading.Thread(target=worker, args=(t,), daemon=True)
+                   for t in range(o.threads)]
+        for th in threads:
+            th.start()
+        last_ops, last_t = 0, start
+        while any(th.is_alive() for th in threads):
+            elapsed = time.monotonic() - start
+            if elapsed >= duration:
+                stop.set()
+            for th in threads:
+                th.join(timeout=0.05)
+            now = time.monotonic()
+            st = self.lun.stats()
+            done = st["num_reads"] + st["num_writes"]
+            if now - last_t >= 0.25:
+                rate = (done - last_ops) / (now - last_t)
+                if record:
+                    main.timeline.append((round(now - start, 3), rate))
+                last_ops, last_t = done, now
+                progress.update(self.name if record else self.name + " (warm-up)",
+                                min(elapsed, duration), duration, rate)
+        if errors:
+            raise errors[0]
+        nbytes = o.blocks * self.bs
+        main.nbytes = main.ops * nbytes
+        base.nbytes = base.ops * nbytes
+        # With several threads the sides ran concurrently: rate = ops / wall
+        # time of the busiest thread on that side.
+        return main, (base if o.compare_raw else None)
+
+    def _raw(self, ops, lbas, nbytes, buf, lat, hist, wmask, seqs):
+        """The same requests on the bare store: the same data at the same
+        physical offsets.  Returns the seconds spent."""
+        phys = self.lun.translate(lbas) * np.uint64(self.bs)
+        t0 = time.perf_counter()
+        raw_io(self.fd, ops, phys, nbytes, buf, lat_ns=lat)
+        dt = time.perf_counter() - t0
+        hist.add(lat)
+        if wmask.any():
+            self._record_writes(lbas[wmask], seqs[wmask])
+        return dt
+
+    def _record_writes(self, lbas, seqs):
+        for b in range(self.o.blocks):
+            self.seq_of[lbas + np.uint64(b)] = seqs
+
+    def verify(self, progress=None):
+        """Re-read every written block and check its pattern: (blocks
+        checked, blocks bad)."""
+        written = np.flatnonzero(self.seq_of)
+        if len(written) == 0:
+            return 0, 0
+        step = 256                        # 1 MiB of 4K blocks per read
+        bad = 0
+        buf = bytearray(step * self.bs)
+        first, last = int(written[0]), int(written[-1])
+        lba = first - first % step
+        while lba <= last:
+            n = min(step, self.lun.size - lba)
+            seqs = self.seq_of[lba:lba + n]
+            if seqs.any():
+                view = memoryview(buf)[:n * self.bs]
+                self.lun.readinto(lba, view)
+                bad += pattern.verify(view, lba, seqs, self.bs)
+            lba += n
+        return len(written), bad
+
+
+# -- the core rows ----------------------------------------------------------------------
+
+
+def _timed_loop(fn, duration, progress, label, per_call, unit):
+    """Call ``fn`` until ``duration`` passes: a Side with per-call
+    latencies; ``per_call`` ops are done by each call.  A callable that
+    ``fn`` returns is run after the timing (untimed clean-up)."""
+    side = Side()
+    start = time.monotonic()
+    lat = []
+    while True:
+        t0 = time.perf_counter_ns()
+        cleanup = fn()
+        dt = time.perf_counter_ns() - t0
+        if callable(cleanup):
+            cleanup()                        # not timed
+        lat.append(dt)
+        side.ops += per_call
+        side.seconds += dt / 1e9
+        elapsed = time.monotonic() - start
+        progress.update(label, elapsed, duration, side.rate, unit)
+        if elapsed >= duration:
+            break
+    side.hist.add(lat)
+    return side
+
+
+def row_translate(duration, progress):
+    n = 1 << 20
+    alloc = ChunkAllocator(256)
+    table = ResourceTable()
+    h = table.open_virtual(3)
+    table.grow(h, alloc.alloc_many(64), 0, 1)
+    vlbas = np.random.default_rng(7).integers(0, 64 * CHUNK_BLOCKS, n, dtype=np.int64)
+    out = np.empty(n, dtype=np.uint64)
+    lxt = table.lxt(h)
+    mask = np.uint64(0xFFFF)
+
+    def numpy_formula():
+        v = vlbas.view(np.uint64)
+        np.bitwise_or(np.bitwise_and(lxt[v >> np.uint64(16)], ~mask), v & mask, out=out)
+
+    expect = None
+    numpy_formula()
+    expect = out.copy()
+    table.translate_many(h, vlbas, out=out)
+    if not np.array_equal(out, expect):
+        raise BenchError("translate_many disagrees with the numpy formula")
+    half = duration / 2
+    main = _timed_loop(lambda: table.translate_many(h, vlbas, out=out), half, progress,
+                       "translate 1M LBAs", n, "LBA")
+    base = _timed_loop(numpy_formula, half, progress, "translate (numpy)", n, "LBA")
+    main.nbytes, base.nbytes = main.ops * 16, base.ops * 16
+    return Row("translate", "LBA", main, base, "numpy formula")
+
+
+def _python_alloc(bitmap, state, n):
+    """The kernel's ba_alloc loop (spec §12.2) in pure Python."""
+    out = []
+    words = len(bitmap)
+    for _ in range(n):
+        curr = state[0]
+        w = next((i for i in range(curr, words) if bitmap[i]), None)
+        if w is None:
+            w = next((i for i in range(0, curr) if bitmap[i]), None)
+        word = bitmap[w]
+        bit = (word & -word).bit_length() - 1
+        bitmap[w] = word & ~(1 << bit)
+        state[0] = w + 1 if bit == 63 else w
+        out.append(w * 64 + bit)
+    return out
+
+
+def row_alloc(duration, progress):
+    total = 1 << 22
+    per = 1 << 16
+    alloc = ChunkAllocator(total)
+
+    def cycle():
+        auns = alloc.alloc_many(per)
+        alloc.free_many(auns)
+
+    main = _timed_loop(cycle, duration * 0.6, progress, "alloc_many 64k chunks", per, "chunk")
+    bitmap = [(1 << 64) - 1] * (total // 64)
+    state = [0]
+    py_per = 4096
+
+    def py_cycle():
+        _python_alloc(bitmap, state, py_per)
+        if state[0] >= len(bitmap) - py_per // 64 - 1:
+            bitmap[:] = [(1 << 64) - 1] * len(bitmap)
+            state[0] = 0
+
+    base = _timed_loop(py_cycle, duration * 0.4, progress, "alloc (pure Python)", py_per, "chunk")
+    # The workload side did alloc + free; count both halves of its time as
+    # allocation time: a conservative ratio.
+    return Row("chunk alloc+free", "chunk", main, base, "Python kernel loop")
+
+
+def row_clone(duration, progress):
+    chunks = 1 << 20
+    alloc = ChunkAllocator(chunks)
+    src = ResourceTable()
+    h = src.open_virtual(3)
+    src.grow(h, alloc.alloc_many(chunks), 0, 1)
+    lxt = src.lxt(h)
+    dst_arr = np.empty_like(lxt)
+
+    def clone():
+        dst = ResourceTable()
+        dst.clone_from(src, 3, alloc)
+
+        def release():                       # the clone's release, untimed
+            alloc.free_many(dst.chunks(h))
+            dst.close(h)
+        return release
+
+    main = _timed_loop(clone, duration / 2, progress, "clone 1M chunks", chunks, "chunk")
+    base = _timed_loop(lambda: np.copyto(dst_arr, lxt), duration / 2, progress,
+                       "clone (np.copyto)", chunks, "chunk")
+    if alloc.clone_count(0) != 0:
+        raise BenchError("clone references leaked")
+    main.nbytes, base.nbytes = main.ops * 8, base.ops * 8
+    return Row("clone (LXT + refs)", "chunk", main, base, "np.copyto of the LXT")
+
+
+# -- setting up a target -----------------------------------------------------------------
+
+
+class Target:
+    """An adapter with one LUN and an open context on it."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.adapter = Adapter()
+        t = opts.target
+        try:
+            if t == "memory":
+                self.wwid = self.adapter.add_lun(None, size=opts.size)
+            elif os.path.exists(t):
+                self.wwid = self.adapter.add_lun(t, direct=opts.direct_io)
+            else:
+                self.wwid = self.adapter.add_lun(t, size=opts.size, direct=opts.direct_io)
+        except OSError as e:
+            self.adapter.close()
+            raise BenchError(f"cannot use target {t!r}: {e.strerror or e}") from None
+        self.glun = self.adapter.driver.gluns[self.wwid]
+        self.disk = self.adapter.open_disk(self.wwid)
+        self.ctx = self.disk.attach()
+
+    @property
+    def fd(self):
+        return self.glun.backing.fd
+
+    def open_lun(self, blocks=None):
+        o = self.opts
+        if o.lun == "direct":
+            return self.ctx.open_direct()
+        blocks = blocks or o.vlun_blocks
+        try:
+            return self.ctx.create_virtual(blocks)
+        except CxlFlashError as e:
+            raise BenchError(f"cannot create a {blocks}-block virtual LUN on the "
+                             f"target: {e.strerror}") from None
+
+    def prefill(self, lun, progress):
+        """Touch every block once, so neither side pays first-write costs."""
+        step = 256
+        buf = bytearray(step * lun.block_size)
+        for lba in range(0, lun.size, step):
+            lun.write(lba, memoryview(buf)[:min(step, lun.size - lba) * lun.block_size])
+            progress.update("prefill", lba, lun.size, 0, "blk")
+
+    def close(self):
+        self.adapter.close()
+
+
+def machine_info():
+    return {"platform": platform.platform(), "machine": platform.machine(),
+            "processor": platform.processor() or _cpu_model(),
+            "cores": os.cpu_count(), "python": sys.version.split()[0],
+            "numpy": np.__version__, "cxlflash": __version__}
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+
+def io_row(target, lun, opts, name, progress):
+    run = IoRun(lun, target.fd, opts, name, opts.seed)
+    if opts.warmup:
+        run.run(opts.warmup, progress, record=False)
+    main, base = run.run(opts.duration, progress)
+    row = Row(name, "IO", main, base, "raw pread/pwrite" if base else "")
+    if run.writes:
+        checked, bad = run.verify(progress)
+        row.verified = f"ok ({checked} blocks)" if not bad else f"FAILED: {bad} of {checked} blocks"
+        row.failed = bool(bad)
+        row.run = run
+    return row
+
+
+def run_matrix(opts, progress):
+    rows = []
+    core_t = max(opts.duration * 2 / 3, 0.2)
+    rows.append(row_translate(core_t, progress))
+    rows.append(row_alloc(core_t, progress))
+    rows.append(row_clone(core_t, progress))
+    target = Target(opts)
+    try:
+        lun = target.open_lun()
+        target.prefill(lun, progress)
+        for name, read_pct, blocks, pat in (
+                ("4k randread", 100, 1, "random"), ("4k randwrite", 0, 1, "random"),
+                ("4k 70/30 mix", 70, 1, "random"), ("1m seqread", 100, 256, "seq")):
+            o = Options(**{**asdict(opts), "read_pct": read_pct,
+                           "blocks": max(1, blocks * 4096 // lun.block_size), "pattern": pat})
+            rows.append(io_row(target, lun, o, name, progress))
+    finally:
+        target.close()
+    return rows
+
+
+def run_io(opts, progress):
+    target = Target(opts)
+    try:
+        lun = target.open_lun()
+        target.prefill(lun, progress)
+        kind = ("read" if opts.read_pct == 100 else "write" if opts.read_pct == 0
+                else f"{opts.read_pct}/{100 - opts.read_pct} mix")
+        name = f"{opts.blocks * lun.block_size // 1024}k {opts.pattern} {kind}"
+        return [io_row(target, lun, opts, name, progress)]
+    finally:
+        target.close()
+
+
+def run_arkdb(opts, progress, nluns=20, grow_blocks=1024):
+    """The arkdb pattern: 20 vLUNs, one per worker, each grown in 4 MiB
+    steps as it fills, 4 KiB writes appended and 4 KiB random reads of what
+    was written (70 % reads)."""
+    target = Target(opts)
+    try:
+        luns = [target.ctx.create_virtual(grow_blocks) for _ in range(nluns)]
+        main = Side()
+        resizes = Side()
+        lock = threading.Lock()
+        stop = threading.Event()
+        errors = []
+        fill = [0] * nluns
+        seqs = [np.zeros(0, dtype=np.uint64) for _ in range(nluns)]
+
+        def worker(i):
+            try:
+                lun = luns[i]
+                rng = np.random.default_rng(opts.seed + i)
+                buf = np.empty(4096, dtype=np.uint8)
+                hist = Histogram()
+                lat = np.empty(1, dtype=np.int64)
+                ops = errs = 0
+                busy = 0.0
+                seq_of = np.zeros(lun.size, dtype=np.uint64)
+                s = (i + 1) << 40
+                rs = Side()
+                while not stop.is_set():
+                    for _ in range(64):
+                        if fill[i] == 0 or rng.integers(0, 100) >= 70:
+                            if fill[i] >= lun.size:
+                                t0 = time.perf_counter()
+                                lun.set_size(lun.size + grow_blocks)
+                                rs.hist.add([(time.perf_counter() - t0) * 1e9])
+                                rs.ops += 1
+                                seq_of = np.concatenate(
+                                    [seq_of, np.zeros(grow_blocks, dtype=np.uint64)])
+                            lba = fill[i]
+                            fill[i] += 1
+                            s += 1
+                            pattern.fill(buf, [lba], [s], 4096)
+                            op = LIST_WRITE
+                            seq_of[lba] = s
+                        else:
+                            lba = int(rng.integers(0, fill[i]))
+                            op = LIST_READ
+                        t0 = time.perf_counter()
+                        res = lun.listio([op], [lba], [1], buf, lat_ns=lat)
+                        busy += time.perf_counter() - t0
+                        if res.status[0] >= 0:
+                            ops += 1
+                            hist.add(lat)
+                        else:
+                            errs += 1
+                seqs[i] = seq_of
+                with lock:
+                    main.ops += ops
+                    main.errors += errs
+                    main.seconds += busy
+                    main.hist.merge(hist)
+                    resizes.ops += rs.ops
+                    resizes.hist.merge(rs.hist)
+            except BaseException as e:
+                errors.append(e)
+                stop.set()
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(nluns)]
+        start = time.monotonic()
+        for th in threads:
+            th.start()
+        while any(th.is_alive() for th in threads):
+            elapsed = time.monotonic() - start
+            if elapsed >= opts.duration:
+                stop.set()
+            for th in threads:
+                th.join(timeout=0.05)
+            done = sum(l.stats()["num_list_calls"] for l in luns)
+            progress.update("arkdb 20 vLUNs", min(elapsed, opts.duration), opts.duration,
+                            done / max(elapsed, 1e-9))
+        if errors:
+            raise errors[0]
+        wall = time.monotonic() - start
+        # Ops/s over the wall time: 20 threads share the cores.
+        main.seconds = wall
+        main.nbytes = main.ops * 4096
+        resizes.seconds = wall
+        checked = bad = 0
+        for lun, seq_of in zip(luns, seqs):
+            n = min(len(seq_of), lun.size)
+            data = bytearray(n * 4096)
+            for lba in range(0, n, 256):
+                k = min(256, n - lba)
+                lun.readinto(lba, memoryview(data)[lba * 4096:(lba + k) * 4096])
+            bad += pattern.verify(data, 0, seq_of[:n], 4096)
+            checked += int(np.count_nonzero(seq_of))
+        row = Row("arkdb 20 vLUNs 4k 70/30", "IO", main)
+        row.verified = f"ok ({checked} blocks)" if not bad else f"FAILED: {bad} of {checked} blocks"
+        row.failed = bool(bad)
+        grow = Row("arkdb grow 4 MiB steps", "resize", resizes)
+        return [row, grow]
+    finally:
+        target.close()
+
+
+def run_resize_storm(opts, progress, nluns=8):
+    """Many vLUNs growing and shrinking (chunks given back) while 4 KiB
+    random I/O runs on another vLUN."""
+    target = Target(opts)
+    try:
+        io_lun = target.open_lun()
+        target.prefill(io_lun, progress)
+        storm = [target.ctx.create_virtual(0) for _ in range(nluns)]
+        stop = threading.Event()
+        resizes = Side()
+        errors = []
+
+        def stormer(i):
+            try:
+                rng = np.random.default_rng(opts.seed + 100 + i)
+                lun = storm[i]
+                hist = Histogram()
+                n = 0
+                while not stop.is_set():
+                    want = int(rng.integers(0, 4)) * CHUNK_BLOCKS
+                    t0 = time.perf_counter()
+                    try:
+                        lun.set_size(want, release=True, best_effort=True)
+                    except CxlFlashError as e:
+                        if e.errno != 28:       # ENOSPC when the LUN is full
+                            raise
+                    hist.add([(time.perf_counter() - t0) * 1e9])
+                    n += 1
+                resizes.ops += n
+                resizes.hist.merge(hist)
+            except BaseException as e:
+                errors.append(e)
+                stop.set()
+
+        threads = [threading.Thread(target=stormer, args=(i,), daemon=True) for i in range(nluns)]
+        start = time.monotonic()
+        for th in threads:
+            th.start()
+        o = Options(**{**asdict(opts), "read_pct": 70, "blocks": 1, "pattern": "random"})
+        try:
+            row = io_row(target, io_lun, o, "4k 70/30 during storm", progress)
+        finally:
+            stop.set()
+            for th in threads:
+                th.join()
+        if errors:
+            raise errors[0]
+        resizes.seconds = time.monotonic() - start
+        return [row, Row(f"resize storm {nluns} vLUNs", "resize", resizes)]
+    finally:
+        target.close()
+
+
+WORKLOADS = {"matrix": run_matrix, "io": run_io, "arkdb": run_arkdb,
+             "resize-storm": run_resize_storm}
+
+
+def run(opts, progress=None):
+    """Run the workload of ``opts``: a list of Rows."""
+    progress = progress or Progress(enabled=False)
+    try:
+        return WORKLOADS[opts.workload](opts, progress)
+    finally:
+        progress.clear()
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def _us(ns):
+    return "-" if ns != ns else f"{ns / 1000:.1f}"
+
+
+def format_table(rows):
+    head = ("workload", "ops/s", "MB/s", "p50 us", "p99 us", "p99.9 us",
+            "baseline ops/s", "ratio", "errors", "verified")
+    lines = []
+    for r in rows:
+        m = r.main
+        mb = f"{m.nbytes / m.seconds / 1e6:.1f}" if m.nbytes and m.seconds else "-"
+        lines.append((r.name, _si(m.rate).strip() + (" " + r.unit if r.unit != "IO" else ""),
+                      mb, _us(m.hist.percentile(50)), _us(m.hist.percentile(99)),
+                      _us(m.hist.percentile(99.9)),
+                      (_si(r.base.rate).strip() + f" ({r.base_name})") if r.base else "-",
+                      f"{r.ratio:.2f}x" if r.ratio is not None else "-",
+                      str(m.errors), r.verified or "-"))
+    widths = [max(len(head[i]), *(len(l[i]) for l in lines)) for i in range(len(head))]
+    fmt = lambda cols: "  ".join(c.ljust(w) if i in (0, 6, 9) else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cols, widths)))
+    out = [fmt(head), "  ".join("-" * w for w in widths)]
+    out += [fmt(l) for l in lines]
+    return "\n".join(out)
+
+
+def to_json(rows, opts, path):
+    doc = {"machine": machine_info(), "options": asdict(opts),
+           "rows": [r.as_dict() for r in rows],
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=float)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install 'cxlflash[plot]'") from None
+    io_rows = [r for r in rows if r.main.hist.total]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 9))
+    for r in io_rows:
+        pts = r.main.hist.nonzero()
+        if pts:
+            x, y = zip(*pts)
+            ax1.plot(np.array(x) / 1000, y, label=r.name, drawstyle="steps-mid")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("latency (us)")
+    ax1.set_ylabel("requests")
+    ax1.set_title("latency histograms")
+    ax1.legend(fontsize=8)
+    for r in rows:
+        if r.main.timeline:
+            t, v = zip(*r.main.timeline)
+            ax2.plot(t, v, label=r.name)
+    ax2.set_xlabel("elapsed in the run (s)")
+    ax2.set_ylabel("ops/s")
+    ax2.set_title("throughput over time")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

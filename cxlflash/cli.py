@@ -1,0 +1,192 @@
+"""The ``cxlflash`` command.
+
+``cxlflash bench``  benchmark runs (see ``cxlflash bench --help``)
+``cxlflash info``   what the package is built with
+"""
+import argparse
+import os
+import sys
+
+from . import __version__
+
+
+def _size(text):
+    """A size in bytes: 4096, 64k, 512M, 2G, 1T."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64k, 512M, 2G)")
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return v
+    return parse
+
+
+def _percent(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}")
+    if not 0 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"must be 0..100: {text!r}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, no usage dump, exit status 2.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    p = _Parser(prog="cxlflash", description="The CXL Flash superpipe engine in user space.")
+    p.add_argument("--version", action="version", version=f"cxlflash {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    b = sub.add_parser(
+        "bench", help="run benchmarks",
+        description="Benchmark the translation engine and the data path, each row "
+                    "with its raw baseline measured in the same run.  With no "
+                    "arguments: a ~20 s standard matrix on an in-memory adapter.")
+    b.add_argument("workload", nargs="?", default=None,
+                   choices=["matrix", "io", "arkdb", "resize-storm"],
+                   help="matrix (default), io (one block I/O workload from the "
+                        "options), arkdb (20 vLUNs grown in 4 MiB steps), "
+                        "resize-storm (vLUNs growing and shrinking under I/O)")
+    b.add_argument("-t", "--target", default="memory",
+                   help="'memory' (default), a file path (created with --size if "
+                        "missing) or a block device")
+    b.add_argument("--size", type=_size, default=None,
+                   help="LUN size for memory or a new file (default 1G)")
+    b.add_argument("--lun", choices=["virtual", "direct"], default="virtual",
+                   help="I/O through a virtual LUN (default) or the whole LUN directly")
+    b.add_argument("--vlun-size", type=_size, default=None,
+                   help="virtual LUN size in bytes (default 512M)")
+    b.add_argument("-r", "--read-pct", type=_percent, default=None,
+                   help="percentage of reads, 0..100 (io default 100)")
+    b.add_argument("-n", "--blocks", type=_positive(int), default=None,
+                   help="blocks per request (io default 1)")
+    b.add_argument("-q", "--qd", "--threads", dest="threads", type=_positive(int),
+                   default=1, help="queue depth: worker threads (default 1)")
+    b.add_argument("-p", "--pattern", choices=["random", "seq"], default=None,
+                   help="random (default) or sequential LBAs")
+    b.add_argument("-d", "--duration", type=_positive(float), default=None,
+                   help="seconds per measured row (matrix default 2.5, others 5)")
+    b.add_argument("--warmup", type=float, default=None,
+                   help="unrecorded warm-up seconds before each I/O row (default 0.3)")
+    b.add_argument("--compare-raw", dest="compare_raw", action="store_true", default=True,
+                   help="run the same requests on the bare backing store (default)")
+    b.add_argument("--no-compare-raw", dest="compare_raw", action="store_false",
+                   help="skip the raw baseline")
+    b.add_argument("--direct-io", action="store_true",
+                   help="open a file or block device target with O_DIRECT")
+    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--json", metavar="FILE", help="write every figure, the machine, "
+                   "the versions and the options as JSON")
+    b.add_argument("--plot", metavar="FILE.png", help="draw latency histograms and "
+                   "throughput over time (needs matplotlib: cxlflash[plot])")
+    b.add_argument("--quiet", action="store_true", help="no progress display")
+    sub.add_parser("info", help="versions and build facts")
+    return p
+
+
+def _bench(args):
+    from . import bench
+    workload = args.workload
+    io_opts = any(v is not None for v in (args.read_pct, args.blocks, args.pattern))
+    if workload is None:
+        workload = "io" if io_opts or args.threads > 1 else "matrix"
+    if workload == "matrix" and io_opts:
+        raise bench.BenchError("--read-pct, --blocks and --pattern choose an io "
+                               "workload: run 'cxlflash bench io ...'")
+    o = bench.Options(workload=workload, target=args.target, lun=args.lun,
+                      threads=args.threads, compare_raw=args.compare_raw,
+                      seed=args.seed, quiet=args.quiet, direct_io=args.direct_io)
+    if args.size is not None:
+        o.size = args.size
+    if args.vlun_size is not None:
+        o.vlun_blocks = max(1, args.vlun_size // 4096)
+    if args.read_pct is not None:
+        o.read_pct = args.read_pct
+    if args.blocks is not None:
+        o.blocks = args.blocks
+    if args.pattern is not None:
+        o.pattern = args.pattern
+    o.duration = args.duration if args.duration is not None else (
+        2.5 if workload == "matrix" else 5.0)
+    if args.warmup is not None:
+        if args.warmup < 0:
+            raise bench.BenchError("--warmup must be >= 0")
+        o.warmup = args.warmup
+    if o.target == "memory" and o.size % 4096:
+        raise bench.BenchError("--size must be a multiple of 4096")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise bench.BenchError("--plot needs matplotlib: pip install 'cxlflash[plot]'")
+    for path in (args.json, args.plot):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise bench.BenchError(f"cannot write {path}: no such directory")
+    progress = bench.Progress(enabled=False if args.quiet else None)
+    print(f"cxlflash {__version__} bench: {workload} on {o.target}"
+          f"{'' if o.target != 'memory' else ' (in-memory adapter)'}, "
+          f"{o.duration:g} s per row", flush=True)
+    rows = bench.run(o, progress)
+    print(bench.format_table(rows))
+    if args.json:
+        bench.to_json(rows, o, args.json)
+        print(f"figures written to {args.json}")
+    if args.plot:
+        bench.plot(rows, args.plot)
+        print(f"plot written to {args.plot}")
+    failed = [r for r in rows if r.failed or r.main.errors]
+    for r in failed:
+        print(f"error: {r.name}: "
+              + (f"data verification {r.verified}" if r.failed else
+                 f"{r.main.errors} requests failed"), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _info():
+    import numpy
+    from .bench import machine_info
+    for k, v in machine_info().items():
+        print(f"{k:10} {v}")
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "bench":
+            return _bench(args)
+        return _info()
+    except KeyboardInterrupt:
+        print("cxlflash: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .bench import BenchError
+        if isinstance(e, (BenchError, OSError)):
+            print(f"cxlflash: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
