@@ -33,6 +33,7 @@ class AdapterFile:
         self.driver_sock = driver
         os.set_inheritable(self.user_fd, True)
         self.fileno = driver.fileno()
+        self.pe = None               # the PE its backend context holds until released
 
     def close_driver_side(self):
         if self.driver_sock is not None:

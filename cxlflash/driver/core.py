@@ -201,9 +201,13 @@ class Driver:
     # -- contexts -------------------------------------------------------------
 
     def free_pe(self):
-        """The lowest free PE below max_contexts, or -1."""
+        """The lowest free PE below max_contexts, or -1.  A PE stays in use
+        while an adapter file holds its backend context: after RECOVER_AFU
+        the old fd keeps the old PE until it is closed (spec §16.3, §6.3)."""
+        with self._files_lock:
+            held = {f.pe for f in self._files.values() if f.pe is not None}
         for pe in range(self.max_contexts):
-            if self.ctx_tbl[pe] is None and not any(
+            if pe not in held and self.ctx_tbl[pe] is None and not any(
                     c.pe == pe for c in self.ctx_err_recovery):
                 return pe
         return -1

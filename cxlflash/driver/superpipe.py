@@ -101,6 +101,7 @@ def _new_context(drv, sdev, llun, arg, caller):
             drv.forget_file(f)
             os.close(f.user_fd)
             raise
+        f.pe = pe
         ctx = Context(cookie=drv.new_cookie(), pe=pe, perms=(arg.hdr.flags + 1) & 3,
                       irqs=arg.num_interrupts, pid=caller.pid, rht_size=drv.rht_per_context)
         ctx.file = f
@@ -300,8 +301,12 @@ def recover_afu(drv, sdev, disk, arg, caller):
             try:
                 if mailbox:
                     time.sleep(drv.mailbox_retry_delay)
-                    drv.begin_reset()
-                    drv.end_reset()
+                    # The EEH handler resets the AFU -- unless a reset is
+                    # already under way or the adapter has failed, which the
+                    # state check below then reports (spec §16.3 step 5).
+                    if afu.state == NORMAL:
+                        drv.begin_reset()
+                        drv.end_reset()
                 else:
                     time.sleep(drv.recovery_retry_delay)
                 held = afu.interruptible_acquire(drv.recovery_mutex)
@@ -333,22 +338,18 @@ def _recover_context(drv, ctx):
             raise CxlFlashError(err, "the backend could not start the context")
         if faults.take("pe_range"):
             raise CxlFlashError(errno.EPERM, "the backend returned a PE outside 0..511")
-        ctx_pe_old = ctx.pe
-        ctx.pe = -1                       # its old PE no longer counts as used
+        # The old PE is not free: the old backend context keeps it until
+        # the user closes the old adapter fd (spec §16.3), so the context
+        # gets a new PE and a new id.
         pe = drv.free_pe()
         if pe < 0:
-            ctx.pe = ctx_pe_old
             raise CxlFlashError(errno.ENODEV, "no free context for the recovery")
-        try:
-            f = drv.new_adapter_file()
-        except CxlFlashError:
-            ctx.pe = ctx_pe_old
-            raise
+        f = drv.new_adapter_file()
         if faults.take("capability"):
-            ctx.pe = ctx_pe_old
             drv.forget_file(f)
             os.close(f.user_fd)
             raise CxlFlashError(errno.EAGAIN, "capability register readback mismatch")
+        f.pe = pe
         ctx.pe = pe
         ctx.ctxid = (ctx.cookie << 32) | pe
         ctx.file = f                     # the old fd now finds no context
