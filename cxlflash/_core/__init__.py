@@ -3,4 +3,5 @@
 ``allocator``  ChunkAllocator, the kernel's chunk allocator
 ``tables``     ResourceTable, one context's RHT and LXTs, translation, clone
 ``datapath``   block I/O through a table to a backing file descriptor
+``pattern``    verifiable data patterns (benchmarks, tests)
 """
