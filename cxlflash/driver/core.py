@@ -268,8 +268,8 @@ class Driver:
             if ctx in self.ctx_err_recovery:
                 self.ctx_err_recovery.remove(ctx)
         ctx.table.state = 2       # TABLE_GONE: the data path refuses it
-        if ctx.file is not None:
-            self.forget_file(ctx.file)
+        # The adapter file -- and the PE of its backend context -- stay
+        # until the user closes fd2 (APP_CLOSE_ADAP_FD, spec §7).
 
     def detach_lun(self, ctx, llun, caller):
         """DETACH of one LUN from a locked context (spec §7 steps 2-5)."""
