@@ -332,13 +332,20 @@ class Adapter:
 
     # -- the AFU data path ------------------------------------------------------------
 
-    def _afu_io(self, context_id, rsrc_handle, lba, buffer, write):
+    def _mmio_context(self, context_id):
+        """The context behind an MMIO window: AfuError 0x21 when it is not a
+        live context of this process, AdapterResetError (the all-ones MMIO
+        read) when it is in error after an AFU reset."""
         ctx = self._context_record(context_id)
         if ctx is None or ctx.pid != os.getpid():
             raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: context "
                            f"0x{context_id:016x} is not a live context of this process")
         if ctx.err_recovery_active:
             raise AdapterResetError()
+        return ctx
+
+    def _afu_io(self, context_id, rsrc_handle, lba, buffer, write):
+        ctx = self._mmio_context(context_id)
         table = ctx.table
         if rsrc_handle >= table.rht_size:
             raise afu_error(0x03, rsrc_handle)
@@ -372,12 +379,7 @@ class Adapter:
 
     def translate(self, context_id, rsrc_handle, lbas):
         """The physical LBAs the AFU would address for ``lbas`` (uint64)."""
-        ctx = self._context_record(context_id)
-        if ctx is None or ctx.pid != os.getpid():
-            raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: context "
-                           f"0x{context_id:016x} is not a live context of this process")
-        if ctx.err_recovery_active:
-            raise AdapterResetError()
+        ctx = self._mmio_context(context_id)
         return ctx.table.translate_many(
             rsrc_handle, np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1))
 
