@@ -35,7 +35,79 @@ TARGETS = [
      "test_alloc_many_core", "test_alloc_many_python", "speedup", 100.0),
     ("clone_from(src, 3, allocator) 1M chunks vs np.copyto 1M uint64 (throughput)",
      "test_clone_core", "test_clone_copyto", "fraction", 0.25),
+    # The data path (bench_datapath.py): a page-cached file, same offsets.
+    ("datapath 4K random reads: VirtualLun.readinto vs os.preadv",
+     "test_datapath_randread_vlun", "test_datapath_randread_preadv", "fraction", 0.85),
+    ("datapath 4K random writes: VirtualLun.write vs os.pwrite",
+     "test_datapath_randwrite_vlun", "test_datapath_randwrite_pwrite", "fraction", 0.85),
+    ("datapath 1M sequential reads across chunk boundaries: readinto vs os.preadv",
+     "test_datapath_seqread_vlun", "test_datapath_seqread_preadv", "fraction", 0.95),
+    ("datapath listio 64x4K random reads per call vs raw_io (Cython pread loop)",
+     "test_datapath_listio_vlun", "test_datapath_listio_raw", "fraction", 0.9),
+    ("datapath 4K random reads, 2 threads vs 1 thread (same total)",
+     "test_datapath_threads_2", "test_datapath_threads_1", "speedup", 1.6),
 ]
+
+
+# The driver (bench_driver.py).  Calls per second of each ioctl on a warm
+# adapter (no target; a pair of ioctls counts as one call):
+IOCTLS = [
+    ("ATTACH + DETACH (+ close of adap_fd)", "test_ioctl_attach_detach"),
+    ("USER_DIRECT + RELEASE", "test_ioctl_user_direct_release"),
+    ("USER_VIRTUAL (size 0) + RELEASE", "test_ioctl_user_virtual_release"),
+    ("VLUN_RESIZE +1 chunk, then -1 chunk", "test_ioctl_resize_grow_shrink"),
+    ("VERIFY (no sense)", "test_ioctl_verify"),
+    ("RECOVER_AFU (healthy context)", "test_ioctl_recover_afu_healthy"),
+    ("MANAGE_LUN (enable superpipe, idempotent)", "test_ioctl_manage_lun"),
+    ("VLUN_CLONE (1 handle, 2 chunks) + RELEASE", "test_ioctl_clone_release"),
+    ("HT LUN_PROVISION (query port)", "test_ioctl_lun_provision_query"),
+    ("HT AFU_DEBUG (counters, 48 bytes)", "test_ioctl_afu_debug"),
+]
+# VLUN_RESIZE growing a fresh vLUN from 0 to n chunks: the cost per chunk must
+# not depend on n (max/min over the sizes <= target: no quadratic path).  The
+# cost per chunk is the marginal one, (t(n) - t(1 chunk)) / (n - 1), so the
+# fixed cost of one ioctl (~10 us, 10 ns per chunk at 1k) does not count;
+# the plain t(n)/n is printed too.
+RESIZE_ONE = "test_resize_grow[1]"
+RESIZE_SIZES = [("1k", 1_000), ("100k", 100_000), ("1M", 1_000_000)]
+RESIZE_TARGET = 2.0
+
+
+def driver_report(times):
+    """Print the driver's figures; return True when something failed."""
+    failed = False
+    print("driver ioctls on a warm adapter (calls/s; a pair counts as one call)")
+    for label, name in IOCTLS:
+        if name not in times:
+            print(f"  MISSING  {label}: {name} did not run")
+            failed = True
+            continue
+        t = times[name]
+        print(f"  {label:<44} {1 / t:>10,.0f}/s  ({_fmt(t)})")
+    print("VLUN_RESIZE growing a fresh vLUN by n chunks (cost per chunk)")
+    names = [RESIZE_ONE] + [f"test_resize_grow[{k}]" for k, _ in RESIZE_SIZES]
+    missing = [n for n in names if n not in times]
+    if missing:
+        print(f"  MISSING  {', '.join(missing)} did not run")
+        return True
+    t1 = times[RESIZE_ONE]
+    print(f"  1 chunk: {_fmt(t1)} per ioctl (the fixed cost)")
+    raw, marginal = [], []
+    for key, n in RESIZE_SIZES:
+        t = times[f"test_resize_grow[{key}]"]
+        raw.append(t / n)
+        marginal.append(max(t - t1, 0.0) / (n - 1))
+        print(f"  {key + ' chunks:':<13} {_fmt(t)} per ioctl; {_fmt(t / n)}/chunk (t/n), "
+              f"{_fmt(marginal[-1])}/chunk marginal")
+    print(f"  info  t/n per chunk, max/min over {'/'.join(k for k, _ in RESIZE_SIZES)}: "
+          f"{max(raw) / min(raw):.2f}x")
+    ratio = max(marginal) / min(marginal) if min(marginal) > 0 else float("inf")
+    ok = ratio <= RESIZE_TARGET
+    print(f"  {'PASS' if ok else 'FAIL'}  marginal cost per chunk "
+          f"((t(n) - t(1)) / (n - 1)), max/min over "
+          f"{'/'.join(k for k, _ in RESIZE_SIZES)}: {ratio:.2f}x; target <= "
+          f"{RESIZE_TARGET:g}x (no quadratic path)")
+    return failed or not ok
 
 
 def main(argv):
@@ -94,14 +166,15 @@ def main(argv):
         failed |= not ok
         print(f"  {'PASS' if ok else 'FAIL'}  {label}: {shown} "
               f"({_fmt(t)} vs {_fmt(tb)}); target {want}")
+    failed |= driver_report(times)
     return 1 if failed else 0
 
 
 def _fmt(seconds):
-    for unit, scale in (("s", 1), ("ms", 1e-3), ("us", 1e-6)):
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
         if seconds >= scale:
             return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
+    return f"{seconds / 1e-12:.3g} ps"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from .adapter import Adapter
 from .errors import CxlFlashError
 
 CHUNK_BLOCKS = 1 << 16
-BATCH = 256                 # requests per GIL-free call
+BATCH = 256                 # requests per GIL-free call (at most)
+BATCH_BYTES = 4 << 20       # ... and at most this much data per call
 HIST_STEPS = 32             # latency histogram bins per power of two
 
 
@@ -122,15 +123,18 @@ class Row:
         return self.main.rate / self.base.rate
 
     def as_dict(self):
+        def pct(s, p):
+            v = s.hist.percentile(p)
+            return None if v != v else v        # no samples: null, not NaN (not JSON)
+
         def side(s):
             if s is None:
                 return None
             return {"ops": s.ops, "seconds": s.seconds, "ops_per_s": s.rate,
                     "bytes_per_s": s.nbytes / s.seconds if s.seconds else 0.0,
                     "errors": s.errors,
-                    "latency_ns": {"p50": s.hist.percentile(50),
-                                   "p99": s.hist.percentile(99),
-                                   "p99.9": s.hist.percentile(99.9)},
+                    "latency_ns": {"p50": pct(s, 50), "p99": pct(s, 99),
+                                   "p99.9": pct(s, 99.9)},
                     "histogram": s.hist.nonzero(), "timeline": s.timeline}
         return {"name": self.name, "unit": self.unit, "workload": side(self.main),
                 "baseline_name": self.base_name, "baseline": side(self.base),
@@ -181,6 +185,15 @@ def _si(x):
     return f"{x:7.1f} "
 
 
+def _join_some(threads, timeout):
+    """Wait at most ``timeout`` seconds in all for ``threads`` to end (a
+    timeout per thread would make the monitor loop, and so the end of the
+    run, threads x ``timeout`` late)."""
+    deadline = time.monotonic() + timeout
+    for th in threads:
+        th.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
 # -- the I/O workload ------------------------------------------------------------------------
 
 
@@ -226,35 +239,36 @@ class IoRun:
             try:
                 rng = np.random.default_rng(self.seed * 1000 + t)
                 nbytes = o.blocks * self.bs
-                buf = np.empty(BATCH * nbytes, dtype=np.uint8)
-                lat = np.empty(BATCH, dtype=np.int64)
+                batch = max(1, min(BATCH, BATCH_BYTES // nbytes))
+                buf = np.empty(batch * nbytes, dtype=np.uint8)
+                lat = np.empty(batch, dtype=np.int64)
                 hist_m, hist_b = Histogram(), Histogram()
                 m_ops = b_ops = m_err = 0
                 m_t = b_t = 0.0
                 seq = (t + 1) << 40
                 cursor = 0
-                nb = np.full(BATCH, o.blocks, dtype=np.uint64)
+                nb = np.full(batch, o.blocks, dtype=np.uint64)
                 while not stop.is_set():
-                    lbas = self._requests(rng, t, cursor, BATCH)
-                    cursor += BATCH * o.threads
+                    lbas = self._requests(rng, t, cursor, batch)
+                    cursor += batch * o.threads
                     if o.read_pct >= 100:
-                        ops = np.full(BATCH, LIST_READ, dtype=np.uint8)
+                        ops = np.full(batch, LIST_READ, dtype=np.uint8)
                     elif o.read_pct <= 0:
-                        ops = np.full(BATCH, LIST_WRITE, dtype=np.uint8)
+                        ops = np.full(batch, LIST_WRITE, dtype=np.uint8)
                     else:
-                        ops = np.where(rng.integers(0, 100, BATCH) < o.read_pct,
+                        ops = np.where(rng.integers(0, 100, batch) < o.read_pct,
                                        LIST_READ, LIST_WRITE).astype(np.uint8)
                     wmask = ops == LIST_WRITE
-                    seqs = seq + np.arange(BATCH, dtype=np.uint64)
-                    seq += BATCH
+                    seqs = seq + np.arange(batch, dtype=np.uint64)
+                    seq += batch
                     if wmask.any():
                         pattern.fill(buf, lbas, seqs, self.bs, o.blocks)
                     # The two sides take turns going first, so neither gets
                     # the other's CPU-cache warmth more often.
-                    raw_first = o.compare_raw and (cursor // (BATCH * o.threads)) % 2 == 0
+                    raw_first = o.compare_raw and (cursor // (batch * o.threads)) % 2 == 0
                     if raw_first:
                         b_t += self._raw(ops, lbas, nbytes, buf, lat, hist_b, wmask, seqs)
-                        b_ops += BATCH
+                        b_ops += batch
                     t0 = time.perf_counter()
                     res = self.lun.listio(ops, lbas, nb, buf, lat_ns=lat)
                     m_t += time.perf_counter() - t0
@@ -266,7 +280,7 @@ class IoRun:
                         self._record_writes(lbas[wmask & ok], seqs[wmask & ok])
                     if o.compare_raw and not raw_first:
                         b_t += self._raw(ops, lbas, nbytes, buf, lat, hist_b, wmask, seqs)
-                        b_ops += BATCH
+                        b_ops += batch
                 with lock:
                     main.ops += m_ops
                     main.errors += m_err
@@ -288,8 +302,7 @@ class IoRun:
             elapsed = time.monotonic() - start
             if elapsed >= duration:
                 stop.set()
-            for th in threads:
-                th.join(timeout=0.05)
+            _join_some(threads, 0.05)
             now = time.monotonic()
             st = self.lun.stats()
             done = st["num_reads"] + st["num_writes"]
@@ -599,6 +612,12 @@ def run_arkdb(opts, progress, nluns=20, grow_blocks=1024):
     was written (70 % reads)."""
     target = Target(opts)
     try:
+        chunks = (target.glun.max_lba + 1) // CHUNK_BLOCKS
+        if chunks < nluns:
+            need = nluns * CHUNK_BLOCKS * (target.glun.blk_len or 4096)
+            raise BenchError(f"arkdb needs a LUN of at least {nluns} chunks "
+                             f"({need / (1 << 30):g} GiB) for its {nluns} vLUNs; "
+                             f"the target has {chunks} (try --size 8G)")
         luns = [target.ctx.create_virtual(grow_blocks) for _ in range(nluns)]
         main = Side()
         resizes = Side()
@@ -667,8 +686,7 @@ def run_arkdb(opts, progress, nluns=20, grow_blocks=1024):
             elapsed = time.monotonic() - start
             if elapsed >= opts.duration:
                 stop.set()
-            for th in threads:
-                th.join(timeout=0.05)
+            _join_some(threads, 0.05)
             done = sum(l.stats()["num_list_calls"] for l in luns)
             progress.update("arkdb 20 vLUNs", min(elapsed, opts.duration), opts.duration,
                             done / max(elapsed, 1e-9))
@@ -715,8 +733,10 @@ def run_resize_storm(opts, progress, nluns=8):
                 lun = storm[i]
                 hist = Histogram()
                 n = 0
+                # Up to 3 chunks, never beyond the physical LUN (EINVAL).
+                most = min(3, lun.lun_blocks // CHUNK_BLOCKS)
                 while not stop.is_set():
-                    want = int(rng.integers(0, 4)) * CHUNK_BLOCKS
+                    want = int(rng.integers(0, most + 1)) * CHUNK_BLOCKS
                     t0 = time.perf_counter()
                     try:
                         lun.set_size(want, release=True, best_effort=True)
