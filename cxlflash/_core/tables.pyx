@@ -39,10 +39,12 @@ cdef inline uint32_t lxt_groups(uint64_t n) noexcept nogil:
 
 
 # -- LXT memory ---------------------------------------------------------------
-# Large LXTs (>= 4 MiB, 512 k chunks) are 2 MiB-aligned and advised onto
-# huge pages, and a few freed ones are kept for reuse: a fresh multi-MiB LXT
-# would otherwise cost thousands of page faults on every clone or regrowth.
+# Large LXTs (>= 256 KiB, 32 k chunks) come from a few kept for reuse, as a
+# fresh one would cost a page fault per 4 KiB on every clone, open or
+# regrowth; from 4 MiB (512 k chunks) on they are also 2 MiB-aligned and
+# advised onto huge pages.
 
+DEF BIG_LXT = 262144
 DEF HUGE_LXT = 4194304
 DEF LXT_CACHE_SLOTS = 4
 cdef void *lxt_cache[LXT_CACHE_SLOTS]
@@ -56,7 +58,7 @@ cdef uint64_t *lxt_alloc(uint64_t entries) noexcept nogil:
     cdef size_t nbytes = entries * sizeof(uint64_t)
     cdef void *p = NULL
     cdef int i
-    if nbytes < HUGE_LXT:
+    if nbytes < BIG_LXT:
         return <uint64_t *> malloc(nbytes)
     pthread_mutex_lock(&lxt_cache_mutex)
     for i in range(LXT_CACHE_SLOTS):
@@ -67,6 +69,8 @@ cdef uint64_t *lxt_alloc(uint64_t entries) noexcept nogil:
     pthread_mutex_unlock(&lxt_cache_mutex)
     if p != NULL:
         return <uint64_t *> p
+    if nbytes < HUGE_LXT:
+        return <uint64_t *> malloc(nbytes)
     if posix_memalign(&p, 2097152, nbytes) != 0:
         return NULL
     madvise(p, nbytes, MADV_HUGEPAGE)
@@ -78,7 +82,7 @@ cdef void lxt_free(uint64_t *lxt, uint64_t entries) noexcept nogil:
     cdef int i
     if lxt == NULL:
         return
-    if entries * sizeof(uint64_t) >= HUGE_LXT:
+    if entries * sizeof(uint64_t) >= BIG_LXT:
         pthread_mutex_lock(&lxt_cache_mutex)
         for i in range(LXT_CACHE_SLOTS):
             if lxt_cache[i] == NULL:
@@ -215,7 +219,7 @@ cdef class ResourceTable:
             e.lxt = NULL
             e.lxt_cap = 0
             return 0
-        if cap * sizeof(uint64_t) < HUGE_LXT and e.lxt_cap * sizeof(uint64_t) < HUGE_LXT:
+        if cap * sizeof(uint64_t) < BIG_LXT and e.lxt_cap * sizeof(uint64_t) < BIG_LXT:
             p = <uint64_t *> realloc(e.lxt, cap * sizeof(uint64_t))
             if p == NULL:
                 return -1
@@ -323,6 +327,35 @@ cdef class ResourceTable:
         self.unlock()
         if rc != 0:
             raise MemoryError(f"cannot allocate an LXT of {old + n} entries")
+
+    def grow_from(self, uint32_t handle, ChunkAllocator allocator not None,
+                  uint64_t n, int lun_index, int port_sel):
+        """Grow a vLUN by up to ``n`` chunks taken straight from
+        ``allocator`` into the LXT (the kernel's grow loop, spec §11.3):
+        fewer when fewer are free.  Returns the number of chunks added; 0
+        changes nothing.  Raises MemoryError when the LXT cannot grow."""
+        cdef rht_entry *e = self._virtual(handle)
+        cdef uint64_t old = e.lxt_cnt, k = 0, i
+        cdef uint64_t low = ((<uint64_t> (lun_index & 0xFF)) << LXT_LUNIDX_SHIFT) \
+            | (RHT_PERM_RW << LXT_PERM_SHIFT) | (port_sel & 0xF)
+        cdef int rc = 0
+        if n > 0xFFFFFFFF - old:
+            n = 0xFFFFFFFF - old
+        self._write_begin()
+        with nogil:
+            allocator.lock()
+            k = n if <uint64_t> allocator.free_aun_cnt >= n else <uint64_t> allocator.free_aun_cnt
+            if k:
+                rc = self._set_lxt_capacity(e, old + k)
+                if rc == 0:
+                    for i in range(k):
+                        e.lxt[old + i] = ((<uint64_t> allocator.ba_alloc()) << MC_CHUNK_SHIFT) | low
+                    e.lxt_cnt = <uint32_t> (old + k)
+            allocator.unlock()
+        self.unlock()
+        if rc != 0:
+            raise MemoryError(f"cannot allocate an LXT of {old + k} entries")
+        return k
 
     def shrink(self, uint32_t handle, uint64_t new_count):
         """Cut a vLUN to ``new_count`` chunks.

@@ -44,14 +44,13 @@ def grow(drv, ctx, llun, handle, new):
         raise CxlFlashError(errno.ENOSPC, "the LUN has no free chunk")
     if _lxt_groups(new) != _lxt_groups(cur):
         drv.afu.faults.check("alloc", "allocating the LXT")
-    auns = alloc.alloc_many(new - cur, partial=True)
-    if len(auns) == 0:
-        raise CxlFlashError(errno.ENOSPC, "the LUN has no free chunk")
     try:
-        ctx.table.grow(handle, auns, llun.lun_index, llun.port_sel)
+        # Best effort: fewer chunks than asked when fewer are free.
+        added = ctx.table.grow_from(handle, alloc, new - cur, llun.lun_index, llun.port_sel)
     except MemoryError:
-        alloc.free_many(auns)
         raise CxlFlashError(errno.ENOMEM, "cannot allocate the LXT") from None
+    if added == 0:
+        raise CxlFlashError(errno.ENOSPC, "the LUN has no free chunk")
     if drv.afu.sync(ctx.pe, handle, AFU_LW_SYNC):
         return errno.EAGAIN
     return 0
