@@ -838,7 +838,8 @@ def plot(rows, path):
     ax1.set_xlabel("latency (us)")
     ax1.set_ylabel("requests")
     ax1.set_title("latency histograms")
-    ax1.legend(fontsize=8)
+    if ax1.lines:                     # nothing drawn: no empty legend (a warning)
+        ax1.legend(fontsize=8)
     for r in rows:
         if r.main.timeline:
             t, v = zip(*r.main.timeline)
@@ -846,7 +847,8 @@ def plot(rows, path):
     ax2.set_xlabel("elapsed in the run (s)")
     ax2.set_ylabel("ops/s")
     ax2.set_title("throughput over time")
-    ax2.legend(fontsize=8)
+    if ax2.lines:                     # nothing drawn: no empty legend (a warning)
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -115,6 +115,8 @@ def _bench(args):
                       seed=args.seed, quiet=args.quiet, direct_io=args.direct_io)
     if args.size is not None:
         o.size = args.size
+    elif workload == "arkdb":
+        o.size = 8 << 30        # 20 vLUNs of at least one 256 MiB chunk each (sparse)
     if args.vlun_size is not None:
         o.vlun_blocks = max(1, args.vlun_size // 4096)
     if args.read_pct is not None:
@@ -137,8 +139,15 @@ def _bench(args):
         except ImportError:
             raise bench.BenchError("--plot needs matplotlib: pip install 'cxlflash[plot]'")
     for path in (args.json, args.plot):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
             raise bench.BenchError(f"cannot write {path}: no such directory")
+        if os.path.isdir(path):
+            raise bench.BenchError(f"cannot write {path}: it is a directory")
+        if not os.access(parent, os.W_OK):
+            raise bench.BenchError(f"cannot write {path}: permission denied")
     progress = bench.Progress(enabled=False if args.quiet else None)
     print(f"cxlflash {__version__} bench: {workload} on {o.target}"
           f"{'' if o.target != 'memory' else ' (in-memory adapter)'}, "
