@@ -306,7 +306,8 @@ def test_arkdb_grows_in_steps():
     the run also ends on time (the monitor does not wait per thread)."""
     o = bench.Options(workload="arkdb", size=8 << 30, duration=0.2)
     t0 = time.monotonic()
-    row, grow = bench.run_arkdb(o, bench.Progress(False), nluns=20, grow_blocks=8)
+    row, grow = bench.run_arkdb(o, bench.Progress(False), nluns=20, grow_blocks=8,
+                                initial_blocks=8)
     assert time.monotonic() - t0 < 2
     assert row.main.seconds < o.duration + 0.5
     assert row.main.ops > 0 and row.main.errors == 0
