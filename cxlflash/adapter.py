@@ -10,13 +10,14 @@ import errno
 import os
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import uapi
 from ._core.datapath import afu_command
 from ._core.errors import afu_error
-from .backing import open_backing, MemoryBacking, FileBacking
+from .backing import Backing, open_backing, MemoryBacking, FileBacking
 from .driver.core import Driver, Caller
 from .driver import superpipe, host
 from .driver.lun import sam_lun_id
@@ -24,6 +25,10 @@ from .errors import (CxlFlashError, AfuError, AdapterResetError,
                      ForkedAdapterError)
 
 __all__ = ["Adapter", "Disk", "ioctl"]
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+    from .context import Context
 
 _live_drivers = weakref.WeakSet()
 
@@ -54,18 +59,18 @@ class Disk:
         self.closed = False
 
     @property
-    def wwid(self):
+    def wwid(self) -> bytes:
         return self.sdev.wwid
 
     @property
-    def port(self):
+    def port(self) -> int:
         return self.sdev.port
 
     @property
-    def writable(self):
+    def writable(self) -> bool:
         return (self.flags & os.O_ACCMODE) != os.O_RDONLY
 
-    def attach(self, mode=os.O_RDWR, *, interrupts=0):
+    def attach(self, mode: int = os.O_RDWR, *, interrupts: int = 0) -> "Context":
         """Attach a new context to this disk's LUN (DK_CXLFLASH_ATTACH).
 
         ``mode``: the context's access (os.O_RDONLY, O_WRONLY or O_RDWR).
@@ -76,7 +81,7 @@ class Disk:
             raise CxlFlashError(errno.EBADF, "the disk is closed")
         return Context(self, mode, interrupts=interrupts)
 
-    def close(self):
+    def close(self) -> None:
         self.closed = True
 
     def __enter__(self):
@@ -101,10 +106,11 @@ class Adapter:
     ``port_capacity`` (4K blocks) bound what can be provisioned per port.
     """
 
-    def __init__(self, directory=None, *, ports=2, max_contexts=512,
-                 rht_per_context=256, port_max_luns=64, port_capacity=1 << 30,
-                 lun_mode=0, sq_mode=False, lun_provision=True, afu_debug=True,
-                 io_threads=8):
+    def __init__(self, directory: Optional[str] = None, *, ports: int = 2,
+                 max_contexts: int = 512, rht_per_context: int = 256,
+                 port_max_luns: int = 64, port_capacity: int = 1 << 30,
+                 lun_mode: int = 0, sq_mode: bool = False, lun_provision: bool = True,
+                 afu_debug: bool = True, io_threads: int = 8) -> None:
         if directory is not None and not os.path.isdir(directory):
             raise CxlFlashError(errno.ENOENT, f"directory {directory!r} does not exist")
         self.directory = directory
@@ -131,27 +137,27 @@ class Adapter:
             raise CxlFlashError(errno.ENODEV, "the adapter is closed")
 
     @property
-    def driver(self):
+    def driver(self) -> Driver:
         """The driver model (for tools and tests)."""
         return self._driver
 
     @property
-    def ports(self):
+    def ports(self) -> int:
         return self._driver.num_ports
 
     @property
-    def state(self):
+    def state(self) -> str:
         """The adapter state: 'NORMAL', 'RESET' or 'FAILTERM'."""
         return self._driver.afu.state
 
     @property
-    def lun_mode(self):
+    def lun_mode(self) -> int:
         """The internal-LUN mode (sysfs ``lun_mode``); nonzero restricts
         the ioctls to physical access."""
         return self._driver.lun_mode
 
     @lun_mode.setter
-    def lun_mode(self, value):
+    def lun_mode(self, value: int) -> None:
         self._driver.lun_mode = int(value)
 
     # -- LUNs -------------------------------------------------------------------
@@ -162,8 +168,10 @@ class Adapter:
             serial = self._serial
         return host._naa6_wwid(serial ^ (id(self) & 0xFFFF) << 20)
 
-    def add_lun(self, backing, *, ports=(0,), wwid=None, superpipe=True,
-                size=None, block_size=4096, direct=False):
+    def add_lun(self, backing: Union[str, os.PathLike, Backing, None], *,
+                ports: Sequence[int] = (0,), wwid: Optional[bytes] = None,
+                superpipe: bool = True, size: Optional[int] = None,
+                block_size: int = 4096, direct: bool = False) -> bytes:
         """Put a physical LUN behind the adapter, visible on ``ports``.
 
         ``backing``: a path (regular file or block device), a
@@ -197,17 +205,17 @@ class Adapter:
                 self._driver.enable_superpipe(self._driver.sdev(wwid, p))
         return wwid
 
-    def luns(self):
+    def luns(self) -> List[bytes]:
         """The WWIDs of the LUNs behind the adapter."""
         return [w for w, g in self._driver.gluns.items() if g.backing is not None]
 
-    def open_disk(self, wwid, port=0, flags=os.O_RDWR):
+    def open_disk(self, wwid: bytes, port: int = 0, flags: int = os.O_RDWR) -> Disk:
         """Open the SCSI disk of LUN ``wwid`` on ``port`` (the ``/dev/sdX``
         fd the DK_* ioctls are issued on)."""
         self._check_owner()
         return Disk(self, self._driver.sdev(bytes(wwid), port), flags)
 
-    def create_lun(self, size, *, port=0, superpipe=True):
+    def create_lun(self, size: int, *, port: int = 0, superpipe: bool = True) -> bytes:
         """Provision a new LUN of ``size`` bytes (a multiple of 4096) on
         ``port`` with HT_CXLFLASH_LUN_PROVISION -- in memory, or as a file
         in the adapter's directory -- and enable superpipe mode on it.
@@ -225,7 +233,7 @@ class Adapter:
             self._driver.enable_superpipe(self._driver.sdev(wwid, port))
         return wwid
 
-    def delete_lun(self, wwid):
+    def delete_lun(self, wwid: bytes) -> None:
         """Delete a LUN made by :meth:`create_lun` (its file too)."""
         info = self.provisioned.get(bytes(wwid))
         if info is None:
@@ -240,7 +248,7 @@ class Adapter:
         self._host_ioctl(uapi.HT_CXLFLASH_LUN_PROVISION, arg)
 
     @property
-    def executor(self):
+    def executor(self) -> "ThreadPoolExecutor":
         """The thread pool behind the asynchronous I/O calls."""
         ex = self._executor
         if ex is None:
@@ -356,7 +364,7 @@ class Adapter:
         return afu_command(table, rsrc_handle, glun.backing.fd, glun.blk_len, lba,
                            buffer, write)
 
-    def read(self, context_id, rsrc_handle, lba, nblocks):
+    def read(self, context_id: int, rsrc_handle: int, lba: int, nblocks: int) -> bytes:
         """Read ``nblocks`` native blocks at ``lba`` through a resource
         handle of a context; returns bytes.  Raises :class:`AfuError` or
         :class:`AdapterResetError` as the AFU would refuse the command."""
@@ -367,17 +375,17 @@ class Adapter:
         self._afu_io(context_id, rsrc_handle, lba, buf, False)
         return bytes(buf)
 
-    def readinto(self, context_id, rsrc_handle, lba, buffer):
+    def readinto(self, context_id: int, rsrc_handle: int, lba: int, buffer: Any) -> int:
         """Read into ``buffer`` (a multiple of the block size); returns the
         number of blocks read."""
         return self._afu_io(context_id, rsrc_handle, lba, buffer, False)
 
-    def write(self, context_id, rsrc_handle, lba, data):
+    def write(self, context_id: int, rsrc_handle: int, lba: int, data: Any) -> int:
         """Write ``data`` (a multiple of the block size) at ``lba``; returns
         the number of blocks written."""
         return self._afu_io(context_id, rsrc_handle, lba, data, True)
 
-    def translate(self, context_id, rsrc_handle, lbas):
+    def translate(self, context_id: int, rsrc_handle: int, lbas: Any) -> np.ndarray:
         """The physical LBAs the AFU would address for ``lbas`` (uint64)."""
         ctx = self._mmio_context(context_id)
         return ctx.table.translate_many(
@@ -385,44 +393,44 @@ class Adapter:
 
     # -- the AFU state machine and fault injection -------------------------------------
 
-    def reset(self):
+    def reset(self) -> None:
         """Reset the AFU (spec §16.1): every context goes into error --
         its data path raises AdapterResetError -- until RECOVER_AFU."""
         self._check_owner()
         self._driver.begin_reset()
         self._driver.end_reset(ok=True)
 
-    def begin_reset(self):
+    def begin_reset(self) -> None:
         """First half of :meth:`reset`: the state stays RESET (ioctls wait)
         until :meth:`end_reset`."""
         self._check_owner()
         self._driver.begin_reset()
 
-    def end_reset(self, ok=True):
+    def end_reset(self, ok: bool = True) -> None:
         """Second half of a reset: NORMAL, or FAILTERM when ``ok`` is false."""
         self._check_owner()
         self._driver.end_reset(ok)
 
-    def fail(self):
+    def fail(self) -> None:
         """Fail the AFU for good (FAILTERM): most ioctls get ENODEV; RESIZE,
         RELEASE and DETACH still work so users can clean up."""
         self._check_owner()
         self._driver.fail()
 
-    def inject_fault(self, point, count=1, err=None):
+    def inject_fault(self, point: str, count: int = 1, err: Optional[int] = None) -> None:
         """Make the next ``count`` operations at ``point`` fail (with
         ``err``, or the point's usual errno).  Points: see
         ``cxlflash.driver.afu.FAULT_POINTS`` ('sync' for the AFU sync)."""
         self._driver.afu.faults.inject(point, count, err)
 
-    def signal_waiters(self):
+    def signal_waiters(self) -> None:
         """Interrupt every thread waiting in the driver, as a signal would
         (they fail with EINTR)."""
         self._driver.afu.signal_waiters()
 
     # -- lifetime -------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Destroy every context and close the LUNs the adapter opened."""
         if os.getpid() != self._owner_pid or self._driver.closed:
             return
@@ -450,7 +458,7 @@ class Adapter:
                 f"state={self.state}>")
 
 
-def ioctl(target, request, arg):
+def ioctl(target: Union["Disk", "Adapter"], request: int, arg: Any) -> int:
     """Issue an ioctl: ``DK_CXLFLASH_*`` on a :class:`Disk`,
     ``HT_CXLFLASH_*`` on an :class:`Adapter`.  ``arg`` (a uapi structure)
     is updated in place on success; on failure it is untouched and
