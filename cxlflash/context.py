@@ -157,8 +157,21 @@ class Context:
                 clone.context_id_src = parent_id
                 clone.context_id_dst = child_id
                 clone.adap_fd_src = parent_fd
-                if any(l.virtual for l in self.luns):
-                    self.adapter._disk_ioctl(first, uapi.DK_CXLFLASH_VLUN_CLONE, clone)
+                virtual = [l for l in self.luns if l.virtual]
+                handles = {}
+                if virtual:
+                    # Issued on a LUN in virtual mode; it clones every
+                    # handle (direct ones too) under the same numbers.
+                    self.adapter._disk_ioctl(virtual[0].disk,
+                                             uapi.DK_CXLFLASH_VLUN_CLONE, clone)
+                else:
+                    # No vLUN: the direct LUNs are simply opened again.
+                    for lun in self.luns:
+                        udirect = uapi.dk_cxlflash_udirect()
+                        udirect.context_id = child_id
+                        self.adapter._disk_ioctl(lun.disk, uapi.DK_CXLFLASH_USER_DIRECT,
+                                                 udirect)
+                        handles[lun] = udirect.rsrc_handle
             except BaseException:
                 for disk in self.disks:
                     d = uapi.dk_cxlflash_detach()
@@ -173,6 +186,7 @@ class Context:
             self.return_flags = arg.hdr.return_flags
             _close_quietly(parent_fd)        # the child's copy of the parent's fd
             for lun in self.luns:
+                lun.handle = handles.get(lun, lun.handle)
                 lun._after_fork()
 
     # -- lifetime -----------------------------------------------------------------------
@@ -189,8 +203,11 @@ class Context:
                 try:
                     lun.close()
                 except Exception as e:            # keep tearing down
-                    first_error = first_error or e
+                    if not lun.disk.closed:       # else closing the fd releases it
+                        first_error = first_error or e
             for disk in reversed(self.disks):
+                if disk.closed or self.adapter.driver.closed:
+                    continue      # the fd's release (or the adapter's) detaches
                 arg = uapi.dk_cxlflash_detach()
                 arg.context_id = self.context_id
                 try:

@@ -1,0 +1,286 @@
+"""The data path of the Pythonic API against the bare system calls, side by
+side (one group per pair).
+
+Everything reads and writes one regular file under a temporary directory:
+the backing store of a LUN made by ``Adapter(directory=...)``.  The vLUN
+spans 16 chunks that are not physically adjacent (another vLUN's chunks
+are interleaved), so a transfer crossing a chunk boundary is split.  Every
+block the benchmarks touch is written and fsynced first, so all of it is
+page-cached and clean.  Each baseline uses the same file, the same buffer
+and the same physical offsets (from ``vlun.translate``).
+
+``benchmarks/ratios.py`` prints the ratios against their targets; see
+``benchmarks/README.md``.
+"""
+import os
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import cxlflash
+from cxlflash._core.datapath import raw_io
+
+CHUNK = 1 << 16
+BS = 4096
+CHUNKS = 16
+N_RANDOM = 8192             # 4 KiB random operations per round
+LIST_LEN = 64               # requests per listio call
+SEQ_BLOCKS = 256            # 1 MiB
+SEQ_PER_BOUNDARY = 8        # 8 MiB read sequentially around each boundary
+N_THREADED = 16384          # 4 KiB random reads per round, over 1 or 2 threads
+ROUNDS = 50                 # the min of many rounds: the machine is shared
+
+
+@pytest.fixture(scope="module")
+def dp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("datapath")
+    a = cxlflash.Adapter(str(tmp))
+    wwid = a.create_lun(2 * CHUNKS * CHUNK * BS)         # sparse: 8 GiB
+    disk = a.open_disk(wwid)
+    ctx = disk.attach()
+    vlun = ctx.create_virtual(1)
+    other = ctx.create_virtual(1)
+    for n in range(2, CHUNKS + 1):                       # interleave the chunks
+        vlun.set_size(n * CHUNK)
+        other.set_size(n * CHUNK)
+    assert vlun.size == CHUNKS * CHUNK
+    fd = a.driver.gluns[wwid].backing.fd
+    rng = np.random.default_rng(7)
+
+    d = SimpleNamespace(a=a, ctx=ctx, vlun=vlun, fd=fd)
+    # 4 KiB random operations: vLBAs over the whole vLUN, and their offsets.
+    d.lbas = rng.choice(vlun.size, N_RANDOM, replace=False).astype(np.uint64)
+    d.offs = vlun.translate(d.lbas) * np.uint64(BS)
+    d.lba_list, d.off_list = d.lbas.tolist(), d.offs.tolist()
+    d.buf = cxlflash.aligned_buffer(BS)
+    # List I/O: N_RANDOM / LIST_LEN calls of LIST_LEN reads each.
+    ncalls = N_RANDOM // LIST_LEN
+    d.list_lbas = d.lbas.reshape(ncalls, LIST_LEN)
+    d.list_offs = d.offs.reshape(ncalls, LIST_LEN)
+    d.list_ops = np.full(LIST_LEN, cxlflash.LIST_READ, dtype=np.uint8)
+    d.list_nb = np.ones(LIST_LEN, dtype=np.uint64)
+    d.list_bufoffs = np.arange(LIST_LEN, dtype=np.uint64) * np.uint64(BS)
+    d.list_buf = cxlflash.aligned_buffer(LIST_LEN * BS)
+    # 1 MiB sequential reads, half a MiB off alignment, around each chunk
+    # boundary: one read in 8 crosses it (two preads for both sides).
+    starts = []
+    for b in range(1, CHUNKS):
+        first = b * CHUNK - (SEQ_PER_BOUNDARY // 2) * SEQ_BLOCKS - SEQ_BLOCKS // 2
+        starts += [first + k * SEQ_BLOCKS for k in range(SEQ_PER_BOUNDARY)]
+    d.seq_starts = starts
+    d.seq_buf = cxlflash.aligned_buffer(SEQ_BLOCKS * BS)
+    mv = memoryview(d.seq_buf)
+    d.seq_segments = []                 # per read: [(offset, [buffer slice])]
+    for s in starts:
+        segs, lba, pos = [], s, 0
+        while pos < SEQ_BLOCKS:
+            n = min(CHUNK - lba % CHUNK, SEQ_BLOCKS - pos)
+            (p,) = vlun.translate([lba])
+            segs.append((int(p) * BS, [mv[pos * BS:(pos + n) * BS]]))
+            lba += n
+            pos += n
+        d.seq_segments.append(segs)
+    assert sum(len(s) > 1 for s in d.seq_segments) == CHUNKS - 1
+    # Data in every block touched, then fsync: page-cached and clean.
+    for lba in d.lba_list:
+        vlun.write(lba, rng.integers(0, 256, BS, dtype=np.uint8))
+    for s in starts:
+        vlun.write(s, rng.integers(0, 256, SEQ_BLOCKS * BS, dtype=np.uint8))
+    os.fsync(fd)
+    yield d
+    ctx.close()
+    a.close()
+
+
+def check_same(d, fn_vlun, fn_raw):
+    """The benchmark and its baseline read the same bytes."""
+    fn_vlun()
+    got = bytes(d.buf), bytes(d.list_buf), bytes(d.seq_buf)
+    fn_raw()
+    assert (bytes(d.buf), bytes(d.list_buf), bytes(d.seq_buf)) == got
+
+
+# -- 4 KiB random reads -----------------------------------------------------------------
+
+
+def vlun_randread(d):
+    readinto, buf = d.vlun.readinto, d.buf
+    for lba in d.lba_list:
+        readinto(lba, buf)
+
+
+def preadv_randread(d):
+    preadv, fd, bufs = os.preadv, d.fd, [d.buf]
+    for off in d.off_list:
+        preadv(fd, bufs, off)
+
+
+@pytest.mark.benchmark(group="datapath 4K random read")
+def test_datapath_randread_vlun(benchmark, dp):
+    check_same(dp, lambda: vlun_randread(dp), lambda: preadv_randread(dp))
+    benchmark.pedantic(vlun_randread, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="datapath 4K random read")
+def test_datapath_randread_preadv(benchmark, dp):
+    benchmark.pedantic(preadv_randread, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+# -- 4 KiB random writes -----------------------------------------------------------------
+
+
+def vlun_randwrite(d):
+    write, buf = d.vlun.write, d.buf
+    for lba in d.lba_list:
+        write(lba, buf)
+
+
+def pwrite_randwrite(d):
+    pwrite, fd, buf = os.pwrite, d.fd, d.buf
+    for off in d.off_list:
+        pwrite(fd, buf, off)
+
+
+@pytest.mark.benchmark(group="datapath 4K random write")
+def test_datapath_randwrite_vlun(benchmark, dp):
+    benchmark.pedantic(vlun_randwrite, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="datapath 4K random write")
+def test_datapath_randwrite_pwrite(benchmark, dp):
+    benchmark.pedantic(pwrite_randwrite, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+# -- 1 MiB sequential reads crossing chunk boundaries -------------------------------------
+
+
+def vlun_seqread(d):
+    readinto, buf = d.vlun.readinto, d.seq_buf
+    for lba in d.seq_starts:
+        readinto(lba, buf)
+
+
+def preadv_seqread(d):
+    preadv, fd = os.preadv, d.fd
+    for segs in d.seq_segments:
+        for off, bufs in segs:
+            preadv(fd, bufs, off)
+
+
+@pytest.mark.benchmark(group="datapath 1M sequential read")
+def test_datapath_seqread_vlun(benchmark, dp):
+    check_same(dp, lambda: vlun_seqread(dp), lambda: preadv_seqread(dp))
+    benchmark.pedantic(vlun_seqread, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="datapath 1M sequential read")
+def test_datapath_seqread_preadv(benchmark, dp):
+    benchmark.pedantic(preadv_seqread, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+# -- list I/O: 64 x 4 KiB random reads per call --------------------------------------------
+
+
+def vlun_listio(d):
+    listio, ops, nb, buf, bo = d.vlun.listio, d.list_ops, d.list_nb, d.list_buf, d.list_bufoffs
+    for lbas in d.list_lbas:
+        listio(ops, lbas, nb, buf, bo)
+
+
+def raw_listio(d):
+    fd, ops, buf, bo = d.fd, d.list_ops, d.list_buf, d.list_bufoffs
+    for offs in d.list_offs:
+        raw_io(fd, ops, offs, BS, buf, bo)
+
+
+@pytest.mark.benchmark(group="datapath listio 64x4K")
+def test_datapath_listio_vlun(benchmark, dp):
+    check_same(dp, lambda: vlun_listio(dp), lambda: raw_listio(dp))
+    assert dp.vlun.listio(dp.list_ops, dp.list_lbas[0], dp.list_nb, dp.list_buf,
+                          dp.list_bufoffs).ok
+    benchmark.pedantic(vlun_listio, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="datapath listio 64x4K")
+def test_datapath_listio_raw(benchmark, dp):
+    benchmark.pedantic(raw_listio, (dp,), rounds=ROUNDS, warmup_rounds=2)
+
+
+# -- thread scaling: the same reads over 2 threads vs 1 -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def threaded(dp):
+    rng = np.random.default_rng(11)
+    lbas = rng.choice(dp.lbas, N_THREADED).tolist()         # page-cached blocks
+    return SimpleNamespace(lbas=lbas, bufs=[cxlflash.aligned_buffer(BS) for _ in range(2)])
+
+
+def read_in_threads(d, t, nthreads):
+    per = len(t.lbas) // nthreads
+    readinto = d.vlun.readinto
+
+    def work(i):
+        buf = t.bufs[i]
+        for lba in t.lbas[i * per:(i + 1) * per]:
+            readinto(lba, buf)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+@pytest.mark.benchmark(group="datapath 4K random read threads")
+def test_datapath_threads_2(benchmark, dp, threaded):
+    benchmark.pedantic(read_in_threads, (dp, threaded, 2), rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="datapath 4K random read threads")
+def test_datapath_threads_1(benchmark, dp, threaded):
+    benchmark.pedantic(read_in_threads, (dp, threaded, 1), rounds=ROUNDS, warmup_rounds=2)
+
+
+# Not a target, for comparison: the same reads as listio batches of 64, so
+# each call runs ~60 us without the GIL.  Per-call 4 KiB reads (above)
+# scale unreliably on CPython's GIL: a thread that drops it for a ~1 us
+# pread often takes it back before the waiting thread has woken up
+# (os.preadv from 2 threads behaves the same).
+
+
+def listio_in_threads(d, t, nthreads):
+    per = len(t.groups) // nthreads
+    listio, ops, nb, bo = d.vlun.listio, d.list_ops, d.list_nb, d.list_bufoffs
+
+    def work(i):
+        buf = t.list_bufs[i]
+        for g in t.groups[i * per:(i + 1) * per]:
+            listio(ops, g, nb, buf, bo)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+@pytest.fixture(scope="module")
+def threaded_lists(threaded):
+    lbas = np.array(threaded.lbas, dtype=np.uint64)
+    return SimpleNamespace(groups=list(lbas.reshape(-1, LIST_LEN)),
+                           list_bufs=[cxlflash.aligned_buffer(LIST_LEN * BS) for _ in range(2)])
+
+
+@pytest.mark.benchmark(group="datapath 4K random read threads, listio x64")
+def test_datapath_threads_listio_2(benchmark, dp, threaded_lists):
+    benchmark.pedantic(listio_in_threads, (dp, threaded_lists, 2), rounds=ROUNDS,
+                       warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="datapath 4K random read threads, listio x64")
+def test_datapath_threads_listio_1(benchmark, dp, threaded_lists):
+    benchmark.pedantic(listio_in_threads, (dp, threaded_lists, 1), rounds=ROUNDS,
+                       warmup_rounds=2)
