@@ -165,11 +165,13 @@ cdef int transfer(ResourceTable table, uint32_t handle, int fd,
         bad_lba[0] = NO_LIMIT
         table.unlock()
         return XFER_AFU_ERROR
-    if table.translate_one(handle, lba + nblocks - 1, write, afu_rc) < 0:
-        bad_lba[0] = lba + nblocks - 1
-        table.unlock()
-        return XFER_AFU_ERROR
     direct = (table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
+    # Within one chunk, translating the first block (below) checks it all.
+    if direct or ((lba + nblocks - 1) >> MC_CHUNK_SHIFT) != (lba >> MC_CHUNK_SHIFT):
+        if table.translate_one(handle, lba + nblocks - 1, write, afu_rc) < 0:
+            bad_lba[0] = lba + nblocks - 1
+            table.unlock()
+            return XFER_AFU_ERROR
     v = lba
     left = nblocks
     while left:
