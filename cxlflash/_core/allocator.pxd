@@ -21,9 +21,10 @@ cdef class ChunkAllocator:
     cdef int64_t ba_alloc(self) noexcept nogil
     cdef int ba_free(self, int64_t aun) noexcept nogil
     cdef int ba_clone(self, int64_t aun) noexcept nogil
-    # Raise the clone count of every chunk an LXT maps, all or none (0 or
-    # -1); the caller holds ``mutex``.
-    cdef int clone_lxt(self, const uint64_t *lxt, uint64_t n) noexcept nogil
+    # Copy an LXT of ``n`` entries to ``copy`` and raise the clone count of
+    # every chunk it maps, all or none (0 or -1); the caller holds ``mutex``.
+    cdef int clone_lxt(self, const uint64_t *lxt, uint64_t *copy,
+                       uint64_t n) noexcept nogil
     cdef void lock(self) noexcept nogil
     cdef void unlock(self) noexcept nogil
     cdef int _check_aun(self, int64_t aun) except -1

@@ -113,20 +113,22 @@ cdef class ChunkAllocator:
         self.clone_map[aun] += 1
         return 0
 
-    cdef int clone_lxt(self, const uint64_t *lxt, uint64_t n) noexcept nogil:
-        cdef uint64_t i = 0, j, k, aun, diff
+    cdef int clone_lxt(self, const uint64_t *lxt, uint64_t *copy, uint64_t n) noexcept nogil:
+        cdef uint64_t i = 0, j, k, aun, diff, e
         cdef uint8_t full
         cdef uint8_t *counts
         while i < n:
             aun = lxt[i] >> 16
             # Fast path: 64 consecutive chunks filling one bitmap word (what
-            # a fresh grow lays down) are cloned as a block.  The loops have
-            # no early exit so the compiler can vectorise them.
+            # a fresh grow lays down) are copied and cloned as a block.  The
+            # loops have no early exit so the compiler can vectorise them.
             if ((aun & 63) == 0 and i + 64 <= n and aun + 64 <= <uint64_t> self.total_chunks
                     and self.bitmap[aun >> 6] == 0):
                 diff = 0
                 for j in range(64):
-                    diff |= (lxt[i + j] >> 16) ^ (aun + j)
+                    e = lxt[i + j]
+                    copy[i + j] = e
+                    diff |= (e >> 16) ^ (aun + j)
                 if diff == 0:
                     counts = self.clone_map + aun
                     full = 0
@@ -141,6 +143,7 @@ cdef class ChunkAllocator:
                 for k in range(i):
                     self.ba_free(lxt[k] >> 16)
                 return -1
+            copy[i] = lxt[i]
             i += 1
         return 0
 

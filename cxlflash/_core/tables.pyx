@@ -502,12 +502,14 @@ cdef class ResourceTable:
             if lxt == NULL:
                 raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
             with nogil:
-                memcpy(lxt, s.lxt, cnt * sizeof(uint64_t))
                 memset(lxt + cnt, 0, (lxt_groups(cnt) * LXT_GROUP_SIZE - cnt)
                        * sizeof(uint64_t))
-                if allocator is not None:
+                if allocator is None:
+                    memcpy(lxt, s.lxt, cnt * sizeof(uint64_t))
+                else:
+                    # One pass: the copy raises the clone counts as it goes.
                     allocator.lock()
-                    rc = allocator.clone_lxt(lxt, cnt)
+                    rc = allocator.clone_lxt(s.lxt, lxt, cnt)
                     allocator.unlock()
             if rc:
                 lxt_free(lxt, <uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE)
