@@ -278,7 +278,7 @@ class Adapter:
         else:
             path = os.path.join(self.directory, f"lun-{wwid.hex()}.img")
             backing = FileBacking(path, nbytes, create=True)
-        glun = self._driver.add_lun(backing, (port,), wwid)
+        self._driver.add_lun(backing, (port,), wwid)
         self._backings[wwid] = backing
         sdev = self._driver.sdev(wwid, port)
         lun_id = sam_lun_id(sdev.scsi_lun)

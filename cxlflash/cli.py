@@ -169,7 +169,6 @@ def _bench(args):
 
 
 def _info():
-    import numpy
     from .bench import machine_info
     for k, v in machine_info().items():
         print(f"{k:10} {v}")

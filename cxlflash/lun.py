@@ -18,7 +18,6 @@ import asyncio
 import errno
 import os
 import threading
-from concurrent.futures import Future
 
 import numpy as np
 

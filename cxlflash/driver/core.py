@@ -14,7 +14,6 @@ driver never asks the OS who is calling.
 import ctypes
 import errno
 import itertools
-import os
 import select
 import threading
 from typing import NamedTuple
@@ -22,7 +21,7 @@ from typing import NamedTuple
 from .. import uapi
 from ..errors import CxlFlashError
 from .afu import Afu, NORMAL, RESET, FAILTERM
-from .context import Context, AdapterFile, MAX_CONTEXT
+from .context import AdapterFile, MAX_CONTEXT
 from .lun import GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, sam_lun_id
 
 # get_context control flags (spec §4)

@@ -27,7 +27,6 @@ from .. import uapi
 from ..errors import CxlFlashError
 from .afu import NORMAL
 from .core import copy_in, copy_out, check_header
-from .lun import MODE_NONE
 
 DUMP_CONTEXTS = 0x01
 DUMP_LUNS = 0x02

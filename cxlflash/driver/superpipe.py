@@ -8,10 +8,10 @@ import time
 
 from .. import uapi
 from ..errors import CxlFlashError
-from .afu import AFU_LW_SYNC, AFU_HW_SYNC, NORMAL, RESET, FAILTERM
-from .context import Context, LunAccess
+from .afu import AFU_LW_SYNC, AFU_HW_SYNC, NORMAL
+from .context import Context, LunAccess, encode_ctxid
 from .core import (CTX_CTRL_ERR_FALLBACK, copy_in, copy_out, check_header)
-from .lun import MODE_NONE, MODE_VIRTUAL, MODE_PHYSICAL, sam_lun_id
+from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 from . import vlun
 
 MAX_NUM_INTERRUPTS = 4
@@ -351,7 +351,7 @@ def _recover_context(drv, ctx):
             raise CxlFlashError(errno.EAGAIN, "capability register readback mismatch")
         f.pe = pe
         ctx.pe = pe
-        ctx.ctxid = (ctx.cookie << 32) | pe
+        ctx.ctxid = encode_ctxid(ctx.cookie, pe)
         ctx.file = f                     # the old fd now finds no context
         drv.ctx_err_recovery.remove(ctx)
         drv.ctx_tbl[pe] = ctx
