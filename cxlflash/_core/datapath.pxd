@@ -14,6 +14,7 @@ cdef enum:
     XFER_GONE = -3
     XFER_FOREIGN = -4
 
+# Counters of a DataPath; only ever updated with the GIL held.
 cdef struct io_stats:
     uint64_t reads
     uint64_t writes

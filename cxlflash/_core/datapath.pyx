@@ -54,13 +54,6 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef extern from *:
-    """
-    #define CXLFLASH_ATOMIC_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-    """
-    void atomic_add "CXLFLASH_ATOMIC_ADD"(uint64_t *p, uint64_t v) nogil
-
-
 cdef int64_t io_full(int fd, char *buf, uint64_t length, uint64_t offset,
                      int write) noexcept nogil:
     """pread/pwrite all of it: bytes done, or -errno.  EINTR is retried;
@@ -288,7 +281,7 @@ cdef class DataPath:
         return 0
 
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1:
-        atomic_add(&self.stats.errors, 1)
+        self.stats.errors += 1
         return raise_xfer_error(self.table, self.handle, rc, afu_rc, bad_lba, write)
 
     cdef int _run(self, uint64_t lba, uint64_t nblocks, char *buf, int write,
@@ -336,8 +329,8 @@ cdef class DataPath:
             PyBuffer_Release(&view)
         if rc:
             self._raise(rc, afu_rc, bad, 0)
-        atomic_add(&self.stats.reads, 1)
-        atomic_add(&self.stats.blocks_read, nblocks)
+        self.stats.reads += 1
+        self.stats.blocks_read += nblocks
         return nblocks
 
     def read(self, uint64_t lba, uint64_t nblocks):
@@ -370,8 +363,8 @@ cdef class DataPath:
             PyBuffer_Release(&view)
         if rc:
             self._raise(rc, afu_rc, bad, 1)
-        atomic_add(&self.stats.writes, 1)
-        atomic_add(&self.stats.blocks_written, nblocks)
+        self.stats.writes += 1
+        self.stats.blocks_written += nblocks
         return nblocks
 
     cdef int _unmap(self, uint64_t lba, uint64_t nblocks, int *afu_rc,
@@ -425,8 +418,8 @@ cdef class DataPath:
                 rc = self._unmap(lba, nblocks, &afu_rc, &bad)
         if rc:
             self._raise(rc, afu_rc, bad, 1)
-        atomic_add(&self.stats.unmaps, 1)
-        atomic_add(&self.stats.blocks_unmapped, nblocks)
+        self.stats.unmaps += 1
+        self.stats.blocks_unmapped += nblocks
         return nblocks
 
     def translate(self, lbas, bint write=False):
@@ -527,19 +520,19 @@ cdef class DataPath:
                         bunmap += c[i]
         finally:
             PyBuffer_Release(&view)
-        atomic_add(&self.stats.list_calls, 1)
-        atomic_add(&self.stats.reads, nread)
-        atomic_add(&self.stats.writes, nwritten)
-        atomic_add(&self.stats.blocks_read, breads)
-        atomic_add(&self.stats.blocks_written, bwrites)
-        atomic_add(&self.stats.unmaps, nunmap)
-        atomic_add(&self.stats.blocks_unmapped, bunmap)
-        atomic_add(&self.stats.errors, nerr)
+        self.stats.list_calls += 1
+        self.stats.reads += nread
+        self.stats.writes += nwritten
+        self.stats.blocks_read += breads
+        self.stats.blocks_written += bwrites
+        self.stats.unmaps += nunmap
+        self.stats.blocks_unmapped += bunmap
+        self.stats.errors += nerr
         return status, codes
 
     def count_error(self):
         """Count an error seen outside the data path (e.g. by async code)."""
-        atomic_add(&self.stats.errors, 1)
+        self.stats.errors += 1
 
     def get_stats(self):
         """The I/O counters as a dict."""
