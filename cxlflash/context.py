@@ -10,11 +10,16 @@ body raises.
 import errno
 import os
 import threading
+from typing import TYPE_CHECKING, Optional
 
 from . import uapi
 from .errors import CxlFlashError, ForkedAdapterError
 
 __all__ = ["Context"]
+
+if TYPE_CHECKING:
+    from .adapter import Disk
+    from .lun import DirectLun, VirtualLun
 
 _ACCESS = {os.O_RDONLY: "O_RDONLY", os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}
 _PERMS = {os.O_RDONLY: 1, os.O_WRONLY: 2, os.O_RDWR: 3}
@@ -36,7 +41,7 @@ class Context:
     native block), ``max_xfer`` (blocks per transfer), ``disks``.
     """
 
-    def __init__(self, disk, mode=os.O_RDWR, *, interrupts=0):
+    def __init__(self, disk: "Disk", mode: int = os.O_RDWR, *, interrupts: int = 0) -> None:
         self.adapter = disk.adapter
         self.mode = _check_mode(mode)
         arg = uapi.dk_cxlflash_attach()
@@ -76,7 +81,7 @@ class Context:
 
     # -- LUNs -----------------------------------------------------------------------
 
-    def attach_disk(self, disk):
+    def attach_disk(self, disk: "Disk") -> "Disk":
         """Attach another LUN's disk to this context (ATTACH with
         REUSE_CONTEXT).  Returns ``disk``."""
         arg = uapi.dk_cxlflash_attach()
@@ -86,7 +91,8 @@ class Context:
         self.disks.append(disk)
         return disk
 
-    def create_virtual(self, size=0, *, disk=None, scrub=False, best_effort=False):
+    def create_virtual(self, size: int = 0, *, disk: Optional["Disk"] = None,
+                       scrub: bool = False, best_effort: bool = False) -> "VirtualLun":
         """Open a thin virtual LUN of ``size`` blocks (of ``block_size``
         bytes) on ``disk`` (the first attached by default).
 
@@ -98,14 +104,14 @@ class Context:
         return VirtualLun(self, self._disk_for(disk), size, scrub=scrub,
                           best_effort=best_effort)
 
-    def open_direct(self, *, disk=None):
+    def open_direct(self, *, disk: Optional["Disk"] = None) -> "DirectLun":
         """Open the whole physical LUN of ``disk`` for direct access."""
         from .lun import DirectLun
         return DirectLun(self, self._disk_for(disk))
 
     # -- recovery and fork -------------------------------------------------------------
 
-    def recover(self):
+    def recover(self) -> bool:
         """DK_CXLFLASH_RECOVER_AFU after an AFU reset: the context gets a new
         id and adapter fd (the old fd is closed); handles and data are kept.
         Returns True when a reset was recovered, False when the context was
@@ -127,7 +133,7 @@ class Context:
                 lun._stats_extra["num_reset_contexts"] += 1
             return True
 
-    def clone_after_fork(self, mode=None):
+    def clone_after_fork(self, mode: Optional[int] = None) -> None:
         """In a forked child: attach a context of the child's own and clone
         the parent's virtual LUNs into it (ATTACH + VLUN_CLONE), keeping
         every handle number.  ``mode`` may keep or narrow the parent's
@@ -191,7 +197,7 @@ class Context:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Release every LUN, detach every disk and close the adapter fd.
         Safe to call twice; errors of individual steps do not stop the
         rest (the first one is raised at the end)."""

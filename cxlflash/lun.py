@@ -18,6 +18,8 @@ import asyncio
 import errno
 import os
 import threading
+from concurrent.futures import Future
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -47,13 +49,13 @@ class ListResult:
         self._lbas = lbas
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return bool((self.status >= 0).all())
 
     def __len__(self):
         return len(self.status)
 
-    def error(self, i):
+    def error(self, i: int) -> Optional[OSError]:
         """The exception of request ``i``, or None."""
         s = int(self.status[i])
         if s >= 0:
@@ -69,10 +71,10 @@ class ListResult:
                            f"of {self._lun.size} blocks")
         return OSError(-s, os.strerror(-s))
 
-    def errors(self):
+    def errors(self) -> Dict[int, OSError]:
         return {i: self.error(i) for i in np.flatnonzero(self.status < 0).tolist()}
 
-    def check(self):
+    def check(self) -> "ListResult":
         """Raise the first request's error, if any; return self."""
         bad = np.flatnonzero(self.status < 0)
         if len(bad):
@@ -146,7 +148,7 @@ class _Lun:
     # -- synchronous I/O ------------------------------------------------------------------
 
     @property
-    def size(self):
+    def size(self) -> int:
         """The logical size in blocks."""
         return self._size
 
@@ -157,25 +159,25 @@ class _Lun:
     # instance by _rebind() so a call goes straight to the Cython core;
     # these definitions document them.
 
-    def readinto(self, lba, buffer):
+    def readinto(self, lba: int, buffer: Any) -> int:
         """Read ``len(buffer) // block_size`` blocks at ``lba`` into
         ``buffer``; returns the number of blocks read."""
         return self._dp.readinto(lba, buffer)
 
-    def read(self, lba, nblocks):
+    def read(self, lba: int, nblocks: int) -> bytearray:
         """Read ``nblocks`` blocks at ``lba``; returns a bytearray."""
         return self._dp.read(lba, nblocks)
 
-    def write(self, lba, data):
+    def write(self, lba: int, data: Any) -> int:
         """Write ``data`` at ``lba``; returns the number of blocks written."""
         return self._dp.write(lba, data)
 
-    def unmap(self, lba, nblocks):
+    def unmap(self, lba: int, nblocks: int) -> int:
         """Zero ``nblocks`` blocks at ``lba`` (holes are punched in files,
         BLKZEROOUT on block devices); returns the number of blocks."""
         return self._dp.unmap(lba, nblocks)
 
-    def translate(self, lbas):
+    def translate(self, lbas: Any) -> np.ndarray:
         """The physical LBAs (uint64 array) the AFU addresses for ``lbas``."""
         self._check_open()
         lbas = np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1)
@@ -184,7 +186,8 @@ class _Lun:
                           f"size of {self._size} blocks")
         return self._dp.translate(lbas)
 
-    def listio(self, ops, lbas, nblocks, buffer, offsets=None, lat_ns=None):
+    def listio(self, ops: Any, lbas: Any, nblocks: Any, buffer: Any,
+               offsets: Any = None, lat_ns: Optional[np.ndarray] = None) -> ListResult:
         """Issue a batch of requests in one call without the GIL (the block
         library's ``cblk_listio``).
 
@@ -214,31 +217,31 @@ class _Lun:
             self._stats_extra[kind] += 1
         return self.adapter.executor.submit(fn, *args)
 
-    def aread(self, lba, nblocks):
+    def aread(self, lba: int, nblocks: int) -> "Future[bytearray]":
         """Start a read; returns a ``concurrent.futures.Future`` of the data."""
         return self._submit("num_areads", self.read, lba, nblocks)
 
-    def areadinto(self, lba, buffer):
+    def areadinto(self, lba: int, buffer: Any) -> "Future[int]":
         """Start a read into ``buffer``; a Future of the block count."""
         return self._submit("num_areads", self.readinto, lba, buffer)
 
-    def awrite(self, lba, data):
+    def awrite(self, lba: int, data: Any) -> "Future[int]":
         """Start a write; a Future of the block count."""
         return self._submit("num_awrites", self.write, lba, data)
 
-    async def read_async(self, lba, nblocks):
+    async def read_async(self, lba: int, nblocks: int) -> bytearray:
         """``await lun.read_async(lba, n)``: the data, read in a worker."""
         return await asyncio.wrap_future(self.aread(lba, nblocks))
 
-    async def readinto_async(self, lba, buffer):
+    async def readinto_async(self, lba: int, buffer: Any) -> int:
         return await asyncio.wrap_future(self.areadinto(lba, buffer))
 
-    async def write_async(self, lba, data):
+    async def write_async(self, lba: int, data: Any) -> int:
         return await asyncio.wrap_future(self.awrite(lba, data))
 
     # -- statistics --------------------------------------------------------------------------
 
-    def stats(self):
+    def stats(self) -> Dict[str, int]:
         """Counters modelled on the block library's ``chunk_stats_t``."""
         out = {"block_size": self.block_size, "num_paths": 1,
                "max_transfer_size": self.context.max_xfer}
@@ -258,7 +261,7 @@ class _Lun:
         return ValueError(f"I/O on a closed {type(self).__name__}: it was released "
                           "or its context detached")
 
-    def close(self):
+    def close(self) -> None:
         """RELEASE the resource handle.  Safe to call twice."""
         if self.closed:
             return
@@ -314,18 +317,18 @@ class VirtualLun(_Lun):
             raise
 
     @property
-    def chunks(self):
+    def chunks(self) -> int:
         """Chunks allocated."""
         self._check_open()
         return self._record().table.lxt_count(self.handle)
 
     @property
-    def allocated(self):
+    def allocated(self) -> int:
         """Blocks allocated (a whole number of chunks)."""
         return self.chunks * CHUNK_BLOCKS
 
     @property
-    def lun_blocks(self):
+    def lun_blocks(self) -> int:
         """Blocks of the physical LUN under this vLUN."""
         glun = self._record().rht_lun[self.handle].parent
         return glun.max_lba + 1
@@ -346,7 +349,8 @@ class VirtualLun(_Lun):
             self.context._ioctl(self.disk, uapi.DK_CXLFLASH_VLUN_RESIZE, arg)
         return self.chunks
 
-    def set_size(self, blocks, *, best_effort=False, release=False):
+    def set_size(self, blocks: int, *, best_effort: bool = False,
+                 release: bool = False) -> int:
         """Set the logical size to ``blocks`` blocks; returns the new size.
 
         ``release``: also give back chunks the new size does not need (they
