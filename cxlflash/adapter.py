@@ -20,9 +20,12 @@ from ._core.errors import afu_error
 from .backing import Backing, open_backing, MemoryBacking, FileBacking
 from .driver.core import Driver, Caller
 from .driver import superpipe, host
-from .driver.lun import sam_lun_id
+from .driver.lun import Sdev, sam_lun_id
 from .errors import (CxlFlashError, AfuError, AdapterResetError,
                      ForkedAdapterError)
+from .server import protocol
+from .server.client import Remote
+from .server.service import Connection
 
 __all__ = ["Adapter", "Disk", "ioctl"]
 
@@ -30,19 +33,45 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
     from .context import Context
 
-_live_drivers = weakref.WeakSet()
+_live_adapters = weakref.WeakSet()
+
+
+# fork(): every adapter this process owns gets a socket pair; the parent
+# serves the child's requests on its end (cxlflash.server), and the child's
+# adapter sends its ioctls there.  A grandchild has no such connection.
+
+def _before_fork():
+    for a in list(_live_adapters):
+        if a._owner_pid == os.getpid() and not a._driver.closed:
+            a._fork_pair = protocol.socketpair()
+
+
+def _after_fork_in_parent():
+    for a in list(_live_adapters):
+        pair = a._fork_pair
+        if pair is not None:
+            a._fork_pair = None
+            pair[1].close()
+            Connection(a, pair[0]).start()
 
 
 def _after_fork_in_child():
-    # A child's copy of an embedded adapter is frozen: its contexts belong
-    # to the parent, and their data paths refuse I/O (AFU rc 0x21).
-    for drv in list(_live_drivers):
-        for ctx in list(drv.ctx_tbl) + list(drv.ctx_err_recovery):
+    for a in list(_live_adapters):
+        # The copy of the driver is frozen: the parent's contexts are not
+        # ours, and their data paths refuse I/O (AFU rc 0x21).
+        for ctx in list(a._driver.ctx_tbl) + list(a._driver.ctx_err_recovery):
             if ctx is not None:
                 ctx.table.state = 3         # TABLE_FOREIGN
+        a._executor = None                  # its threads stayed in the parent
+        pair = a._fork_pair
+        if pair is not None:
+            a._fork_pair = None
+            pair[0].close()
+            a._remote = Remote(pair[1], a, a._owner_pid)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 def _caller():
@@ -126,15 +155,35 @@ class Adapter:
         self._lock = threading.Lock()
         self.io_threads = io_threads
         self._executor = None
-        _live_drivers.add(self._driver)
+        self._fork_pair = None
+        self._remote = None          # in a forked child: the parent's driver
+        _live_adapters.add(self)
 
     # -- identity and fork ------------------------------------------------------
 
     def _check_owner(self):
+        """Operations only the process that created the adapter can do."""
         if os.getpid() != self._owner_pid:
-            raise ForkedAdapterError(self._owner_pid)
+            raise ForkedAdapterError(self._owner_pid, remote=self._client() is not None)
         if self._driver.closed:
             raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+
+    def _client(self):
+        """In a forked child: the connection to the parent's driver."""
+        r = self._remote
+        return r if r is not None and r.pid == os.getpid() else None
+
+    def _check_user(self):
+        """Operations the owner and its children can do: None in the owner,
+        the connection in a child."""
+        if os.getpid() == self._owner_pid:
+            if self._driver.closed:
+                raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+            return None
+        r = self._client()
+        if r is None:
+            raise ForkedAdapterError(self._owner_pid)
+        return r
 
     @property
     def driver(self) -> Driver:
@@ -212,7 +261,10 @@ class Adapter:
     def open_disk(self, wwid: bytes, port: int = 0, flags: int = os.O_RDWR) -> Disk:
         """Open the SCSI disk of LUN ``wwid`` on ``port`` (the ``/dev/sdX``
         fd the DK_* ioctls are issued on)."""
-        self._check_owner()
+        remote = self._check_user()
+        if remote is not None:
+            remote.check_sdev(bytes(wwid), port)
+            return Disk(self, Sdev(port, 0, bytes(wwid)), flags)
         return Disk(self, self._driver.sdev(bytes(wwid), port), flags)
 
     def create_lun(self, size: int, *, port: int = 0, superpipe: bool = True) -> bytes:
@@ -230,11 +282,15 @@ class Adapter:
         self._host_ioctl(uapi.HT_CXLFLASH_LUN_PROVISION, arg)
         wwid = bytes(arg.wwid)
         if superpipe:
-            self._driver.enable_superpipe(self._driver.sdev(wwid, port))
+            manage = uapi.dk_cxlflash_manage_lun()
+            manage.hdr.flags = uapi.DK_CXLFLASH_MANAGE_LUN_ENABLE_SUPERPIPE
+            manage.wwid[:] = wwid
+            self._disk_ioctl(self.open_disk(wwid, port), uapi.DK_CXLFLASH_MANAGE_LUN, manage)
         return wwid
 
     def delete_lun(self, wwid: bytes) -> None:
         """Delete a LUN made by :meth:`create_lun` (its file too)."""
+        self._check_owner()
         info = self.provisioned.get(bytes(wwid))
         if info is None:
             raise CxlFlashError(errno.ENODEV, f"no provisioned LUN {bytes(wwid).hex()}")
@@ -250,6 +306,7 @@ class Adapter:
     @property
     def executor(self) -> "ThreadPoolExecutor":
         """The thread pool behind the asynchronous I/O calls."""
+        self._check_user()
         ex = self._executor
         if ex is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -261,7 +318,11 @@ class Adapter:
         return ex
 
     def _context_record(self, context_id):
-        """The driver's record of a live or in-error context of ours."""
+        """The driver's record of a live or in-error context of ours (in a
+        forked child: the replica of it)."""
+        remote = self._client()
+        if remote is not None:
+            return remote.context_record(context_id)
         drv = self._driver
         pe = context_id & 0xFFFFFFFF
         ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
@@ -314,29 +375,18 @@ class Adapter:
     def _disk_ioctl(self, disk, request, arg):
         if disk.closed:
             raise CxlFlashError(errno.EBADF, "the disk is closed")
-        drv = self._driver
-        if drv.closed:
-            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
-        if os.getpid() != self._owner_pid:
-            # A child's copy of the driver: calls naming the parent's
-            # contexts fail their ownership check (EINVAL) as in the kernel;
-            # anything that would create state here is refused.
-            if request == uapi.DK_CXLFLASH_MANAGE_LUN:
-                raise ForkedAdapterError(self._owner_pid)
-            if request == uapi.DK_CXLFLASH_ATTACH:
-                try:
-                    flags = uapi.dk_cxlflash_attach.from_buffer_copy(
-                        memoryview(arg).cast("B")[:144]).hdr.flags
-                except (TypeError, ValueError):
-                    flags = 0
-                if not flags & uapi.DK_CXLFLASH_ATTACH_REUSE_CONTEXT:
-                    raise ForkedAdapterError(self._owner_pid)
-        superpipe.disk_ioctl(drv, disk.sdev, disk, request, arg, _caller(),
-                             reap=os.getpid() == self._owner_pid)
+        remote = self._check_user()
+        if remote is not None:
+            remote.disk_ioctl(disk, request, arg)
+        else:
+            superpipe.disk_ioctl(self._driver, disk.sdev, disk, request, arg, _caller())
 
     def _host_ioctl(self, request, arg):
-        self._check_owner()
-        host.host_ioctl(self._driver, self, request, arg, _caller())
+        remote = self._check_user()
+        if remote is not None:
+            remote.host_ioctl(request, arg)
+        else:
+            host.host_ioctl(self._driver, self, request, arg, _caller())
 
     # -- the AFU data path ------------------------------------------------------------
 

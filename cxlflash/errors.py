@@ -23,20 +23,26 @@ class CxlFlashError(OSError):
 
 
 class ForkedAdapterError(CxlFlashError):
-    """An embedded adapter was used from a forked child process.
+    """An adapter was used from a process that cannot reach its driver.
 
-    The embedded driver lives in the process that created the adapter; a
-    child has only a frozen copy of it.  Use the shared driver
-    (``cxlflash serve``) for several processes.
+    The driver lives in the process that created the adapter; the children
+    it forks reach it over a socket (ioctls and I/O), but adapter-wide
+    operations (adding LUNs, resets, fault injection) stay with the owner,
+    and a grandchild has no connection at all.
     """
 
-    def __init__(self, owner_pid):
-        super().__init__(
-            _errno.EPERM,
-            f"this adapter belongs to process {owner_pid} (the parent of this "
-            f"forked child, pid {os.getpid()}); a child process cannot use its "
-            "parent's embedded adapter: run the shared driver ('cxlflash "
-            "serve') and connect to it from every process")
+    def __init__(self, owner_pid, remote=False):
+        if remote:
+            why = (f"only the process that created this adapter (pid {owner_pid}) "
+                   "can do that; a forked child reaches its driver for ioctls and "
+                   "I/O only")
+        else:
+            why = (f"this adapter belongs to process {owner_pid}; pid {os.getpid()} "
+                   "has no connection to its driver (only the children the owner "
+                   "forks directly get one): create an adapter in this process, or "
+                   "fork from the owner -- a shared driver for unrelated processes "
+                   "('cxlflash serve') does not exist yet")
+        super().__init__(_errno.EPERM, why)
 
     def __reduce__(self):
         return (_rebuild_forked, (self.strerror,))

@@ -7,6 +7,7 @@ Data integrity under load is in ``test_api_integrity.py``.
 import asyncio
 import errno
 import os
+import time
 
 import numpy as np
 import pytest
@@ -836,32 +837,96 @@ def _in_child(fn):
     return os.waitstatus_to_exitcode(status)
 
 
+def _glun(adapter, vlun):
+    return adapter._context_record(vlun.context.context_id).rht_lun[vlun.handle].parent
+
+
+def _wait_released(adapter, n_live, timeout=5.0):
+    """Wait for the contexts of exited children to be released."""
+    me = Caller(os.getpid(), os.getppid())
+    deadline = time.monotonic() + timeout
+    while len(live_contexts(adapter)) > n_live:
+        assert time.monotonic() < deadline, "a child's context was not released"
+        adapter.driver.reap(me)
+        time.sleep(0.01)
+
+
 def test_clone_after_fork_in_a_real_child(adapter, ctx):
     v = ctx.create_virtual(10)
     v.write(0, pattern(0, 1))
+    g = _glun(adapter, v)
+    aun = int(v.translate([0])[0]) >> 16
 
     def child():
-        try:
-            ctx.clone_after_fork()
-        except ForkedAdapterError as e:
-            if e.errno != errno.EPERM or "cxlflash serve" not in str(e):
-                return 3
-        else:
-            return 4
         try:
             v.read(0, 1)                 # the parent's context is not ours
         except AfuError as e:
             if e.afu_rc != 0x21:
-                return 5
+                return 3
         else:
-            return 6
-        return 0 if not ctx.closed and v.handle == 0 else 7
+            return 4
+        parent_id = ctx.context_id
+        ctx.clone_after_fork(os.O_RDONLY)          # narrowing is allowed
+        if ctx.context_id == parent_id or ctx.mode != os.O_RDONLY or v.handle != 0:
+            return 5
+        if bytes(v.read(0, 1)) != pattern(0, 1).tobytes():
+            return 6                     # the data is shared, not copied
+        try:
+            v.write(0, pattern(0, 1, seed=9))
+        except AfuError as e:
+            if e.afu_rc != 0x05:         # a read-only context
+                return 7
+        else:
+            return 8
+        return 0
 
     assert _in_child(child) == 0
-    # The parent is unaffected by the child's exit.
+    # The child's context went with the child: its clone reference too.
+    _wait_released(adapter, 1)
+    assert g.allocator.clone_count(aun) == 0
     assert v.read(0, 1) == pattern(0, 1).tobytes()
-    adapter.driver.reap(Caller(os.getpid(), os.getppid()))
-    assert len(live_contexts(adapter)) == 1
+
+
+def test_child_writes_and_grows_through_the_parents_driver(adapter, ctx):
+    v = ctx.create_virtual(10)
+    v.write(0, pattern(0, 1))
+    g = _glun(adapter, v)
+    free_before = g.allocator.space()
+
+    def child():
+        ctx.clone_after_fork()                     # keep O_RDWR
+        v.write(1, pattern(1, 1, seed=5))          # lands in the shared chunk
+        v.set_size(3 * CHUNK)                      # chunks from the shared allocator
+        v.write(2 * CHUNK, pattern(2 * CHUNK, 1, seed=5))
+        if bytes(v.read(2 * CHUNK, 1)) != pattern(2 * CHUNK, 1, seed=5).tobytes():
+            return 3
+        if v.chunks != 3:
+            return 4
+        if g.allocator.space() != free_before:     # our copy of it did not move
+            return 5
+        return 0
+
+    assert _in_child(child) == 0
+    assert v.read(1, 1) == pattern(1, 1, seed=5).tobytes()
+    _wait_released(adapter, 1)
+    assert g.allocator.space() == free_before      # the child's growth was freed
+    assert v.chunks == 1 and v.read(0, 1) == pattern(0, 1).tobytes()
+
+
+def test_grandchild_cannot_reach_the_driver(adapter, ctx):
+    v = ctx.create_virtual(10)
+
+    def child():
+        def grandchild():
+            try:
+                ctx.clone_after_fork()
+            except ForkedAdapterError as e:
+                return 0 if "no connection" in str(e) else 3
+            return 4
+        return _in_child(grandchild)
+
+    assert _in_child(child) == 0
+    assert v.size == 10
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ on its table -- the AFU command the child would issue through its MMIO window.
 """
 import errno
 import os
+import time
 import pickle
 import random
 import shutil
@@ -715,9 +716,15 @@ def test_forked_child_cannot_use_parent_context(adapter):
                 out[name] = None
             except cxlflash.AfuError as e:
                 out[name] = e.afu_rc
-        for name, fn in [("open_disk", lambda: a.open_disk(w)),
-                         ("attach", lambda: cxlflash.ioctl(d, uapi.DK_CXLFLASH_ATTACH,
-                                                           attach_arg()))]:
+        # The child reaches its parent's driver: a context of its own works,
+        # adapter-wide operations stay with the owner.
+        child_disk = a.open_disk(w)
+        arg = attach_arg()
+        cxlflash.ioctl(child_disk, uapi.DK_CXLFLASH_ATTACH, arg)
+        out["own_pe"] = arg.context_id & 0xFFFFFFFF
+        out["own_fd_open"] = os.fstat(arg.adap_fd) is not None
+        for name, fn in [("add_lun", lambda: a.add_lun(None, size=CHUNK * K4)),
+                         ("reset", a.reset)]:
             try:
                 fn()
                 out[name] = None
@@ -729,11 +736,18 @@ def test_forked_child_cannot_use_parent_context(adapter):
     for name in ("resize", "release", "verify", "uvirtual", "detach", "recover", "reuse"):
         assert out[name] == errno.EINVAL, name
     assert out["read"] == out["write"] == out["translate"] == 0x21
-    for name in ("open_disk", "attach"):
-        assert out[name] is not None and "shared driver" in out[name], name
-    # The parent's context is untouched.
+    assert out["own_pe"] != cid & 0xFFFFFFFF and out["own_fd_open"]
+    for name in ("add_lun", "reset"):
+        assert out[name] is not None and "only the process that created" in out[name], name
+    # The parent's context is untouched, and the child's own context went
+    # with the child (its adapter fd closed at exit).
     assert a.read(cid, h, 0, 1) == data
     assert chunks(a, cid, h) == [0] and glun(a, w).users == 1
+    deadline = time.monotonic() + 5
+    while len([c for c in a.driver.ctx_tbl if c is not None]) > 1:
+        assert time.monotonic() < deadline, "the child's context was not released"
+        a.driver.reap(Caller(os.getpid(), os.getppid()))
+        time.sleep(0.01)
 
 
 # -- LUN modes (§8) ------------------------------------------------------------------------

@@ -551,6 +551,50 @@ cdef class ResourceTable:
             raise
         return done
 
+    def load_slot(self, uint32_t handle, int fmt, int perms, int nmask, lxt=None,
+                  uint64_t lun_id=0, uint64_t last_lba=0, int valid=0,
+                  bint replace=False):
+        """Set a slot from a snapshot of another table's entry (what
+        :meth:`entry` and :meth:`lxt` report): for a replica of a table
+        kept in another process.  The LXT is copied verbatim.  The slot
+        must be free, unless ``replace``: then an open slot is swapped in
+        one step (I/O in flight finishes first)."""
+        cdef rht_entry *e = self._entry(handle, False)
+        cdef bint was_open = e.nmask != 0
+        if was_open and not replace:
+            raise ValueError(f"resource handle {handle} is open")
+        if nmask <= 0 or nmask > 0xFF or fmt not in (RHT_FMT_VIRTUAL, RHT_FMT_DIRECT):
+            raise ValueError("not an open entry (format 0 or 1, nmask 1..255)")
+        cdef const uint64_t[::1] src
+        cdef uint64_t cnt = 0, cap = 0
+        cdef uint64_t *p = NULL
+        if fmt == RHT_FMT_VIRTUAL and lxt is not None and len(lxt):
+            src = np.ascontiguousarray(lxt, dtype=np.uint64).reshape(-1)
+            cnt = src.shape[0]
+            if cnt > 0xFFFFFFFF:
+                raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
+            cap = <uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE
+            p = lxt_alloc(cap)
+            if p == NULL:
+                raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
+            memcpy(p, &src[0], cnt * sizeof(uint64_t))
+            memset(p + cnt, 0, (cap - cnt) * sizeof(uint64_t))
+        self._write_begin()
+        if was_open:
+            lxt_free(e.lxt, e.lxt_cap)
+        memset(e, 0, sizeof(rht_entry))
+        e.fp = <uint8_t> ((fmt << 4) | (perms & 3))
+        e.nmask = <uint8_t> nmask
+        e.lxt = p
+        e.lxt_cnt = <uint32_t> cnt
+        e.lxt_cap = <uint32_t> cap
+        e.lun_id = lun_id
+        e.last_lba = last_lba
+        e.valid = <uint8_t> valid
+        if not was_open:
+            self.rht_out += 1
+        self.unlock()
+
     # -- introspection -------------------------------------------------------------------
 
     def open_handles(self):

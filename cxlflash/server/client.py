@@ -1,0 +1,178 @@
+"""The client's side of the shared driver: a forked child's adapter.
+
+Ioctls go to the owner; replies bring the structure back, any new adapter
+fd, and a replica of each of the client's contexts, which the data path
+uses in this process against the backing stores (inherited at fork, or
+received from the owner).
+"""
+import errno
+import os
+import threading
+
+from .. import uapi
+from .._core.tables import ResourceTable
+from ..driver.core import copy_out
+from ..errors import CxlFlashError
+from . import protocol
+
+_FD_FIELDS = {uapi.DK_CXLFLASH_ATTACH: uapi.dk_cxlflash_attach,
+              uapi.DK_CXLFLASH_RECOVER_AFU: uapi.dk_cxlflash_recover_afu}
+
+
+class _BackingView:
+    def __init__(self, fd, zero_mode, block_size):
+        self.fd = fd
+        self.zero_mode = zero_mode
+        self.block_size = block_size
+
+
+class _GlunView:
+    def __init__(self, wwid, backing, blk_len, max_lba):
+        self.wwid = wwid
+        self.backing = backing
+        self.blk_len = blk_len
+        self.max_lba = max_lba
+
+
+class _LunView:
+    def __init__(self, parent):
+        self.parent = parent
+
+
+class ReplicaContext:
+    """A client's view of one of its contexts: what the data path needs.
+    Updated in place, so data paths bound to its table stay valid."""
+
+    def __init__(self, ctxid, record, backing_of):
+        self.ctxid = ctxid
+        self.pid = record["pid"]
+        self.table = ResourceTable(record["rht_size"])
+        self.rht_lun = [None] * record["rht_size"]
+        self._slots = {}
+        self.update(record, backing_of)
+
+    def update(self, record, backing_of):
+        self.err_recovery_active = record["in_error"]
+        self.table.state = 1 if self.err_recovery_active else 0   # IN_ERROR / LIVE
+        new = {slot[0]: slot for slot in record["slots"]}
+        for h in list(self._slots):
+            if h not in new:
+                self.table.close(h)
+                self.rht_lun[h] = None
+                del self._slots[h]
+        for h, slot in new.items():
+            old = self._slots.get(h)
+            if old is not None and _same_slot(old, slot):
+                continue
+            (_, fmt, perms, nmask, lxt, lun_id, last_lba, valid,
+             wwid, blk_len, max_lba) = slot
+            self.table.load_slot(h, fmt, perms, nmask, lxt, lun_id, last_lba, valid,
+                                 replace=old is not None)
+            self.rht_lun[h] = _LunView(_GlunView(wwid, backing_of(wwid), blk_len, max_lba))
+            self._slots[h] = slot
+
+    def retire(self):
+        self.table.state = 2                # TABLE_GONE
+
+
+def _same_slot(a, b):
+    if a[:4] != b[:4] or a[5:] != b[5:]:
+        return False
+    if a[4] is None or b[4] is None:
+        return a[4] is b[4]
+    return len(a[4]) == len(b[4]) and bool((a[4] == b[4]).all())
+
+
+class Remote:
+    """The connection of a forked child to its parent's driver."""
+
+    def __init__(self, sock, adapter, owner_pid):
+        self.sock = sock
+        self.adapter = adapter
+        self.owner_pid = owner_pid
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.replicas = {}              # context_id -> ReplicaContext
+        self.backings = {}              # wwid -> _BackingView
+
+    def call(self, msg):
+        with self.lock:
+            try:
+                protocol.send(self.sock, msg)
+                reply, fds, _ = protocol.recv(self.sock)
+            except (EOFError, OSError):
+                raise CxlFlashError(
+                    errno.ENODEV, f"the process that owns the adapter (pid "
+                    f"{self.owner_pid}) is gone") from None
+        if reply[0] == "err":
+            for fd in fds:
+                os.close(fd)
+            raise CxlFlashError(reply[1], reply[2])
+        return reply, fds
+
+    # -- ioctls ------------------------------------------------------------------
+
+    @staticmethod
+    def _bytes_of(arg):
+        try:
+            return bytes(memoryview(arg).cast("B"))
+        except TypeError:
+            return None                 # the owner reports EFAULT in order
+
+    def disk_ioctl(self, disk, request, arg):
+        reply, fds = self.call(("disk", disk.wwid, disk.port, disk.flags, request,
+                                self._bytes_of(arg)))
+        data = reply[1]
+        if fds:
+            st = _FD_FIELDS[request].from_buffer_copy(data)
+            st.adap_fd = fds[0]
+            data = bytes(st)
+        self._apply(reply[2])
+        self._copy_back(arg, request, data, uapi.DK_IOCTLS)
+
+    def host_ioctl(self, request, arg):
+        reply, _ = self.call(("host", request, self._bytes_of(arg)))
+        self._copy_back(arg, request, reply[1], uapi.HT_IOCTLS)
+
+    @staticmethod
+    def _copy_back(arg, request, data, table):
+        st = table[request].from_buffer_copy(data)
+        copy_out(arg, st)
+
+    def check_sdev(self, wwid, port):
+        self.call(("sdev", wwid, port))
+
+    # -- replicas ------------------------------------------------------------------
+
+    def _apply(self, snapshot):
+        if snapshot is None:
+            return
+        for ctxid, old in list(self.replicas.items()):
+            if ctxid not in snapshot:
+                old.retire()
+                del self.replicas[ctxid]
+        for ctxid, record in snapshot.items():
+            rep = self.replicas.get(ctxid)
+            if rep is None:
+                self.replicas[ctxid] = ReplicaContext(ctxid, record, self._backing)
+            else:
+                rep.update(record, self._backing)
+
+    def _backing(self, wwid):
+        """The backing store of a LUN: inherited at fork, or received."""
+        b = self.backings.get(wwid)
+        if b is not None:
+            return b
+        glun = self.adapter.driver.gluns.get(wwid)
+        if glun is not None and glun.backing is not None and glun.backing.fd >= 0:
+            g = glun.backing
+            b = _BackingView(g.fd, g.zero_mode, g.block_size)
+        else:
+            reply, fds = self.call(("backing", wwid))
+            block_size, zero_mode = reply[1]
+            b = _BackingView(fds[0], zero_mode, block_size)
+        self.backings[wwid] = b
+        return b
+
+    def context_record(self, context_id):
+        return self.replicas.get(context_id)
