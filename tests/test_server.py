@@ -1,0 +1,133 @@
+"""The shared-driver plumbing: message framing with credentials and file
+descriptors, table replicas, and a child's requests served as its own
+process."""
+import os
+
+import numpy as np
+import pytest
+
+import cxlflash
+from cxlflash import uapi
+from cxlflash._core.tables import ResourceTable
+from cxlflash.server import protocol
+from cxlflash.server.client import ReplicaContext
+
+CHUNK = 1 << 16
+
+
+def test_messages_carry_payload_pid_and_fds():
+    a, b = protocol.socketpair()
+    r, w = os.pipe()
+    try:
+        big = np.arange(300_000, dtype=np.uint64)          # more than a socket buffer
+        payload = {"lxt": big, "text": "x" * 10}
+        import threading
+        t = threading.Thread(target=protocol.send, args=(a, payload, [r]))
+        t.start()
+        got, fds, pid = protocol.recv(b)
+        t.join()
+        assert pid == os.getpid()
+        assert got["text"] == "x" * 10 and np.array_equal(got["lxt"], big)
+        assert len(fds) == 1 and fds[0] != r
+        os.write(w, b"hi")
+        assert os.read(fds[0], 2) == b"hi"                 # the same pipe
+        os.close(fds[0])
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_recv_reports_a_closed_peer():
+    a, b = protocol.socketpair()
+    a.close()
+    with pytest.raises(EOFError):
+        protocol.recv(b)
+    b.close()
+
+
+def test_parent_pid_from_proc():
+    assert protocol.parent_pid(os.getpid()) == os.getppid()
+    assert protocol.parent_pid(2 ** 30) == 0                # no such process
+
+
+def test_load_slot_builds_and_replaces_entries():
+    t = ResourceTable(8)
+    lxt = np.array([(5 << 16) | (3 << 4) | 1, (9 << 16) | (3 << 4) | 1], dtype=np.uint64)
+    t.load_slot(3, 0, 1, 16, lxt)
+    assert t.open_handles() == [3] and t.rht_out == 1
+    assert t.entry(3)["perms"] == 1 and t.lxt_count(3) == 2
+    assert t.translate(3, CHUNK + 7) == (9 << 16) | 7
+    with pytest.raises(cxlflash.AfuError) as e:
+        t.translate(3, 0, write=True)                      # read-only entry
+    assert e.value.afu_rc == 0x05
+    with pytest.raises(ValueError):
+        t.load_slot(3, 0, 3, 16, lxt)                      # open: needs replace
+    t.load_slot(3, 0, 3, 16, lxt[:1], replace=True)
+    assert t.rht_out == 1 and t.lxt_count(3) == 1 and t.perms(3) == 3
+    t.load_slot(0, 1, 3, 2, None, lun_id=0x1000, last_lba=99, valid=0x80)
+    assert t.entry(0) == {"handle": 0, "open": True, "format": 1, "perms": 3,
+                          "lun_id": 0x1000, "valid": 0x80, "port_sel": 2, "last_lba": 99}
+    with pytest.raises(ValueError):
+        t.load_slot(1, 2, 3, 16)                           # no such format
+    with pytest.raises(ValueError):
+        t.load_slot(1, 0, 3, 0)                            # nmask 0 is a free slot
+    with pytest.raises(IndexError):
+        t.load_slot(8, 0, 3, 16)
+
+
+def test_replica_follows_snapshots_in_place():
+    class B:
+        fd, zero_mode, block_size = -1, 0, 4096
+    lxt = np.array([(4 << 16) | 0x31], dtype=np.uint64)
+    rec = {"rht_size": 4, "pid": 7, "in_error": False,
+           "slots": [(0, 0, 3, 16, lxt, 0, 0, 0, b"w" * 16, 4096, 1 << 20)]}
+    rep = ReplicaContext(1, rec, lambda wwid: B())
+    table = rep.table
+    assert table.translate(0, 5) == (4 << 16) | 5
+    grown = np.concatenate([lxt, np.array([(6 << 16) | 0x31], dtype=np.uint64)])
+    rep.update({**rec, "slots": [(0, 0, 3, 16, grown, 0, 0, 0, b"w" * 16, 4096, 1 << 20)]},
+               lambda wwid: B())
+    assert rep.table is table and table.lxt_count(0) == 2  # the same table, updated
+    rep.update({**rec, "in_error": True, "slots": []}, lambda wwid: B())
+    assert table.open_handles() == [] and table.state == 1
+    rep.retire()
+    assert table.state == 2
+
+
+def test_child_ioctl_errors_keep_the_kernel_order():
+    """A child's malformed request is judged by the parent's driver, in the
+    dispatch order of spec §3 (EFAULT only after the fence)."""
+    a = cxlflash.Adapter()
+    try:
+        w = a.add_lun(None, size=4 * CHUNK * 4096)
+        d = a.open_disk(w)
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                       # pragma: no cover (child)
+            codes = []
+            for req, arg in ((uapi.DK_CXLFLASH_ATTACH, None),
+                             (uapi.DK_CXLFLASH_ATTACH, bytearray(8)),
+                             (0xC090CA7F, uapi.dk_cxlflash_attach())):
+                try:
+                    cxlflash.ioctl(d, req, arg)
+                    codes.append(0)
+                except cxlflash.CxlFlashError as e:
+                    codes.append(e.errno)
+            ro = bytes(uapi.dk_cxlflash_attach(hdr=uapi.dk_cxlflash_hdr(flags=os.O_RDWR)))
+            try:
+                cxlflash.ioctl(d, uapi.DK_CXLFLASH_ATTACH, ro)  # took effect, no copy-out
+                codes.append(0)
+            except cxlflash.CxlFlashError as e:
+                codes.append(e.errno)
+            os.write(wfd, bytes(codes))
+            os._exit(0)
+        os.close(wfd)
+        codes = list(os.read(r, 16))
+        os.waitpid(pid, 0)
+        os.close(r)
+        import errno
+        assert codes == [errno.EFAULT, errno.EFAULT, errno.EINVAL, errno.EFAULT]
+    finally:
+        a.close()
