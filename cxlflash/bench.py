@@ -25,6 +25,7 @@ from ._core.allocator import ChunkAllocator
 from ._core.datapath import raw_io, LIST_READ, LIST_WRITE
 from ._core.tables import ResourceTable
 from .adapter import Adapter
+from .backing import aligned_buffer
 from .errors import CxlFlashError
 
 CHUNK_BLOCKS = 1 << 16
@@ -178,6 +179,14 @@ class Progress:
             self._width = 0
 
 
+def _bytes(n):
+    """A request size for a row name: 512B, 4k, 1m."""
+    for unit, scale in (("m", 1 << 20), ("k", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
 def _si(x):
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -240,7 +249,7 @@ class IoRun:
                 rng = np.random.default_rng(self.seed * 1000 + t)
                 nbytes = o.blocks * self.bs
                 batch = max(1, min(BATCH, BATCH_BYTES // nbytes))
-                buf = np.empty(batch * nbytes, dtype=np.uint8)
+                buf = aligned_buffer(batch * nbytes)
                 lat = np.empty(batch, dtype=np.int64)
                 hist_m, hist_b = Histogram(), Histogram()
                 m_ops = b_ops = m_err = 0
@@ -346,7 +355,7 @@ class IoRun:
             return 0, 0
         step = 256                        # 1 MiB of 4K blocks per read
         bad = 0
-        buf = bytearray(step * self.bs)
+        buf = aligned_buffer(step * self.bs)
         first, last = int(written[0]), int(written[-1])
         lba = first - first % step
         while lba <= last:
@@ -528,7 +537,7 @@ class Target:
     def prefill(self, lun, progress):
         """Touch every block once, so neither side pays first-write costs."""
         step = 256
-        buf = bytearray(step * lun.block_size)
+        buf = aligned_buffer(step * lun.block_size)
         for lba in range(0, lun.size, step):
             lun.write(lba, memoryview(buf)[:min(step, lun.size - lba) * lun.block_size])
             progress.update("prefill", lba, lun.size, 0, "blk")
@@ -600,7 +609,7 @@ def run_io(opts, progress):
         target.prefill(lun, progress)
         kind = ("read" if opts.read_pct == 100 else "write" if opts.read_pct == 0
                 else f"{opts.read_pct}/{100 - opts.read_pct} mix")
-        name = f"{opts.blocks * lun.block_size // 1024}k {opts.pattern} {kind}"
+        name = f"{_bytes(opts.blocks * lun.block_size)} {opts.pattern} {kind}"
         return [io_row(target, lun, opts, name, progress)]
     finally:
         target.close()
@@ -641,7 +650,7 @@ def run_arkdb(opts, progress, nluns=20, grow_blocks=1024, initial_blocks=64):
             try:
                 lun = luns[i]
                 rng = np.random.default_rng(opts.seed + i)
-                buf = np.empty(4096, dtype=np.uint8)
+                buf = aligned_buffer(4096)
                 hist = Histogram()
                 lat = np.empty(1, dtype=np.int64)
                 lat_b = np.empty(1, dtype=np.int64)
@@ -727,7 +736,7 @@ def run_arkdb(opts, progress, nluns=20, grow_blocks=1024, initial_blocks=64):
         checked = bad = 0
         for lun, seq_of in zip(luns, seqs):
             n = min(len(seq_of), lun.size)
-            data = bytearray(n * 4096)
+            data = aligned_buffer(n * 4096)
             for lba in range(0, n, 256):
                 k = min(256, n - lba)
                 lun.readinto(lba, memoryview(data)[lba * 4096:(lba + k) * 4096])
