@@ -628,3 +628,32 @@ def test_cli_exit_status_from_rows(capsys, monkeypatch, failed, errors, message)
     assert rc == (1 if message else 0)
     assert err == message
     assert table_rows(out)[0].startswith("fake")
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a sparse 1 GiB file (needs root and loop support)."""
+    img = tmp_path / "loop.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    try:
+        dev = subprocess.run(["losetup", "--find", "--show", str(img)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"losetup failed (not root, or no loop device support): {e}")
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.parametrize("extra", [[], ["--direct-io", "--blocks", "8"]])
+def test_block_device_target(capsys, tmp_path, loop_device, extra):
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", loop_device, "--read-pct", "50",
+                          "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M", *extra)
+    (row,) = doc["rows"]
+    check_row(row, writes=True)
+    assert doc["options"]["target"] == loop_device
+    assert doc["options"]["direct_io"] == bool(extra)
+    # 512-byte device blocks: a 1-block request is named in bytes.
+    assert row["name"] == ("4k random 50/50 mix" if extra else "512B random 50/50 mix")
