@@ -179,6 +179,12 @@ class Progress:
             self._width = 0
 
 
+def _interval_rate(ops, busy, threads):
+    """Requests per second of one side over an interval: its requests over
+    its busy time per thread."""
+    return ops / (busy / threads) if busy > 0 else 0.0
+
+
 def _bytes(n):
     """A request size for a row name: 512B, 4k, 1m."""
     for unit, scale in (("m", 1 << 20), ("k", 1 << 10)):
@@ -243,6 +249,9 @@ class IoRun:
         stop = threading.Event()
         start = time.monotonic()
         errors = []
+        # Per thread, published after every batch: [main ops, main busy s,
+        # baseline ops, baseline busy s] (the timeline and progress read it).
+        live = [[0, 0.0, 0, 0.0] for _ in range(o.threads)]
 
         def worker(t):
             try:
@@ -290,6 +299,7 @@ class IoRun:
                     if o.compare_raw and not raw_first:
                         b_t += self._raw(ops, lbas, nbytes, buf, lat, hist_b, wmask, seqs)
                         b_ops += batch
+                    live[t] = [m_ops, m_t, b_ops, b_t]
                 with lock:
                     main.ops += m_ops
                     main.errors += m_err
@@ -306,20 +316,24 @@ class IoRun:
                    for t in range(o.threads)]
         for th in threads:
             th.start()
-        last_ops, last_t = 0, start
+        last, last_t = [0, 0.0, 0, 0.0], start
         while any(th.is_alive() for th in threads):
             elapsed = time.monotonic() - start
             if elapsed >= duration:
                 stop.set()
             _join_some(threads, 0.05)
             now = time.monotonic()
-            st = self.lun.stats()
-            done = st["num_reads"] + st["num_writes"]
             if now - last_t >= 0.25:
-                rate = (done - last_ops) / (now - last_t)
+                # Each side's rate over the interval, on its own busy time
+                # (the sides share the wall clock), as in the table.
+                cur = [sum(v[i] for v in list(live)) for i in range(4)]
+                rate = _interval_rate(cur[0] - last[0], cur[1] - last[1], o.threads)
                 if record:
                     main.timeline.append((round(now - start, 3), rate))
-                last_ops, last_t = done, now
+                    if o.compare_raw:
+                        base.timeline.append((round(now - start, 3), _interval_rate(
+                            cur[2] - last[2], cur[3] - last[3], o.threads)))
+                last, last_t = cur, now
                 progress.update(self.name if record else self.name + " (warm-up)",
                                 min(elapsed, duration), duration, rate)
         if errors:
@@ -870,7 +884,12 @@ def plot(rows, path):
         pts = r.main.hist.nonzero()
         if pts:
             x, y = zip(*pts)
-            ax1.plot(np.array(x) / 1000, y, label=r.name, drawstyle="steps-mid")
+            line, = ax1.plot(np.array(x) / 1000, y, label=r.name, drawstyle="steps-mid")
+            base = r.base.hist.nonzero() if r.base is not None else []
+            if base:
+                x, y = zip(*base)
+                ax1.plot(np.array(x) / 1000, y, label=f"{r.name}: {r.base_name}",
+                         drawstyle="steps-mid", linestyle="--", color=line.get_color())
     ax1.set_xscale("log")
     ax1.set_yscale("log")
     ax1.set_xlabel("latency (us)")
@@ -881,9 +900,14 @@ def plot(rows, path):
     for r in rows:
         if r.main.timeline:
             t, v = zip(*r.main.timeline)
-            ax2.plot(t, v, label=r.name)
+            line, = ax2.plot(t, v, label=r.name)
+            if r.base is not None and r.base.timeline:
+                t, v = zip(*r.base.timeline)
+                ax2.plot(t, v, linestyle="--", color=line.get_color(),
+                         label=f"{r.name}: {r.base_name}")
     ax2.set_xlabel("elapsed in the run (s)")
-    ax2.set_ylabel("ops/s")
+    ax2.set_ylabel("ops/s (each side on its own busy time)")
+    ax2.set_ylim(bottom=0)
     ax2.set_title("throughput over time")
     if ax2.lines:                     # nothing drawn: no empty legend (a warning)
         ax2.legend(fontsize=8)
