@@ -83,14 +83,16 @@ def test_replica_follows_snapshots_in_place():
     lxt = np.array([(4 << 16) | 0x31], dtype=np.uint64)
     rec = {"rht_size": 4, "pid": 7, "in_error": False,
            "slots": [(0, 0, 3, 16, lxt, 0, 0, 0, b"w" * 16, 4096, 1 << 20)]}
-    rep = ReplicaContext(1, rec, lambda wwid: B())
+    epoch = bytearray(8)
+    rep = ReplicaContext(1, {**rec, "epoch": 0}, lambda wwid: B(), epoch)
     table = rep.table
     assert table.translate(0, 5) == (4 << 16) | 5
     grown = np.concatenate([lxt, np.array([(6 << 16) | 0x31], dtype=np.uint64)])
-    rep.update({**rec, "slots": [(0, 0, 3, 16, grown, 0, 0, 0, b"w" * 16, 4096, 1 << 20)]},
-               lambda wwid: B())
+    rep.update({**rec, "epoch": 0,
+                "slots": [(0, 0, 3, 16, grown, 0, 0, 0, b"w" * 16, 4096, 1 << 20)]},
+               lambda wwid: B(), epoch)
     assert rep.table is table and table.lxt_count(0) == 2  # the same table, updated
-    rep.update({**rec, "in_error": True, "slots": []}, lambda wwid: B())
+    rep.update({**rec, "epoch": 0, "in_error": True, "slots": []}, lambda wwid: B(), epoch)
     assert table.open_handles() == [] and table.state == 1
     rep.retire()
     assert table.state == 2
@@ -129,5 +131,48 @@ def test_child_ioctl_errors_keep_the_kernel_order():
         os.close(r)
         import errno
         assert codes == [errno.EFAULT, errno.EFAULT, errno.EINVAL, errno.EFAULT]
+    finally:
+        a.close()
+
+
+def test_a_reset_in_the_owner_reaches_the_childs_data_path():
+    """After the parent resets the AFU, the child's I/O finds its context
+    in error (the all-ones MMIO read); the Pythonic layer recovers it."""
+    a = cxlflash.Adapter()
+    try:
+        w = a.add_lun(None, size=4 * CHUNK * 4096)
+        ctx = a.open_disk(w).attach()
+        v = ctx.create_virtual(16)
+        v.write(0, b"P" * 4096)
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                       # pragma: no cover (child)
+            res = []
+            try:
+                ctx.clone_after_fork()
+                cid, h = ctx.context_id, v.handle
+                res.append(a.read(cid, h, 0, 1)[:1] == b"P")
+                os.write(from_child_w, b"c")               # cloned: parent, reset now
+                os.read(to_child_r, 1)
+                try:
+                    a.read(cid, h, 0, 1)                   # the AFU level: in error
+                    res.append(False)
+                except cxlflash.AdapterResetError:
+                    res.append(True)
+                res.append(bytes(v.read(0, 1))[:1] == b"P")   # recovered, re-driven
+                res.append(ctx.context_id != cid and ctx.resets == 1)
+            except BaseException:
+                res.append(False)
+            os.write(from_child_w, bytes(int(x) for x in res))
+            os._exit(0)
+        assert os.read(from_child_r, 1) == b"c"
+        a.reset()
+        os.write(to_child_w, b"r")
+        got = os.read(from_child_r, 16)
+        os.waitpid(pid, 0)
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(fd)
+        assert list(got) == [1, 1, 1, 1]
     finally:
         a.close()

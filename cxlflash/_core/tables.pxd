@@ -55,6 +55,12 @@ cdef class ResourceTable:
     cdef readonly uint32_t rht_size
     cdef readonly uint32_t rht_out
     cdef public int state
+    # A reset epoch kept in memory shared with another process (the owner
+    # of the driver): when it moves past ``epoch_seen`` the table is in
+    # error, as a replica learns of an AFU reset its owner went through.
+    cdef const uint64_t *epoch_word
+    cdef readonly uint64_t epoch_seen
+    cdef object epoch_buffer
     cdef pthread_rwlock_t rwlock
 
     # The data path holds the read lock across translation and I/O;

@@ -595,6 +595,17 @@ cdef class ResourceTable:
             self.rht_out += 1
         self.unlock()
 
+    def watch_epoch(self, buffer, uint64_t seen):
+        """Follow the reset epoch at the start of ``buffer`` (8 bytes of
+        shared memory): while it differs from ``seen`` the data path finds
+        the table in error."""
+        cdef const unsigned char[::1] view = memoryview(buffer).cast("B")
+        if view.shape[0] < 8 or (<size_t> &view[0]) % 8:
+            raise ValueError("the epoch needs 8 aligned bytes")
+        self.epoch_buffer = view
+        self.epoch_word = <const uint64_t *> &view[0]
+        self.epoch_seen = seen
+
     # -- introspection -------------------------------------------------------------------
 
     def open_handles(self):

@@ -14,7 +14,9 @@ driver never asks the OS who is calling.
 import ctypes
 import errno
 import itertools
+import mmap
 import select
+import struct
 import threading
 from typing import NamedTuple
 
@@ -75,6 +77,9 @@ class Driver:
         self._files = {}                            # driver fileno -> AdapterFile
         self._files_lock = threading.Lock()
         self._epoll = select.epoll()
+        # The reset epoch, in memory a forked child shares: its replicas
+        # of its contexts see the AFU resets of this driver (spec §16.1).
+        self.reset_epoch = mmap.mmap(-1, mmap.PAGESIZE)
         self.closed = False
 
     # -- LUNs and paths ----------------------------------------------------
@@ -297,6 +302,10 @@ class Driver:
                     ctx.table.state = 1      # TABLE_IN_ERROR: MMIO reads all-ones
                     self.ctx_err_recovery.append(ctx)
 
+    @property
+    def epoch(self):
+        return struct.unpack_from("<Q", self.reset_epoch, 0)[0]
+
     def begin_reset(self):
         """Start an AFU reset: state RESET, drain ioctls, put every context
         in error.  Ioctls wait until :meth:`end_reset`."""
@@ -304,6 +313,7 @@ class Driver:
         self.afu.rwsem.acquire_exclusive()
         try:
             self.mark_all_contexts_in_error()
+            struct.pack_into("<Q", self.reset_epoch, 0, self.epoch + 1)
         finally:
             self.afu.rwsem.release_exclusive()
         self.afu.counters["resets"] += 1
@@ -322,6 +332,7 @@ class Driver:
         self.afu.rwsem.acquire_exclusive()
         try:
             self.mark_all_contexts_in_error()
+            struct.pack_into("<Q", self.reset_epoch, 0, self.epoch + 1)
         finally:
             self.afu.rwsem.release_exclusive()
 

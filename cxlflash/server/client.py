@@ -43,17 +43,19 @@ class ReplicaContext:
     """A client's view of one of its contexts: what the data path needs.
     Updated in place, so data paths bound to its table stay valid."""
 
-    def __init__(self, ctxid, record, backing_of):
+    def __init__(self, ctxid, record, backing_of, epoch_buffer):
         self.ctxid = ctxid
         self.pid = record["pid"]
         self.table = ResourceTable(record["rht_size"])
         self.rht_lun = [None] * record["rht_size"]
         self._slots = {}
-        self.update(record, backing_of)
+        self.update(record, backing_of, epoch_buffer)
 
-    def update(self, record, backing_of):
+    def update(self, record, backing_of, epoch_buffer):
         self.err_recovery_active = record["in_error"]
         self.table.state = 1 if self.err_recovery_active else 0   # IN_ERROR / LIVE
+        # Until the next snapshot, an AFU reset in the owner shows here.
+        self.table.watch_epoch(epoch_buffer, record["epoch"])
         new = {slot[0]: slot for slot in record["slots"]}
         for h in list(self._slots):
             if h not in new:
@@ -145,18 +147,28 @@ class Remote:
     # -- replicas ------------------------------------------------------------------
 
     def _apply(self, snapshot):
+        """Bring the replicas to a snapshot of our contexts.  A replica is
+        known by the context's cookie (the high 32 bits of its id), which a
+        recovery keeps: its table object -- and the data paths bound to
+        it -- carry on under the new id."""
         if snapshot is None:
             return
+        by_cookie = {ctxid >> 32: ctxid for ctxid in snapshot}
         for ctxid, old in list(self.replicas.items()):
-            if ctxid not in snapshot:
+            new_id = by_cookie.get(ctxid >> 32)
+            del self.replicas[ctxid]
+            if new_id is None:
                 old.retire()
-                del self.replicas[ctxid]
+            else:
+                old.ctxid = new_id
+                self.replicas[new_id] = old
+        epoch = self.adapter.driver.reset_epoch
         for ctxid, record in snapshot.items():
             rep = self.replicas.get(ctxid)
             if rep is None:
-                self.replicas[ctxid] = ReplicaContext(ctxid, record, self._backing)
+                self.replicas[ctxid] = ReplicaContext(ctxid, record, self._backing, epoch)
             else:
-                rep.update(record, self._backing)
+                rep.update(record, self._backing, epoch)
 
     def _backing(self, wwid):
         """The backing store of a LUN: inherited at fork, or received."""

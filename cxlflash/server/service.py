@@ -52,7 +52,8 @@ def snapshot(drv, pid):
                               e["last_lba"], e["valid"], glun.wwid, glun.blk_len,
                               glun.max_lba))
         out[c.ctxid] = {"rht_size": c.table.rht_size, "pid": c.pid,
-                        "in_error": c.err_recovery_active, "slots": slots}
+                        "in_error": c.err_recovery_active, "slots": slots,
+                        "epoch": drv.epoch}
     return out
 
 
