@@ -134,6 +134,8 @@ class Connection(threading.Thread):
             return ("err", e.errno, e.strerror), [], []
         except OSError as e:
             return ("err", e.errno or errno.EIO, e.strerror or str(e)), [], []
+        except Exception as e:           # never leave the client waiting
+            return ("err", errno.EIO, f"the driver failed on this request: {e!r}"), [], []
 
     @staticmethod
     def _adapter_fds(request, buf):
