@@ -15,9 +15,6 @@ from ..driver.core import copy_out
 from ..errors import CxlFlashError
 from . import protocol
 
-_FD_FIELDS = {uapi.DK_CXLFLASH_ATTACH: uapi.dk_cxlflash_attach,
-              uapi.DK_CXLFLASH_RECOVER_AFU: uapi.dk_cxlflash_recover_afu}
-
 
 class _BackingView:
     def __init__(self, fd, zero_mode, block_size):
@@ -126,7 +123,7 @@ class Remote:
                                 self._bytes_of(arg)))
         data = reply[1]
         if fds:
-            st = _FD_FIELDS[request].from_buffer_copy(data)
+            st = protocol.ADAPTER_FD_IOCTLS[request].from_buffer_copy(data)
             st.adap_fd = fds[0]
             data = bytes(st)
         self._apply(reply[2])

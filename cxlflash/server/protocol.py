@@ -12,9 +12,15 @@ import pickle
 import socket
 import struct
 
+from .. import uapi
+
 _HEADER = struct.Struct("<Q")
 _CREDS = struct.Struct("iII")
 MAX_FDS = 16
+
+#: The ioctls whose reply may carry a new adapter fd, by their structures.
+ADAPTER_FD_IOCTLS = {uapi.DK_CXLFLASH_ATTACH: uapi.dk_cxlflash_attach,
+                     uapi.DK_CXLFLASH_RECOVER_AFU: uapi.dk_cxlflash_recover_afu}
 
 
 def socketpair():

@@ -17,10 +17,6 @@ from ..driver.core import Caller
 from ..errors import CxlFlashError
 from . import protocol
 
-# The structure offsets of the adapter fd a reply must carry (spec §2.3).
-_FD_FIELDS = {uapi.DK_CXLFLASH_ATTACH: uapi.dk_cxlflash_attach,
-              uapi.DK_CXLFLASH_RECOVER_AFU: uapi.dk_cxlflash_recover_afu}
-
 
 class _DiskView:
     """The client's open disk, as the driver sees it."""
@@ -142,7 +138,7 @@ class Connection(threading.Thread):
         """An ATTACH or RECOVER_AFU that made a new adapter fd: it goes to
         the client, and our copy is closed once sent, so the client holds
         the only one (its close or exit then releases the context)."""
-        st = _FD_FIELDS.get(request)
+        st = protocol.ADAPTER_FD_IOCTLS.get(request)
         if st is None:
             return []
         arg = st.from_buffer_copy(buf)
