@@ -306,16 +306,22 @@ class Driver:
     def epoch(self):
         return struct.unpack_from("<Q", self.reset_epoch, 0)[0]
 
-    def begin_reset(self):
-        """Start an AFU reset: state RESET, drain ioctls, put every context
-        in error.  Ioctls wait until :meth:`end_reset`."""
-        self.afu.set_state(RESET)
+    def _drain_and_mark_in_error(self):
+        """Drain the ioctls under way (the rwsem taken exclusively), put
+        every context in error and move the reset epoch on, so forked
+        children's data paths see it too."""
         self.afu.rwsem.acquire_exclusive()
         try:
             self.mark_all_contexts_in_error()
             struct.pack_into("<Q", self.reset_epoch, 0, self.epoch + 1)
         finally:
             self.afu.rwsem.release_exclusive()
+
+    def begin_reset(self):
+        """Start an AFU reset: state RESET, drain ioctls, put every context
+        in error.  Ioctls wait until :meth:`end_reset`."""
+        self.afu.set_state(RESET)
+        self._drain_and_mark_in_error()
         self.afu.counters["resets"] += 1
 
     def end_reset(self, ok=True):
@@ -329,12 +335,7 @@ class Driver:
     def fail(self):
         """Permanent failure: FAILTERM, every context in error."""
         self.afu.set_state(FAILTERM)
-        self.afu.rwsem.acquire_exclusive()
-        try:
-            self.mark_all_contexts_in_error()
-            struct.pack_into("<Q", self.reset_epoch, 0, self.epoch + 1)
-        finally:
-            self.afu.rwsem.release_exclusive()
+        self._drain_and_mark_in_error()
 
     def close(self):
         """Tear the driver down: every context is destroyed."""
