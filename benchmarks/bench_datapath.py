@@ -284,3 +284,42 @@ def test_datapath_threads_listio_2(benchmark, dp, threaded_lists):
 def test_datapath_threads_listio_1(benchmark, dp, threaded_lists):
     benchmark.pedantic(listio_in_threads, (dp, threaded_lists, 1), rounds=ROUNDS,
                        warmup_rounds=2)
+
+
+# Not a target either: plain os.preadv at the same physical offsets, from 2
+# threads vs 1 -- how far CPython's GIL lets ~1 us reads scale at all.
+
+
+@pytest.fixture(scope="module")
+def threaded_offsets(dp, threaded):
+    lbas = np.array(threaded.lbas, dtype=np.uint64)
+    return SimpleNamespace(offsets=(dp.vlun.translate(lbas) * np.uint64(BS)).tolist(),
+                           bufs=threaded.bufs)
+
+
+def preadv_in_threads(d, t, nthreads):
+    per = len(t.offsets) // nthreads
+    fd = d.fd
+
+    def work(i):
+        bufs = [t.bufs[i]]
+        for off in t.offsets[i * per:(i + 1) * per]:
+            os.preadv(fd, bufs, off)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+@pytest.mark.benchmark(group="os.preadv 4K random read threads")
+def test_preadv_threads_2(benchmark, dp, threaded_offsets):
+    benchmark.pedantic(preadv_in_threads, (dp, threaded_offsets, 2), rounds=ROUNDS,
+                       warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="os.preadv 4K random read threads")
+def test_preadv_threads_1(benchmark, dp, threaded_offsets):
+    benchmark.pedantic(preadv_in_threads, (dp, threaded_offsets, 1), rounds=ROUNDS,
+                       warmup_rounds=2)

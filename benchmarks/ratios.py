@@ -48,6 +48,15 @@ TARGETS = [
      "test_datapath_threads_2", "test_datapath_threads_1", "speedup", 1.6),
 ]
 
+# No target, for comparison with the 2-thread row above: the same reads as
+# list I/O batches (each call ~60 us without the GIL), and plain os.preadv
+# (what CPython itself gets from 2 threads for ~1 us reads).
+SCALING_INFO = [
+    ("listio x64 4K random reads, 2 threads vs 1 thread",
+     "test_datapath_threads_listio_2", "test_datapath_threads_listio_1"),
+    ("os.preadv 4K random reads, 2 threads vs 1 thread",
+     "test_preadv_threads_2", "test_preadv_threads_1"),
+]
 
 # The driver (bench_driver.py).  Calls per second of each ioctl on a warm
 # adapter (no target; a pair of ioctls counts as one call):
@@ -166,6 +175,10 @@ def main(argv):
         failed |= not ok
         print(f"  {'PASS' if ok else 'FAIL'}  {label}: {shown} "
               f"({_fmt(t)} vs {_fmt(tb)}); target {want}")
+    for label, bench, base in SCALING_INFO:
+        if bench in times and base in times:
+            print(f"  info  {label}: {times[base] / times[bench]:.2f}x "
+                  f"({_fmt(times[bench])} vs {_fmt(times[base])})")
     failed |= driver_report(times)
     return 1 if failed else 0
 
