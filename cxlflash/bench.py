@@ -212,6 +212,15 @@ def _join_some(threads, timeout):
 # -- the I/O workload ------------------------------------------------------------------------
 
 
+def region_blocks(lun, opts):
+    """Blocks an I/O workload covers: a vLUN whole; a direct LUN up to the
+    --vlun-size bytes (so a large device is neither prefilled nor tracked
+    whole)."""
+    if lun.virtual:
+        return lun.size
+    return min(lun.size, opts.vlun_blocks * 4096 // lun.block_size)
+
+
 class IoRun:
     """A block I/O workload on one LUN object (virtual or direct), with its
     raw baseline on the bare backing store at the same physical offsets."""
@@ -222,11 +231,14 @@ class IoRun:
         self.o = opts
         self.name = name
         self.bs = lun.block_size
-        self.space = lun.size - (lun.size % max(opts.blocks, 1))
+        # The blocks the I/O covers: the whole vLUN, or for a direct LUN
+        # (maybe a large device) its first --vlun-size bytes.
+        self.region = region_blocks(lun, opts)
+        self.space = self.region - (self.region % max(opts.blocks, 1))
         if self.space < opts.blocks * opts.threads:
             raise BenchError(f"the LUN ({lun.size} blocks) is too small for "
                              f"{opts.threads} threads of {opts.blocks}-block requests")
-        self.seq_of = np.zeros(lun.size, dtype=np.uint64)   # last write's sequence
+        self.seq_of = np.zeros(self.region, dtype=np.uint64)   # last write's sequence
         self.seed = rng_seed
         self.writes = opts.read_pct < 100
 
@@ -373,7 +385,7 @@ class IoRun:
         first, last = int(written[0]), int(written[-1])
         lba = first - first % step
         while lba <= last:
-            n = min(step, self.lun.size - lba)
+            n = min(step, self.region - lba)
             seqs = self.seq_of[lba:lba + n]
             if seqs.any():
                 view = memoryview(buf)[:n * self.bs]
@@ -549,12 +561,14 @@ class Target:
                              f"target: {e.strerror}") from None
 
     def prefill(self, lun, progress):
-        """Touch every block once, so neither side pays first-write costs."""
+        """Touch every block the I/O covers once, so neither side pays
+        first-write costs."""
         step = 256
+        end = region_blocks(lun, self.opts)
         buf = aligned_buffer(step * lun.block_size)
-        for lba in range(0, lun.size, step):
-            lun.write(lba, memoryview(buf)[:min(step, lun.size - lba) * lun.block_size])
-            progress.update("prefill", lba, lun.size, 0, "blk")
+        for lba in range(0, end, step):
+            lun.write(lba, memoryview(buf)[:min(step, end - lba) * lun.block_size])
+            progress.update("prefill", lba, end, 0, "blk")
 
     def close(self):
         self.adapter.close()

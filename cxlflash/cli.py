@@ -72,7 +72,8 @@ def build_parser():
     b.add_argument("--lun", choices=["virtual", "direct"], default="virtual",
                    help="I/O through a virtual LUN (default) or the whole LUN directly")
     b.add_argument("--vlun-size", type=_size, default=None,
-                   help="virtual LUN size in bytes (default 512M)")
+                   help="virtual LUN size in bytes (default 512M); with --lun "
+                        "direct, the part of the LUN the I/O covers")
     b.add_argument("-r", "--read-pct", type=_percent, default=None,
                    help="percentage of reads, 0..100 (io default 100)")
     b.add_argument("-n", "--blocks", type=_positive(int), default=None,

@@ -657,3 +657,22 @@ def test_block_device_target(capsys, tmp_path, loop_device, extra):
     assert doc["options"]["direct_io"] == bool(extra)
     # 512-byte device blocks: a 1-block request is named in bytes.
     assert row["name"] == ("4k random 50/50 mix" if extra else "512B random 50/50 mix")
+
+
+def test_direct_lun_io_covers_only_its_region():
+    """A direct LUN (maybe a large device) is neither prefilled nor tracked
+    whole: the I/O covers its first --vlun-size bytes."""
+    o = bench.Options(workload="io", size=1 << 30, lun="direct",
+                      vlun_blocks=(8 << 20) // 4096, read_pct=0, duration=0.1)
+    target = bench.Target(o)
+    try:
+        lun = target.open_lun()
+        run = bench.IoRun(lun, target.fd, o, "direct", 1)
+        assert lun.size == (1 << 30) // 4096 and run.region == (8 << 20) // 4096
+        assert len(run.seq_of) == run.region
+        run.run(0.1, bench.Progress(False))
+        written = np.flatnonzero(run.seq_of)
+        assert len(written) and written.max() < run.region
+        assert run.verify() == (len(written), 0)
+    finally:
+        target.close()
