@@ -176,3 +176,35 @@ def test_a_reset_in_the_owner_reaches_the_childs_data_path():
         assert list(got) == [1, 1, 1, 1]
     finally:
         a.close()
+
+
+def test_a_child_whose_owner_is_gone_gets_enodev():
+    """When the connection to the owner is gone (the owner exited), a
+    child's ioctls fail ENODEV with a message that says so."""
+    a = cxlflash.Adapter()
+    try:
+        w = a.add_lun(None, size=4 * CHUNK * 4096)
+        d = a.open_disk(w)
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                       # pragma: no cover (child)
+            out = b"?"
+            try:
+                a._remote.sock.close()                     # as if the owner exited
+                try:
+                    d.attach()
+                    out = b"attached"
+                except cxlflash.CxlFlashError as e:
+                    import errno
+                    ok = e.errno == errno.ENODEV and "is gone" in str(e)
+                    out = b"ok" if ok else str(e).encode()
+            finally:
+                os.write(wfd, out)
+                os._exit(0)
+        os.close(wfd)
+        got = os.read(r, 200)
+        os.waitpid(pid, 0)
+        os.close(r)
+        assert got == b"ok"
+    finally:
+        a.close()
