@@ -30,6 +30,7 @@ from cxlflash.backing import ZERO_BLKZEROOUT
 from cxlflash.driver import superpipe
 from cxlflash.driver.core import Caller
 from cxlflash.driver.lun import MODE_NONE, MODE_VIRTUAL, MODE_PHYSICAL
+from scsi_sense import desc_sense, fixed_sense
 
 U64 = (1 << 64) - 1
 CHUNK = 1 << 16                      # native blocks per chunk
@@ -298,25 +299,6 @@ def in_child(fn):
     res = pickle.loads(b"".join(parts))
     assert res[0] == "ok", f"the child failed: {res}"
     return res[1]
-
-
-def fixed_sense(key, asc, ascq=0, addl=10, code=0x70):
-    s = bytearray(18)
-    s[0] = code
-    s[2] = key
-    s[7] = addl
-    s[12] = asc
-    s[13] = ascq
-    return s
-
-
-def desc_sense(key, asc, ascq=0, code=0x72):
-    s = bytearray(18)
-    s[0] = code
-    s[1] = key
-    s[2] = asc
-    s[3] = ascq
-    return s
 
 
 # -- spec Appendix A ------------------------------------------------------------

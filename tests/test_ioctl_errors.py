@@ -24,6 +24,7 @@ from cxlflash import uapi, CxlFlashError, AfuError, AdapterResetError
 from cxlflash.driver import superpipe, vlun as vlun_mod
 from cxlflash.driver.core import Caller
 from cxlflash.driver.lun import MODE_NONE, MODE_VIRTUAL, MODE_PHYSICAL
+from scsi_sense import desc_sense, fixed_sense
 
 BLK = 512                        # native block size of the test LUNs
 CH = 65536 * BLK // 4096         # 4K blocks per chunk (8192)
@@ -226,18 +227,6 @@ def ctx_of(a, cid):
     if c is not None and c.ctxid == cid:
         return c
     return next((c for c in drv.ctx_err_recovery if c.ctxid == cid), None)
-
-
-def fixed_sense(key, asc=0, addl=10):
-    s = bytearray(18)
-    s[0], s[2], s[7], s[12] = 0x70, key, addl, asc
-    return bytes(s)
-
-
-def desc_sense(key, asc=0):
-    s = bytearray(18)
-    s[0], s[1], s[2] = 0x72, key, asc
-    return bytes(s)
 
 
 def debug_arg(subcmd=0x04, ea=0, n=0, flags=0):
