@@ -18,15 +18,7 @@ import pytest
 
 import cxlflash
 
-CHUNK = 1 << 16
-BS = 4096
-GIB = 1 << 30
-
-
-def pattern(lba, nblocks, seed=0, bs=BS):
-    words = bs // 8
-    lbas = np.arange(lba, lba + nblocks, dtype=np.uint64)
-    return np.repeat(lbas * np.uint64(1000) + np.uint64(seed), words).view(np.uint8)
+from block_pattern import BS, CHUNK, GIB, pattern
 
 
 def backing_fd(vlun):
