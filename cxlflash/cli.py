@@ -136,7 +136,7 @@ def _bench(args):
         raise bench.BenchError("--size must be a multiple of 4096")
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401 -- only checks it is there
         except ImportError:
             raise bench.BenchError("--plot needs matplotlib: pip install 'cxlflash[plot]'")
     for path in (args.json, args.plot):

@@ -20,6 +20,7 @@ from cxlflash.errors import (AdapterResetError, AfuError, CxlFlashError,
                              ForkedAdapterError)
 
 from block_pattern import BS, CHUNK, GIB, pattern
+from forking import in_child
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -813,21 +814,6 @@ def test_stats(vlun):
 # -- clone after fork ------------------------------------------------------------------------
 
 
-def _in_child(fn):
-    """Run ``fn`` in a forked child; returns its exit status (0 = passed)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = fn()
-        except BaseException:
-            code = 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 def _glun(adapter, vlun):
     return adapter._context_record(vlun.context.context_id).rht_lun[vlun.handle].parent
 
@@ -871,7 +857,7 @@ def test_clone_after_fork_in_a_real_child(adapter, ctx):
             return 8
         return 0
 
-    assert _in_child(child) == 0
+    assert in_child(child) == 0
     # The child's context went with the child: its clone reference too.
     _wait_released(adapter, 1)
     assert g.allocator.clone_count(aun) == 0
@@ -897,7 +883,7 @@ def test_child_writes_and_grows_through_the_parents_driver(adapter, ctx):
             return 5
         return 0
 
-    assert _in_child(child) == 0
+    assert in_child(child) == 0
     assert v.read(1, 1) == pattern(1, 1, seed=5).tobytes()
     _wait_released(adapter, 1)
     assert g.allocator.space() == free_before      # the child's growth was freed
@@ -914,9 +900,9 @@ def test_grandchild_cannot_reach_the_driver(adapter, ctx):
             except ForkedAdapterError as e:
                 return 0 if "no connection" in str(e) else 3
             return 4
-        return _in_child(grandchild)
+        return in_child(grandchild)
 
-    assert _in_child(child) == 0
+    assert in_child(child) == 0
     assert v.size == 10
 
 

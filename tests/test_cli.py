@@ -323,7 +323,7 @@ def test_arkdb_too_small_a_lun(capsys):
 
 def test_resize_storm(capsys, tmp_path):
     out, doc = bench_json(capsys, tmp_path, "resize-storm", *TINY)
-    rows = check_doc(doc, out, workload="resize-storm")
+    check_doc(doc, out, workload="resize-storm")
     io_row, storm = doc["rows"]
     assert io_row["name"] == "4k 70/30 during storm"
     check_row(io_row, writes=True)

@@ -1,6 +1,7 @@
 """The shared-driver plumbing: message framing with credentials and file
 descriptors, table replicas, and a child's requests served as its own
 process."""
+import errno
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ from cxlflash import uapi
 from cxlflash._core.tables import ResourceTable
 from cxlflash.server import protocol
 from cxlflash.server.client import ReplicaContext
+from forking import in_child
 
 CHUNK = 1 << 16
 
@@ -105,32 +107,23 @@ def test_child_ioctl_errors_keep_the_kernel_order():
     try:
         w = a.add_lun(None, size=4 * CHUNK * 4096)
         d = a.open_disk(w)
-        r, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                       # pragma: no cover (child)
+        ro = bytes(uapi.dk_cxlflash_attach(hdr=uapi.dk_cxlflash_hdr(flags=os.O_RDWR)))
+        requests = ((uapi.DK_CXLFLASH_ATTACH, None),
+                    (uapi.DK_CXLFLASH_ATTACH, bytearray(8)),
+                    (0xC090CA7F, uapi.dk_cxlflash_attach()),
+                    (uapi.DK_CXLFLASH_ATTACH, ro))        # took effect, no copy-out
+
+        def child():
             codes = []
-            for req, arg in ((uapi.DK_CXLFLASH_ATTACH, None),
-                             (uapi.DK_CXLFLASH_ATTACH, bytearray(8)),
-                             (0xC090CA7F, uapi.dk_cxlflash_attach())):
+            for req, arg in requests:
                 try:
                     cxlflash.ioctl(d, req, arg)
                     codes.append(0)
                 except cxlflash.CxlFlashError as e:
                     codes.append(e.errno)
-            ro = bytes(uapi.dk_cxlflash_attach(hdr=uapi.dk_cxlflash_hdr(flags=os.O_RDWR)))
-            try:
-                cxlflash.ioctl(d, uapi.DK_CXLFLASH_ATTACH, ro)  # took effect, no copy-out
-                codes.append(0)
-            except cxlflash.CxlFlashError as e:
-                codes.append(e.errno)
-            os.write(wfd, bytes(codes))
-            os._exit(0)
-        os.close(wfd)
-        codes = list(os.read(r, 16))
-        os.waitpid(pid, 0)
-        os.close(r)
-        import errno
-        assert codes == [errno.EFAULT, errno.EFAULT, errno.EINVAL, errno.EFAULT]
+            return codes
+
+        assert in_child(child) == [errno.EFAULT, errno.EFAULT, errno.EINVAL, errno.EFAULT]
     finally:
         a.close()
 
@@ -185,26 +178,16 @@ def test_a_child_whose_owner_is_gone_gets_enodev():
     try:
         w = a.add_lun(None, size=4 * CHUNK * 4096)
         d = a.open_disk(w)
-        r, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                       # pragma: no cover (child)
-            out = b"?"
+
+        def child():
+            a._remote.sock.close()                         # as if the owner exited
             try:
-                a._remote.sock.close()                     # as if the owner exited
-                try:
-                    d.attach()
-                    out = b"attached"
-                except cxlflash.CxlFlashError as e:
-                    import errno
-                    ok = e.errno == errno.ENODEV and "is gone" in str(e)
-                    out = b"ok" if ok else str(e).encode()
-            finally:
-                os.write(wfd, out)
-                os._exit(0)
-        os.close(wfd)
-        got = os.read(r, 200)
-        os.waitpid(pid, 0)
-        os.close(r)
-        assert got == b"ok"
+                d.attach()
+            except cxlflash.CxlFlashError as e:
+                return e.errno, str(e)
+            return None
+
+        err, message = in_child(child)
+        assert err == errno.ENODEV and "is gone" in message
     finally:
         a.close()
