@@ -49,12 +49,16 @@ def dp(tmp_path_factory):
     fd = a.driver.gluns[wwid].backing.fd
     rng = np.random.default_rng(7)
 
-    d = SimpleNamespace(a=a, ctx=ctx, vlun=vlun, fd=fd)
+    d = SimpleNamespace(a=a, ctx=ctx, vlun=vlun, fd=fd, cid=ctx.context_id, h=vlun.handle)
     # 4 KiB random operations: vLBAs over the whole vLUN, and their offsets.
     d.lbas = rng.choice(vlun.size, N_RANDOM, replace=False).astype(np.uint64)
     d.offs = vlun.translate(d.lbas) * np.uint64(BS)
     d.lba_list, d.off_list = d.lbas.tolist(), d.offs.tolist()
     d.buf = cxlflash.aligned_buffer(BS)
+    # The C loop: every request at buffer offset 0 (the same 4 KiB buffer).
+    d.read_ops = np.full(N_RANDOM, cxlflash.LIST_READ, dtype=np.uint8)
+    d.write_ops = np.full(N_RANDOM, cxlflash.LIST_WRITE, dtype=np.uint8)
+    d.zero_bufoffs = np.zeros(N_RANDOM, dtype=np.uint64)
     # List I/O: N_RANDOM / LIST_LEN calls of LIST_LEN reads each.
     ncalls = N_RANDOM // LIST_LEN
     d.list_lbas = d.lbas.reshape(ncalls, LIST_LEN)
@@ -102,7 +106,26 @@ def check_same(d, fn_vlun, fn_raw):
     assert (bytes(d.buf), bytes(d.list_buf), bytes(d.seq_buf)) == got
 
 
-# -- 4 KiB random reads -----------------------------------------------------------------
+# -- 4 KiB random reads and writes: the ioctl-level and object paths vs a C loop --------
+#
+# One round of each side does the same 8192 requests at the same offsets
+# with the same buffer.  The baseline is ``raw_io``: one GIL-free Cython
+# loop of single pread/pwrite calls (a C loop).  The measured sides are
+# what a program issues: a Python loop of single-request calls, through the
+# ioctl-level contract (``adapter.readinto(context_id, handle, lba, buf)``,
+# what ported C code calls) and through the object (``vlun.readinto``).
+# ``os.preadv``/``os.pwrite`` loops run alongside for information.  The
+# sides are interleaved round by round (conftest.run_interleaved).
+
+
+def c_randio(d, ops):
+    raw_io(d.fd, ops, d.offs, BS, d.buf, d.zero_bufoffs)
+
+
+def adapter_randread(d):
+    readinto, cid, h, buf = d.a.readinto, d.cid, d.h, d.buf
+    for lba in d.lba_list:
+        readinto(cid, h, lba, buf)
 
 
 def vlun_randread(d):
@@ -117,18 +140,20 @@ def preadv_randread(d):
         preadv(fd, bufs, off)
 
 
-@pytest.mark.benchmark(group="datapath 4K random read")
-def test_datapath_randread_vlun(benchmark, dp):
+@pytest.mark.benchmark(group="datapath 4K random read vs C")
+def test_datapath_randread(interleaved, dp):
+    check_same(dp, lambda: adapter_randread(dp), lambda: c_randio(dp, dp.read_ops))
     check_same(dp, lambda: vlun_randread(dp), lambda: preadv_randread(dp))
-    benchmark.pedantic(vlun_randread, (dp,), rounds=ROUNDS, warmup_rounds=2)
+    interleaved([("c", lambda: c_randio(dp, dp.read_ops)),
+                 ("adapter", lambda: adapter_randread(dp)),
+                 ("vlun", lambda: vlun_randread(dp)),
+                 ("preadv", lambda: preadv_randread(dp))], rounds=ROUNDS, ops=N_RANDOM)
 
 
-@pytest.mark.benchmark(group="datapath 4K random read")
-def test_datapath_randread_preadv(benchmark, dp):
-    benchmark.pedantic(preadv_randread, (dp,), rounds=ROUNDS, warmup_rounds=2)
-
-
-# -- 4 KiB random writes -----------------------------------------------------------------
+def adapter_randwrite(d):
+    write, cid, h, buf = d.a.write, d.cid, d.h, d.buf
+    for lba in d.lba_list:
+        write(cid, h, lba, buf)
 
 
 def vlun_randwrite(d):
@@ -143,14 +168,12 @@ def pwrite_randwrite(d):
         pwrite(fd, buf, off)
 
 
-@pytest.mark.benchmark(group="datapath 4K random write")
-def test_datapath_randwrite_vlun(benchmark, dp):
-    benchmark.pedantic(vlun_randwrite, (dp,), rounds=ROUNDS, warmup_rounds=2)
-
-
-@pytest.mark.benchmark(group="datapath 4K random write")
-def test_datapath_randwrite_pwrite(benchmark, dp):
-    benchmark.pedantic(pwrite_randwrite, (dp,), rounds=ROUNDS, warmup_rounds=2)
+@pytest.mark.benchmark(group="datapath 4K random write vs C")
+def test_datapath_randwrite(interleaved, dp):
+    interleaved([("c", lambda: c_randio(dp, dp.write_ops)),
+                 ("adapter", lambda: adapter_randwrite(dp)),
+                 ("vlun", lambda: vlun_randwrite(dp)),
+                 ("pwrite", lambda: pwrite_randwrite(dp))], rounds=ROUNDS, ops=N_RANDOM)
 
 
 # -- 1 MiB sequential reads crossing chunk boundaries -------------------------------------
@@ -323,3 +346,66 @@ def test_preadv_threads_2(benchmark, dp, threaded_offsets):
 def test_preadv_threads_1(benchmark, dp, threaded_offsets):
     benchmark.pedantic(preadv_in_threads, (dp, threaded_offsets, 1), rounds=ROUNDS,
                        warmup_rounds=2)
+
+
+# -- adapter.translate: 16 M random vLBAs, no out= ------------------------------------------
+#
+# What a program gets from the ioctl-level contract: ``adapter.translate``
+# returns a fresh array (no ``out=``), so whatever it allocates is inside
+# the timing.  The baseline is the numpy formula (shift, gather, and, or)
+# with a preallocated ``out`` -- its most favourable form.  For
+# information, the same formula allocating its result and temporaries, and
+# the core's ``translate_many`` into a preallocated ``out``.
+
+TRANSLATE_N = 16 << 20
+TRANSLATE_CHUNKS = 64
+HIGH = np.uint64(~0xFFFF & (2 ** 64 - 1))
+LOW = np.uint64(0xFFFF)
+SHIFT = np.uint64(16)
+
+
+@pytest.fixture(scope="module")
+def tr():
+    a = cxlflash.Adapter()
+    wwid = a.add_lun(None, size=2 * TRANSLATE_CHUNKS * CHUNK * BS)     # sparse memory
+    disk = a.open_disk(wwid)
+    ctx = disk.attach()
+    other = ctx.create_virtual(0)
+    vlun = ctx.create_virtual(0)
+    for n in range(1, TRANSLATE_CHUNKS + 1):                # interleave the chunks
+        vlun.set_size(n * CHUNK)
+        other.set_size(n * CHUNK)
+    rng = np.random.default_rng(2024)
+    t = SimpleNamespace(a=a, ctx=ctx, cid=ctx.context_id, h=vlun.handle,
+                        table=a._context_record(ctx.context_id).table)
+    # int64, numpy's default integer (what rng.integers returns).
+    t.vlbas = rng.integers(0, TRANSLATE_CHUNKS * CHUNK, size=TRANSLATE_N, dtype=np.int64)
+    t.lxt = t.table.lxt(vlun.handle)
+    t.out = np.empty(TRANSLATE_N, dtype=np.uint64)
+    yield t
+    ctx.close()
+    a.close()
+
+
+def numpy_translate(lxt, vlbas, out):
+    v = vlbas.view(np.uint64)
+    return np.bitwise_or(np.bitwise_and(lxt[v >> SHIFT], HIGH), v & LOW, out=out)
+
+
+def numpy_translate_alloc(lxt, vlbas):
+    v = vlbas.view(np.uint64)
+    return (lxt[v >> SHIFT] & HIGH) | (v & LOW)
+
+
+@pytest.mark.benchmark(group="adapter translate 16M")
+def test_adapter_translate(interleaved, tr):
+    got = tr.a.translate(tr.cid, tr.h, tr.vlbas)
+    assert np.array_equal(got, numpy_translate(tr.lxt, tr.vlbas, tr.out))
+    del got
+    a, cid, h, vlbas, lxt, out = tr.a, tr.cid, tr.h, tr.vlbas, tr.lxt, tr.out
+    table = tr.table
+    interleaved([("adapter", lambda: a.translate(cid, h, vlbas)),
+                 ("numpy", lambda: numpy_translate(lxt, vlbas, out)),
+                 ("numpy_alloc", lambda: numpy_translate_alloc(lxt, vlbas)),
+                 ("core_out", lambda: table.translate_many(h, vlbas, out))],
+                rounds=9, warmup_rounds=1, ops=TRANSLATE_N)

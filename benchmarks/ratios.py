@@ -12,6 +12,7 @@ status is 1 when a target is missed or a benchmark did not run.
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,13 +34,7 @@ TARGETS = [
      "test_translate_one_core", "test_translate_one_noop", "slowdown", 2.0),
     ("alloc_many(1M) on 4M chunks vs pure-Python kernel loop (full 1M, unscaled)",
      "test_alloc_many_core", "test_alloc_many_python", "speedup", 100.0),
-    ("clone_from(src, 3, allocator) 1M chunks vs np.copyto 1M uint64 (throughput)",
-     "test_clone_core", "test_clone_copyto", "fraction", 0.25),
     # The data path (bench_datapath.py): a page-cached file, same offsets.
-    ("datapath 4K random reads: VirtualLun.readinto vs os.preadv",
-     "test_datapath_randread_vlun", "test_datapath_randread_preadv", "fraction", 0.85),
-    ("datapath 4K random writes: VirtualLun.write vs os.pwrite",
-     "test_datapath_randwrite_vlun", "test_datapath_randwrite_pwrite", "fraction", 0.85),
     ("datapath 1M sequential reads across chunk boundaries: readinto vs os.preadv",
      "test_datapath_seqread_vlun", "test_datapath_seqread_preadv", "fraction", 0.95),
     ("datapath listio 64x4K random reads per call vs raw_io (Cython pread loop)",
@@ -48,9 +43,52 @@ TARGETS = [
      "test_datapath_threads_2", "test_datapath_threads_1", "speedup", 1.6),
 ]
 
+# Issue 8's targets: sides of one test timed round by round, interleaved
+# (conftest.run_interleaved); the ratio is the median of the per-round
+# ratios, whatever --stat says.
+# (label, test, side, baseline side, kind, target)
+INTERLEAVED = [
+    ("adapter.readinto 4K random, one thread vs C pread loop (same offsets)",
+     "test_datapath_randread", "adapter", "c", "slowdown", 1.15),
+    ("adapter.write 4K random vs C pwrite loop",
+     "test_datapath_randwrite", "adapter", "c", "slowdown", 1.15),
+    ("VirtualLun.readinto 4K random vs C pread loop",
+     "test_datapath_randread", "vlun", "c", "slowdown", 1.10),
+    ("VirtualLun.write 4K random vs C pwrite loop",
+     "test_datapath_randwrite", "vlun", "c", "slowdown", 1.10),
+    ("adapter.translate 16M random int64 vLBAs, no out= vs numpy formula (out=)",
+     "test_adapter_translate", "adapter", "numpy", "speedup", 6.0),
+    ("VLUN_CLONE ioctl, 1M mapped chunks vs np.copyto of the LXT (throughput)",
+     "test_vlun_clone_1m", "clone", "copyto", "fraction", 0.25),
+]
+# No target: other sides of the same interleaved rounds.
+INTERLEAVED_INFO = [
+    ("os.preadv loop vs C pread loop",
+     "test_datapath_randread", "preadv", "c", "slowdown"),
+    ("os.pwrite loop vs C pwrite loop",
+     "test_datapath_randwrite", "pwrite", "c", "slowdown"),
+    ("VirtualLun.readinto vs os.preadv loop (throughput; was a target, >= 0.85)",
+     "test_datapath_randread", "vlun", "preadv", "fraction"),
+    ("VirtualLun.write vs os.pwrite loop (throughput; was a target, >= 0.85)",
+     "test_datapath_randwrite", "vlun", "pwrite", "fraction"),
+    ("adapter.readinto vs VirtualLun.readinto",
+     "test_datapath_randread", "adapter", "vlun", "slowdown"),
+    ("adapter.write vs VirtualLun.write",
+     "test_datapath_randwrite", "adapter", "vlun", "slowdown"),
+    ("adapter.translate, no out= vs core translate_many into out=",
+     "test_adapter_translate", "adapter", "core_out", "slowdown"),
+    ("numpy formula allocating its result vs with out=",
+     "test_adapter_translate", "numpy_alloc", "numpy", "slowdown"),
+]
+
 # No target, for comparison with the 2-thread row above: the same reads as
 # list I/O batches (each call ~60 us without the GIL), and plain os.preadv
 # (what CPython itself gets from 2 threads for ~1 us reads).
+CORE_INFO = [
+    ("core clone_from(src, 3, allocator) 1M chunks vs np.copyto (throughput; "
+     "not what VLUN_CLONE runs)", "test_clone_core", "test_clone_copyto"),
+]
+
 SCALING_INFO = [
     ("listio x64 4K random reads, 2 threads vs 1 thread",
      "test_datapath_threads_listio_2", "test_datapath_threads_listio_1"),
@@ -148,6 +186,8 @@ def main(argv):
             data = json.load(f)
 
     times = {b["name"]: b["stats"][stat] for b in data["benchmarks"]}
+    rounds = {b["name"]: b["extra_info"] for b in data["benchmarks"]
+              if "rounds_ns" in b.get("extra_info", {})}
     print(f"ratios from the {stat} time of each benchmark "
           f"({data['machine_info'].get('cpu', {}).get('brand_raw', '?')})")
     failed = False
@@ -175,12 +215,64 @@ def main(argv):
         failed |= not ok
         print(f"  {'PASS' if ok else 'FAIL'}  {label}: {shown} "
               f"({_fmt(t)} vs {_fmt(tb)}); target {want}")
+    for label, bench, base in CORE_INFO:
+        if bench in times and base in times:
+            print(f"  info  {label}: {times[base] / times[bench]:.3f} "
+                  f"({_fmt(times[bench])} vs {_fmt(times[base])})")
     for label, bench, base in SCALING_INFO:
         if bench in times and base in times:
             print(f"  info  {label}: {times[base] / times[bench]:.2f}x "
                   f"({_fmt(times[bench])} vs {_fmt(times[base])})")
+    failed |= interleaved_report(rounds)
     failed |= driver_report(times)
     return 1 if failed else 0
+
+
+def _paired(extra, side, base):
+    """Median per-round ratio side/base, median time of each side, and the
+    median per-round difference per op (seconds)."""
+    a, b = extra["rounds_ns"][side], extra["rounds_ns"][base]
+    ops = extra.get("ops_per_round", 1)
+    ratio = statistics.median(x / y for x, y in zip(a, b))
+    diff = statistics.median(x - y for x, y in zip(a, b)) / ops
+    return ratio, statistics.median(a) / 1e9, statistics.median(b) / 1e9, diff / 1e9, ops, len(a)
+
+
+def interleaved_report(rounds):
+    """Print issue 8's targets (interleaved sides, median of the per-round
+    ratios); return True when something failed."""
+    failed = False
+    print("issue 8 targets: sides interleaved round by round; median of the per-round ratios")
+    for label, test, side, base, kind, *target in INTERLEAVED + INTERLEAVED_INFO:
+        extra = rounds.get(test)
+        if extra is None or side not in extra["rounds_ns"] or base not in extra["rounds_ns"]:
+            if target:
+                print(f"  MISSING  {label}: {test} did not run")
+                failed = True
+            continue
+        r, ta, tb, diff, ops, n = _paired(extra, side, base)
+        per = f"; {_fmt(ta / ops)} vs {_fmt(tb / ops)} per op" if ops > 1 else ""
+        if kind == "slowdown":
+            shown = f"{r:.3f}x the time ({'+' if diff >= 0 else '-'}{_fmt(abs(diff))}/op)"
+            ok = target and r <= target[0]
+            want = target and f"<= {target[0]:g}x the baseline's time"
+        elif kind == "speedup":
+            r = 1 / r
+            shown = f"{r:.2f}x faster"
+            ok = target and r >= target[0]
+            want = target and f">= {target[0]:g}x faster"
+        else:
+            r = 1 / r
+            shown = f"{r:.3f} of the throughput"
+            ok = target and r >= target[0]
+            want = target and f">= {target[0]:g} of the baseline's throughput"
+        tag = ("PASS" if ok else "FAIL") if target else "info"
+        tail = f"; target {want}" if target else ""
+        print(f"  {tag}  {label}: {shown} (medians {_fmt(ta)} vs {_fmt(tb)} per round"
+              f"{per}; {n} rounds){tail}")
+        if target:
+            failed |= not ok
+    return failed
 
 
 def _fmt(seconds):

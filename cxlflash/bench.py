@@ -19,13 +19,15 @@ from dataclasses import dataclass, field, asdict
 
 import numpy as np
 
-from . import __version__
+from . import __version__, uapi
 from ._core import pattern
 from ._core.allocator import ChunkAllocator
 from ._core.datapath import raw_io, LIST_READ, LIST_WRITE
 from ._core.tables import ResourceTable
-from .adapter import Adapter
+from .adapter import Adapter, ioctl
 from .backing import aligned_buffer
+from .driver import superpipe
+from .driver.core import Caller
 from .errors import CxlFlashError
 
 CHUNK_BLOCKS = 1 << 16
@@ -494,31 +496,106 @@ def row_alloc(duration, progress):
     return Row("chunk alloc+free", "chunk", main, base, "Python kernel loop")
 
 
-def row_clone(duration, progress):
-    chunks = 1 << 20
-    alloc = ChunkAllocator(chunks)
-    src = ResourceTable()
-    h = src.open_virtual(3)
-    src.grow(h, alloc.alloc_many(chunks), 0, 1)
-    lxt = src.lxt(h)
-    dst_arr = np.empty_like(lxt)
+CLONE_CHUNKS = 1 << 20
 
-    def clone():
-        dst = ResourceTable()
-        dst.clone_from(src, 3, alloc)
+
+def _interleaved_loop(sides, duration, progress, label, per_call, unit):
+    """Call each side's function in turn until ``duration`` passes, the
+    side that goes first alternating: a Side per function, with per-call
+    latencies; ``per_call`` ops are done by each call.  A callable that a
+    function returns is run untimed right after it (an undo)."""
+    out = [Side() for _ in sides]
+    lat = [[] for _ in sides]
+    start = time.monotonic()
+    k = 0
+    while True:
+        order = list(range(len(sides)))
+        order = order[k % len(sides):] + order[:k % len(sides)]
+        k += 1
+        for i in order:
+            t0 = time.perf_counter_ns()
+            undo = sides[i]()
+            dt = time.perf_counter_ns() - t0
+            if callable(undo):
+                undo()                       # not timed
+            lat[i].append(dt)
+            out[i].ops += per_call
+            out[i].seconds += dt / 1e9
+        elapsed = time.monotonic() - start
+        progress.update(label, elapsed, duration, out[0].rate, unit)
+        if elapsed >= duration:
+            break
+    for side, l in zip(out, lat):
+        side.hist.add(l)
+    return out
+
+
+def row_clone(duration, progress):
+    """DK_CXLFLASH_VLUN_CLONE, the ioctl the product runs, of a vLUN of 1 M
+    mapped chunks: from a context owned by this process's parent (set up
+    through the driver's entry point as that parent) into a context of this
+    process, issued with ``cxlflash.ioctl`` as a program would; undone
+    between calls (untimed) by RELEASE of the clone.  Interleaved with
+    np.copyto of the LXT."""
+    chunks = CLONE_CHUNKS
+    a = Adapter()
+    fds = []
+    try:
+        wwid = a.add_lun(None, size=(chunks + 64) * CHUNK_BLOCKS * 4096)    # sparse
+        disk = a.open_disk(wwid)
+        parent = Caller(os.getppid(), 1)
+
+        def as_parent(request, arg):
+            superpipe.disk_ioctl(a.driver, disk.sdev, disk, request, arg, parent)
+            return arg
+
+        at = uapi.dk_cxlflash_attach()
+        at.hdr.flags = os.O_RDWR
+        as_parent(uapi.DK_CXLFLASH_ATTACH, at)
+        fds.append(at.adap_fd)
+        src = at.context_id
+        uv = uapi.dk_cxlflash_uvirtual()
+        uv.context_id = src
+        uv.lun_size = chunks * CHUNK_BLOCKS
+        h = as_parent(uapi.DK_CXLFLASH_USER_VIRTUAL, uv).rsrc_handle
+        at = uapi.dk_cxlflash_attach()
+        at.hdr.flags = os.O_RDWR
+        ioctl(disk, uapi.DK_CXLFLASH_ATTACH, at)
+        fds.append(at.adap_fd)
+        dst = at.context_id
+        lxt = a._context_record(src).table.lxt(h)
+        if len(lxt) != chunks:
+            raise BenchError(f"the clone source has {len(lxt)} chunks, not {chunks}")
+        copy = np.empty_like(lxt)
 
         def release():                       # the clone's release, untimed
-            alloc.free_many(dst.chunks(h))
-            dst.close(h)
-        return release
+            rl = uapi.dk_cxlflash_release()
+            rl.context_id = dst
+            rl.rsrc_handle = h
+            ioctl(disk, uapi.DK_CXLFLASH_RELEASE, rl)
 
-    main = _timed_loop(clone, duration / 2, progress, "clone 1M chunks", chunks, "chunk")
-    base = _timed_loop(lambda: np.copyto(dst_arr, lxt), duration / 2, progress,
-                       "clone (np.copyto)", chunks, "chunk")
-    if alloc.clone_count(0) != 0:
-        raise BenchError("clone references leaked")
+        def clone():
+            cl = uapi.dk_cxlflash_clone()
+            cl.context_id_src = src
+            cl.context_id_dst = dst
+            ioctl(disk, uapi.DK_CXLFLASH_VLUN_CLONE, cl)
+            return release
+
+        clone()
+        if not np.array_equal(a._context_record(dst).table.lxt(h), lxt):
+            raise BenchError("the clone does not map the source's chunks")
+        release()
+        main, base = _interleaved_loop([clone, lambda: np.copyto(copy, lxt)], duration,
+                                       progress, "VLUN_CLONE 1M chunks", chunks, "chunk")
+        alloc = a.driver.gluns[wwid].allocator
+        if alloc.clone_count(int(lxt[0]) >> 16) != 0:
+            raise BenchError("clone references leaked")
+    finally:
+        for fd in fds:
+            os.close(fd)
+        a.close()
     main.nbytes, base.nbytes = main.ops * 8, base.ops * 8
-    return Row("clone (LXT + refs)", "chunk", main, base, "np.copyto of the LXT")
+    return Row("VLUN_CLONE 1M chunks", "chunk", main, base, "np.copyto of the LXT")
 
 
 # -- setting up a target -----------------------------------------------------------------
