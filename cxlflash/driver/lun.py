@@ -43,12 +43,17 @@ class GlobalLun:
         self.mutex = threading.Lock()
 
     def read_capacity(self):
-        """READ CAPACITY(16) from the backing store (under the mutex)."""
+        """READ CAPACITY(16) from the backing store (under the mutex).  A
+        virtual LUN's allocator follows the new capacity: chunks beyond it
+        are never handed out (those in use stay in use)."""
         size = self.backing.size
         blk_len = self.backing.block_size
         with self.mutex:
             self.blk_len = blk_len
             self.max_lba = max(size // blk_len - 1, 0)
+            if self.allocator is not None:
+                self.allocator.set_limit(min(size // blk_len >> MC_CHUNK_SHIFT,
+                                             self.allocator.total_chunks))
 
     # spec §8 -- callers hold self.mutex for lun_attach when noted
     def attach(self, mode, *, locked=False):
