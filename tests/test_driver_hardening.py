@@ -348,6 +348,20 @@ def test_threads_issuing_ioctls_never_release_each_others_contexts():
         a.close()
 
 
+class _StaleEpoll:
+    """An epoll whose poll() answers with events taken earlier."""
+
+    def __init__(self, epoll, events):
+        self._epoll = epoll
+        self._events = events
+
+    def poll(self, timeout=-1, maxevents=-1):
+        return self._events
+
+    def __getattr__(self, name):
+        return getattr(self._epoll, name)
+
+
 def test_reap_skips_a_file_whose_number_was_reused():
     """An event for fd number N taken before N was released and reused by
     a new ATTACH must not release the new, live context."""
@@ -363,11 +377,13 @@ def test_reap_skips_a_file_whose_number_was_reused():
         drv.reap(Caller(P, os.getppid()))                # this thread releases it
         new = attach(d)                                  # reuses the number
         live = new.context_id
-        drv._epoll.poll = lambda timeout=0: stale        # the racing thread's stale event
+        assert ctx_of(a, live).file.fileno == stale[0][0]
+        real = drv._epoll
+        drv._epoll = _StaleEpoll(real, stale)            # the racing thread's event
         try:
             drv.reap(Caller(P, os.getppid()))
         finally:
-            del drv._epoll.poll
+            drv._epoll = real
         assert ctx_of(a, live).table.state == 0          # still live
         h = uvirtual(d, live, 1)
         a.write(live, h, 0, bytes(K4))
@@ -576,7 +592,7 @@ def test_a_child_thread_cannot_write_through_a_released_handle():
             a.write(cid, h, 0, b"\xee" * K4)
             remote = a._remote
             orig = remote._apply
-            results = []
+            results, threads = [], []
 
             def writer():
                 try:
@@ -590,13 +606,14 @@ def test_a_child_thread_cannot_write_through_a_released_handle():
                 os.write(up_w, b"r")               # the owner freed the chunk
                 os.read(down_r, 1)                 # ... and gave it to the parent
                 t = threading.Thread(target=writer)
+                threads.append(t)
                 t.start()
                 t.join(1.0)
                 orig(*args)
-                t.join(10)
 
             remote._apply = window
             release(d, cid, h)
+            threads[0].join(10)
             rc = 0 if results and results[0] != "written" else 2
         finally:
             os._exit(rc)
