@@ -154,12 +154,14 @@ def big_write():
 
 
 def _chunk_states(fd, auns):
-    """Per chunk: 'new' (all 0xA5), 'old' (all zero) or 'partial'."""
+    """Per chunk: 'new' (all 0xA5), 'old' (all zero) or 'partial'.  Read
+    last chunk first: a writer still under way (front to back) is caught
+    with its tail unwritten."""
     out = []
-    for aun in auns:
+    for aun in reversed(auns):
         b = np.frombuffer(os.pread(fd, CHUNK * SMALL, int(aun) * CHUNK * SMALL), np.uint8)
         out.append("new" if (b == 0xA5).all() else "old" if not b.any() else "partial")
-    return out
+    return out[::-1]
 
 
 def test_close_waits_for_transfers_and_no_reused_fd_is_written(big_write, tmp_path):
