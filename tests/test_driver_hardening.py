@@ -633,3 +633,31 @@ def test_a_child_thread_cannot_write_through_a_released_handle():
         for fd in (up_r, up_w, down_r, down_w):
             os.close(fd)
         a.close()
+
+
+def test_a_child_retires_its_replica_before_closing_the_adapter_fd():
+    """Closing the adapter fd lets the owner free the context's chunks at
+    its next reap: the replica must stop first, and stay stopped."""
+    a = cxlflash.Adapter()
+    try:
+        w = a.add_lun(None, size=2 * CHUNK * K4)
+        d = a.open_disk(w)
+
+        def child():
+            at = attach(d)
+            cid = at.context_id
+            h = uvirtual(d, cid, CHUNK)
+            a.write(cid, h, 0, b"\x01" * K4)
+            table = a._remote.replicas[cid].table
+            a._remote.retire_context(cid)
+            os.close(at.adap_fd)
+            attach(d)                          # another ioctl: a fresh snapshot
+            try:
+                afu_command(table, h, a.driver.gluns[w].backing.fd, K4, 0, bytearray(K4))
+            except cxlflash.AfuError as e:
+                stale = e.afu_rc
+            return stale, cid in a._remote.replicas
+
+        assert in_child(child) == (0x21, False)
+    finally:
+        a.close()
