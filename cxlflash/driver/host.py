@@ -62,6 +62,14 @@ def _vm_copy(pid, address, length, data=None):
 _WWID_SALT = secrets.randbits(32)
 
 
+def _new_wwid_salt():
+    global _WWID_SALT
+    _WWID_SALT = secrets.randbits(32)
+
+
+os.register_at_fork(after_in_child=_new_wwid_salt)    # a child's adapters differ too
+
+
 def _naa6_wwid(serial):
     """A unique NAA-6 (IEEE registered extended) 16-byte WWID: the serial
     and a random salt (so adapters of different processes sharing a LUN
