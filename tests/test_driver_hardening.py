@@ -220,14 +220,14 @@ def test_ioctls_after_driver_close_are_enodev():
     w = a.add_lun(None, size=CHUNK * K4)
     d = a.open_disk(w)
     at = attach(d)
-    try:
-        a.driver.close()
+    a.close()
+    close_quietly(at.adap_fd)
+    me = Caller(P, os.getppid())
+    for request, arg in ((uapi.DK_CXLFLASH_ATTACH, uapi.dk_cxlflash_attach()),
+                         (uapi.DK_CXLFLASH_DETACH, uapi.dk_cxlflash_detach())):
         with pytest.raises(cxlflash.CxlFlashError) as ei:
-            attach(d, caller=Caller(P, os.getppid()))
-        assert ei.value.errno == errno.ENODEV
-    finally:
-        a.close()
-        close_quietly(at.adap_fd)
+            superpipe.disk_ioctl(a.driver, d.sdev, d, request, arg, me)
+        assert ei.value.errno == errno.ENODEV and "closed" in str(ei.value)
 
 
 # -- items 5 and 10: scrubbing cannot be bypassed -----------------------------------
