@@ -146,11 +146,16 @@ class Driver:
         on the LUN is open anywhere."""
         with self.global_mutex:
             llun = self.find_or_create_llun(wwid or sdev.wwid)
-            if llun.parent.mode != MODE_NONE:
-                raise CxlFlashError(
-                    errno.EBUSY, "the LUN has open resource handles: release "
-                    "them before disabling superpipe mode")
-            sdev.llun = None
+            # The mode check and the disable in one critical section with
+            # lun_attach (GlobalLun.attach(sdev=...) checks sdev.llun under
+            # the same mutex): a USER_VIRTUAL / USER_DIRECT racing us either
+            # attached first (EBUSY here) or sees superpipe off (EINVAL).
+            with llun.parent.mutex:
+                if llun.parent.mode != MODE_NONE:
+                    raise CxlFlashError(
+                        errno.EBUSY, "the LUN has open resource handles: release "
+                        "them before disabling superpipe mode")
+                sdev.llun = None
             llun.port_sel &= ~(1 << sdev.port)
             if llun.port_sel == 0:
                 self.lun_table.release(llun)

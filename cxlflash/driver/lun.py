@@ -56,11 +56,17 @@ class GlobalLun:
                                              self.allocator.total_chunks))
 
     # spec §8 -- callers hold self.mutex for lun_attach when noted
-    def attach(self, mode, *, locked=False):
-        """``lun_attach``: take a user in ``mode`` or raise EINVAL."""
+    def attach(self, mode, *, locked=False, sdev=None):
+        """``lun_attach``: take a user in ``mode`` or raise EINVAL.  With
+        ``sdev``, the disk must still be in superpipe mode on this LUN --
+        checked under the mutex that DISABLE_SUPERPIPE also holds, so a
+        disable cannot slip between the dispatch's check and the attach."""
         if not locked:
             self.mutex.acquire()
         try:
+            if sdev is not None and (sdev.llun is None or sdev.llun.parent is not self):
+                raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on "
+                                    "this disk (DK_CXLFLASH_MANAGE_LUN)")
             if self.mode == MODE_NONE:
                 self.mode = mode
             elif self.mode != mode:

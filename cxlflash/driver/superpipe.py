@@ -131,8 +131,11 @@ def detach(drv, sdev, disk, arg, caller):
 def user_direct(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_USER_DIRECT (spec §9)."""
     llun = sdev.llun
+    if llun is None:             # disabled since the dispatch looked
+        raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on this "
+                            "disk (DK_CXLFLASH_MANAGE_LUN)")
     glun = llun.parent
-    glun.attach(MODE_PHYSICAL)
+    glun.attach(MODE_PHYSICAL, sdev=sdev)
     ctx = drv.get_context(arg.context_id, caller, llun)
     if ctx is None:
         glun.detach()

@@ -116,6 +116,9 @@ def resize(drv, ctx, llun, handle, req_size):
 def user_virtual(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_USER_VIRTUAL (spec §10.1)."""
     llun = sdev.llun
+    if llun is None:             # disabled since the dispatch looked
+        raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on this "
+                            "disk (DK_CXLFLASH_MANAGE_LUN)")
     glun = llun.parent
     with glun.mutex:
         created = False
@@ -123,7 +126,7 @@ def user_virtual(drv, sdev, disk, arg, caller):
             glun.init_allocator()
             created = True
         try:
-            glun.attach(MODE_VIRTUAL, locked=True)
+            glun.attach(MODE_VIRTUAL, locked=True, sdev=sdev)
         except CxlFlashError:
             if created:
                 glun.allocator = None
