@@ -65,7 +65,8 @@ cdef int transfer(ResourceTable table, uint32_t handle, int fd,
                   char *buf, int write, int *afu_rc,
                   uint64_t *bad_lba) noexcept nogil
 
-cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int rc,
+# Raise the error of a failed transfer; ``fd``: its backing store.
+cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                           int afu_rc, uint64_t bad_lba, int write) except -1
 
 cdef int zero_range(int fd, int zero_mode, uint64_t offset,

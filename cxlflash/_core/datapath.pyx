@@ -39,6 +39,7 @@ from cxlflash._core.tables cimport (
 import errno as _errno
 import operator
 import os
+import stat
 import numpy as np
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
 
@@ -390,9 +391,23 @@ def scrub_chunks(int fd, zero_mode, auns, block_size):
     return rc
 
 
-cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int rc,
+cdef object _backing_end(int fd, uint64_t stopped):
+    """Where a backing store that made no progress at byte ``stopped``
+    ends: its size if it is a regular file that ends before, else
+    ``stopped``."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return stopped
+    if stat.S_ISREG(st.st_mode) and st.st_size < stopped:
+        return st.st_size
+    return stopped
+
+
+cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                           int afu_rc, uint64_t bad_lba, int write) except -1:
-    """Raise the exception for a failed transfer (``rc`` from transfer)."""
+    """Raise the exception for a failed transfer (``rc`` from transfer;
+    ``fd`` the backing store, for XFER_BACKING_ENDED)."""
     if rc == XFER_AFU_ERROR:
         raise afu_error(afu_rc, handle, bad_lba, write=write,
                         extent=table.extent(handle) if handle < table.rht_size else None)
@@ -406,11 +421,11 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int rc,
         raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no longer "
                        "exists (detached or closed)")
     if rc == XFER_BACKING_ENDED:
-        raise OSError(_errno.EIO, f"the backing store ended at byte {bad_lba}: it "
-                      "is shorter than the LUN says (it shrank, e.g. a file "
-                      "truncated under it); issue DK_CXLFLASH_VERIFY on the disk "
-                      "to refresh the LUN's capacity, then address only blocks "
-                      "within it")
+        raise OSError(_errno.EIO, f"the backing store ended at byte "
+                      f"{_backing_end(fd, bad_lba)}: it is shorter than the LUN "
+                      "says (it shrank, e.g. a file truncated under it); issue "
+                      "DK_CXLFLASH_VERIFY on the disk to refresh the LUN's "
+                      "capacity, then address only blocks within it")
     if rc == XFER_BEYOND_OFF_T:
         raise OSError(_errno.EINVAL, f"block {bad_lba} of the {'write' if write else 'read'} "
                       "lies beyond byte 2**63-1, the most a backing store can "
@@ -489,7 +504,8 @@ cdef class DataPath:
 
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1:
         self.stats.errors += 1
-        return raise_xfer_error(self.table, self.handle, rc, afu_rc, bad_lba, write)
+        return raise_xfer_error(self.table, self.handle, self.fd, rc, afu_rc, bad_lba,
+                                write)
 
     cdef int _run(self, uint64_t lba, uint64_t nblocks, char *buf, int write,
                   int *afu_rc, uint64_t *bad_lba) noexcept nogil:
@@ -850,7 +866,7 @@ def afu_command(ResourceTable table not None, handle, fd, block_size, lba,
     finally:
         PyBuffer_Release(&view)
     if rc:
-        raise_xfer_error(table, h, rc, afu_rc, bad, write)
+        raise_xfer_error(table, h, f, rc, afu_rc, bad, write)
     return nblocks
 
 
@@ -913,7 +929,8 @@ def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
     finally:
         PyBuffer_Release(&view)
     if rc == XFER_BACKING_ENDED:
-        raise OSError(_errno.EIO, f"the backing store ended at byte {end}: it is "
+        raise OSError(_errno.EIO, f"the backing store ended at byte "
+                      f"{_backing_end(fd, end)}: it is "
                       "shorter than the offsets addressed (it shrank?)")
     if rc:
         raise OSError(rc, os.strerror(rc))
