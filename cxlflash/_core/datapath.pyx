@@ -44,10 +44,24 @@ import numpy as np
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
 
 cdef extern from "Python.h":
-    # Declared here without an exception clause: the caller checks.
-    unsigned long long pylong_as_u64 "PyLong_AsUnsignedLongLong"(object o)
+    # Declared here without an exception clause: the caller checks.  (On
+    # LP64 an unsigned long is 64 bits, asserted below; PyLong_AsUnsignedLong
+    # converts multi-digit ints without the byte-array detour that
+    # PyLong_AsUnsignedLongLong takes.)
+    unsigned long pylong_as_u64 "PyLong_AsUnsignedLong"(object o)
     bint pylong_check_exact "PyLong_CheckExact"(object o)
     Py_ssize_t PY_SSIZE_T_MAX
+
+cdef extern from *:
+    """
+    _Static_assert(sizeof(unsigned long) == 8, "cxlflash needs an LP64 platform");
+    /* a * b without wrapping: 1 if it does not fit in 64 bits */
+    #define CXLFLASH_MUL_OVERFLOW64(a, b, res) \
+        __builtin_mul_overflow((unsigned long long)(a), (unsigned long long)(b), \
+                               (unsigned long long *)(res))
+    """
+    bint mul_overflow64 "CXLFLASH_MUL_OVERFLOW64"(uint64_t a, uint64_t b,
+                                                  uint64_t *res) noexcept nogil
 
 DEF CHUNK_BLOCKS = 65536
 DEF ZERO_BUF = 1048576
@@ -94,7 +108,7 @@ cdef uint64_t _arg_u64_slow(object value, const char *name,
 
 cdef uint64_t arg_u64(object value, const char *name,
                       uint64_t hi) except? 0xFFFFFFFFFFFFFFFF:
-    cdef unsigned long long v
+    cdef unsigned long v
     if pylong_check_exact(value):
         v = pylong_as_u64(value)
         if v <= hi and (v != NO_LIMIT or PyErr_Occurred() == NULL):
@@ -241,13 +255,22 @@ cdef inline int table_state_rc(ResourceTable table) noexcept nogil:
     return XFER_GONE
 
 
+cdef int beyond_off_t(uint64_t v, uint64_t p, uint64_t bs,
+                      uint64_t *bad_lba) noexcept nogil:
+    """XFER_BEYOND_OFF_T for a run of blocks from ``v`` at physical block
+    ``p``: ``*bad_lba`` is its first block that does not end within off_t."""
+    cdef uint64_t fit = OFF_MAX // bs     # physical blocks below this fit
+    bad_lba[0] = v if p >= fit else v + (fit - p)
+    return XFER_BEYOND_OFF_T
+
+
 cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
                              uint64_t lba, uint64_t nblocks, int write,
                              int *afu_rc, uint64_t *bad_lba) noexcept nogil:
     """check_range without the table state: the handle, every block's
     translation and permission, every byte offset within off_t."""
     cdef rht_entry *e
-    cdef uint64_t last, ext, v, n, left, max_blocks
+    cdef uint64_t last, ext, v, n, left, end
     cdef int64_t p
     afu_rc[0] = table.lookup(handle, write)
     if afu_rc[0] != AFU_RC_OK:
@@ -256,7 +279,6 @@ cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
     if nblocks == 0:
         return 0
     e = &table.rht[handle]
-    max_blocks = OFF_MAX // bs      # blocks below this end within off_t
     if (e.fp >> 4) == RHT_FMT_DIRECT:
         # The device refuses a command with any block beyond the LUN.
         last = e.last_lba
@@ -268,9 +290,10 @@ cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
             afu_rc[0] = SCSI_LBA_OUT_OF_RANGE
             bad_lba[0] = last + 1 if last != NO_LIMIT else NO_LIMIT
             return XFER_AFU_ERROR
-        if lba >= max_blocks or nblocks > max_blocks - lba:
-            bad_lba[0] = lba if lba > max_blocks else max_blocks
-            return XFER_BEYOND_OFF_T
+        # lba + nblocks <= last + 1 <= 2**64: wraps only to 0, at 2**64
+        end = lba + nblocks
+        if end == 0 or mul_overflow64(end, bs, &end) or end > OFF_MAX:
+            return beyond_off_t(lba, lba, bs, bad_lba)
         return 0
     # A vLUN: every block below lxt_cnt chunks, then each chunk's entry
     # (permission, physical offset).  At most lxt_cnt iterations.
@@ -287,11 +310,15 @@ cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
             n = left
         p = table.translate_one(handle, v, write, afu_rc)
         if p < 0:
+            if afu_rc[0] == AFU_RC_OK:
+                # not a refusal: a physical LBA >= 2**63 (an aun >= 2**47),
+                # which an int64 cannot return
+                return beyond_off_t(v, OFF_MAX, bs, bad_lba)
             bad_lba[0] = v
             return XFER_AFU_ERROR
-        if <uint64_t> p >= max_blocks or n > max_blocks - <uint64_t> p:
-            bad_lba[0] = v if <uint64_t> p >= max_blocks else v + (max_blocks - <uint64_t> p)
-            return XFER_BEYOND_OFF_T
+        # 0 <= p < 2**63 and n <= 2**16: p + n does not wrap
+        if mul_overflow64(<uint64_t> p + n, bs, &end) or end > OFF_MAX:
+            return beyond_off_t(v, <uint64_t> p, bs, bad_lba)
         v += n
         left -= n
     return 0
