@@ -435,9 +435,15 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                           int afu_rc, uint64_t bad_lba, int write) except -1:
     """Raise the exception for a failed transfer (``rc`` from transfer;
     ``fd`` the backing store, for XFER_BACKING_ENDED)."""
+    cdef uint64_t extent = 0
     if rc == XFER_AFU_ERROR:
+        if handle < table.rht_size:
+            with nogil:             # a read of the table: under its read lock
+                table.read_lock()
+                extent = table.extent(handle)
+                table.unlock()
         raise afu_error(afu_rc, handle, bad_lba, write=write,
-                        extent=table.extent(handle) if handle < table.rht_size else None)
+                        extent=extent if handle < table.rht_size else None)
     if rc == XFER_IN_ERROR:
         raise AdapterResetError()
     if rc == XFER_FOREIGN:
@@ -916,7 +922,7 @@ def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
     cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
     cdef Py_ssize_t n = o.shape[0], i
     cdef const uint64_t[::1] boff
-    if buf_offsets is None:
+    if buf_offsets is None:         # packed: checked below that it does not wrap
         boff = np.arange(n, dtype=np.uint64) * np.uint64(nb)
     else:
         boff = u64_array(buf_offsets, "buf_offsets")
@@ -941,6 +947,9 @@ def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:
         buflen = <uint64_t> view.len
+        if buf_offsets is None and nb and <uint64_t> n > buflen // nb:
+            raise ValueError(f"{n} requests of {nb} bytes do not fit in the buffer "
+                             f"({buflen} bytes)")
         for i in range(n):
             if boff[i] > buflen or nb > buflen - boff[i]:
                 raise ValueError(f"request {i} does not fit in the buffer")
