@@ -235,22 +235,19 @@ cdef int zero_range(int fd, int zero_mode, uint64_t offset,
     return 0
 
 
-cdef inline bint epoch_moved(ResourceTable table) noexcept nogil:
-    return table.epoch_word != NULL and table.epoch_word[0] != table.epoch_seen
-
-
 cdef bint table_in_error(ResourceTable table) noexcept nogil:
-    if table.state == TABLE_IN_ERROR:
-        return True
-    return table.state == TABLE_LIVE and epoch_moved(table)
+    # live_state folds a moved reset epoch (a replica's news of its owner's
+    # reset) into TABLE_IN_ERROR: the one test for "recover, then re-drive".
+    return table.live_state() == TABLE_IN_ERROR
 
 
 cdef inline int table_state_rc(ResourceTable table) noexcept nogil:
-    if table_in_error(table):
-        return XFER_IN_ERROR        # reset, or the owner reset the AFU since
-    if table.state == TABLE_LIVE:
+    cdef int state = table.live_state()
+    if state == TABLE_LIVE:
         return 0
-    if table.state == TABLE_FOREIGN:
+    if state == TABLE_IN_ERROR:
+        return XFER_IN_ERROR        # reset, or the owner reset the AFU since
+    if state == TABLE_FOREIGN:
         return XFER_FOREIGN
     return XFER_GONE
 
@@ -438,10 +435,9 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
     cdef uint64_t extent = 0
     if rc == XFER_AFU_ERROR:
         if handle < table.rht_size:
-            with nogil:             # a read of the table: under its read lock
-                table.read_lock()
-                extent = table.extent(handle)
-                table.unlock()
+            table._rlock()          # a read of the table: under its read lock
+            extent = table.extent(handle)
+            table.unlock()
         raise afu_error(afu_rc, handle, bad_lba, write=write,
                         extent=extent if handle < table.rht_size else None)
     if rc == XFER_IN_ERROR:
@@ -602,7 +598,7 @@ cdef class DataPath:
         cdef uint64_t bs = self.block_size, bad = 0
         cdef int rc, afu_rc = 0
         self._check(v, n)
-        with nogil:
+        with nogil:             # check_extent loops over the range's chunks
             self.table.read_lock()
             rc = table_state_rc(self.table)
             if rc == 0 or rc == XFER_IN_ERROR:      # readinto recovers a reset
@@ -785,10 +781,9 @@ cdef class DataPath:
             if lat.shape[0] < n:
                 raise ValueError("lat_ns is shorter than the request list")
         cdef bint in_error
-        with nogil:
-            self.table.read_lock()
-            in_error = table_in_error(self.table)
-            self.table.unlock()
+        self.table._rlock()
+        in_error = table_in_error(self.table)
+        self.table.unlock()
         cdef bint may_recover = self.on_reset is not None
         if in_error and may_recover:
             # recover first, as readinto/write re-drive; a failed recovery
