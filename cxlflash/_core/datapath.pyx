@@ -41,7 +41,17 @@ import operator
 import os
 import stat
 import numpy as np
+from cxlflash._core import errors as _core_errors
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
+
+# The error of an argument outside its range: errno EINVAL.  The package's
+# CxlFlashError (an OSError) once it lives in _core.errors, else OSError.
+ArgumentError = getattr(_core_errors, "CxlFlashError", OSError)
+
+
+def einval(message):
+    """The exception for an argument outside its range (errno EINVAL)."""
+    return ArgumentError(_errno.EINVAL, message)
 
 cdef extern from "Python.h":
     # Declared here without an exception clause: the caller checks.  (On
@@ -101,7 +111,7 @@ cdef uint64_t _arg_u64_slow(object value, const char *name,
         raise TypeError(f"{name.decode()} must be an integer, not "
                         f"{type(value).__name__}") from None
     if v < 0 or v > hi:
-        raise OSError(_errno.EINVAL, f"{name.decode()} {v} is out of range: it "
+        raise einval(f"{name.decode()} {v} is out of range: it "
                       f"must be in {_range_text(hi)}")
     return <uint64_t> v
 
@@ -120,7 +130,7 @@ cdef uint64_t arg_u64(object value, const char *name,
 cdef uint32_t arg_block_size(object value) except 0:
     cdef uint64_t bs = arg_u64(value, b"block_size", 0xFFFFFFFF)
     if bs == 0 or bs % 512:
-        raise OSError(_errno.EINVAL, f"block_size {bs} is not a nonzero "
+        raise einval(f"block_size {bs} is not a nonzero "
                       f"multiple of 512")
     return <uint32_t> bs
 
@@ -144,7 +154,7 @@ cdef object u64_array(object obj, str name):
             return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
         if kind == "i":
             if a.min() < 0:
-                raise OSError(_errno.EINVAL, f"{name} holds {a.min()}: its values "
+                raise einval(f"{name} holds {a.min()}: its values "
                               f"must be in 0..2**64-1")
             return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
         if type(obj) is np.ndarray and kind != "O":
@@ -158,7 +168,7 @@ cdef object u64_array(object obj, str name):
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an array of integers") from None
     if vals and (min(vals) < 0 or max(vals) > NO_LIMIT):
-        raise OSError(_errno.EINVAL, f"{name} holds a value outside 0..2**64-1")
+        raise einval(f"{name} holds a value outside 0..2**64-1")
     return np.array(vals, dtype=np.uint64)
 
 
@@ -405,7 +415,7 @@ def scrub_chunks(int fd, zero_mode, auns, block_size):
     cdef uint64_t max_aun = OFF_MAX // chunk_bytes     # chunks below end within off_t
     for i in range(a.shape[0]):
         if a[i] >= max_aun:
-            raise OSError(_errno.EINVAL, f"chunk {a[i]} is beyond what a backing "
+            raise einval(f"chunk {a[i]} is beyond what a backing "
                           f"store can address (off_t): chunks must be below {max_aun}")
     with nogil:
         for i in range(a.shape[0]):
@@ -456,7 +466,7 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                       "DK_CXLFLASH_VERIFY on the disk to refresh the LUN's "
                       "capacity, then address only blocks within it")
     if rc == XFER_BEYOND_OFF_T:
-        raise OSError(_errno.EINVAL, f"block {bad_lba} of the {'write' if write else 'read'} "
+        raise einval(f"block {bad_lba} of the {'write' if write else 'read'} "
                       "lies beyond byte 2**63-1, the most a backing store can "
                       "address (off_t): address lower blocks")
     if rc == EINVAL:
@@ -521,11 +531,10 @@ cdef class DataPath:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
         if nblocks and nblocks - 1 > NO_LIMIT - lba:
-            raise OSError(_errno.EINVAL, f"blocks {lba}..{lba + nblocks - 1} pass "
+            raise einval(f"blocks {lba}..{lba + nblocks - 1} pass "
                           f"the last addressable LBA 2**64-1")
         if self._limit != NO_LIMIT and (lba > self._limit or nblocks > self._limit - lba):
-            raise OSError(
-                _errno.EINVAL,
+            raise einval(
                 (f"blocks {lba}..{lba + nblocks - 1}" if nblocks else f"LBA {lba}")
                 + f" are beyond the logical size of {self._limit} blocks: grow "
                 f"the LUN first")
@@ -607,7 +616,7 @@ cdef class DataPath:
         if rc:
             self._raise(rc, afu_rc, bad, 0)
         if n > <uint64_t> PY_SSIZE_T_MAX // bs:
-            raise OSError(_errno.EINVAL, f"blocks {v}..{v + n - 1} ({n} blocks of "
+            raise einval(f"blocks {v}..{v + n - 1} ({n} blocks of "
                           f"{bs} bytes) do not fit in one buffer: read fewer")
         buf = bytearray(n * bs)
         self.readinto(v, buf)
@@ -937,7 +946,7 @@ def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
         if o[i] != 1 and o[i] != 2:
             raise ValueError(f"request {i}: op {o[i]} is neither 1 (read) nor 2 (write)")
         if off[i] > OFF_MAX - nb:
-            raise OSError(_errno.EINVAL, f"request {i}: bytes {off[i]}..{off[i] + nb} "
+            raise einval(f"request {i}: bytes {off[i]}..{off[i] + nb} "
                           "pass byte 2**63-1, the most a backing store can address")
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:

@@ -15,8 +15,8 @@ from libc.stdint cimport uint8_t, uint64_t, int64_t
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cxlflash._core.datapath cimport arg_u64, arg_block_size, u64_array
 
-import errno as _errno
 import numpy as np
+from cxlflash._core.datapath import einval
 
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 
@@ -53,7 +53,7 @@ def fill(buffer, lbas, seqs, block_size, nblocks=1, buf_offsets=None):
             raise ValueError(f"buf_offsets has {off.shape[0]} entries for {n} LBAs")
     for i in range(n):
         if nb and nb - 1 > NO_LIMIT - l[i]:
-            raise OSError(_errno.EINVAL, f"request {i}: blocks {l[i]}..{l[i] + nb - 1} "
+            raise einval(f"request {i}: blocks {l[i]}..{l[i] + nb - 1} "
                           "pass LBA 2**64-1")
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:
@@ -92,7 +92,7 @@ def verify(buffer, first_lba, seqs, block_size):
     cdef const uint64_t *p
     cdef Py_buffer view
     if n and <uint64_t> (n - 1) > NO_LIMIT - first:
-        raise OSError(_errno.EINVAL, f"blocks {first}..{first + n - 1} pass LBA 2**64-1")
+        raise einval(f"blocks {first}..{first + n - 1} pass LBA 2**64-1")
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
     try:
         if <uint64_t> n > <uint64_t> view.len // bs:
