@@ -441,3 +441,44 @@ def test_listio_unknown_ops_and_wrapping_ranges_fail_alone(fd):
                       np.array([1, 1, U64 - 3, 1], np.uint64), buf, [0, 0, 0, BS])
     assert list(st) == [1, -errno.EINVAL, -errno.EINVAL, 1]
     assert dp.read(0, 16) == blocks(0, 16)
+
+
+def test_a_forked_childs_listio_recovers_after_its_owners_reset():
+    """End to end: the owner resets the AFU; the child's replica learns of
+    it through the reset epoch only (its table stays LIVE).  readinto
+    recovered; listio returned -1001 on main."""
+    import cxlflash
+    a = cxlflash.Adapter()
+    try:
+        w = a.add_lun(None, size=4 * CHUNK * BS)
+        ctx = a.open_disk(w).attach()
+        v = ctx.create_virtual(16)
+        v.write(0, blocks(0, 2))
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                       # pragma: no cover (child)
+            res = []
+            try:
+                ctx.clone_after_fork()
+                os.write(from_child_w, b"c")               # cloned: parent, reset now
+                os.read(to_child_r, 1)
+                buf = bytearray(2 * BS)
+                r = v.listio([LIST_READ, LIST_READ], [0, 1], [1, 1], buf)
+                res.append(r.ok)
+                res.append(bytes(buf) == blocks(0, 2))
+                res.append(ctx.resets == 1)
+            except BaseException:
+                res.append(False)
+            os.write(from_child_w, bytes(int(x) for x in res))
+            os._exit(0)
+        assert os.read(from_child_r, 1) == b"c"
+        a.reset()
+        os.write(to_child_w, b"r")
+        got = os.read(from_child_r, 16)
+        os.waitpid(pid, 0)
+        for f in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(f)
+        assert list(got) == [1, 1, 1]
+    finally:
+        a.close()
