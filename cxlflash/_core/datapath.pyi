@@ -5,6 +5,10 @@ import numpy.typing as npt
 
 from .tables import ResourceTable
 
+ArgumentError: type[OSError]
+
+def einval(message: str) -> OSError: ...
+
 LIST_READ: int
 LIST_WRITE: int
 LIST_UNMAP: int

@@ -601,7 +601,7 @@ cdef class DataPath:
 
         The range is checked -- as a number, against the logical size, and
         against the handle as the AFU checks it -- before the buffer is
-        allocated."""
+        allocated; a valid range too large for memory is MemoryError."""
         cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
         cdef uint64_t n = arg_u64(nblocks, b"nblocks", NO_LIMIT)
         cdef uint64_t bs = self.block_size, bad = 0
