@@ -136,6 +136,7 @@ cdef uint32_t arg_block_size(object value) except 0:
 
 
 cdef object _U64 = np.dtype(np.uint64)
+cdef object _U8 = np.dtype(np.uint8)
 
 
 cdef object u64_array(object obj, str name):
@@ -170,6 +171,16 @@ cdef object u64_array(object obj, str name):
     if vals and (min(vals) < 0 or max(vals) > NO_LIMIT):
         raise einval(f"{name} holds a value outside 0..2**64-1")
     return np.array(vals, dtype=np.uint64)
+
+
+cdef object op_array(object ops):
+    """List I/O request types as uint8: a uint8 ndarray as it is, anything
+    else checked as integers; a type above 255 becomes 0 (refused per
+    request, like every unknown type), never wrapped onto a valid one."""
+    if type(ops) is np.ndarray and (<object> ops).dtype is _U8:
+        return np.ascontiguousarray(ops).reshape(-1)
+    a = u64_array(ops, "ops")
+    return np.where(a > 255, 0, a).astype(np.uint8)
 
 
 # -- I/O primitives ---------------------------------------------------------------
@@ -775,7 +786,7 @@ cdef class DataPath:
         if self.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
-        cdef const uint64_t[::1] o = u64_array(ops, "ops")
+        cdef const uint8_t[::1] o = op_array(ops)
         cdef const uint64_t[::1] l = u64_array(lbas, "lbas")
         cdef const uint64_t[::1] c = u64_array(nblocks, "nblocks")
         cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
