@@ -62,7 +62,7 @@ def _after_fork_in_child():
         # ours, and their data paths refuse I/O (AFU rc 0x21).
         for ctx in list(a._driver.ctx_tbl) + list(a._driver.ctx_err_recovery):
             if ctx is not None:
-                ctx.table.state = 3         # TABLE_FOREIGN
+                ctx.table.set_state(3)      # TABLE_FOREIGN
         a._executor = None                  # its threads stayed in the parent
         a._invalidate_paths()               # the parent's contexts are not ours
         a._xlate_pool = []
