@@ -493,9 +493,8 @@ class Adapter:
             # The AFU's checks (context state, permission, the extent) on
             # the first and last block, before the buffer exists.
             last = lba + nblocks - 1
-            if last > _args.U64_MAX:
-                raise CxlFlashError(errno.EINVAL, f"blocks {lba}..{last} go beyond "
-                                    "LBA 2**64-1")
+            if last > _args.U64_MAX:         # the AFU refuses a wrapping range
+                raise afu_error(0x13, rsrc_handle, _args.U64_MAX)
             try:
                 dp.table.translate_many(rsrc_handle,
                                         np.array([lba, last], dtype=np.uint64))
