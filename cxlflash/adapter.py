@@ -64,6 +64,7 @@ def _after_fork_in_child():
             if ctx is not None:
                 ctx.table.set_state(3)      # TABLE_FOREIGN
         a._executor = None                  # its threads stayed in the parent
+        a._lock = threading.Lock()          # another thread may have held it
         a._invalidate_paths()               # the parent's contexts are not ours
         a._xlate_pool = []
         pair = a._fork_pair
@@ -75,6 +76,12 @@ def _after_fork_in_child():
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
+
+
+def _ints(context_id, rsrc_handle, lba):
+    """The integer arguments of the AFU data path, checked (_args)."""
+    return (_args.integer(context_id, "context_id"),
+            _args.integer(rsrc_handle, "rsrc_handle"), _args.u64(lba, "lba"))
 
 
 def _caller():
@@ -160,7 +167,8 @@ class Adapter:
         self._executor = None
         self._fork_pair = None
         self._remote = None          # in a forked child: the parent's driver
-        # The AFU data path's per-(context_id, handle) DataPaths: built on
+        # The AFU data path's DataPaths, _paths[context_id][handle] =
+        # (dp.readinto, dp.write, dp): built on
         # first use, dropped whenever an ioctl, a reset, a fork or close
         # may have changed what a context id or handle means (see _io_path).
         self._paths = {}
@@ -429,8 +437,9 @@ class Adapter:
         change what a (context_id, handle) pair addresses -- every ioctl
         (ATTACH, USER_*, RELEASE, DETACH, RECOVER, CLONE, and the adapter-fd
         releases an ioctl reaps), resets, add/delete of LUNs, fork, close."""
-        self._paths_gen += 1
-        self._paths.clear()
+        with self._lock:
+            self._paths_gen += 1
+            self._paths.clear()
 
     def _closed_error(self):
         return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the adapter is closed: "
@@ -445,8 +454,6 @@ class Adapter:
         path still checks the table's state and the handle under the
         table's read lock, so a context destroyed or put in error since is
         refused exactly as here."""
-        context_id = _args.integer(context_id, "context_id")
-        rsrc_handle = _args.integer(rsrc_handle, "rsrc_handle")
         gen = self._paths_gen
         if os.getpid() == self._owner_pid and self._driver.closed:
             raise self._closed_error()
@@ -466,7 +473,8 @@ class Adapter:
                       zero_mode=backing.zero_mode)
         with self._lock:
             if self._paths_gen == gen:
-                self._paths[context_id, rsrc_handle] = dp
+                self._paths.setdefault(context_id, {})[rsrc_handle] = (
+                    dp.readinto, dp.write, dp)
         return dp
 
     def _io_error(self, e, name="lba"):
@@ -483,11 +491,11 @@ class Adapter:
         handle of a context; returns bytes.  Raises :class:`AfuError` or
         :class:`AdapterResetError` as the AFU would refuse the command --
         before any buffer is allocated."""
+        context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
         try:
-            dp = self._paths[context_id, rsrc_handle]
-        except (KeyError, TypeError):
+            dp = self._paths[context_id][rsrc_handle][2]
+        except KeyError:
             dp = self._io_path(context_id, rsrc_handle)
-        lba = _args.u64(lba, "lba")
         nblocks = _args.u64(nblocks, "nblocks")
         if nblocks:
             # The AFU's checks (context state, permission, the extent) on
@@ -507,31 +515,36 @@ class Adapter:
             raise self._io_error(e) from None
         return bytes(buf)
 
+    # The hot paths (what ported C code calls per request): one test of
+    # the argument types, two dict lookups, the core.
+
     def readinto(self, context_id: int, rsrc_handle: int, lba: int, buffer: Any) -> int:
         """Read into ``buffer`` (a multiple of the block size); returns the
         number of blocks read."""
+        if (lba.__class__ is not int or context_id.__class__ is not int
+                or rsrc_handle.__class__ is not int):
+            context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
         try:
-            dp = self._paths[context_id, rsrc_handle]
-        except (KeyError, TypeError):
-            dp = self._io_path(context_id, rsrc_handle)
-        if lba.__class__ is not int or lba < 0:
-            lba = _args.u64(lba, "lba")
+            fn = self._paths[context_id][rsrc_handle][0]
+        except KeyError:
+            fn = self._io_path(context_id, rsrc_handle).readinto
         try:
-            return dp.readinto(lba, buffer)
-        except (OSError, OverflowError) as e:
+            return fn(lba, buffer)
+        except (OSError, OverflowError) as e:    # a negative lba: OverflowError
             raise self._io_error(e) from None
 
     def write(self, context_id: int, rsrc_handle: int, lba: int, data: Any) -> int:
         """Write ``data`` (a multiple of the block size) at ``lba``; returns
         the number of blocks written."""
+        if (lba.__class__ is not int or context_id.__class__ is not int
+                or rsrc_handle.__class__ is not int):
+            context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
         try:
-            dp = self._paths[context_id, rsrc_handle]
-        except (KeyError, TypeError):
-            dp = self._io_path(context_id, rsrc_handle)
-        if lba.__class__ is not int or lba < 0:
-            lba = _args.u64(lba, "lba")
+            fn = self._paths[context_id][rsrc_handle][1]
+        except KeyError:
+            fn = self._io_path(context_id, rsrc_handle).write
         try:
-            return dp.write(lba, data)
+            return fn(lba, data)
         except (OSError, OverflowError) as e:
             raise self._io_error(e) from None
 
@@ -544,9 +557,11 @@ class Adapter:
         this call that nothing references any more (it is recycled, which
         saves page-faulting a large array on every call).
         """
+        context_id = _args.integer(context_id, "context_id")
+        rsrc_handle = _args.integer(rsrc_handle, "rsrc_handle")
         try:
-            dp = self._paths[context_id, rsrc_handle]
-        except (KeyError, TypeError):
+            dp = self._paths[context_id][rsrc_handle][2]
+        except KeyError:
             dp = self._io_path(context_id, rsrc_handle)
         if not (lbas.__class__ is np.ndarray and lbas.dtype.kind in "iu"
                 and lbas.dtype.itemsize == 8 and lbas.ndim == 1

@@ -148,6 +148,8 @@ class _Lun:
         dp.limit = self._size
         dp.on_reset = self._recover
         self._dp = dp
+        self._readinto = dp.readinto
+        self._write = dp.write
         self.block_size = glun.blk_len
 
     def _after_fork(self):
@@ -188,19 +190,19 @@ class _Lun:
     def readinto(self, lba: int, buffer: Any) -> int:
         """Read ``len(buffer) // block_size`` blocks at ``lba`` into
         ``buffer``; returns the number of blocks read."""
-        if lba.__class__ is not int or lba < 0:
+        if lba.__class__ is not int:
             lba = _args.u64(lba, "lba")
-        try:
-            return self._dp.readinto(lba, buffer)
+        try:                            # a negative lba: OverflowError
+            return self._readinto(lba, buffer)
         except (OSError, OverflowError) as e:
             raise self._error(e) from None
 
     def write(self, lba: int, data: Any) -> int:
         """Write ``data`` at ``lba``; returns the number of blocks written."""
-        if lba.__class__ is not int or lba < 0:
+        if lba.__class__ is not int:
             lba = _args.u64(lba, "lba")
         try:
-            return self._dp.write(lba, data)
+            return self._write(lba, data)
         except (OSError, OverflowError) as e:
             raise self._error(e) from None
 
