@@ -86,7 +86,7 @@ class Context:
 
     @adap_fd.setter
     def adap_fd(self, value: int) -> None:
-        self._held.adap_fd = value
+        self._held.set_fd(value)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -154,12 +154,12 @@ class Context:
             self._ioctl(self.disks[0], uapi.DK_CXLFLASH_RECOVER_AFU, arg)
             if not arg.hdr.return_flags & uapi.DK_CXLFLASH_RECOVER_AFU_CONTEXT_RESET:
                 return False
-            old_fd = self.adap_fd
+            old_fd, old_ident = self.adap_fd, self._held.ident
             self.context_id = arg.context_id
             self.adap_fd = arg.adap_fd
             self.resets += 1
             if arg.hdr.return_flags & uapi.DK_CXLFLASH_APP_CLOSE_ADAP_FD:
-                _close_quietly(old_fd)
+                _close_quietly(old_fd, old_ident)
             for lun in self.luns:
                 lun._rebind()
                 lun._stats_extra["num_reset_contexts"] += 1
@@ -179,6 +179,7 @@ class Context:
         with self._lock:
             self._check_open()
             parent_id, parent_fd = self.context_id, self.adap_fd
+            parent_ident = self._held.ident
             first = self.disks[0]
             arg = uapi.dk_cxlflash_attach()
             arg.hdr.flags = mode
@@ -223,7 +224,7 @@ class Context:
             self.context_id, self.adap_fd, self.mode = child_id, child_fd, mode
             self._held.pid = os.getpid()         # the child's context now
             self.return_flags = arg.hdr.return_flags
-            _close_quietly(parent_fd)        # the child's copy of the parent's fd
+            _close_quietly(parent_fd, parent_ident)   # the child's copy of it
             for lun in self.luns:
                 lun.handle = handles.get(lun, lun.handle)
                 lun._after_fork()
@@ -256,7 +257,7 @@ class Context:
                 except CxlFlashError as e:
                     if e.errno != errno.EINVAL:   # EINVAL: already gone
                         first_error = first_error or e
-            _close_quietly(self.adap_fd)
+            self._held.close_fd()
             self._held.closed = True
             self._finalizer.detach()
             self.closed = True
@@ -282,13 +283,20 @@ class Context:
 class _Held:
     """A context's adapter fd and id, shared with its finaliser."""
 
-    __slots__ = ("adap_fd", "context_id", "pid", "closed")
+    __slots__ = ("adap_fd", "ident", "context_id", "pid", "closed")
 
     def __init__(self, adap_fd, context_id):
-        self.adap_fd = adap_fd
+        self.set_fd(adap_fd)
         self.context_id = context_id
         self.pid = os.getpid()
         self.closed = False
+
+    def set_fd(self, fd):
+        self.adap_fd = fd
+        self.ident = _fd_identity(fd)
+
+    def close_fd(self):
+        _close_quietly(self.adap_fd, self.ident)
 
 
 def _release_dropped(held):
@@ -300,7 +308,7 @@ def _release_dropped(held):
     if held.closed or os.getpid() != held.pid:
         return
     held.closed = True
-    _close_quietly(held.adap_fd)
+    held.close_fd()
     try:
         warnings.warn(f"unclosed cxlflash Context 0x{held.context_id:016x}: its "
                       "adapter fd was closed, releasing the context (use close() "
@@ -309,9 +317,24 @@ def _release_dropped(held):
         pass
 
 
-def _close_quietly(fd):
-    if fd is not None and 0 <= fd < (1 << 31):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def _fd_identity(fd):
+    """(st_dev, st_ino) of an open fd, or None."""
+    try:
+        st = os.fstat(fd)
+    except (OSError, TypeError, ValueError, OverflowError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _close_quietly(fd, ident=None):
+    """Close the adapter fd -- only if the number still names the file it
+    named when we got it: if the user closed it already and the number was
+    reused (by a backing store, say), closing it would break that file."""
+    if fd is None or not 0 <= fd < (1 << 31):
+        return
+    if ident is not None and _fd_identity(fd) != ident:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass

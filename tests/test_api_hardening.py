@@ -531,3 +531,27 @@ def test_translate_out_and_recycling(adapter, ctx, vlun):
     assert r4.ctypes.data == addr and (r4 == ref).all()    # recycled
     with pytest.raises(TypeError):
         adapter.translate(cid, h, lbas, out=np.zeros(3, np.uint64))
+
+
+def test_close_never_closes_a_reused_adapter_fd_number(disk, tmp_path):
+    """C-style code closed the adapter fd itself; its number was reused by
+    another file: Context.close() (and the finaliser) leave that file open."""
+    ctx = disk.attach()
+    fd = ctx.adap_fd
+    os.close(fd)
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert other == fd
+        ctx.close()
+        os.fstat(other)                          # still open
+        ctx2 = disk.attach()
+        os.close(ctx2.adap_fd)
+        fd2 = os.open(tmp_path / "other2", os.O_RDWR | os.O_CREAT, 0o600)
+        assert fd2 == ctx2.adap_fd
+        with pytest.warns(ResourceWarning):
+            del ctx2
+            gc.collect()
+        os.fstat(fd2)
+        os.close(fd2)
+    finally:
+        os.close(other)
