@@ -185,7 +185,7 @@ class _Lun:
         if (e.__class__ is OSError and e.errno == errno.EINVAL
                 and "logical size" in str(e.strerror)):
             return CxlFlashError(errno.EINVAL, e.strerror)
-        return e
+        return self.adapter._io_error(e, name)
 
     def readinto(self, lba: int, buffer: Any) -> int:
         """Read ``len(buffer) // block_size`` blocks at ``lba`` into

@@ -132,9 +132,11 @@ def test_io_after_close_is_a_clear_error_and_touches_no_fd(tmp_path):
             with pytest.raises(AfuError) as e:
                 call()
             assert e.value.afu_rc == 0x21 and "adapter is closed" in str(e.value)
-        with pytest.raises(AfuError) as e:
-            v.write(0, pattern(0, 1))
-        assert e.value.afu_rc == 0x21
+        for call in (lambda: v.write(0, pattern(0, 1)), lambda: v.read(0, 1),
+                     lambda: v.unmap(0, 1)):
+            with pytest.raises(AfuError) as e:
+                call()
+            assert e.value.afu_rc == 0x21 and "adapter is closed" in str(e.value)
         assert all(os.path.getsize(p) == 0 for p in paths)
     finally:
         for f in fds:
