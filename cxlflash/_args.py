@@ -79,11 +79,6 @@ def size(value, name="size", limit=None):
     return nonneg(value, name, limit)
 
 
-def access_mode(mode, name="mode", modes=None):
-    """An access mode (os.O_RDONLY / O_WRONLY / O_RDWR)."""
-    return integer(mode, name)
-
-
 def lba_array(values, name="lbas"):
     """A contiguous uint64 array of LBAs (or counts, offsets) from any
     array-like of integers: TypeError for non-integers (floats, strings,
@@ -123,6 +118,7 @@ def lba_array(values, name="lbas"):
     return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
-def convert_overflow(exc, name):
-    """The CxlFlashError for an OverflowError of a C conversion."""
-    return CxlFlashError(errno.EINVAL, f"{name} is outside 0..2**64-1 ({exc})")
+def u64_error(value, name):
+    """The CxlFlashError for an integer the core could not take as a
+    64-bit unsigned value."""
+    return CxlFlashError(errno.EINVAL, f"{name} {value} is outside 0..2**64-1")

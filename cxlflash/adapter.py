@@ -477,10 +477,10 @@ class Adapter:
                     dp.readinto, dp.write, dp)
         return dp
 
-    def _io_error(self, e, name="lba"):
+    def _io_error(self, e, lba=0):
         """Map an error of a cached path's call to the documented one."""
-        if isinstance(e, OverflowError):
-            return _args.convert_overflow(e, name)
+        if isinstance(e, OverflowError) or lba > _args.U64_MAX:
+            return _args.u64_error(lba, "lba")
         if (isinstance(e, AfuError) and e.afu_rc == 0x21 and
                 os.getpid() == self._owner_pid and self._driver.closed):
             return self._closed_error()
@@ -521,8 +521,8 @@ class Adapter:
     def readinto(self, context_id: int, rsrc_handle: int, lba: int, buffer: Any) -> int:
         """Read into ``buffer`` (a multiple of the block size); returns the
         number of blocks read."""
-        if (lba.__class__ is not int or context_id.__class__ is not int
-                or rsrc_handle.__class__ is not int):
+        if (lba.__class__ is not int or lba < 0
+                or context_id.__class__ is not int or rsrc_handle.__class__ is not int):
             context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
         try:
             fn = self._paths[context_id][rsrc_handle][0]
@@ -530,14 +530,14 @@ class Adapter:
             fn = self._io_path(context_id, rsrc_handle).readinto
         try:
             return fn(lba, buffer)
-        except (OSError, OverflowError) as e:    # a negative lba: OverflowError
-            raise self._io_error(e) from None
+        except (OSError, OverflowError) as e:
+            raise self._io_error(e, lba) from None
 
     def write(self, context_id: int, rsrc_handle: int, lba: int, data: Any) -> int:
         """Write ``data`` (a multiple of the block size) at ``lba``; returns
         the number of blocks written."""
-        if (lba.__class__ is not int or context_id.__class__ is not int
-                or rsrc_handle.__class__ is not int):
+        if (lba.__class__ is not int or lba < 0
+                or context_id.__class__ is not int or rsrc_handle.__class__ is not int):
             context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
         try:
             fn = self._paths[context_id][rsrc_handle][1]
@@ -546,7 +546,7 @@ class Adapter:
         try:
             return fn(lba, data)
         except (OSError, OverflowError) as e:
-            raise self._io_error(e) from None
+            raise self._io_error(e, lba) from None
 
     def translate(self, context_id: int, rsrc_handle: int, lbas: Any, *,
                   out: Optional[np.ndarray] = None) -> np.ndarray:

@@ -178,33 +178,33 @@ class _Lun:
     # The hot paths: the cheapest possible argument test inline, the data
     # path's own range check (converted to CxlFlashError), then the core.
 
-    def _error(self, e, name="lba"):
+    def _error(self, e, lba=0):
         """The documented exception for an error of the core's call."""
-        if e.__class__ is OverflowError:
-            return _args.convert_overflow(e, name)
+        if e.__class__ is OverflowError or lba > _args.U64_MAX:
+            return _args.u64_error(lba, "lba")
         if (e.__class__ is OSError and e.errno == errno.EINVAL
                 and "logical size" in str(e.strerror)):
             return CxlFlashError(errno.EINVAL, e.strerror)
-        return self.adapter._io_error(e, name)
+        return self.adapter._io_error(e, lba)
 
     def readinto(self, lba: int, buffer: Any) -> int:
         """Read ``len(buffer) // block_size`` blocks at ``lba`` into
         ``buffer``; returns the number of blocks read."""
-        if lba.__class__ is not int:
+        if lba.__class__ is not int or lba < 0:
             lba = _args.u64(lba, "lba")
-        try:                            # a negative lba: OverflowError
+        try:
             return self._readinto(lba, buffer)
         except (OSError, OverflowError) as e:
-            raise self._error(e) from None
+            raise self._error(e, lba) from None
 
     def write(self, lba: int, data: Any) -> int:
         """Write ``data`` at ``lba``; returns the number of blocks written."""
-        if lba.__class__ is not int:
+        if lba.__class__ is not int or lba < 0:
             lba = _args.u64(lba, "lba")
         try:
             return self._write(lba, data)
         except (OSError, OverflowError) as e:
-            raise self._error(e) from None
+            raise self._error(e, lba) from None
 
     def read(self, lba: int, nblocks: int) -> bytearray:
         """Read ``nblocks`` blocks at ``lba``; returns a bytearray."""
