@@ -248,7 +248,10 @@ class Adapter:
         16-byte WWID.
         """
         self._check_owner()
-        ports = tuple(ports)
+        ports = tuple(_args.integer(p, "ports[]") for p in ports)
+        if size is not None:
+            size = _args.integer(size, "size")
+        block_size = _args.integer(block_size, "block_size")
         if not ports:
             raise CxlFlashError(errno.EINVAL, "a LUN needs at least one port")
         if wwid is None:
@@ -289,6 +292,8 @@ class Adapter:
         ``port`` with HT_CXLFLASH_LUN_PROVISION -- in memory, or as a file
         in the adapter's directory -- and enable superpipe mode on it.
         Returns its WWID."""
+        size = _args.integer(size, "size")
+        port = _args.integer(port, "port")
         if size <= 0 or size % uapi.CXLFLASH_BLOCK_SIZE:
             raise CxlFlashError(errno.EINVAL, f"a LUN size must be a positive multiple "
                                 f"of 4096 bytes, got {size}")
