@@ -389,11 +389,13 @@ class Adapter:
         self._invalidate_paths()
         backing = self._backings.pop(wwid, None)
         if backing is not None:
-            # No handle reaches the LUN any more (checked above, and every
-            # RELEASE took its table's write lock); fence every table anyway
-            # so that no transfer of a data path built before is still
-            # running when the fd number is freed.
-            self._fence(self._tables())
+            # No handle reaches the LUN any more (checked above; the DELETE
+            # ioctl fenced the tables that did with Driver.fence_backing, and
+            # every RELEASE took its table's write lock).  Also wait for the
+            # transfers in flight through ANY table: a data path kept from
+            # before a RELEASE whose handle number was re-opened on another
+            # LUN still carries this fd (hazard H1 in /work/notes/api.md).
+            self._fence(self._driver.contexts())
             backing.close()
             if p["path"]:
                 os.unlink(p["path"])
@@ -663,28 +665,22 @@ class Adapter:
             return
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        tables = self._tables()
-        self._driver.close()             # every context's table GONE, fenced
+        # Driver.close() sets every context's table GONE under its write
+        # lock: it returns after every transfer in flight has ended, and
+        # none starts afterwards (AfuError 0x21).
+        self._driver.close()
         self._invalidate_paths()
         self._xlate_pool = []
-        self._fence(tables)
         for b in self._backings.values():
             b.close()
         self._backings.clear()
 
-    def _tables(self):
-        """The tables of every context the driver knows (live or in error)."""
-        drv = self._driver
-        with drv.ctx_tbl_lock:
-            return [c.table for c in list(drv.ctx_tbl) + list(drv.ctx_err_recovery)
-                    if c is not None]
-
     @staticmethod
-    def _fence(tables):
-        """Wait until no transfer is in flight through ``tables`` (each
-        table's write lock, taken and dropped)."""
-        for t in tables:
-            with t.fence():
+    def _fence(contexts):
+        """Wait until no transfer is in flight through the contexts' tables
+        (each table's write lock, taken and dropped)."""
+        for c in contexts:
+            with c.table.fence():
                 pass
 
     def __enter__(self):

@@ -56,7 +56,7 @@ class Context:
         # What a dropped Context gives back (its finaliser must not refer
         # to the Context itself): the adapter fd, whose last close releases
         # the context -- its PE, handles and chunks -- as the kernel does.
-        self._held = _Held(arg.adap_fd, arg.context_id)
+        self._held = _Held(arg.adap_fd, arg.context_id, self.adapter)
         self._finalizer = weakref.finalize(self, _release_dropped, self._held)
         self._finalizer.atexit = False
         self.block_size = arg.block_size
@@ -257,6 +257,7 @@ class Context:
                 except CxlFlashError as e:
                     if e.errno != errno.EINVAL:   # EINVAL: already gone
                         first_error = first_error or e
+            self._held.retire()
             self._held.close_fd()
             self._held.closed = True
             self._finalizer.detach()
@@ -283,13 +284,22 @@ class Context:
 class _Held:
     """A context's adapter fd and id, shared with its finaliser."""
 
-    __slots__ = ("adap_fd", "ident", "context_id", "pid", "closed")
+    __slots__ = ("adap_fd", "ident", "context_id", "pid", "closed", "adapter")
 
-    def __init__(self, adap_fd, context_id):
+    def __init__(self, adap_fd, context_id, adapter):
         self.set_fd(adap_fd)
         self.context_id = context_id
         self.pid = os.getpid()
         self.closed = False
+        self.adapter = adapter
+
+    def retire(self):
+        """In a forked child, before the adapter fd is closed: stop the
+        replica's data path (transfers under way end first), so none can
+        use the chunks the owner frees when it sees the close."""
+        remote = self.adapter._client()
+        if remote is not None:
+            remote.retire_context(self.context_id)
 
     def set_fd(self, fd):
         self.adap_fd = fd
@@ -308,6 +318,10 @@ def _release_dropped(held):
     if held.closed or os.getpid() != held.pid:
         return
     held.closed = True
+    try:
+        held.retire()
+    except Exception:          # interpreter shutdown: the fd still goes
+        pass
     held.close_fd()
     try:
         warnings.warn(f"unclosed cxlflash Context 0x{held.context_id:016x}: its "

@@ -557,3 +557,23 @@ def test_close_never_closes_a_reused_adapter_fd_number(disk, tmp_path):
         os.close(fd2)
     finally:
         os.close(other)
+
+
+def test_a_forked_childs_dropped_context_retires_its_replica_first(adapter, disk):
+    """In a forked child, the finaliser of the child's own dropped Context
+    stops the replica's data path before it closes the adapter fd, so no
+    child thread can use chunks the owner frees when it sees the close."""
+    from forking import in_child
+
+    def child():
+        ctx = disk.attach()
+        v = ctx.create_virtual(1)
+        v.write(0, pattern(0, 1))
+        table = adapter._context_record(ctx.context_id).table
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del ctx, v
+            gc.collect()
+        return table.state
+
+    assert in_child(child) == 2            # TABLE_GONE
