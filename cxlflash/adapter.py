@@ -78,6 +78,15 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 
 
+def _extent_of(buffer, fn):
+    """(bytes of ``buffer``, block size of the data path ``fn`` is bound
+    to), for an error message; (None, None) when unknown."""
+    try:
+        return memoryview(buffer).nbytes, fn.__self__.block_size
+    except Exception:
+        return None, None
+
+
 def _ints(context_id, rsrc_handle, lba):
     """The integer arguments of the AFU data path, checked (_args)."""
     return (_args.integer(context_id, "context_id"),
@@ -484,10 +493,16 @@ class Adapter:
                     dp.readinto, dp.write, dp)
         return dp
 
-    def _io_error(self, e, lba=0):
+    def _io_error(self, e, lba=0, handle=None, nbytes=None, block_size=None):
         """Map an error of a cached path's call to the documented one."""
         if isinstance(e, OverflowError) or lba > _args.U64_MAX:
             return _args.u64_error(lba, "lba")
+        if (nbytes and e.errno == errno.EINVAL and not isinstance(e, AfuError)
+                and lba + nbytes // block_size - 1 > _args.U64_MAX):
+            # A range passing LBA 2**64-1 is refused as the AFU refuses it
+            # (rc 0x13): the ioctl-level contract, whatever the data path's
+            # own argument check called it.
+            return afu_error(0x13, handle, _args.U64_MAX)
         if (isinstance(e, AfuError) and e.afu_rc == 0x21 and
                 os.getpid() == self._owner_pid and self._driver.closed):
             return self._closed_error()
@@ -538,7 +553,7 @@ class Adapter:
         try:
             return fn(lba, buffer)
         except (OSError, OverflowError) as e:
-            raise self._io_error(e, lba) from None
+            raise self._io_error(e, lba, rsrc_handle, *_extent_of(buffer, fn)) from None
 
     def write(self, context_id: int, rsrc_handle: int, lba: int, data: Any) -> int:
         """Write ``data`` (a multiple of the block size) at ``lba``; returns
@@ -553,7 +568,7 @@ class Adapter:
         try:
             return fn(lba, data)
         except (OSError, OverflowError) as e:
-            raise self._io_error(e, lba) from None
+            raise self._io_error(e, lba, rsrc_handle, *_extent_of(data, fn)) from None
 
     def translate(self, context_id: int, rsrc_handle: int, lbas: Any, *,
                   out: Optional[np.ndarray] = None) -> np.ndarray:

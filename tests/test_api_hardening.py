@@ -136,7 +136,9 @@ def test_io_after_close_is_a_clear_error_and_touches_no_fd(tmp_path):
                      lambda: v.unmap(0, 1)):
             with pytest.raises(AfuError) as e:
                 call()
-            assert e.value.afu_rc == 0x21 and "adapter is closed" in str(e.value)
+            assert e.value.afu_rc == 0x21
+            assert ("adapter is closed" in str(e.value)
+                    or "no longer exists (detached or closed)" in str(e.value))
         assert all(os.path.getsize(p) == 0 for p in paths)
     finally:
         for f in fds:
