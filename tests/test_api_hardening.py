@@ -579,3 +579,30 @@ def test_a_forked_childs_dropped_context_retires_its_replica_first(adapter, disk
         return table.state
 
     assert in_child(child) == 2            # TABLE_GONE
+
+
+def test_a_failing_open_raises_its_own_error_and_leaks_nothing(adapter, disk,
+                                                               monkeypatch):
+    ctx = disk.attach()
+    table = adapter._context_record(ctx.context_id).table
+    real = cxlflash.VirtualLun.set_size
+
+    def faulty(self, *args, **kw):         # after USER_VIRTUAL succeeded:
+        adapter.inject_fault("sync", 3)    # resize, its retry, and the RELEASE
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(cxlflash.VirtualLun, "set_size", faulty)
+    with pytest.raises(CxlFlashError) as e:
+        ctx.create_virtual(2 * CHUNK)
+    assert e.value.errno == errno.EAGAIN and "resize again" in str(e.value)
+    adapter.inject_fault("sync", 0)
+    assert table.rht_out == 1 and len(ctx.luns) == 1   # still held, not lost
+    ctx.close()
+    assert table.rht_out == 0 and ctx.luns == []
+
+
+def test_listio_request_type_above_255_is_not_a_read(vlun):
+    vlun.write(0, pattern(0, 1))
+    buf = bytearray(BS)
+    res = vlun.listio([257], [0], [1], buf)
+    assert res.error(0).errno == errno.EINVAL and buf == bytearray(BS)
