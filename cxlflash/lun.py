@@ -261,7 +261,8 @@ class _Lun:
         optional int64 array that receives per-request latencies.  Returns a
         :class:`ListResult`; one failing request does not stop the others.
         """
-        op = _args.lba_array(ops, "ops")
+        if not (ops.__class__ is np.ndarray and ops.dtype == np.uint8):
+            ops = np.minimum(_args.lba_array(ops, "ops"), 255).astype(np.uint8)
         lb = _args.lba_array(lbas, "lbas")
         nb = _args.lba_array(nblocks, "nblocks")
         if offsets is None:
@@ -278,8 +279,7 @@ class _Lun:
                                        and lat_ns.dtype == np.int64):
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
-        status, codes = self._dp.listio(np.minimum(op, 255).astype(np.uint8), lb, nb,
-                                        buffer, offsets, lat_ns)
+        status, codes = self._dp.listio(ops, lb, nb, buffer, offsets, lat_ns)
         return ListResult(self, status, codes, lb, nb)
 
     # -- asynchronous I/O ---------------------------------------------------------------------
