@@ -5,7 +5,10 @@ A context is created by :meth:`Disk.attach` (DK_CXLFLASH_ATTACH), holds the
 adapter fd, and opens LUNs: :meth:`create_virtual` (a thin vLUN) and
 :meth:`open_direct` (the whole physical LUN).  Closing it releases every
 LUN, detaches every disk and closes the adapter fd -- also when a ``with``
-body raises.
+body raises.  A context dropped without close() is released as a dropped
+file object is: its adapter fd is closed (with a ``ResourceWarning``), and
+the driver's release of that fd detaches it and frees its PE, handles and
+chunks.
 """
 import errno
 import os
