@@ -34,11 +34,6 @@ from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.errors import afu_error
 from .errors import CxlFlashError, AdapterResetError
 
-# When the core checks lba itself as _args does (TypeError for a
-# non-integer, CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the
-# logical size), readinto and write are the core's own methods: no Python
-# frame on the hot path.
-_CORE_CHECKS_ARGS = getattr(_datapath, "ArgumentError", None) is CxlFlashError
 
 __all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
            "LIST_UNMAP", "CHUNK_BLOCKS"]
@@ -157,9 +152,12 @@ class _Lun:
         self._dp = dp
         self._readinto = dp.readinto
         self._write = dp.write
-        if _CORE_CHECKS_ARGS:
-            self.readinto = dp.readinto
-            self.write = dp.write
+        # The core checks lba as _args does (TypeError for a non-integer,
+        # CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the logical
+        # size): the object's readinto and write are the core's own
+        # methods, with no Python frame on the hot path.
+        self.readinto = dp.readinto
+        self.write = dp.write
         self.block_size = glun.blk_len
 
     def _after_fork(self):

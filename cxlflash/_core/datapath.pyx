@@ -45,8 +45,8 @@ from cxlflash._core import errors as _core_errors
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
 
 # The error of an argument outside its range: errno EINVAL.  The package's
-# CxlFlashError (an OSError) once it lives in _core.errors, else OSError.
-ArgumentError = getattr(_core_errors, "CxlFlashError", OSError)
+# An argument out of range: a CxlFlashError (an OSError), errno EINVAL.
+ArgumentError = _core_errors.CxlFlashError
 
 
 def einval(message):
