@@ -6,20 +6,10 @@ Every error is an ``OSError`` whose ``errno`` is what the kernel driver
 import errno as _errno
 import os
 
-from ._core.errors import AdapterResetError, AfuError
+from ._core.errors import AdapterResetError, AfuError, CxlFlashError
 
 __all__ = ["CxlFlashError", "AfuError", "AdapterResetError",
            "ForkedAdapterError"]
-
-
-class CxlFlashError(OSError):
-    """An ioctl failed: ``errno`` is the kernel's errno for that failure."""
-
-    def __init__(self, err, message=None):
-        super().__init__(err, message or os.strerror(err))
-
-    def __reduce__(self):
-        return (CxlFlashError, (self.errno, self.strerror))
 
 
 class ForkedAdapterError(CxlFlashError):
