@@ -5,8 +5,6 @@ import numpy.typing as npt
 
 from .tables import ResourceTable
 
-ArgumentError: type[OSError]
-
 def einval(message: str) -> OSError: ...
 
 LIST_READ: int
