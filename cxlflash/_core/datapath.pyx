@@ -674,13 +674,13 @@ cdef class DataPath:
             return -EINVAL
         return -rc
 
-    def listio(self, ops, lbas, nblocks, buffer, offsets, lat_ns=None):
+    def listio(self, ops, lbas, nblocks, buffer, offsets=None, lat_ns=None):
         """Issue a batch of requests in one GIL-free call.
 
         ``ops`` (LIST_READ / LIST_WRITE / LIST_UNMAP), ``lbas``, ``nblocks``
-        and ``offsets`` (byte offsets into ``buffer``) are equal-length
-        arrays of integers; ``buffer`` is one writable buffer holding every
-        request's data.  Returns ``(status, afu_rc)``: per request, the
+        and ``offsets`` (byte offsets into ``buffer``; None: the requests
+        packed in order) are equal-length arrays of integers; ``buffer`` is
+        one writable buffer holding every request's data.  Returns ``(status, afu_rc)``: per request, the
         blocks transferred (>= 0) or a negative code (-errno: -EINVAL for
         an unknown request type, a range passing LBA 2**64-1 or a request
         not fitting in the buffer, -EIO for a backing store that ended;
@@ -701,7 +701,8 @@ cdef class DataPath:
         cdef const uint8_t[::1] o = op_array(ops)
         cdef const uint64_t[::1] l = u64_array(lbas, "lbas")
         cdef const uint64_t[::1] c = u64_array(nblocks, "nblocks")
-        cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
+        cdef const uint64_t[::1] off = (packed_offsets(c, self.block_size)
+                                        if offsets is None else u64_array(offsets, "offsets"))
         cdef Py_ssize_t n = o.shape[0], i
         if not (l.shape[0] == c.shape[0] == off.shape[0] == n):
             raise ValueError("ops, lbas, nblocks and offsets must have the same length")
@@ -798,6 +799,25 @@ cdef class DataPath:
     def __repr__(self):
         return (f"DataPath(handle={self.handle}, fd={self.fd}, "
                 f"block_size={self.block_size}, closed={self.closed})")
+
+
+cdef object packed_offsets(const uint64_t[::1] nblocks, uint64_t block_size):
+    """The byte offsets of requests packed in order in one buffer."""
+    out = np.empty(nblocks.shape[0], dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    cdef uint64_t at = 0, size
+    cdef Py_ssize_t i, bad = -1
+    with nogil:
+        for i in range(nblocks.shape[0]):
+            o[i] = at
+            if mul_overflow64(nblocks[i], block_size, &size) or size > NO_LIMIT - at:
+                bad = i
+                break
+            at += size
+    if bad >= 0:
+        raise einval(f"nblocks[{bad}] = {nblocks[bad]}: the requests up to it do "
+                     f"not fit in any buffer")
+    return out
 
 
 cdef class AfuPaths:
