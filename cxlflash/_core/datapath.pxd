@@ -72,6 +72,7 @@ cdef class DataPath:
     cdef public object on_reset
     cdef io_stats stats
 
+    cdef object _io(self, object lba, object buffer, int write)
     cdef int _check(self, uint64_t lba, uint64_t nblocks) except -1
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1
     cdef int _run(self, uint64_t lba, uint64_t nblocks, char *buf, int write,

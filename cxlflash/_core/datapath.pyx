@@ -506,28 +506,37 @@ cdef class DataPath:
         protocol whose size is a multiple of ``block_size``.  Returns the
         number of blocks read.
         """
+        return self._io(lba, buffer, 0)
+
+    cdef object _io(self, object lba, object buffer, int write):
+        """readinto (``write`` 0) or write (1): the blocks transferred."""
         cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
         cdef Py_buffer view
         cdef int rc, afu_rc = 0
         cdef uint64_t bad = 0, nblocks
-        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE if write else
+                           PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
             if view.len % self.block_size:
-                raise ValueError(f"buffer size {view.len} is not a multiple of "
-                                 f"the block size {self.block_size}")
+                raise ValueError(f"{'data' if write else 'buffer'} size {view.len} "
+                                 f"is not a multiple of the block size {self.block_size}")
             nblocks = view.len // self.block_size
             self._check(v, nblocks)
             with nogil:
-                rc = self._run(v, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
+                rc = self._run(v, nblocks, <char *> view.buf, write, &afu_rc, &bad)
             if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
                 with nogil:
-                    rc = self._run(v, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
+                    rc = self._run(v, nblocks, <char *> view.buf, write, &afu_rc, &bad)
         finally:
             PyBuffer_Release(&view)
         if rc:
-            self._raise(rc, afu_rc, bad, 0)
-        self.stats.reads += 1
-        self.stats.blocks_read += nblocks
+            self._raise(rc, afu_rc, bad, write)
+        if write:
+            self.stats.writes += 1
+            self.stats.blocks_written += nblocks
+        else:
+            self.stats.reads += 1
+            self.stats.blocks_read += nblocks
         return nblocks
 
     def read(self, lba, nblocks):
@@ -561,29 +570,7 @@ cdef class DataPath:
 
         Returns the number of blocks written.
         """
-        cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
-        cdef Py_buffer view
-        cdef int rc, afu_rc = 0
-        cdef uint64_t bad = 0, nblocks
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if view.len % self.block_size:
-                raise ValueError(f"data size {view.len} is not a multiple of "
-                                 f"the block size {self.block_size}")
-            nblocks = view.len // self.block_size
-            self._check(v, nblocks)
-            with nogil:
-                rc = self._run(v, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
-            if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
-                with nogil:
-                    rc = self._run(v, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
-        finally:
-            PyBuffer_Release(&view)
-        if rc:
-            self._raise(rc, afu_rc, bad, 1)
-        self.stats.writes += 1
-        self.stats.blocks_written += nblocks
-        return nblocks
+        return self._io(lba, data, 1)
 
     cdef int _unmap(self, uint64_t lba, uint64_t nblocks, int *afu_rc,
                     uint64_t *bad_lba) noexcept nogil:
@@ -687,13 +674,13 @@ cdef class DataPath:
             return -EINVAL
         return -rc
 
-    def listio(self, ops, lbas, nblocks, buffer, offsets, lat_ns=None):
+    def listio(self, ops, lbas, nblocks, buffer, offsets=None, lat_ns=None):
         """Issue a batch of requests in one GIL-free call.
 
         ``ops`` (LIST_READ / LIST_WRITE / LIST_UNMAP), ``lbas``, ``nblocks``
-        and ``offsets`` (byte offsets into ``buffer``) are equal-length
-        arrays of integers; ``buffer`` is one writable buffer holding every
-        request's data.  Returns ``(status, afu_rc)``: per request, the
+        and ``offsets`` (byte offsets into ``buffer``; None: the requests
+        packed in order) are equal-length arrays of integers; ``buffer`` is
+        one writable buffer holding every request's data.  Returns ``(status, afu_rc)``: per request, the
         blocks transferred (>= 0) or a negative code (-errno: -EINVAL for
         an unknown request type, a range passing LBA 2**64-1 or a request
         not fitting in the buffer, -EIO for a backing store that ended;
@@ -714,7 +701,8 @@ cdef class DataPath:
         cdef const uint8_t[::1] o = op_array(ops)
         cdef const uint64_t[::1] l = u64_array(lbas, "lbas")
         cdef const uint64_t[::1] c = u64_array(nblocks, "nblocks")
-        cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
+        cdef const uint64_t[::1] off = (packed_offsets(c, self.block_size)
+                                        if offsets is None else u64_array(offsets, "offsets"))
         cdef Py_ssize_t n = o.shape[0], i
         if not (l.shape[0] == c.shape[0] == off.shape[0] == n):
             raise ValueError("ops, lbas, nblocks and offsets must have the same length")
@@ -811,6 +799,76 @@ cdef class DataPath:
     def __repr__(self):
         return (f"DataPath(handle={self.handle}, fd={self.fd}, "
                 f"block_size={self.block_size}, closed={self.closed})")
+
+
+cdef object packed_offsets(const uint64_t[::1] nblocks, uint64_t block_size):
+    """The byte offsets of requests packed in order in one buffer."""
+    out = np.empty(nblocks.shape[0], dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    cdef uint64_t at = 0, size
+    cdef Py_ssize_t i, bad = -1
+    with nogil:
+        for i in range(nblocks.shape[0]):
+            o[i] = at
+            if mul_overflow64(nblocks[i], block_size, &size) or size > NO_LIMIT - at:
+                bad = i
+                break
+            at += size
+    if bad >= 0:
+        raise einval(f"nblocks[{bad}] = {nblocks[bad]}: the requests up to it do "
+                     f"not fit in any buffer")
+    return out
+
+
+cdef class AfuPaths:
+    """AfuPaths(paths, miss, error)
+
+    The AFU data path of an adapter as ported C code drives it --
+    ``readinto(context_id, rsrc_handle, lba, buffer)`` and ``write(...)``
+    -- with no Python frame between the call and the core.  ``paths`` is
+    the adapter's cache, ``paths[context_id][rsrc_handle]`` a tuple whose
+    item 2 is the :class:`DataPath`; the adapter fills and clears it.
+    ``miss(context_id, rsrc_handle)`` returns the DataPath of a pair not in
+    the cache (validating them as the AFU does, and raising its errors);
+    ``error(exc, lba, rsrc_handle, buffer, datapath)`` returns the
+    exception to raise for an error of the transfer.  Only exact ``int``
+    ids are looked up in the cache (1.0 is not a context id): anything
+    else goes to ``miss``, which checks it.
+    """
+    cdef dict paths
+    cdef object miss
+    cdef object error
+
+    def __cinit__(self, dict paths not None, miss, error):
+        self.paths = paths
+        self.miss = miss
+        self.error = error
+
+    cdef DataPath _path(self, object context_id, object rsrc_handle):
+        cdef object per_ctx, entry
+        if type(context_id) is int and type(rsrc_handle) is int:
+            per_ctx = self.paths.get(context_id)
+            if per_ctx is not None:
+                entry = (<dict> per_ctx).get(rsrc_handle)
+                if entry is not None:
+                    return <DataPath> (<tuple> entry)[2]
+        return <DataPath?> self.miss(context_id, rsrc_handle)
+
+    cdef object _io(self, object context_id, object rsrc_handle, object lba,
+                    object buffer, int write):
+        cdef DataPath dp = self._path(context_id, rsrc_handle)
+        try:
+            return dp._io(lba, buffer, write)
+        except (OSError, OverflowError) as e:
+            raise self.error(e, lba, rsrc_handle, buffer, dp) from None
+
+    def readinto(self, context_id, rsrc_handle, lba, buffer):
+        """Read into ``buffer`` through a handle of a context."""
+        return self._io(context_id, rsrc_handle, lba, buffer, 0)
+
+    def write(self, context_id, rsrc_handle, lba, data):
+        """Write ``data`` through a handle of a context."""
+        return self._io(context_id, rsrc_handle, lba, data, 1)
 
 
 def afu_command(ResourceTable table not None, handle, fd, block_size, lba,
