@@ -193,14 +193,10 @@ def preadv_seqread(d):
 
 
 @pytest.mark.benchmark(group="datapath 1M sequential read")
-def test_datapath_seqread_vlun(benchmark, dp):
+def test_datapath_seqread(interleaved, dp):
     check_same(dp, lambda: vlun_seqread(dp), lambda: preadv_seqread(dp))
-    benchmark.pedantic(vlun_seqread, (dp,), rounds=ROUNDS, warmup_rounds=2)
-
-
-@pytest.mark.benchmark(group="datapath 1M sequential read")
-def test_datapath_seqread_preadv(benchmark, dp):
-    benchmark.pedantic(preadv_seqread, (dp,), rounds=ROUNDS, warmup_rounds=2)
+    interleaved([("vlun", lambda: vlun_seqread(dp)), ("preadv", lambda: preadv_seqread(dp))],
+                rounds=ROUNDS, ops=len(dp.seq_starts))
 
 
 # -- list I/O: 64 x 4 KiB random reads per call --------------------------------------------
@@ -219,16 +215,12 @@ def raw_listio(d):
 
 
 @pytest.mark.benchmark(group="datapath listio 64x4K")
-def test_datapath_listio_vlun(benchmark, dp):
+def test_datapath_listio(interleaved, dp):
     check_same(dp, lambda: vlun_listio(dp), lambda: raw_listio(dp))
     assert dp.vlun.listio(dp.list_ops, dp.list_lbas[0], dp.list_nb, dp.list_buf,
                           dp.list_bufoffs).ok
-    benchmark.pedantic(vlun_listio, (dp,), rounds=ROUNDS, warmup_rounds=2)
-
-
-@pytest.mark.benchmark(group="datapath listio 64x4K")
-def test_datapath_listio_raw(benchmark, dp):
-    benchmark.pedantic(raw_listio, (dp,), rounds=ROUNDS, warmup_rounds=2)
+    interleaved([("vlun", lambda: vlun_listio(dp)), ("raw", lambda: raw_listio(dp))],
+                rounds=ROUNDS, ops=len(dp.list_lbas))
 
 
 # -- thread scaling: the same reads over 2 threads vs 1 -------------------------------------
