@@ -251,7 +251,8 @@ def interleaved_report(rounds):
     print("interleaved sides (issue 8's targets first): median of the per-round ratios")
     for label, test, side, base, kind, *target in INTERLEAVED + INTERLEAVED_INFO:
         extra = rounds.get(test)
-        if extra is None or side not in extra["rounds_ns"] or base not in extra["rounds_ns"]:
+        got = extra["rounds_ns"] if extra is not None else {}
+        if not got.get(side) or not got.get(base):
             if target:
                 print(f"  MISSING  {label}: {test} did not run")
                 failed = True
