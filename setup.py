@@ -26,6 +26,7 @@ extensions = [
     Extension(
         "cxlflash._core." + os.path.splitext(os.path.basename(path))[0],
         [path],
+        include_dirs=["cxlflash/_core/includes"],
         define_macros=macros,
         extra_compile_args=cflags,
     )

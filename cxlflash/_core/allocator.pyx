@@ -6,19 +6,25 @@ number of references beyond the first).  The order in which chunks are
 handed out is exactly the kernel's, so chunk numbers (``aun``) match it.
 
 Every public method is atomic (it holds the allocator's mutex); the bulk
-methods run without the GIL.
+methods run without the GIL.  The mutex is the innermost lock but one (a
+table lock may be held when it is taken, never the other way round; only
+the LXT cache's is taken inside it), and its holders never wait for the
+GIL -- see the contract at the top of ``tables.pyx``.
 """
-from libc.stdint cimport uint8_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, int8_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset
-from cxlflash._core.includes.system cimport (
-    pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
-    pthread_mutex_unlock, ctz64, popcount64)
+from cxlflash._core.includes.system cimport ctz64, popcount64
+from cxlflash._core.locks cimport (
+    cxl_lock, lock_init, lock_destroy, cxl_mutex_lock, cxl_mutex_unlock,
+    CXL_LOCK_MUTEX)
 
 import errno
 import numpy as np
 
 DEF HIBIT = 63
+# 2**48 chunks of 65536 blocks: every LBA a 64-bit SCSI LUN can have.
+DEF MAX_TOTAL_CHUNKS = 281474976710656
 
 
 cdef inline const int64_t[::1] _aun_array(object auns):
@@ -33,16 +39,16 @@ cdef class ChunkAllocator:
     """
 
     def __cinit__(self, int64_t total_chunks):
-        if total_chunks <= 0:
+        if total_chunks <= 0 or total_chunks > MAX_TOTAL_CHUNKS:
             raise ValueError(
-                f"total_chunks must be at least 1, got {total_chunks}: a LUN "
-                "smaller than one chunk (65536 blocks) cannot be virtual")
+                f"total_chunks must be 1..{MAX_TOTAL_CHUNKS}, got {total_chunks}: "
+                "a LUN smaller than one chunk (65536 blocks) cannot be virtual")
         self.total_chunks = total_chunks
-        self.words = (total_chunks + 63) // 64
+        self.words = (total_chunks - 1) // 64 + 1
         self.bitmap = <uint64_t *> malloc(self.words * sizeof(uint64_t))
         self.clone_map = <uint8_t *> calloc(total_chunks, sizeof(uint8_t))
         if self.bitmap == NULL or self.clone_map == NULL:
-            raise MemoryError("cannot allocate the chunk bitmap")
+            raise MemoryError(f"cannot allocate the chunk bitmap of {total_chunks} chunks")
         memset(self.bitmap, 0xFF, self.words * sizeof(uint64_t))
         cdef int64_t tail = total_chunks % 64
         if tail:
@@ -52,20 +58,29 @@ cdef class ChunkAllocator:
         self.free_low_idx = 0
         self.free_curr_idx = 0
         self.free_high_idx = self.words
-        pthread_mutex_init(&self.mutex, NULL)
+        self.chunk_limit = total_chunks
+        self.parked = 0
+        lock_init(&self.mutex, CXL_LOCK_MUTEX)
 
     def __dealloc__(self):
+        # Safe after a failed __cinit__: the memory starts zeroed, and
+        # lock_destroy ignores a lock that lock_init never registered.
         free(self.bitmap)
         free(self.clone_map)
-        pthread_mutex_destroy(&self.mutex)
+        free(self.parked_map)
+        lock_destroy(&self.mutex)
 
     # -- the kernel's algorithms (caller holds the mutex) -------------------
 
     cdef void lock(self) noexcept nogil:
-        pthread_mutex_lock(&self.mutex)
+        cxl_mutex_lock(&self.mutex)
 
     cdef void unlock(self) noexcept nogil:
-        pthread_mutex_unlock(&self.mutex)
+        cxl_mutex_unlock(&self.mutex)
+
+    cdef inline bint _parked(self, int64_t aun) noexcept nogil:
+        return (self.parked_map != NULL and
+                (self.parked_map[aun >> 6] >> (aun & 63)) & 1)
 
     cdef int64_t ba_alloc(self) noexcept nogil:
         """Next-fit allocation (spec §12.2); -1 when nothing is free."""
@@ -89,24 +104,45 @@ cdef class ChunkAllocator:
 
     cdef int ba_free(self, int64_t aun) noexcept nogil:
         """Drop one reference (spec §12.3); -1 if the chunk is free."""
+        cdef int rc = self.ba_release(aun)
+        if rc == 1:
+            self._give_back(aun)
+            return 0
+        return rc
+
+    cdef int ba_release(self, int64_t aun) noexcept nogil:
         cdef int64_t w = aun >> 6
         cdef uint64_t mask = (<uint64_t> 1) << (aun & 63)
         if self.bitmap[w] & mask:
             return -1
+        if aun >= self.chunk_limit and self._parked(aun):
+            return -1
         if self.clone_map[aun] > 0:
             self.clone_map[aun] -= 1
             return 0
+        return 1
+
+    cdef void _give_back(self, int64_t aun) noexcept nogil:
+        """Return an allocated chunk with no reference left to the free
+        pool -- or park it, when it is at or above the limit."""
+        cdef int64_t w = aun >> 6
+        cdef uint64_t mask = (<uint64_t> 1) << (aun & 63)
+        if aun >= self.chunk_limit:
+            self.parked_map[w] |= mask
+            self.parked += 1
+            return
         self.bitmap[w] |= mask
         self.free_aun_cnt += 1
         if w < self.free_low_idx:
             self.free_low_idx = w
         elif w > self.free_high_idx:
             self.free_high_idx = w
-        return 0
 
     cdef int ba_clone(self, int64_t aun) noexcept nogil:
         """Add one reference (spec §12.4); -1 if free or at the cap."""
         if self.bitmap[aun >> 6] & ((<uint64_t> 1) << (aun & 63)):
+            return -1
+        if aun >= self.chunk_limit and self._parked(aun):
             return -1
         if self.clone_map[aun] == MAX_AUN_CLONE_CNT:
             return -1
@@ -122,7 +158,7 @@ cdef class ChunkAllocator:
             # Fast path: 64 consecutive chunks filling one bitmap word (what
             # a fresh grow lays down) are copied and cloned as a block.  The
             # loops have no early exit so the compiler can vectorise them.
-            if ((aun & 63) == 0 and i + 64 <= n and aun + 64 <= <uint64_t> self.total_chunks
+            if ((aun & 63) == 0 and i + 64 <= n and aun + 64 <= <uint64_t> self.chunk_limit
                     and self.bitmap[aun >> 6] == 0):
                 diff = 0
                 for j in range(64):
@@ -266,6 +302,98 @@ cdef class ChunkAllocator:
             self.unlock()
         return failed
 
+    def release_many(self, auns):
+        """Drop one reference to each chunk, in one critical section.
+
+        Returns the chunks whose *last* reference this was, in the order
+        given, still allocated: nobody else can be handed them while the
+        caller scrubs them (if it must) and then passes them to
+        :meth:`free_many`.  A chunk with clone references only loses one.
+        Raises ``IndexError`` for an out-of-range number and ``ValueError``
+        for a chunk that is free (or dropped more often than it has
+        references), changing nothing.
+        """
+        cdef const int64_t[::1] view = _aun_array(auns)
+        self._check_auns(view)
+        cdef Py_ssize_t i, n = view.shape[0], last = 0, bad = -1
+        out = np.empty(n, dtype=np.int64)
+        rcs = np.empty(n, dtype=np.int8)
+        cdef int64_t[::1] o = out
+        cdef int8_t[::1] r = rcs
+        cdef int64_t aun
+        cdef uint64_t mask
+        with nogil:
+            self.lock()
+            for i in range(n):
+                aun = view[i]
+                r[i] = self.ba_release(aun)
+                if r[i] < 0:
+                    bad = i
+                    break
+                if r[i] == 1:
+                    # Its free bit is set for the rest of this critical
+                    # section, so that a repeat in the list is refused
+                    # like any double free.
+                    self.bitmap[aun >> 6] |= (<uint64_t> 1) << (aun & 63)
+                    o[last] = aun
+                    last += 1
+            if bad >= 0:
+                for i in range(bad - 1, -1, -1):
+                    if r[i] == 0:
+                        self.clone_map[view[i]] += 1
+            for i in range(last):
+                aun = o[i]
+                self.bitmap[aun >> 6] &= ~((<uint64_t> 1) << (aun & 63))
+            self.unlock()
+        if bad >= 0:
+            raise ValueError(
+                f"chunk {view[bad]} (at index {bad}) has no reference left to "
+                "drop; nothing was changed")
+        return out[:last].copy() if last != n else out
+
+    def set_limit(self, int64_t limit):
+        """Hand out only chunks below ``limit`` (a LUN whose capacity
+        shrank, as VERIFY finds).  Free chunks at or above it are parked;
+        those in use stay in use and are parked when their last reference
+        goes.  Raising the limit again (up to ``total_chunks``) returns the
+        parked ones to the free pool.  Chunks below the limit keep the
+        kernel's allocation order."""
+        if limit < 0 or limit > self.total_chunks:
+            raise ValueError(f"limit must be 0..{self.total_chunks}, got {limit}")
+        cdef int64_t aun, w
+        cdef uint64_t mask
+        if self.parked_map == NULL and limit < self.total_chunks:
+            self.parked_map = <uint64_t *> calloc(self.words, sizeof(uint64_t))
+            if self.parked_map == NULL:
+                raise MemoryError("cannot allocate the parked-chunk bitmap")
+        with nogil:
+            self.lock()
+            if limit < self.chunk_limit:
+                for aun in range(limit, self.chunk_limit):
+                    w = aun >> 6
+                    mask = (<uint64_t> 1) << (aun & 63)
+                    if self.bitmap[w] & mask:
+                        self.bitmap[w] &= ~mask
+                        self.parked_map[w] |= mask
+                        self.free_aun_cnt -= 1
+                        self.parked += 1
+                self.chunk_limit = limit
+            elif limit > self.chunk_limit:
+                aun = self.chunk_limit
+                self.chunk_limit = limit
+                while aun < limit:
+                    if self._parked(aun):
+                        self.parked_map[aun >> 6] &= ~((<uint64_t> 1) << (aun & 63))
+                        self.parked -= 1
+                        self._give_back(aun)
+                    aun += 1
+            self.unlock()
+
+    @property
+    def limit(self):
+        """Chunks at or above this number are never handed out."""
+        return self.chunk_limit
+
     def clone_many(self, auns):
         """Add a reference to every chunk, all or none.
 
@@ -291,23 +419,49 @@ cdef class ChunkAllocator:
     # -- introspection ----------------------------------------------------------
 
     def space(self):
-        """The number of free chunks (the kernel's ``ba_space``)."""
-        return self.free_aun_cnt
+        """The number of free chunks (the kernel's ``ba_space``); parked
+        chunks (at or above the limit) are not counted."""
+        cdef int64_t n
+        with nogil:
+            self.lock()
+            n = self.free_aun_cnt
+            self.unlock()
+        return n
 
     @property
     def free_count(self):
         """The number of free chunks."""
-        return self.free_aun_cnt
+        return self.space()
+
+    @property
+    def parked_count(self):
+        """Chunks held back because they are at or above the limit."""
+        cdef int64_t n
+        with nogil:
+            self.lock()
+            n = self.parked
+            self.unlock()
+        return n
 
     @property
     def cursor(self):
         """The next-fit cursor, as a word index (``free_curr_idx``)."""
-        return self.free_curr_idx
+        cdef int64_t n
+        with nogil:
+            self.lock()
+            n = self.free_curr_idx
+            self.unlock()
+        return n
 
     def clone_count(self, int64_t aun):
         """The number of extra references to ``aun`` (0..255)."""
         self._check_aun(aun)
-        return self.clone_map[aun]
+        cdef uint8_t c
+        with nogil:
+            self.lock()
+            c = self.clone_map[aun]
+            self.unlock()
+        return c
 
     def clone_counts(self, auns):
         """The clone counts of many chunks (a uint8 array)."""
@@ -317,21 +471,33 @@ cdef class ChunkAllocator:
         cdef uint8_t[::1] o = out
         cdef Py_ssize_t i
         with nogil:
+            self.lock()
             for i in range(view.shape[0]):
                 o[i] = self.clone_map[view[i]]
+            self.unlock()
         return out
 
     def is_allocated(self, int64_t aun):
-        """Whether ``aun`` is allocated."""
+        """Whether ``aun`` is allocated (a parked chunk is not)."""
         self._check_aun(aun)
-        return not (self.bitmap[aun >> 6] & ((<uint64_t> 1) << (aun & 63)))
+        cdef bint free_bit, parked
+        with nogil:
+            self.lock()
+            free_bit = (self.bitmap[aun >> 6] >> (aun & 63)) & 1
+            parked = self._parked(aun)
+            self.unlock()
+        return not (free_bit or parked)
 
     def allocated_count(self):
-        """Chunks in use (``total_chunks - space()``), counted from the bitmap."""
+        """Chunks in use, counted from the bitmap (``total_chunks`` less the
+        free and the parked ones)."""
         cdef int64_t w, free_bits = 0
         with nogil:
+            self.lock()
             for w in range(self.words):
                 free_bits += popcount64(self.bitmap[w])
+            free_bits += self.parked
+            self.unlock()
         return self.total_chunks - free_bits
 
     def __repr__(self):

@@ -120,13 +120,12 @@ cdef int zero_range(int fd, int zero_mode, uint64_t offset,
 
 
 cdef inline int table_state_rc(ResourceTable table) noexcept nogil:
-    if table.state == TABLE_LIVE:
-        if table.epoch_word != NULL and table.epoch_word[0] != table.epoch_seen:
-            return XFER_IN_ERROR        # the owner reset the AFU since
+    cdef int state = table.live_state()
+    if state == TABLE_LIVE:
         return 0
-    if table.state == TABLE_IN_ERROR:
+    if state == TABLE_IN_ERROR:
         return XFER_IN_ERROR
-    if table.state == TABLE_FOREIGN:
+    if state == TABLE_FOREIGN:
         return XFER_FOREIGN
     return XFER_GONE
 

@@ -1,7 +1,23 @@
 # One context's resource handle table (RHT) and its per-handle LXTs:
 # spec §2.5, §2.6, §19.
+#
+# The locking contract (the whole core obeys it; tables.pyx says why):
+# 1. Every change to a table -- RHT entries, LXT contents, pointer and
+#    capacity, rht_out, state, the watched epoch -- holds its write lock.
+# 2. Every read of them holds its read lock (or the write lock), with or
+#    without the GIL.  Only ``state`` may also be read alone, atomically,
+#    for reporting; a decision on it is made under the lock.
+# 3. No thread waits for a table lock while holding the GIL: it tries,
+#    and if the lock is busy, releases the GIL to wait.  So the holder of
+#    a table lock may take the GIL.
+# 4. A decision and the change it justifies are one critical section.
+# 5. Lock order: one table lock, then an allocator mutex, then the LXT
+#    cache mutex.  Never two table locks at once; never a table lock while
+#    holding an allocator mutex.  The write lock is recursive for its
+#    holder (so a fence() block may call the table's methods).
+# 6. Fork: cxlflash._core.locks re-initialises every lock in the child.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from cxlflash._core.includes.system cimport pthread_rwlock_t
+from cxlflash._core.locks cimport cxl_lock
 
 cdef enum:
     MC_RHT_NMASK = 16
@@ -30,7 +46,7 @@ cdef enum:
     SCSI_LBA_OUT_OF_RANGE = 0x100
 
 # Table states, checked by the data path.
-cdef enum:
+cpdef enum TableState:
     TABLE_LIVE = 0
     TABLE_IN_ERROR = 1      # AFU reset: the MMIO window reads all-ones
     TABLE_GONE = 2          # the context was destroyed
@@ -40,7 +56,7 @@ cdef struct rht_entry:
     # format 0 (virtual)
     uint64_t *lxt           # lxt_start: NULL when empty
     uint32_t lxt_cnt        # chunks mapped
-    uint32_t lxt_cap        # entries allocated (a multiple of LXT_GROUP_SIZE)
+    uint64_t lxt_cap        # entries allocated (a multiple of LXT_GROUP_SIZE)
     # format 1 (direct)
     uint64_t lun_id
     uint64_t last_lba       # the LUN's last native LBA (bounds, decision 13)
@@ -54,21 +70,28 @@ cdef class ResourceTable:
     cdef rht_entry *rht
     cdef readonly uint32_t rht_size
     cdef readonly uint32_t rht_out
-    cdef public int state
+    cdef int tstate             # a TableState: the `state` property, set_state()
     # A reset epoch kept in memory shared with another process (the owner
     # of the driver): when it moves past ``epoch_seen`` the table is in
     # error, as a replica learns of an AFU reset its owner went through.
     cdef const uint64_t *epoch_word
     cdef readonly uint64_t epoch_seen
     cdef object epoch_buffer
-    cdef pthread_rwlock_t rwlock
+    cdef cxl_lock lock
 
     # The data path holds the read lock across translation and I/O;
     # table changes take the write lock, so they wait for I/O in flight
-    # (what the kernel's heavyweight sync guarantees).
+    # (what the kernel's heavyweight sync guarantees).  These block: call
+    # them without the GIL.
     cdef void read_lock(self) noexcept nogil
     cdef void write_lock(self) noexcept nogil
     cdef void unlock(self) noexcept nogil
+    # The same, for a caller holding the GIL (rule 3).
+    cdef int _rlock(self) except -1
+    cdef int _wlock(self) except -1
+    # The state the data path must act on (the epoch folded in); caller
+    # holds the lock.
+    cdef int live_state(self) noexcept nogil
 
     # Validate a handle for a read (write=0) or a write (write=1); returns
     # an AFU_RC_* code.  Caller holds the lock.
@@ -84,7 +107,6 @@ cdef class ResourceTable:
     # Internal helpers.
     cdef rht_entry *_entry(self, uint32_t handle, bint want_open=*) except NULL
     cdef rht_entry *_virtual(self, uint32_t handle) except NULL
-    cdef int _checkout(self) except -1
-    cdef void _write_begin(self)
+    cdef int _free_slot(self) noexcept nogil
     cdef int _set_lxt_capacity(self, rht_entry *e, uint64_t n) noexcept nogil
     cdef object _auns(self, rht_entry *e, uint64_t start, uint64_t stop)

@@ -1,4 +1,5 @@
-from typing import Any, Optional
+import enum
+from typing import Any, ContextManager, Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -7,12 +8,25 @@ from .allocator import ChunkAllocator
 
 MAX_RHT_SIZE: int
 
+class TableState(enum.IntEnum):
+    TABLE_LIVE = 0
+    TABLE_IN_ERROR = 1
+    TABLE_GONE = 2
+    TABLE_FOREIGN = 3
+
+TABLE_LIVE: TableState
+TABLE_IN_ERROR: TableState
+TABLE_GONE: TableState
+TABLE_FOREIGN: TableState
+
 class ResourceTable:
     """One context's RHT and its LXTs (spec §2.5, §2.6, §19)."""
     rht_size: int
     rht_out: int
-    state: int
+    state: TableState
     def __init__(self, rht_size: int = ...) -> None: ...
+    def set_state(self, state: int) -> None: ...
+    def fence(self) -> ContextManager["ResourceTable"]: ...
     def open_virtual(self, perms: int) -> int: ...
     def open_direct(self, perms: int, lun_id: int, port_sel: int, last_lba: int) -> int: ...
     def close(self, handle: int) -> npt.NDArray[np.int64]: ...

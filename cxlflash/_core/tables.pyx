@@ -8,34 +8,92 @@ owns an LXT: one 64-bit entry per chunk of the vLUN,
 Translation follows the AFU (spec §19): handle bounds (0x03), slot open
 (0x01), RHT permission (0x05), chunk bounds (0x13), LXT permission (0x15),
 then ``plba = (entry & ~0xFFFF) | (vlba & 0xFFFF)``.
+
+Locking contract (``tables.pxd`` lists it; every core module obeys it):
+
+1. Every change to a table -- RHT entries, LXT contents, pointer and
+   capacity, ``rht_out``, ``state``, the watched epoch -- holds its write
+   lock.  A change of state therefore waits for every transfer in flight
+   through the table, and no transfer starts under a state that refuses
+   it: that is the fence behind close, release, detach, delete and reset.
+2. Every read of them holds the read lock (or the write lock), with or
+   without the GIL: the GIL protects nothing here, since changes are made
+   with it released.  Only ``state`` may also be read alone, atomically,
+   for reporting.
+3. No thread waits for a table lock while holding the GIL: it tries, and
+   if the lock is busy, releases the GIL to wait.  So a holder may take
+   the GIL (to raise, to build an array) without deadlock.
+4. A decision and the change it justifies are one critical section (the
+   free slot is picked and filled under one write lock).
+5. Lock order: one table lock, then an allocator mutex, then the LXT cache
+   mutex.  Never two table locks at once (a clone copies its source under
+   the source's read lock, drops it, then installs the copy under the
+   destination's write lock); never a table lock while holding an
+   allocator mutex.  The write lock is recursive for its holder, so a
+   :meth:`ResourceTable.fence` block may call the table's own methods.
+6. At fork(), ``cxlflash._core.locks`` leaves every lock usable in the
+   child.  The driver's per-context mutex is not needed for any of this.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
 from cxlflash._core.allocator cimport ChunkAllocator
-from cxlflash._core.includes.system cimport (
-    posix_memalign, madvise, MADV_HUGEPAGE, pthread_mutex_t, pthread_mutex_init,
-    pthread_mutex_lock, pthread_mutex_unlock)
-from cxlflash._core.includes.system cimport (
-    pthread_rwlock_init, pthread_rwlock_destroy, pthread_rwlock_rdlock,
-    pthread_rwlock_wrlock, pthread_rwlock_unlock, pthread_rwlockattr_t,
-    pthread_rwlockattr_init, pthread_rwlockattr_setkind_np,
-    pthread_rwlockattr_destroy, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
+from cxlflash._core.locks cimport (
+    cxl_lock, lock_init, lock_destroy, cxl_rdlock, cxl_tryrdlock, cxl_wrlock,
+    cxl_trywrlock, cxl_unlock, cxl_mutex_lock, cxl_mutex_unlock,
+    CXL_LOCK_RW, CXL_LOCK_LEAF)
 
 import errno
 import numpy as np
-from cxlflash._core.errors import afu_error, AfuError
+from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
 
 ctypedef fused lba_t:
     int64_t
     uint64_t
 
+cdef extern from *:
+    """
+    #define cxl_load_int(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define cxl_store_int(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+    """
+    int cxl_load_int(int *p) nogil
+    void cxl_store_int(int *p, int v) nogil
+
 DEF CHUNK_MASK = 0xFFFF
 MAX_RHT_SIZE = 4096
 
 
-cdef inline uint32_t lxt_groups(uint64_t n) noexcept nogil:
-    return <uint32_t> ((n + LXT_GROUP_SIZE - 1) // LXT_GROUP_SIZE)
+cdef inline uint64_t lxt_groups(uint64_t n) noexcept nogil:
+    # n is at most 2**32 - 1 (lxt_cnt is 32 bits): no overflow.
+    return (n + LXT_GROUP_SIZE - 1) // LXT_GROUP_SIZE
+
+
+cdef inline uint64_t lxt_cap_for(uint64_t n) noexcept nogil:
+    return lxt_groups(n) * LXT_GROUP_SIZE
+
+
+cdef object lxt_auns(const uint64_t *lxt, uint64_t cnt):
+    """The chunk numbers of an LXT that no other thread can see."""
+    out = np.empty(cnt, dtype=np.int64)
+    cdef int64_t[::1] v = out
+    cdef uint64_t i
+    with nogil:
+        for i in range(cnt):
+            v[i] = <int64_t> (lxt[i] >> MC_CHUNK_SHIFT)
+    return out
+
+
+cdef object state_error(int state, uint32_t handle):
+    """The exception for a transfer or translation on a table not LIVE."""
+    if state == TABLE_IN_ERROR:
+        return AdapterResetError()
+    if state == TABLE_FOREIGN:
+        return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: this context belongs to "
+                        "another process (a forked child must attach its own "
+                        "context and clone)")
+    return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no longer "
+                    "exists (detached or closed)")
 
 
 # -- LXT memory ---------------------------------------------------------------
@@ -49,8 +107,8 @@ DEF HUGE_LXT = 4194304
 DEF LXT_CACHE_SLOTS = 4
 cdef void *lxt_cache[LXT_CACHE_SLOTS]
 cdef uint64_t lxt_cache_cap[LXT_CACHE_SLOTS]
-cdef pthread_mutex_t lxt_cache_mutex
-pthread_mutex_init(&lxt_cache_mutex, NULL)
+cdef cxl_lock lxt_cache_mutex
+lock_init(&lxt_cache_mutex, CXL_LOCK_LEAF)
 
 
 cdef uint64_t *lxt_alloc(uint64_t entries) noexcept nogil:
@@ -60,13 +118,13 @@ cdef uint64_t *lxt_alloc(uint64_t entries) noexcept nogil:
     cdef int i
     if nbytes < BIG_LXT:
         return <uint64_t *> malloc(nbytes)
-    pthread_mutex_lock(&lxt_cache_mutex)
+    cxl_mutex_lock(&lxt_cache_mutex)
     for i in range(LXT_CACHE_SLOTS):
         if lxt_cache[i] != NULL and lxt_cache_cap[i] == entries:
             p = lxt_cache[i]
             lxt_cache[i] = NULL
             break
-    pthread_mutex_unlock(&lxt_cache_mutex)
+    cxl_mutex_unlock(&lxt_cache_mutex)
     if p != NULL:
         return <uint64_t *> p
     if nbytes < HUGE_LXT:
@@ -83,14 +141,14 @@ cdef void lxt_free(uint64_t *lxt, uint64_t entries) noexcept nogil:
     if lxt == NULL:
         return
     if entries * sizeof(uint64_t) >= BIG_LXT:
-        pthread_mutex_lock(&lxt_cache_mutex)
+        cxl_mutex_lock(&lxt_cache_mutex)
         for i in range(LXT_CACHE_SLOTS):
             if lxt_cache[i] == NULL:
                 lxt_cache[i] = lxt
                 lxt_cache_cap[i] = entries
                 lxt = NULL
                 break
-        pthread_mutex_unlock(&lxt_cache_mutex)
+        cxl_mutex_unlock(&lxt_cache_mutex)
     free(lxt)
 
 
@@ -110,39 +168,76 @@ cdef class ResourceTable:
             raise MemoryError("cannot allocate the resource handle table")
         self.rht_size = rht_size
         self.rht_out = 0
-        self.state = TABLE_LIVE
-        cdef pthread_rwlockattr_t attr
-        pthread_rwlockattr_init(&attr)
-        pthread_rwlockattr_setkind_np(
-            &attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
-        pthread_rwlock_init(&self.rwlock, &attr)
-        pthread_rwlockattr_destroy(&attr)
+        self.tstate = TABLE_LIVE
+        lock_init(&self.lock, CXL_LOCK_RW)
 
     def __dealloc__(self):
+        # Safe after a failed __cinit__: the object starts zeroed and
+        # lock_destroy ignores a lock that was never registered.
         cdef uint32_t i
         if self.rht != NULL:
             for i in range(self.rht_size):
                 lxt_free(self.rht[i].lxt, self.rht[i].lxt_cap)
             free(self.rht)
-        pthread_rwlock_destroy(&self.rwlock)
+        lock_destroy(&self.lock)
 
-    # -- the cdef interface ---------------------------------------------------
+    # -- locks ----------------------------------------------------------------
 
     cdef void read_lock(self) noexcept nogil:
-        pthread_rwlock_rdlock(&self.rwlock)
+        cxl_rdlock(&self.lock)
 
     cdef void write_lock(self) noexcept nogil:
-        pthread_rwlock_wrlock(&self.rwlock)
+        cxl_wrlock(&self.lock)
 
     cdef void unlock(self) noexcept nogil:
-        pthread_rwlock_unlock(&self.rwlock)
+        cxl_unlock(&self.lock)
 
-    cdef void _write_begin(self):
-        """Take the write lock -- waiting for I/O in flight without the GIL
-        -- and return with the GIL held.  Every change to the table is made
-        holding both, so code that holds the GIL may read it unlocked."""
-        with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
+    cdef int _rlock(self) except -1:
+        if cxl_tryrdlock(&self.lock) != 0:
+            with nogil:
+                cxl_rdlock(&self.lock)
+        return 0
+
+    cdef int _wlock(self) except -1:
+        if cxl_trywrlock(&self.lock) != 0:
+            with nogil:
+                cxl_wrlock(&self.lock)
+        return 0
+
+    cdef int live_state(self) noexcept nogil:
+        if self.tstate == TABLE_LIVE and self.epoch_word != NULL and \
+                self.epoch_word[0] != self.epoch_seen:
+            return TABLE_IN_ERROR       # the owner reset the AFU since
+        return self.tstate
+
+    @property
+    def state(self):
+        """The table's :class:`TableState` (read alone, for reporting)."""
+        return TableState(cxl_load_int(&self.tstate))
+
+    @state.setter
+    def state(self, value):
+        self.set_state(value)
+
+    def set_state(self, int state):
+        """Change the state under the write lock: returns once every
+        transfer in flight through the table has finished; from then on
+        none starts unless the state is ``TABLE_LIVE``.  This is the fence
+        to pass before a backing fd is closed or chunks change hands."""
+        if state < TABLE_LIVE or state > TABLE_FOREIGN:
+            raise ValueError(f"not a table state: {state}")
+        self._wlock()
+        cxl_store_int(&self.tstate, state)
+        self.unlock()
+
+    def fence(self):
+        """A context manager that holds the write lock across a block: I/O
+        through the table from other threads waits until the block ends;
+        the block itself may call this table's methods (but must not wait
+        for I/O through it from another thread)."""
+        return _Fence(self)
+
+    # -- the cdef interface ---------------------------------------------------
 
     cdef int lookup(self, uint32_t handle, int write) noexcept nogil:
         cdef rht_entry *e
@@ -180,7 +275,7 @@ cdef class ResourceTable:
             return e.last_lba + 1
         return (<uint64_t> e.lxt_cnt) << MC_CHUNK_SHIFT
 
-    # -- helpers ----------------------------------------------------------------
+    # -- helpers (the caller holds the lock) -----------------------------------
 
     cdef rht_entry *_entry(self, uint32_t handle, bint want_open=True) except NULL:
         if handle >= self.rht_size:
@@ -196,21 +291,21 @@ cdef class ResourceTable:
             raise ValueError(f"resource handle {handle} is a direct handle, not a virtual LUN")
         return e
 
-    cdef int _checkout(self) except -1:
+    cdef int _free_slot(self) noexcept nogil:
+        """The lowest free handle, or -1."""
         cdef uint32_t i
         for i in range(self.rht_size):
             if self.rht[i].nmask == 0:
-                return i
-        raise OSError(errno.EMFILE,
-                      f"all {self.rht_size} resource handles of this context are open")
+                return <int> i
+        return -1
 
     cdef int _set_lxt_capacity(self, rht_entry *e, uint64_t n) noexcept nogil:
         """Reallocate ``e.lxt`` when the number of 8-entry groups changes.
 
         Returns -1, changing nothing, when memory runs out.  Called with the
-        write lock held, so it must not take the GIL.
+        write lock held (and maybe an allocator mutex), without the GIL.
         """
-        cdef uint64_t cap = <uint64_t> lxt_groups(n) * LXT_GROUP_SIZE
+        cdef uint64_t cap = lxt_cap_for(n)
         cdef uint64_t *p
         if cap == e.lxt_cap:
             return 0
@@ -233,63 +328,8 @@ cdef class ResourceTable:
         if cap > e.lxt_cap:
             memset(p + e.lxt_cap, 0, (cap - e.lxt_cap) * sizeof(uint64_t))
         e.lxt = p
-        e.lxt_cap = <uint32_t> cap
+        e.lxt_cap = cap
         return 0
-
-    # -- opening and closing handles ------------------------------------------------
-
-    def open_virtual(self, int perms):
-        """Check out the lowest free handle as an empty virtual LUN.
-
-        ``perms``: RHT permission bits (1 read, 2 write, 3 both).  Raises
-        ``OSError(EMFILE)`` when every handle is open.
-        """
-        cdef int h = self._checkout()
-        cdef rht_entry *e = &self.rht[h]
-        self._write_begin()
-        memset(e, 0, sizeof(rht_entry))
-        e.fp = (RHT_FMT_VIRTUAL << 4) | (perms & 3)
-        e.nmask = MC_RHT_NMASK
-        self.rht_out += 1
-        self.unlock()
-        return h
-
-    def open_direct(self, int perms, uint64_t lun_id, int port_sel,
-                    uint64_t last_lba):
-        """Check out the lowest free handle as a direct (physical) handle.
-
-        ``last_lba`` is the LUN's last native LBA; LBAs beyond it are
-        refused.  Raises ``OSError(EMFILE)`` when every handle is open.
-        """
-        if not 0 < port_sel <= 0xF:
-            raise ValueError(f"port_sel must be a nonzero 4-bit port mask, got {port_sel}")
-        cdef int h = self._checkout()
-        cdef rht_entry *e = &self.rht[h]
-        self._write_begin()
-        memset(e, 0, sizeof(rht_entry))
-        e.lun_id = lun_id
-        e.last_lba = last_lba
-        e.valid = DIRECT_VALID
-        e.fp = (RHT_FMT_DIRECT << 4) | (perms & 3)
-        e.nmask = <uint8_t> port_sel
-        self.rht_out += 1
-        self.unlock()
-        return h
-
-    def close(self, uint32_t handle):
-        """Check the handle in, clearing the whole entry.
-
-        Returns the chunks the handle still mapped (normally none: callers
-        shrink a vLUN to 0 first) so the caller can free them.
-        """
-        cdef rht_entry *e = self._entry(handle)
-        auns = self._auns(e, 0, e.lxt_cnt)
-        self._write_begin()
-        lxt_free(e.lxt, e.lxt_cap)
-        memset(e, 0, sizeof(rht_entry))
-        self.rht_out -= 1
-        self.unlock()
-        return auns
 
     cdef object _auns(self, rht_entry *e, uint64_t start, uint64_t stop):
         """The chunk numbers of LXT entries [start, stop), in order."""
@@ -301,6 +341,77 @@ cdef class ResourceTable:
                 v[i - start] = <int64_t> (e.lxt[i] >> MC_CHUNK_SHIFT)
         return out
 
+    # -- opening and closing handles ------------------------------------------------
+
+    def open_virtual(self, int perms):
+        """Check out the lowest free handle as an empty virtual LUN.
+
+        ``perms``: RHT permission bits (1 read, 2 write, 3 both).  Raises
+        ``OSError(EMFILE)`` when every handle is open.
+        """
+        cdef int h
+        cdef rht_entry *e
+        self._wlock()
+        h = self._free_slot()
+        if h >= 0:
+            e = &self.rht[h]
+            memset(e, 0, sizeof(rht_entry))
+            e.fp = (RHT_FMT_VIRTUAL << 4) | (perms & 3)
+            e.nmask = MC_RHT_NMASK
+            self.rht_out += 1
+        self.unlock()
+        if h < 0:
+            raise OSError(errno.EMFILE,
+                          f"all {self.rht_size} resource handles of this context are open")
+        return h
+
+    def open_direct(self, int perms, uint64_t lun_id, int port_sel,
+                    uint64_t last_lba):
+        """Check out the lowest free handle as a direct (physical) handle.
+
+        ``last_lba`` is the LUN's last native LBA; LBAs beyond it are
+        refused.  Raises ``OSError(EMFILE)`` when every handle is open.
+        """
+        if not 0 < port_sel <= 0xF:
+            raise ValueError(f"port_sel must be a nonzero 4-bit port mask, got {port_sel}")
+        cdef int h
+        cdef rht_entry *e
+        self._wlock()
+        h = self._free_slot()
+        if h >= 0:
+            e = &self.rht[h]
+            memset(e, 0, sizeof(rht_entry))
+            e.lun_id = lun_id
+            e.last_lba = last_lba
+            e.valid = DIRECT_VALID
+            e.fp = (RHT_FMT_DIRECT << 4) | (perms & 3)
+            e.nmask = <uint8_t> port_sel
+            self.rht_out += 1
+        self.unlock()
+        if h < 0:
+            raise OSError(errno.EMFILE,
+                          f"all {self.rht_size} resource handles of this context are open")
+        return h
+
+    def close(self, uint32_t handle):
+        """Check the handle in, clearing the whole entry, once the I/O in
+        flight through it has finished.
+
+        Returns the chunks the handle still mapped (normally none: callers
+        shrink a vLUN to 0 first) so the caller can free them.
+        """
+        cdef rht_entry *e
+        self._wlock()
+        try:
+            e = self._entry(handle)
+            auns = self._auns(e, 0, e.lxt_cnt)
+            lxt_free(e.lxt, e.lxt_cap)
+            memset(e, 0, sizeof(rht_entry))
+            self.rht_out -= 1
+        finally:
+            self.unlock()
+        return auns
+
     # -- growing and shrinking a vLUN ------------------------------------------------
 
     def grow(self, uint32_t handle, auns, int lun_index, int port_sel):
@@ -309,22 +420,26 @@ cdef class ResourceTable:
         Each LXT entry is written as the driver does, with RW permissions.
         """
         cdef const int64_t[::1] a = np.ascontiguousarray(auns, dtype=np.int64).reshape(-1)
-        cdef rht_entry *e = self._virtual(handle)
-        cdef uint64_t old = e.lxt_cnt, n = a.shape[0], i
+        cdef rht_entry *e
+        cdef uint64_t old, n = a.shape[0], i
         cdef uint64_t low = ((<uint64_t> (lun_index & 0xFF)) << LXT_LUNIDX_SHIFT) \
             | (RHT_PERM_RW << LXT_PERM_SHIFT) | (port_sel & 0xF)
-        if old + n > 0xFFFFFFFF:
-            raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
-        if n == 0:
-            return
-        cdef int rc
-        self._write_begin()
-        rc = self._set_lxt_capacity(e, old + n)
-        if rc == 0:
-            for i in range(n):
-                e.lxt[old + i] = ((<uint64_t> a[i]) << MC_CHUNK_SHIFT) | low
-            e.lxt_cnt = <uint32_t> (old + n)
-        self.unlock()
+        cdef int rc = 0
+        self._wlock()
+        try:
+            e = self._virtual(handle)
+            old = e.lxt_cnt
+            if n > 0xFFFFFFFF - old:
+                raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
+            if n:
+                with nogil:
+                    rc = self._set_lxt_capacity(e, old + n)
+                    if rc == 0:
+                        for i in range(n):
+                            e.lxt[old + i] = ((<uint64_t> a[i]) << MC_CHUNK_SHIFT) | low
+                        e.lxt_cnt = <uint32_t> (old + n)
+        finally:
+            self.unlock()
         if rc != 0:
             raise MemoryError(f"cannot allocate an LXT of {old + n} entries")
 
@@ -334,64 +449,85 @@ cdef class ResourceTable:
         ``allocator`` into the LXT (the kernel's grow loop, spec §11.3):
         fewer when fewer are free.  Returns the number of chunks added; 0
         changes nothing.  Raises MemoryError when the LXT cannot grow."""
-        cdef rht_entry *e = self._virtual(handle)
-        cdef uint64_t old = e.lxt_cnt, k = 0, i
+        cdef rht_entry *e
+        cdef uint64_t old = 0, k = 0, i
         cdef uint64_t low = ((<uint64_t> (lun_index & 0xFF)) << LXT_LUNIDX_SHIFT) \
             | (RHT_PERM_RW << LXT_PERM_SHIFT) | (port_sel & 0xF)
         cdef int rc = 0
-        if n > 0xFFFFFFFF - old:
-            n = 0xFFFFFFFF - old
-        self._write_begin()
-        with nogil:
-            allocator.lock()
-            k = n if <uint64_t> allocator.free_aun_cnt >= n else <uint64_t> allocator.free_aun_cnt
-            if k:
-                rc = self._set_lxt_capacity(e, old + k)
-                if rc == 0:
-                    for i in range(k):
-                        e.lxt[old + i] = ((<uint64_t> allocator.ba_alloc()) << MC_CHUNK_SHIFT) | low
-                    e.lxt_cnt = <uint32_t> (old + k)
-            allocator.unlock()
-        self.unlock()
+        self._wlock()
+        try:
+            e = self._virtual(handle)
+            old = e.lxt_cnt
+            if n > 0xFFFFFFFF - old:
+                n = 0xFFFFFFFF - old
+            with nogil:
+                allocator.lock()
+                k = n if <uint64_t> allocator.free_aun_cnt >= n else <uint64_t> allocator.free_aun_cnt
+                if k:
+                    rc = self._set_lxt_capacity(e, old + k)
+                    if rc == 0:
+                        for i in range(k):
+                            e.lxt[old + i] = ((<uint64_t> allocator.ba_alloc()) << MC_CHUNK_SHIFT) | low
+                        e.lxt_cnt = <uint32_t> (old + k)
+                allocator.unlock()
+        finally:
+            self.unlock()
         if rc != 0:
             raise MemoryError(f"cannot allocate an LXT of {old + k} entries")
         return k
 
     def shrink(self, uint32_t handle, uint64_t new_count):
-        """Cut a vLUN to ``new_count`` chunks.
+        """Cut a vLUN to ``new_count`` chunks, once the I/O in flight
+        through the table has finished.
 
         Returns the removed chunk numbers in the order the kernel frees them:
         the last chunk first.
         """
-        cdef rht_entry *e = self._virtual(handle)
-        cdef uint64_t old = e.lxt_cnt, i, n
-        if new_count > old:
-            raise ValueError(f"cannot shrink handle {handle} from {old} to {new_count} chunks")
-        n = old - new_count
-        out = np.empty(n, dtype=np.int64)
-        cdef int64_t[::1] v = out
-        self._write_begin()
-        for i in range(n):
-            v[i] = <int64_t> (e.lxt[old - 1 - i] >> MC_CHUNK_SHIFT)
-        e.lxt_cnt = <uint32_t> new_count
-        # A smaller LXT that cannot be had keeps the larger one.
-        self._set_lxt_capacity(e, new_count)
-        self.unlock()
+        cdef rht_entry *e
+        cdef uint64_t old, i, n
+        cdef int64_t[::1] v
+        self._wlock()
+        try:
+            e = self._virtual(handle)
+            old = e.lxt_cnt
+            if new_count > old:
+                raise ValueError(f"cannot shrink handle {handle} from {old} to {new_count} chunks")
+            n = old - new_count
+            out = np.empty(n, dtype=np.int64)
+            v = out
+            with nogil:
+                for i in range(n):
+                    v[i] = <int64_t> (e.lxt[old - 1 - i] >> MC_CHUNK_SHIFT)
+                e.lxt_cnt = <uint32_t> new_count
+                # A smaller LXT that cannot be had keeps the larger one.
+                self._set_lxt_capacity(e, new_count)
+        finally:
+            self.unlock()
         return out
 
     # -- translation -----------------------------------------------------------------
 
     def translate(self, uint32_t handle, uint64_t vlba, bint write=False):
-        """Translate one LBA as the AFU would; raises :class:`AfuError`."""
-        # No lock: the GIL is held, and the table only changes under it.
+        """Translate one LBA as the AFU would; raises :class:`AfuError`
+        (or :class:`AdapterResetError` for a table in error)."""
         cdef int64_t plba = -1
-        cdef int rc = self.lookup(handle, write)
-        if rc == AFU_RC_OK:
-            plba = self.translate_one(handle, vlba, write, &rc)
+        cdef int rc = AFU_RC_OK, state
+        cdef uint64_t extent = 0
+        self._rlock()
+        state = self.live_state()
+        if state == TABLE_LIVE:
+            rc = self.lookup(handle, write)
+            if rc == AFU_RC_OK:
+                plba = self.translate_one(handle, vlba, write, &rc)
+            if rc != AFU_RC_OK and handle < self.rht_size:
+                extent = self.extent(handle)
+        self.unlock()
+        if state != TABLE_LIVE:
+            raise state_error(state, handle)
         # Test the code, not the sign: a direct LBA >= 2**63 is valid.
         if rc != AFU_RC_OK:
             raise afu_error(rc, handle, vlba, write=write,
-                            extent=self.extent(handle) if handle < self.rht_size else None)
+                            extent=extent if handle < self.rht_size else None)
         return <uint64_t> plba
 
     def translate_many(self, uint32_t handle, const lba_t[::1] vlbas, out=None,
@@ -415,11 +551,16 @@ cdef class ResourceTable:
         cdef rht_entry *e
         cdef uint64_t v, chunk, entry, cnt, need, last
         cdef uint64_t *lxt
+        cdef uint64_t extent = 0
         cdef bint all_ok
+        cdef int state
         with nogil:
             self.read_lock()
-            rc = self.lookup(handle, write)
-            if rc != AFU_RC_OK:
+            state = self.live_state()
+            rc = self.lookup(handle, write) if state == TABLE_LIVE else AFU_RC_OK
+            if state != TABLE_LIVE:
+                pass
+            elif rc != AFU_RC_OK:
                 bad = 0 if n else -1
             else:
                 e = &self.rht[handle]
@@ -468,10 +609,14 @@ cdef class ResourceTable:
                                 bad = i
                                 break
                             o[i] = (entry & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
+            if bad >= 0 and handle < self.rht_size:
+                extent = self.extent(handle)
             self.unlock()
+        if state != TABLE_LIVE:
+            raise state_error(state, handle)
         if bad >= 0:
             raise afu_error(rc, handle, int(vlbas[bad]), index=bad, write=write,
-                            extent=self.extent(handle) if handle < self.rht_size else None)
+                            extent=extent if handle < self.rht_size else None)
         return out
 
     # -- clone -------------------------------------------------------------------------
@@ -486,45 +631,66 @@ cdef class ResourceTable:
         are raised here, in the same pass, all or none, and an empty array
         is returned; when one cannot be (a chunk not allocated, or already
         at 255 clones) ``OSError(EIO)`` is raised and nothing changes.
+
+        The source is copied under its read lock, which is then dropped;
+        the copy is installed under this table's write lock (never both).
         """
         if src is self:
             raise ValueError("cannot clone a table into itself")
-        cdef rht_entry *s = src._entry(handle)
-        cdef rht_entry *d = self._entry(handle, False)
-        if d.nmask != 0:
-            raise ValueError(f"resource handle {handle} of the destination is open")
-        # The source only changes under the GIL, which we hold.
-        cdef uint64_t cnt = s.lxt_cnt
+        cdef rht_entry *s
+        cdef rht_entry *d
+        cdef rht_entry snap
+        cdef uint64_t cnt = 0, cap = 0
         cdef uint64_t *lxt = NULL
         cdef int rc = 0
-        if cnt:
-            lxt = lxt_alloc(<uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE)
-            if lxt == NULL:
-                raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
-            with nogil:
-                memset(lxt + cnt, 0, (lxt_groups(cnt) * LXT_GROUP_SIZE - cnt)
-                       * sizeof(uint64_t))
-                if allocator is None:
-                    memcpy(lxt, s.lxt, cnt * sizeof(uint64_t))
-                else:
-                    # One pass: the copy raises the clone counts as it goes.
-                    allocator.lock()
-                    rc = allocator.clone_lxt(s.lxt, lxt, cnt)
-                    allocator.unlock()
-            if rc:
-                lxt_free(lxt, <uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE)
-                raise OSError(errno.EIO, f"cannot clone handle {handle}: a chunk is "
-                              "not allocated or already has 255 clones")
-        self._write_begin()
-        memcpy(d, s, sizeof(rht_entry))
-        d.fp = s.fp & (0xFC | (perms & 3))
-        d.lxt = lxt
-        d.lxt_cap = lxt_groups(cnt) * LXT_GROUP_SIZE
-        self.rht_out += 1
+        cdef bint busy = False
+        if handle >= self.rht_size:
+            raise IndexError(
+                f"resource handle {handle} is out of range (0..{self.rht_size - 1})")
+        src._rlock()
+        try:
+            s = src._entry(handle)
+            memcpy(&snap, s, sizeof(rht_entry))
+            cnt = s.lxt_cnt
+            cap = lxt_cap_for(cnt)
+            if cnt:
+                with nogil:
+                    lxt = lxt_alloc(cap)
+                    if lxt != NULL:
+                        memset(lxt + cnt, 0, (cap - cnt) * sizeof(uint64_t))
+                        if allocator is None:
+                            memcpy(lxt, s.lxt, cnt * sizeof(uint64_t))
+                        else:
+                            # One pass: the copy raises the clone counts.
+                            allocator.lock()
+                            rc = allocator.clone_lxt(s.lxt, lxt, cnt)
+                            allocator.unlock()
+                if lxt == NULL:
+                    raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
+        finally:
+            src.unlock()
+        if rc:
+            lxt_free(lxt, cap)
+            raise OSError(errno.EIO, f"cannot clone handle {handle}: a chunk is "
+                          "not allocated or already has 255 clones")
+        self._wlock()
+        d = &self.rht[handle]
+        busy = d.nmask != 0
+        if not busy:
+            memcpy(d, &snap, sizeof(rht_entry))
+            d.fp = snap.fp & (0xFC | (perms & 3))
+            d.lxt = lxt
+            d.lxt_cap = cap if cnt else 0
+            self.rht_out += 1
         self.unlock()
-        if allocator is not None:
+        if busy:
+            if allocator is not None and cnt:
+                allocator.free_many(lxt_auns(lxt, cnt))
+            lxt_free(lxt, cap)
+            raise ValueError(f"resource handle {handle} of the destination is open")
+        if allocator is not None or not cnt:
             return np.empty(0, dtype=np.int64)
-        return self._auns(d, 0, cnt)
+        return lxt_auns(lxt, cnt)
 
     def clone_from(self, ResourceTable src not None, int perms,
                    ChunkAllocator allocator=None):
@@ -535,7 +701,7 @@ cdef class ResourceTable:
         raises them here (see :meth:`clone_slot`; a failure undoes the
         handles already copied).  This table must have no open handle.
         """
-        if self.rht_out:
+        if self.open_handles():
             raise ValueError("the destination table has open handles")
         if src.rht_size > self.rht_size:
             raise ValueError("the source table is larger than the destination")
@@ -545,9 +711,9 @@ cdef class ResourceTable:
                 done.append((h, self.clone_slot(src, h, perms, allocator)))
         except BaseException:
             for h, _ in done:
-                if allocator is not None and self.is_virtual(h):
-                    allocator.free_many(self.chunks(h))
-                self.close(h)
+                auns = self.close(h)
+                if allocator is not None:
+                    allocator.free_many(auns)
             raise
         return done
 
@@ -559,41 +725,48 @@ cdef class ResourceTable:
         kept in another process.  The LXT is copied verbatim.  The slot
         must be free, unless ``replace``: then an open slot is swapped in
         one step (I/O in flight finishes first)."""
-        cdef rht_entry *e = self._entry(handle, False)
-        cdef bint was_open = e.nmask != 0
-        if was_open and not replace:
-            raise ValueError(f"resource handle {handle} is open")
+        if handle >= self.rht_size:
+            raise IndexError(
+                f"resource handle {handle} is out of range (0..{self.rht_size - 1})")
         if nmask <= 0 or nmask > 0xFF or fmt not in (RHT_FMT_VIRTUAL, RHT_FMT_DIRECT):
             raise ValueError("not an open entry (format 0 or 1, nmask 1..255)")
         cdef const uint64_t[::1] src
         cdef uint64_t cnt = 0, cap = 0
         cdef uint64_t *p = NULL
+        cdef rht_entry *e
+        cdef bint was_open
         if fmt == RHT_FMT_VIRTUAL and lxt is not None and len(lxt):
             src = np.ascontiguousarray(lxt, dtype=np.uint64).reshape(-1)
             cnt = src.shape[0]
             if cnt > 0xFFFFFFFF:
                 raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
-            cap = <uint64_t> lxt_groups(cnt) * LXT_GROUP_SIZE
+            cap = lxt_cap_for(cnt)
             p = lxt_alloc(cap)
             if p == NULL:
                 raise MemoryError(f"cannot allocate an LXT of {cnt} entries")
             memcpy(p, &src[0], cnt * sizeof(uint64_t))
             memset(p + cnt, 0, (cap - cnt) * sizeof(uint64_t))
-        self._write_begin()
-        if was_open:
+        self._wlock()
+        e = &self.rht[handle]
+        was_open = e.nmask != 0
+        if not was_open or replace:
             lxt_free(e.lxt, e.lxt_cap)
-        memset(e, 0, sizeof(rht_entry))
-        e.fp = <uint8_t> ((fmt << 4) | (perms & 3))
-        e.nmask = <uint8_t> nmask
-        e.lxt = p
-        e.lxt_cnt = <uint32_t> cnt
-        e.lxt_cap = <uint32_t> cap
-        e.lun_id = lun_id
-        e.last_lba = last_lba
-        e.valid = <uint8_t> valid
-        if not was_open:
-            self.rht_out += 1
+            memset(e, 0, sizeof(rht_entry))
+            e.fp = <uint8_t> ((fmt << 4) | (perms & 3))
+            e.nmask = <uint8_t> nmask
+            e.lxt = p
+            e.lxt_cnt = <uint32_t> cnt
+            e.lxt_cap = cap
+            e.lun_id = lun_id
+            e.last_lba = last_lba
+            e.valid = <uint8_t> valid
+            if not was_open:
+                self.rht_out += 1
+            p = NULL
         self.unlock()
+        if p != NULL:
+            lxt_free(p, cap)
+            raise ValueError(f"resource handle {handle} is open")
 
     def watch_epoch(self, buffer, uint64_t seen):
         """Follow the reset epoch at the start of ``buffer`` (8 bytes of
@@ -602,57 +775,104 @@ cdef class ResourceTable:
         cdef const unsigned char[::1] view = memoryview(buffer).cast("B")
         if view.shape[0] < 8 or (<size_t> &view[0]) % 8:
             raise ValueError("the epoch needs 8 aligned bytes")
+        self._wlock()
         self.epoch_buffer = view
         self.epoch_word = <const uint64_t *> &view[0]
         self.epoch_seen = seen
+        self.unlock()
 
     # -- introspection -------------------------------------------------------------------
 
     def open_handles(self):
         """The open handles, ascending."""
         cdef uint32_t i
-        return [i for i in range(self.rht_size) if self.rht[i].nmask != 0]
+        self._rlock()
+        try:
+            return [i for i in range(self.rht_size) if self.rht[i].nmask != 0]
+        finally:
+            self.unlock()
 
     def is_open(self, uint32_t handle):
-        return self._entry(handle, False).nmask != 0
+        self._rlock()
+        try:
+            return self._entry(handle, False).nmask != 0
+        finally:
+            self.unlock()
 
     def is_virtual(self, uint32_t handle):
-        return (self._entry(handle).fp >> 4) == RHT_FMT_VIRTUAL
+        self._rlock()
+        try:
+            return (self._entry(handle).fp >> 4) == RHT_FMT_VIRTUAL
+        finally:
+            self.unlock()
 
     def perms(self, uint32_t handle):
         """The RHT permission bits of an open handle."""
-        return self._entry(handle).fp & 3
+        self._rlock()
+        try:
+            return self._entry(handle).fp & 3
+        finally:
+            self.unlock()
 
     def lxt_count(self, uint32_t handle):
         """The vLUN size in chunks (``lxt_cnt``)."""
-        return self._virtual(handle).lxt_cnt
+        self._rlock()
+        try:
+            return self._virtual(handle).lxt_cnt
+        finally:
+            self.unlock()
 
     def lxt_capacity(self, uint32_t handle):
         """Entries allocated for the LXT (a multiple of 8)."""
-        return self._virtual(handle).lxt_cap
+        self._rlock()
+        try:
+            return self._virtual(handle).lxt_cap
+        finally:
+            self.unlock()
 
     def lxt(self, uint32_t handle):
         """A copy of the LXT as a uint64 array."""
-        cdef rht_entry *e = self._virtual(handle)
-        out = np.empty(e.lxt_cnt, dtype=np.uint64)
-        cdef uint64_t[::1] v = out
-        if e.lxt_cnt:
-            memcpy(&v[0], e.lxt, e.lxt_cnt * sizeof(uint64_t))
+        cdef rht_entry *e
+        cdef uint64_t[::1] v
+        self._rlock()
+        try:
+            e = self._virtual(handle)
+            out = np.empty(e.lxt_cnt, dtype=np.uint64)
+            v = out
+            if e.lxt_cnt:
+                with nogil:
+                    memcpy(&v[0], e.lxt, e.lxt_cnt * sizeof(uint64_t))
+        finally:
+            self.unlock()
         return out
 
     def chunks(self, uint32_t handle):
         """The chunk numbers of a vLUN, in virtual order (int64 array)."""
-        cdef rht_entry *e = self._virtual(handle)
-        return self._auns(e, 0, e.lxt_cnt)
+        cdef rht_entry *e
+        self._rlock()
+        try:
+            e = self._virtual(handle)
+            return self._auns(e, 0, e.lxt_cnt)
+        finally:
+            self.unlock()
 
     def blocks(self, uint32_t handle):
         """Native blocks addressable through the handle."""
-        self._entry(handle)
-        return self.extent(handle)
+        self._rlock()
+        try:
+            self._entry(handle)
+            return self.extent(handle)
+        finally:
+            self.unlock()
 
     def entry(self, uint32_t handle):
         """The RHT entry as a dict (for tools and tests)."""
-        cdef rht_entry *e = self._entry(handle, False)
+        cdef rht_entry e
+        self._rlock()
+        try:
+            e = self._entry(handle, False)[0]
+        finally:
+            self.unlock()
         if e.nmask == 0:
             return {"handle": handle, "open": False}
         if (e.fp >> 4) == RHT_FMT_DIRECT:
@@ -663,4 +883,32 @@ cdef class ResourceTable:
                 "perms": e.fp & 3, "nmask": e.nmask, "lxt_cnt": e.lxt_cnt}
 
     def __repr__(self):
-        return f"ResourceTable(rht_size={self.rht_size}, open={self.rht_out})"
+        return (f"ResourceTable(rht_size={self.rht_size}, open={self.rht_out}, "
+                f"state={self.state.name})")
+
+
+cdef class _Fence:
+    """``with table.fence():`` -- the table's write lock across a block."""
+    cdef ResourceTable table
+    cdef bint held
+
+    def __cinit__(self, ResourceTable table not None):
+        self.table = table
+
+    def __enter__(self):
+        if self.held:
+            raise RuntimeError("this fence is already held")
+        self.table._wlock()
+        self.held = True
+        return self.table
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.held = False
+            self.table.unlock()
+        return False
+
+
+
+# The states by name, for Python code (TABLE_LIVE, TABLE_IN_ERROR, ...).
+globals().update(TableState.__members__)

@@ -75,3 +75,11 @@ cdef extern from "<stdlib.h>" nogil:
 cdef extern from "<sys/mman.h>" nogil:
     int madvise(void *addr, size_t length, int advice)
     int MADV_HUGEPAGE
+
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_rwlock_tryrdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_trywrlock(pthread_rwlock_t *lock)
+    int pthread_atfork(void (*prepare)() noexcept nogil,
+                       void (*parent)() noexcept nogil,
+                       void (*child)() noexcept nogil)
