@@ -46,7 +46,7 @@ def run_batch(module, name, timeout=120):
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{module}.{name} did not finish in {timeout} s\n"
                              f"{(e.stderr or b'')[-6000:]}") from None
-    tail = (p.stdout[-3000:] + "\n" + p.stderr[-8000:]).strip()
+    tail = (p.stdout[-3000:] + "\n" + p.stderr[-20000:]).strip()
     if p.returncode < 0:
         sig = signal.Signals(-p.returncode).name
         raise AssertionError(f"{module}.{name} was killed by {sig}:\n{tail}")
@@ -97,7 +97,52 @@ def run_all(*searches):
         try:
             fn()
         except BaseException as e:          # noqa: BLE001
-            failures.append(f"--- {fn.__name__}:\n" + "".join(
-                traceback.format_exception(e))[-6000:])
+            text = "".join(traceback.format_exception(e))
+            sys.stderr.write(f"--- {fn.__name__}:\n{text}\n")
+            failures.append(f"{fn.__name__}: {type(e).__name__}: {str(e)[:3000]}")
     if failures:
         raise AssertionError("\n".join(failures))
+
+
+# -- driver invariants ------------------------------------------------------------
+
+
+def live_contexts(adapter):
+    """The driver's live and in-error contexts."""
+    drv = adapter.driver
+    return [c for c in drv.ctx_tbl if c is not None] + list(drv.ctx_err_recovery)
+
+
+def check_tables(adapter):
+    """Every live context's table: rht_out matches its open handles."""
+    for ctx in live_contexts(adapter):
+        t = ctx.table
+        opened = t.open_handles()
+        assert t.rht_out == len(opened), \
+            f"context 0x{ctx.ctxid:x}: rht_out {t.rht_out}, {len(opened)} open handles"
+
+
+def check_allocators(adapter):
+    """Every chunk a live LXT maps is allocated, with exactly one reference
+    per mapping; no chunk is allocated that no LXT maps."""
+    refs = {}
+    for ctx in live_contexts(adapter):
+        t = ctx.table
+        for h in t.open_handles():
+            if not t.is_virtual(h):
+                continue
+            glun = ctx.rht_lun[h].parent
+            counts = refs.setdefault(id(glun), (glun, {}))[1]
+            for aun in t.chunks(h).tolist():
+                counts[aun] = counts.get(aun, 0) + 1
+    for glun in adapter.driver.gluns.values():
+        alloc = glun.allocator
+        if alloc is None:
+            continue
+        counts = refs.get(id(glun), (glun, {}))[1]
+        for aun, n in counts.items():
+            assert alloc.is_allocated(aun), f"chunk {aun} is mapped by {n} LXTs but free"
+            assert alloc.clone_count(aun) == n - 1, \
+                f"chunk {aun}: {n} mappings, clone count {alloc.clone_count(aun)}"
+        assert alloc.allocated_count() == len(counts), \
+            f"{alloc.allocated_count()} chunks allocated, {len(counts)} mapped"

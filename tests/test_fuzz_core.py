@@ -163,12 +163,13 @@ def alloc_state(a):
     n = a.total_chunks
     allocated = tuple(bool(a.is_allocated(i)) for i in range(n))
     counts = bytes(a.clone_counts(np.arange(n, dtype=np.int64)))
-    return allocated, counts, a.free_count, a.space(), a.cursor
+    return allocated, counts, a.free_count, a.space(), a.cursor, getattr(a, "parked_count", 0)
 
 
 def check_alloc_invariants(a, st_):
-    allocated, counts, free, space, _ = st_
-    assert free == a.total_chunks - sum(allocated), "free_count disagrees with the bitmap"
+    allocated, counts, free, space, _, parked = st_
+    assert free == a.total_chunks - sum(allocated) - parked, \
+        "free_count disagrees with the bitmap"
     assert a.allocated_count() == sum(allocated)
     for i, c in enumerate(counts):
         assert c == 0 or allocated[i], f"free chunk {i} has clone count {c}"
@@ -293,6 +294,11 @@ def _allocator_ops(total, ops):
                     assert a_alloc[x]
             assert list(a_alloc) == exp_alloc, f"{name}{args}: bitmap differs"
             assert list(a_counts) == exp_counts, f"{name}{args}: clone counts differ"
+        elif name == "set_limit":
+            assert a.limit == args[0]
+            assert (after[0], after[1]) == (before[0], before[1]), \
+                "set_limit changed what is allocated"
+            assert after[2] == sum(1 for i in range(args[0]) if not a_alloc[i])
         else:
             assert (after[0], after[1], after[2]) == (before[0], before[1], before[2]), \
                 f"{name} changed the allocator"
@@ -302,8 +308,6 @@ def _allocator_ops(total, ops):
                 assert [int(x) for x in res] == [b_counts[i] for i in _aun_list(args[0])]
             elif name == "is_allocated":
                 assert res == b_alloc[args[0]]
-            elif name == "set_limit":
-                assert a.limit == args[0]
 
 
 @SETTINGS
