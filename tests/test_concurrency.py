@@ -102,25 +102,44 @@ class Racer:
 # -- close vs I/O ---------------------------------------------------------------------
 
 
+SPREAD = 6             # chunks of the vLUN written by one transfer
+
+
+def spread_vlun(ctx):
+    """A vLUN of SPREAD chunks that are not adjacent on the LUN (another
+    vLUN took every other chunk): a transfer over all of it is SPREAD
+    separate pwrites, with the fd looked up again for each."""
+    v = ctx.create_virtual(0)
+    gap = ctx.create_virtual(0)
+    for k in range(1, SPREAD + 1):
+        v.set_size(k * CHUNK)
+        gap.set_size(k * CHUNK)
+    runs = v.translate(np.arange(0, SPREAD * CHUNK, CHUNK)) >> np.uint64(16)
+    assert (np.diff(runs.astype(np.int64)) != 1).all(), runs
+    return v
+
+
 @pytest.mark.parametrize("path", ["lun", "ioctl"])
 def test_adapter_close_fences_io_in_flight(tmp_path, path):
-    """Adapter.close() while another thread writes 8 MiB at a time: the
-    write in flight finishes or fails, no write reaches a file opened
-    after close (they get the backing's fd number), and I/O after close
-    fails with a clear error."""
-    data = blocks(0, 16384, 1)                        # 8 MiB
+    """Adapter.close() while another thread writes 192 MiB over 6
+    non-adjacent chunks (6 pwrites): close waits for the transfer in
+    flight (or it fails), no byte reaches the files opened right after
+    close (they get the backing's fd number), and I/O after close fails
+    with a clear error.  On main 352 MiB landed in such a file."""
+    data = blocks(0, SPREAD * CHUNK, 1)
     for rnd in range(3):
         a = cxlflash.Adapter()
-        disk = memory_disk(a, 2)
+        disk = memory_disk(a, 2 * SPREAD)
         ctx = disk.attach()
-        v = ctx.create_virtual(CHUNK)
+        v = spread_vlun(ctx)
         cid, h = ctx.context_id, v.handle
         writes = []
         failures = []
         going = threading.Event()
 
         def writer():
-            while len(writes) < 10_000:
+            while len(writes) < 1000:
+                going.set()
                 try:
                     if path == "lun":
                         v.write(0, data)
@@ -130,23 +149,23 @@ def test_adapter_close_fences_io_in_flight(tmp_path, path):
                     failures.append(e)
                     return
                 writes.append(1)
-                going.set()
 
         t = threading.Thread(target=writer, daemon=True)
         t.start()
         assert going.wait(10)
+        time.sleep(0.005 * (rnd + 1))
         a.close()
         victims = [open(tmp_path / f"after-close-{rnd}-{i}", "w+b") for i in range(8)]
-        t.join(10)
+        t.join(20)
         assert not t.is_alive(), "the writer never noticed the close"
         try:
             for f in victims:
-                assert os.fstat(f.fileno()).st_size == 0, \
-                    f"{os.fstat(f.fileno()).st_size} bytes landed in a file opened after close"
+                size = os.fstat(f.fileno()).st_size
+                assert size == 0, f"{size} bytes landed in a file opened after close"
         finally:
             for f in victims:
                 f.close()
-        assert len(failures) == 1
+        assert len(failures) == 1, "I/O went on after close"
         e = failures[0]
         assert isinstance(e, (OSError, ValueError)) and str(e), f"unclear error: {e!r}"
         # I/O issued after close: a clear error, no fd touched.
@@ -528,7 +547,8 @@ def test_ioctl_cycles_from_threads_never_lose_a_context():
 
 def test_resets_while_io_runs_contexts_recover():
     """Threads write and verify through their vLUNs while the owner resets
-    the AFU again and again: every transfer completes (the data path
+    the AFU again and again and another thread attaches and closes
+    contexts: every transfer completes (the data path
     recovers its context, at worst after an AdapterResetError for a reset
     during the re-drive), no vLUN loses its context, and every block
     written is there afterwards."""
@@ -557,8 +577,23 @@ def test_resets_while_io_runs_contexts_recover():
                     raise AssertionError("a vLUN never recovered from the resets")
                 done[i] += 1
 
+        churn = [0]
+
+        def cycles():
+            # Contexts come and go meanwhile (their adapter fds are reaped
+            # by every ioctl): an error here is fine (a reset can catch a
+            # cycle half way), losing one of the long-lived contexts is not.
+            while r.running():
+                try:
+                    with disk.attach() as c:
+                        c.create_virtual(10).close()
+                    churn[0] += 1
+                except (CxlFlashError, AfuError, AdapterResetError, ValueError):
+                    pass
+
         for i in range(3):
             r.spawn(io, i)
+        r.spawn(cycles)
         resets = 0
         while r.running():
             a.reset()
@@ -584,71 +619,92 @@ def test_resets_while_io_runs_contexts_recover():
 
 @pytest.mark.parametrize("how", ["release", "shrink"])
 def test_child_release_races_its_own_writes(how):
-    """In a forked child, one thread writes 2 MiB at a time through a vLUN
-    while another releases it (or shrinks it to nothing); the chunks go
-    back to the owner's allocator at once and a new vLUN of the child takes
-    them (the LUN has no other free chunk), writes its pattern and checks
-    it after the writer stopped.  The parent's own vLUN (the rest of the
-    LUN) is verified after the child exits: no block of another vLUN was
-    touched.  On main a write through the stale replica landed in the
-    chunk the owner had already handed to the new vLUN."""
+    """In a forked child, one thread writes 1 MiB at a time through a vLUN
+    at the ioctl level (Adapter.write with its context id and handle: the
+    child's replica of the table) while another releases the vLUN (or
+    shrinks it to nothing).  The vLUN scrubs (NEED_WRITE_SAME): its chunks
+    are zeroed, then freed.  After the writer stopped, every chunk of the
+    released vLUN is still zero: no write through the stale replica landed
+    after the owner scrubbed and freed it (any other vLUN could have had
+    it by then).  A vLUN of another context then takes them and keeps its
+    data.  The parent's own
+    vLUN (the rest of the LUN) is intact.  On main a write through the
+    stale replica landed in a chunk the owner had already handed to another
+    vLUN (112 of 300 rounds)."""
     with cxlflash.Adapter() as a:
-        disk = memory_disk(a, 4)
+        disk = memory_disk(a, 6)
+        backing_fd = a.driver.gluns[disk.wwid].backing.fd
         with disk.attach() as pctx:
-            mine = pctx.create_virtual(2 * CHUNK)       # half the LUN, the parent's
-            mine.write(0, blocks(0, 2 * CHUNK, 4242))
+            z = pctx.create_virtual(2 * CHUNK)
+            z.write(0, blocks(0, 2 * CHUNK, 4242))
 
             def child():
                 ctx = disk.attach()
-                data = blocks(0, 4096, 77)
+                other = disk.attach()     # y lives here: x's handle number is not reused
+                data = blocks(0, 2048, 77)               # 1 MiB per write
                 deadline = time.monotonic() + TIME_CAP
                 rounds = 0
-                while time.monotonic() < deadline and rounds < 12:
+                while time.monotonic() < deadline and rounds < 40:
                     rounds += 1
-                    x = ctx.create_virtual(2 * CHUNK)
+                    x = ctx.create_virtual(2 * CHUNK, scrub=True)
+                    x_chunks = (x.translate([0, CHUNK]) >> np.uint64(16)).tolist()
+                    cid, h, size = ctx.context_id, x.handle, x.size
                     stop = threading.Event()
                     bad = []
+                    started = threading.Event()
 
                     def writer():
                         lba = 0
                         while not stop.is_set():
                             try:
-                                x.write(lba, data)
-                            except (OSError, ValueError):
-                                if how == "release":
-                                    return
+                                a.write(cid, h, lba, data)
+                            except AfuError:
+                                return           # the handle is gone (0x01/0x13)
                             except Exception as e:      # noqa: BLE001
                                 bad.append(e)
                                 return
-                            lba = (lba + 4096) % (2 * CHUNK - 4096)
+                            started.set()
+                            # alternate between the two chunks
+                            lba = (lba + CHUNK + 2048) % (size - 2048)
 
                     t = threading.Thread(target=writer, daemon=True)
                     t.start()
-                    time.sleep(0.005)
+                    if not started.wait(5):
+                        return f"the writer never wrote: {bad!r}"
                     if how == "release":
                         x.close()
                     else:
                         x.set_size(0, release=True)
-                    y = ctx.create_virtual(2 * CHUNK)   # takes the freed chunks
-                    seq = 500 + rounds
-                    y.write(0, blocks(0, 2 * CHUNK, seq))
-                    time.sleep(0.01)
+                    # The owner scrubbed and freed x's chunks before it
+                    # answered; nothing may be written into them any more.
+                    time.sleep(0.002)
                     stop.set()
                     t.join(10)
                     if bad:
                         return f"writer: {bad[0]!r}"
+                    for aun in x_chunks:
+                        raw = np.frombuffer(os.pread(backing_fd, CHUNK * BS, aun * CHUNK * BS),
+                                            np.uint8)
+                        if raw.any():
+                            return (f"round {rounds}: chunk {aun} was written through the "
+                                    f"stale replica after the owner scrubbed and freed it "
+                                    f"({how}, {np.count_nonzero(raw)} bytes)")
+                    # Another vLUN takes them and keeps what it writes.
+                    y = other.create_virtual(2 * CHUNK, scrub=True)
+                    seq = 500 + rounds
+                    y.write(0, blocks(0, 2 * CHUNK, seq))
                     n = bad_blocks(y.read(0, 2 * CHUNK), 0, seq)
                     if n:
-                        return (f"round {rounds}: {n} blocks of a new vLUN were "
-                                f"overwritten through a released one")
+                        return f"round {rounds}: {n} blocks of a new vLUN changed"
                     y.close()
                     x.close()
                 ctx.close()
+                other.close()
                 return rounds
 
             res = in_child(child)
             assert isinstance(res, int) and res >= 2, res
-            assert bad_blocks(mine.read(0, 2 * CHUNK), 0, 4242) == 0, \
+            assert bad_blocks(z.read(0, 2 * CHUNK), 0, 4242) == 0, \
                 "the child's writes reached the parent's vLUN"
             me = Caller(os.getpid(), os.getppid())
             deadline = time.monotonic() + 5
