@@ -1014,13 +1014,18 @@ def test_need_write_same_does_not_scrub_chunk_still_cloned(adapter):
     assert child_io(a, dst, h, CHUNK + 3) == data[1]
     assert all(g.allocator.is_allocated(x) for x in auns)
     # The parent grows again (new chunks), the child drops its references
-    # first, then the parent is the last owner of what it shrinks: scrubbed.
+    # (issue 8: the clone carries NEED_WRITE_SAME): the chunks whose last
+    # reference was the child's are scrubbed; then the parent is the last
+    # owner of what it shrinks: scrubbed.
     resize(d, src, h, 2 * CHUNK_4K)
     new = chunks(a, src, h)
     a.write(src, h, 3, data[0])
     dst2 = ctx(a, dst)
+    assert dst2.rht_needs_ws[h] is True
     release(d, dst, h, caller=CHILD)
-    assert chunk_bytes(a, w, auns[1], 3) == data[1]       # the child never scrubs
+    assert chunk_bytes(a, w, auns[0], 3) == bytes(K4)
+    assert chunk_bytes(a, w, auns[1], 3) == bytes(K4)
+    assert not any(g.allocator.is_allocated(x) for x in auns)
     assert dst2.rht_needs_ws[h] is False
     resize(d, src, h, 0)
     assert chunk_bytes(a, w, new[0], 3) == bytes(K4)

@@ -842,14 +842,10 @@ def test_user_virtual_lun_physical_einval(ad):
 
 
 def _lun_with_empty_port_sel(a, d):
-    """Disk ``d`` in superpipe mode under a WWID whose llun has no port
-    bit left: enable it on ``d`` (port 0), then disable it through another
-    LUN's disk on the same port (MANAGE_LUN trusts the caller's WWID)."""
-    w2 = bytes(range(0x60, 0x70))
-    other = add_disk(a)
-    cxlflash.ioctl(d, MANAGE, manage_arg(w2, ENABLE))
-    cxlflash.ioctl(other, MANAGE, manage_arg(w2, DISABLE))
-    assert d.sdev.llun.port_sel == 0
+    """Disk ``d`` in superpipe mode under an llun with no port bit left.
+    The kernel reached this by re-pointing disks at a foreign WWID with
+    MANAGE_LUN; that is refused now (issue 8), so the state is set here."""
+    d.sdev.llun.port_sel = 0
     return cid_of(d)
 
 
@@ -1527,13 +1523,27 @@ def test_recover_afu_mailbox_all_ones_wait_interrupted_erestartsys(ad):
 
 
 def test_manage_lun_llun_allocation_enomem(ad):
-    a, d = ad
-    new_wwid = bytes(range(0x80, 0x90))
+    a, _ = ad
+    d = add_disk(a, superpipe=False)                 # no llun yet
     a.inject_fault("alloc")
-    fails(d, MANAGE, manage_arg(new_wwid, ENABLE), errno.ENOMEM)
-    assert new_wwid not in a.driver.lluns and d.sdev.llun.wwid == d.wwid
+    fails(d, MANAGE, manage_arg(d.wwid, ENABLE), errno.ENOMEM)
+    assert d.wwid not in a.driver.lluns and d.sdev.llun is None
+    cxlflash.ioctl(d, MANAGE, manage_arg(d.wwid, ENABLE))
     a.inject_fault("alloc")
     cxlflash.ioctl(d, MANAGE, manage_arg(d.wwid, ENABLE))   # known WWID: no allocation
+    assert a.driver.afu.faults.pending() == {"alloc": 1}
+
+
+def test_manage_lun_foreign_wwid_einval_before_allocation(ad):
+    """Deviation (issue 8): a WWID that does not name the disk's own LUN is
+    refused, before anything is allocated."""
+    a, d = ad
+    other = add_disk(a)
+    a.inject_fault("alloc")
+    for wwid in (bytes(range(0x80, 0x90)), other.wwid):
+        fails(d, MANAGE, manage_arg(wwid, ENABLE), errno.EINVAL)
+        assert d.sdev.llun.wwid == d.wwid
+    assert bytes(range(0x80, 0x90)) not in a.driver.lluns
     assert a.driver.afu.faults.pending() == {"alloc": 1}
 
 

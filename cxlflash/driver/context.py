@@ -5,6 +5,7 @@ A context is what one ATTACH creates for one process: an RHT (a
 its owner's pid, and the adapter fd through which the process holds it.
 """
 import os
+import select
 import socket
 import threading
 
@@ -34,6 +35,16 @@ class AdapterFile:
         os.set_inheritable(self.user_fd, True)
         self.fileno = driver.fileno()
         self.pe = None               # the PE its backend context holds until released
+
+    def hung_up(self):
+        """True when the user's last copy of the fd is closed: asked of
+        this file's own socket, not of an fd number."""
+        s = self.driver_sock
+        if s is None:
+            return True
+        p = select.poll()
+        p.register(s, select.POLLRDHUP | select.POLLHUP)
+        return bool(p.poll(0))
 
     def close_driver_side(self):
         if self.driver_sock is not None:

@@ -21,6 +21,7 @@ import threading
 from typing import NamedTuple
 
 from .. import uapi
+from .._core.tables import TABLE_IN_ERROR, TABLE_GONE
 from ..errors import CxlFlashError
 from .afu import Afu, NORMAL, RESET, FAILTERM
 from .context import AdapterFile, MAX_CONTEXT
@@ -76,6 +77,8 @@ class Driver:
         self._cookies = itertools.count(0x1000)
         self._files = {}                            # driver fileno -> AdapterFile
         self._files_lock = threading.Lock()
+        # Reaping is single-flight (see reap()).
+        self._reap_lock = threading.Lock()
         self._epoll = select.epoll()
         # The reset epoch, in memory a forked child shares: its replicas
         # of its contexts see the AFU resets of this driver (spec §16.1).
@@ -143,11 +146,16 @@ class Driver:
         on the LUN is open anywhere."""
         with self.global_mutex:
             llun = self.find_or_create_llun(wwid or sdev.wwid)
-            if llun.parent.mode != MODE_NONE:
-                raise CxlFlashError(
-                    errno.EBUSY, "the LUN has open resource handles: release "
-                    "them before disabling superpipe mode")
-            sdev.llun = None
+            # The mode check and the disable in one critical section with
+            # lun_attach (GlobalLun.attach(sdev=...) checks sdev.llun under
+            # the same mutex): a USER_VIRTUAL / USER_DIRECT racing us either
+            # attached first (EBUSY here) or sees superpipe off (EINVAL).
+            with llun.parent.mutex:
+                if llun.parent.mode != MODE_NONE:
+                    raise CxlFlashError(
+                        errno.EBUSY, "the LUN has open resource handles: release "
+                        "them before disabling superpipe mode")
+                sdev.llun = None
             llun.port_sel &= ~(1 << sdev.port)
             if llun.port_sel == 0:
                 self.lun_table.release(llun)
@@ -164,7 +172,8 @@ class Driver:
 
     def forget_file(self, f):
         with self._files_lock:
-            if self._files.pop(f.fileno, None) is not None:
+            if self._files.get(f.fileno) is f:
+                del self._files[f.fileno]
                 try:
                     self._epoll.unregister(f.fileno)
                 except (OSError, ValueError):
@@ -173,34 +182,65 @@ class Driver:
 
     def reap(self, caller):
         """Run the release path for every adapter fd whose last copy was
-        closed since the last call (spec §6.3)."""
-        if not self._files:
+        closed since the last call (spec §6.3).
+
+        Single-flight: one thread reaps at a time.  A second one waits for
+        the first, then polls itself, so an fd closed before an ioctl
+        started is released before that ioctl runs (as the kernel's
+        close releases before it returns).  (Skipping instead left the
+        releases to one thread while the others kept allocating: 4 threads
+        cycling ATTACH/USER_VIRTUAL/close on a 32-chunk LUN then saw ENOSPC
+        in 8549 of 14520 cycles.)
+
+        An epoll event names an fd NUMBER, which a release frees for the
+        next ATTACH to reuse, so the release is keyed on the file object:
+        under ``_files_lock`` the file registered under that number must
+        itself be hung up (its own socket says so), and it is taken out of
+        the table there, so exactly one thread releases it and a new live
+        file that reused the number is never touched."""
+        if not self._files or self.closed:
             return
+        self._reap_lock.acquire()
         try:
-            events = self._epoll.poll(0)
-        except OSError:
-            return
-        for fileno, _ in events:
-            f = self._files.get(fileno)
-            if f is not None:
+            try:
+                events = self._epoll.poll(0)
+            except (OSError, ValueError):          # closed under us
+                return
+            for fileno, _ in events:
+                with self._files_lock:
+                    f = self._files.get(fileno)
+                    if f is None or not f.hung_up():
+                        continue
+                    del self._files[fileno]
+                    try:
+                        self._epoll.unregister(fileno)
+                    except (OSError, ValueError):
+                        pass
                 self.release_file(f, caller)
+        finally:
+            self._reap_lock.release()
 
     def release_file(self, f, caller):
         """The adapter fd's release (spec §6.3).  The closer of the last
         copy is taken to be the context's owner (we cannot see who closed
-        it); the context is detached from every LUN and destroyed."""
-        ctx = self.get_context(0, caller, file=f,
-                               ctrl=CTX_CTRL_ERR_FALLBACK | CTX_CTRL_FILE | CTX_CTRL_NOPID)
-        if ctx is not None:
-            self.afu.rwsem.acquire_shared()
-            try:
-                for la in list(ctx.luns):
-                    self.detach_lun(ctx, la.llun, caller)
-            finally:
-                self.afu.rwsem.release_shared()
-                if ctx.mutex.locked():
+        it); the context is fenced (no transfer through it runs from here
+        on), detached from every LUN and destroyed."""
+        try:
+            ctx = self.get_context(0, caller, file=f,
+                                   ctrl=CTX_CTRL_ERR_FALLBACK | CTX_CTRL_FILE | CTX_CTRL_NOPID)
+            if ctx is not None:
+                try:
+                    ctx.table.set_state(TABLE_GONE)
+                    self.afu.rwsem.acquire_shared()
+                    try:
+                        for la in list(ctx.luns):
+                            self.detach_lun(ctx, la.llun, caller)
+                    finally:
+                        self.afu.rwsem.release_shared()
+                finally:
                     ctx.mutex.release()
-        self.forget_file(f)
+        finally:
+            self.forget_file(f)
 
     # -- contexts -------------------------------------------------------------
 
@@ -264,14 +304,16 @@ class Driver:
         return ctx
 
     def destroy_context(self, ctx):
-        """Remove a context whose last LUN was detached (spec §7 step 4)."""
+        """Remove a context whose last LUN was detached (spec §7 step 4).
+        Its table is fenced: this returns after the last transfer through
+        it has ended, and none starts again (AFU rc 0x21)."""
         with self.ctx_tbl_lock:
             ctx.removed = True
             if self.ctx_tbl[ctx.pe] is ctx:
                 self.ctx_tbl[ctx.pe] = None
             if ctx in self.ctx_err_recovery:
                 self.ctx_err_recovery.remove(ctx)
-        ctx.table.state = 2       # TABLE_GONE: the data path refuses it
+        ctx.table.set_state(TABLE_GONE)
         # The adapter file -- and the PE of its backend context -- stay
         # until the user closes fd2 (APP_CLOSE_ADAP_FD, spec §7).
 
@@ -294,13 +336,19 @@ class Driver:
     # -- the AFU state machine (spec §16.1) ----------------------------------------
 
     def mark_all_contexts_in_error(self):
+        """Every live context goes into error (spec §16.1).  Each table is
+        fenced: this returns after every transfer through them has ended,
+        and from then on their data paths raise AdapterResetError."""
         with self.ctx_tbl_lock:
+            moved = []
             for pe, ctx in enumerate(self.ctx_tbl):
                 if ctx is not None:
                     self.ctx_tbl[pe] = None
                     ctx.err_recovery_active = True
-                    ctx.table.state = 1      # TABLE_IN_ERROR: MMIO reads all-ones
                     self.ctx_err_recovery.append(ctx)
+                    moved.append(ctx)
+        for ctx in moved:
+            ctx.table.set_state(TABLE_IN_ERROR)   # MMIO reads all-ones
 
     @property
     def epoch(self):
@@ -337,20 +385,78 @@ class Driver:
         self.afu.set_state(FAILTERM)
         self._drain_and_mark_in_error()
 
+    def contexts(self):
+        """Every context of the driver, live or in error (a snapshot)."""
+        with self.ctx_tbl_lock:
+            return [c for c in self.ctx_tbl if c is not None] + list(self.ctx_err_recovery)
+
+    def fence_backing(self, glun, *, force=False):
+        """Make sure no transfer through any table of this driver reaches
+        ``glun``'s backing store, now or later: call it before its fd is
+        closed (or the LUN deleted), after making the LUN unreachable for
+        new opens (superpipe disabled / LUN gone from the host).
+
+        A transfer needs an open handle on the LUN, and closing or
+        shrinking a handle already waits for the transfers through it.  So
+        only the contexts that still have a handle open on ``glun`` matter:
+        without ``force`` they are refused with EBUSY (nothing changes);
+        with ``force`` each such context's table is set TABLE_GONE -- this
+        returns after every transfer through it has ended, and none starts
+        again (AFU rc 0x21).  Returns the number of tables fenced."""
+        reaching = [c for c in self.contexts()
+                    if any(l is not None and l.parent is glun for l in c.rht_lun)]
+        if reaching and not force:
+            raise CxlFlashError(errno.EBUSY, f"LUN {glun.wwid.hex()} has resource "
+                                f"handles open in {len(reaching)} context(s): release "
+                                "them first")
+        for ctx in reaching:
+            ctx.table.set_state(TABLE_GONE)
+        return len(reaching)
+
+    def remove_lun(self, wwid):
+        """Forget every record of a deleted LUN: its SCSI devices, its llun
+        (and LUN-table slot) and its glun.  EBUSY while it is in use."""
+        with self.global_mutex:
+            glun = self.gluns.get(wwid)
+            llun = self.lluns.get(wwid)
+            sdevs = [k for k in self.sdevs if k[1] == wwid]
+            if ((glun is not None and (glun.mode != MODE_NONE or glun.users)) or
+                    (llun is not None and llun.port_sel) or
+                    any(self.sdevs[k].refs for k in sdevs)):
+                raise CxlFlashError(errno.EBUSY, f"LUN {wwid.hex()} is in use: release "
+                                    "its handles, detach its contexts and disable "
+                                    "superpipe first")
+            for k in sdevs:
+                self.sdevs.pop(k).present = False
+            if llun is not None:
+                self.lun_table.release(llun)
+                del self.lluns[wwid]
+            if glun is not None:
+                del self.gluns[wwid]
+
     def close(self):
-        """Tear the driver down: every context is destroyed."""
+        """Tear the driver down: every context is fenced and made unusable.
+
+        Returns only after every transfer through any of its tables has
+        ended; no transfer starts afterwards (AFU rc 0x21), no ioctl runs
+        (ENODEV).  Only then may the caller close the backing stores."""
         if self.closed:
             return
-        self.closed = True
-        with self.ctx_tbl_lock:
-            ctxs = [c for c in self.ctx_tbl if c is not None] + list(self.ctx_err_recovery)
-        for ctx in ctxs:
-            ctx.table.state = 2
-        with self._files_lock:
-            files = list(self._files.values())
-        for f in files:
-            self.forget_file(f)
-        self._epoll.close()
+        self.afu.rwsem.acquire_exclusive()      # drain the ioctls under way
+        try:
+            if self.closed:
+                return
+            self.closed = True
+            for ctx in self.contexts():
+                ctx.table.set_state(TABLE_GONE)
+        finally:
+            self.afu.rwsem.release_exclusive()
+        with self._reap_lock:                   # a reaper under way finishes first
+            with self._files_lock:
+                files = list(self._files.values())
+            for f in files:
+                self.forget_file(f)
+            self._epoll.close()
 
 
 # -- argument copy (the user/kernel boundary) ------------------------------------------

@@ -21,12 +21,14 @@ error status), as does a context PE with no context.
 import ctypes
 import errno
 import os
+import secrets
 import struct
 
 from .. import uapi
 from ..errors import CxlFlashError
 from .afu import NORMAL
 from .core import copy_in, copy_out, check_header
+from .lun import MODE_NONE, sam_lun_id
 
 DUMP_CONTEXTS = 0x01
 DUMP_LUNS = 0x02
@@ -40,29 +42,52 @@ class _iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-def _vm_copy(address, length, data=None):
-    """Read ``length`` bytes at a user address, or write ``data`` there,
-    with process_vm_readv/writev on ourselves: a bad address is EFAULT,
-    never a crash."""
+def _vm_copy(pid, address, length, data=None):
+    """Read ``length`` bytes at an address of the calling process ``pid``,
+    or write ``data`` there, with process_vm_readv/writev: a bad address is
+    EFAULT, never a crash.  ``pid`` is the caller's identity (Caller.pid),
+    never this process's own: a forked child's buffer is in the child."""
     buf = ctypes.create_string_buffer(length if data is None else bytes(data), length)
     local = _iovec(ctypes.cast(buf, ctypes.c_void_p), length)
     remote = _iovec(address, length)
     fn = _libc.process_vm_readv if data is None else _libc.process_vm_writev
     fn.restype = ctypes.c_ssize_t
-    n = fn(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    n = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
     if n != length:
         raise CxlFlashError(errno.EFAULT, f"data_ea 0x{address:x}: {length} bytes "
-                            "are not addressable")
+                            f"are not addressable in process {pid}")
     return buf.raw
 
 
+_WWID_SALT = secrets.randbits(32)
+
+
+def _new_wwid_salt():
+    global _WWID_SALT
+    _WWID_SALT = secrets.randbits(32)
+
+
+os.register_at_fork(after_in_child=_new_wwid_salt)    # a child's adapters differ too
+
+
 def _naa6_wwid(serial):
-    """A unique NAA-6 (IEEE registered extended) 16-byte WWID."""
+    """A unique NAA-6 (IEEE registered extended) 16-byte WWID: the serial
+    and a random salt (so adapters of different processes sharing a LUN
+    directory do not collide)."""
     hi = (0x6 << 60) | (0x005076 << 36) | (serial & 0xFFFFFFFFF)
-    return struct.pack(">QQ", hi, (os.getpid() << 32 | serial) & (2**64 - 1))
+    return struct.pack(">QQ", hi, (_WWID_SALT << 32 | serial) & (2**64 - 1))
 
 
-def lun_provision(drv, adapter, arg):
+def _provisioned_lun(drv, port, lun_id):
+    """The WWID of the present LUN with SAM LUN id ``lun_id`` on ``port``,
+    or None."""
+    for (p, wwid), s in list(drv.sdevs.items()):
+        if p == port and s.present and sam_lun_id(s.scsi_lun) == lun_id:
+            return wwid
+    return None
+
+
+def lun_provision(drv, adapter, arg, caller):
     """HT_CXLFLASH_LUN_PROVISION (spec §18.3)."""
     afu = drv.afu
     if not afu.has_lun_provision:
@@ -105,7 +130,17 @@ def lun_provision(drv, adapter, arg):
         err = afu.send_cmd("afu_cmd", "LUN provision")
         if err:
             raise CxlFlashError(err, "the AFU refused the LUN delete command")
-        adapter._unprovision(port, arg.lun_id)
+        with drv.global_mutex:
+            wwid = _provisioned_lun(drv, port, arg.lun_id)
+            glun = drv.gluns.get(wwid) if wwid is not None else None
+            if glun is not None and glun.mode == MODE_NONE:
+                # No handle is open on it (the adapter refuses the delete
+                # otherwise); make sure no transfer is still under way
+                # through a table before its backing store is closed.
+                drv.fence_backing(glun)
+            adapter._unprovision(port, arg.lun_id)
+            if wwid is not None:
+                drv.remove_lun(wwid)
         return
     raise CxlFlashError(errno.EINVAL, f"unknown LUN provision subcommand {sub}")
 
@@ -154,7 +189,7 @@ def _debug_data(drv, subcmd):
     raise CxlFlashError(errno.EIO, f"AFU debug: unknown subcommand 0x{op:02x}")
 
 
-def afu_debug(drv, adapter, arg):
+def afu_debug(drv, adapter, arg, caller):
     """HT_CXLFLASH_AFU_DEBUG (spec §18.4)."""
     afu = drv.afu
     if not afu.has_debug:
@@ -167,7 +202,7 @@ def afu_debug(drv, adapter, arg):
     if n:
         afu.faults.check("alloc", "allocating the bounce buffer")
         if write:
-            _vm_copy(arg.data_ea, n)
+            _vm_copy(caller.pid, arg.data_ea, n)
     err = afu.send_cmd("afu_cmd", "AFU debug")
     if err:
         raise CxlFlashError(err, "the AFU debug command failed")
@@ -178,7 +213,7 @@ def afu_debug(drv, adapter, arg):
     else:
         data = _debug_data(drv, bytes(arg.afu_subcmd))
     if n and not write:
-        _vm_copy(arg.data_ea, n, data[:n].ljust(n, b"\0"))
+        _vm_copy(caller.pid, arg.data_ea, n, data[:n].ljust(n, b"\0"))
 
 
 HT_HANDLERS = {
@@ -192,13 +227,15 @@ def host_ioctl(drv, adapter, request, arg, caller):
     drv.reap(caller)
     drv.afu.rwsem.acquire_shared()
     try:
+        if drv.closed:
+            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
         handler = HT_HANDLERS.get(request)
         if handler is None:
             raise CxlFlashError(errno.EINVAL, f"0x{request:08X} is not an "
                                 "HT_CXLFLASH_* request")
         s = copy_in(arg, uapi.HT_IOCTLS[request])
         check_header(s.hdr, host=True)
-        handler(drv, adapter, s)
+        handler(drv, adapter, s, caller)
         copy_out(arg, s)
     finally:
         drv.afu.rwsem.release_shared()

@@ -7,6 +7,7 @@ import os
 import time
 
 from .. import uapi
+from .._core.tables import TABLE_LIVE
 from ..errors import CxlFlashError
 from .afu import AFU_LW_SYNC, AFU_HW_SYNC, NORMAL
 from .context import Context, LunAccess, encode_ctxid
@@ -130,8 +131,11 @@ def detach(drv, sdev, disk, arg, caller):
 def user_direct(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_USER_DIRECT (spec §9)."""
     llun = sdev.llun
+    if llun is None:             # disabled since the dispatch looked
+        raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on this "
+                            "disk (DK_CXLFLASH_MANAGE_LUN)")
     glun = llun.parent
-    glun.attach(MODE_PHYSICAL)
+    glun.attach(MODE_PHYSICAL, sdev=sdev)
     ctx = drv.get_context(arg.context_id, caller, llun)
     if ctx is None:
         glun.detach()
@@ -173,12 +177,16 @@ def release_handle(drv, ctx, llun, handle, force=False):
             drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC)
     else:
         return
+    # The core's close takes the table's write lock: the transfers through
+    # the handle have ended before its chunks change hands.
     leftover = ctx.table.close(handle)
-    if len(leftover) and glun.allocator is not None:
-        glun.allocator.free_many(leftover)
-    ctx.rht_lun[handle] = None
-    ctx.rht_needs_ws[handle] = False
-    glun.detach()
+    try:
+        if len(leftover) and glun.allocator is not None:
+            vlun.drop_chunks(glun, leftover, ctx.rht_needs_ws[handle])
+    finally:
+        ctx.rht_lun[handle] = None
+        ctx.rht_needs_ws[handle] = False
+        glun.detach()
 
 
 def release(drv, sdev, disk, arg, caller):
@@ -356,16 +364,23 @@ def _recover_context(drv, ctx):
         drv.ctx_err_recovery.remove(ctx)
         drv.ctx_tbl[pe] = ctx
         ctx.err_recovery_active = False
-        ctx.table.state = 0              # TABLE_LIVE
+        ctx.table.set_state(TABLE_LIVE)
 
 
 # -- MANAGE_LUN ---------------------------------------------------------------
 
 
 def manage_lun(drv, sdev, disk, arg, caller):
-    """DK_CXLFLASH_MANAGE_LUN (spec §17).  The WWID is the caller's word:
-    it is not checked against the device."""
+    """DK_CXLFLASH_MANAGE_LUN (spec §17).
+
+    Deviation (issue 8): the kernel took the WWID on the caller's word; we
+    know every LUN's identity, and a WWID that does not name the disk's own
+    LUN is refused (EINVAL) -- re-pointing a disk at another WWID made a
+    second allocator over the same backing store."""
     wwid = bytes(arg.wwid)
+    if wwid != sdev.wwid:
+        raise CxlFlashError(errno.EINVAL, f"WWID {wwid.hex()} does not name this "
+                            f"disk's LUN: pass the disk's own WWID ({sdev.wwid.hex()})")
     flags = arg.hdr.flags
     if flags & uapi.DK_CXLFLASH_MANAGE_LUN_ENABLE_SUPERPIPE:
         drv.enable_superpipe(sdev, wwid)
@@ -405,6 +420,8 @@ def disk_ioctl(drv, sdev, disk, request, arg, caller, reap=True):
         drv.reap(caller)
     afu.rwsem.acquire_shared()
     try:
+        if drv.closed:
+            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
         if drv.lun_mode and request in INTERNAL_LUN_REFUSED:
             raise CxlFlashError(errno.EINVAL, "the adapter is in internal-LUN mode: "
                                 "only physical access is supported")

@@ -56,22 +56,45 @@ def grow(drv, ctx, llun, handle, new):
     return 0
 
 
+def drop_chunks(glun, auns, scrub):
+    """Drop one reference of each chunk in ``auns`` (spec §12.3).
+
+    The decision which chunks lost their last reference is made in one
+    critical section of the allocator (``release_many``), which returns
+    them still allocated: they are scrubbed when ``scrub`` (decision 6:
+    the chunk itself), and only then freed.  So no concurrent clone or
+    release can make a chunk go unscrubbed, be scrubbed while still
+    shared, or be handed out before it is clean.  If the scrub fails the
+    chunks stay allocated (never reused with their data) and the error is
+    raised."""
+    if not len(auns):
+        return
+    alloc = glun.allocator
+    last = alloc.release_many(auns)
+    if not len(last):
+        return
+    if scrub:
+        try:
+            scrub_chunks(glun.backing.fd, glun.backing.zero_mode, last, glun.blk_len)
+        except OSError as e:
+            raise CxlFlashError(e.errno or errno.EIO, f"scrubbing {len(last)} freed "
+                                f"chunk(s) failed ({e.strerror or e}); they stay "
+                                "allocated so their data is never handed out") from None
+    alloc.free_many(last)
+
+
 def shrink(drv, ctx, llun, handle, new):
     glun = llun.parent
     cur = ctx.table.lxt_count(handle)
     if new and _lxt_groups(new) != _lxt_groups(cur):
         drv.afu.faults.check("alloc", "allocating the LXT")
+    # The core's shrink takes the table's write lock: the transfers through
+    # the handle have ended, and none can reach the dropped chunks again.
     auns = ctx.table.shrink(handle, new)
     rc = 0
     if not ctx.err_recovery_active and drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC):
         rc = errno.EAGAIN
-    alloc = glun.allocator
-    if ctx.rht_needs_ws[handle]:
-        # Decision 6: scrub the freed chunks themselves -- only those whose
-        # last reference this is, so a clone's data is never touched.
-        last_ref = auns[alloc.clone_counts(auns) == 0]
-        scrub_chunks(glun.backing.fd, glun.backing.zero_mode, last_ref, glun.blk_len)
-    alloc.free_many(auns)
+    drop_chunks(glun, auns, ctx.rht_needs_ws[handle])
     return rc
 
 
@@ -93,6 +116,9 @@ def resize(drv, ctx, llun, handle, req_size):
 def user_virtual(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_USER_VIRTUAL (spec §10.1)."""
     llun = sdev.llun
+    if llun is None:             # disabled since the dispatch looked
+        raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on this "
+                            "disk (DK_CXLFLASH_MANAGE_LUN)")
     glun = llun.parent
     with glun.mutex:
         created = False
@@ -100,7 +126,7 @@ def user_virtual(drv, sdev, disk, arg, caller):
             glun.init_allocator()
             created = True
         try:
-            glun.attach(MODE_VIRTUAL, locked=True)
+            glun.attach(MODE_VIRTUAL, locked=True, sdev=sdev)
         except CxlFlashError:
             if created:
                 glun.allocator = None
@@ -121,13 +147,19 @@ def user_virtual(drv, sdev, disk, arg, caller):
             glun.detach()
             raise CxlFlashError(errno.EMFILE, e.strerror) from None
         ctx.rht_lun[h] = llun
+        # Set before the first chunk is mapped, so a rollback scrubs too.
+        ctx.rht_needs_ws[h] = bool(arg.hdr.flags &
+                                   uapi.DK_CXLFLASH_UVIRTUAL_NEED_WRITE_SAME)
 
         def undo_open():
             # Decision 7: a failed open frees what it grew.
-            glun.allocator.free_many(ctx.table.shrink(h, 0))
-            ctx.table.close(h)
-            ctx.rht_lun[h] = None
-            glun.detach()
+            try:
+                drop_chunks(glun, ctx.table.shrink(h, 0), ctx.rht_needs_ws[h])
+            finally:
+                ctx.table.close(h)
+                ctx.rht_lun[h] = None
+                ctx.rht_needs_ws[h] = False
+                glun.detach()
 
         try:
             rc, last_lba = resize(drv, ctx, llun, h, arg.lun_size)
@@ -138,8 +170,6 @@ def user_virtual(drv, sdev, disk, arg, caller):
             undo_open()
             raise CxlFlashError(rc, "the AFU sync after the initial resize failed; "
                                 "the open was rolled back: retry")
-        if arg.hdr.flags & uapi.DK_CXLFLASH_UVIRTUAL_NEED_WRITE_SAME:
-            ctx.rht_needs_ws[h] = True
         arg.hdr.return_flags = 0
         if bin(llun.port_sel & 0xF).count("1") > 1:
             arg.hdr.return_flags |= uapi.DK_CXLFLASH_ALL_PORTS_ACTIVE
@@ -207,20 +237,36 @@ def _clone(drv, src, dst, caller, release_handle):
         slot_llun = src.rht_lun[h]
         glun = slot_llun.parent
         virtual = src.table.is_virtual(h)
+        # Decision 10 (issue 8): the clone carries the scrub flag, so the
+        # chunks it shares are scrubbed whichever side lets them go last.
+        needs_ws = src.rht_needs_ws[h]
         err = None
-        try:
-            if virtual and src.table.lxt_count(h):
+        if virtual and src.table.lxt_count(h):
+            try:
                 drv.afu.faults.check("alloc", "allocating the LXT")
-            auns = dst.table.clone_slot(src.table, h, dst.rht_perms)
-        except (CxlFlashError, MemoryError):
-            err = errno.ENOMEM
-        if err is None and virtual:
-            if not glun.allocator.clone_many(auns):
-                dst.table.close(h)
+            except CxlFlashError:
+                err = errno.ENOMEM
+        if err is None:
+            try:
+                # One pass: the LXT copy raises the clone counts as it goes,
+                # all or none, under the allocator's mutex (spec §14.4).
+                dst.table.clone_slot(src.table, h, dst.rht_perms,
+                                     glun.allocator if virtual else None)
+            except MemoryError:
+                err = errno.ENOMEM
+            except OSError as e:         # a chunk not allocated, or at 255 clones
+                if e.errno != errno.EIO:
+                    raise
                 err = errno.EIO
-            elif drv.afu.sync(dst.pe, h, AFU_LW_SYNC):
-                dst.table.close(h)
-                glun.allocator.free_many(auns)
+        if err is None:
+            dst.rht_lun[h] = slot_llun
+            dst.rht_needs_ws[h] = needs_ws
+            if virtual and drv.afu.sync(dst.pe, h, AFU_LW_SYNC):
+                try:
+                    drop_chunks(glun, dst.table.close(h), needs_ws)
+                finally:
+                    dst.rht_lun[h] = None
+                    dst.rht_needs_ws[h] = False
                 err = errno.EAGAIN
         if err is not None:
             for j in done:
@@ -231,7 +277,6 @@ def _clone(drv, src, dst, caller, release_handle):
                            "255 clones",
                 errno.EAGAIN: "the AFU sync failed; the clone was rolled back: retry",
             }[err])
-        dst.rht_lun[h] = slot_llun
         glun.attach(MODE_VIRTUAL if virtual else MODE_PHYSICAL)
         done.append(h)
     # Decision 10: the copied LUN attachments are real attachments.

@@ -28,29 +28,37 @@ class _DiskView:
 
 
 def snapshot(drv, pid):
-    """Replicas of every context ``pid`` owns: {context_id: record}."""
-    with drv.ctx_tbl_lock:
-        ctxs = [c for c in drv.ctx_tbl if c is not None] + list(drv.ctx_err_recovery)
+    """Replicas of every context ``pid`` owns: {context_id: record}.  Each
+    context is read holding its mutex, so a record is one consistent state
+    (not an entry of one moment and an LXT of another)."""
     out = {}
-    for c in ctxs:
-        if c.pid != pid or c.removed:
+    for c in drv.contexts():
+        if c.pid != pid:
             continue
-        slots = []
-        for h in c.table.open_handles():
-            e = c.table.entry(h)
-            llun = c.rht_lun[h]
-            glun = llun.parent
-            if e["format"] == 0:
-                slots.append((h, 0, e["perms"], e["nmask"], c.table.lxt(h), 0, 0, 0,
-                              glun.wwid, glun.blk_len, glun.max_lba))
-            else:
-                slots.append((h, 1, e["perms"], e["port_sel"], None, e["lun_id"],
-                              e["last_lba"], e["valid"], glun.wwid, glun.blk_len,
-                              glun.max_lba))
-        out[c.ctxid] = {"rht_size": c.table.rht_size, "pid": c.pid,
-                        "in_error": c.err_recovery_active, "slots": slots,
-                        "epoch": drv.epoch}
+        with c.mutex:
+            if c.removed:
+                continue
+            out.update(_record(drv, c))
     return out
+
+
+def _record(drv, c):
+    """One context's record (its mutex held)."""
+    slots = []
+    for h in c.table.open_handles():
+        e = c.table.entry(h)
+        llun = c.rht_lun[h]
+        glun = llun.parent
+        if e["format"] == 0:
+            slots.append((h, 0, e["perms"], e["nmask"], c.table.lxt(h), 0, 0, 0,
+                          glun.wwid, glun.blk_len, glun.max_lba))
+        else:
+            slots.append((h, 1, e["perms"], e["port_sel"], None, e["lun_id"],
+                          e["last_lba"], e["valid"], glun.wwid, glun.blk_len,
+                          glun.max_lba))
+    return {c.ctxid: {"rht_size": c.table.rht_size, "pid": c.pid,
+                      "in_error": c.err_recovery_active, "slots": slots,
+                      "epoch": drv.epoch}}
 
 
 class Connection(threading.Thread):
@@ -61,6 +69,7 @@ class Connection(threading.Thread):
         self.adapter = adapter
         self.sock = sock
         self.client_pid = None
+        self.seq = 0                    # numbers the snapshots sent, in order
 
     def run(self):
         drv = self.adapter.driver
@@ -86,10 +95,13 @@ class Connection(threading.Thread):
         """The client is gone: its adapter fds close as it exits, and their
         release path runs.  Wait briefly for the kernel to close them all."""
         drv = self.adapter.driver
-        me = Caller(os.getpid(), os.getppid())
+        if self.client_pid is None:
+            return
+        # The closer of the client's fds is the client itself (as it exits).
+        client = Caller(self.client_pid, protocol.parent_pid(self.client_pid))
         deadline = time.monotonic() + 2.0
-        while not drv.closed and self.client_pid is not None:
-            drv.reap(me)
+        while not drv.closed:
+            drv.reap(client)
             if not snapshot(drv, self.client_pid) or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
@@ -106,7 +118,7 @@ class Connection(threading.Thread):
                 buf = bytearray(data) if data is not None else None
                 superpipe.disk_ioctl(drv, sdev, _DiskView(flags), request, buf, caller)
                 fds = self._adapter_fds(request, buf)
-                return ("ok", bytes(buf), snapshot(drv, pid)), fds, fds
+                return ("ok", bytes(buf), snapshot(drv, pid), self._next_seq()), fds, fds
             if kind == "host":
                 _, request, data = msg
                 buf = bytearray(data) if data is not None else None
@@ -124,7 +136,7 @@ class Connection(threading.Thread):
                 b = glun.backing
                 return ("ok", (b.block_size, b.zero_mode), None), [b.fd], []
             if kind == "snapshot":
-                return ("ok", None, snapshot(drv, pid)), [], []
+                return ("ok", None, snapshot(drv, pid), self._next_seq()), [], []
             raise CxlFlashError(errno.EINVAL, f"unknown request {kind!r}")
         except CxlFlashError as e:
             return ("err", e.errno, e.strerror), [], []
@@ -132,6 +144,10 @@ class Connection(threading.Thread):
             return ("err", e.errno or errno.EIO, e.strerror or str(e)), [], []
         except Exception as e:           # never leave the client waiting
             return ("err", errno.EIO, f"the driver failed on this request: {e!r}"), [], []
+
+    def _next_seq(self):
+        self.seq += 1
+        return self.seq
 
     @staticmethod
     def _adapter_fds(request, buf):
