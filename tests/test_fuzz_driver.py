@@ -184,6 +184,44 @@ def field_values(draw, name, ctype):
     return draw(st.one_of(st.just(0), st.sampled_from(EXTREME_INTS)))
 
 
+@st.composite
+def sane_values(draw, name, req):
+    """A value that makes sense for field ``name`` of request ``req`` (None:
+    leave the zero the structure starts with)."""
+    if name in ("context_id", "context_id_src", "context_id_dst"):
+        return ("id", draw(st.sampled_from(["fuzz", "fuzz", "other_fuzz"])), 0)
+    if name == "rsrc_handle":
+        return ("handle", draw(st.sampled_from(["hv", "hv", "hd", "small"])),
+                draw(st.integers(0, 5)))
+    if name in ("lun_size", "req_size"):
+        return draw(st.sampled_from([0, 1, 8192, 8193, 16384]))
+    if name == "flags":
+        if req == uapi.DK_CXLFLASH_MANAGE_LUN:
+            return draw(st.sampled_from([uapi.DK_CXLFLASH_MANAGE_LUN_ENABLE_SUPERPIPE,
+                                         uapi.DK_CXLFLASH_MANAGE_LUN_DISABLE_SUPERPIPE]))
+        if req == uapi.DK_CXLFLASH_USER_VIRTUAL:
+            return draw(st.sampled_from([0, uapi.DK_CXLFLASH_UVIRTUAL_NEED_WRITE_SAME]))
+        if req in (uapi.DK_CXLFLASH_ATTACH, uapi.DK_CXLFLASH_VLUN_CLONE):
+            return draw(st.sampled_from([os.O_RDWR, os.O_RDONLY, os.O_WRONLY,
+                                         uapi.DK_CXLFLASH_ATTACH_REUSE_CONTEXT | os.O_RDWR]))
+        return None
+    if name == "wwid":
+        return ("wwid", draw(st.sampled_from(["own", "own", "other"])))
+    if name == "data_ea":
+        return ("ea", "buf")
+    if name == "data_len":
+        return draw(st.sampled_from([0, 16, 4096]))
+    if name == "subcmd":
+        return draw(st.sampled_from([1, 2, 3]))
+    if name == "size":
+        return draw(st.sampled_from([8192, 16384]))
+    if name == "lun_id":
+        return ("lun_id", "created")
+    if name in ("hint", "afu_subcmd", "num_interrupts", "port"):
+        return draw(field_values(name, None)) if draw(st.booleans()) else None
+    return None
+
+
 DK_REQUESTS = [uapi.DK_CXLFLASH_ATTACH, uapi.DK_CXLFLASH_USER_DIRECT,
                uapi.DK_CXLFLASH_RELEASE, uapi.DK_CXLFLASH_DETACH, uapi.DK_CXLFLASH_VERIFY,
                uapi.DK_CXLFLASH_RECOVER_AFU, uapi.DK_CXLFLASH_MANAGE_LUN,
@@ -214,13 +252,19 @@ def ioctl_calls(draw):
     table = uapi.DK_IOCTLS if req in uapi.DK_IOCTLS else uapi.HT_IOCTLS
     stype = table[req]
     fields = {}
-    for path, ctype in _leaf_fields(stype):
-        # Most fields keep a sensible value so the call gets somewhere;
-        # each can take an extreme one.
-        if draw(st.integers(0, 3)) or path[-1] in ("context_id", "rsrc_handle",
-                                                   "context_id_src", "context_id_dst",
-                                                   "data_ea", "lun_id"):
+    leaves = list(_leaf_fields(stype))
+    # Sane calls get somewhere (and change state the next calls work on);
+    # then one field extreme, or many.
+    mode = draw(st.sampled_from(["sane", "sane", "sane", "one", "one", "many"]))
+    odd = draw(st.integers(0, len(leaves) - 1))
+    for i, (path, ctype) in enumerate(leaves):
+        extreme = mode == "many" and draw(st.booleans()) or (mode == "one" and i == odd)
+        if extreme:
             fields[path] = draw(field_values(path[-1], ctype))
+        else:
+            v = draw(sane_values(path[-1], req))
+            if v is not None:
+                fields[path] = v
     arg_kind = "struct"
     if kind == "bad_arg":
         arg_kind = draw(st.sampled_from(["short", "bytes", "none", "int", "wrong_struct",
