@@ -24,6 +24,7 @@ After every ioctl:
 """
 import ctypes
 import errno
+import gc
 import os
 import tracemalloc
 
@@ -123,6 +124,11 @@ def drop_world():
             w.a.close()
         except Exception:          # noqa: BLE001
             pass
+        for img in ("img_a", "img_b"):
+            if hasattr(w, img):
+                getattr(w, img).ref = None
+        del w
+        gc.collect()
 
 
 # -- field values -------------------------------------------------------------------
