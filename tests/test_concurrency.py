@@ -509,6 +509,81 @@ def test_release_races_clone():
             assert rounds >= 3 and cloned_some > 0
 
 
+def test_scrubbing_survives_a_clone_released_on_both_sides_at_once():
+    """A scrubbing vLUN is cloned into a 'child' context; then the parent
+    releases it while the child shrinks its clone to nothing, at the same
+    moment.  Whichever drops the last reference must scrub the chunk: it
+    is zero once both are done.  On main the scrub decision read the
+    clone count unlocked (both sides skipped it), and the clone did not
+    carry the scrub flag at all (items 5 and 10)."""
+    with cxlflash.Adapter() as a:
+        disk = memory_disk(a, 4)
+        drv, sdev = a.driver, disk.sdev
+        child = Caller(os.getpid() + 1_000_000, os.getpid())
+        fd = drv.gluns[disk.wwid].backing.fd
+
+        def ioctl(caller, request, arg):
+            superpipe.disk_ioctl(drv, sdev, disk, request, arg, caller)
+            return arg
+
+        deadline = time.monotonic() + TIME_CAP
+        rounds = 0
+        with disk.attach() as parent:
+            while time.monotonic() < deadline and rounds < 40:
+                rounds += 1
+                x = parent.create_virtual(CHUNK, scrub=True)
+                for lba in (0, CHUNK - 16):
+                    x.write(lba, blocks(lba, 16, 7 + rounds))
+                aun = int(x.translate([0])[0]) >> 16
+                att = ioctl(child, uapi.DK_CXLFLASH_ATTACH, _attach_arg())
+                clone = uapi.dk_cxlflash_clone()
+                clone.hdr.flags = os.O_RDWR
+                clone.context_id_src = parent.context_id
+                clone.context_id_dst = att.context_id
+                ioctl(child, uapi.DK_CXLFLASH_VLUN_CLONE, clone)
+                resize = uapi.dk_cxlflash_resize()
+                resize.context_id = att.context_id
+                resize.rsrc_handle = x.handle
+                resize.req_size = 0
+                barrier = threading.Barrier(2)
+                errs = []
+
+                def parent_release():
+                    barrier.wait()
+                    x.close()
+
+                def child_shrink():
+                    barrier.wait()
+                    try:
+                        ioctl(child, uapi.DK_CXLFLASH_VLUN_RESIZE, resize)
+                    except Exception as e:          # noqa: BLE001
+                        errs.append(e)
+
+                ts = [threading.Thread(target=parent_release),
+                      threading.Thread(target=child_shrink)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join(30)
+                assert not errs, errs
+                for lba in (0, CHUNK - 16):
+                    raw = os.pread(fd, 16 * BS, (aun * CHUNK + lba) * BS)
+                    assert not any(raw), (f"round {rounds}: chunk {aun} was freed with "
+                                          f"its data (not scrubbed)")
+                det = uapi.dk_cxlflash_detach()
+                det.context_id = att.context_id
+                ioctl(child, uapi.DK_CXLFLASH_DETACH, det)
+                os.close(att.adap_fd)
+                check_allocators(a)
+        assert rounds >= 3
+
+
+def _attach_arg(mode=os.O_RDWR):
+    arg = uapi.dk_cxlflash_attach()
+    arg.hdr.flags = mode
+    return arg
+
+
 # -- ioctls from several threads ------------------------------------------------------------
 
 
