@@ -340,15 +340,20 @@ def test_vlun_readers_race_set_size():
 
     def body():
         with cxlflash.Adapter() as a:
-            disk = memory_disk(a, 64)
+            disk = memory_disk(a, 4096)          # sparse: 128 GiB of holes
             with disk.attach() as ctx:
                 v = ctx.create_virtual(CHUNK)
                 v.write(0, blocks(0, 128, 3))
                 r = Racer()
 
+                table = a._context_record(ctx.context_id).table
+
                 def reader():
                     while r.running():
                         assert v.chunks >= 1
+                        c = table.chunks(v.handle)          # the LXT, copied
+                        assert len(c) >= 1 and ((c >= 0) & (c < 4096)).all(), \
+                            "garbage chunk numbers"
                         p = v.translate([0, 127])
                         assert int(p[1]) - int(p[0]) == 127
                         assert bad_blocks(v.read(0, 128), 0, 3) == 0
@@ -358,7 +363,7 @@ def test_vlun_readers_race_set_size():
                 n = 0
                 while r.running() and n < 400:
                     n += 1
-                    v.set_size(CHUNK * (2 + n % 60))
+                    v.set_size(CHUNK * (2 + (n * 397) % 4000))   # the LXT moves
                     v.set_size(CHUNK, release=True)
                 r.join()
                 check_allocators(a)
