@@ -8,14 +8,15 @@ what a context does through its MMIO window -- is ``Adapter.read``,
 """
 import errno
 import os
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import uapi
-from ._core.datapath import afu_command
+from . import uapi, _args
+from ._core.datapath import DataPath
 from ._core.errors import afu_error
 from .backing import Backing, open_backing, MemoryBacking, FileBacking
 from .driver.core import Driver, Caller
@@ -61,8 +62,11 @@ def _after_fork_in_child():
         # ours, and their data paths refuse I/O (AFU rc 0x21).
         for ctx in list(a._driver.ctx_tbl) + list(a._driver.ctx_err_recovery):
             if ctx is not None:
-                ctx.table.state = 3         # TABLE_FOREIGN
+                ctx.table.set_state(3)      # TABLE_FOREIGN
         a._executor = None                  # its threads stayed in the parent
+        a._lock = threading.Lock()          # another thread may have held it
+        a._invalidate_paths()               # the parent's contexts are not ours
+        a._xlate_pool = []
         pair = a._fork_pair
         if pair is not None:
             a._fork_pair = None
@@ -72,6 +76,21 @@ def _after_fork_in_child():
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
+
+
+def _extent_of(buffer, fn):
+    """(bytes of ``buffer``, block size of the data path ``fn`` is bound
+    to), for an error message; (None, None) when unknown."""
+    try:
+        return memoryview(buffer).nbytes, fn.__self__.block_size
+    except Exception:
+        return None, None
+
+
+def _ints(context_id, rsrc_handle, lba):
+    """The integer arguments of the AFU data path, checked (_args)."""
+    return (_args.integer(context_id, "context_id"),
+            _args.integer(rsrc_handle, "rsrc_handle"), _args.u64(lba, "lba"))
 
 
 def _caller():
@@ -157,6 +176,13 @@ class Adapter:
         self._executor = None
         self._fork_pair = None
         self._remote = None          # in a forked child: the parent's driver
+        # The AFU data path's DataPaths, _paths[context_id][handle] =
+        # (dp.readinto, dp.write, dp): built on
+        # first use, dropped whenever an ioctl, a reset, a fork or close
+        # may have changed what a context id or handle means (see _io_path).
+        self._paths = {}
+        self._paths_gen = 0
+        self._xlate_pool = []        # translate() outputs to recycle
         _live_adapters.add(self)
 
     # -- identity and fork ------------------------------------------------------
@@ -231,7 +257,10 @@ class Adapter:
         16-byte WWID.
         """
         self._check_owner()
-        ports = tuple(ports)
+        ports = tuple(_args.integer(p, "ports[]") for p in ports)
+        if size is not None:
+            size = _args.integer(size, "size")
+        block_size = _args.integer(block_size, "block_size")
         if not ports:
             raise CxlFlashError(errno.EINVAL, "a LUN needs at least one port")
         if wwid is None:
@@ -272,6 +301,8 @@ class Adapter:
         ``port`` with HT_CXLFLASH_LUN_PROVISION -- in memory, or as a file
         in the adapter's directory -- and enable superpipe mode on it.
         Returns its WWID."""
+        size = _args.integer(size, "size")
+        port = _args.integer(port, "port")
         if size <= 0 or size % uapi.CXLFLASH_BLOCK_SIZE:
             raise CxlFlashError(errno.EINVAL, f"a LUN size must be a positive multiple "
                                 f"of 4096 bytes, got {size}")
@@ -364,8 +395,16 @@ class Adapter:
         sdev.present = False
         del self.provisioned[wwid]
         glun.backing = None
+        self._invalidate_paths()
         backing = self._backings.pop(wwid, None)
         if backing is not None:
+            # No handle reaches the LUN any more (checked above; the DELETE
+            # ioctl fenced the tables that did with Driver.fence_backing, and
+            # every RELEASE took its table's write lock).  Also wait for the
+            # transfers in flight through ANY table: a data path kept from
+            # before a RELEASE whose handle number was re-opened on another
+            # LUN still carries this fd (hazard H1 in /work/notes/api.md).
+            self._fence(self._driver.contexts())
             backing.close()
             if p["path"]:
                 os.unlink(p["path"])
@@ -376,17 +415,24 @@ class Adapter:
         if disk.closed:
             raise CxlFlashError(errno.EBADF, "the disk is closed")
         remote = self._check_user()
-        if remote is not None:
-            remote.disk_ioctl(disk, request, arg)
-        else:
-            superpipe.disk_ioctl(self._driver, disk.sdev, disk, request, arg, _caller())
+        try:
+            if remote is not None:
+                remote.disk_ioctl(disk, request, arg)
+            else:
+                superpipe.disk_ioctl(self._driver, disk.sdev, disk, request, arg,
+                                     _caller())
+        finally:
+            self._invalidate_paths()
 
     def _host_ioctl(self, request, arg):
         remote = self._check_user()
-        if remote is not None:
-            remote.host_ioctl(request, arg)
-        else:
-            host.host_ioctl(self._driver, self, request, arg, _caller())
+        try:
+            if remote is not None:
+                remote.host_ioctl(request, arg)
+            else:
+                host.host_ioctl(self._driver, self, request, arg, _caller())
+        finally:
+            self._invalidate_paths()
 
     # -- the AFU data path ------------------------------------------------------------
 
@@ -402,44 +448,175 @@ class Adapter:
             raise AdapterResetError()
         return ctx
 
-    def _afu_io(self, context_id, rsrc_handle, lba, buffer, write):
+    def _invalidate_paths(self):
+        """Forget every cached data path: called after anything that can
+        change what a (context_id, handle) pair addresses -- every ioctl
+        (ATTACH, USER_*, RELEASE, DETACH, RECOVER, CLONE, and the adapter-fd
+        releases an ioctl reaps), resets, add/delete of LUNs, fork, close."""
+        with self._lock:
+            self._paths_gen += 1
+            self._paths.clear()
+
+    def _closed_error(self):
+        return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the adapter is closed: "
+                        "no context exists any more (create a new Adapter)")
+
+    def _io_path(self, context_id, rsrc_handle):
+        """The DataPath of (context_id, rsrc_handle), validated as the AFU
+        validates an MMIO command: a context id that is not a live context
+        of this process is AfuError 0x21, one in error after a reset
+        AdapterResetError, a handle beyond the RHT 0x03, a closed one 0x01.
+        Cached until the next invalidation; a transfer through a cached
+        path still checks the table's state and the handle under the
+        table's read lock, so a context destroyed or put in error since is
+        refused exactly as here."""
+        gen = self._paths_gen
+        if os.getpid() == self._owner_pid and self._driver.closed:
+            raise self._closed_error()
+        if not 0 <= context_id <= _args.U64_MAX:
+            raise AfuError(0x21, f"AFU rc 0x21 CAP_VIOLATION: {context_id} is not "
+                           "a context id (0..2**64-1)")
         ctx = self._mmio_context(context_id)
         table = ctx.table
-        if rsrc_handle >= table.rht_size:
+        if not 0 <= rsrc_handle < table.rht_size:
             raise afu_error(0x03, rsrc_handle)
         llun = ctx.rht_lun[rsrc_handle]
         if llun is None:
             raise afu_error(0x01, rsrc_handle)
         glun = llun.parent
-        return afu_command(table, rsrc_handle, glun.backing.fd, glun.blk_len, lba,
-                           buffer, write)
+        backing = glun.backing
+        dp = DataPath(table, rsrc_handle, backing.fd, glun.blk_len,
+                      zero_mode=backing.zero_mode)
+        with self._lock:
+            if self._paths_gen == gen:
+                self._paths.setdefault(context_id, {})[rsrc_handle] = (
+                    dp.readinto, dp.write, dp)
+        return dp
+
+    def _io_error(self, e, lba=0, handle=None, nbytes=None, block_size=None):
+        """Map an error of a cached path's call to the documented one."""
+        if isinstance(e, OverflowError) or lba > _args.U64_MAX:
+            return _args.u64_error(lba, "lba")
+        if (nbytes and e.errno == errno.EINVAL and not isinstance(e, AfuError)
+                and lba + nbytes // block_size - 1 > _args.U64_MAX):
+            # A range passing LBA 2**64-1 is refused as the AFU refuses it
+            # (rc 0x13): the ioctl-level contract, whatever the data path's
+            # own argument check called it.
+            return afu_error(0x13, handle, _args.U64_MAX)
+        if (isinstance(e, AfuError) and e.afu_rc == 0x21 and
+                os.getpid() == self._owner_pid and self._driver.closed):
+            return self._closed_error()
+        return e
 
     def read(self, context_id: int, rsrc_handle: int, lba: int, nblocks: int) -> bytes:
         """Read ``nblocks`` native blocks at ``lba`` through a resource
         handle of a context; returns bytes.  Raises :class:`AfuError` or
-        :class:`AdapterResetError` as the AFU would refuse the command."""
-        ctx = self._context_record(context_id)
-        llun = (ctx.rht_lun[rsrc_handle] if ctx is not None
-                and rsrc_handle < len(ctx.rht_lun) else None)
-        buf = bytearray(nblocks * (llun.parent.blk_len if llun else 4096))
-        self._afu_io(context_id, rsrc_handle, lba, buf, False)
+        :class:`AdapterResetError` as the AFU would refuse the command --
+        before any buffer is allocated."""
+        context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
+        try:
+            dp = self._paths[context_id][rsrc_handle][2]
+        except KeyError:
+            dp = self._io_path(context_id, rsrc_handle)
+        nblocks = _args.u64(nblocks, "nblocks")
+        if nblocks:
+            # The AFU's checks (context state, permission, the extent) on
+            # the first and last block, before the buffer exists.
+            last = lba + nblocks - 1
+            if last > _args.U64_MAX:         # the AFU refuses a wrapping range
+                raise afu_error(0x13, rsrc_handle, _args.U64_MAX)
+            try:
+                dp.table.translate_many(rsrc_handle,
+                                        np.array([lba, last], dtype=np.uint64))
+            except OSError as e:
+                raise self._io_error(e) from None
+        buf = bytearray(nblocks * dp.block_size)
+        try:
+            dp.readinto(lba, buf)
+        except (OSError, OverflowError) as e:
+            raise self._io_error(e) from None
         return bytes(buf)
+
+    # The hot paths (what ported C code calls per request): one test of
+    # the argument types, two dict lookups, the core.
 
     def readinto(self, context_id: int, rsrc_handle: int, lba: int, buffer: Any) -> int:
         """Read into ``buffer`` (a multiple of the block size); returns the
         number of blocks read."""
-        return self._afu_io(context_id, rsrc_handle, lba, buffer, False)
+        if (lba.__class__ is not int or lba < 0
+                or context_id.__class__ is not int or rsrc_handle.__class__ is not int):
+            context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
+        try:
+            fn = self._paths[context_id][rsrc_handle][0]
+        except KeyError:
+            fn = self._io_path(context_id, rsrc_handle).readinto
+        try:
+            return fn(lba, buffer)
+        except (OSError, OverflowError) as e:
+            raise self._io_error(e, lba, rsrc_handle, *_extent_of(buffer, fn)) from None
 
     def write(self, context_id: int, rsrc_handle: int, lba: int, data: Any) -> int:
         """Write ``data`` (a multiple of the block size) at ``lba``; returns
         the number of blocks written."""
-        return self._afu_io(context_id, rsrc_handle, lba, data, True)
+        if (lba.__class__ is not int or lba < 0
+                or context_id.__class__ is not int or rsrc_handle.__class__ is not int):
+            context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
+        try:
+            fn = self._paths[context_id][rsrc_handle][1]
+        except KeyError:
+            fn = self._io_path(context_id, rsrc_handle).write
+        try:
+            return fn(lba, data)
+        except (OSError, OverflowError) as e:
+            raise self._io_error(e, lba, rsrc_handle, *_extent_of(data, fn)) from None
 
-    def translate(self, context_id: int, rsrc_handle: int, lbas: Any) -> np.ndarray:
-        """The physical LBAs the AFU would address for ``lbas`` (uint64)."""
-        ctx = self._mmio_context(context_id)
-        return ctx.table.translate_many(
-            rsrc_handle, np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1))
+    def translate(self, context_id: int, rsrc_handle: int, lbas: Any, *,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The physical LBAs the AFU would address for ``lbas`` (uint64).
+
+        ``out``: a uint64 array of ``len(lbas)`` to fill (returned).
+        Without it, the result is a fresh array -- or an earlier result of
+        this call that nothing references any more (it is recycled, which
+        saves page-faulting a large array on every call).
+        """
+        context_id = _args.integer(context_id, "context_id")
+        rsrc_handle = _args.integer(rsrc_handle, "rsrc_handle")
+        try:
+            dp = self._paths[context_id][rsrc_handle][2]
+        except KeyError:
+            dp = self._io_path(context_id, rsrc_handle)
+        if not (lbas.__class__ is np.ndarray and lbas.dtype.kind in "iu"
+                and lbas.dtype.itemsize == 8 and lbas.ndim == 1
+                and lbas.flags.c_contiguous):
+            lbas = _args.lba_array(lbas, "lbas")
+        n = lbas.shape[0]
+        if out is None:
+            out = self._recycled(n)
+        try:
+            return dp.table.translate_many(rsrc_handle, lbas, out=out)
+        except AfuError as e:
+            i = e.index
+            if i is not None and lbas.dtype.kind == "i" and lbas[i] < 0:
+                raise CxlFlashError(errno.EINVAL, f"lbas[{i}] = {int(lbas[i])} is "
+                                    "negative: LBAs are 0..2**64-1") from None
+            raise self._io_error(e) from None
+
+    def _recycled(self, n):
+        """A uint64 array of ``n`` for translate(): one of the last results
+        if nothing but the pool references it, else a new one (kept)."""
+        if n < 65536:
+            return np.empty(n, dtype=np.uint64)
+        with self._lock:
+            pool = self._xlate_pool
+            for i in range(len(pool)):
+                # References: the pool's list, and getrefcount's argument.
+                if pool[i].shape[0] == n and sys.getrefcount(pool[i]) == 2:
+                    return pool[i]
+            arr = np.empty(n, dtype=np.uint64)
+            if len(pool) >= 2:
+                pool.pop(0)
+            pool.append(arr)
+            return arr
 
     # -- the AFU state machine and fault injection -------------------------------------
 
@@ -447,25 +624,37 @@ class Adapter:
         """Reset the AFU (spec §16.1): every context goes into error --
         its data path raises AdapterResetError -- until RECOVER_AFU."""
         self._check_owner()
-        self._driver.begin_reset()
-        self._driver.end_reset(ok=True)
+        try:
+            self._driver.begin_reset()
+            self._driver.end_reset(ok=True)
+        finally:
+            self._invalidate_paths()
 
     def begin_reset(self) -> None:
         """First half of :meth:`reset`: the state stays RESET (ioctls wait)
         until :meth:`end_reset`."""
         self._check_owner()
-        self._driver.begin_reset()
+        try:
+            self._driver.begin_reset()
+        finally:
+            self._invalidate_paths()
 
     def end_reset(self, ok: bool = True) -> None:
         """Second half of a reset: NORMAL, or FAILTERM when ``ok`` is false."""
         self._check_owner()
-        self._driver.end_reset(ok)
+        try:
+            self._driver.end_reset(ok)
+        finally:
+            self._invalidate_paths()
 
     def fail(self) -> None:
         """Fail the AFU for good (FAILTERM): most ioctls get ENODEV; RESIZE,
         RELEASE and DETACH still work so users can clean up."""
         self._check_owner()
-        self._driver.fail()
+        try:
+            self._driver.fail()
+        finally:
+            self._invalidate_paths()
 
     def inject_fault(self, point: str, count: int = 1, err: Optional[int] = None) -> None:
         """Make the next ``count`` operations at ``point`` fail (with
@@ -481,15 +670,33 @@ class Adapter:
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Destroy every context and close the LUNs the adapter opened."""
+        """Destroy every context and close the LUNs the adapter opened.
+
+        The data path is fenced first: every transfer in flight finishes,
+        and none starts after (they fail with AfuError 0x21, "the adapter
+        is closed"); only then are the backing fds closed, so no transfer
+        can reach a file that reuses their numbers."""
         if os.getpid() != self._owner_pid or self._driver.closed:
             return
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        # Driver.close() sets every context's table GONE under its write
+        # lock: it returns after every transfer in flight has ended, and
+        # none starts afterwards (AfuError 0x21).
         self._driver.close()
+        self._invalidate_paths()
+        self._xlate_pool = []
         for b in self._backings.values():
             b.close()
         self._backings.clear()
+
+    @staticmethod
+    def _fence(contexts):
+        """Wait until no transfer is in flight through the contexts' tables
+        (each table's write lock, taken and dropped)."""
+        for c in contexts:
+            with c.table.fence():
+                pass
 
     def __enter__(self):
         return self

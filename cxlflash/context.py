@@ -5,14 +5,19 @@ A context is created by :meth:`Disk.attach` (DK_CXLFLASH_ATTACH), holds the
 adapter fd, and opens LUNs: :meth:`create_virtual` (a thin vLUN) and
 :meth:`open_direct` (the whole physical LUN).  Closing it releases every
 LUN, detaches every disk and closes the adapter fd -- also when a ``with``
-body raises.
+body raises.  A context dropped without close() is released as a dropped
+file object is: its adapter fd is closed (with a ``ResourceWarning``), and
+the driver's release of that fd detaches it and frees its PE, handles and
+chunks.
 """
 import errno
 import os
 import threading
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Optional
 
-from . import uapi
+from . import uapi, _args
 from .errors import CxlFlashError, ForkedAdapterError
 
 __all__ = ["Context"]
@@ -26,6 +31,7 @@ _PERMS = {os.O_RDONLY: 1, os.O_WRONLY: 2, os.O_RDWR: 3}
 
 
 def _check_mode(mode):
+    mode = _args.integer(mode, "mode")
     if mode not in _ACCESS:
         raise CxlFlashError(errno.EINVAL, f"access mode must be os.O_RDONLY, "
                             f"os.O_WRONLY or os.O_RDWR, got {mode!r}")
@@ -43,13 +49,19 @@ class Context:
 
     def __init__(self, disk: "Disk", mode: int = os.O_RDWR, *, interrupts: int = 0) -> None:
         self.adapter = disk.adapter
-        self.mode = _check_mode(mode)
+        self.mode = mode = _check_mode(mode)
+        interrupts = _args.nonneg(interrupts, "interrupts", 4,
+                                  "a context has at most 4 interrupts")
         arg = uapi.dk_cxlflash_attach()
         arg.hdr.flags = mode
         arg.num_interrupts = interrupts
         self.adapter._disk_ioctl(disk, uapi.DK_CXLFLASH_ATTACH, arg)
-        self.context_id = arg.context_id
-        self.adap_fd = arg.adap_fd
+        # What a dropped Context gives back (its finaliser must not refer
+        # to the Context itself): the adapter fd, whose last close releases
+        # the context -- its PE, handles and chunks -- as the kernel does.
+        self._held = _Held(arg.adap_fd, arg.context_id, self.adapter)
+        self._finalizer = weakref.finalize(self, _release_dropped, self._held)
+        self._finalizer.atexit = False
         self.block_size = arg.block_size
         self.max_xfer = arg.max_xfer
         self.last_lba = arg.last_lba
@@ -59,6 +71,25 @@ class Context:
         self.closed = False
         self.resets = 0
         self._lock = threading.RLock()
+
+    # The adapter fd and the context id live in _held (shared with the
+    # finaliser): recover() and clone_after_fork() change them.
+
+    @property
+    def context_id(self) -> int:
+        return self._held.context_id
+
+    @context_id.setter
+    def context_id(self, value: int) -> None:
+        self._held.context_id = value
+
+    @property
+    def adap_fd(self) -> int:
+        return self._held.adap_fd
+
+    @adap_fd.setter
+    def adap_fd(self, value: int) -> None:
+        self._held.set_fd(value)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -92,11 +123,15 @@ class Context:
         return disk
 
     def create_virtual(self, size: int = 0, *, disk: Optional["Disk"] = None,
-                       scrub: bool = False, best_effort: bool = False) -> "VirtualLun":
+                       scrub: bool = True, best_effort: bool = False) -> "VirtualLun":
         """Open a thin virtual LUN of ``size`` blocks (of ``block_size``
         bytes) on ``disk`` (the first attached by default).
 
-        ``scrub``: chunks the vLUN gives back are zeroed (NEED_WRITE_SAME).
+        ``scrub`` (default True): chunks the vLUN gives back are zeroed
+        (NEED_WRITE_SAME) before another vLUN -- of any context or process
+        -- can get them.  ``scrub=False`` skips that (the kernel's default
+        at the ioctl level): the next owner of a freed chunk may read this
+        vLUN's data.
         Raises ENOSPC when the LUN cannot hold ``size`` blocks (unless
         ``best_effort``), ENOMEM when the LUN is smaller than one chunk.
         """
@@ -122,12 +157,12 @@ class Context:
             self._ioctl(self.disks[0], uapi.DK_CXLFLASH_RECOVER_AFU, arg)
             if not arg.hdr.return_flags & uapi.DK_CXLFLASH_RECOVER_AFU_CONTEXT_RESET:
                 return False
-            old_fd = self.adap_fd
+            old_fd, old_ident = self.adap_fd, self._held.ident
             self.context_id = arg.context_id
             self.adap_fd = arg.adap_fd
             self.resets += 1
             if arg.hdr.return_flags & uapi.DK_CXLFLASH_APP_CLOSE_ADAP_FD:
-                _close_quietly(old_fd)
+                _close_quietly(old_fd, old_ident)
             for lun in self.luns:
                 lun._rebind()
                 lun._stats_extra["num_reset_contexts"] += 1
@@ -147,6 +182,7 @@ class Context:
         with self._lock:
             self._check_open()
             parent_id, parent_fd = self.context_id, self.adap_fd
+            parent_ident = self._held.ident
             first = self.disks[0]
             arg = uapi.dk_cxlflash_attach()
             arg.hdr.flags = mode
@@ -189,8 +225,9 @@ class Context:
                 _close_quietly(child_fd)
                 raise
             self.context_id, self.adap_fd, self.mode = child_id, child_fd, mode
+            self._held.pid = os.getpid()         # the child's context now
             self.return_flags = arg.hdr.return_flags
-            _close_quietly(parent_fd)        # the child's copy of the parent's fd
+            _close_quietly(parent_fd, parent_ident)   # the child's copy of it
             for lun in self.luns:
                 lun.handle = handles.get(lun, lun.handle)
                 lun._after_fork()
@@ -223,8 +260,13 @@ class Context:
                 except CxlFlashError as e:
                     if e.errno != errno.EINVAL:   # EINVAL: already gone
                         first_error = first_error or e
-            _close_quietly(self.adap_fd)
+            self._held.retire()
+            self._held.close_fd()
+            self._held.closed = True
+            self._finalizer.detach()
             self.closed = True
+            for lun in list(self.luns):     # a failed release: DETACH took it
+                lun._mark_closed()
             if first_error is not None:
                 raise first_error
 
@@ -237,13 +279,79 @@ class Context:
         self.close()
 
     def __repr__(self):
-        state = "closed" if self.closed else f"id=0x{self.context_id:016x}"
+        state = ("closed" if getattr(self, "closed", True)
+                 else f"id=0x{self.context_id:016x}")
         return f"<Context {state} mode={_ACCESS.get(self.mode)} luns={len(self.luns)}>"
 
 
-def _close_quietly(fd):
-    if fd is not None and 0 <= fd < (1 << 31):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+class _Held:
+    """A context's adapter fd and id, shared with its finaliser."""
+
+    __slots__ = ("adap_fd", "ident", "context_id", "pid", "closed", "adapter")
+
+    def __init__(self, adap_fd, context_id, adapter):
+        self.set_fd(adap_fd)
+        self.context_id = context_id
+        self.pid = os.getpid()
+        self.closed = False
+        self.adapter = adapter
+
+    def retire(self):
+        """In a forked child, before the adapter fd is closed: stop the
+        replica's data path (transfers under way end first), so none can
+        use the chunks the owner frees when it sees the close."""
+        remote = self.adapter._client()
+        if remote is not None:
+            remote.retire_context(self.context_id)
+
+    def set_fd(self, fd):
+        self.adap_fd = fd
+        self.ident = _fd_identity(fd)
+
+    def close_fd(self):
+        _close_quietly(self.adap_fd, self.ident)
+
+
+def _release_dropped(held):
+    """The finaliser of a Context dropped without close(): close its
+    adapter fd, as a dropped file object closes its fd.  The driver's
+    release of that fd detaches the context and frees its PE, handles and
+    chunks (at the adapter's next ioctl).  Only in the process the context
+    belongs to: a forked child's copy of a parent's Context does nothing."""
+    if held.closed or os.getpid() != held.pid:
+        return
+    held.closed = True
+    try:
+        held.retire()
+    except Exception:          # interpreter shutdown: the fd still goes
+        pass
+    held.close_fd()
+    try:
+        warnings.warn(f"unclosed cxlflash Context 0x{held.context_id:016x}: its "
+                      "adapter fd was closed, releasing the context (use close() "
+                      "or a with block)", ResourceWarning, stacklevel=2)
+    except Exception:          # interpreter shutdown
+        pass
+
+
+def _fd_identity(fd):
+    """(st_dev, st_ino) of an open fd, or None."""
+    try:
+        st = os.fstat(fd)
+    except (OSError, TypeError, ValueError, OverflowError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _close_quietly(fd, ident=None):
+    """Close the adapter fd -- only if the number still names the file it
+    named when we got it: if the user closed it already and the number was
+    reused (by a backing store, say), closing it would break that file."""
+    if fd is None or not 0 <= fd < (1 << 31):
+        return
+    if ident is not None and _fd_identity(fd) != ident:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass

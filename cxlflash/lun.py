@@ -8,8 +8,13 @@ anything with the buffer protocol (bytes, bytearray, memoryview, numpy
 arrays), C-contiguous, a multiple of ``block_size`` bytes; nothing is
 copied.
 
-Errors: ``OSError(EINVAL)`` for a transfer beyond the logical size,
-``CxlFlashError`` from the driver (ENOSPC, ENOMEM, ...),
+Arguments (cxlflash/_args.py): an integer parameter of the wrong type
+(float, str, bytes, None) is a ``TypeError`` naming it; an LBA, count or
+size outside the LUN (negative, beyond the logical size) is a
+``CxlFlashError`` (errno EINVAL) naming the valid range -- raised before
+any buffer is allocated or any I/O is issued.
+
+Errors: ``CxlFlashError`` from the driver (ENOSPC, ENOMEM, ...),
 :class:`cxlflash.AfuError` when the AFU refuses a command,
 :class:`cxlflash.AdapterResetError` after an AFU reset that could not be
 recovered, ``ValueError`` after :meth:`close`.
@@ -23,10 +28,17 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from . import uapi
+from . import uapi, _args
+from ._core import datapath as _datapath
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.errors import afu_error
 from .errors import CxlFlashError, AdapterResetError
+
+# When the core checks lba itself as _args does (TypeError for a
+# non-integer, CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the
+# logical size), readinto and write are the core's own methods: no Python
+# frame on the hot path.
+_CORE_CHECKS_ARGS = getattr(_datapath, "ArgumentError", None) is CxlFlashError
 
 __all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
            "LIST_UNMAP", "CHUNK_BLOCKS"]
@@ -42,11 +54,12 @@ class ListResult:
     (all succeeded), :meth:`errors` (index -> exception), :meth:`check`
     (raise the first error)."""
 
-    def __init__(self, lun, status, codes, lbas):
+    def __init__(self, lun, status, codes, lbas, nblocks):
         self.status = status
         self._codes = codes
         self._lun = lun
         self._lbas = lbas
+        self._nblocks = nblocks
 
     @property
     def ok(self) -> bool:
@@ -67,8 +80,10 @@ class ListResult:
         if s == -1002:
             return CxlFlashError(errno.EBADF, "the context is gone or not this process's")
         if s == -1003:
-            return OSError(errno.EINVAL, f"request {i} is beyond the logical size "
-                           f"of {self._lun.size} blocks")
+            return CxlFlashError(errno.EINVAL, f"request {i} (blocks "
+                                 f"{int(self._lbas[i])}..+{int(self._nblocks[i])}) "
+                                 f"is beyond the logical size of {self._lun.size} "
+                                 f"blocks (LBAs 0..{self._lun.size - 1})")
         return OSError(-s, os.strerror(-s))
 
     def errors(self) -> Dict[int, OSError]:
@@ -99,11 +114,25 @@ class _Lun:
         self._stats_extra = {"num_areads": 0, "num_awrites": 0,
                              "num_reset_contexts": 0}
         self._lock = threading.Lock()
+        self._close_lock = threading.RLock()
 
     # -- binding to the context's table ---------------------------------------------
 
     def _record(self):
         return self.adapter._context_record(self.context.context_id)
+
+    def _live_record(self):
+        """The context's record; a clear error when this object or its
+        context is gone."""
+        self._check_open()
+        rec = None if self.adapter.driver.closed else self._record()
+        if rec is None or self.handle is None or rec.rht_lun[self.handle] is None:
+            gone = ("the adapter is closed" if self.adapter.driver.closed else
+                    "its context was detached or its handle released behind "
+                    "this object's back")
+            raise CxlFlashError(errno.EINVAL, f"{type(self).__name__} handle "
+                                f"{self.handle}: {gone}; close() it")
+        return rec
 
     def _rebind(self):
         """(Re)create the data path on the context's current table."""
@@ -126,11 +155,12 @@ class _Lun:
         dp.limit = self._size
         dp.on_reset = self._recover
         self._dp = dp
+        self._readinto = dp.readinto
+        self._write = dp.write
+        if _CORE_CHECKS_ARGS:
+            self.readinto = dp.readinto
+            self.write = dp.write
         self.block_size = glun.blk_len
-        self.readinto = dp.readinto
-        self.read = dp.read
-        self.write = dp.write
-        self.unmap = dp.unmap
 
     def _after_fork(self):
         self._rebind()
@@ -155,35 +185,68 @@ class _Lun:
     def __len__(self):
         return self._size
 
-    # readinto, write and unmap are the data path's own methods, bound per
-    # instance by _rebind() so a call goes straight to the Cython core;
-    # these definitions document them.
+    # The hot paths: the cheapest possible argument test inline, the data
+    # path's own range check (converted to CxlFlashError), then the core.
+
+    def _error(self, e, lba=0):
+        """The documented exception for an error of the core's call."""
+        if e.__class__ is OverflowError or lba > _args.U64_MAX:
+            return _args.u64_error(lba, "lba")
+        if (e.__class__ is OSError and e.errno == errno.EINVAL
+                and "logical size" in str(e.strerror)):
+            return CxlFlashError(errno.EINVAL, e.strerror)
+        return self.adapter._io_error(e, lba)
 
     def readinto(self, lba: int, buffer: Any) -> int:
         """Read ``len(buffer) // block_size`` blocks at ``lba`` into
         ``buffer``; returns the number of blocks read."""
-        return self._dp.readinto(lba, buffer)
-
-    def read(self, lba: int, nblocks: int) -> bytearray:
-        """Read ``nblocks`` blocks at ``lba``; returns a bytearray."""
-        return self._dp.read(lba, nblocks)
+        if lba.__class__ is not int or lba < 0:
+            lba = _args.u64(lba, "lba")
+        try:
+            return self._readinto(lba, buffer)
+        except (OSError, OverflowError) as e:
+            raise self._error(e, lba) from None
 
     def write(self, lba: int, data: Any) -> int:
         """Write ``data`` at ``lba``; returns the number of blocks written."""
-        return self._dp.write(lba, data)
+        if lba.__class__ is not int or lba < 0:
+            lba = _args.u64(lba, "lba")
+        try:
+            return self._write(lba, data)
+        except (OSError, OverflowError) as e:
+            raise self._error(e, lba) from None
+
+    def read(self, lba: int, nblocks: int) -> bytearray:
+        """Read ``nblocks`` blocks at ``lba``; returns a bytearray."""
+        lba = _args.u64(lba, "lba")
+        nblocks = _args.u64(nblocks, "nblocks")
+        self._check_open()
+        _args.extent(lba, nblocks, self._size)       # before allocating
+        buf = bytearray(nblocks * self.block_size)
+        try:
+            self._dp.readinto(lba, buf)
+        except (OSError, OverflowError) as e:
+            raise self._error(e) from None
+        return buf
 
     def unmap(self, lba: int, nblocks: int) -> int:
         """Zero ``nblocks`` blocks at ``lba`` (holes are punched in files,
         BLKZEROOUT on block devices); returns the number of blocks."""
-        return self._dp.unmap(lba, nblocks)
+        lba = _args.u64(lba, "lba")
+        nblocks = _args.u64(nblocks, "nblocks")
+        try:
+            return self._dp.unmap(lba, nblocks)
+        except (OSError, OverflowError) as e:
+            raise self._error(e) from None
 
     def translate(self, lbas: Any) -> np.ndarray:
         """The physical LBAs (uint64 array) the AFU addresses for ``lbas``."""
+        lbas = _args.lba_array(lbas, "lbas")
         self._check_open()
-        lbas = np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1)
         if len(lbas) and int(lbas.max()) >= self._size:
-            raise OSError(errno.EINVAL, f"LBA {int(lbas.max())} is beyond the logical "
-                          f"size of {self._size} blocks")
+            raise CxlFlashError(errno.EINVAL, f"LBA {int(lbas.max())} is beyond the "
+                                f"logical size of {self._size} blocks (LBAs "
+                                f"0..{self._size - 1})")
         return self._dp.translate(lbas)
 
     def listio(self, ops: Any, lbas: Any, nblocks: Any, buffer: Any,
@@ -198,16 +261,26 @@ class _Lun:
         optional int64 array that receives per-request latencies.  Returns a
         :class:`ListResult`; one failing request does not stop the others.
         """
-        self._check_open()
-        nb = np.ascontiguousarray(nblocks, dtype=np.uint64).reshape(-1)
+        if not (ops.__class__ is np.ndarray and ops.dtype == np.uint8):
+            ops = np.minimum(_args.lba_array(ops, "ops"), 255).astype(np.uint8)
+        lb = _args.lba_array(lbas, "lbas")
+        nb = _args.lba_array(nblocks, "nblocks")
         if offsets is None:
+            if len(nb) and int(nb.max()) > _args.U64_MAX // self.block_size:
+                raise CxlFlashError(errno.EINVAL, f"nblocks {int(nb.max())} is "
+                                    "beyond any buffer")
             sizes = nb * np.uint64(self.block_size)
             offsets = np.zeros(len(nb), dtype=np.uint64)
             if len(nb) > 1:
                 np.cumsum(sizes[:-1], out=offsets[1:])
-        lb = np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1)
+        else:
+            offsets = _args.lba_array(offsets, "offsets")
+        if lat_ns is not None and not (isinstance(lat_ns, np.ndarray)
+                                       and lat_ns.dtype == np.int64):
+            raise TypeError("lat_ns must be an int64 numpy array")
+        self._check_open()
         status, codes = self._dp.listio(ops, lb, nb, buffer, offsets, lat_ns)
-        return ListResult(self, status, codes, lb)
+        return ListResult(self, status, codes, lb, nb)
 
     # -- asynchronous I/O ---------------------------------------------------------------------
 
@@ -218,15 +291,20 @@ class _Lun:
         return self.adapter.executor.submit(fn, *args)
 
     def aread(self, lba: int, nblocks: int) -> "Future[bytearray]":
-        """Start a read; returns a ``concurrent.futures.Future`` of the data."""
+        """Start a read; returns a ``concurrent.futures.Future`` of the data.
+        Bad arguments raise here, not in the Future."""
+        lba = _args.u64(lba, "lba")
+        nblocks = _args.u64(nblocks, "nblocks")
         return self._submit("num_areads", self.read, lba, nblocks)
 
     def areadinto(self, lba: int, buffer: Any) -> "Future[int]":
         """Start a read into ``buffer``; a Future of the block count."""
+        lba = _args.u64(lba, "lba")
         return self._submit("num_areads", self.readinto, lba, buffer)
 
     def awrite(self, lba: int, data: Any) -> "Future[int]":
         """Start a write; a Future of the block count."""
+        lba = _args.u64(lba, "lba")
         return self._submit("num_awrites", self.write, lba, data)
 
     async def read_async(self, lba: int, nblocks: int) -> bytearray:
@@ -262,20 +340,42 @@ class _Lun:
                           "or its context detached")
 
     def close(self) -> None:
-        """RELEASE the resource handle.  Safe to call twice."""
-        if self.closed:
-            return
+        """RELEASE the resource handle.  Safe to call twice.
+
+        When the release fails in a way that leaves the handle open (EAGAIN:
+        the AFU sync failed; EINTR), the object stays open: close it again.
+        """
+        with self._close_lock:
+            if self.closed:
+                return
+            ctx = self.context
+            if not (ctx.closed or self.adapter.driver.closed):
+                arg = uapi.dk_cxlflash_release()
+                arg.context_id = ctx.context_id
+                arg.rsrc_handle = self.handle
+                try:
+                    ctx._ioctl(self.disk, uapi.DK_CXLFLASH_RELEASE, arg)
+                except CxlFlashError as e:
+                    if e.errno != errno.EINVAL:      # the handle is still open
+                        self._clamp_size()
+                        raise
+                    self._mark_closed()              # it was already gone
+                    raise
+            self._mark_closed()
+
+    def _clamp_size(self):
+        """After a failed resize or release: the size never exceeds what
+        the handle still holds."""
+
+    def _mark_closed(self):
+        """The handle is gone (released, or with its context)."""
         if self._dp is not None:
             self._dp.close()
         self.closed = True
-        if self in self.context.luns:
+        try:
             self.context.luns.remove(self)
-        if self.context.closed or self.adapter.driver.closed:
-            return                  # the driver released it with the context
-        arg = uapi.dk_cxlflash_release()
-        arg.context_id = self.context.context_id
-        arg.rsrc_handle = self.handle
-        self.context._ioctl(self.disk, uapi.DK_CXLFLASH_RELEASE, arg)
+        except ValueError:
+            pass
 
     release = close
 
@@ -297,13 +397,14 @@ class VirtualLun(_Lun):
 
     virtual = True
 
-    def __init__(self, context, disk, size=0, *, scrub=False, best_effort=False):
+    def __init__(self, context, disk, size=0, *, scrub=True, best_effort=False):
+        size = _args.size(size, "size")
         super().__init__(context, disk)
-        self.scrub = scrub
+        self.scrub = bool(scrub)
         arg = uapi.dk_cxlflash_uvirtual()
         arg.context_id = context.context_id
         arg.lun_size = 0
-        if scrub:
+        if self.scrub:
             arg.hdr.flags = uapi.DK_CXLFLASH_UVIRTUAL_NEED_WRITE_SAME
         context._ioctl(disk, uapi.DK_CXLFLASH_USER_VIRTUAL, arg)
         self.handle = arg.rsrc_handle
@@ -313,14 +414,16 @@ class VirtualLun(_Lun):
             if size:
                 self.set_size(size, best_effort=best_effort)
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except CxlFlashError:
+                pass        # still open: the context's close releases it
             raise
 
     @property
     def chunks(self) -> int:
         """Chunks allocated."""
-        self._check_open()
-        return self._record().table.lxt_count(self.handle)
+        return self._live_record().table.lxt_count(self.handle)
 
     @property
     def allocated(self) -> int:
@@ -330,7 +433,7 @@ class VirtualLun(_Lun):
     @property
     def lun_blocks(self) -> int:
         """Blocks of the physical LUN under this vLUN."""
-        glun = self._record().rht_lun[self.handle].parent
+        glun = self._live_record().rht_lun[self.handle].parent
         return glun.max_lba + 1
 
     def _resize_chunks(self, chunks):
@@ -349,6 +452,19 @@ class VirtualLun(_Lun):
             self.context._ioctl(self.disk, uapi.DK_CXLFLASH_VLUN_RESIZE, arg)
         return self.chunks
 
+    def _clamp_size(self):
+        # Whatever happened to the chunks, the size never exceeds them.
+        try:
+            allocated = self.chunks * CHUNK_BLOCKS
+        except (CxlFlashError, ValueError):
+            allocated = 0
+        if self._size > allocated:
+            self._set_limit(allocated)
+
+    def _set_limit(self, blocks):
+        self._size = blocks
+        self._dp.limit = blocks
+
     def set_size(self, blocks: int, *, best_effort: bool = False,
                  release: bool = False) -> int:
         """Set the logical size to ``blocks`` blocks; returns the new size.
@@ -357,42 +473,49 @@ class VirtualLun(_Lun):
         are zeroed first when the vLUN was opened with ``scrub``).
         ``best_effort``: when the LUN runs out of chunks, take what there
         is (the kernel's partial growth) instead of raising ENOSPC.
+        When a resize fails half-way (an AFU sync failure after the chunks
+        changed), :attr:`size` is what the vLUN still holds.
         """
-        self._check_open()
-        blocks = int(blocks)
-        if blocks < 0:
-            raise ValueError(f"a size cannot be negative ({blocks})")
-        if blocks > self.lun_blocks:
+        blocks = _args.size(blocks, "blocks")
+        lun_blocks = self.lun_blocks          # a clear error if the vLUN is gone
+        if blocks > lun_blocks:
             raise CxlFlashError(errno.EINVAL, f"{blocks} blocks exceed the physical "
-                                f"LUN ({self.lun_blocks} blocks)")
+                                f"LUN ({lun_blocks} blocks: sizes 0..{lun_blocks})")
         need = -(-blocks // CHUNK_BLOCKS)
         have = self.chunks
         if need > have or (release and need < have):
             try:
-                got = self._resize_chunks(need)
-            except CxlFlashError as e:
-                # Not a single chunk free: best effort takes what there is.
-                if e.errno != errno.ENOSPC or not best_effort or need < have:
-                    raise
-                got = self.chunks
-            if got < need:
-                if not best_effort:
+                try:
+                    got = self._resize_chunks(need)
+                except CxlFlashError as e:
+                    # Not a single chunk free: best effort takes what there is.
+                    if e.errno != errno.ENOSPC or not best_effort or need < have:
+                        raise
+                    got = self.chunks
+                if got < need and not best_effort:
                     self._resize_chunks(have)      # give the partial growth back
                     raise CxlFlashError(
                         errno.ENOSPC, f"the LUN has room for {got - have} more chunks; "
                         f"{need - have} are needed for {blocks} blocks (the size "
                         f"stays {self._size}; pass best_effort=True to take what "
                         "there is)")
+            except BaseException:
+                self._clamp_size()
+                raise
+            if got < need:
                 blocks = got * CHUNK_BLOCKS
-        self._size = blocks
-        self._dp.limit = blocks
+        self._set_limit(blocks)
         return blocks
 
     def __repr__(self):
         if self.closed:
             return "<VirtualLun closed>"
+        try:
+            chunks = self.chunks
+        except Exception:
+            chunks = "?"
         return (f"<VirtualLun handle={self.handle} size={self._size} blocks "
-                f"chunks={self.chunks} block_size={self.block_size}>")
+                f"chunks={chunks} block_size={getattr(self, 'block_size', '?')}>")
 
 
 class DirectLun(_Lun):
@@ -407,13 +530,16 @@ class DirectLun(_Lun):
         self._size = arg.last_lba + 1
         context.luns.append(self)
         try:
-            self._rebind()
+            self._rebind()                  # limit: the LUN's size
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except CxlFlashError:
+                pass
             raise
 
     def __repr__(self):
         if self.closed:
             return "<DirectLun closed>"
         return (f"<DirectLun handle={self.handle} size={self._size} blocks "
-                f"block_size={self.block_size}>")
+                f"block_size={getattr(self, 'block_size', '?')}>")

@@ -300,9 +300,9 @@ def test_io_beyond_logical_size_is_einval(vlun):
                  lambda: vlun.readinto(99, buf), lambda: vlun.write(99, buf),
                  lambda: vlun.write(1000, bytes(BS)), lambda: vlun.unmap(50, 51),
                  lambda: vlun.translate([0, 100]), lambda: vlun.read(2**64 - 1, 1)):
-        with pytest.raises(OSError) as e:
+        with pytest.raises(CxlFlashError) as e:
             call()
-        assert e.value.errno == errno.EINVAL and type(e.value) is OSError
+        assert e.value.errno == errno.EINVAL
     # The AFU would still accept these blocks (the chunk is allocated):
     # the logical size is the API's own bound.
     assert vlun.allocated == CHUNK
@@ -327,8 +327,9 @@ def test_size_zero_refuses_io(ctx):
 
 
 def test_negative_size(vlun):
-    with pytest.raises(ValueError):
+    with pytest.raises(CxlFlashError) as e:
         vlun.set_size(-1)
+    assert e.value.errno == errno.EINVAL
     assert vlun.size == 100
 
 
@@ -481,8 +482,9 @@ def test_bad_buffers(vlun):
         vlun.readinto(0, np.zeros((2, 2 * BS), np.uint8)[:, ::2])   # not contiguous
     with pytest.raises(TypeError):
         vlun.write(0, "text")
-    with pytest.raises(OverflowError):
+    with pytest.raises(CxlFlashError) as e:
         vlun.read(-1, 1)
+    assert e.value.errno == errno.EINVAL
     assert vlun.stats()["num_errors"] == 0
 
 
@@ -597,7 +599,7 @@ def test_listio_errors_per_request(vlun):
     errs = res.errors()
     assert sorted(errs) == [1, 2, 4, 5]
     for i in (1, 4):                                   # beyond the size
-        assert type(errs[i]) is OSError and errs[i].errno == errno.EINVAL
+        assert type(errs[i]) is CxlFlashError and errs[i].errno == errno.EINVAL
         assert "logical size" in str(errs[i])
     assert errs[2].errno == errno.EINVAL               # unknown request type
     assert errs[5].errno == errno.EINVAL               # does not fit in the buffer

@@ -304,8 +304,9 @@ def test_o_direct_file_lun(tmp_path):
             pytest.skip(f"no O_DIRECT on {tmp_path}: {e}")
         backing = a.driver.gluns[wwid].backing
         assert backing.direct and fcntl.fcntl(backing.fd, fcntl.F_GETFL) & os.O_DIRECT
+        # scrub=False: the data must still be in the file after close.
         with a.open_disk(wwid) as disk, disk.attach() as ctx, \
-                ctx.create_virtual(CHUNK + 8) as v:
+                ctx.create_virtual(CHUNK + 8, scrub=False) as v:
             data = cxlflash.aligned_buffer(16 * BS)
             data[:] = pattern(CHUNK - 8, 16)
             assert v.write(CHUNK - 8, data) == 16

@@ -13,6 +13,13 @@ cdef enum:
     XFER_IN_ERROR = -2
     XFER_GONE = -3
     XFER_FOREIGN = -4
+    # pread/pwrite made no progress: the backing store ended (it is shorter
+    # than the LUN says, e.g. a file truncated under it); *bad_lba is the
+    # BYTE offset where it ended.  Raised as EIO.
+    XFER_BACKING_ENDED = -5
+    # A block whose byte offset (lba * block_size, end included) is beyond
+    # what off_t holds (2**63 - 1); *bad_lba is that block.  Raised as EINVAL.
+    XFER_BEYOND_OFF_T = -6
 
 # Counters of a DataPath; only ever updated with the GIL held.
 cdef struct io_stats:
@@ -25,14 +32,41 @@ cdef struct io_stats:
     uint64_t errors
     uint64_t list_calls
 
-# One transfer (validate, translate, coalesce, pread/pwrite); returns 0, an
-# errno, or an XFER_* code with afu_rc and bad_lba set.
+# Integer arguments of the public functions: a Python int (or anything with
+# __index__, e.g. numpy integer scalars) in 0..hi, else OSError(EINVAL)
+# naming the parameter and the range; a non-integer (a float included) is a
+# TypeError naming the parameter.  Exact ints take a fast path.
+cdef uint64_t arg_u64(object value, const char *name,
+                      uint64_t hi) except? 0xFFFFFFFFFFFFFFFF
+# A block size: a nonzero multiple of 512 below 2**32, else OSError(EINVAL).
+cdef uint32_t arg_block_size(object value) except 0
+# An array argument as a flat, C-contiguous uint64 ndarray: integers only
+# (TypeError naming the parameter otherwise), none negative or >= 2**64
+# (OSError(EINVAL)).
+cdef object u64_array(object obj, str name)
+
+# Whether an AFU reset put the table in error: its state says so, or (in a
+# replica) the owner's reset epoch moved past the one the table has seen.
+# Caller holds the table's read lock.
+cdef bint table_in_error(ResourceTable table) noexcept nogil
+
+# Check a whole range before any byte moves: the table's state, the handle,
+# every block's translation and permission, and that every byte offset fits
+# in off_t.  0 or an XFER_* code with afu_rc / bad_lba set.  Caller holds
+# the table's read lock.
+cdef int check_range(ResourceTable table, uint32_t handle, uint64_t block_size,
+                     uint64_t lba, uint64_t nblocks, int write, int *afu_rc,
+                     uint64_t *bad_lba) noexcept nogil
+
+# One transfer (check the whole range, translate, coalesce, pread/pwrite);
+# returns 0, an errno, or an XFER_* code with afu_rc and bad_lba set.
 cdef int transfer(ResourceTable table, uint32_t handle, int fd,
                   uint32_t block_size, uint64_t lba, uint64_t nblocks,
                   char *buf, int write, int *afu_rc,
                   uint64_t *bad_lba) noexcept nogil
 
-cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int rc,
+# Raise the error of a failed transfer; ``fd``: its backing store.
+cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                           int afu_rc, uint64_t bad_lba, int write) except -1
 
 cdef int zero_range(int fd, int zero_mode, uint64_t offset,
@@ -44,8 +78,8 @@ cdef class DataPath:
     cdef readonly uint32_t handle
     cdef readonly int fd
     cdef readonly uint32_t block_size
-    cdef public uint64_t max_xfer
-    cdef public uint64_t limit
+    cdef uint64_t _max_xfer        # property max_xfer (checked setter)
+    cdef uint64_t _limit           # property limit (checked setter)
     cdef readonly int zero_mode
     cdef public bint closed
     cdef public object on_reset
@@ -57,3 +91,6 @@ cdef class DataPath:
                   int *afu_rc, uint64_t *bad_lba) noexcept nogil
     cdef int _unmap(self, uint64_t lba, uint64_t nblocks, int *afu_rc,
                     uint64_t *bad_lba) noexcept nogil
+    cdef int64_t _list_one(self, uint64_t op, uint64_t lba, uint64_t nblocks,
+                           uint64_t offset, char *buf, uint64_t buflen,
+                           int *afu_rc) noexcept nogil

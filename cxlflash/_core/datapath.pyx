@@ -10,11 +10,21 @@ heavyweight sync does.
 Decisions (DESIGN.md §23): a transfer crossing chunks is split per chunk,
 and refused whole (0x13) if any block is beyond the vLUN; a direct transfer
 beyond the LUN is refused as the device would refuse it.
+
+Bounds (issue 8): every transfer, zeroing and unmap checks its WHOLE range
+-- state, handle, every chunk's translation and permission, and that every
+byte offset fits in ``off_t`` -- with overflow-safe arithmetic, under the
+read lock it then keeps for the I/O, before any byte moves.  A request that
+``max_xfer`` splits into several commands is checked whole before the first
+command is issued.  Integer arguments are checked before anything is
+allocated: outside their range they are ``OSError(EINVAL)`` naming the
+parameter and the range, a non-integer is a ``TypeError``.
 """
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
+from cpython.exc cimport PyErr_Occurred, PyErr_Clear
 from libc.errno cimport errno, EINTR, EINVAL, EIO, ENOMEM, EOPNOTSUPP
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from posix.types cimport off_t
@@ -22,18 +32,51 @@ from cxlflash._core.includes.system cimport (
     pread, pwrite, fallocate, ioctl, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
     BLKZEROOUT)
 from cxlflash._core.tables cimport (
-    ResourceTable, AFU_RC_OK, AFU_RC_LXT_OUT_OF_BOUNDS, SCSI_LBA_OUT_OF_RANGE,
-    TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN, MC_CHUNK_SHIFT,
-    RHT_FMT_DIRECT)
+    ResourceTable, rht_entry, AFU_RC_OK, AFU_RC_LXT_OUT_OF_BOUNDS,
+    SCSI_LBA_OUT_OF_RANGE, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN,
+    MC_CHUNK_SHIFT, RHT_FMT_DIRECT)
 
 import errno as _errno
+import operator
 import os
+import stat
 import numpy as np
+from cxlflash._core import errors as _core_errors
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
+
+# The error of an argument outside its range: errno EINVAL.  The package's
+# CxlFlashError (an OSError) once it lives in _core.errors, else OSError.
+ArgumentError = getattr(_core_errors, "CxlFlashError", OSError)
+
+
+def einval(message):
+    """The exception for an argument outside its range (errno EINVAL)."""
+    return ArgumentError(_errno.EINVAL, message)
+
+cdef extern from "Python.h":
+    # Declared here without an exception clause: the caller checks.  (On
+    # LP64 an unsigned long is 64 bits, asserted below; PyLong_AsUnsignedLong
+    # converts multi-digit ints without the byte-array detour that
+    # PyLong_AsUnsignedLongLong takes.)
+    unsigned long pylong_as_u64 "PyLong_AsUnsignedLong"(object o)
+    bint pylong_check_exact "PyLong_CheckExact"(object o)
+    Py_ssize_t PY_SSIZE_T_MAX
+
+cdef extern from *:
+    """
+    _Static_assert(sizeof(unsigned long) == 8, "cxlflash needs an LP64 platform");
+    /* a * b without wrapping: 1 if it does not fit in 64 bits */
+    #define CXLFLASH_MUL_OVERFLOW64(a, b, res) \
+        __builtin_mul_overflow((unsigned long long)(a), (unsigned long long)(b), \
+                               (unsigned long long *)(res))
+    """
+    bint mul_overflow64 "CXLFLASH_MUL_OVERFLOW64"(uint64_t a, uint64_t b,
+                                                  uint64_t *res) noexcept nogil
 
 DEF CHUNK_BLOCKS = 65536
 DEF ZERO_BUF = 1048576
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
+cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX    # the largest off_t
 
 # List I/O request types (the block library's cblk_io_t request_type).
 LIST_READ = 1
@@ -54,13 +97,104 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef int64_t io_full(int fd, char *buf, uint64_t length, uint64_t offset,
-                     int write) noexcept nogil:
-    """pread/pwrite all of it: bytes done, or -errno.  EINTR is retried;
-    a short transfer is continued, and one that makes no progress (end of
-    the backing store) is EIO."""
+# -- argument checks ------------------------------------------------------------
+
+cdef str _range_text(uint64_t hi):
+    return "0..2**64-1" if hi == NO_LIMIT else f"0..{hi}"
+
+
+cdef uint64_t _arg_u64_slow(object value, const char *name,
+                            uint64_t hi) except? 0xFFFFFFFFFFFFFFFF:
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name.decode()} must be an integer, not "
+                        f"{type(value).__name__}") from None
+    if v < 0 or v > hi:
+        raise einval(f"{name.decode()} {v} is out of range: it "
+                      f"must be in {_range_text(hi)}")
+    return <uint64_t> v
+
+
+cdef uint64_t arg_u64(object value, const char *name,
+                      uint64_t hi) except? 0xFFFFFFFFFFFFFFFF:
+    cdef unsigned long v
+    if pylong_check_exact(value):
+        v = pylong_as_u64(value)
+        if v <= hi and (v != NO_LIMIT or PyErr_Occurred() == NULL):
+            return v
+        PyErr_Clear()       # negative or >= 2**64: the slow path says so
+    return _arg_u64_slow(value, name, hi)
+
+
+cdef uint32_t arg_block_size(object value) except 0:
+    cdef uint64_t bs = arg_u64(value, b"block_size", 0xFFFFFFFF)
+    if bs == 0 or bs % 512:
+        raise einval(f"block_size {bs} is not a nonzero "
+                      f"multiple of 512")
+    return <uint32_t> bs
+
+
+cdef object _U64 = np.dtype(np.uint64)
+cdef object _U8 = np.dtype(np.uint8)
+
+
+cdef object u64_array(object obj, str name):
+    cdef object a = None
+    if type(obj) is np.ndarray and (<object> obj).dtype is _U64:
+        return np.ascontiguousarray(obj).reshape(-1)
+    try:
+        a = np.asarray(obj)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    if a is not None:
+        if a.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        kind = a.dtype.kind
+        if kind == "u" or kind == "b":
+            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
+        if kind == "i":
+            if a.min() < 0:
+                raise einval(f"{name} holds {a.min()}: its values "
+                              f"must be in 0..2**64-1")
+            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
+        if type(obj) is np.ndarray and kind != "O":
+            raise TypeError(f"{name} must be an array of integers, not {a.dtype}")
+    # Not an integer ndarray: a sequence numpy could not type as integers
+    # (mixing negatives with values >= 2**63 makes float64; ints beyond
+    # 2**64 make objects), or not integers at all.  Element by element --
+    # only ever on this error-prone path.
+    try:
+        vals = [operator.index(x) for x in np.asarray(obj, dtype=object).reshape(-1)]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of integers") from None
+    if vals and (min(vals) < 0 or max(vals) > NO_LIMIT):
+        raise einval(f"{name} holds a value outside 0..2**64-1")
+    return np.array(vals, dtype=np.uint64)
+
+
+cdef object op_array(object ops):
+    """List I/O request types as uint8: a uint8 ndarray as it is, anything
+    else checked as integers; a type above 255 becomes 0 (refused per
+    request, like every unknown type), never wrapped onto a valid one."""
+    if type(ops) is np.ndarray and (<object> ops).dtype is _U8:
+        return np.ascontiguousarray(ops).reshape(-1)
+    a = u64_array(ops, "ops")
+    return np.where(a > 255, 0, a).astype(np.uint8)
+
+
+# -- I/O primitives ---------------------------------------------------------------
+
+cdef int io_full(int fd, char *buf, uint64_t length, uint64_t offset,
+                 int write, uint64_t *end) noexcept nogil:
+    """pread/pwrite all of it: 0, an errno, or XFER_BACKING_ENDED with
+    ``*end`` the byte offset where the backing store ended (a transfer
+    that makes no progress).  EINTR is retried; a short transfer is
+    continued.  A range whose end is beyond off_t is EINVAL, untouched."""
     cdef uint64_t done = 0
     cdef int64_t r
+    if offset > OFF_MAX or length > OFF_MAX - offset:
+        return EINVAL
     while done < length:
         if write:
             r = pwrite(fd, buf + done, length - done, <off_t> (offset + done))
@@ -69,11 +203,12 @@ cdef int64_t io_full(int fd, char *buf, uint64_t length, uint64_t offset,
         if r < 0:
             if errno == EINTR:
                 continue
-            return -errno
+            return errno
         if r == 0:
-            return -EIO
+            end[0] = offset + done
+            return XFER_BACKING_ENDED
         done += <uint64_t> r
-    return <int64_t> done
+    return 0
 
 
 cdef int zero_range(int fd, int zero_mode, uint64_t offset,
@@ -81,10 +216,12 @@ cdef int zero_range(int fd, int zero_mode, uint64_t offset,
     """Zero ``length`` bytes at ``offset`` of the backing store: 0 or errno."""
     cdef uint64_t rng[2]
     cdef char *zeros
-    cdef uint64_t done, n
-    cdef int64_t r
+    cdef uint64_t done, n, end = 0
+    cdef int rc
     if length == 0:
         return 0
+    if offset > OFF_MAX or length > OFF_MAX - offset:
+        return EINVAL
     if zero_mode == ZERO_PUNCH:
         while fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                         <off_t> offset, <off_t> length) != 0:
@@ -110,13 +247,19 @@ cdef int zero_range(int fd, int zero_mode, uint64_t offset,
     done = 0
     while done < length:
         n = length - done if length - done < ZERO_BUF else ZERO_BUF
-        r = io_full(fd, zeros, n, offset + done, 1)
-        if r < 0:
+        rc = io_full(fd, zeros, n, offset + done, 1, &end)
+        if rc:
             free(zeros)
-            return <int> -r
+            return EIO if rc < 0 else rc
         done += n
     free(zeros)
     return 0
+
+
+cdef bint table_in_error(ResourceTable table) noexcept nogil:
+    # live_state folds a moved reset epoch (a replica's news of its owner's
+    # reset) into TABLE_IN_ERROR: the one test for "recover, then re-drive".
+    return table.live_state() == TABLE_IN_ERROR
 
 
 cdef inline int table_state_rc(ResourceTable table) noexcept nogil:
@@ -124,50 +267,103 @@ cdef inline int table_state_rc(ResourceTable table) noexcept nogil:
     if state == TABLE_LIVE:
         return 0
     if state == TABLE_IN_ERROR:
-        return XFER_IN_ERROR
+        return XFER_IN_ERROR        # reset, or the owner reset the AFU since
     if state == TABLE_FOREIGN:
         return XFER_FOREIGN
     return XFER_GONE
 
 
-cdef int transfer(ResourceTable table, uint32_t handle, int fd,
-                  uint32_t block_size, uint64_t lba, uint64_t nblocks,
-                  char *buf, int write, int *afu_rc,
-                  uint64_t *bad_lba) noexcept nogil:
-    cdef int rc
-    cdef int64_t p, r
-    cdef uint64_t v, left, n, run_p = 0, run_len = 0, bs = block_size
-    cdef char *run_buf = buf
-    cdef char *cur = buf
-    cdef bint direct
-    table.read_lock()
-    rc = table_state_rc(table)
-    if rc != 0:
-        table.unlock()
-        return rc
+cdef int beyond_off_t(uint64_t v, uint64_t p, uint64_t bs,
+                      uint64_t *bad_lba) noexcept nogil:
+    """XFER_BEYOND_OFF_T for a run of blocks from ``v`` at physical block
+    ``p``: ``*bad_lba`` is its first block that does not end within off_t."""
+    cdef uint64_t fit = OFF_MAX // bs     # physical blocks below this fit
+    bad_lba[0] = v if p >= fit else v + (fit - p)
+    return XFER_BEYOND_OFF_T
+
+
+cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
+                             uint64_t lba, uint64_t nblocks, int write,
+                             int *afu_rc, uint64_t *bad_lba) noexcept nogil:
+    """check_range without the table state: the handle, every block's
+    translation and permission, every byte offset within off_t."""
+    cdef rht_entry *e
+    cdef uint64_t last, ext, v, n, left, end
+    cdef int64_t p
     afu_rc[0] = table.lookup(handle, write)
     if afu_rc[0] != AFU_RC_OK:
         bad_lba[0] = lba
-        table.unlock()
         return XFER_AFU_ERROR
     if nblocks == 0:
-        table.unlock()
         return 0
-    # The whole transfer must be addressable: check its last block first.
-    if nblocks - 1 > NO_LIMIT - lba:
-        afu_rc[0] = AFU_RC_LXT_OUT_OF_BOUNDS
-        bad_lba[0] = NO_LIMIT
-        table.unlock()
-        return XFER_AFU_ERROR
-    direct = (table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
-    # Within one chunk, translating the first block (below) checks it all.
-    if direct or ((lba + nblocks - 1) >> MC_CHUNK_SHIFT) != (lba >> MC_CHUNK_SHIFT):
-        if table.translate_one(handle, lba + nblocks - 1, write, afu_rc) < 0:
-            bad_lba[0] = lba + nblocks - 1
-            table.unlock()
+    e = &table.rht[handle]
+    if (e.fp >> 4) == RHT_FMT_DIRECT:
+        # The device refuses a command with any block beyond the LUN.
+        last = e.last_lba
+        if lba > last:
+            afu_rc[0] = SCSI_LBA_OUT_OF_RANGE
+            bad_lba[0] = lba
             return XFER_AFU_ERROR
+        if nblocks - 1 > last - lba:
+            afu_rc[0] = SCSI_LBA_OUT_OF_RANGE
+            bad_lba[0] = last + 1 if last != NO_LIMIT else NO_LIMIT
+            return XFER_AFU_ERROR
+        # lba + nblocks <= last + 1 <= 2**64: wraps only to 0, at 2**64
+        end = lba + nblocks
+        if end == 0 or mul_overflow64(end, bs, &end) or end > OFF_MAX:
+            return beyond_off_t(lba, lba, bs, bad_lba)
+        return 0
+    # A vLUN: every block below lxt_cnt chunks, then each chunk's entry
+    # (permission, physical offset).  At most lxt_cnt iterations.
+    ext = (<uint64_t> e.lxt_cnt) << MC_CHUNK_SHIFT
+    if lba >= ext or nblocks > ext - lba:
+        afu_rc[0] = AFU_RC_LXT_OUT_OF_BOUNDS
+        bad_lba[0] = lba if lba >= ext else ext
+        return XFER_AFU_ERROR
     v = lba
     left = nblocks
+    while left:
+        n = CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+        if n > left:
+            n = left
+        p = table.translate_one(handle, v, write, afu_rc)
+        if p < 0:
+            if afu_rc[0] == AFU_RC_OK:
+                # not a refusal: a physical LBA >= 2**63 (an aun >= 2**47),
+                # which an int64 cannot return
+                return beyond_off_t(v, OFF_MAX, bs, bad_lba)
+            bad_lba[0] = v
+            return XFER_AFU_ERROR
+        # 0 <= p < 2**63 and n <= 2**16: p + n does not wrap
+        if mul_overflow64(<uint64_t> p + n, bs, &end) or end > OFF_MAX:
+            return beyond_off_t(v, <uint64_t> p, bs, bad_lba)
+        v += n
+        left -= n
+    return 0
+
+
+cdef int check_range(ResourceTable table, uint32_t handle, uint64_t block_size,
+                     uint64_t lba, uint64_t nblocks, int write, int *afu_rc,
+                     uint64_t *bad_lba) noexcept nogil:
+    cdef int rc = table_state_rc(table)
+    if rc:
+        return rc
+    return check_extent(table, handle, block_size, lba, nblocks, write,
+                        afu_rc, bad_lba)
+
+
+cdef int io_pass(ResourceTable table, uint32_t handle, int fd, uint64_t bs,
+                 uint64_t lba, uint64_t nblocks, char *buf, int write,
+                 int *afu_rc, uint64_t *bad_lba) noexcept nogil:
+    """The I/O of one command whose range check_range accepted (the caller
+    still holds the read lock): translate per chunk, coalesce physically
+    contiguous runs, one pread/pwrite per run."""
+    cdef int rc
+    cdef int64_t p
+    cdef uint64_t v = lba, left = nblocks, n, run_p = 0, run_len = 0, end = 0
+    cdef char *run_buf = buf
+    cdef char *cur = buf
+    cdef bint direct = (table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
     while left:
         if direct:
             n = left
@@ -176,55 +372,95 @@ cdef int transfer(ResourceTable table, uint32_t handle, int fd,
             if n > left:
                 n = left
         p = table.translate_one(handle, v, write, afu_rc)
-        if p < 0:
+        if p < 0:                   # not after check_range; kept for safety
             bad_lba[0] = v
-            table.unlock()
             return XFER_AFU_ERROR
         if run_len and <uint64_t> p == run_p + run_len:
             run_len += n
         else:
             if run_len:
-                r = io_full(fd, run_buf, run_len * bs, run_p * bs, write)
-                if r < 0:
-                    table.unlock()
-                    return <int> -r
+                rc = io_full(fd, run_buf, run_len * bs, run_p * bs, write, &end)
+                if rc:
+                    bad_lba[0] = end
+                    return rc
             run_p = <uint64_t> p
             run_len = n
             run_buf = cur
         cur += n * bs
         v += n
         left -= n
-    r = io_full(fd, run_buf, run_len * bs, run_p * bs, write)
-    table.unlock()
-    if r < 0:
-        return <int> -r
+    if run_len:
+        rc = io_full(fd, run_buf, run_len * bs, run_p * bs, write, &end)
+        if rc:
+            bad_lba[0] = end
+            return rc
     return 0
 
 
-def scrub_chunks(int fd, int zero_mode, auns, uint32_t block_size):
+cdef int transfer(ResourceTable table, uint32_t handle, int fd,
+                  uint32_t block_size, uint64_t lba, uint64_t nblocks,
+                  char *buf, int write, int *afu_rc,
+                  uint64_t *bad_lba) noexcept nogil:
+    cdef int rc
+    table.read_lock()
+    rc = check_range(table, handle, block_size, lba, nblocks, write, afu_rc, bad_lba)
+    if rc == 0:
+        rc = io_pass(table, handle, fd, block_size, lba, nblocks, buf, write,
+                     afu_rc, bad_lba)
+    table.unlock()
+    return rc
+
+
+def scrub_chunks(int fd, zero_mode, auns, block_size):
     """Zero whole physical chunks (``aun`` numbers) of a backing store.
 
     Used to scrub chunks freed by a shrink of a NEED_WRITE_SAME vLUN.
     Returns 0 or the errno of the first failure (the kernel ignores it).
+    Every chunk's byte range is checked (within off_t) before any is zeroed.
     """
-    cdef const int64_t[::1] a = np.ascontiguousarray(auns, dtype=np.int64).reshape(-1)
+    cdef int mode = <int> arg_u64(zero_mode, b"zero_mode", ZERO_WRITE)
+    cdef uint64_t chunk_bytes = <uint64_t> CHUNK_BLOCKS * arg_block_size(block_size)
+    cdef const uint64_t[::1] a = u64_array(auns, "auns")
     cdef Py_ssize_t i
     cdef int rc = 0
-    cdef uint64_t chunk_bytes = <uint64_t> CHUNK_BLOCKS * block_size
+    cdef uint64_t max_aun = OFF_MAX // chunk_bytes     # chunks below end within off_t
+    for i in range(a.shape[0]):
+        if a[i] >= max_aun:
+            raise einval(f"chunk {a[i]} is beyond what a backing "
+                          f"store can address (off_t): chunks must be below {max_aun}")
     with nogil:
         for i in range(a.shape[0]):
-            rc = zero_range(fd, zero_mode, <uint64_t> a[i] * chunk_bytes, chunk_bytes)
+            rc = zero_range(fd, mode, a[i] * chunk_bytes, chunk_bytes)
             if rc:
                 break
     return rc
 
 
-cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int rc,
+cdef object _backing_end(int fd, uint64_t stopped):
+    """Where a backing store that made no progress at byte ``stopped``
+    ends: its size if it is a regular file that ends before, else
+    ``stopped``."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return stopped
+    if stat.S_ISREG(st.st_mode) and st.st_size < stopped:
+        return st.st_size
+    return stopped
+
+
+cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                           int afu_rc, uint64_t bad_lba, int write) except -1:
-    """Raise the exception for a failed transfer (``rc`` from transfer)."""
+    """Raise the exception for a failed transfer (``rc`` from transfer;
+    ``fd`` the backing store, for XFER_BACKING_ENDED)."""
+    cdef uint64_t extent = 0
     if rc == XFER_AFU_ERROR:
+        if handle < table.rht_size:
+            table._rlock()          # a read of the table: under its read lock
+            extent = table.extent(handle)
+            table.unlock()
         raise afu_error(afu_rc, handle, bad_lba, write=write,
-                        extent=table.extent(handle) if handle < table.rht_size else None)
+                        extent=extent if handle < table.rht_size else None)
     if rc == XFER_IN_ERROR:
         raise AdapterResetError()
     if rc == XFER_FOREIGN:
@@ -234,6 +470,16 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int rc,
     if rc == XFER_GONE:
         raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no longer "
                        "exists (detached or closed)")
+    if rc == XFER_BACKING_ENDED:
+        raise OSError(_errno.EIO, f"the backing store ended at byte "
+                      f"{_backing_end(fd, bad_lba)}: it is shorter than the LUN "
+                      "says (it shrank, e.g. a file truncated under it); issue "
+                      "DK_CXLFLASH_VERIFY on the disk to refresh the LUN's "
+                      "capacity, then address only blocks within it")
+    if rc == XFER_BEYOND_OFF_T:
+        raise einval(f"block {bad_lba} of the {'write' if write else 'read'} "
+                      "lies beyond byte 2**63-1, the most a backing store can "
+                      "address (off_t): address lower blocks")
     if rc == EINVAL:
         raise OSError(rc, "the backing store refused the transfer (with O_DIRECT, "
                       "buffers and offsets must be aligned: use "
@@ -247,70 +493,97 @@ cdef class DataPath:
     The I/O channel of one resource handle: LBAs in native blocks of
     ``block_size`` bytes, relative to the handle (virtual LBAs for a vLUN,
     physical for a direct handle).  ``max_xfer`` (blocks, 0 = unlimited)
-    splits large transfers into commands of at most that many blocks;
-    ``limit`` (blocks) is a logical size below the AFU's bound: transfers
-    past it fail with EINVAL before any I/O.  ``on_reset``: called (no
-    arguments) when a transfer finds the context in error after an AFU
-    reset; if it returns true (it recovered the context) the transfer is
-    re-driven once.
+    splits large transfers into commands of at most that many blocks (the
+    whole request is checked before the first is issued); ``limit``
+    (blocks) is a logical size below the AFU's bound: transfers past it
+    fail with EINVAL before any I/O.  ``on_reset``: called (no arguments)
+    when a transfer finds the context in error after an AFU reset; if it
+    returns true (it recovered the context) the transfer is re-driven once.
+
+    LBAs and block counts are integers (``TypeError`` otherwise, floats
+    included); outside 0..2**64-1, or a range passing LBA 2**64-1, they are
+    ``OSError(EINVAL)`` -- raised before any memory is allocated or any
+    byte moves.
     """
 
-    def __cinit__(self, ResourceTable table not None, uint32_t handle, int fd,
-                  uint32_t block_size, *, uint64_t max_xfer=0, int zero_mode=0):
-        if block_size == 0 or block_size % 512:
-            raise ValueError(f"block_size must be a multiple of 512, got {block_size}")
+    def __cinit__(self, ResourceTable table not None, handle, fd, block_size, *,
+                  max_xfer=0, zero_mode=0):
+        self.block_size = arg_block_size(block_size)
+        self.handle = <uint32_t> arg_u64(handle, b"handle", 0xFFFFFFFF)
+        self.fd = <int> arg_u64(fd, b"fd", 0x7FFFFFFF)
+        self._max_xfer = arg_u64(max_xfer, b"max_xfer", NO_LIMIT)
+        self.zero_mode = <int> arg_u64(zero_mode, b"zero_mode", ZERO_WRITE)
         self.table = table
-        self.handle = handle
-        self.fd = fd
-        self.block_size = block_size
-        self.max_xfer = max_xfer
-        self.limit = NO_LIMIT
-        self.zero_mode = zero_mode
+        self._limit = NO_LIMIT
         self.closed = False
         self.on_reset = None
         memset(&self.stats, 0, sizeof(io_stats))
+
+    @property
+    def max_xfer(self):
+        """Blocks per command (0: unlimited)."""
+        return self._max_xfer
+
+    @max_xfer.setter
+    def max_xfer(self, value):
+        self._max_xfer = arg_u64(value, b"max_xfer", NO_LIMIT)
+
+    @property
+    def limit(self):
+        """The logical size in blocks (2**64-1: none)."""
+        return self._limit
+
+    @limit.setter
+    def limit(self, value):
+        self._limit = arg_u64(value, b"limit", NO_LIMIT)
 
     cdef int _check(self, uint64_t lba, uint64_t nblocks) except -1:
         if self.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
-        if self.limit != NO_LIMIT and (lba > self.limit or nblocks > self.limit - lba):
-            raise OSError(
-                _errno.EINVAL,
-                f"blocks {lba}..{lba + nblocks - 1} are beyond the logical size "
-                f"of {self.limit} blocks: grow the LUN first")
+        if nblocks and nblocks - 1 > NO_LIMIT - lba:
+            raise einval(f"blocks {lba}..{lba + nblocks - 1} pass "
+                          f"the last addressable LBA 2**64-1")
+        if self._limit != NO_LIMIT and (lba > self._limit or nblocks > self._limit - lba):
+            raise einval(
+                (f"blocks {lba}..{lba + nblocks - 1}" if nblocks else f"LBA {lba}")
+                + f" are beyond the logical size of {self._limit} blocks: grow "
+                f"the LUN first")
         return 0
 
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1:
         self.stats.errors += 1
-        return raise_xfer_error(self.table, self.handle, rc, afu_rc, bad_lba, write)
+        return raise_xfer_error(self.table, self.handle, self.fd, rc, afu_rc, bad_lba,
+                                write)
 
     cdef int _run(self, uint64_t lba, uint64_t nblocks, char *buf, int write,
                   int *afu_rc, uint64_t *bad_lba) noexcept nogil:
-        cdef uint64_t step = self.max_xfer if self.max_xfer else nblocks
-        cdef uint64_t n
-        cdef int rc = 0
-        if nblocks == 0:
-            return transfer(self.table, self.handle, self.fd, self.block_size,
-                            lba, 0, buf, write, afu_rc, bad_lba)
-        while nblocks:
+        """Check the whole request, then issue it in commands of at most
+        ``max_xfer`` blocks, all under one hold of the read lock."""
+        cdef uint64_t step = self._max_xfer if self._max_xfer else nblocks
+        cdef uint64_t n, bs = self.block_size
+        cdef int rc
+        self.table.read_lock()
+        rc = check_range(self.table, self.handle, bs, lba, nblocks, write,
+                         afu_rc, bad_lba)
+        while rc == 0 and nblocks:
             n = step if nblocks > step else nblocks
-            rc = transfer(self.table, self.handle, self.fd, self.block_size,
-                          lba, n, buf, write, afu_rc, bad_lba)
-            if rc:
-                return rc
+            rc = io_pass(self.table, self.handle, self.fd, bs, lba, n, buf, write,
+                         afu_rc, bad_lba)
             lba += n
             nblocks -= n
-            buf += n * self.block_size
-        return 0
+            buf += n * bs
+        self.table.unlock()
+        return rc
 
-    def readinto(self, uint64_t lba, buffer):
+    def readinto(self, lba, buffer):
         """Read ``len(buffer) // block_size`` blocks at ``lba`` into ``buffer``.
 
         ``buffer``: any writable, C-contiguous object with the buffer
         protocol whose size is a multiple of ``block_size``.  Returns the
         number of blocks read.
         """
+        cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
         cdef Py_buffer view
         cdef int rc, afu_rc = 0
         cdef uint64_t bad = 0, nblocks
@@ -320,12 +593,12 @@ cdef class DataPath:
                 raise ValueError(f"buffer size {view.len} is not a multiple of "
                                  f"the block size {self.block_size}")
             nblocks = view.len // self.block_size
-            self._check(lba, nblocks)
+            self._check(v, nblocks)
             with nogil:
-                rc = self._run(lba, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
+                rc = self._run(v, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
             if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
                 with nogil:
-                    rc = self._run(lba, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
+                    rc = self._run(v, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
         finally:
             PyBuffer_Release(&view)
         if rc:
@@ -334,17 +607,38 @@ cdef class DataPath:
         self.stats.blocks_read += nblocks
         return nblocks
 
-    def read(self, uint64_t lba, uint64_t nblocks):
-        """Read ``nblocks`` blocks at ``lba``; returns a bytearray."""
-        buf = bytearray(nblocks * self.block_size)
-        self.readinto(lba, buf)
+    def read(self, lba, nblocks):
+        """Read ``nblocks`` blocks at ``lba``; returns a bytearray.
+
+        The range is checked -- as a number, against the logical size, and
+        against the handle as the AFU checks it -- before the buffer is
+        allocated; a valid range too large for memory is MemoryError."""
+        cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
+        cdef uint64_t n = arg_u64(nblocks, b"nblocks", NO_LIMIT)
+        cdef uint64_t bs = self.block_size, bad = 0
+        cdef int rc, afu_rc = 0
+        self._check(v, n)
+        with nogil:             # check_extent loops over the range's chunks
+            self.table.read_lock()
+            rc = table_state_rc(self.table)
+            if rc == 0 or rc == XFER_IN_ERROR:      # readinto recovers a reset
+                rc = check_extent(self.table, self.handle, bs, v, n, 0, &afu_rc, &bad)
+            self.table.unlock()
+        if rc:
+            self._raise(rc, afu_rc, bad, 0)
+        if n > <uint64_t> PY_SSIZE_T_MAX // bs:
+            raise einval(f"blocks {v}..{v + n - 1} ({n} blocks of "
+                          f"{bs} bytes) do not fit in one buffer: read fewer")
+        buf = bytearray(n * bs)
+        self.readinto(v, buf)
         return buf
 
-    def write(self, uint64_t lba, data):
+    def write(self, lba, data):
         """Write ``data`` (a multiple of ``block_size`` bytes) at ``lba``.
 
         Returns the number of blocks written.
         """
+        cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
         cdef Py_buffer view
         cdef int rc, afu_rc = 0
         cdef uint64_t bad = 0, nblocks
@@ -354,12 +648,12 @@ cdef class DataPath:
                 raise ValueError(f"data size {view.len} is not a multiple of "
                                  f"the block size {self.block_size}")
             nblocks = view.len // self.block_size
-            self._check(lba, nblocks)
+            self._check(v, nblocks)
             with nogil:
-                rc = self._run(lba, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
+                rc = self._run(v, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
             if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
                 with nogil:
-                    rc = self._run(lba, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
+                    rc = self._run(v, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
         finally:
             PyBuffer_Release(&view)
         if rc:
@@ -370,21 +664,16 @@ cdef class DataPath:
 
     cdef int _unmap(self, uint64_t lba, uint64_t nblocks, int *afu_rc,
                     uint64_t *bad_lba) noexcept nogil:
-        """Zero blocks through the table (write permission needed)."""
+        """Zero blocks through the table (write permission needed): the
+        whole range is checked first, then physically contiguous runs are
+        zeroed."""
         cdef uint64_t v = lba, left = nblocks, n, bs = self.block_size
+        cdef uint64_t run_p = 0, run_len = 0
         cdef int64_t p
         cdef int rc
         cdef bint direct
         self.table.read_lock()
-        rc = table_state_rc(self.table)
-        if rc == 0:
-            afu_rc[0] = self.table.lookup(self.handle, 1)
-            if afu_rc[0] != AFU_RC_OK:
-                bad_lba[0] = lba
-                rc = XFER_AFU_ERROR
-            elif nblocks and self.table.translate_one(self.handle, lba + nblocks - 1, 1, afu_rc) < 0:
-                bad_lba[0] = lba + nblocks - 1
-                rc = XFER_AFU_ERROR
+        rc = check_range(self.table, self.handle, bs, lba, nblocks, 1, afu_rc, bad_lba)
         if rc == 0 and nblocks:
             direct = (self.table.rht[self.handle].fp >> 4) == RHT_FMT_DIRECT
             while left:
@@ -392,75 +681,118 @@ cdef class DataPath:
                 if n > left:
                     n = left
                 p = self.table.translate_one(self.handle, v, 1, afu_rc)
-                if p < 0:
+                if p < 0:           # not after check_range; kept for safety
                     bad_lba[0] = v
                     rc = XFER_AFU_ERROR
                     break
-                rc = zero_range(self.fd, self.zero_mode, <uint64_t> p * bs, n * bs)
-                if rc:
-                    break
+                if run_len and <uint64_t> p == run_p + run_len:
+                    run_len += n
+                else:
+                    if run_len:
+                        rc = zero_range(self.fd, self.zero_mode, run_p * bs, run_len * bs)
+                        if rc:
+                            break
+                    run_p = <uint64_t> p
+                    run_len = n
                 v += n
                 left -= n
+            if rc == 0 and run_len:
+                rc = zero_range(self.fd, self.zero_mode, run_p * bs, run_len * bs)
         self.table.unlock()
         return rc
 
-    def unmap(self, uint64_t lba, uint64_t nblocks):
+    def unmap(self, lba, nblocks):
         """Zero ``nblocks`` blocks at ``lba`` (punching holes in files).
 
         Returns the number of blocks zeroed.
         """
+        cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
+        cdef uint64_t n = arg_u64(nblocks, b"nblocks", NO_LIMIT)
         cdef int rc, afu_rc = 0
         cdef uint64_t bad = 0
-        self._check(lba, nblocks)
+        self._check(v, n)
         with nogil:
-            rc = self._unmap(lba, nblocks, &afu_rc, &bad)
+            rc = self._unmap(v, n, &afu_rc, &bad)
         if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
             with nogil:
-                rc = self._unmap(lba, nblocks, &afu_rc, &bad)
+                rc = self._unmap(v, n, &afu_rc, &bad)
         if rc:
             self._raise(rc, afu_rc, bad, 1)
         self.stats.unmaps += 1
-        self.stats.blocks_unmapped += nblocks
-        return nblocks
+        self.stats.blocks_unmapped += n
+        return n
 
     def translate(self, lbas, bint write=False):
         """Physical LBAs of an array of LBAs (uint64 array)."""
         if self.closed:
             raise ValueError("translate on a closed LUN")
-        return self.table.translate_many(
-            self.handle, np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1),
-            write=write)
+        return self.table.translate_many(self.handle, u64_array(lbas, "lbas"),
+                                         write=write)
+
+    cdef int64_t _list_one(self, uint64_t op, uint64_t lba, uint64_t nblocks,
+                           uint64_t offset, char *buf, uint64_t buflen,
+                           int *afu_rc) noexcept nogil:
+        """One request of a list: the blocks done, or a negative code."""
+        cdef int rc
+        cdef uint64_t bad = 0, limit = self._limit
+        afu_rc[0] = 0
+        if op < 1 or op > 3:
+            return -EINVAL
+        if nblocks and nblocks - 1 > NO_LIMIT - lba:
+            return -EINVAL                  # passes LBA 2**64-1
+        if limit != NO_LIMIT and (lba > limit or nblocks > limit - lba):
+            return -1003
+        if op == 3:
+            rc = self._unmap(lba, nblocks, afu_rc, &bad)
+        elif offset > buflen or nblocks > (buflen - offset) // self.block_size:
+            return -EINVAL                  # does not fit in the buffer
+        else:
+            rc = self._run(lba, nblocks, buf + offset, op == 2, afu_rc, &bad)
+        if rc == 0:
+            return <int64_t> nblocks
+        if rc == XFER_AFU_ERROR:
+            return -1000
+        if rc == XFER_IN_ERROR:
+            return -1001
+        if rc == XFER_GONE or rc == XFER_FOREIGN:
+            return -1002
+        if rc == XFER_BACKING_ENDED:
+            return -EIO
+        if rc == XFER_BEYOND_OFF_T:
+            return -EINVAL
+        return -rc
 
     def listio(self, ops, lbas, nblocks, buffer, offsets, lat_ns=None):
         """Issue a batch of requests in one GIL-free call.
 
         ``ops`` (LIST_READ / LIST_WRITE / LIST_UNMAP), ``lbas``, ``nblocks``
         and ``offsets`` (byte offsets into ``buffer``) are equal-length
-        arrays; ``buffer`` is one writable buffer holding every request's
-        data.  Returns ``(status, afu_rc)``: per request, the blocks
-        transferred (>= 0) or a negative code (-errno; -1000 for an AFU
-        refusal, with its code in ``afu_rc``; -1001 AFU reset; -1002
-        context gone or foreign; -1003 beyond the logical size).
-        Requests are independent: one failing does not stop the others.
-        A context found in error after an AFU reset is recovered first
-        (``on_reset``); a reset during the batch fails the rest with -1001.
+        arrays of integers; ``buffer`` is one writable buffer holding every
+        request's data.  Returns ``(status, afu_rc)``: per request, the
+        blocks transferred (>= 0) or a negative code (-errno: -EINVAL for
+        an unknown request type, a range passing LBA 2**64-1 or a request
+        not fitting in the buffer, -EIO for a backing store that ended;
+        -1000 for an AFU refusal, with its code in ``afu_rc``; -1001 AFU
+        reset; -1002 context gone or foreign; -1003 beyond the logical
+        size).  Requests are independent: one failing does not stop the
+        others, and each is checked whole before any of its bytes move.
+        A context found in error after an AFU reset (its state, or a moved
+        reset epoch in a replica) is recovered first (``on_reset``); if a
+        reset during the batch fails requests with -1001, the context is
+        recovered and those requests are re-driven once, after the rest.
         ``lat_ns``: an optional int64 array that receives each request's
         latency in nanoseconds.
         """
         if self.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
-        cdef const uint8_t[::1] o = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
-        cdef const uint64_t[::1] l = np.ascontiguousarray(lbas, dtype=np.uint64).reshape(-1)
-        cdef const uint64_t[::1] c = np.ascontiguousarray(nblocks, dtype=np.uint64).reshape(-1)
-        cdef const uint64_t[::1] off = np.ascontiguousarray(offsets, dtype=np.uint64).reshape(-1)
+        cdef const uint8_t[::1] o = op_array(ops)
+        cdef const uint64_t[::1] l = u64_array(lbas, "lbas")
+        cdef const uint64_t[::1] c = u64_array(nblocks, "nblocks")
+        cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
         cdef Py_ssize_t n = o.shape[0], i
         if not (l.shape[0] == c.shape[0] == off.shape[0] == n):
             raise ValueError("ops, lbas, nblocks and offsets must have the same length")
-        if self.table.state == TABLE_IN_ERROR and self.on_reset is not None:
-            self.on_reset()     # recover first, as readinto/write re-drive
-        status = np.zeros(n, dtype=np.int64)
-        codes = np.zeros(n, dtype=np.int32)
         cdef int64_t[::1] lat
         cdef bint timed = lat_ns is not None
         cdef int64_t t0 = 0
@@ -468,59 +800,65 @@ cdef class DataPath:
             lat = lat_ns
             if lat.shape[0] < n:
                 raise ValueError("lat_ns is shorter than the request list")
+        cdef bint in_error
+        self.table._rlock()
+        in_error = table_in_error(self.table)
+        self.table.unlock()
+        cdef bint may_recover = self.on_reset is not None
+        if in_error and may_recover:
+            # recover first, as readinto/write re-drive; a failed recovery
+            # is not tried again below
+            may_recover = bool(self.on_reset())
+        status = np.zeros(n, dtype=np.int64)
+        codes = np.zeros(n, dtype=np.int32)
         cdef int64_t[::1] st = status
         cdef int[::1] cd = codes
         cdef Py_buffer view
-        cdef int rc, afu_rc
-        cdef uint64_t bad, bs = self.block_size, limit = self.limit
+        cdef int afu_rc
         cdef uint64_t nread = 0, nwritten = 0, nerr = 0, breads = 0, bwrites = 0
-        cdef uint64_t nunmap = 0, bunmap = 0
+        cdef uint64_t nunmap = 0, bunmap = 0, buflen
+        cdef Py_ssize_t nreset = 0
         PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
+            buflen = <uint64_t> view.len
             with nogil:
                 for i in range(n):
-                    afu_rc = 0
                     if timed:
                         t0 = now_ns()
-                    if o[i] < 1 or o[i] > 3:
-                        st[i] = -EINVAL
-                    elif limit != NO_LIMIT and (l[i] > limit or c[i] > limit - l[i]):
-                        st[i] = -1003
-                    elif o[i] != 3 and (off[i] > <uint64_t> view.len or
-                                        c[i] > (<uint64_t> view.len - off[i]) // bs):
-                        st[i] = -EINVAL
-                    else:
-                        if o[i] == 3:
-                            rc = self._unmap(l[i], c[i], &afu_rc, &bad)
-                        else:
-                            rc = self._run(l[i], c[i], <char *> view.buf + off[i],
-                                           o[i] == 2, &afu_rc, &bad)
-                        if rc == 0:
-                            st[i] = <int64_t> c[i]
-                        elif rc == XFER_AFU_ERROR:
-                            st[i] = -1000
-                            cd[i] = afu_rc
-                        elif rc == XFER_IN_ERROR:
-                            st[i] = -1001
-                        elif rc < 0:
-                            st[i] = -1002
-                        else:
-                            st[i] = -rc
+                    st[i] = self._list_one(o[i], l[i], c[i], off[i],
+                                           <char *> view.buf, buflen, &afu_rc)
+                    cd[i] = afu_rc
+                    if st[i] == -1001:
+                        nreset += 1
                     if timed:
                         lat[i] = now_ns() - t0
-                    if st[i] < 0:
-                        nerr += 1
-                    elif o[i] == 1:
-                        nread += 1
-                        breads += c[i]
-                    elif o[i] == 2:
-                        nwritten += 1
-                        bwrites += c[i]
-                    else:
-                        nunmap += 1
-                        bunmap += c[i]
+            if nreset and may_recover and self.on_reset():
+                with nogil:
+                    for i in range(n):
+                        if st[i] != -1001:
+                            continue
+                        if timed:
+                            t0 = now_ns()
+                        st[i] = self._list_one(o[i], l[i], c[i], off[i],
+                                               <char *> view.buf, buflen, &afu_rc)
+                        cd[i] = afu_rc
+                        if timed:
+                            lat[i] += now_ns() - t0
         finally:
             PyBuffer_Release(&view)
+        with nogil:
+            for i in range(n):
+                if st[i] < 0:
+                    nerr += 1
+                elif o[i] == 1:
+                    nread += 1
+                    breads += c[i]
+                elif o[i] == 2:
+                    nwritten += 1
+                    bwrites += c[i]
+                else:
+                    nunmap += 1
+                    bunmap += c[i]
         self.stats.list_calls += 1
         self.stats.reads += nread
         self.stats.writes += nwritten
@@ -550,74 +888,101 @@ cdef class DataPath:
                 f"block_size={self.block_size}, closed={self.closed})")
 
 
-def afu_command(ResourceTable table not None, uint32_t handle, int fd,
-                uint32_t block_size, uint64_t lba, buffer, bint write=False):
+def afu_command(ResourceTable table not None, handle, fd, block_size, lba,
+                buffer, bint write=False):
     """One AFU command: read into (or, with ``write``, write from) ``buffer``
     at ``lba`` through ``handle``, with no logical size and no splitting.
-    Returns the number of blocks transferred."""
+    Returns the number of blocks transferred.  ``block_size``: a nonzero
+    multiple of 512; integer arguments outside their range are
+    ``OSError(EINVAL)``, non-integers ``TypeError``."""
+    cdef uint32_t bs = arg_block_size(block_size)
+    cdef uint32_t h = <uint32_t> arg_u64(handle, b"handle", 0xFFFFFFFF)
+    cdef int f = <int> arg_u64(fd, b"fd", 0x7FFFFFFF)
+    cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
     cdef Py_buffer view
     cdef int rc, afu_rc = 0
     cdef uint64_t bad = 0, nblocks
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | (0 if write else PyBUF_WRITABLE))
     try:
-        if view.len % block_size:
+        if view.len % bs:
             raise ValueError(f"buffer size {view.len} is not a multiple of the "
-                             f"block size {block_size}")
-        nblocks = view.len // block_size
+                             f"block size {bs}")
+        nblocks = view.len // bs
         with nogil:
-            rc = transfer(table, handle, fd, block_size, lba, nblocks,
-                          <char *> view.buf, write, &afu_rc, &bad)
+            rc = transfer(table, h, f, bs, v, nblocks, <char *> view.buf, write,
+                          &afu_rc, &bad)
     finally:
         PyBuffer_Release(&view)
     if rc:
-        raise_xfer_error(table, handle, rc, afu_rc, bad, write)
+        raise_xfer_error(table, h, f, rc, afu_rc, bad, write)
     return nblocks
 
 
-def raw_io(int fd, ops, offsets, uint64_t nbytes, buffer, buf_offsets=None,
+def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
            lat_ns=None):
     """pread/pwrite ``nbytes`` at each byte offset of the bare backing
-    store, in one GIL-free loop: no translation, no checks -- the syscall
-    limit that benchmarks compare the data path against.
+    store, in one GIL-free loop: no translation -- the syscall limit that
+    benchmarks compare the data path against.
 
     ``ops``: per request 1 (read) or 2 (write); ``buffer``: request ``i``
-    uses ``nbytes`` at ``buf_offsets[i]`` (default ``i * nbytes``).
+    uses ``nbytes`` at ``buf_offsets[i]`` (default ``i * nbytes``).  Every
+    request is checked before the first is issued: it must fit in the
+    buffer (ValueError) and its byte range in ``off_t`` (OSError EINVAL).
     Returns the number of requests done; raises OSError on the first
-    failure.  ``lat_ns``: optional int64 array of per-request latencies.
+    failure (EIO naming the byte where a backing store that ended did).
+    ``lat_ns``: optional int64 array of per-request latencies.
     """
-    cdef const uint8_t[::1] o = np.ascontiguousarray(ops, dtype=np.uint8).reshape(-1)
-    cdef const uint64_t[::1] off = np.ascontiguousarray(offsets, dtype=np.uint64).reshape(-1)
+    cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
+    cdef const uint64_t[::1] o = u64_array(ops, "ops")
+    cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
     cdef Py_ssize_t n = o.shape[0], i
     cdef const uint64_t[::1] boff
-    if buf_offsets is None:
-        buf_offsets = np.arange(n, dtype=np.uint64) * np.uint64(nbytes)
-    boff = np.ascontiguousarray(buf_offsets, dtype=np.uint64).reshape(-1)
+    if buf_offsets is None:         # packed: checked below that it does not wrap
+        boff = np.arange(n, dtype=np.uint64) * np.uint64(nb)
+    else:
+        boff = u64_array(buf_offsets, "buf_offsets")
     if off.shape[0] != n or boff.shape[0] != n:
         raise ValueError("ops, offsets and buf_offsets must have the same length")
     cdef Py_buffer view
-    cdef int64_t r = 0, t0 = 0
+    cdef int rc = 0
+    cdef int64_t t0 = 0
+    cdef uint64_t end = 0, buflen
     cdef int64_t[::1] lat
     cdef bint timed = lat_ns is not None
     if timed:
         lat = lat_ns
         if lat.shape[0] < n:
             raise ValueError("lat_ns is shorter than the request list")
+    for i in range(n):
+        if o[i] != 1 and o[i] != 2:
+            raise ValueError(f"request {i}: op {o[i]} is neither 1 (read) nor 2 (write)")
+        if off[i] > OFF_MAX - nb:
+            raise einval(f"request {i}: bytes {off[i]}..{off[i] + nb} "
+                          "pass byte 2**63-1, the most a backing store can address")
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:
+        buflen = <uint64_t> view.len
+        if buf_offsets is None and nb and <uint64_t> n > buflen // nb:
+            raise ValueError(f"{n} requests of {nb} bytes do not fit in the buffer "
+                             f"({buflen} bytes)")
         for i in range(n):
-            if boff[i] + nbytes > <uint64_t> view.len:
+            if boff[i] > buflen or nb > buflen - boff[i]:
                 raise ValueError(f"request {i} does not fit in the buffer")
         with nogil:
             for i in range(n):
                 if timed:
                     t0 = now_ns()
-                r = io_full(fd, <char *> view.buf + boff[i], nbytes, off[i], o[i] == 2)
+                rc = io_full(fd, <char *> view.buf + boff[i], nb, off[i], o[i] == 2, &end)
                 if timed:
                     lat[i] = now_ns() - t0
-                if r < 0:
+                if rc:
                     break
     finally:
         PyBuffer_Release(&view)
-    if r < 0:
-        raise OSError(<int> -r, os.strerror(<int> -r))
+    if rc == XFER_BACKING_ENDED:
+        raise OSError(_errno.EIO, f"the backing store ended at byte "
+                      f"{_backing_end(fd, end)}: it is "
+                      "shorter than the offsets addressed (it shrank?)")
+    if rc:
+        raise OSError(rc, os.strerror(rc))
     return n
