@@ -428,3 +428,42 @@ def test_child_can_use_a_table_whose_fence_another_thread_held():
     finally:
         release.set()
         th.join()
+
+
+# -- a handle carries its backing fd ------------------------------------------------
+
+def test_a_handle_reopened_on_another_lun_never_reaches_the_old_store():
+    """A DataPath built for a handle kept its fd: after the handle number
+    was re-opened on another LUN, its writes went to the old LUN's store
+    (with the new LUN's translation)."""
+    old, new = memfd(1 << 20), memfd(1 << 20)
+    try:
+        t = ResourceTable(4)
+        h = t.open_direct(3, 1, 1, 255, fd=old)
+        stale = DataPath(t, h, old, BS)
+        stale.write(0, b"\x01" * BS)
+        t.close(h)
+        assert t.open_direct(3, 2, 1, 255, fd=new) == h
+        stale.write(1, b"\x02" * BS)
+        assert os.pread(old, BS, BS) == bytes(BS)
+        assert os.pread(new, BS, BS) == b"\x02" * BS
+        # Unmap follows the handle too.
+        stale.unmap(1, 1)
+        assert os.pread(new, BS, BS) == bytes(BS)
+    finally:
+        os.close(old)
+        os.close(new)
+
+
+def test_a_clone_keeps_its_source_handles_fd():
+    fd = memfd(CHUNK * BS)
+    try:
+        a = ChunkAllocator(1)
+        src, dst = ResourceTable(4), ResourceTable(4)
+        h = src.open_virtual(3, fd=fd)
+        src.grow_from(h, a, 1, 0, 1)
+        dst.clone_slot(src, h, 3, a)
+        DataPath(dst, h, -1, BS).write(7, b"\x07" * BS)
+        assert os.pread(fd, BS, 7 * BS) == b"\x07" * BS
+    finally:
+        os.close(fd)

@@ -282,6 +282,14 @@ cdef int beyond_off_t(uint64_t v, uint64_t p, uint64_t bs,
     return XFER_BEYOND_OFF_T
 
 
+cdef int arg_fd(object fd) except -2:
+    """A backing fd argument: 0..2**31-1, or -1 for "the fd the handle
+    was opened on" (which the data path prefers anyway)."""
+    if fd == -1:
+        return -1
+    return <int> arg_u64(fd, b"fd", 0x7FFFFFFF)
+
+
 cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
                              uint64_t lba, uint64_t nblocks, int write,
                              int *afu_rc, uint64_t *bad_lba) noexcept nogil:
@@ -357,13 +365,16 @@ cdef int io_pass(ResourceTable table, uint32_t handle, int fd, uint64_t bs,
                  int *afu_rc, uint64_t *bad_lba) noexcept nogil:
     """The I/O of one command whose range check_range accepted (the caller
     still holds the read lock): translate per chunk, coalesce physically
-    contiguous runs, one pread/pwrite per run."""
+    contiguous runs, one pread/pwrite per run.  The backing fd is the one
+    the handle was opened on (``fd`` only when it was opened without one):
+    read under the lock, it can be neither closed nor re-bound meanwhile."""
     cdef int rc
     cdef int64_t p
     cdef uint64_t v = lba, left = nblocks, n, run_p = 0, run_len = 0, end = 0
     cdef char *run_buf = buf
     cdef char *cur = buf
     cdef bint direct = (table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
+    fd = table.backing_fd(handle, fd)
     while left:
         if direct:
             n = left
@@ -510,7 +521,7 @@ cdef class DataPath:
                   max_xfer=0, zero_mode=0):
         self.block_size = arg_block_size(block_size)
         self.handle = <uint32_t> arg_u64(handle, b"handle", 0xFFFFFFFF)
-        self.fd = <int> arg_u64(fd, b"fd", 0x7FFFFFFF)
+        self.fd = arg_fd(fd)
         self._max_xfer = arg_u64(max_xfer, b"max_xfer", NO_LIMIT)
         self.zero_mode = <int> arg_u64(zero_mode, b"zero_mode", ZERO_WRITE)
         self.table = table
@@ -672,9 +683,11 @@ cdef class DataPath:
         cdef int64_t p
         cdef int rc
         cdef bint direct
+        cdef int fd
         self.table.read_lock()
         rc = check_range(self.table, self.handle, bs, lba, nblocks, 1, afu_rc, bad_lba)
         if rc == 0 and nblocks:
+            fd = self.table.backing_fd(self.handle, self.fd)
             direct = (self.table.rht[self.handle].fp >> 4) == RHT_FMT_DIRECT
             while left:
                 n = left if direct else CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
@@ -689,7 +702,7 @@ cdef class DataPath:
                     run_len += n
                 else:
                     if run_len:
-                        rc = zero_range(self.fd, self.zero_mode, run_p * bs, run_len * bs)
+                        rc = zero_range(fd, self.zero_mode, run_p * bs, run_len * bs)
                         if rc:
                             break
                     run_p = <uint64_t> p
@@ -697,7 +710,7 @@ cdef class DataPath:
                 v += n
                 left -= n
             if rc == 0 and run_len:
-                rc = zero_range(self.fd, self.zero_mode, run_p * bs, run_len * bs)
+                rc = zero_range(fd, self.zero_mode, run_p * bs, run_len * bs)
         self.table.unlock()
         return rc
 
@@ -897,7 +910,7 @@ def afu_command(ResourceTable table not None, handle, fd, block_size, lba,
     ``OSError(EINVAL)``, non-integers ``TypeError``."""
     cdef uint32_t bs = arg_block_size(block_size)
     cdef uint32_t h = <uint32_t> arg_u64(handle, b"handle", 0xFFFFFFFF)
-    cdef int f = <int> arg_u64(fd, b"fd", 0x7FFFFFFF)
+    cdef int f = arg_fd(fd)
     cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
     cdef Py_buffer view
     cdef int rc, afu_rc = 0

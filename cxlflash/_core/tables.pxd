@@ -62,6 +62,7 @@ cdef struct rht_entry:
     uint64_t last_lba       # the LUN's last native LBA (bounds, decision 13)
     uint8_t valid
     # both
+    int fd                  # the backing store's fd in this process, or -1
     uint8_t fp              # format << 4 | permissions
     uint8_t nmask           # byte 15: 16 for virtual, port_sel for direct, 0 = free
 
@@ -103,6 +104,10 @@ cdef class ResourceTable:
     # The number of blocks addressable through the handle (vLUN size in
     # native blocks, or the LUN size for a direct handle).
     cdef uint64_t extent(self, uint32_t handle) noexcept nogil
+    # The backing fd the handle was opened on, or ``fallback`` when it was
+    # opened without one.  Caller holds the lock: the fd then cannot be
+    # closed or its handle re-opened elsewhere until the lock is dropped.
+    cdef int backing_fd(self, uint32_t handle, int fallback) noexcept nogil
 
     # Internal helpers.
     cdef rht_entry *_entry(self, uint32_t handle, bint want_open=*) except NULL

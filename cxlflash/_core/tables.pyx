@@ -269,6 +269,10 @@ cdef class ResourceTable:
             return -1
         return <int64_t> ((entry & ~(<uint64_t> CHUNK_MASK)) | (vlba & CHUNK_MASK))
 
+    cdef int backing_fd(self, uint32_t handle, int fallback) noexcept nogil:
+        cdef int fd = self.rht[handle].fd
+        return fd if fd >= 0 else fallback
+
     cdef uint64_t extent(self, uint32_t handle) noexcept nogil:
         cdef rht_entry *e = &self.rht[handle]
         if (e.fp >> 4) == RHT_FMT_DIRECT:
@@ -343,11 +347,15 @@ cdef class ResourceTable:
 
     # -- opening and closing handles ------------------------------------------------
 
-    def open_virtual(self, int perms):
+    def open_virtual(self, int perms, *, int fd=-1):
         """Check out the lowest free handle as an empty virtual LUN.
 
-        ``perms``: RHT permission bits (1 read, 2 write, 3 both).  Raises
-        ``OSError(EMFILE)`` when every handle is open.
+        ``perms``: RHT permission bits (1 read, 2 write, 3 both).  ``fd``:
+        the backing store the vLUN's chunks live on; transfers through the
+        handle use it (read under the table lock), whatever fd their
+        caller names, so a handle number re-opened on another LUN never
+        reaches the old LUN's store.  Raises ``OSError(EMFILE)`` when every
+        handle is open.
         """
         cdef int h
         cdef rht_entry *e
@@ -358,6 +366,7 @@ cdef class ResourceTable:
             memset(e, 0, sizeof(rht_entry))
             e.fp = (RHT_FMT_VIRTUAL << 4) | (perms & 3)
             e.nmask = MC_RHT_NMASK
+            e.fd = fd
             self.rht_out += 1
         self.unlock()
         if h < 0:
@@ -366,11 +375,12 @@ cdef class ResourceTable:
         return h
 
     def open_direct(self, int perms, uint64_t lun_id, int port_sel,
-                    uint64_t last_lba):
+                    uint64_t last_lba, *, int fd=-1):
         """Check out the lowest free handle as a direct (physical) handle.
 
         ``last_lba`` is the LUN's last native LBA; LBAs beyond it are
-        refused.  Raises ``OSError(EMFILE)`` when every handle is open.
+        refused.  ``fd``: the LUN's backing store (see :meth:`open_virtual`).
+        Raises ``OSError(EMFILE)`` when every handle is open.
         """
         if not 0 < port_sel <= 0xF:
             raise ValueError(f"port_sel must be a nonzero 4-bit port mask, got {port_sel}")
@@ -386,6 +396,7 @@ cdef class ResourceTable:
             e.valid = DIRECT_VALID
             e.fp = (RHT_FMT_DIRECT << 4) | (perms & 3)
             e.nmask = <uint8_t> port_sel
+            e.fd = fd
             self.rht_out += 1
         self.unlock()
         if h < 0:
@@ -719,7 +730,7 @@ cdef class ResourceTable:
 
     def load_slot(self, uint32_t handle, int fmt, int perms, int nmask, lxt=None,
                   uint64_t lun_id=0, uint64_t last_lba=0, int valid=0,
-                  bint replace=False):
+                  bint replace=False, int fd=-1):
         """Set a slot from a snapshot of another table's entry (what
         :meth:`entry` and :meth:`lxt` report): for a replica of a table
         kept in another process.  The LXT is copied verbatim.  The slot
@@ -760,6 +771,7 @@ cdef class ResourceTable:
             e.lun_id = lun_id
             e.last_lba = last_lba
             e.valid = <uint8_t> valid
+            e.fd = fd
             if not was_open:
                 self.rht_out += 1
             p = NULL

@@ -42,6 +42,11 @@ class GlobalLun:
         self.allocator = None
         self.mutex = threading.Lock()
 
+    def backing_fd(self):
+        """The backing store's fd, bound into each handle opened on the
+        LUN (the data path uses it under the table lock), or -1."""
+        return self.backing.fd if self.backing is not None else -1
+
     def read_capacity(self):
         """READ CAPACITY(16) from the backing store (under the mutex).  A
         virtual LUN's allocator follows the new capacity: chunks beyond it

@@ -143,7 +143,8 @@ def user_direct(drv, sdev, disk, arg, caller):
     try:
         try:
             h = ctx.table.open_direct(ctx.rht_perms, llun.lun_id[sdev.port],
-                                      1 << sdev.port, glun.max_lba)
+                                      1 << sdev.port, glun.max_lba,
+                                      fd=glun.backing_fd())
         except OSError as e:
             glun.detach()
             raise CxlFlashError(errno.EMFILE, e.strerror) from None

@@ -142,7 +142,7 @@ def user_virtual(drv, sdev, disk, arg, caller):
         raise
     try:
         try:
-            h = ctx.table.open_virtual(ctx.rht_perms)
+            h = ctx.table.open_virtual(ctx.rht_perms, fd=glun.backing_fd())
         except OSError as e:
             glun.detach()
             raise CxlFlashError(errno.EMFILE, e.strerror) from None

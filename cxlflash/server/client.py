@@ -67,9 +67,11 @@ class ReplicaContext:
                 continue
             (_, fmt, perms, nmask, lxt, lun_id, last_lba, valid,
              wwid, blk_len, max_lba) = slot
+            backing = backing_of(wwid)
             self.table.load_slot(h, fmt, perms, nmask, lxt, lun_id, last_lba, valid,
-                                 replace=old is not None)
-            self.rht_lun[h] = _LunView(_GlunView(wwid, backing_of(wwid), blk_len, max_lba))
+                                 replace=old is not None,
+                                 fd=backing.fd if backing is not None else -1)
+            self.rht_lun[h] = _LunView(_GlunView(wwid, backing, blk_len, max_lba))
             self._slots[h] = slot
 
     def retire(self):
