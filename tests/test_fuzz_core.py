@@ -31,8 +31,10 @@ DataPath methods, listio     OSError (AfuError, EINVAL, EBADF, ...), ValueError,
                              TypeError, BufferError (a non-contiguous or
                              read-only buffer where a writable one is needed)
 afu_command, raw_io          the same
-scrub_chunks                 returns an errno; ValueError, TypeError
-pattern.fill / verify        ValueError, TypeError, BufferError
+scrub_chunks                 returns an errno; OSError(EINVAL) for a value out
+                             of range, ValueError, TypeError
+pattern.fill / verify        OSError(EINVAL) for a value out of range,
+                             ValueError, TypeError, BufferError
 ==========================  ====================================================
 
 OverflowError is accepted from ``_core`` only when an integer argument is
@@ -92,6 +94,8 @@ def call(fn, *args, allowed=(), **kw):
             assert out_of_c_range(list(args) + list(kw.values())), \
                 f"{fn.__name__}{args!r}: OverflowError for in-range arguments: {e}"
             return "exc", e
+        if isinstance(e, OSError) and fn.__name__ in ("fill", "verify", "scrub_chunks"):
+            assert e.errno == errno.EINVAL, f"{fn.__name__}: {describe(e)}"
         if isinstance(e, ZeroDivisionError) or not isinstance(e, ARG_ERRORS + allowed):
             raise AssertionError(f"{getattr(fn, '__name__', fn)}{args!r} {kw!r} "
                                  f"raised {describe(e)}") from e
@@ -1075,14 +1079,16 @@ def _pattern(lbas, nseqs, noffs, block_size, nblocks, offs, default_offsets, kin
     what = (f"fill(lbas={lbas}, seqs={len(seqs)}, bs={block_size}, nblocks={nblocks}, "
             f"offs={boffs}, {kind})")
     status, res = call(pattern.fill, buf, _to_dtype(lbas, np.uint64), seqs, block_size,
-                       nblocks, None if boffs is None else _to_dtype(boffs, np.uint64))
+                       nblocks, None if boffs is None else _to_dtype(boffs, np.uint64),
+                       allowed=(OSError,))
     allowed_mask = np.zeros(len(whole), bool)
     ok_shape = len(seqs) == n and (boffs is None or len(boffs) == n)
     req = nblocks * block_size if isinstance(block_size, int) and isinstance(nblocks, int) \
         else None
     fits = req is not None and block_size >= 0 and nblocks >= 0
     for i in range(n):
-        b = i * req if boffs is None and fits else (boffs[i] if boffs else None)
+        b = i * req if boffs is None and fits else (
+            boffs[i] if boffs is not None and i < len(boffs) else None)
         if fits and b is not None and 0 <= b and b + req <= 8192:
             allowed_mask[start + b:start + b + req] = True
         else:
@@ -1107,12 +1113,13 @@ def _pattern(lbas, nseqs, noffs, block_size, nblocks, offs, default_offsets, kin
                 bad = call(pattern.verify, buf, lbas[0], seqs[:1], block_size)
                 assert bad == ("ok", 0), f"{what}: verify of what fill wrote: {bad}"
     elif ok_shape and fits and kind in ("numpy", "memoryview", "uint64") and \
-            all(0 <= x < 2 ** 64 for x in lbas) and 0 <= block_size < 2 ** 64 and \
-            0 <= nblocks < 2 ** 64:
+            all(0 <= x < 2 ** 64 - nblocks for x in lbas) and \
+            0 < block_size < 2 ** 32 and block_size % 512 == 0 and 0 <= nblocks < 2 ** 64:
         raise AssertionError(f"{what} refused: {describe(res)}")
     # verify with the same extremes: reads only.
     before = whole.copy()
-    st2, r2 = call(pattern.verify, buf, lbas[0] if lbas else 0, seqs, block_size)
+    st2, r2 = call(pattern.verify, buf, lbas[0] if lbas else 0, seqs, block_size,
+                   allowed=(OSError,))
     assert np.array_equal(whole, before), "verify changed its buffer"
     if st2 == "ok":
         assert isinstance(r2, int) and 0 <= r2 <= len(seqs)
@@ -1136,7 +1143,9 @@ def _scrub(auns, zero_mode, block_size):
         block_size = 512
         auns = [a for a in auns if isinstance(a, int) and 0 <= a < NCHUNKS]
     what = f"scrub_chunks(auns={auns}, zero_mode={zero_mode}, block_size={block_size})"
-    status, rc = call(scrub_chunks, L.fd, zero_mode, _to_dtype(auns, np.int64), block_size)
+    arr = _to_dtype(auns, np.int64)
+    auns = [int(x) for x in arr]          # what the call is given (wrapped to int64)
+    status, rc = call(scrub_chunks, L.fd, zero_mode, arr, block_size, allowed=(OSError,))
     named = []
     addressable = isinstance(block_size, int) and 0 < block_size < 2 ** 32
     cb = CHUNK * block_size if addressable else 0
