@@ -261,7 +261,10 @@ def range_ok(lun, lba, n):
     return lba + n <= lun.size
 
 
-def check_error(e, what, lba=None, n=None):
+_NO = object()         # "argument not given" (None is a value under test)
+
+
+def check_error(e, what, lba=_NO, n=_NO):
     """The exception is one the rule allows for these arguments."""
     if isinstance(e, FORBIDDEN):
         raise AssertionError(f"{what} raised {type(e).__name__}: {e}") from e
@@ -270,7 +273,7 @@ def check_error(e, what, lba=None, n=None):
     assert str(e), f"{what}: an error without a message: {e!r}"
     if isinstance(e, OSError):
         assert e.errno, f"{what}: an OSError without errno: {e!r}"
-    args = [x for x in (lba, n) if x is not None]
+    args = [x for x in (lba, n) if x is not _NO]
     out_of_range = any(is_int(x) and not is_float(x) and not 0 <= int(x) < U64
                        for x in args)
     if any(is_float(x) or not is_int(x) for x in args) and not isinstance(e, TypeError) \
@@ -316,7 +319,7 @@ def run_op(w, f, op):
         except Exception as e:       # noqa: BLE001
             must = range_ok(lun, lba, n)
             ok = buffer_ok(kind, n, write)
-            check_error(e, what, lba if ok else None)
+            check_error(e, what, lba if ok else _NO)
             assert not (must is True and ok is True), f"{what} refused: {e!r}"
             if before is not None and kind not in ("bytes", "readonly"):
                 assert bytes(memoryview(buf).cast("B")) == before, \
