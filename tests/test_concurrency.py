@@ -224,6 +224,65 @@ def test_context_close_fences_io_in_flight():
             check_allocators(a)
 
 
+def test_adapter_fd_release_fences_io_in_flight():
+    """Closing a context's adapter fd (its last copy) while a thread writes
+    through it at the ioctl level: the driver's release of the fd (run by
+    the next ioctl) detaches the context and frees its chunks; a vLUN of
+    another context takes them all and must keep its data, and the
+    writer's later writes fail with a clear error."""
+    with cxlflash.Adapter() as a:
+        disk = memory_disk(a, 2)
+        deadline = time.monotonic() + TIME_CAP
+        rounds = 0
+        with disk.attach() as other:
+            while time.monotonic() < deadline and rounds < 8:
+                rounds += 1
+                att = uapi.dk_cxlflash_attach()
+                att.hdr.flags = os.O_RDWR
+                cxlflash.ioctl(disk, uapi.DK_CXLFLASH_ATTACH, att)
+                uv = uapi.dk_cxlflash_uvirtual()
+                uv.context_id = att.context_id
+                uv.lun_size = 2 * CHUNK * BS // 4096          # every chunk of the LUN
+                cxlflash.ioctl(disk, uapi.DK_CXLFLASH_USER_VIRTUAL, uv)
+                data = blocks(0, 4096, 9)
+                stop = threading.Event()
+                bad = []
+                going = threading.Event()
+
+                def writer():
+                    lba = 0
+                    while not stop.is_set():
+                        try:
+                            a.write(att.context_id, uv.rsrc_handle, lba, data)
+                        except (OSError, ValueError) as e:
+                            if not str(e):
+                                bad.append(e)
+                            return
+                        except Exception as e:          # noqa: BLE001
+                            bad.append(e)
+                            return
+                        going.set()
+                        lba = (lba + CHUNK + 4096) % (2 * CHUNK - 4096)
+
+                t = threading.Thread(target=writer, daemon=True)
+                t.start()
+                assert going.wait(10)
+                os.close(att.adap_fd)                 # the last copy of the fd
+                w = other.create_virtual(2 * CHUNK)   # this ioctl reaps the fd first
+                seq = 300 + rounds
+                w.write(0, blocks(0, 2 * CHUNK, seq))
+                time.sleep(0.005)
+                stop.set()
+                t.join(10)
+                assert not t.is_alive() and not bad, bad
+                n = bad_blocks(w.read(0, 2 * CHUNK), 0, seq)
+                assert n == 0, (f"round {rounds}: {n} blocks written through a released "
+                                f"context landed in another context's vLUN")
+                w.close()
+                check_allocators(a)
+        assert rounds >= 2
+
+
 # -- shrink vs I/O --------------------------------------------------------------------
 
 

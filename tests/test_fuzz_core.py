@@ -386,16 +386,20 @@ TABLE_OPS = st.one_of(
               any_value(), st.booleans()),
     st.tuples(st.just("set_state"), any_value(st.integers(0, 3))),
     st.tuples(st.just("introspect"), HANDLE),
+    st.tuples(st.just("watch_epoch"), st.sampled_from(["aligned", "short", "unaligned",
+                                                       "bytes", "none", "int"]),
+              any_value(st.integers(0, 2))),
+    st.tuples(st.just("fence"), PERMS, HANDLE),
 )
 
 
-def _expected_plba(t, h, v, write):
+def _expected_plba(t, h, v, write, epoch_moved=False):
     """What translate must answer, or None when it must refuse."""
     if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2 ** 64:
         return None
     if not isinstance(h, int) or not 0 <= h < t.rht_size or not t.is_open(h):
         return None
-    if getattr(t, "state", 0) != 0:
+    if getattr(t, "state", 0) != 0 or epoch_moved:
         return None
     if not t.perms(h) & (2 if write else 1):
         return None
@@ -426,6 +430,8 @@ def _table_ops(size, ops):
     src.open_direct(3, 0x10, 1, 1000)
     t.open_virtual(3)
     t.grow(0, alloc.alloc_many(2), 1, 1)
+    keep = []
+    epoch_moved = [False]
     for op in ops:
         name, args = op[0], list(op[1:])
         allowed = (OSError, MemoryError)
@@ -450,6 +456,34 @@ def _table_ops(size, ops):
         elif name == "load_slot":
             kw = dict(lxt=args[4], lun_id=args[5], last_lba=args[6], replace=args[7])
             args = args[:4]
+        if name == "watch_epoch":
+            kind, seen = args
+            mem = np.zeros(4, np.uint64)
+            mem[0] = 7
+            buf = {"aligned": mem, "short": mem.view(np.uint8)[:4],
+                   "unaligned": mem.view(np.uint8)[1:17], "bytes": mem.tobytes(),
+                   "none": None, "int": 5}[kind]
+            before = table_state(t)
+            status, res = call(t.watch_epoch, buf, seen)
+            assert table_state(t)[:2] == before[:2], "watch_epoch changed the table"
+            if status == "ok":
+                assert kind in ("aligned", "bytes")
+                keep.append(buf)                   # the table reads it from now on
+                epoch_moved[0] = seen != 7
+            continue
+        if name == "fence":
+            perms, h = args
+            before = table_state(t)
+            try:
+                with t.fence():
+                    st1, r1 = call(t.open_virtual, perms, allowed=(OSError,))
+                    if st1 == "ok":
+                        t.close(r1)
+                    call(t.is_open, h)
+            except Exception as e:                 # noqa: BLE001
+                raise AssertionError(f"fence(): {describe(e)}") from e
+            assert table_state(t) == before, "a fenced open + close changed the table"
+            continue
         if name == "introspect":
             h = args[0]
             for m in ("is_open", "is_virtual", "perms", "lxt_count", "lxt_capacity",
@@ -466,11 +500,14 @@ def _table_ops(size, ops):
         if name in ("translate", "translate_many"):
             h, lbas = args[0], args[1]
             if name == "translate":
-                expect = [_expected_plba(t, h, lbas, kw["write"])]
+                expect = [_expected_plba(t, h, lbas, kw["write"], epoch_moved[0])]
             else:
                 flat = _aun_list(lbas)
                 expect = None if flat is None else [
-                    _expected_plba(t, h, v, kw["write"]) for v in flat]
+                    _expected_plba(t, h, v, kw["write"], epoch_moved[0]) for v in flat]
+                if expect == [] and not (isinstance(h, int) and 0 <= h < t.rht_size
+                                         and t.is_open(h)):
+                    expect = None          # no LBA, a bad handle: either answer
         status, res = call(fn, *args, allowed=allowed, **kw)
         note(f"{name}{tuple(args)} {kw} -> {status} {res!r}")
         after = table_state(t)
@@ -492,7 +529,7 @@ def _table_ops(size, ops):
         if name == "translate":
             assert expect[0] is not None, f"translate({args}) answered {res} for an invalid LBA"
             assert res == expect[0]
-        elif name == "translate_many":
+        elif name == "translate_many" and len(res):
             assert expect is not None and None not in expect, \
                 f"translate_many({args}) accepted {expect}"
             assert [int(x) for x in res] == expect
