@@ -26,6 +26,7 @@ import ctypes
 import errno
 import gc
 import os
+import time
 import tracemalloc
 
 import numpy as np
@@ -74,14 +75,31 @@ class World:
             for lba in (0, CHUNK - 8):
                 v.write(lba, blocks(lba, 8, 100 + i))
         self.victim_chunks = [self._chunks(v) for v in self.vluns]
+        self.backing_fds = [self.a.driver.gluns[w].backing.fd for w in self.wwids[:2]]
         self.sizes = {w: self.a.driver.gluns[w].backing.size for w in self.wwids}
         self.debug_buf = np.full(3 * 262144, 0xEE, dtype=np.uint8)
+
+    def check_in_child(self, what):
+        """In a forked child: the driver is the owner's, so only the
+        victim's blocks can be checked, on the backing stores inherited."""
+        for i, v in enumerate(self.vluns):
+            aun = self.victim_chunks[i][0]
+            fd = self.backing_fds[i]
+            for lba in (0, CHUNK - 8):
+                got = os.pread(fd, 8 * BS, (aun * CHUNK + lba) * BS)
+                assert pattern.verify(got, lba, np.full(8, 100 + i, np.uint64), BS) == 0, \
+                    f"{what}: the victim's data changed (vLUN {i}, LBA {lba}) [child]"
+        for w, size in self.sizes.items():
+            fd = self.a.driver.gluns[w].backing.fd
+            assert os.fstat(fd).st_size == size, f"{what}: a backing store changed size"
 
     def _chunks(self, v):
         rec = self.a._context_record(v.context.context_id)
         return rec.table.chunks(v.handle).tolist()
 
     def check(self, what):
+        if self.a._client() is not None:
+            return self.check_in_child(what)
         a = self.a
         ids = {c.ctxid for c in live_contexts(a)}
         assert self.victim.context_id in ids, f"{what}: the victim context is gone"
@@ -363,7 +381,10 @@ class Fuzz:
         w = self.w
         me = os.getpid()
         data = blocks(0, 8, 55)
-        for c in live_contexts(w.a):
+        remote = w.a._client()
+        contexts = list(remote.replicas.values()) if remote is not None \
+            else live_contexts(w.a)
+        for c in contexts:
             if c.ctxid == w.victim.context_id or c.pid != me:
                 continue
             t = c.table
@@ -383,7 +404,8 @@ class Fuzz:
             except Exception:          # noqa: BLE001
                 pass
         me = os.getpid()
-        for c in live_contexts(w.a):
+        child = w.a._client() is not None
+        for c in ([] if child else live_contexts(w.a)):
             if c.ctxid != w.victim.context_id and c.pid == me:
                 # A context the fuzz attached by hand: detach it as its fd's
                 # release would.
@@ -407,6 +429,10 @@ class Fuzz:
                 cxlflash.ioctl(w.a, uapi.HT_CXLFLASH_LUN_PROVISION, arg)
             except CxlFlashError:
                 pass
+        if child:
+            # Contexts attached by hand: their fds were closed above; the
+            # owner releases them (at its next ioctl, or when we exit).
+            return
         # The fds just closed are released at the next ioctl (reap).
         w.a.driver.reap(cxlflash.adapter._caller())
         for d in w.disks:                 # a DISABLE_SUPERPIPE that went through
@@ -497,6 +523,38 @@ def _run_ioctls(calls):
 
 def batch_ioctls():
     run_all(_ioctls)
+
+
+@fuzz_settings(max_examples=60)
+@given(calls=st.lists(ioctl_calls(), min_size=1, max_size=5))
+def _child_ioctls(calls):
+    _run_ioctls(calls)
+
+
+def batch_child_ioctls():
+    """The same ioctls from a forked child: they travel to the owner's
+    driver over the fork socket (cxlflash/server) and come back with the
+    child's replicas.  The child checks the victim's blocks on the backing
+    store; the owner then checks its driver (tables, allocators, victim)."""
+    from forking import in_child
+    w = world()
+    w.check("before the child")
+
+    def child():
+        _child_ioctls()
+        return "ok"
+
+    assert in_child(child) == "ok"
+    me = cxlflash.adapter._caller()
+    for _ in range(200):                      # the child's contexts go with it
+        w.a.driver.reap(me)
+        if all(c.pid == os.getpid() for c in live_contexts(w.a)):
+            break
+        time.sleep(0.01)
+    for d in w.disks:
+        if d.sdev.llun is None:
+            w.a.driver.enable_superpipe(d.sdev)
+    w.check("after the child's fuzz")
 
 
 # -- the ioctl-level data path ---------------------------------------------------------
@@ -603,6 +661,6 @@ def batch_adapter_io():
     run_all(_adapter_io)
 
 
-@pytest.mark.parametrize("batch", ["batch_ioctls", "batch_adapter_io"])
+@pytest.mark.parametrize("batch", ["batch_ioctls", "batch_child_ioctls", "batch_adapter_io"])
 def test_fuzz_driver(batch):
     run_batch("test_fuzz_driver", batch)
