@@ -80,6 +80,10 @@ def out_of_c_range(args):
     return any(v < 0 or v >= 2 ** 31 for a in args for v in _ints_in(a))
 
 
+def is_int_arg(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def has_float(args):
     return any(isinstance(a, float) for a in args)
 
@@ -991,8 +995,10 @@ def _afu_command_and_ctor(handle, fd, block_size, lba, n, kind, write, max_xfer)
     status, dp = call(DataPath, L.table, handle, real_fd, block_size,
                       max_xfer=max_xfer, allowed=(OSError,))
     if status == "ok":
-        assert block_size in (512, 4096, 0x200 * 0 + 512) or block_size % 512 == 0
-        assert block_size > 0
+        assert is_int_arg(block_size) and 0 < block_size < 2 ** 32 and block_size % 512 == 0, \
+            f"DataPath(block_size={block_size!r}) accepted"
+        assert is_int_arg(max_xfer) and 0 <= max_xfer < 2 ** 64, \
+            f"DataPath(max_xfer={max_xfer!r}) accepted"
 
 
 def batch_datapath():
