@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 import numpy as np
 
 from . import uapi, _args
-from ._core.datapath import DataPath
+from ._core.datapath import AfuPaths, DataPath
 from ._core.errors import afu_error
 from .backing import Backing, open_backing, MemoryBacking, FileBacking
 from .driver.core import Driver, Caller
@@ -76,15 +76,6 @@ def _after_fork_in_child():
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
-
-
-def _extent_of(buffer, fn):
-    """(bytes of ``buffer``, block size of the data path ``fn`` is bound
-    to), for an error message; (None, None) when unknown."""
-    try:
-        return memoryview(buffer).nbytes, fn.__self__.block_size
-    except Exception:
-        return None, None
 
 
 def _ints(context_id, rsrc_handle, lba):
@@ -182,6 +173,11 @@ class Adapter:
         # may have changed what a context id or handle means (see _io_path).
         self._paths = {}
         self._paths_gen = 0
+        # readinto/write dispatched in the core (no Python frame per call);
+        # the methods of the class below say what they do.
+        self._afu = AfuPaths(self._paths, self._io_path, self._afu_io_error)
+        self.readinto = self._afu.readinto
+        self.write = self._afu.write
         self._xlate_pool = []        # translate() outputs to recycle
         _live_adapters.add(self)
 
@@ -470,6 +466,8 @@ class Adapter:
         path still checks the table's state and the handle under the
         table's read lock, so a context destroyed or put in error since is
         refused exactly as here."""
+        context_id = _args.integer(context_id, "context_id")
+        rsrc_handle = _args.integer(rsrc_handle, "rsrc_handle")
         gen = self._paths_gen
         if os.getpid() == self._owner_pid and self._driver.closed:
             raise self._closed_error()
@@ -537,38 +535,30 @@ class Adapter:
             raise self._io_error(e) from None
         return bytes(buf)
 
-    # The hot paths (what ported C code calls per request): one test of
-    # the argument types, two dict lookups, the core.
+    # The hot paths (what ported C code calls per request) are dispatched
+    # in the core: ``__init__`` binds ``self.readinto``/``self.write`` to
+    # an AfuPaths over the cache of _io_path.  These methods say what they
+    # do (and serve a call through the class).
 
     def readinto(self, context_id: int, rsrc_handle: int, lba: int, buffer: Any) -> int:
-        """Read into ``buffer`` (a multiple of the block size); returns the
-        number of blocks read."""
-        if (lba.__class__ is not int or lba < 0
-                or context_id.__class__ is not int or rsrc_handle.__class__ is not int):
-            context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
-        try:
-            fn = self._paths[context_id][rsrc_handle][0]
-        except KeyError:
-            fn = self._io_path(context_id, rsrc_handle).readinto
-        try:
-            return fn(lba, buffer)
-        except (OSError, OverflowError) as e:
-            raise self._io_error(e, lba, rsrc_handle, *_extent_of(buffer, fn)) from None
+        """Read into ``buffer`` (a multiple of the block size) at ``lba``
+        through a resource handle of a context; returns the number of
+        blocks read.  Refused as the AFU refuses a command (see
+        :meth:`_io_path`)."""
+        return self._afu.readinto(context_id, rsrc_handle, lba, buffer)
 
     def write(self, context_id: int, rsrc_handle: int, lba: int, data: Any) -> int:
         """Write ``data`` (a multiple of the block size) at ``lba``; returns
         the number of blocks written."""
-        if (lba.__class__ is not int or lba < 0
-                or context_id.__class__ is not int or rsrc_handle.__class__ is not int):
-            context_id, rsrc_handle, lba = _ints(context_id, rsrc_handle, lba)
+        return self._afu.write(context_id, rsrc_handle, lba, data)
+
+    def _afu_io_error(self, e, lba, rsrc_handle, buffer, dp):
+        """The documented exception for an error of readinto/write."""
         try:
-            fn = self._paths[context_id][rsrc_handle][1]
-        except KeyError:
-            fn = self._io_path(context_id, rsrc_handle).write
-        try:
-            return fn(lba, data)
-        except (OSError, OverflowError) as e:
-            raise self._io_error(e, lba, rsrc_handle, *_extent_of(data, fn)) from None
+            nbytes = memoryview(buffer).nbytes
+        except Exception:
+            nbytes = None
+        return self._io_error(e, lba, rsrc_handle, nbytes, dp.block_size)
 
     def translate(self, context_id: int, rsrc_handle: int, lbas: Any, *,
                   out: Optional[np.ndarray] = None) -> np.ndarray:

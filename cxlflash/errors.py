@@ -6,26 +6,10 @@ Every error is an ``OSError`` whose ``errno`` is what the kernel driver
 import errno as _errno
 import os
 
-from . import _core
-from ._core.errors import AdapterResetError, AfuError
+from ._core.errors import AdapterResetError, AfuError, CxlFlashError
 
 __all__ = ["CxlFlashError", "AfuError", "AdapterResetError",
            "ForkedAdapterError"]
-
-
-if hasattr(_core.errors, "CxlFlashError"):
-    # The core raises it too (argument errors of the data path): one class.
-    CxlFlashError = _core.errors.CxlFlashError
-else:
-    class CxlFlashError(OSError):
-        """An ioctl failed, or an argument is out of range: ``errno`` is the
-        kernel's errno for that failure (EINVAL for an argument)."""
-
-        def __init__(self, err, message=None):
-            super().__init__(err, message or os.strerror(err))
-
-        def __reduce__(self):
-            return (CxlFlashError, (self.errno, self.strerror))
 
 
 class ForkedAdapterError(CxlFlashError):

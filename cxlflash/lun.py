@@ -34,11 +34,6 @@ from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.errors import afu_error
 from .errors import CxlFlashError, AdapterResetError
 
-# When the core checks lba itself as _args does (TypeError for a
-# non-integer, CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the
-# logical size), readinto and write are the core's own methods: no Python
-# frame on the hot path.
-_CORE_CHECKS_ARGS = getattr(_datapath, "ArgumentError", None) is CxlFlashError
 
 __all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
            "LIST_UNMAP", "CHUNK_BLOCKS"]
@@ -58,7 +53,7 @@ class ListResult:
         self.status = status
         self._codes = codes
         self._lun = lun
-        self._lbas = lbas
+        self._lbas = lbas           # as the caller gave them: read on errors only
         self._nblocks = nblocks
 
     @property
@@ -74,17 +69,20 @@ class ListResult:
         if s >= 0:
             return None
         if s == -1000:
-            return afu_error(int(self._codes[i]), self._lun.handle, int(self._lbas[i]))
+            return afu_error(int(self._codes[i]), self._lun.handle, self._lba(i))
         if s == -1001:
             return AdapterResetError()
         if s == -1002:
             return CxlFlashError(errno.EBADF, "the context is gone or not this process's")
         if s == -1003:
             return CxlFlashError(errno.EINVAL, f"request {i} (blocks "
-                                 f"{int(self._lbas[i])}..+{int(self._nblocks[i])}) "
+                                 f"{self._lba(i)}..+{int(np.ravel(self._nblocks)[i])}) "
                                  f"is beyond the logical size of {self._lun.size} "
                                  f"blocks (LBAs 0..{self._lun.size - 1})")
         return OSError(-s, os.strerror(-s))
+
+    def _lba(self, i):
+        return int(np.ravel(self._lbas)[i])
 
     def errors(self) -> Dict[int, OSError]:
         return {i: self.error(i) for i in np.flatnonzero(self.status < 0).tolist()}
@@ -157,9 +155,12 @@ class _Lun:
         self._dp = dp
         self._readinto = dp.readinto
         self._write = dp.write
-        if _CORE_CHECKS_ARGS:
-            self.readinto = dp.readinto
-            self.write = dp.write
+        # The core checks lba as _args does (TypeError for a non-integer,
+        # CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the logical
+        # size): the object's readinto and write are the core's own
+        # methods, with no Python frame on the hot path.
+        self.readinto = dp.readinto
+        self.write = dp.write
         self.block_size = glun.blk_len
 
     def _after_fork(self):
@@ -261,26 +262,14 @@ class _Lun:
         optional int64 array that receives per-request latencies.  Returns a
         :class:`ListResult`; one failing request does not stop the others.
         """
-        if not (ops.__class__ is np.ndarray and ops.dtype == np.uint8):
-            ops = np.minimum(_args.lba_array(ops, "ops"), 255).astype(np.uint8)
-        lb = _args.lba_array(lbas, "lbas")
-        nb = _args.lba_array(nblocks, "nblocks")
-        if offsets is None:
-            if len(nb) and int(nb.max()) > _args.U64_MAX // self.block_size:
-                raise CxlFlashError(errno.EINVAL, f"nblocks {int(nb.max())} is "
-                                    "beyond any buffer")
-            sizes = nb * np.uint64(self.block_size)
-            offsets = np.zeros(len(nb), dtype=np.uint64)
-            if len(nb) > 1:
-                np.cumsum(sizes[:-1], out=offsets[1:])
-        else:
-            offsets = _args.lba_array(offsets, "offsets")
+        # The core checks every array (integers only, in range, equal
+        # lengths) and packs the requests when offsets is None.
         if lat_ns is not None and not (isinstance(lat_ns, np.ndarray)
                                        and lat_ns.dtype == np.int64):
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
-        status, codes = self._dp.listio(ops, lb, nb, buffer, offsets, lat_ns)
-        return ListResult(self, status, codes, lb, nb)
+        status, codes = self._dp.listio(ops, lbas, nblocks, buffer, offsets, lat_ns)
+        return ListResult(self, status, codes, lbas, nblocks)
 
     # -- asynchronous I/O ---------------------------------------------------------------------
 

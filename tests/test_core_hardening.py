@@ -6,6 +6,7 @@ Each test here failed (or crashed, or hung) before the contract was
 enforced; the crash-prone ones run in a subprocess so a crash fails the
 test instead of the run.
 """
+import gc
 import os
 import signal
 import subprocess
@@ -340,6 +341,7 @@ def test_set_limit_keeps_the_kernel_order_below_it():
 
 @pytest.mark.parametrize("total", [0, -1, 2 ** 48 + 1, 2 ** 63 - 1])
 def test_allocator_refuses_absurd_totals(total):
+    gc.collect()
     before = locks.registered_count()
     with pytest.raises(ValueError, match="total_chunks"):
         ChunkAllocator(total)
@@ -347,6 +349,7 @@ def test_allocator_refuses_absurd_totals(total):
 
 
 def test_locks_are_unregistered_when_objects_go():
+    gc.collect()
     before = locks.registered_count()
     objs = [ResourceTable(4) for _ in range(10)] + [ChunkAllocator(64) for _ in range(10)]
     assert locks.registered_count() == before + 20
@@ -467,3 +470,57 @@ def test_a_clone_keeps_its_source_handles_fd():
         assert os.pread(fd, BS, 7 * BS) == b"\x07" * BS
     finally:
         os.close(fd)
+
+
+# -- arguments: integers only, never truncated --------------------------------------
+
+def _table_with_vlun():
+    a = ChunkAllocator(8)
+    t = ResourceTable(4)
+    h = t.open_virtual(3)
+    t.grow_from(h, a, 2, 0, 1)
+    return a, t, h
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, t, h: ChunkAllocator(3.5),
+    lambda a, t, h: ResourceTable(4.0),
+    lambda a, t, h: a.free(0.0),
+    lambda a, t, h: a.clone(np.float64(1)),
+    lambda a, t, h: a.alloc_many(1.0),
+    lambda a, t, h: a.free_many([0.5]),
+    lambda a, t, h: a.release_many(np.array([0.0])),
+    lambda a, t, h: a.set_limit(4.0),
+    lambda a, t, h: t.open_virtual(3.0),
+    lambda a, t, h: t.translate(h, 1.5),
+    lambda a, t, h: t.translate(float(h), 1),
+    lambda a, t, h: t.shrink(h, 1.0),
+    lambda a, t, h: t.grow_from(h, a, 1.0, 0, 1),
+    lambda a, t, h: t.chunks("0"),
+    lambda a, t, h: t.close(None),
+])
+def test_core_refuses_non_integers_and_changes_nothing(call):
+    a, t, h = _table_with_vlun()
+    before = (a.space(), list(t.chunks(h)), t.rht_out)
+    with pytest.raises(TypeError, match="must be an integer|array of integers"):
+        call(a, t, h)
+    assert (a.space(), list(t.chunks(h)), t.rht_out) == before
+
+
+@pytest.mark.parametrize("call, exc", [
+    (lambda a, t, h: t.translate(h, -1), OSError),
+    (lambda a, t, h: t.translate(h, 2 ** 64), OSError),
+    (lambda a, t, h: t.close(2 ** 70), IndexError),
+    (lambda a, t, h: a.free(-1), IndexError),
+    (lambda a, t, h: a.free_many([2 ** 63]), IndexError),
+    (lambda a, t, h: t.open_virtual(4), ValueError),
+    (lambda a, t, h: t.grow_from(h, a, -1, 0, 1), ValueError),
+    (lambda a, t, h: t.grow_from(h, a, 1, 256, 1), ValueError),
+])
+def test_core_refuses_out_of_range_integers_with_its_documented_errors(call, exc):
+    a, t, h = _table_with_vlun()
+    with pytest.raises(exc) as e:
+        call(a, t, h)
+    assert not isinstance(e.value, OverflowError)
+    if exc is OSError:
+        assert e.value.errno == 22 and "vlba" in str(e.value)

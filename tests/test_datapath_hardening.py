@@ -242,7 +242,8 @@ def test_pattern_refuses_wrapping_sizes_and_bad_block_sizes():
                 call()
                 out.append(None)
             except (ValueError, OSError) as e:
-                out.append((type(e).__name__, getattr(e, "errno", None)))
+                kind = "OSError" if isinstance(e, OSError) else type(e).__name__
+                out.append((kind, getattr(e, "errno", None)))
         return out
     out = in_child(run)
     assert out == [("OSError", errno.EINVAL), ("OSError", errno.EINVAL),

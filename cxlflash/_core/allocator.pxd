@@ -38,5 +38,5 @@ cdef class ChunkAllocator:
                        uint64_t n) noexcept nogil
     cdef void lock(self) noexcept nogil
     cdef void unlock(self) noexcept nogil
-    cdef int _check_aun(self, int64_t aun) except -1
+    cdef int64_t _aun(self, object aun) except -1
     cdef int _check_auns(self, const int64_t[::1] auns) except -1

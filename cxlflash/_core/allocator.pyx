@@ -14,6 +14,7 @@ GIL -- see the contract at the top of ``tables.pyx``.
 from libc.stdint cimport uint8_t, int8_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset
+from cxlflash._core.args cimport arg_int, i64_array
 from cxlflash._core.includes.system cimport ctz64, popcount64
 from cxlflash._core.locks cimport (
     cxl_lock, lock_init, lock_destroy, cxl_mutex_lock, cxl_mutex_unlock,
@@ -28,7 +29,7 @@ DEF MAX_TOTAL_CHUNKS = 281474976710656
 
 
 cdef inline const int64_t[::1] _aun_array(object auns):
-    return np.ascontiguousarray(auns, dtype=np.int64).reshape(-1)
+    return i64_array(auns, "auns")
 
 
 cdef class ChunkAllocator:
@@ -38,7 +39,8 @@ cdef class ChunkAllocator:
     native blocks each).  Chunk numbers run from 0 to ``total_chunks - 1``.
     """
 
-    def __cinit__(self, int64_t total_chunks):
+    def __cinit__(self, total_chunks):
+        total_chunks = arg_int(total_chunks, b"total_chunks")
         if total_chunks <= 0 or total_chunks > MAX_TOTAL_CHUNKS:
             raise ValueError(
                 f"total_chunks must be 1..{MAX_TOTAL_CHUNKS}, got {total_chunks}: "
@@ -185,12 +187,15 @@ cdef class ChunkAllocator:
 
     # -- checks -------------------------------------------------------------
 
-    cdef int _check_aun(self, int64_t aun) except -1:
-        if aun < 0 or aun >= self.total_chunks:
+    cdef int64_t _aun(self, object aun) except -1:
+        """A chunk number argument: an integer (TypeError otherwise) in
+        range (IndexError otherwise)."""
+        cdef object v = arg_int(aun, b"aun")
+        if v < 0 or v >= self.total_chunks:
             raise IndexError(
-                f"chunk {aun} is out of range: this allocator has chunks "
+                f"chunk {v} is out of range: this allocator has chunks "
                 f"0..{self.total_chunks - 1}")
-        return 0
+        return <int64_t> v
 
     cdef int _check_auns(self, const int64_t[::1] auns) except -1:
         cdef Py_ssize_t i, n = auns.shape[0]
@@ -223,14 +228,14 @@ cdef class ChunkAllocator:
             raise OSError(errno.ENOSPC, "no free chunk left on this LUN")
         return aun
 
-    def free(self, int64_t aun):
+    def free(self, aun_arg):
         """Drop one reference to ``aun``.
 
         Returns False, changing nothing, when the chunk is already free (the
         kernel's failure result).  A chunk with clone references only loses
         one of them.
         """
-        self._check_aun(aun)
+        cdef int64_t aun = self._aun(aun_arg)
         cdef int rc
         with nogil:
             self.lock()
@@ -238,13 +243,13 @@ cdef class ChunkAllocator:
             self.unlock()
         return rc == 0
 
-    def clone(self, int64_t aun):
+    def clone(self, aun_arg):
         """Add a reference to an allocated chunk.
 
         Returns False, changing nothing, when the chunk is free or already
         has 255 extra references.
         """
-        self._check_aun(aun)
+        cdef int64_t aun = self._aun(aun_arg)
         cdef int rc
         with nogil:
             self.lock()
@@ -254,7 +259,7 @@ cdef class ChunkAllocator:
 
     # -- bulk operations (GIL released) ---------------------------------------
 
-    def alloc_many(self, Py_ssize_t n, *, bint partial=False):
+    def alloc_many(self, n_arg, *, bint partial=False):
         """Allocate ``n`` chunks; return their numbers as an int64 array.
 
         The numbers are exactly those ``n`` successive :meth:`alloc` calls
@@ -262,8 +267,13 @@ cdef class ChunkAllocator:
         ``OSError(ENOSPC)`` and changes nothing -- unless ``partial`` is true,
         in which case it allocates what is free (the kernel's grow).
         """
-        if n < 0:
-            raise ValueError(f"cannot allocate a negative number of chunks ({n})")
+        n_arg = arg_int(n_arg, b"n")
+        if n_arg < 0:
+            raise ValueError(f"cannot allocate a negative number of chunks ({n_arg})")
+        if n_arg > self.total_chunks and not partial:
+            raise OSError(errno.ENOSPC, f"cannot allocate {n_arg} chunks: this LUN "
+                          f"has {self.total_chunks}")
+        cdef Py_ssize_t n = min(n_arg, self.total_chunks)
         # Never more than the allocator holds: a huge ``n`` is refused with
         # ENOSPC below instead of failing to allocate the result array.
         out = np.empty(min(n, self.total_chunks), dtype=np.int64)
@@ -351,15 +361,17 @@ cdef class ChunkAllocator:
                 "drop; nothing was changed")
         return out[:last].copy() if last != n else out
 
-    def set_limit(self, int64_t limit):
+    def set_limit(self, limit_arg):
         """Hand out only chunks below ``limit`` (a LUN whose capacity
         shrank, as VERIFY finds).  Free chunks at or above it are parked;
         those in use stay in use and are parked when their last reference
         goes.  Raising the limit again (up to ``total_chunks``) returns the
         parked ones to the free pool.  Chunks below the limit keep the
         kernel's allocation order."""
-        if limit < 0 or limit > self.total_chunks:
-            raise ValueError(f"limit must be 0..{self.total_chunks}, got {limit}")
+        limit_arg = arg_int(limit_arg, b"limit")
+        if limit_arg < 0 or limit_arg > self.total_chunks:
+            raise ValueError(f"limit must be 0..{self.total_chunks}, got {limit_arg}")
+        cdef int64_t limit = limit_arg
         cdef int64_t aun, w
         cdef uint64_t mask
         if self.parked_map == NULL and limit < self.total_chunks:
@@ -453,9 +465,9 @@ cdef class ChunkAllocator:
             self.unlock()
         return n
 
-    def clone_count(self, int64_t aun):
+    def clone_count(self, aun_arg):
         """The number of extra references to ``aun`` (0..255)."""
-        self._check_aun(aun)
+        cdef int64_t aun = self._aun(aun_arg)
         cdef uint8_t c
         with nogil:
             self.lock()
@@ -477,9 +489,9 @@ cdef class ChunkAllocator:
             self.unlock()
         return out
 
-    def is_allocated(self, int64_t aun):
+    def is_allocated(self, aun_arg):
         """Whether ``aun`` is allocated (a parked chunk is not)."""
-        self._check_aun(aun)
+        cdef int64_t aun = self._aun(aun_arg)
         cdef bint free_bit, parked
         with nogil:
             self.lock()

@@ -32,19 +32,6 @@ cdef struct io_stats:
     uint64_t errors
     uint64_t list_calls
 
-# Integer arguments of the public functions: a Python int (or anything with
-# __index__, e.g. numpy integer scalars) in 0..hi, else OSError(EINVAL)
-# naming the parameter and the range; a non-integer (a float included) is a
-# TypeError naming the parameter.  Exact ints take a fast path.
-cdef uint64_t arg_u64(object value, const char *name,
-                      uint64_t hi) except? 0xFFFFFFFFFFFFFFFF
-# A block size: a nonzero multiple of 512 below 2**32, else OSError(EINVAL).
-cdef uint32_t arg_block_size(object value) except 0
-# An array argument as a flat, C-contiguous uint64 ndarray: integers only
-# (TypeError naming the parameter otherwise), none negative or >= 2**64
-# (OSError(EINVAL)).
-cdef object u64_array(object obj, str name)
-
 # Whether an AFU reset put the table in error: its state says so, or (in a
 # replica) the owner's reset epoch moved past the one the table has seen.
 # Caller holds the table's read lock.
@@ -85,6 +72,7 @@ cdef class DataPath:
     cdef public object on_reset
     cdef io_stats stats
 
+    cdef object _io(self, object lba, object buffer, int write)
     cdef int _check(self, uint64_t lba, uint64_t nblocks) except -1
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1
     cdef int _run(self, uint64_t lba, uint64_t nblocks, char *buf, int write,

@@ -5,8 +5,6 @@ import numpy.typing as npt
 
 from .tables import ResourceTable
 
-ArgumentError: type[OSError]
-
 def einval(message: str) -> OSError: ...
 
 LIST_READ: int
@@ -56,3 +54,11 @@ def raw_io(fd: int, ops: npt.ArrayLike, offsets: npt.ArrayLike, nbytes: Supports
            buffer: Any,
            buf_offsets: Optional[npt.ArrayLike] = ...,
            lat_ns: Optional[npt.NDArray[np.int64]] = ...) -> int: ...
+
+
+class AfuPaths:
+    """An adapter's AFU data path, dispatched in the core."""
+    def __init__(self, paths: dict[int, dict[int, tuple[Any, Any, DataPath]]],
+                 miss: Any, error: Any) -> None: ...
+    def readinto(self, context_id: int, rsrc_handle: int, lba: int, buffer: Any) -> int: ...
+    def write(self, context_id: int, rsrc_handle: int, lba: int, data: Any) -> int: ...

@@ -22,7 +22,6 @@ parameter and the range, a non-integer is a ``TypeError``.
 """
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
-from cpython.exc cimport PyErr_Occurred, PyErr_Clear
 from libc.errno cimport errno, EINTR, EINVAL, EIO, ENOMEM, EOPNOTSUPP
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.stdlib cimport calloc, free
@@ -31,35 +30,21 @@ from posix.types cimport off_t
 from cxlflash._core.includes.system cimport (
     pread, pwrite, fallocate, ioctl, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
     BLKZEROOUT)
+from cxlflash._core.args cimport arg_u64, arg_block_size, u64_array
 from cxlflash._core.tables cimport (
     ResourceTable, rht_entry, AFU_RC_OK, AFU_RC_LXT_OUT_OF_BOUNDS,
     SCSI_LBA_OUT_OF_RANGE, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN,
     MC_CHUNK_SHIFT, RHT_FMT_DIRECT)
 
 import errno as _errno
-import operator
 import os
 import stat
 import numpy as np
-from cxlflash._core import errors as _core_errors
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
+from cxlflash._core.args import einval
 
 # The error of an argument outside its range: errno EINVAL.  The package's
-# CxlFlashError (an OSError) once it lives in _core.errors, else OSError.
-ArgumentError = getattr(_core_errors, "CxlFlashError", OSError)
-
-
-def einval(message):
-    """The exception for an argument outside its range (errno EINVAL)."""
-    return ArgumentError(_errno.EINVAL, message)
-
 cdef extern from "Python.h":
-    # Declared here without an exception clause: the caller checks.  (On
-    # LP64 an unsigned long is 64 bits, asserted below; PyLong_AsUnsignedLong
-    # converts multi-digit ints without the byte-array detour that
-    # PyLong_AsUnsignedLongLong takes.)
-    unsigned long pylong_as_u64 "PyLong_AsUnsignedLong"(object o)
-    bint pylong_check_exact "PyLong_CheckExact"(object o)
     Py_ssize_t PY_SSIZE_T_MAX
 
 cdef extern from *:
@@ -97,80 +82,7 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-# -- argument checks ------------------------------------------------------------
-
-cdef str _range_text(uint64_t hi):
-    return "0..2**64-1" if hi == NO_LIMIT else f"0..{hi}"
-
-
-cdef uint64_t _arg_u64_slow(object value, const char *name,
-                            uint64_t hi) except? 0xFFFFFFFFFFFFFFFF:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name.decode()} must be an integer, not "
-                        f"{type(value).__name__}") from None
-    if v < 0 or v > hi:
-        raise einval(f"{name.decode()} {v} is out of range: it "
-                      f"must be in {_range_text(hi)}")
-    return <uint64_t> v
-
-
-cdef uint64_t arg_u64(object value, const char *name,
-                      uint64_t hi) except? 0xFFFFFFFFFFFFFFFF:
-    cdef unsigned long v
-    if pylong_check_exact(value):
-        v = pylong_as_u64(value)
-        if v <= hi and (v != NO_LIMIT or PyErr_Occurred() == NULL):
-            return v
-        PyErr_Clear()       # negative or >= 2**64: the slow path says so
-    return _arg_u64_slow(value, name, hi)
-
-
-cdef uint32_t arg_block_size(object value) except 0:
-    cdef uint64_t bs = arg_u64(value, b"block_size", 0xFFFFFFFF)
-    if bs == 0 or bs % 512:
-        raise einval(f"block_size {bs} is not a nonzero "
-                      f"multiple of 512")
-    return <uint32_t> bs
-
-
-cdef object _U64 = np.dtype(np.uint64)
 cdef object _U8 = np.dtype(np.uint8)
-
-
-cdef object u64_array(object obj, str name):
-    cdef object a = None
-    if type(obj) is np.ndarray and (<object> obj).dtype is _U64:
-        return np.ascontiguousarray(obj).reshape(-1)
-    try:
-        a = np.asarray(obj)
-    except (TypeError, ValueError, OverflowError):
-        pass
-    if a is not None:
-        if a.size == 0:
-            return np.zeros(0, dtype=np.uint64)
-        kind = a.dtype.kind
-        if kind == "u" or kind == "b":
-            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
-        if kind == "i":
-            if a.min() < 0:
-                raise einval(f"{name} holds {a.min()}: its values "
-                              f"must be in 0..2**64-1")
-            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
-        if type(obj) is np.ndarray and kind != "O":
-            raise TypeError(f"{name} must be an array of integers, not {a.dtype}")
-    # Not an integer ndarray: a sequence numpy could not type as integers
-    # (mixing negatives with values >= 2**63 makes float64; ints beyond
-    # 2**64 make objects), or not integers at all.  Element by element --
-    # only ever on this error-prone path.
-    try:
-        vals = [operator.index(x) for x in np.asarray(obj, dtype=object).reshape(-1)]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an array of integers") from None
-    if vals and (min(vals) < 0 or max(vals) > NO_LIMIT):
-        raise einval(f"{name} holds a value outside 0..2**64-1")
-    return np.array(vals, dtype=np.uint64)
 
 
 cdef object op_array(object ops):
@@ -594,28 +506,37 @@ cdef class DataPath:
         protocol whose size is a multiple of ``block_size``.  Returns the
         number of blocks read.
         """
+        return self._io(lba, buffer, 0)
+
+    cdef object _io(self, object lba, object buffer, int write):
+        """readinto (``write`` 0) or write (1): the blocks transferred."""
         cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
         cdef Py_buffer view
         cdef int rc, afu_rc = 0
         cdef uint64_t bad = 0, nblocks
-        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE if write else
+                           PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
             if view.len % self.block_size:
-                raise ValueError(f"buffer size {view.len} is not a multiple of "
-                                 f"the block size {self.block_size}")
+                raise ValueError(f"{'data' if write else 'buffer'} size {view.len} "
+                                 f"is not a multiple of the block size {self.block_size}")
             nblocks = view.len // self.block_size
             self._check(v, nblocks)
             with nogil:
-                rc = self._run(v, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
+                rc = self._run(v, nblocks, <char *> view.buf, write, &afu_rc, &bad)
             if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
                 with nogil:
-                    rc = self._run(v, nblocks, <char *> view.buf, 0, &afu_rc, &bad)
+                    rc = self._run(v, nblocks, <char *> view.buf, write, &afu_rc, &bad)
         finally:
             PyBuffer_Release(&view)
         if rc:
-            self._raise(rc, afu_rc, bad, 0)
-        self.stats.reads += 1
-        self.stats.blocks_read += nblocks
+            self._raise(rc, afu_rc, bad, write)
+        if write:
+            self.stats.writes += 1
+            self.stats.blocks_written += nblocks
+        else:
+            self.stats.reads += 1
+            self.stats.blocks_read += nblocks
         return nblocks
 
     def read(self, lba, nblocks):
@@ -649,29 +570,7 @@ cdef class DataPath:
 
         Returns the number of blocks written.
         """
-        cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
-        cdef Py_buffer view
-        cdef int rc, afu_rc = 0
-        cdef uint64_t bad = 0, nblocks
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if view.len % self.block_size:
-                raise ValueError(f"data size {view.len} is not a multiple of "
-                                 f"the block size {self.block_size}")
-            nblocks = view.len // self.block_size
-            self._check(v, nblocks)
-            with nogil:
-                rc = self._run(v, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
-            if rc == XFER_IN_ERROR and self.on_reset is not None and self.on_reset():
-                with nogil:
-                    rc = self._run(v, nblocks, <char *> view.buf, 1, &afu_rc, &bad)
-        finally:
-            PyBuffer_Release(&view)
-        if rc:
-            self._raise(rc, afu_rc, bad, 1)
-        self.stats.writes += 1
-        self.stats.blocks_written += nblocks
-        return nblocks
+        return self._io(lba, data, 1)
 
     cdef int _unmap(self, uint64_t lba, uint64_t nblocks, int *afu_rc,
                     uint64_t *bad_lba) noexcept nogil:
@@ -775,13 +674,13 @@ cdef class DataPath:
             return -EINVAL
         return -rc
 
-    def listio(self, ops, lbas, nblocks, buffer, offsets, lat_ns=None):
+    def listio(self, ops, lbas, nblocks, buffer, offsets=None, lat_ns=None):
         """Issue a batch of requests in one GIL-free call.
 
         ``ops`` (LIST_READ / LIST_WRITE / LIST_UNMAP), ``lbas``, ``nblocks``
-        and ``offsets`` (byte offsets into ``buffer``) are equal-length
-        arrays of integers; ``buffer`` is one writable buffer holding every
-        request's data.  Returns ``(status, afu_rc)``: per request, the
+        and ``offsets`` (byte offsets into ``buffer``; None: the requests
+        packed in order) are equal-length arrays of integers; ``buffer`` is
+        one writable buffer holding every request's data.  Returns ``(status, afu_rc)``: per request, the
         blocks transferred (>= 0) or a negative code (-errno: -EINVAL for
         an unknown request type, a range passing LBA 2**64-1 or a request
         not fitting in the buffer, -EIO for a backing store that ended;
@@ -802,7 +701,8 @@ cdef class DataPath:
         cdef const uint8_t[::1] o = op_array(ops)
         cdef const uint64_t[::1] l = u64_array(lbas, "lbas")
         cdef const uint64_t[::1] c = u64_array(nblocks, "nblocks")
-        cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
+        cdef const uint64_t[::1] off = (packed_offsets(c, self.block_size)
+                                        if offsets is None else u64_array(offsets, "offsets"))
         cdef Py_ssize_t n = o.shape[0], i
         if not (l.shape[0] == c.shape[0] == off.shape[0] == n):
             raise ValueError("ops, lbas, nblocks and offsets must have the same length")
@@ -899,6 +799,76 @@ cdef class DataPath:
     def __repr__(self):
         return (f"DataPath(handle={self.handle}, fd={self.fd}, "
                 f"block_size={self.block_size}, closed={self.closed})")
+
+
+cdef object packed_offsets(const uint64_t[::1] nblocks, uint64_t block_size):
+    """The byte offsets of requests packed in order in one buffer."""
+    out = np.empty(nblocks.shape[0], dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    cdef uint64_t at = 0, size
+    cdef Py_ssize_t i, bad = -1
+    with nogil:
+        for i in range(nblocks.shape[0]):
+            o[i] = at
+            if mul_overflow64(nblocks[i], block_size, &size) or size > NO_LIMIT - at:
+                bad = i
+                break
+            at += size
+    if bad >= 0:
+        raise einval(f"nblocks[{bad}] = {nblocks[bad]}: the requests up to it do "
+                     f"not fit in any buffer")
+    return out
+
+
+cdef class AfuPaths:
+    """AfuPaths(paths, miss, error)
+
+    The AFU data path of an adapter as ported C code drives it --
+    ``readinto(context_id, rsrc_handle, lba, buffer)`` and ``write(...)``
+    -- with no Python frame between the call and the core.  ``paths`` is
+    the adapter's cache, ``paths[context_id][rsrc_handle]`` a tuple whose
+    item 2 is the :class:`DataPath`; the adapter fills and clears it.
+    ``miss(context_id, rsrc_handle)`` returns the DataPath of a pair not in
+    the cache (validating them as the AFU does, and raising its errors);
+    ``error(exc, lba, rsrc_handle, buffer, datapath)`` returns the
+    exception to raise for an error of the transfer.  Only exact ``int``
+    ids are looked up in the cache (1.0 is not a context id): anything
+    else goes to ``miss``, which checks it.
+    """
+    cdef dict paths
+    cdef object miss
+    cdef object error
+
+    def __cinit__(self, dict paths not None, miss, error):
+        self.paths = paths
+        self.miss = miss
+        self.error = error
+
+    cdef DataPath _path(self, object context_id, object rsrc_handle):
+        cdef object per_ctx, entry
+        if type(context_id) is int and type(rsrc_handle) is int:
+            per_ctx = self.paths.get(context_id)
+            if per_ctx is not None:
+                entry = (<dict> per_ctx).get(rsrc_handle)
+                if entry is not None:
+                    return <DataPath> (<tuple> entry)[2]
+        return <DataPath?> self.miss(context_id, rsrc_handle)
+
+    cdef object _io(self, object context_id, object rsrc_handle, object lba,
+                    object buffer, int write):
+        cdef DataPath dp = self._path(context_id, rsrc_handle)
+        try:
+            return dp._io(lba, buffer, write)
+        except (OSError, OverflowError) as e:
+            raise self.error(e, lba, rsrc_handle, buffer, dp) from None
+
+    def readinto(self, context_id, rsrc_handle, lba, buffer):
+        """Read into ``buffer`` through a handle of a context."""
+        return self._io(context_id, rsrc_handle, lba, buffer, 0)
+
+    def write(self, context_id, rsrc_handle, lba, data):
+        """Write ``data`` through a handle of a context."""
+        return self._io(context_id, rsrc_handle, lba, data, 1)
 
 
 def afu_command(ResourceTable table not None, handle, fd, block_size, lba,

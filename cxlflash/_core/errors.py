@@ -1,5 +1,8 @@
-"""Errors the AFU reports for user I/O (SISLite ``afu_rc`` codes)."""
+"""The core's errors: the AFU's refusals of user I/O (SISLite ``afu_rc``
+codes), the AFU reset, and ``CxlFlashError`` for everything else (an
+ioctl's errno, an argument out of range)."""
 import errno
+import os
 
 AFU_RC_NAMES = {
     0x01: "RHT_INVALID",
@@ -94,3 +97,14 @@ class AdapterResetError(OSError):
 
     def __reduce__(self):
         return (AdapterResetError, (self.strerror,))
+
+
+class CxlFlashError(OSError):
+    """An ioctl failed, or an argument is out of range: ``errno`` is the
+    kernel's errno for that failure (EINVAL for an argument)."""
+
+    def __init__(self, err, message=None):
+        super().__init__(err, message or os.strerror(err))
+
+    def __reduce__(self):
+        return (CxlFlashError, (self.errno, self.strerror))

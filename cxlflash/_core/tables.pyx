@@ -38,6 +38,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
 from cxlflash._core.allocator cimport ChunkAllocator
+from cxlflash._core.args cimport arg_int, arg_u64
 from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
 from cxlflash._core.locks cimport (
     cxl_lock, lock_init, lock_destroy, cxl_rdlock, cxl_tryrdlock, cxl_wrlock,
@@ -61,6 +62,7 @@ cdef extern from *:
     void cxl_store_int(int *p, int v) nogil
 
 DEF CHUNK_MASK = 0xFFFF
+cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 MAX_RHT_SIZE = 4096
 
 
@@ -71,6 +73,49 @@ cdef inline uint64_t lxt_groups(uint64_t n) noexcept nogil:
 
 cdef inline uint64_t lxt_cap_for(uint64_t n) noexcept nogil:
     return lxt_groups(n) * LXT_GROUP_SIZE
+
+
+# -- arguments (the rule of cxlflash._core.args; a handle or a chunk count
+# outside its range keeps this module's own exception) ---------------------------
+
+cdef uint32_t handle_arg(object handle, uint32_t rht_size) except? 0xFFFFFFFF:
+    cdef object v = arg_int(handle, b"handle")
+    if v < 0 or v >= rht_size:
+        raise IndexError(f"resource handle {v} is out of range (0..{rht_size - 1})")
+    return <uint32_t> v
+
+
+cdef int perms_arg(object perms) except -1:
+    cdef object v = arg_int(perms, b"perms")
+    if v < 0 or v > RHT_PERM_RW:
+        raise ValueError(f"perms must be 0..3 (1 read, 2 write), got {v}")
+    return <int> v
+
+
+cdef int fd_arg(object fd) except -2:
+    cdef object v = arg_int(fd, b"fd")
+    if v < -1 or v > 0x7FFFFFFF:
+        raise ValueError(f"fd must be a file descriptor or -1, got {v}")
+    return <int> v
+
+
+cdef uint64_t count_arg(object n, const char *name) except? 0xFFFFFFFFFFFFFFFF:
+    """A number of chunks: at least 0; beyond 2**64-1 it means "as many as
+    can be" for a grow and "more than the vLUN has" for a shrink."""
+    cdef object v = arg_int(n, name)
+    if v < 0:
+        raise ValueError(f"{name.decode()} must not be negative, got {v}")
+    return <uint64_t> min(v, NO_LIMIT)
+
+
+cdef uint64_t lxt_low_bits(object lun_index, object port_sel) except? 0xFFFFFFFFFFFFFFFF:
+    """The low 16 bits of an LXT entry the driver writes (RW permissions)."""
+    cdef object li = arg_int(lun_index, b"lun_index"), ps = arg_int(port_sel, b"port_sel")
+    if not 0 <= li <= 0xFF:
+        raise ValueError(f"lun_index must be 0..255, got {li}")
+    if not 0 <= ps <= 0xF:
+        raise ValueError(f"port_sel must be a 4-bit port mask, got {ps}")
+    return ((<uint64_t> li) << LXT_LUNIDX_SHIFT) | (RHT_PERM_RW << LXT_PERM_SHIFT) | <uint64_t> ps
 
 
 cdef object lxt_auns(const uint64_t *lxt, uint64_t cnt):
@@ -158,7 +203,8 @@ cdef class ResourceTable:
     The RHT of one context: ``rht_size`` handles, 0..rht_size-1.
     """
 
-    def __cinit__(self, uint32_t rht_size=256):
+    def __cinit__(self, rht_size=256):
+        rht_size = arg_int(rht_size, b"rht_size")
         if rht_size < 1 or rht_size > MAX_RHT_SIZE:
             raise ValueError(
                 f"rht_size must be 1..{MAX_RHT_SIZE} (the kernel has 256 with "
@@ -219,11 +265,12 @@ cdef class ResourceTable:
     def state(self, value):
         self.set_state(value)
 
-    def set_state(self, int state):
+    def set_state(self, state):
         """Change the state under the write lock: returns once every
         transfer in flight through the table has finished; from then on
         none starts unless the state is ``TABLE_LIVE``.  This is the fence
         to pass before a backing fd is closed or chunks change hands."""
+        state = arg_int(state, b"state")
         if state < TABLE_LIVE or state > TABLE_FOREIGN:
             raise ValueError(f"not a table state: {state}")
         self._wlock()
@@ -347,7 +394,7 @@ cdef class ResourceTable:
 
     # -- opening and closing handles ------------------------------------------------
 
-    def open_virtual(self, int perms, *, int fd=-1):
+    def open_virtual(self, perms, *, fd=-1):
         """Check out the lowest free handle as an empty virtual LUN.
 
         ``perms``: RHT permission bits (1 read, 2 write, 3 both).  ``fd``:
@@ -357,6 +404,7 @@ cdef class ResourceTable:
         reaches the old LUN's store.  Raises ``OSError(EMFILE)`` when every
         handle is open.
         """
+        cdef int p_ = perms_arg(perms), fd_ = fd_arg(fd)
         cdef int h
         cdef rht_entry *e
         self._wlock()
@@ -364,9 +412,9 @@ cdef class ResourceTable:
         if h >= 0:
             e = &self.rht[h]
             memset(e, 0, sizeof(rht_entry))
-            e.fp = (RHT_FMT_VIRTUAL << 4) | (perms & 3)
+            e.fp = (RHT_FMT_VIRTUAL << 4) | (p_ & 3)
             e.nmask = MC_RHT_NMASK
-            e.fd = fd
+            e.fd = fd_
             self.rht_out += 1
         self.unlock()
         if h < 0:
@@ -374,14 +422,17 @@ cdef class ResourceTable:
                           f"all {self.rht_size} resource handles of this context are open")
         return h
 
-    def open_direct(self, int perms, uint64_t lun_id, int port_sel,
-                    uint64_t last_lba, *, int fd=-1):
+    def open_direct(self, perms, lun_id, port_sel, last_lba, *, fd=-1):
         """Check out the lowest free handle as a direct (physical) handle.
 
         ``last_lba`` is the LUN's last native LBA; LBAs beyond it are
         refused.  ``fd``: the LUN's backing store (see :meth:`open_virtual`).
         Raises ``OSError(EMFILE)`` when every handle is open.
         """
+        cdef int p_ = perms_arg(perms), fd_ = fd_arg(fd)
+        cdef uint64_t lun_id_ = arg_u64(lun_id, b"lun_id", NO_LIMIT)
+        cdef uint64_t last_lba_ = arg_u64(last_lba, b"last_lba", NO_LIMIT)
+        port_sel = arg_int(port_sel, b"port_sel")
         if not 0 < port_sel <= 0xF:
             raise ValueError(f"port_sel must be a nonzero 4-bit port mask, got {port_sel}")
         cdef int h
@@ -391,12 +442,12 @@ cdef class ResourceTable:
         if h >= 0:
             e = &self.rht[h]
             memset(e, 0, sizeof(rht_entry))
-            e.lun_id = lun_id
-            e.last_lba = last_lba
+            e.lun_id = lun_id_
+            e.last_lba = last_lba_
             e.valid = DIRECT_VALID
-            e.fp = (RHT_FMT_DIRECT << 4) | (perms & 3)
+            e.fp = (RHT_FMT_DIRECT << 4) | (p_ & 3)
             e.nmask = <uint8_t> port_sel
-            e.fd = fd
+            e.fd = fd_
             self.rht_out += 1
         self.unlock()
         if h < 0:
@@ -404,17 +455,18 @@ cdef class ResourceTable:
                           f"all {self.rht_size} resource handles of this context are open")
         return h
 
-    def close(self, uint32_t handle):
+    def close(self, handle):
         """Check the handle in, clearing the whole entry, once the I/O in
         flight through it has finished.
 
         Returns the chunks the handle still mapped (normally none: callers
         shrink a vLUN to 0 first) so the caller can free them.
         """
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         cdef rht_entry *e
         self._wlock()
         try:
-            e = self._entry(handle)
+            e = self._entry(h_)
             auns = self._auns(e, 0, e.lxt_cnt)
             lxt_free(e.lxt, e.lxt_cap)
             memset(e, 0, sizeof(rht_entry))
@@ -425,20 +477,21 @@ cdef class ResourceTable:
 
     # -- growing and shrinking a vLUN ------------------------------------------------
 
-    def grow(self, uint32_t handle, auns, int lun_index, int port_sel):
+    def grow(self, handle, auns, lun_index, port_sel):
         """Append chunks ``auns`` (in order) at the tail of a vLUN.
 
         Each LXT entry is written as the driver does, with RW permissions.
         """
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
+        cdef uint64_t low_bits = lxt_low_bits(lun_index, port_sel)
         cdef const int64_t[::1] a = np.ascontiguousarray(auns, dtype=np.int64).reshape(-1)
         cdef rht_entry *e
         cdef uint64_t old, n = a.shape[0], i
-        cdef uint64_t low = ((<uint64_t> (lun_index & 0xFF)) << LXT_LUNIDX_SHIFT) \
-            | (RHT_PERM_RW << LXT_PERM_SHIFT) | (port_sel & 0xF)
+        cdef uint64_t low = low_bits
         cdef int rc = 0
         self._wlock()
         try:
-            e = self._virtual(handle)
+            e = self._virtual(h_)
             old = e.lxt_cnt
             if n > 0xFFFFFFFF - old:
                 raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
@@ -454,26 +507,28 @@ cdef class ResourceTable:
         if rc != 0:
             raise MemoryError(f"cannot allocate an LXT of {old + n} entries")
 
-    def grow_from(self, uint32_t handle, ChunkAllocator allocator not None,
-                  uint64_t n, int lun_index, int port_sel):
+    def grow_from(self, handle, ChunkAllocator allocator not None, n,
+                  lun_index, port_sel):
         """Grow a vLUN by up to ``n`` chunks taken straight from
         ``allocator`` into the LXT (the kernel's grow loop, spec §11.3):
         fewer when fewer are free.  Returns the number of chunks added; 0
         changes nothing.  Raises MemoryError when the LXT cannot grow."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
+        cdef uint64_t low_bits = lxt_low_bits(lun_index, port_sel)
+        cdef uint64_t n_ = count_arg(n, b"n")
         cdef rht_entry *e
         cdef uint64_t old = 0, k = 0, i
-        cdef uint64_t low = ((<uint64_t> (lun_index & 0xFF)) << LXT_LUNIDX_SHIFT) \
-            | (RHT_PERM_RW << LXT_PERM_SHIFT) | (port_sel & 0xF)
+        cdef uint64_t low = low_bits
         cdef int rc = 0
         self._wlock()
         try:
-            e = self._virtual(handle)
+            e = self._virtual(h_)
             old = e.lxt_cnt
-            if n > 0xFFFFFFFF - old:
-                n = 0xFFFFFFFF - old
+            if n_ > 0xFFFFFFFF - old:
+                n_ = 0xFFFFFFFF - old
             with nogil:
                 allocator.lock()
-                k = n if <uint64_t> allocator.free_aun_cnt >= n else <uint64_t> allocator.free_aun_cnt
+                k = n_ if <uint64_t> allocator.free_aun_cnt >= n_ else <uint64_t> allocator.free_aun_cnt
                 if k:
                     rc = self._set_lxt_capacity(e, old + k)
                     if rc == 0:
@@ -487,61 +542,65 @@ cdef class ResourceTable:
             raise MemoryError(f"cannot allocate an LXT of {old + k} entries")
         return k
 
-    def shrink(self, uint32_t handle, uint64_t new_count):
+    def shrink(self, handle, new_count):
         """Cut a vLUN to ``new_count`` chunks, once the I/O in flight
         through the table has finished.
 
         Returns the removed chunk numbers in the order the kernel frees them:
         the last chunk first.
         """
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
+        cdef uint64_t new_count_ = count_arg(new_count, b"new_count")
         cdef rht_entry *e
         cdef uint64_t old, i, n
         cdef int64_t[::1] v
         self._wlock()
         try:
-            e = self._virtual(handle)
+            e = self._virtual(h_)
             old = e.lxt_cnt
-            if new_count > old:
-                raise ValueError(f"cannot shrink handle {handle} from {old} to {new_count} chunks")
-            n = old - new_count
+            if new_count_ > old:
+                raise ValueError(f"cannot shrink handle {h_} from {old} to {new_count_} chunks")
+            n = old - new_count_
             out = np.empty(n, dtype=np.int64)
             v = out
             with nogil:
                 for i in range(n):
                     v[i] = <int64_t> (e.lxt[old - 1 - i] >> MC_CHUNK_SHIFT)
-                e.lxt_cnt = <uint32_t> new_count
+                e.lxt_cnt = <uint32_t> new_count_
                 # A smaller LXT that cannot be had keeps the larger one.
-                self._set_lxt_capacity(e, new_count)
+                self._set_lxt_capacity(e, new_count_)
         finally:
             self.unlock()
         return out
 
     # -- translation -----------------------------------------------------------------
 
-    def translate(self, uint32_t handle, uint64_t vlba, bint write=False):
+    def translate(self, handle, vlba, bint write=False):
         """Translate one LBA as the AFU would; raises :class:`AfuError`
         (or :class:`AdapterResetError` for a table in error)."""
+        cdef uint32_t h_ = <uint32_t> arg_u64(handle, b"handle", 0xFFFFFFFF)
+        cdef uint64_t vlba_ = arg_u64(vlba, b"vlba", NO_LIMIT)
         cdef int64_t plba = -1
         cdef int rc = AFU_RC_OK, state
         cdef uint64_t extent = 0
         self._rlock()
         state = self.live_state()
         if state == TABLE_LIVE:
-            rc = self.lookup(handle, write)
+            rc = self.lookup(h_, write)
             if rc == AFU_RC_OK:
-                plba = self.translate_one(handle, vlba, write, &rc)
-            if rc != AFU_RC_OK and handle < self.rht_size:
-                extent = self.extent(handle)
+                plba = self.translate_one(h_, vlba_, write, &rc)
+            if rc != AFU_RC_OK and h_ < self.rht_size:
+                extent = self.extent(h_)
         self.unlock()
         if state != TABLE_LIVE:
-            raise state_error(state, handle)
+            raise state_error(state, h_)
         # Test the code, not the sign: a direct LBA >= 2**63 is valid.
         if rc != AFU_RC_OK:
-            raise afu_error(rc, handle, vlba, write=write,
-                            extent=extent if handle < self.rht_size else None)
+            raise afu_error(rc, h_, vlba_, write=write,
+                            extent=extent if h_ < self.rht_size else None)
         return <uint64_t> plba
 
-    def translate_many(self, uint32_t handle, const lba_t[::1] vlbas, out=None,
+    def translate_many(self, handle, const lba_t[::1] vlbas, out=None,
                        bint write=False):
         """Translate an array of LBAs without the GIL.
 
@@ -550,6 +609,7 @@ cdef class ResourceTable:
         which is returned.  The first refused LBA raises :class:`AfuError`
         with ``index`` set to its position and ``afu_rc`` to the code.
         """
+        cdef uint32_t h_ = <uint32_t> arg_u64(handle, b"handle", 0xFFFFFFFF)
         cdef Py_ssize_t n = vlbas.shape[0]
         if out is None:
             out = np.empty(n, dtype=np.uint64)
@@ -568,13 +628,13 @@ cdef class ResourceTable:
         with nogil:
             self.read_lock()
             state = self.live_state()
-            rc = self.lookup(handle, write) if state == TABLE_LIVE else AFU_RC_OK
+            rc = self.lookup(h_, write) if state == TABLE_LIVE else AFU_RC_OK
             if state != TABLE_LIVE:
                 pass
             elif rc != AFU_RC_OK:
                 bad = 0 if n else -1
             else:
-                e = &self.rht[handle]
+                e = &self.rht[h_]
                 need = RHT_PERM_WRITE if write else RHT_PERM_READ
                 if (e.fp >> 4) == RHT_FMT_DIRECT:
                     last = e.last_lba
@@ -620,19 +680,19 @@ cdef class ResourceTable:
                                 bad = i
                                 break
                             o[i] = (entry & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
-            if bad >= 0 and handle < self.rht_size:
-                extent = self.extent(handle)
+            if bad >= 0 and h_ < self.rht_size:
+                extent = self.extent(h_)
             self.unlock()
         if state != TABLE_LIVE:
-            raise state_error(state, handle)
+            raise state_error(state, h_)
         if bad >= 0:
-            raise afu_error(rc, handle, int(vlbas[bad]), index=bad, write=write,
-                            extent=extent if handle < self.rht_size else None)
+            raise afu_error(rc, h_, int(vlbas[bad]), index=bad, write=write,
+                            extent=extent if h_ < self.rht_size else None)
         return out
 
     # -- clone -------------------------------------------------------------------------
 
-    def clone_slot(self, ResourceTable src not None, uint32_t handle, int perms,
+    def clone_slot(self, ResourceTable src not None, handle, perms,
                    ChunkAllocator allocator=None):
         """Copy ``src``'s open entry ``handle`` into this (free) slot.
 
@@ -646,6 +706,8 @@ cdef class ResourceTable:
         The source is copied under its read lock, which is then dropped;
         the copy is installed under this table's write lock (never both).
         """
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
+        cdef int p_ = perms_arg(perms)
         if src is self:
             raise ValueError("cannot clone a table into itself")
         cdef rht_entry *s
@@ -655,12 +717,12 @@ cdef class ResourceTable:
         cdef uint64_t *lxt = NULL
         cdef int rc = 0
         cdef bint busy = False
-        if handle >= self.rht_size:
+        if h_ >= self.rht_size:
             raise IndexError(
-                f"resource handle {handle} is out of range (0..{self.rht_size - 1})")
+                f"resource handle {h_} is out of range (0..{self.rht_size - 1})")
         src._rlock()
         try:
-            s = src._entry(handle)
+            s = src._entry(h_)
             memcpy(&snap, s, sizeof(rht_entry))
             cnt = s.lxt_cnt
             cap = lxt_cap_for(cnt)
@@ -682,14 +744,14 @@ cdef class ResourceTable:
             src.unlock()
         if rc:
             lxt_free(lxt, cap)
-            raise OSError(errno.EIO, f"cannot clone handle {handle}: a chunk is "
+            raise OSError(errno.EIO, f"cannot clone handle {h_}: a chunk is "
                           "not allocated or already has 255 clones")
         self._wlock()
-        d = &self.rht[handle]
+        d = &self.rht[h_]
         busy = d.nmask != 0
         if not busy:
             memcpy(d, &snap, sizeof(rht_entry))
-            d.fp = snap.fp & (0xFC | (perms & 3))
+            d.fp = snap.fp & (0xFC | (p_ & 3))
             d.lxt = lxt
             d.lxt_cap = cap if cnt else 0
             self.rht_out += 1
@@ -698,12 +760,12 @@ cdef class ResourceTable:
             if allocator is not None and cnt:
                 allocator.free_many(lxt_auns(lxt, cnt))
             lxt_free(lxt, cap)
-            raise ValueError(f"resource handle {handle} of the destination is open")
+            raise ValueError(f"resource handle {h_} of the destination is open")
         if allocator is not None or not cnt:
             return np.empty(0, dtype=np.int64)
         return lxt_auns(lxt, cnt)
 
-    def clone_from(self, ResourceTable src not None, int perms,
+    def clone_from(self, ResourceTable src not None, perms,
                    ChunkAllocator allocator=None):
         """Copy every open entry of ``src`` (handle numbers kept).
 
@@ -712,6 +774,7 @@ cdef class ResourceTable:
         raises them here (see :meth:`clone_slot`; a failure undoes the
         handles already copied).  This table must have no open handle.
         """
+        perms_arg(perms)
         if self.open_handles():
             raise ValueError("the destination table has open handles")
         if src.rht_size > self.rht_size:
@@ -728,17 +791,23 @@ cdef class ResourceTable:
             raise
         return done
 
-    def load_slot(self, uint32_t handle, int fmt, int perms, int nmask, lxt=None,
-                  uint64_t lun_id=0, uint64_t last_lba=0, int valid=0,
-                  bint replace=False, int fd=-1):
+    def load_slot(self, handle, fmt, perms, nmask, lxt=None, lun_id=0,
+                  last_lba=0, valid=0, bint replace=False, fd=-1):
         """Set a slot from a snapshot of another table's entry (what
         :meth:`entry` and :meth:`lxt` report): for a replica of a table
         kept in another process.  The LXT is copied verbatim.  The slot
         must be free, unless ``replace``: then an open slot is swapped in
         one step (I/O in flight finishes first)."""
-        if handle >= self.rht_size:
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
+        cdef int p_ = perms_arg(perms), fd_ = fd_arg(fd)
+        cdef uint64_t lun_id_ = arg_u64(lun_id, b"lun_id", NO_LIMIT)
+        cdef uint64_t last_lba_ = arg_u64(last_lba, b"last_lba", NO_LIMIT)
+        cdef uint8_t valid_ = <uint8_t> arg_u64(valid, b"valid", 0xFF)
+        fmt = arg_int(fmt, b"fmt")
+        nmask = arg_int(nmask, b"nmask")
+        if h_ >= self.rht_size:
             raise IndexError(
-                f"resource handle {handle} is out of range (0..{self.rht_size - 1})")
+                f"resource handle {h_} is out of range (0..{self.rht_size - 1})")
         if nmask <= 0 or nmask > 0xFF or fmt not in (RHT_FMT_VIRTUAL, RHT_FMT_DIRECT):
             raise ValueError("not an open entry (format 0 or 1, nmask 1..255)")
         cdef const uint64_t[::1] src
@@ -758,39 +827,40 @@ cdef class ResourceTable:
             memcpy(p, &src[0], cnt * sizeof(uint64_t))
             memset(p + cnt, 0, (cap - cnt) * sizeof(uint64_t))
         self._wlock()
-        e = &self.rht[handle]
+        e = &self.rht[h_]
         was_open = e.nmask != 0
         if not was_open or replace:
             lxt_free(e.lxt, e.lxt_cap)
             memset(e, 0, sizeof(rht_entry))
-            e.fp = <uint8_t> ((fmt << 4) | (perms & 3))
+            e.fp = <uint8_t> ((fmt << 4) | (p_ & 3))
             e.nmask = <uint8_t> nmask
             e.lxt = p
             e.lxt_cnt = <uint32_t> cnt
             e.lxt_cap = cap
-            e.lun_id = lun_id
-            e.last_lba = last_lba
-            e.valid = <uint8_t> valid
-            e.fd = fd
+            e.lun_id = lun_id_
+            e.last_lba = last_lba_
+            e.valid = <uint8_t> valid_
+            e.fd = fd_
             if not was_open:
                 self.rht_out += 1
             p = NULL
         self.unlock()
         if p != NULL:
             lxt_free(p, cap)
-            raise ValueError(f"resource handle {handle} is open")
+            raise ValueError(f"resource handle {h_} is open")
 
-    def watch_epoch(self, buffer, uint64_t seen):
+    def watch_epoch(self, buffer, seen):
         """Follow the reset epoch at the start of ``buffer`` (8 bytes of
         shared memory): while it differs from ``seen`` the data path finds
         the table in error."""
+        cdef uint64_t seen_ = arg_u64(seen, b"seen", NO_LIMIT)
         cdef const unsigned char[::1] view = memoryview(buffer).cast("B")
         if view.shape[0] < 8 or (<size_t> &view[0]) % 8:
             raise ValueError("the epoch needs 8 aligned bytes")
         self._wlock()
         self.epoch_buffer = view
         self.epoch_word = <const uint64_t *> &view[0]
-        self.epoch_seen = seen
+        self.epoch_seen = seen_
         self.unlock()
 
     # -- introspection -------------------------------------------------------------------
@@ -804,51 +874,57 @@ cdef class ResourceTable:
         finally:
             self.unlock()
 
-    def is_open(self, uint32_t handle):
+    def is_open(self, handle):
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         self._rlock()
         try:
-            return self._entry(handle, False).nmask != 0
+            return self._entry(h_, False).nmask != 0
         finally:
             self.unlock()
 
-    def is_virtual(self, uint32_t handle):
+    def is_virtual(self, handle):
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         self._rlock()
         try:
-            return (self._entry(handle).fp >> 4) == RHT_FMT_VIRTUAL
+            return (self._entry(h_).fp >> 4) == RHT_FMT_VIRTUAL
         finally:
             self.unlock()
 
-    def perms(self, uint32_t handle):
+    def perms(self, handle):
         """The RHT permission bits of an open handle."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         self._rlock()
         try:
-            return self._entry(handle).fp & 3
+            return self._entry(h_).fp & 3
         finally:
             self.unlock()
 
-    def lxt_count(self, uint32_t handle):
+    def lxt_count(self, handle):
         """The vLUN size in chunks (``lxt_cnt``)."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         self._rlock()
         try:
-            return self._virtual(handle).lxt_cnt
+            return self._virtual(h_).lxt_cnt
         finally:
             self.unlock()
 
-    def lxt_capacity(self, uint32_t handle):
+    def lxt_capacity(self, handle):
         """Entries allocated for the LXT (a multiple of 8)."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         self._rlock()
         try:
-            return self._virtual(handle).lxt_cap
+            return self._virtual(h_).lxt_cap
         finally:
             self.unlock()
 
-    def lxt(self, uint32_t handle):
+    def lxt(self, handle):
         """A copy of the LXT as a uint64 array."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         cdef rht_entry *e
         cdef uint64_t[::1] v
         self._rlock()
         try:
-            e = self._virtual(handle)
+            e = self._virtual(h_)
             out = np.empty(e.lxt_cnt, dtype=np.uint64)
             v = out
             if e.lxt_cnt:
@@ -858,40 +934,43 @@ cdef class ResourceTable:
             self.unlock()
         return out
 
-    def chunks(self, uint32_t handle):
+    def chunks(self, handle):
         """The chunk numbers of a vLUN, in virtual order (int64 array)."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         cdef rht_entry *e
         self._rlock()
         try:
-            e = self._virtual(handle)
+            e = self._virtual(h_)
             return self._auns(e, 0, e.lxt_cnt)
         finally:
             self.unlock()
 
-    def blocks(self, uint32_t handle):
+    def blocks(self, handle):
         """Native blocks addressable through the handle."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         self._rlock()
         try:
-            self._entry(handle)
-            return self.extent(handle)
+            self._entry(h_)
+            return self.extent(h_)
         finally:
             self.unlock()
 
-    def entry(self, uint32_t handle):
+    def entry(self, handle):
         """The RHT entry as a dict (for tools and tests)."""
+        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         cdef rht_entry e
         self._rlock()
         try:
-            e = self._entry(handle, False)[0]
+            e = self._entry(h_, False)[0]
         finally:
             self.unlock()
         if e.nmask == 0:
-            return {"handle": handle, "open": False}
+            return {"handle": h_, "open": False}
         if (e.fp >> 4) == RHT_FMT_DIRECT:
-            return {"handle": handle, "open": True, "format": 1,
+            return {"handle": h_, "open": True, "format": 1,
                     "perms": e.fp & 3, "lun_id": e.lun_id, "valid": e.valid,
                     "port_sel": e.nmask, "last_lba": e.last_lba}
-        return {"handle": handle, "open": True, "format": 0,
+        return {"handle": h_, "open": True, "format": 0,
                 "perms": e.fp & 3, "nmask": e.nmask, "lxt_cnt": e.lxt_cnt}
 
     def __repr__(self):

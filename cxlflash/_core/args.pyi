@@ -1,0 +1,5 @@
+from .errors import CxlFlashError
+
+ArgumentError: type[CxlFlashError]
+
+def einval(message: str) -> CxlFlashError: ...

@@ -1,0 +1,153 @@
+"""The core's argument checks (``args.pxd`` says what each accepts).
+
+One rule for the whole core, and so for the package (the object API binds
+the core's methods directly): an integer parameter takes an int or
+anything with ``__index__``, never a float; out of its range it is a
+``CxlFlashError`` with errno EINVAL naming the parameter and the range,
+raised before any memory is allocated or any byte moves.
+"""
+from cpython.exc cimport PyErr_Occurred, PyErr_Clear
+from libc.stdint cimport uint32_t, uint64_t, int64_t, INT64_MAX
+
+import errno as _errno
+import operator
+import numpy as np
+from cxlflash._core.errors import CxlFlashError
+
+cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
+
+# An argument out of range: a CxlFlashError (an OSError), errno EINVAL.
+ArgumentError = CxlFlashError
+
+
+def einval(message):
+    """The exception for an argument outside its range (errno EINVAL)."""
+    return ArgumentError(_errno.EINVAL, message)
+
+cdef extern from "Python.h":
+    # Declared here without an exception clause: the caller checks.  (On
+    # LP64 an unsigned long is 64 bits, asserted below; PyLong_AsUnsignedLong
+    # converts multi-digit ints without the byte-array detour that
+    # PyLong_AsUnsignedLongLong takes.)
+    unsigned long pylong_as_u64 "PyLong_AsUnsignedLong"(object o)
+    bint pylong_check_exact "PyLong_CheckExact"(object o)
+    Py_ssize_t PY_SSIZE_T_MAX
+
+cdef str _range_text(uint64_t hi):
+    return "0..2**64-1" if hi == NO_LIMIT else f"0..{hi}"
+
+
+cdef uint64_t _arg_u64_slow(object value, const char *name,
+                            uint64_t hi) except? 0xFFFFFFFFFFFFFFFF:
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name.decode()} must be an integer, not "
+                        f"{type(value).__name__}") from None
+    if v < 0 or v > hi:
+        raise einval(f"{name.decode()} {v} is out of range: it "
+                      f"must be in {_range_text(hi)}")
+    return <uint64_t> v
+
+
+cdef uint64_t arg_u64(object value, const char *name,
+                      uint64_t hi) except? 0xFFFFFFFFFFFFFFFF:
+    cdef unsigned long v
+    if pylong_check_exact(value):
+        v = pylong_as_u64(value)
+        if v <= hi and (v != NO_LIMIT or PyErr_Occurred() == NULL):
+            return v
+        PyErr_Clear()       # negative or >= 2**64: the slow path says so
+    return _arg_u64_slow(value, name, hi)
+
+
+cdef uint32_t arg_block_size(object value) except 0:
+    cdef uint64_t bs = arg_u64(value, b"block_size", 0xFFFFFFFF)
+    if bs == 0 or bs % 512:
+        raise einval(f"block_size {bs} is not a nonzero "
+                      f"multiple of 512")
+    return <uint32_t> bs
+
+
+cdef object _U64 = np.dtype(np.uint64)
+cdef object _U8 = np.dtype(np.uint8)
+
+
+cdef object u64_array(object obj, str name):
+    cdef object a = None
+    if type(obj) is np.ndarray and (<object> obj).dtype is _U64:
+        return np.ascontiguousarray(obj).reshape(-1)
+    try:
+        a = np.asarray(obj)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    if a is not None:
+        if a.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        kind = a.dtype.kind
+        if kind == "u" or kind == "b":
+            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
+        if kind == "i":
+            if a.min() < 0:
+                raise einval(f"{name} holds {a.min()}: its values "
+                              f"must be in 0..2**64-1")
+            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
+        if type(obj) is np.ndarray and kind != "O":
+            raise TypeError(f"{name} must be an array of integers, not {a.dtype}")
+    # Not an integer ndarray: a sequence numpy could not type as integers
+    # (mixing negatives with values >= 2**63 makes float64; ints beyond
+    # 2**64 make objects), or not integers at all.  Element by element --
+    # only ever on this error-prone path.
+    try:
+        vals = [operator.index(x) for x in np.asarray(obj, dtype=object).reshape(-1)]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of integers") from None
+    if vals and (min(vals) < 0 or max(vals) > NO_LIMIT):
+        raise einval(f"{name} holds a value outside 0..2**64-1")
+    return np.array(vals, dtype=np.uint64)
+
+
+
+
+cdef object arg_int(object value, const char *name):
+    if type(value) is int:
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name.decode()} must be an integer, not "
+                        f"{type(value).__name__}") from None
+
+
+cdef object _I64 = np.dtype(np.int64)
+
+
+cdef object i64_array(object obj, str name):
+    cdef object a = None
+    if type(obj) is np.ndarray and (<object> obj).dtype is _I64:
+        return np.ascontiguousarray(obj).reshape(-1)
+    try:
+        a = np.asarray(obj)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    if a is not None:
+        if a.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        kind = a.dtype.kind
+        if kind == "i" or kind == "b":
+            return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+        if kind == "u":
+            if a.max() > INT64_MAX:
+                raise IndexError(f"{name} holds {a.max()}: no chunk has that number")
+            return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+        if type(obj) is np.ndarray and kind != "O":
+            raise TypeError(f"{name} must be an array of integers, not {a.dtype}")
+    # A sequence numpy could not type as integers: element by element, on
+    # this error-prone path only.
+    try:
+        vals = [operator.index(x) for x in np.asarray(obj, dtype=object).reshape(-1)]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of integers") from None
+    if vals and (min(vals) < -INT64_MAX - 1 or max(vals) > INT64_MAX):
+        raise IndexError(f"{name} holds a value that no chunk has")
+    return np.array(vals, dtype=np.int64)
