@@ -349,14 +349,14 @@ def run_op(w, f, op):
             res = lun.translate(lbas)
         except Exception as e:       # noqa: BLE001
             check_error(e, what)
-            flat = lbas if isinstance(lbas, list) else [lbas]
+            flat = list(lbas) if isinstance(lbas, (list, tuple)) else [lbas]
             assert not all(is_int(x) and not is_float(x) and 0 <= int(x) < lun.size
                            for x in flat), f"{what} refused: {e!r}"
             if any(is_float(x) or not is_int(x) for x in flat) and all(
                     0 <= int(x) < lun.size for x in flat if is_int(x) and not is_float(x)):
                 assert isinstance(e, TypeError), f"{what}: {e!r} (expected TypeError)"
             return
-        flat = lbas if isinstance(lbas, list) else [lbas]
+        flat = list(lbas) if isinstance(lbas, (list, tuple)) else [lbas]
         assert all(is_int(x) and not is_float(x) and 0 <= int(x) < lun.size for x in flat), \
             f"{what} accepted"
         want = [w.phys(lun, int(x), 1)[0][0] // BS for x in flat]
@@ -453,6 +453,7 @@ def run_op(w, f, op):
 @example(ops=[("write", "v", 0.5, 1, "bytearray")])
 @example(ops=[("listio", "v", [(1, 0, b"")])])
 @example(ops=[("listio", "v", [(1, 0, 2), (7, 2, 2 ** 63)])])   # a list numpy makes float64
+@example(ops=[("translate", "v", [0, np.uint64(5)])])           # the same with a numpy scalar
 @example(ops=[("set_size", "v", 2 ** 64, False, False)])
 def _lun_ops(ops):
     try:
@@ -492,10 +493,25 @@ CTX_OPS = st.one_of(
 )
 
 
-def _check_ctx_error(e, what, ints=()):
+def _check_ctx_error(e, what, ints=(), others_ok=True):
+    """``ints``: the integer arguments the call was given; when one is a
+    float and nothing else was wrong (``others_ok``), the error must be
+    the TypeError (with several bad arguments, any of their errors)."""
     check_error(e, what)
-    if any(is_float(x) for x in ints):
+    if others_ok and any(is_float(x) for x in ints):
         assert isinstance(e, TypeError), f"{what}: a float gave {e!r} (expected TypeError)"
+
+
+def _adapter_io_args(f, kind, h, lba, n):
+    """The integer arguments adapter.<kind> receives, and whether all but
+    the floats among them are valid."""
+    passed = {"read": [h, lba, n], "write": [h, lba], "translate": [h, lba]}[kind]
+    luns = {f.v.handle: f.v.size, f.d.handle: DIRECT_BLOCKS}
+    ok_h = is_int(h) and not is_float(h) and int(h) in luns
+    size = luns.get(int(h), 0) if ok_h else 0
+    ok_lba = is_float(lba) or (is_int(lba) and 0 <= int(lba) < size)
+    ok_n = kind != "read" or is_float(n) or (is_int(n) and 0 <= int(n) <= 2)
+    return passed, (ok_h or is_float(h)) and ok_lba and ok_n
 
 
 @fuzz_settings(max_examples=120)
@@ -573,7 +589,11 @@ def _context_ops(ops):
                     raise
                 except Exception as e:       # noqa: BLE001
                     note(f"  -> {e!r}")
-                    _check_ctx_error(e, what, [x for x in op[1:] if not isinstance(x, str)])
+                    if name == "adapter_io":
+                        passed, others_ok = _adapter_io_args(f, *op[1:])
+                        _check_ctx_error(e, what, passed, others_ok)
+                    else:
+                        _check_ctx_error(e, what, [x for x in op[1:] if not isinstance(x, str)])
                 w.check(what)
         finally:
             f.cleanup()
