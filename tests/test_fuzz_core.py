@@ -953,7 +953,10 @@ def _afu_command_and_ctor(handle, fd, block_size, lba, n, kind, write, max_xfer)
     if kind == "bytearray":
         whole[start:start + n * bsz] = np.frombuffer(bytes(buf), np.uint8)
     if status == "ok":
-        assert block_size == bsz and handle in (L.vh, L.dh) and fd == "lun"
+        # fd -1: the fd the handle was opened on (none here: only a
+        # zero-block command can succeed with it).
+        assert block_size == bsz and handle in (L.vh, L.dh) and (fd == "lun" or n == 0), \
+            f"{what} accepted"
         assert _valid_range(L, handle, lba, n, NO_LIMIT) is not False, f"{what} accepted"
         assert res == n
         if not write and block_size == BS:

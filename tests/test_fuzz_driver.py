@@ -643,7 +643,8 @@ def _run_adapter_io(op, cid, cid_extreme, handle, lba, n, buf_kind):
             # Validation happens before any allocation (issue 8, item 13:
             # Adapter.read(ctx, h, 0, 2**18) allocated 1 GiB before refusing).
             assert peak < 8 << 20, f"{what}: allocated {peak} bytes before refusing"
-        floats = [x for x in (context_id, h, lba, n) if isinstance(x, float)]
+        passed = (context_id, h, lba, n) if op == "read" else (context_id, h, lba)
+        floats = [x for x in passed if isinstance(x, float)]
         if ok:
             assert not floats, f"{what} accepted a float"
             if op == "read":
