@@ -81,6 +81,8 @@ cdef object _int_array(object obj, str name, object dtype, bint unsigned):
     cdef object a = None, bad = None
     if type(obj) is np.ndarray and (<object> obj).dtype is dtype:
         return np.ascontiguousarray(obj).reshape(-1)
+    if isinstance(obj, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be an array of integers, not {type(obj).__name__}")
     try:
         a = np.asarray(obj)
     except (TypeError, ValueError, OverflowError):
@@ -137,3 +139,10 @@ cdef object arg_int(object value, const char *name):
     except TypeError:
         raise TypeError(f"{name.decode()} must be an integer, not "
                         f"{type(value).__name__}") from None
+
+
+def uint64_array(values, name="lbas"):
+    """``values`` (any array-like of integers) as a flat, C-contiguous
+    uint64 array: TypeError for non-integers, CxlFlashError(EINVAL) for a
+    value outside 0..2**64-1.  A uint64 array is not copied."""
+    return u64_array(values, name)
