@@ -23,8 +23,7 @@ The hot paths inline the cheapest test (``lba.__class__ is int and lba >=
 import errno
 import operator
 
-import numpy as np
-
+from ._core.args import uint64_array
 from .errors import CxlFlashError
 
 U64_MAX = (1 << 64) - 1
@@ -79,43 +78,10 @@ def size(value, name="size", limit=None):
     return nonneg(value, name, limit)
 
 
-def lba_array(values, name="lbas"):
-    """A contiguous uint64 array of LBAs (or counts, offsets) from any
-    array-like of integers: TypeError for non-integers (floats, strings,
-    bytes), CxlFlashError(EINVAL) for negative values or values of 2**64
-    or more.  uint64 input is not copied."""
-    if values.__class__ is np.ndarray and values.dtype == np.uint64:
-        return np.ascontiguousarray(values).reshape(-1)
-    if isinstance(values, (str, bytes, bytearray, memoryview)):
-        raise TypeError(f"{name} must be an array of integers, not "
-                        f"{type(values).__name__}")
-    try:
-        arr = np.asarray(values)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise TypeError(f"{name} must be an array of integers: {e}") from None
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    kind = arr.dtype.kind
-    if kind == "O":
-        # Python ints beyond int64: check each is an integer in range.
-        flat = arr.reshape(-1)
-        for i, v in enumerate(flat.tolist()):
-            iv = integer(v, f"{name}[{i}]")
-            if iv < 0 or iv > U64_MAX:
-                raise CxlFlashError(errno.EINVAL, f"{name}[{i}] = {iv} is outside "
-                                    "0..2**64-1")
-        return np.array(flat.tolist(), dtype=np.uint64)
-    if kind not in "iub":
-        raise TypeError(f"{name} must be an array of integers, not of "
-                        f"{arr.dtype} ({np.ravel(arr)[0]!r:.40})")
-    arr = arr.reshape(-1)
-    if kind == "i":
-        neg = np.flatnonzero(arr < 0)
-        if len(neg):
-            i = int(neg[0])
-            raise CxlFlashError(errno.EINVAL, f"{name}[{i}] = {int(arr[i])} is "
-                                "negative: LBAs, counts and offsets are 0..2**64-1")
-    return np.ascontiguousarray(arr, dtype=np.uint64)
+# A contiguous uint64 array of LBAs (or counts, offsets) from any
+# array-like of integers: the core's check (TypeError for non-integers,
+# CxlFlashError(EINVAL) outside 0..2**64-1; uint64 input is not copied).
+lba_array = uint64_array
 
 
 def u64_error(value, name):

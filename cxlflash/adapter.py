@@ -286,6 +286,8 @@ class Adapter:
     def open_disk(self, wwid: bytes, port: int = 0, flags: int = os.O_RDWR) -> Disk:
         """Open the SCSI disk of LUN ``wwid`` on ``port`` (the ``/dev/sdX``
         fd the DK_* ioctls are issued on)."""
+        port = _args.integer(port, "port")
+        flags = _args.integer(flags, "flags")
         remote = self._check_user()
         if remote is not None:
             remote.check_sdev(bytes(wwid), port)

@@ -147,6 +147,10 @@ def _check_size(size, block_size):
     if block_size not in (512, 4096):
         raise CxlFlashError(errno.EINVAL,
                             f"block size must be 512 or 4096 bytes, got {block_size}")
+    if size > (1 << 63) - 1:
+        raise CxlFlashError(
+            errno.EINVAL, f"LUN size {size} is beyond what a file or memory can "
+            "hold (2**63-1 bytes)")
     if size <= 0 or size % block_size:
         raise CxlFlashError(
             errno.EINVAL,

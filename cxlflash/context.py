@@ -49,6 +49,7 @@ class Context:
 
     def __init__(self, disk: "Disk", mode: int = os.O_RDWR, *, interrupts: int = 0) -> None:
         self.adapter = disk.adapter
+        _args.integer(interrupts, "interrupts")     # every type before any range
         self.mode = mode = _check_mode(mode)
         interrupts = _args.nonneg(interrupts, "interrupts", 4,
                                   "a context has at most 4 interrupts")

@@ -66,28 +66,7 @@ class IoctlLog:
         return self.calls.count(request)
 
 
-@pytest.fixture
-def adapter():
-    with cxlflash.Adapter() as a:
-        yield a
-
-
-@pytest.fixture
-def disk(adapter):
-    with adapter.open_disk(adapter.create_lun(GIB)) as d:     # 4 chunks
-        yield d
-
-
-@pytest.fixture
-def ctx(disk):
-    with disk.attach() as c:
-        yield c
-
-
-@pytest.fixture
-def vlun(ctx):
-    with ctx.create_virtual(100) as v:
-        yield v
+from api_fixtures import adapter, disk, ctx, vlun  # noqa: F401 (fixtures)
 
 
 # -- context managers -------------------------------------------------------------

@@ -22,28 +22,7 @@ from cxlflash.errors import AdapterResetError, AfuError, CxlFlashError
 from block_pattern import BS, CHUNK, GIB, pattern
 
 
-@pytest.fixture
-def adapter():
-    with cxlflash.Adapter() as a:
-        yield a
-
-
-@pytest.fixture
-def disk(adapter):
-    with adapter.open_disk(adapter.create_lun(GIB)) as d:     # 4 chunks
-        yield d
-
-
-@pytest.fixture
-def ctx(disk):
-    with disk.attach() as c:
-        yield c
-
-
-@pytest.fixture
-def vlun(ctx):
-    with ctx.create_virtual(100) as v:
-        yield v
+from api_fixtures import adapter, disk, ctx, vlun  # noqa: F401 (fixtures)
 
 
 def _open_until(fd_number, directory, limit=64):

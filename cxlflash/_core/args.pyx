@@ -70,43 +70,65 @@ cdef uint32_t arg_block_size(object value) except 0:
 
 
 cdef object _U64 = np.dtype(np.uint64)
-cdef object _U8 = np.dtype(np.uint8)
+cdef object _I64 = np.dtype(np.int64)
 
 
-cdef object u64_array(object obj, str name):
-    cdef object a = None
-    if type(obj) is np.ndarray and (<object> obj).dtype is _U64:
+cdef object _int_array(object obj, str name, object dtype, bint unsigned):
+    """A flat, C-contiguous array of ``dtype`` (uint64 or int64) from any
+    array-like of integers: TypeError for anything else; a value that
+    ``dtype`` cannot hold is refused (EINVAL for uint64, IndexError -- no
+    chunk has that number -- for int64)."""
+    cdef object a = None, bad = None
+    if type(obj) is np.ndarray and (<object> obj).dtype is dtype:
         return np.ascontiguousarray(obj).reshape(-1)
+    if isinstance(obj, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be an array of integers, not {type(obj).__name__}")
     try:
         a = np.asarray(obj)
     except (TypeError, ValueError, OverflowError):
         pass
     if a is not None:
         if a.size == 0:
-            return np.zeros(0, dtype=np.uint64)
+            return np.zeros(0, dtype=dtype)
         kind = a.dtype.kind
-        if kind == "u" or kind == "b":
-            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
-        if kind == "i":
-            if a.min() < 0:
-                raise einval(f"{name} holds {a.min()}: its values "
-                              f"must be in 0..2**64-1")
-            return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
-        if type(obj) is np.ndarray and kind != "O":
+        if kind == "i" or kind == "u" or kind == "b":
+            if unsigned and kind == "i" and a.min() < 0:
+                bad = a.min()
+            elif not unsigned and kind == "u" and a.max() > INT64_MAX:
+                bad = a.max()
+            else:
+                return np.ascontiguousarray(a, dtype=dtype).reshape(-1)
+        elif type(obj) is np.ndarray and kind != "O":
             raise TypeError(f"{name} must be an array of integers, not {a.dtype}")
-    # Not an integer ndarray: a sequence numpy could not type as integers
-    # (mixing negatives with values >= 2**63 makes float64; ints beyond
-    # 2**64 make objects), or not integers at all.  Element by element --
-    # only ever on this error-prone path.
-    try:
-        vals = [operator.index(x) for x in np.asarray(obj, dtype=object).reshape(-1)]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an array of integers") from None
-    if vals and (min(vals) < 0 or max(vals) > NO_LIMIT):
-        raise einval(f"{name} holds a value outside 0..2**64-1")
-    return np.array(vals, dtype=np.uint64)
+    if bad is None:
+        # Not an integer ndarray: a sequence numpy could not type as
+        # integers (mixing negatives with values >= 2**63 makes float64;
+        # ints beyond 2**64 make objects), or not integers at all.  Element
+        # by element -- only ever on this error-prone path.
+        try:
+            vals = [operator.index(x) for x in np.asarray(obj, dtype=object).reshape(-1)]
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an array of integers") from None
+        if not vals:
+            return np.zeros(0, dtype=dtype)
+        lo, hi = ((0, 2 ** 64 - 1) if unsigned else (-2 ** 63, 2 ** 63 - 1))
+        if min(vals) < lo:
+            bad = min(vals)
+        elif max(vals) > hi:
+            bad = max(vals)
+        else:
+            return np.array(vals, dtype=dtype)
+    if unsigned:
+        raise einval(f"{name} holds {bad}: its values must be in 0..2**64-1")
+    raise IndexError(f"{name} holds {bad}: no chunk has that number")
 
 
+cdef object u64_array(object obj, str name):
+    return _int_array(obj, name, _U64, True)
+
+
+cdef object i64_array(object obj, str name):
+    return _int_array(obj, name, _I64, False)
 
 
 cdef object arg_int(object value, const char *name):
@@ -119,35 +141,8 @@ cdef object arg_int(object value, const char *name):
                         f"{type(value).__name__}") from None
 
 
-cdef object _I64 = np.dtype(np.int64)
-
-
-cdef object i64_array(object obj, str name):
-    cdef object a = None
-    if type(obj) is np.ndarray and (<object> obj).dtype is _I64:
-        return np.ascontiguousarray(obj).reshape(-1)
-    try:
-        a = np.asarray(obj)
-    except (TypeError, ValueError, OverflowError):
-        pass
-    if a is not None:
-        if a.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        kind = a.dtype.kind
-        if kind == "i" or kind == "b":
-            return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
-        if kind == "u":
-            if a.max() > INT64_MAX:
-                raise IndexError(f"{name} holds {a.max()}: no chunk has that number")
-            return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
-        if type(obj) is np.ndarray and kind != "O":
-            raise TypeError(f"{name} must be an array of integers, not {a.dtype}")
-    # A sequence numpy could not type as integers: element by element, on
-    # this error-prone path only.
-    try:
-        vals = [operator.index(x) for x in np.asarray(obj, dtype=object).reshape(-1)]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an array of integers") from None
-    if vals and (min(vals) < -INT64_MAX - 1 or max(vals) > INT64_MAX):
-        raise IndexError(f"{name} holds a value that no chunk has")
-    return np.array(vals, dtype=np.int64)
+def uint64_array(values, name="lbas"):
+    """``values`` (any array-like of integers) as a flat, C-contiguous
+    uint64 array: TypeError for non-integers, CxlFlashError(EINVAL) for a
+    value outside 0..2**64-1.  A uint64 array is not copied."""
+    return u64_array(values, name)

@@ -118,6 +118,14 @@ cdef uint64_t lxt_low_bits(object lun_index, object port_sel) except? 0xFFFFFFFF
     return ((<uint64_t> li) << LXT_LUNIDX_SHIFT) | (RHT_PERM_RW << LXT_PERM_SHIFT) | <uint64_t> ps
 
 
+cdef inline uint64_t entry_extent(const rht_entry *e) noexcept nogil:
+    """Blocks addressable through an entry (a direct LUN's last LBA + 1
+    wraps to 0 for a LUN of 2**64 blocks, which no backing store has)."""
+    if (e.fp >> 4) == RHT_FMT_DIRECT:
+        return e.last_lba + 1
+    return (<uint64_t> e.lxt_cnt) << MC_CHUNK_SHIFT
+
+
 cdef object lxt_auns(const uint64_t *lxt, uint64_t cnt):
     """The chunk numbers of an LXT that no other thread can see."""
     out = np.empty(cnt, dtype=np.int64)
@@ -321,10 +329,7 @@ cdef class ResourceTable:
         return fd if fd >= 0 else fallback
 
     cdef uint64_t extent(self, uint32_t handle) noexcept nogil:
-        cdef rht_entry *e = &self.rht[handle]
-        if (e.fp >> 4) == RHT_FMT_DIRECT:
-            return e.last_lba + 1
-        return (<uint64_t> e.lxt_cnt) << MC_CHUNK_SHIFT
+        return entry_extent(&self.rht[handle])
 
     # -- helpers (the caller holds the lock) -----------------------------------
 
@@ -874,48 +879,36 @@ cdef class ResourceTable:
         finally:
             self.unlock()
 
-    def is_open(self, handle):
+    cdef rht_entry _copy(self, object handle, int want) except *:
+        """A copy of an entry, read under the read lock: ``want`` 0 any,
+        1 open, 2 an open vLUN (raising as _entry / _virtual)."""
         cdef uint32_t h_ = handle_arg(handle, self.rht_size)
+        cdef rht_entry e
         self._rlock()
         try:
-            return self._entry(h_, False).nmask != 0
+            e = (self._virtual(h_) if want == 2 else self._entry(h_, want == 1))[0]
         finally:
             self.unlock()
+        e.lxt = NULL        # the copy owns nothing
+        return e
+
+    def is_open(self, handle):
+        return self._copy(handle, 0).nmask != 0
 
     def is_virtual(self, handle):
-        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        self._rlock()
-        try:
-            return (self._entry(h_).fp >> 4) == RHT_FMT_VIRTUAL
-        finally:
-            self.unlock()
+        return (self._copy(handle, 1).fp >> 4) == RHT_FMT_VIRTUAL
 
     def perms(self, handle):
         """The RHT permission bits of an open handle."""
-        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        self._rlock()
-        try:
-            return self._entry(h_).fp & 3
-        finally:
-            self.unlock()
+        return self._copy(handle, 1).fp & 3
 
     def lxt_count(self, handle):
         """The vLUN size in chunks (``lxt_cnt``)."""
-        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        self._rlock()
-        try:
-            return self._virtual(h_).lxt_cnt
-        finally:
-            self.unlock()
+        return self._copy(handle, 2).lxt_cnt
 
     def lxt_capacity(self, handle):
         """Entries allocated for the LXT (a multiple of 8)."""
-        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        self._rlock()
-        try:
-            return self._virtual(h_).lxt_cap
-        finally:
-            self.unlock()
+        return self._copy(handle, 2).lxt_cap
 
     def lxt(self, handle):
         """A copy of the LXT as a uint64 array."""
@@ -947,30 +940,20 @@ cdef class ResourceTable:
 
     def blocks(self, handle):
         """Native blocks addressable through the handle."""
-        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        self._rlock()
-        try:
-            self._entry(h_)
-            return self.extent(h_)
-        finally:
-            self.unlock()
+        cdef rht_entry e = self._copy(handle, 1)
+        return entry_extent(&e)
 
     def entry(self, handle):
         """The RHT entry as a dict (for tools and tests)."""
-        cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        cdef rht_entry e
-        self._rlock()
-        try:
-            e = self._entry(h_, False)[0]
-        finally:
-            self.unlock()
+        cdef rht_entry e = self._copy(handle, 0)
+        h = int(handle)
         if e.nmask == 0:
-            return {"handle": h_, "open": False}
+            return {"handle": h, "open": False}
         if (e.fp >> 4) == RHT_FMT_DIRECT:
-            return {"handle": h_, "open": True, "format": 1,
+            return {"handle": h, "open": True, "format": 1,
                     "perms": e.fp & 3, "lun_id": e.lun_id, "valid": e.valid,
                     "port_sel": e.nmask, "last_lba": e.last_lba}
-        return {"handle": h_, "open": True, "format": 0,
+        return {"handle": h, "open": True, "format": 0,
                 "perms": e.fp & 3, "nmask": e.nmask, "lxt_cnt": e.lxt_cnt}
 
     def __repr__(self):
