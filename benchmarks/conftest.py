@@ -16,7 +16,9 @@ def run_interleaved(benchmark, sides, rounds, warmup_rounds=2, ops=1):
 
     ``sides``: a list of ``(name, fn)``; ``fn()`` does one round of that
     side's work and may return a callable, run untimed right after (an
-    undo, e.g. releasing a clone).  Round ``r`` runs the sides rotated by
+    undo, e.g. releasing a clone); any other result is dropped inside the
+    side's own timing (a fresh array is freed at that side's cost, not at
+    the next side's).  Round ``r`` runs the sides rotated by
     ``r`` places, so each side goes first equally often and a burst of load
     from elsewhere hits every side of the same round.  ``ops``: requests
     (or items) per round, for the costs per request.  The per-round times
@@ -33,10 +35,12 @@ def run_interleaved(benchmark, sides, rounds, warmup_rounds=2, ops=1):
         k = r % len(sides)
         for name, fn in sides[k:] + sides[:k]:
             t0 = time.perf_counter_ns()
-            undo = fn()
+            ret = fn()
+            if not callable(ret):
+                ret = None        # the side's result is dropped (freed) in its own time
             dt = time.perf_counter_ns() - t0
-            if callable(undo):
-                undo()
+            if ret is not None:
+                ret()
             if r >= warmup_rounds:
                 times[name].append(dt)
 

@@ -515,8 +515,10 @@ def _interleaved_loop(sides, duration, progress, label, per_call, unit):
         for i in order:
             t0 = time.perf_counter_ns()
             undo = sides[i]()
+            if not callable(undo):
+                undo = None                  # a result is freed in this side's time
             dt = time.perf_counter_ns() - t0
-            if callable(undo):
+            if undo is not None:
                 undo()                       # not timed
             lat[i].append(dt)
             out[i].ops += per_call
