@@ -29,7 +29,6 @@ import cxlflash
 from cxlflash import bench, cli
 from cxlflash._core import pattern
 
-ROOT = Path(__file__).resolve().parents[1]
 BS = 4096
 MIB = 1 << 20
 
@@ -80,20 +79,20 @@ def bench_json(capsys, tmp_path, *argv, name="out.json"):
 
 
 @functools.lru_cache(maxsize=None)
-def _subprocess_env(cwd):
+def _subprocess_env():
+    """The environment of a `python -m cxlflash.cli` child: it imports the
+    same cxlflash package as this test process (whatever else may be
+    installed, e.g. an editable install of another checkout)."""
     env = dict(os.environ)
-    probe = subprocess.run([sys.executable, "-c", "import cxlflash"], env=env, cwd=cwd,
-                           capture_output=True)
-    if probe.returncode != 0:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                          env.get("PYTHONPATH")]))
+    where = str(Path(cxlflash.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [where, env.get("PYTHONPATH")]))
     return env
 
 
 def run_subprocess(cwd, *argv, timeout=60):
     cwd = str(cwd)
     return subprocess.run([sys.executable, "-m", "cxlflash.cli", *argv], cwd=cwd,
-                          env=_subprocess_env(cwd), capture_output=True, text=True,
+                          env=_subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
