@@ -339,7 +339,7 @@ def test_set_limit_keeps_the_kernel_order_below_it():
     assert list(a.alloc_many(600)) == list(b.alloc_many(600))
 
 
-@pytest.mark.parametrize("total", [0, -1, 2 ** 48 + 1, 2 ** 63 - 1])
+@pytest.mark.parametrize("total", [0, -1, 2 ** 47 + 1, 2 ** 63 - 1])
 def test_allocator_refuses_absurd_totals(total):
     gc.collect()
     before = locks.registered_count()
@@ -524,3 +524,17 @@ def test_core_refuses_out_of_range_integers_with_its_documented_errors(call, exc
     assert not isinstance(e.value, OverflowError)
     if exc is OSError:
         assert e.value.errno == 22 and "vlba" in str(e.value)
+
+
+def test_a_chunk_number_whose_lbas_pass_2_63_is_refused():
+    """An LXT entry of chunk 2**47 or more addresses physical LBAs an off_t
+    (and translate_one's int64) cannot hold."""
+    t = ResourceTable(4)
+    h = t.open_virtual(3)
+    with pytest.raises(IndexError, match="0..140737488355327"):
+        t.grow(h, [2 ** 47], 0, 1)
+    t.grow(h, [2 ** 47 - 1], 0, 1)
+    assert t.translate(h, 5) == ((2 ** 47 - 1) << 16) | 5
+    with pytest.raises(ValueError, match="beyond"):
+        t.load_slot(2, 0, 3, 16, [(2 ** 47) << 16 | 0x31])
+    assert not t.is_open(2)

@@ -24,8 +24,9 @@ import errno
 import numpy as np
 
 DEF HIBIT = 63
-# 2**48 chunks of 65536 blocks: every LBA a 64-bit SCSI LUN can have.
-DEF MAX_TOTAL_CHUNKS = 281474976710656
+# 2**47 chunks of 65536 blocks: 2**63 blocks, every physical LBA an off_t
+# (and an int64 translation) can hold.
+DEF MAX_TOTAL_CHUNKS = 140737488355328
 
 
 cdef inline const int64_t[::1] _aun_array(object auns):

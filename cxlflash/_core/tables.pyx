@@ -38,7 +38,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
 from cxlflash._core.allocator cimport ChunkAllocator
-from cxlflash._core.args cimport arg_int, arg_u64
+from cxlflash._core.args cimport arg_int, arg_u64, i64_array, u64_array
 from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
 from cxlflash._core.locks cimport (
     cxl_lock, lock_init, lock_destroy, cxl_rdlock, cxl_tryrdlock, cxl_wrlock,
@@ -63,6 +63,9 @@ cdef extern from *:
 
 DEF CHUNK_MASK = 0xFFFF
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
+# The largest chunk number: its physical LBAs stay below 2**63 (an off_t,
+# and translate_one's int64).
+DEF MAX_AUN = 140737488355327
 MAX_RHT_SIZE = 4096
 
 
@@ -489,7 +492,10 @@ cdef class ResourceTable:
         """
         cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         cdef uint64_t low_bits = lxt_low_bits(lun_index, port_sel)
-        cdef const int64_t[::1] a = np.ascontiguousarray(auns, dtype=np.int64).reshape(-1)
+        cdef const int64_t[::1] a = i64_array(auns, "auns")
+        if a.shape[0] and (np.min(a) < 0 or np.max(a) > MAX_AUN):
+            raise IndexError(f"auns must be chunk numbers 0..{MAX_AUN} (a physical "
+                             "LBA is below 2**63)")
         cdef rht_entry *e
         cdef uint64_t old, n = a.shape[0], i
         cdef uint64_t low = low_bits
@@ -821,8 +827,11 @@ cdef class ResourceTable:
         cdef rht_entry *e
         cdef bint was_open
         if fmt == RHT_FMT_VIRTUAL and lxt is not None and len(lxt):
-            src = np.ascontiguousarray(lxt, dtype=np.uint64).reshape(-1)
+            src = u64_array(lxt, "lxt")
             cnt = src.shape[0]
+            if cnt and np.max(src) >> 16 > MAX_AUN:
+                raise ValueError(f"lxt maps a chunk beyond {MAX_AUN} (a physical LBA "
+                                 "is below 2**63)")
             if cnt > 0xFFFFFFFF:
                 raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
             cap = lxt_cap_for(cnt)
