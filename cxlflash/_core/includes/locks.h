@@ -25,8 +25,8 @@ typedef struct cxl_lock {
 
 static inline int cxl_held_by_me(cxl_lock *l)
 {
-    return __atomic_load_n(&l->owner, __ATOMIC_RELAXED)
-           == (unsigned long) pthread_self();
+    unsigned long owner = __atomic_load_n(&l->owner, __ATOMIC_RELAXED);
+    return owner != 0 && owner == (unsigned long) pthread_self();
 }
 
 static inline void cxl_rdlock(cxl_lock *l)
