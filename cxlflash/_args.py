@@ -21,24 +21,11 @@ The hot paths inline the cheapest test (``lba.__class__ is int and lba >=
 0``) and call these helpers only when it fails.
 """
 import errno
-import operator
 
-from ._core.args import uint64_array
+from ._core.args import integer, uint64_array
 from .errors import CxlFlashError
 
 U64_MAX = (1 << 64) - 1
-
-
-def integer(value, name):
-    """``value`` as an int: TypeError naming ``name`` when it is not an
-    integer (floats are refused, never truncated)."""
-    if value.__class__ is int:
-        return value
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, not "
-                        f"{type(value).__name__} ({value!r:.40})") from None
 
 
 def u64(value, name):

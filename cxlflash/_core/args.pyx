@@ -131,14 +131,22 @@ cdef object i64_array(object obj, str name):
     return _int_array(obj, name, _I64, False)
 
 
-cdef object arg_int(object value, const char *name):
+def integer(value, name):
+    """``value`` as an int: TypeError naming ``name`` when it is not an
+    integer (floats are refused, never truncated)."""
     if type(value) is int:
         return value
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"{name.decode()} must be an integer, not "
-                        f"{type(value).__name__}") from None
+        raise TypeError(f"{name} must be an integer, not "
+                        f"{type(value).__name__} ({value!r:.40})") from None
+
+
+cdef object arg_int(object value, const char *name):
+    if type(value) is int:
+        return value
+    return integer(value, name.decode())
 
 
 def uint64_array(values, name="lbas"):

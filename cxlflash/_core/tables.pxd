@@ -113,6 +113,7 @@ cdef class ResourceTable:
     cdef rht_entry *_entry(self, uint32_t handle, bint want_open=*) except NULL
     cdef rht_entry *_virtual(self, uint32_t handle) except NULL
     cdef int _free_slot(self) noexcept nogil
+    cdef int _checkout(self, const rht_entry *init) except -1
     cdef rht_entry _copy(self, object handle, int want) except *
     cdef int _set_lxt_capacity(self, rht_entry *e, uint64_t n) noexcept nogil
     cdef object _auns(self, rht_entry *e, uint64_t start, uint64_t stop)

@@ -412,17 +412,21 @@ cdef class ResourceTable:
         reaches the old LUN's store.  Raises ``OSError(EMFILE)`` when every
         handle is open.
         """
-        cdef int p_ = perms_arg(perms), fd_ = fd_arg(fd)
+        cdef rht_entry e
+        memset(&e, 0, sizeof(rht_entry))
+        e.fp = (RHT_FMT_VIRTUAL << 4) | perms_arg(perms)
+        e.nmask = MC_RHT_NMASK
+        e.fd = fd_arg(fd)
+        return self._checkout(&e)
+
+    cdef int _checkout(self, const rht_entry *init) except -1:
+        """Fill the lowest free slot with ``init``, in one critical section
+        with finding it: the handle, or ``OSError(EMFILE)``."""
         cdef int h
-        cdef rht_entry *e
         self._wlock()
         h = self._free_slot()
         if h >= 0:
-            e = &self.rht[h]
-            memset(e, 0, sizeof(rht_entry))
-            e.fp = (RHT_FMT_VIRTUAL << 4) | (p_ & 3)
-            e.nmask = MC_RHT_NMASK
-            e.fd = fd_
+            memcpy(&self.rht[h], init, sizeof(rht_entry))
             self.rht_out += 1
         self.unlock()
         if h < 0:
@@ -437,31 +441,18 @@ cdef class ResourceTable:
         refused.  ``fd``: the LUN's backing store (see :meth:`open_virtual`).
         Raises ``OSError(EMFILE)`` when every handle is open.
         """
-        cdef int p_ = perms_arg(perms), fd_ = fd_arg(fd)
-        cdef uint64_t lun_id_ = arg_u64(lun_id, b"lun_id", NO_LIMIT)
-        cdef uint64_t last_lba_ = arg_u64(last_lba, b"last_lba", NO_LIMIT)
+        cdef rht_entry e
+        memset(&e, 0, sizeof(rht_entry))
+        e.fp = (RHT_FMT_DIRECT << 4) | perms_arg(perms)
+        e.lun_id = arg_u64(lun_id, b"lun_id", NO_LIMIT)
+        e.last_lba = arg_u64(last_lba, b"last_lba", NO_LIMIT)
         port_sel = arg_int(port_sel, b"port_sel")
         if not 0 < port_sel <= 0xF:
             raise ValueError(f"port_sel must be a nonzero 4-bit port mask, got {port_sel}")
-        cdef int h
-        cdef rht_entry *e
-        self._wlock()
-        h = self._free_slot()
-        if h >= 0:
-            e = &self.rht[h]
-            memset(e, 0, sizeof(rht_entry))
-            e.lun_id = lun_id_
-            e.last_lba = last_lba_
-            e.valid = DIRECT_VALID
-            e.fp = (RHT_FMT_DIRECT << 4) | (p_ & 3)
-            e.nmask = <uint8_t> port_sel
-            e.fd = fd_
-            self.rht_out += 1
-        self.unlock()
-        if h < 0:
-            raise OSError(errno.EMFILE,
-                          f"all {self.rht_size} resource handles of this context are open")
-        return h
+        e.nmask = <uint8_t> port_sel
+        e.valid = DIRECT_VALID
+        e.fd = fd_arg(fd)
+        return self._checkout(&e)
 
     def close(self, handle):
         """Check the handle in, clearing the whole entry, once the I/O in
