@@ -496,7 +496,7 @@ cdef class ResourceTable:
             e = self._virtual(h_)
             old = e.lxt_cnt
             if n > 0xFFFFFFFF - old:
-                raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
+                raise ValueError("a vLUN holds at most 2**32 - 1 chunks")
             if n:
                 with nogil:
                     rc = self._set_lxt_capacity(e, old + n)
@@ -719,9 +719,6 @@ cdef class ResourceTable:
         cdef uint64_t *lxt = NULL
         cdef int rc = 0
         cdef bint busy = False
-        if h_ >= self.rht_size:
-            raise IndexError(
-                f"resource handle {h_} is out of range (0..{self.rht_size - 1})")
         src._rlock()
         try:
             s = src._entry(h_)
@@ -748,6 +745,8 @@ cdef class ResourceTable:
             lxt_free(lxt, cap)
             raise OSError(errno.EIO, f"cannot clone handle {h_}: a chunk is "
                           "not allocated or already has 255 clones")
+        # Read while the copy is still this thread's alone.
+        auns = lxt_auns(lxt, cnt) if cnt else np.empty(0, dtype=np.int64)
         self._wlock()
         d = &self.rht[h_]
         busy = d.nmask != 0
@@ -759,13 +758,11 @@ cdef class ResourceTable:
             self.rht_out += 1
         self.unlock()
         if busy:
-            if allocator is not None and cnt:
-                allocator.free_many(lxt_auns(lxt, cnt))
+            if allocator is not None:
+                allocator.free_many(auns)       # the references it took
             lxt_free(lxt, cap)
             raise ValueError(f"resource handle {h_} of the destination is open")
-        if allocator is not None or not cnt:
-            return np.empty(0, dtype=np.int64)
-        return lxt_auns(lxt, cnt)
+        return auns if allocator is None else np.empty(0, dtype=np.int64)
 
     def clone_from(self, ResourceTable src not None, perms,
                    ChunkAllocator allocator=None):
@@ -807,9 +804,6 @@ cdef class ResourceTable:
         cdef uint8_t valid_ = <uint8_t> arg_u64(valid, b"valid", 0xFF)
         fmt = arg_int(fmt, b"fmt")
         nmask = arg_int(nmask, b"nmask")
-        if h_ >= self.rht_size:
-            raise IndexError(
-                f"resource handle {h_} is out of range (0..{self.rht_size - 1})")
         if nmask <= 0 or nmask > 0xFF or fmt not in (RHT_FMT_VIRTUAL, RHT_FMT_DIRECT):
             raise ValueError("not an open entry (format 0 or 1, nmask 1..255)")
         cdef const uint64_t[::1] src
@@ -824,7 +818,7 @@ cdef class ResourceTable:
                 raise ValueError(f"lxt maps a chunk beyond {MAX_AUN} (a physical LBA "
                                  "is below 2**63)")
             if cnt > 0xFFFFFFFF:
-                raise OverflowError("a vLUN holds at most 2**32 - 1 chunks")
+                raise ValueError("a vLUN holds at most 2**32 - 1 chunks")
             cap = lxt_cap_for(cnt)
             p = lxt_alloc(cap)
             if p == NULL:
