@@ -661,3 +661,39 @@ def test_a_child_retires_its_replica_before_closing_the_adapter_fd():
         assert in_child(child) == (0x21, False)
     finally:
         a.close()
+
+
+def test_verify_capacity_change_moves_the_end_of_direct_handles():
+    """After VERIFY saw the LUN shrink, a direct handle (of any context)
+    still let writes through to its old end: the file grew back."""
+    a = cxlflash.Adapter()
+    try:
+        w = a.add_lun(None, size=4 * CHUNK * K4)
+        d = a.open_disk(w)
+        at1, at2 = attach(d), attach(d)
+        ud = uapi.dk_cxlflash_udirect()
+        ud.context_id = at2.context_id
+        call(d, uapi.DK_CXLFLASH_USER_DIRECT, ud)
+        hd = ud.rsrc_handle
+        ud1 = uapi.dk_cxlflash_udirect()
+        ud1.context_id = at1.context_id
+        call(d, uapi.DK_CXLFLASH_USER_DIRECT, ud1)
+        glun = a.driver.gluns[w]
+        os.ftruncate(glun.backing.fd, 2 * CHUNK * K4)  # the LUN shrank by half
+        vf = uapi.dk_cxlflash_verify()
+        vf.context_id, vf.rsrc_handle = at1.context_id, ud1.rsrc_handle
+        vf.hint = uapi.DK_CXLFLASH_VERIFY_HINT_SENSE
+        vf.sense_data[:] = bytes(fixed_sense(0x6, 0x2A))   # capacity data has changed
+        call(d, uapi.DK_CXLFLASH_VERIFY, vf)
+        assert vf.last_lba == 2 * CHUNK - 1
+        with pytest.raises(cxlflash.AfuError):          # the other context's handle too
+            a.write(at2.context_id, hd, 3 * CHUNK, bytes(K4))
+        assert os.fstat(glun.backing.fd).st_size == 2 * CHUNK * K4
+        a.write(at2.context_id, hd, 2 * CHUNK - 1, b"\x01" * K4)   # the new last block
+        os.ftruncate(glun.backing.fd, 4 * CHUNK * K4)  # and it grew back
+        call(d, uapi.DK_CXLFLASH_VERIFY, vf)
+        a.write(at2.context_id, hd, 3 * CHUNK, b"\x02" * K4)
+        os.close(at1.adap_fd)
+        os.close(at2.adap_fd)
+    finally:
+        a.close()

@@ -848,6 +848,26 @@ cdef class ResourceTable:
             lxt_free(p, cap)
             raise ValueError(f"resource handle {h_} is open")
 
+    def follow_capacity(self, fd, last_lba):
+        """A LUN's capacity changed (VERIFY read it again): every open
+        direct handle opened on backing ``fd`` now ends at ``last_lba``,
+        as the device itself refuses LBAs beyond its capacity.  Waits for
+        the transfers in flight; returns the number of handles changed."""
+        cdef int fd_ = fd_arg(fd)
+        cdef uint64_t last = arg_u64(last_lba, b"last_lba", NO_LIMIT)
+        cdef uint32_t i, n = 0
+        cdef rht_entry *e
+        if fd_ < 0:
+            return 0
+        self._wlock()
+        for i in range(self.rht_size):
+            e = &self.rht[i]
+            if e.nmask != 0 and (e.fp >> 4) == RHT_FMT_DIRECT and e.fd == fd_:
+                e.last_lba = last
+                n += 1
+        self.unlock()
+        return n
+
     def watch_epoch(self, buffer, seen):
         """Follow the reset epoch at the start of ``buffer`` (8 bytes of
         shared memory): while it differs from ``seen`` the data path finds

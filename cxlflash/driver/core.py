@@ -390,6 +390,16 @@ class Driver:
         with self.ctx_tbl_lock:
             return [c for c in self.ctx_tbl if c is not None] + list(self.ctx_err_recovery)
 
+    def follow_capacity(self, glun):
+        """After VERIFY re-read ``glun``'s capacity: the direct handles on
+        its backing store, in every context, end where the LUN now ends
+        (as the device refuses LBAs beyond its capacity).  The handles are
+        found by the backing fd each was opened on, under each table's
+        lock, so no context mutex is needed."""
+        fd = glun.backing_fd()
+        for ctx in self.contexts():
+            ctx.table.follow_capacity(fd, glun.max_lba)
+
     def fence_backing(self, glun, *, force=False):
         """Make sure no transfer through any table of this driver reaches
         ``glun``'s backing store, now or later: call it before its fd is

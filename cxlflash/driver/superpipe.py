@@ -236,6 +236,7 @@ def verify(drv, sdev, disk, arg, caller):
                     if drv.afu.faults.take("read_capacity") or drv.afu.state != NORMAL:
                         raise CxlFlashError(errno.ENODEV, "READ CAPACITY(16) failed")
                     glun.read_capacity()
+                    drv.follow_capacity(glun)
                 elif asc != 0x3F:
                     raise CxlFlashError(errno.EIO, f"unit attention with ASC "
                                         f"0x{asc:02x} cannot be handled")
