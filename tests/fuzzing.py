@@ -11,6 +11,7 @@ Every batch uses :data:`SETTINGS`: a modest number of examples, no
 deadline, derandomized (the same examples on every run, so CI failures
 reproduce), no example database on disk.
 """
+import gc
 import os
 import signal
 import subprocess
@@ -206,6 +207,22 @@ class SparseImage:
                 raise AssertionError(f"{what}: data was written at byte {p}, outside "
                                      "every addressed range")
             pos = h
+
+
+def close_world(w):
+    """Close a fuzz batch's world (its adapter, its backing images) after a
+    failed example, so the next one starts clean; ``w`` may be None."""
+    if w is None:
+        return
+    try:
+        w.a.close()
+    except Exception:          # noqa: BLE001
+        pass
+    for img in ("img_a", "img_b"):
+        if hasattr(w, img):
+            getattr(w, img).ref = None
+    del w
+    gc.collect()
 
 
 def _subtract(ranges, holes):

@@ -23,7 +23,6 @@ after a refused call none; a victim context's vLUN on the same LUN never
 changes, and the allocators always match the live LXTs.
 """
 import errno
-import gc
 import os
 
 import numpy as np
@@ -34,8 +33,8 @@ import cxlflash
 from cxlflash._core import pattern
 
 from fuzzing import (EXTREME_INTS, NON_INTS, SparseImage, check_allocators,
-                     check_tables, fuzz_settings, ints_near, live_contexts, run_all,
-                     run_batch)
+                     check_tables, close_world, fuzz_settings, ints_near, live_contexts,
+                     run_all, run_batch)
 
 CHUNK = 1 << 16
 BS = 512
@@ -139,16 +138,7 @@ def world():
 def drop_world():
     global _WORLD
     w, _WORLD = _WORLD, None
-    if w is not None:
-        try:
-            w.a.close()
-        except Exception:          # noqa: BLE001
-            pass
-        for img in ("img_a", "img_b"):
-            if hasattr(w, img):
-                getattr(w, img).ref = None
-        del w
-        gc.collect()
+    close_world(w)
 
 
 class Fuzz:

@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, note, strategies as st
 
-from fuzzing import (EXTREME_INTS, NON_INTS, SETTINGS, any_value, describe,
+from fuzzing import (EXTREME_INTS, NON_INTS, SETTINGS, _subtract, any_value, describe,
                      fuzz_settings, ints_near, run_all, run_batch)
 
 CHUNK = 1 << 16
@@ -542,23 +542,6 @@ def batch_tables():
 
 
 # -- 3. The data path over a pattern-filled LUN -----------------------------------
-
-def _subtract(ranges, holes):
-    """``ranges`` minus every range of ``holes`` (half-open byte ranges)."""
-    out = list(ranges)
-    for x, y in holes:
-        nxt = []
-        for a, b in out:
-            if y <= a or b <= x:
-                nxt.append((a, b))
-                continue
-            if a < x:
-                nxt.append((a, x))
-            if y < b:
-                nxt.append((y, b))
-        out = nxt
-    return out
-
 
 class Lun:
     """A memory LUN of NCHUNKS chunks of 512-byte blocks (96 MiB, sparse):

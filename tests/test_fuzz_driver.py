@@ -24,7 +24,6 @@ After every ioctl:
 """
 import ctypes
 import errno
-import gc
 import os
 import time
 import tracemalloc
@@ -38,8 +37,8 @@ from cxlflash import uapi
 from cxlflash._core import pattern
 from cxlflash.errors import CxlFlashError
 
-from fuzzing import (EXTREME_INTS, check_allocators, check_tables, fuzz_settings,
-                     live_contexts, run_all, run_batch)
+from fuzzing import (EXTREME_INTS, check_allocators, check_tables, close_world,
+                     fuzz_settings, live_contexts, run_all, run_batch)
 
 CHUNK = 1 << 16
 BS = 512
@@ -137,16 +136,7 @@ def drop_world():
     (so hypothesis shrinks against a clean state)."""
     global _WORLD
     w, _WORLD = _WORLD, None
-    if w is not None:
-        try:
-            w.a.close()
-        except Exception:          # noqa: BLE001
-            pass
-        for img in ("img_a", "img_b"):
-            if hasattr(w, img):
-                getattr(w, img).ref = None
-        del w
-        gc.collect()
+    close_world(w)
 
 
 # -- field values -------------------------------------------------------------------

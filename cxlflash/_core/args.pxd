@@ -11,6 +11,9 @@ cdef uint64_t arg_u64(object value, const char *name,
 # An integer argument whose range the caller checks (and reports with its
 # own exception): the exact Python int, or TypeError naming the parameter.
 cdef object arg_int(object value, const char *name)
+# A backing fd: 0..2**31-1, or -1 for "the fd the handle was opened on"
+# (which the data path prefers anyway); EINVAL otherwise.
+cdef int arg_fd(object fd) except -2
 # A block size: a nonzero multiple of 512 below 2**32, else EINVAL.
 cdef uint32_t arg_block_size(object value) except 0
 # An array argument as a flat, C-contiguous uint64 ndarray: integers only

@@ -143,6 +143,16 @@ def integer(value, name):
                         f"{type(value).__name__} ({value!r:.40})") from None
 
 
+cdef int arg_fd(object fd) except -2:
+    cdef object v = arg_int(fd, b"fd")
+    if v == -1:
+        return -1
+    if v < 0 or v > 0x7FFFFFFF:
+        raise einval(f"fd {v} is out of range: it must be a file descriptor "
+                     "(0..2**31-1) or -1")
+    return <int> v
+
+
 cdef object arg_int(object value, const char *name):
     if type(value) is int:
         return value

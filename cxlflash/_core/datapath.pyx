@@ -30,7 +30,7 @@ from posix.types cimport off_t
 from cxlflash._core.includes.system cimport (
     pread, pwrite, fallocate, ioctl, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
     BLKZEROOUT)
-from cxlflash._core.args cimport arg_u64, arg_block_size, u64_array
+from cxlflash._core.args cimport arg_fd, arg_u64, arg_block_size, u64_array
 from cxlflash._core.tables cimport (
     ResourceTable, rht_entry, AFU_RC_OK, AFU_RC_LXT_OUT_OF_BOUNDS,
     SCSI_LBA_OUT_OF_RANGE, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN,
@@ -192,14 +192,6 @@ cdef int beyond_off_t(uint64_t v, uint64_t p, uint64_t bs,
     cdef uint64_t fit = OFF_MAX // bs     # physical blocks below this fit
     bad_lba[0] = v if p >= fit else v + (fit - p)
     return XFER_BEYOND_OFF_T
-
-
-cdef int arg_fd(object fd) except -2:
-    """A backing fd argument: 0..2**31-1, or -1 for "the fd the handle
-    was opened on" (which the data path prefers anyway)."""
-    if fd == -1:
-        return -1
-    return <int> arg_u64(fd, b"fd", 0x7FFFFFFF)
 
 
 cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,

@@ -38,7 +38,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
 from cxlflash._core.allocator cimport ChunkAllocator
-from cxlflash._core.args cimport arg_int, arg_u64, i64_array, u64_array
+from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, i64_array, u64_array
 from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
 from cxlflash._core.locks cimport (
     cxl_lock, lock_init, lock_destroy, cxl_rdlock, cxl_tryrdlock, cxl_wrlock,
@@ -92,13 +92,6 @@ cdef int perms_arg(object perms) except -1:
     cdef object v = arg_int(perms, b"perms")
     if v < 0 or v > RHT_PERM_RW:
         raise ValueError(f"perms must be 0..3 (1 read, 2 write), got {v}")
-    return <int> v
-
-
-cdef int fd_arg(object fd) except -2:
-    cdef object v = arg_int(fd, b"fd")
-    if v < -1 or v > 0x7FFFFFFF:
-        raise ValueError(f"fd must be a file descriptor or -1, got {v}")
     return <int> v
 
 
@@ -416,7 +409,7 @@ cdef class ResourceTable:
         memset(&e, 0, sizeof(rht_entry))
         e.fp = (RHT_FMT_VIRTUAL << 4) | perms_arg(perms)
         e.nmask = MC_RHT_NMASK
-        e.fd = fd_arg(fd)
+        e.fd = arg_fd(fd)
         return self._checkout(&e)
 
     cdef int _checkout(self, const rht_entry *init) except -1:
@@ -451,7 +444,7 @@ cdef class ResourceTable:
             raise ValueError(f"port_sel must be a nonzero 4-bit port mask, got {port_sel}")
         e.nmask = <uint8_t> port_sel
         e.valid = DIRECT_VALID
-        e.fd = fd_arg(fd)
+        e.fd = arg_fd(fd)
         return self._checkout(&e)
 
     def close(self, handle):
@@ -482,14 +475,13 @@ cdef class ResourceTable:
         Each LXT entry is written as the driver does, with RW permissions.
         """
         cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        cdef uint64_t low_bits = lxt_low_bits(lun_index, port_sel)
+        cdef uint64_t low = lxt_low_bits(lun_index, port_sel)
         cdef const int64_t[::1] a = i64_array(auns, "auns")
         if a.shape[0] and (np.min(a) < 0 or np.max(a) > MAX_AUN):
             raise IndexError(f"auns must be chunk numbers 0..{MAX_AUN} (a physical "
                              "LBA is below 2**63)")
         cdef rht_entry *e
         cdef uint64_t old, n = a.shape[0], i
-        cdef uint64_t low = low_bits
         cdef int rc = 0
         self._wlock()
         try:
@@ -516,11 +508,10 @@ cdef class ResourceTable:
         fewer when fewer are free.  Returns the number of chunks added; 0
         changes nothing.  Raises MemoryError when the LXT cannot grow."""
         cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        cdef uint64_t low_bits = lxt_low_bits(lun_index, port_sel)
+        cdef uint64_t low = lxt_low_bits(lun_index, port_sel)
         cdef uint64_t n_ = count_arg(n, b"n")
         cdef rht_entry *e
         cdef uint64_t old = 0, k = 0, i
-        cdef uint64_t low = low_bits
         cdef int rc = 0
         self._wlock()
         try:
@@ -798,7 +789,7 @@ cdef class ResourceTable:
         must be free, unless ``replace``: then an open slot is swapped in
         one step (I/O in flight finishes first)."""
         cdef uint32_t h_ = handle_arg(handle, self.rht_size)
-        cdef int p_ = perms_arg(perms), fd_ = fd_arg(fd)
+        cdef int p_ = perms_arg(perms), fd_ = arg_fd(fd)
         cdef uint64_t lun_id_ = arg_u64(lun_id, b"lun_id", NO_LIMIT)
         cdef uint64_t last_lba_ = arg_u64(last_lba, b"last_lba", NO_LIMIT)
         cdef uint8_t valid_ = <uint8_t> arg_u64(valid, b"valid", 0xFF)
@@ -853,7 +844,7 @@ cdef class ResourceTable:
         direct handle opened on backing ``fd`` now ends at ``last_lba``,
         as the device itself refuses LBAs beyond its capacity.  Waits for
         the transfers in flight; returns the number of handles changed."""
-        cdef int fd_ = fd_arg(fd)
+        cdef int fd_ = arg_fd(fd)
         cdef uint64_t last = arg_u64(last_lba, b"last_lba", NO_LIMIT)
         cdef uint32_t i, n = 0
         cdef rht_entry *e
