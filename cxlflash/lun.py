@@ -29,7 +29,6 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from . import uapi, _args
-from ._core import datapath as _datapath
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.errors import afu_error
 from .errors import CxlFlashError, AdapterResetError
@@ -153,8 +152,6 @@ class _Lun:
         dp.limit = self._size
         dp.on_reset = self._recover
         self._dp = dp
-        self._readinto = dp.readinto
-        self._write = dp.write
         # The core checks lba as _args does (TypeError for a non-integer,
         # CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the logical
         # size): the object's readinto and write are the core's own
@@ -186,36 +183,18 @@ class _Lun:
     def __len__(self):
         return self._size
 
-    # The hot paths: the cheapest possible argument test inline, the data
-    # path's own range check (converted to CxlFlashError), then the core.
-
-    def _error(self, e, lba=0):
-        """The documented exception for an error of the core's call."""
-        if e.__class__ is OverflowError or lba > _args.U64_MAX:
-            return _args.u64_error(lba, "lba")
-        if (e.__class__ is OSError and e.errno == errno.EINVAL
-                and "logical size" in str(e.strerror)):
-            return CxlFlashError(errno.EINVAL, e.strerror)
-        return self.adapter._io_error(e, lba)
+    # The hot paths are the core's own methods, bound per object in
+    # _rebind (the core checks lba as _args does); these say what they do
+    # and serve a call through the class.
 
     def readinto(self, lba: int, buffer: Any) -> int:
         """Read ``len(buffer) // block_size`` blocks at ``lba`` into
         ``buffer``; returns the number of blocks read."""
-        if lba.__class__ is not int or lba < 0:
-            lba = _args.u64(lba, "lba")
-        try:
-            return self._readinto(lba, buffer)
-        except (OSError, OverflowError) as e:
-            raise self._error(e, lba) from None
+        return self._dp.readinto(lba, buffer)
 
     def write(self, lba: int, data: Any) -> int:
         """Write ``data`` at ``lba``; returns the number of blocks written."""
-        if lba.__class__ is not int or lba < 0:
-            lba = _args.u64(lba, "lba")
-        try:
-            return self._write(lba, data)
-        except (OSError, OverflowError) as e:
-            raise self._error(e, lba) from None
+        return self._dp.write(lba, data)
 
     def read(self, lba: int, nblocks: int) -> bytearray:
         """Read ``nblocks`` blocks at ``lba``; returns a bytearray."""
@@ -226,8 +205,8 @@ class _Lun:
         buf = bytearray(nblocks * self.block_size)
         try:
             self._dp.readinto(lba, buf)
-        except (OSError, OverflowError) as e:
-            raise self._error(e) from None
+        except OSError as e:
+            raise self.adapter._io_error(e) from None
         return buf
 
     def unmap(self, lba: int, nblocks: int) -> int:
@@ -237,8 +216,8 @@ class _Lun:
         nblocks = _args.u64(nblocks, "nblocks")
         try:
             return self._dp.unmap(lba, nblocks)
-        except (OSError, OverflowError) as e:
-            raise self._error(e) from None
+        except OSError as e:
+            raise self.adapter._io_error(e) from None
 
     def translate(self, lbas: Any) -> np.ndarray:
         """The physical LBAs (uint64 array) the AFU addresses for ``lbas``."""

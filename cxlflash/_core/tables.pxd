@@ -116,4 +116,3 @@ cdef class ResourceTable:
     cdef int _checkout(self, const rht_entry *init) except -1
     cdef rht_entry _copy(self, object handle, int want) except *
     cdef int _set_lxt_capacity(self, rht_entry *e, uint64_t n) noexcept nogil
-    cdef object _auns(self, rht_entry *e, uint64_t start, uint64_t stop)

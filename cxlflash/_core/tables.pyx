@@ -123,7 +123,8 @@ cdef inline uint64_t entry_extent(const rht_entry *e) noexcept nogil:
 
 
 cdef object lxt_auns(const uint64_t *lxt, uint64_t cnt):
-    """The chunk numbers of an LXT that no other thread can see."""
+    """The chunk numbers of the first ``cnt`` entries of an LXT, in order
+    (the caller holds its table's lock, or owns the LXT alone)."""
     out = np.empty(cnt, dtype=np.int64)
     cdef int64_t[::1] v = out
     cdef uint64_t i
@@ -383,16 +384,6 @@ cdef class ResourceTable:
         e.lxt_cap = cap
         return 0
 
-    cdef object _auns(self, rht_entry *e, uint64_t start, uint64_t stop):
-        """The chunk numbers of LXT entries [start, stop), in order."""
-        out = np.empty(stop - start, dtype=np.int64)
-        cdef int64_t[::1] v = out
-        cdef uint64_t i
-        with nogil:
-            for i in range(start, stop):
-                v[i - start] = <int64_t> (e.lxt[i] >> MC_CHUNK_SHIFT)
-        return out
-
     # -- opening and closing handles ------------------------------------------------
 
     def open_virtual(self, perms, *, fd=-1):
@@ -459,7 +450,7 @@ cdef class ResourceTable:
         self._wlock()
         try:
             e = self._entry(h_)
-            auns = self._auns(e, 0, e.lxt_cnt)
+            auns = lxt_auns(e.lxt, e.lxt_cnt)
             lxt_free(e.lxt, e.lxt_cap)
             memset(e, 0, sizeof(rht_entry))
             self.rht_out -= 1
@@ -737,7 +728,7 @@ cdef class ResourceTable:
             raise OSError(errno.EIO, f"cannot clone handle {h_}: a chunk is "
                           "not allocated or already has 255 clones")
         # Read while the copy is still this thread's alone.
-        auns = lxt_auns(lxt, cnt) if cnt else np.empty(0, dtype=np.int64)
+        auns = lxt_auns(lxt, cnt)
         self._wlock()
         d = &self.rht[h_]
         busy = d.nmask != 0
@@ -939,7 +930,7 @@ cdef class ResourceTable:
         self._rlock()
         try:
             e = self._virtual(h_)
-            return self._auns(e, 0, e.lxt_cnt)
+            return lxt_auns(e.lxt, e.lxt_cnt)
         finally:
             self.unlock()
 
