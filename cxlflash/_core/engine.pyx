@@ -374,6 +374,7 @@ cdef int finish(_Request rq) except -1:
         dp.stats.errors += 1
         exc = rq.error()
     rq.future = None
+    dp.aio_pending -= 1
     if rq.mode == MODE_FUTURE:
         complete_future(fut, value if exc is None else None, exc)
     elif rq.mode == MODE_ASYNCIO:
@@ -687,6 +688,26 @@ cdef class Engine:
         if fut._state != _cf.FINISHED:
             raise _cf.TimeoutError()
 
+    def settle(self, DataPath dp not None):
+        """Return once every request submitted through ``dp`` has its
+        future completed (reaping, and completing what was reaped, in
+        this thread; those of the running asyncio loop too)."""
+        import asyncio
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        bridge = self._bridges.get(loop) if loop is not None else None
+        while dp.aio_pending > 0 and self.eng != NULL and not self.closed:
+            with nogil:
+                cxl_engine_poll(self.eng, 1)
+            self._drain_pyq()
+            if bridge is not None:
+                (<_LoopBridge> bridge).drain()
+            if dp.aio_pending > 0:
+                with _shared_cond:
+                    _shared_cond.wait(0.001)
+
     # -- submission -------------------------------------------------------------------
 
     cdef object _bridge(self):
@@ -761,6 +782,7 @@ cdef class Engine:
             rq.future = fut
             rq.req.route = &bridge.q
         Py_INCREF(rq)                   # the engine's, until finish()
+        dp.aio_pending += 1
         rq.start()
         if mode == MODE_SYNC:
             with nogil:
