@@ -20,6 +20,7 @@ cdef extern from "engine.h" nogil:
     ctypedef struct cxl_target:
         int fd
         int zero_mode
+        int nowait
         void *obj
     ctypedef struct cxl_io:
         int op
@@ -74,6 +75,7 @@ cdef extern from "engine.h" nogil:
         int pid
 
     void cxl_backend_destroy(cxl_backend *be)
+    int cxl_fd_nowait_class(int fd)
     cxl_backend *cxl_pool_new(int nworkers)
     cxl_backend *cxl_uring_new(unsigned entries)
     int cxl_queue_init(cxl_queue *q, int with_efd)
@@ -98,6 +100,7 @@ cdef extern from "engine.h" nogil:
     int64_t cxl_now_ns()
     int cxl_engine_add_inject(cxl_engine *e, int op, int64_t res, long skip, long count)
     int cxl_engine_ninject(cxl_engine *e)
+    void cxl_engine_py_busy(cxl_engine *e, int delta)
 
 
 cdef class Engine:

@@ -46,6 +46,7 @@ import os
 import sys
 import threading
 import weakref
+from time import monotonic as _monotonic
 from cxlflash._core.args import einval
 
 cdef extern from *:
@@ -81,7 +82,7 @@ MAX_WORKERS = 1024
 
 # -- translation into segments (nogil, the table's read lock held) ------------------
 
-cdef int add_run(cxl_req *r, int *cap, int op, int fd, int zero_mode,
+cdef int add_run(cxl_req *r, int *cap, int op, int fd, int zero_mode, int nowait,
                  uint64_t offset, uint64_t length, char *buf) noexcept nogil:
     """Append segments for ``length`` bytes at ``offset`` (split at
     CXL_MAX_SEG_BYTES): 0 or ENOMEM."""
@@ -98,6 +99,7 @@ cdef int add_run(cxl_req *r, int *cap, int op, int fd, int zero_mode,
         s.io.op = op
         s.io.target.fd = fd
         s.io.target.zero_mode = zero_mode
+        s.io.target.nowait = nowait
         s.io.offset = offset
         s.io.len = n
         s.io.buf = buf
@@ -118,6 +120,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
     cdef uint32_t handle = dp.handle
     cdef uint64_t bs = dp.block_size
     cdef int fd = dp.table.backing_fd(handle, dp.fd)
+    cdef int nowait
     cdef int write = op != CXL_OP_READ
     cdef bint direct = (dp.table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
     cdef uint64_t step = dp._max_xfer if dp._max_xfer else nblocks
@@ -129,8 +132,12 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
     r.nseg = 0
     if cxl_req_reserve(r, cap) != 0:
         return ENOMEM
+    if dp.nowait_fd != fd:          # found once per backing fd
+        dp.nowait_class = cxl_fd_nowait_class(fd)
+        dp.nowait_fd = fd
+    nowait = dp.nowait_class
     if op == CXL_OP_FLUSH:
-        rc = add_run(r, &cap, op, fd, dp.zero_mode, 0, 0, NULL)
+        rc = add_run(r, &cap, op, fd, dp.zero_mode, nowait, 0, 0, NULL)
         if rc:
             return rc
         nblocks = 0
@@ -155,7 +162,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
                 run_len += n
             else:
                 if run_len:
-                    rc = add_run(r, &cap, op, fd, dp.zero_mode, run_p * bs,
+                    rc = add_run(r, &cap, op, fd, dp.zero_mode, nowait, run_p * bs,
                                  run_len * bs, run_buf)
                     if rc:
                         return rc
@@ -167,7 +174,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
             v += n
             left -= n
         if run_len:
-            rc = add_run(r, &cap, op, fd, dp.zero_mode, run_p * bs, run_len * bs,
+            rc = add_run(r, &cap, op, fd, dp.zero_mode, nowait, run_p * bs, run_len * bs,
                          run_buf)
             if rc:
                 return rc
@@ -668,23 +675,33 @@ cdef class Engine:
         completion) wait on the futures' condition."""
         cdef _Request rq = fut._request
         cdef int ms, done = 0
-        import time
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while fut._state != _cf.FINISHED:
-            ms = 50
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                ms = max(1, min(50, int(left * 1000)))
-            if rq is not None and not done and self.eng != NULL and not self.closed:
-                with nogil:
-                    done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+        deadline = None if timeout is None else _monotonic() + timeout
+        cxl_engine_py_busy(self.eng, 1)
+        try:
+            while fut._state != _cf.FINISHED:
+                ms = 50
+                if deadline is not None:
+                    left = deadline - _monotonic()
+                    if left <= 0:
+                        break
+                    ms = max(1, min(50, int(left * 1000)))
+                if rq is not None and not done and not self.closed:
+                    with nogil:
+                        done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+                    self._drain_pyq()
+                else:
+                    # its completion is in another thread's hands
+                    cxl_engine_py_busy(self.eng, -1)
+                    try:
+                        with _shared_cond:
+                            if fut._state != _cf.FINISHED:
+                                _shared_cond.wait(ms / 1000.0)
+                    finally:
+                        cxl_engine_py_busy(self.eng, 1)
+        finally:
+            cxl_engine_py_busy(self.eng, -1)
+            if not cxl_queue_empty(&self.eng.pyq):
                 self._drain_pyq()
-            else:
-                with _shared_cond:
-                    if fut._state != _cf.FINISHED:
-                        _shared_cond.wait(ms / 1000.0)
         if fut._state != _cf.FINISHED:
             raise _cf.TimeoutError()
 
@@ -783,7 +800,14 @@ cdef class Engine:
             rq.req.route = &bridge.q
         Py_INCREF(rq)                   # the engine's, until finish()
         dp.aio_pending += 1
-        rq.start()
+        if mode == MODE_FUTURE:
+            cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
+        try:
+            rq.start()
+        except BaseException:
+            if mode == MODE_FUTURE:
+                cxl_engine_py_busy(self.eng, -1)
+            raise
         if mode == MODE_SYNC:
             with nogil:
                 cxl_engine_wait_req(self.eng, &rq.req)
@@ -795,6 +819,9 @@ cdef class Engine:
             cxl_engine_try_poll(self.eng)
         if mode == MODE_FUTURE:
             self._drain_pyq()
+            cxl_engine_py_busy(self.eng, -1)
+            if not cxl_queue_empty(&self.eng.pyq):
+                self._drain_pyq()
         else:
             bridge.drain()
         return fut
@@ -1056,6 +1083,7 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
     cdef cxl_queue q
     cdef int64_t bad = -1
     cdef int cap
+    cdef int nowait = cxl_fd_nowait_class(fd)
     slots = qd if qd < n else n
     if slots == 0:
         return -1
@@ -1079,7 +1107,7 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             r.op = <int> o[i]
             cap = CXL_SEG_INLINE
             cxl_req_reserve(r, cap)
-            add_run(r, &cap, <int> o[i], fd, 2, off[i], nb, buf + boff[i])
+            add_run(r, &cap, <int> o[i], fd, 2, nowait, off[i], nb, buf + boff[i])
             r.segs[0].req = r
             r.segs[0].io.tag = &r.segs[0]
             outstanding += 1

@@ -55,8 +55,17 @@ enum { CXL_ZERO_PUNCH = 0, CXL_ZERO_BLKZEROOUT = 1, CXL_ZERO_WRITE = 2 };
 typedef struct cxl_target {
     int fd;
     int zero_mode;
+    int nowait;             /* CXL_NOWAIT_*: how try_now may run it */
     void *obj;
 } cxl_target;
+
+/* Whether an operation on an fd can complete in the submitter without
+ * blocking on a device (cxl_fd_nowait_class tells). */
+enum {
+    CXL_NOWAIT_NEVER = 0,   /* O_DIRECT, or unknown: always queue it */
+    CXL_NOWAIT_CACHED = 1,  /* page cache: try with RWF_NOWAIT */
+    CXL_NOWAIT_MEMORY = 2   /* tmpfs, memfd, hugetlbfs: memory, never a device */
+};
 
 typedef struct cxl_io {
     int op;
@@ -78,6 +87,10 @@ typedef struct cxl_backend_ops {
     const char *name;
     /* Queue one operation: 0, or -errno (-EAGAIN: no room, reap first). */
     int (*submit)(cxl_backend *be, const cxl_io *io);
+    /* Optional (NULL): run a read or write now if it can complete without
+     * blocking -- bytes done (maybe fewer than asked), or -errno (-EAGAIN:
+     * it would block; submit it). */
+    int64_t (*try_now)(cxl_backend *be, const cxl_io *io);
     /* Start what submit queued. */
     int (*kick)(cxl_backend *be);
     /* Up to ``max`` completions; with ``wait``, block until there is one
@@ -128,6 +141,59 @@ static int64_t cxl_fd_block_size(cxl_backend *be, const cxl_target *t)
         return n;
     }
     return 512;
+}
+
+#include <sys/statfs.h>
+#include <sys/uio.h>
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+#define CXL_TMPFS_MAGIC 0x01021994
+#define CXL_HUGETLBFS_MAGIC 0x958458f6
+
+/* How an fd's reads and writes may run in the submitter (CXL_NOWAIT_*). */
+static int cxl_fd_nowait_class(int fd)
+{
+    struct stat st;
+    struct statfs sf;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_DIRECT) || fstat(fd, &st) != 0)
+        return CXL_NOWAIT_NEVER;
+    if (S_ISREG(st.st_mode) && fstatfs(fd, &sf) == 0 &&
+            ((unsigned long) sf.f_type == CXL_TMPFS_MAGIC ||
+             (unsigned long) sf.f_type == CXL_HUGETLBFS_MAGIC))
+        return CXL_NOWAIT_MEMORY;
+    if (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))
+        return CXL_NOWAIT_CACHED;
+    return CXL_NOWAIT_NEVER;
+}
+
+/* try_now of the fd backends: page-cache hits and memory stores complete
+ * here, at pread's cost; anything that would wait for a device is left
+ * to the queue (-EAGAIN). */
+static int64_t cxl_fd_try_now(cxl_backend *be, const cxl_io *io)
+{
+    struct iovec iov;
+    ssize_t r;
+    (void) be;
+    if (io->op != CXL_OP_READ && io->op != CXL_OP_WRITE)
+        return -EAGAIN;
+    if (io->target.nowait == CXL_NOWAIT_MEMORY) {
+        if (io->op == CXL_OP_WRITE)
+            r = pwrite(io->target.fd, io->buf, io->len, (off_t) io->offset);
+        else
+            r = pread(io->target.fd, io->buf, io->len, (off_t) io->offset);
+    } else if (io->target.nowait == CXL_NOWAIT_CACHED) {
+        iov.iov_base = io->buf;
+        iov.iov_len = io->len;
+        if (io->op == CXL_OP_WRITE)
+            r = pwritev2(io->target.fd, &iov, 1, (off_t) io->offset, RWF_NOWAIT);
+        else
+            r = preadv2(io->target.fd, &iov, 1, (off_t) io->offset, RWF_NOWAIT);
+    } else {
+        return -EAGAIN;
+    }
+    return r < 0 ? -errno : r;
 }
 
 /* One pread/pwrite: bytes or -errno (EINTR included: the engine retries). */
@@ -379,7 +445,7 @@ static void cxl_pool_destroy(cxl_backend *be)
 }
 
 static const cxl_backend_ops cxl_pool_ops = {
-    "threads", cxl_pool_submit, cxl_pool_kick, cxl_pool_reap, cxl_pool_notify_fd,
+    "threads", cxl_pool_submit, cxl_fd_try_now, cxl_pool_kick, cxl_pool_reap, cxl_pool_notify_fd,
     cxl_pool_wake, cxl_fd_size, cxl_fd_block_size, cxl_pool_destroy,
 };
 
@@ -600,7 +666,7 @@ static void cxl_uring_destroy(cxl_backend *be)
 }
 
 static const cxl_backend_ops cxl_uring_ops = {
-    "io_uring", cxl_uring_submit, cxl_uring_kick, cxl_uring_reap, cxl_uring_notify_fd,
+    "io_uring", cxl_uring_submit, cxl_fd_try_now, cxl_uring_kick, cxl_uring_reap, cxl_uring_notify_fd,
     cxl_uring_wake, cxl_fd_size, cxl_fd_block_size, cxl_uring_destroy,
 };
 
@@ -629,7 +695,7 @@ static cxl_backend *cxl_uring_new(unsigned entries)
         return NULL;
     }
     u->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (u->efd < 0 || (r = io_uring_register_eventfd(&u->ring, u->efd)) < 0) {
+    if (u->efd < 0 || ((r = io_uring_register_eventfd(&u->ring, u->efd)) < 0)) {
         r = u->efd < 0 ? errno : -r;
         if (u->efd >= 0)
             close(u->efd);
