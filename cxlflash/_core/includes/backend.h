@@ -294,8 +294,11 @@ typedef struct cxl_pool {
     cxl_pool_item *free_list;
     int woken;
     int stopping;
-    int nworkers;
+    int nworkers;           /* started so far */
+    int maxworkers;
+    int idle;               /* waiting for work */
     int efd;
+    pthread_attr_t attr;
     pthread_t *workers;
 } cxl_pool;
 
@@ -307,8 +310,11 @@ static void *cxl_pool_main(void *arg)
     uint64_t one = 1;
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (p->todo_head == NULL && !p->stopping)
+        while (p->todo_head == NULL && !p->stopping) {
+            p->idle++;
             pthread_cond_wait(&p->work_cv, &p->mu);
+            p->idle--;
+        }
         if (p->todo_head == NULL)
             break;
         it = p->todo_head;
@@ -353,6 +359,11 @@ static int cxl_pool_submit(cxl_backend *be, const cxl_io *io)
     else
         p->todo_head = it;
     p->todo_tail = it;
+    /* Workers are started as the queue deepens, up to maxworkers: as
+     * many operations block in the kernel at once as are waiting. */
+    if (p->idle == 0 && p->nworkers < p->maxworkers &&
+            pthread_create(&p->workers[p->nworkers], &p->attr, cxl_pool_main, p) == 0)
+        p->nworkers++;
     pthread_cond_signal(&p->work_cv);
     pthread_mutex_unlock(&p->mu);
     return 0;
@@ -438,6 +449,7 @@ static void cxl_pool_destroy(cxl_backend *be)
     cxl_pool_free_list(p->free_list);
     free(p->workers);
     close(p->efd);
+    pthread_attr_destroy(&p->attr);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->work_cv);
     pthread_cond_destroy(&p->done_cv);
@@ -449,16 +461,18 @@ static const cxl_backend_ops cxl_pool_ops = {
     cxl_pool_wake, cxl_fd_size, cxl_fd_block_size, cxl_pool_destroy,
 };
 
-/* A pool of ``nworkers`` threads; NULL with errno set. */
+/* A pool of up to ``nworkers`` threads (started on demand; one now, so
+ * that a machine that cannot start threads says so here); NULL with
+ * errno set. */
 static cxl_backend *cxl_pool_new(int nworkers)
 {
     cxl_pool *p = (cxl_pool *) calloc(1, sizeof *p);
     pthread_condattr_t ca;
-    pthread_attr_t ta;
-    int i, rc;
+    int rc;
     if (p == NULL)
         return NULL;
     p->be.ops = &cxl_pool_ops;
+    p->maxworkers = nworkers;
     p->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     p->workers = (pthread_t *) calloc((size_t) nworkers, sizeof(pthread_t));
     if (p->efd < 0 || p->workers == NULL) {
@@ -476,20 +490,15 @@ static cxl_backend *cxl_pool_new(int nworkers)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&p->done_cv, &ca);
     pthread_condattr_destroy(&ca);
-    pthread_attr_init(&ta);
-    pthread_attr_setstacksize(&ta, 256 * 1024);
-    for (i = 0; i < nworkers; i++) {
-        rc = pthread_create(&p->workers[i], &ta, cxl_pool_main, p);
-        if (rc != 0)
-            break;
-        p->nworkers++;
-    }
-    pthread_attr_destroy(&ta);
-    if (p->nworkers == 0) {
+    pthread_attr_init(&p->attr);
+    pthread_attr_setstacksize(&p->attr, 256 * 1024);
+    rc = pthread_create(&p->workers[0], &p->attr, cxl_pool_main, p);
+    if (rc != 0) {
         cxl_pool_destroy(&p->be);
         errno = rc;
         return NULL;
     }
+    p->nworkers = 1;
     return &p->be;
 }
 
