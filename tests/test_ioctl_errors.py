@@ -2321,3 +2321,21 @@ def test_parity_close_fd2_released_at_the_next_ioctl_not_the_next_transfer(ad):
         a.read(cid, h, 0, 1)
     assert ei.value.afu_rc == 0x21
     assert uvirtual(d, other, NCHUNKS * CH).last_lba == NCHUNKS * CH - 1   # all free again
+
+
+def test_parity_eperm_in_a_forked_child_too(ad):
+    # A forked child's ioctls run in its parent's driver with the flags of
+    # the disk the child opened.
+    from forking import in_child
+    a, d = ad
+
+    def child():
+        ro = a.open_disk(d.wwid, flags=os.O_RDONLY)
+        with pytest.raises(CxlFlashError) as ei:
+            cxlflash.ioctl(ro, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDONLY))
+        s = mk(uapi.dk_cxlflash_attach, os.O_RDONLY)
+        cxlflash.ioctl(a.open_disk(d.wwid), ATTACH, s)
+        os.close(s.adap_fd)
+        return ei.value.errno
+
+    assert in_child(child) == errno.EPERM
