@@ -2339,3 +2339,28 @@ def test_parity_eperm_in_a_forked_child_too(ad):
         return ei.value.errno
 
     assert in_child(child) == errno.EPERM
+
+
+def test_parity_concurrent_deletes_of_one_lun(ad, monkeypatch):
+    a, _ = ad
+    real = a.driver.remove_lun
+
+    def slow_remove_lun(*args, **kw):     # widen the window after the lookup
+        time.sleep(0.02)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(a.driver, "remove_lun", slow_remove_lun)
+    for _ in range(3):
+        d, lun_id = _provisioned_disk(a)
+        start = threading.Barrier(4)
+
+        def delete():
+            start.wait()
+            cxlflash.ioctl(a, PROVISION, provision_arg(2, lun_id=lun_id))
+
+        ts = [Bg(delete) for _ in range(4)]
+        for t in ts:
+            t.join(10)
+        errs = sorted(t.errno for t in ts if t.exc is not None)
+        assert errs == [errno.EIO] * 3, [t.exc for t in ts]   # one deletes, 3 find none
+        assert d.wwid not in a.provisioned and d.wwid not in a.driver.gluns

@@ -123,17 +123,18 @@ def lun_provision(drv, adapter, arg, caller):
             if err:
                 raise CxlFlashError(err, "the AFU refused the LUN delete command")
 
-        wwid = next((w for w, p in list(adapter.provisioned.items())
-                     if p["port"] == port and p["lun_id"] == arg.lun_id), None)
-        if wwid is None:
-            send()
-            raise CxlFlashError(errno.EIO, f"no provisioned LUN with id "
-                                f"0x{arg.lun_id:016x} on port {port}")
-        # Deviation: EBUSY (before the AFU command) while a handle is open
-        # on the LUN or a context has it attached; superpipe mode alone
-        # does not keep it (Driver.remove_lun).
-        drv.remove_lun(wwid, commit=send)
-        adapter._unprovision(wwid)
+        with drv.global_mutex:           # one delete of a LUN at a time
+            wwid = next((w for w, p in list(adapter.provisioned.items())
+                         if p["port"] == port and p["lun_id"] == arg.lun_id), None)
+            if wwid is None:
+                send()
+                raise CxlFlashError(errno.EIO, f"no provisioned LUN with id "
+                                    f"0x{arg.lun_id:016x} on port {port}")
+            # Deviation: EBUSY (before the AFU command) while a handle is
+            # open on the LUN or a context has it attached; superpipe mode
+            # alone does not keep it (Driver.remove_lun).
+            drv.remove_lun(wwid, commit=send)
+            adapter._unprovision(wwid)
         return
     raise CxlFlashError(errno.EINVAL, f"unknown LUN provision subcommand {sub}")
 
