@@ -429,15 +429,19 @@ cdef class _LoopBridge:
     which the loop watches (``add_reader``)."""
     cdef cxl_queue q
     cdef bint ready
-    cdef object loop
+    cdef object loop_ref        # weak: the engine's map of bridges is keyed by it
     cdef object __weakref__
 
     def __cinit__(self, loop):
         if cxl_queue_init(&self.q, 1) != 0:
             raise OSError(errno, "cannot make an eventfd for the asyncio loop")
         self.ready = True
-        self.loop = loop
+        self.loop_ref = weakref.ref(loop)
         loop.add_reader(self.q.efd, self._on_ready)
+
+    @property
+    def loop(self):
+        return self.loop_ref()
 
     def _on_ready(self):
         try:
@@ -458,10 +462,10 @@ cdef class _LoopBridge:
         return 0
 
     def close(self):
-        if self.ready:
-            self.ready = False
+        loop = self.loop_ref()
+        if loop is not None:
             try:
-                self.loop.remove_reader(self.q.efd)
+                loop.remove_reader(self.q.efd)
             except Exception:
                 pass        # the loop is closed
 
@@ -795,7 +799,7 @@ cdef class Engine:
         elif mode == MODE_ASYNCIO:
             bridge = self._bridge()
             rq.bridge = bridge
-            fut = bridge.loop.create_future()
+            fut = bridge.loop_ref().create_future()
             rq.future = fut
             rq.req.route = &bridge.q
         Py_INCREF(rq)                   # the engine's, until finish()

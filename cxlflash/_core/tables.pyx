@@ -255,6 +255,8 @@ cdef class ResourceTable:
 
     cdef void write_lock(self) noexcept nogil:
         cxl_wrlock(&self.lock)
+        if self.lock.depth == 1 and cxl_load_i64(&self.aio_inflight) > 0:
+            self._wait_aio()
 
     cdef void unlock(self) noexcept nogil:
         cxl_unlock(&self.lock)
