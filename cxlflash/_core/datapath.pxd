@@ -31,6 +31,8 @@ cdef struct io_stats:
     uint64_t blocks_unmapped
     uint64_t errors
     uint64_t list_calls
+    uint64_t areads         # submitted through the engine (engine.pyx)
+    uint64_t awrites
 
 # Whether an AFU reset put the table in error: its state says so, or (in a
 # replica) the owner's reset epoch moved past the one the table has seen.

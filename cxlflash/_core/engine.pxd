@@ -1,6 +1,7 @@
 # The asynchronous I/O engine (engine.pyx): C declarations of
 # includes/backend.h and includes/engine.h, and the Engine object.
 from libc.stdint cimport uint64_t, int64_t
+from cxlflash._core.datapath cimport DataPath
 
 cdef extern from "engine.h" nogil:
     enum:
@@ -98,6 +99,7 @@ cdef extern from "engine.h" nogil:
     void cxl_engine_stop(cxl_engine *e)
     void cxl_engine_free(cxl_engine *e)
     int64_t cxl_now_ns()
+    int cxl_req_handoff(cxl_req *r, cxl_queue *q)
     int cxl_engine_add_inject(cxl_engine *e, int op, int64_t res, long skip, long count)
     int cxl_engine_ninject(cxl_engine *e)
     void cxl_engine_py_busy(cxl_engine *e, int delta)
@@ -117,3 +119,6 @@ cdef class Engine:
     cdef int _check_open(self) except -1
     cdef int _drain_pyq(self) except -1
     cdef object _bridge(self)
+    cdef int _refuse(self, DataPath dp) except -1
+    cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,
+                        object buffer, int mode)

@@ -28,9 +28,16 @@ synchronous one would.  Requests in flight when an AFU reset begins
 complete with the reset error; the futures' layer recovers the context
 and re-drives them once, as the block library does.
 """
+cimport cython
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
-from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.ref cimport Py_INCREF, Py_DECREF, PyTypeObject
+from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetDict(object o, object value, void *context) except -1
+    object PyObject_GenericGetDict(object o, void *context)
+    object PyType_GenericAlloc(object type, Py_ssize_t nitems)
 from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.stdlib cimport calloc, free
@@ -242,16 +249,21 @@ cdef int64_t list_status(int status, uint64_t nblocks) noexcept nogil:
 
 cdef object _future_cls = None
 cdef object _cf = None
+cdef object _FINISHED = None
+cdef object _RUNNING = None
+cdef long cond_waiters = 0      # threads waiting on _shared_cond (GIL held)
 
 
 cdef object future_class():
     """EngineFuture, made on first use (concurrent.futures is imported
     only when a future is wanted)."""
-    global _future_cls, _cf
+    global _future_cls, _cf, _FINISHED, _RUNNING
     if _future_cls is not None:
         return _future_cls
     import concurrent.futures._base as cf
     _cf = cf
+    _FINISHED = cf.FINISHED
+    _RUNNING = cf.RUNNING
     FINISHED = cf.FINISHED
 
     class EngineFuture(cf.Future):
@@ -262,16 +274,6 @@ cdef object future_class():
         to be).  Once submitted a request cannot be cancelled: ``cancel()``
         returns False, and the buffer stays alive until it completes.
         The futures of an engine share one condition."""
-
-        def __init__(self, engine, request):
-            self._condition = _shared_cond
-            self._state = cf.RUNNING
-            self._result = None
-            self._exception = None
-            self._waiters = []
-            self._done_callbacks = []
-            self._engine = engine
-            self._request = request
 
         def result(self, timeout=None):
             if self._state == FINISHED:
@@ -292,10 +294,14 @@ cdef object future_class():
 
 # -- requests of futures and asyncio ------------------------------------------------
 
+@cython.no_gc
 cdef class _Request:
     """A request submitted for a future: holds what it uses (the buffer,
-    the data path, the future) until it completes."""
+    the data path, the future) until it completes.  Not tracked by the
+    garbage collector: its only cycle (request -> future -> request) is
+    broken when it completes, and until then the engine holds it."""
     cdef cxl_req req
+    cdef cxl_queue *target      # where it goes when it finishes (NULL: sync)
     cdef Py_buffer view
     cdef bint has_view
     cdef DataPath dp
@@ -332,16 +338,24 @@ cdef class _Request:
         return OSError(EIO, "I/O error")        # not reached
 
     cdef int start(self) except -1:
-        """Check, translate and submit (again, after a recovery)."""
+        """Check, translate and submit (again, after a recovery); when it
+        finished at once (a page-cache hit, a refused range), complete it
+        here, else hand it its queue.  Returns 1 when it was completed."""
         cdef char *buf = <char *> self.view.buf if self.has_view else NULL
         cdef cxl_engine *eng = self.engine.eng
-        cdef cxl_queue *route = self.req.route
+        cdef int inline_done
         cxl_req_clear(&self.req)
-        self.req.route = route
         self.req.owner = <void *> self
         with nogil:
             prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
             cxl_engine_submit(eng, &self.req)
+            if self.target != NULL:
+                inline_done = cxl_req_handoff(&self.req, self.target)
+            else:
+                inline_done = 0
+        if inline_done:
+            finish(self)
+            return 1
         return 0
 
 
@@ -398,23 +412,50 @@ cdef int finish(_Request rq) except -1:
 
 
 cdef int complete_future(object fut, object value, object exc) except -1:
-    """Finish an EngineFuture (its engine's shared condition)."""
-    cond = fut._condition
-    with cond:
+    """Finish an EngineFuture.  Its state changes under the futures'
+    shared lock when a thread may be waiting on it -- a waiter installed by
+    concurrent.futures.wait() / as_completed(), or a thread waiting on the
+    condition -- and directly otherwise: with the GIL held and no Python
+    code between the check and the change, no other thread can observe or
+    install anything in between."""
+    cdef dict d = <dict> PyObject_GenericGetDict(fut, NULL)
+    waiters = d["_waiters"]
+    if not waiters and not cond_waiters:
         if exc is None:
-            fut._result = value
+            d["_result"] = value
         else:
-            fut._exception = exc
-        fut._state = _cf.FINISHED
-        for w in fut._waiters:
+            d["_exception"] = exc
+        d["_state"] = _FINISHED
+    else:
+        _shared_lock.acquire()
+        try:
             if exc is None:
-                w.add_result(fut)
+                d["_result"] = value
             else:
-                w.add_exception(fut)
-        cond.notify_all()
-    if fut._done_callbacks:
+                d["_exception"] = exc
+            d["_state"] = _FINISHED
+            for w in d["_waiters"]:
+                if exc is None:
+                    w.add_result(fut)
+                else:
+                    w.add_exception(fut)
+            _shared_cond.notify_all()
+        finally:
+            _shared_lock.release()
+    if d["_done_callbacks"]:
         fut._invoke_callbacks()
     return 0
+
+
+cdef object new_future(Engine engine, _Request rq):
+    """An EngineFuture, RUNNING (it cannot be cancelled), allocated without
+    running Future.__init__ (the futures of an engine share one Condition)."""
+    fut = PyType_GenericAlloc(future_class(), 0)
+    PyObject_GenericSetDict(fut, {
+        "_condition": _shared_cond, "_state": _RUNNING, "_result": None,
+        "_exception": None, "_waiters": [], "_done_callbacks": [],
+        "_engine": engine, "_request": rq}, NULL)
+    return fut
 
 
 cdef void drain_py_cb(void *ctx) noexcept nogil:
@@ -609,6 +650,22 @@ cdef class Engine:
         """Faults queued by :meth:`inject` not yet applied."""
         return cxl_engine_ninject(self.eng) if self.eng != NULL else 0
 
+    cdef int _refuse(self, DataPath dp) except -1:
+        """A request on a closed engine fails as the synchronous call
+        would (the adapter closed: the table is GONE), else ValueError."""
+        cdef int rc = 0, afu_rc = 0
+        cdef uint64_t bad = 0
+        if dp.closed:
+            raise ValueError("I/O on a closed LUN: the resource was released "
+                             "or its context detached")
+        dp.table._rlock()
+        rc = check_range(dp.table, dp.handle, dp.block_size, 0, 0, 0, &afu_rc, &bad)
+        dp.table.unlock()
+        if rc:
+            raise_xfer_error(dp.table, dp.handle, dp.fd, rc, afu_rc, bad, 0)
+        self._check_open()
+        return 0
+
     cdef int _check_open(self) except -1:
         if self.closed:
             raise ValueError("the I/O engine is closed (its adapter was closed)")
@@ -697,9 +754,7 @@ cdef class Engine:
                     # its completion is in another thread's hands
                     cxl_engine_py_busy(self.eng, -1)
                     try:
-                        with _shared_cond:
-                            if fut._state != _cf.FINISHED:
-                                _shared_cond.wait(ms / 1000.0)
+                        _cond_wait(fut, ms)
                     finally:
                         cxl_engine_py_busy(self.eng, 1)
         finally:
@@ -726,8 +781,7 @@ cdef class Engine:
             if bridge is not None:
                 (<_LoopBridge> bridge).drain()
             if dp.aio_pending > 0:
-                with _shared_cond:
-                    _shared_cond.wait(0.001)
+                _cond_wait(None, 1)
 
     # -- submission -------------------------------------------------------------------
 
@@ -752,7 +806,31 @@ cdef class Engine:
         ``mode`` 0: wait and return the result (or raise); 1: return an
         EngineFuture; 2: return an asyncio future of the running loop.
         Arguments are checked here, before anything is submitted."""
-        self._check_open()
+        return self._submit(dp, op, lba, nblocks, buffer, mode)
+
+    # The hot entry points, bound per LUN object (cxlflash/lun.py).
+    def aread(self, DataPath dp not None, lba, nblocks):
+        return self._submit(dp, CXL_OP_READ, lba, nblocks, None, MODE_FUTURE)
+
+    def areadinto(self, DataPath dp not None, lba, buffer):
+        return self._submit(dp, CXL_OP_READ, lba, None, buffer, MODE_FUTURE)
+
+    def awrite(self, DataPath dp not None, lba, data):
+        return self._submit(dp, CXL_OP_WRITE, lba, None, data, MODE_FUTURE)
+
+    def aread_loop(self, DataPath dp not None, lba, nblocks):
+        return self._submit(dp, CXL_OP_READ, lba, nblocks, None, MODE_ASYNCIO)
+
+    def areadinto_loop(self, DataPath dp not None, lba, buffer):
+        return self._submit(dp, CXL_OP_READ, lba, None, buffer, MODE_ASYNCIO)
+
+    def awrite_loop(self, DataPath dp not None, lba, data):
+        return self._submit(dp, CXL_OP_WRITE, lba, None, data, MODE_ASYNCIO)
+
+    cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,
+                        object buffer, int mode):
+        if self.closed or not cxl_engine_is_ours(self.eng):
+            self._refuse(dp)
         if op < CXL_OP_READ or op > CXL_OP_DISCARD:
             raise ValueError(f"not a request type: {op}")
         if mode < MODE_SYNC or mode > MODE_ASYNCIO:
@@ -793,41 +871,47 @@ cdef class Engine:
         rq.lba = v
         rq.nblocks = n
         if mode == MODE_FUTURE:
-            fut = future_class()(self, rq)
+            fut = new_future(self, rq)
             rq.future = fut
-            rq.req.route = &self.eng.pyq
+            rq.target = &self.eng.pyq
         elif mode == MODE_ASYNCIO:
             bridge = self._bridge()
             rq.bridge = bridge
             fut = bridge.loop_ref().create_future()
             rq.future = fut
-            rq.req.route = &bridge.q
+            rq.target = &bridge.q
         Py_INCREF(rq)                   # the engine's, until finish()
         dp.aio_pending += 1
-        if mode == MODE_FUTURE:
-            cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
-        try:
-            rq.start()
-        except BaseException:
-            if mode == MODE_FUTURE:
-                cxl_engine_py_busy(self.eng, -1)
-            raise
+        if op == CXL_OP_READ:
+            dp.stats.areads += 1
+        elif op == CXL_OP_WRITE:
+            dp.stats.awrites += 1
         if mode == MODE_SYNC:
-            with nogil:
-                cxl_engine_wait_req(self.eng, &rq.req)
-            finish(rq)
+            rq.start()
+            while True:
+                with nogil:
+                    cxl_engine_wait_req(self.eng, &rq.req)
+                finish(rq)
+                if rq.req.done:             # not re-driven after a recovery
+                    break
             if rq.future is not None:
                 raise rq.future
             return rq.value
-        with nogil:
-            cxl_engine_try_poll(self.eng)
         if mode == MODE_FUTURE:
+            cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
+        try:
+            if not rq.start():              # in flight: reap what is there
+                with nogil:
+                    cxl_engine_try_poll(self.eng)
+                if mode == MODE_FUTURE:
+                    self._drain_pyq()
+                else:
+                    bridge.drain()
+        finally:
+            if mode == MODE_FUTURE:
+                cxl_engine_py_busy(self.eng, -1)
+        if mode == MODE_FUTURE and not cxl_queue_empty(&self.eng.pyq):
             self._drain_pyq()
-            cxl_engine_py_busy(self.eng, -1)
-            if not cxl_queue_empty(&self.eng.pyq):
-                self._drain_pyq()
-        else:
-            bridge.drain()
         return fut
 
     # -- list I/O ----------------------------------------------------------------------
@@ -953,7 +1037,22 @@ cdef class Engine:
         return n
 
 
-_shared_cond = threading.Condition()
+_shared_lock = threading.RLock()
+_shared_cond = threading.Condition(_shared_lock)
+
+
+cdef int _cond_wait(object fut, int ms) except -1:
+    """Wait on the futures' condition for up to ``ms`` (unless ``fut`` is
+    finished meanwhile)."""
+    global cond_waiters
+    with _shared_cond:
+        if fut is None or fut._state != _FINISHED:
+            cond_waiters += 1
+            try:
+                _shared_cond.wait(ms / 1000.0)
+            finally:
+                cond_waiters -= 1
+    return 0
 import array as _array
 _no_lat = _array.array("q", [0])        # lat_ns when none is given
 
@@ -1042,6 +1141,8 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                 prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
                         NULL if op == 3 else buf + off[i])
                 outstanding += 1
+                if timed:
+                    r.t_submit = cxl_now_ns()
                 cxl_engine_submit(eng, r)
             i += 1
         if outstanding == 0:
@@ -1115,6 +1216,8 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             r.segs[0].req = r
             r.segs[0].io.tag = &r.segs[0]
             outstanding += 1
+            if timed:
+                r.t_submit = cxl_now_ns()
             cxl_engine_submit(eng, r)
             i += 1
         cxl_engine_wait_queue(eng, &q)

@@ -23,9 +23,11 @@
 #ifndef CXLFLASH_ENGINE_H
 #define CXLFLASH_ENGINE_H
 
+#include <stddef.h>
 #include "backend.h"
 
 #define CXL_SEG_INLINE 4
+#define CXL_ROUTE_DONE ((cxl_queue *) 1)   /* finished, no route was set */
 #define CXL_MAX_SEG_BYTES (1ULL << 30)  /* one backend operation at most */
 #define CXL_REAP_BATCH 64
 #define CXL_WAIT_MS 100                 /* a blocked reap looks up this often */
@@ -212,12 +214,15 @@ static int cxl_req_reserve(cxl_req *r, int n)
     return 0;
 }
 
-/* Reset a request for (re)use. */
+/* Reset a request for (re)use (its inline segments are filled as they
+ * are used: only the header is cleared). */
 static void cxl_req_clear(cxl_req *r)
 {
     if (r->segs != NULL && r->segs != r->seg_inline)
         free(r->segs);
-    memset(r, 0, sizeof *r);
+    memset(r, 0, offsetof(cxl_req, seg_inline));
+    memset((char *) r + offsetof(cxl_req, seg_inline) + sizeof r->seg_inline, 0,
+           sizeof *r - offsetof(cxl_req, seg_inline) - sizeof r->seg_inline);
 }
 
 /* -- the engine --------------------------------------------------------------- */
@@ -329,14 +334,23 @@ static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
     }
     if (r->table_inflight)
         __atomic_sub_fetch(r->table_inflight, 1, __ATOMIC_ACQ_REL);
-    /* Whoever takes it from here may free it: touch nothing after. */
-    if (r->route) {
-        q = r->route;
-        __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    /* Whoever takes it from here may free it: touch nothing after.  A
+     * request whose route is not set yet is its submitter's to complete
+     * (cxl_req_handoff). */
+    __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    q = __atomic_exchange_n(&r->route, CXL_ROUTE_DONE, __ATOMIC_ACQ_REL);
+    if (q != NULL && q != CXL_ROUTE_DONE)
         cxl_queue_post(q, r);
-    } else {
-        __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
-    }
+}
+
+/* After submitting a request without a route: give it ``q`` for when it
+ * finishes.  0 if it will be posted there; 1 if it already finished (the
+ * submitter completes it, no queue involved). */
+static int cxl_req_handoff(cxl_req *r, cxl_queue *q)
+{
+    cxl_queue *expected = NULL;
+    return !__atomic_compare_exchange_n(&r->route, &expected, q, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
 /* Give a segment (what is left of it) to the backend.  On refusal the
@@ -528,7 +542,6 @@ static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
     int i;
     int64_t res;
     cxl_seg *s;
-    r->t_submit = cxl_now_ns();
     r->seg_left = r->nseg;
     /* What can complete now without blocking (page cache, memory) does,
      * here -- unless faults are queued, which only completions get. */
