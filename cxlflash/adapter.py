@@ -345,12 +345,12 @@ class Adapter:
         at most; ``io_threads`` workers for the thread pool."""
         eng = self._engine
         if eng is None:
+            if self._driver.closed and self._client() is None:
+                raise self._closed_error()      # what the data path raises
             self._check_user()
             from ._core.engine import Engine
             with self._lock:
                 if self._engine is None:
-                    if self._driver.closed and self._client() is None:
-                        raise self._closed_error()
                     self._engine = Engine(self._engine_kind, self.engine_depth,
                                           self.io_threads)
                 eng = self._engine

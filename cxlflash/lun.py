@@ -260,8 +260,16 @@ class _Lun:
                                        and lat_ns.dtype == np.int64):
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
-        status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks, buffer,
-                                                   offsets, lat_ns, qd)
+        eng = self.adapter._engine
+        if self.adapter.driver.closed and (eng is None or eng.closed) \
+                and self.adapter._client() is None:
+            # Every request fails as the closed adapter's data path fails it
+            # (one failing request does not stop the others).
+            _args.qd(qd)
+            status, codes = self._dp.listio(ops, lbas, nblocks, buffer, offsets, lat_ns)
+        else:
+            status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks,
+                                                       buffer, offsets, lat_ns, qd)
         return ListResult(self, status, codes, lbas, nblocks)
 
     # -- flush, write-zeroes, discard -------------------------------------------------------

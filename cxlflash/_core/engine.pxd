@@ -114,10 +114,12 @@ cdef class Engine:
     cdef object _last_loop
     cdef object _last_bridge
     cdef object _close_lock
+    cdef long py_inhand           # futures taken from pyq, being completed
     cdef object __weakref__
 
     cdef int _check_open(self) except -1
     cdef int _drain_pyq(self) except -1
+    cdef int _settle_all(self) except -1
     cdef object _bridge(self)
     cdef int _refuse(self, DataPath dp) except -1
     cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,

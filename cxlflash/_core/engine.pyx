@@ -42,7 +42,7 @@ from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset, strerror
-from cxlflash._core.args cimport arg_fd, arg_u64, u64_array
+from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
 from cxlflash._core.datapath cimport (
     DataPath, check_range, raise_xfer_error, XFER_AFU_ERROR, XFER_IN_ERROR,
@@ -706,7 +706,11 @@ cdef class Engine:
             if op not in _OP_NAMES:
                 raise ValueError(f"op must be one of {sorted(_OP_NAMES)}, got {op!r}")
             o = _OP_NAMES[op]
-        cdef int64_t res = result
+        cdef object r = arg_int(result, b"result")
+        if r < -4095 or r > INT64_MAX:
+            raise einval(f"result must be -errno (-4095..-1) or a byte count "
+                         f"(0..2**63-1), got {r}")
+        cdef int64_t res = r
         cdef long c = <long> arg_u64(count, b"count", 1 << 30)
         cdef long s = <long> arg_u64(skip, b"skip", 1 << 30)
         if c < 1:
@@ -719,15 +723,33 @@ cdef class Engine:
     cdef int _drain_pyq(self) except -1:
         cdef cxl_req *r
         cdef cxl_req *nxt
+        cdef cxl_req *p
         if self.eng == NULL:
             return 0
         r = cxl_queue_take(&self.eng.pyq)
         while r != NULL:
+            p = r
+            while p != NULL:            # taken: in this thread's hands
+                self.py_inhand += 1
+                p = p.qnext
             while r != NULL:
                 nxt = r.qnext
-                finish(<_Request> r.owner)
+                try:
+                    finish(<_Request> r.owner)
+                finally:
+                    self.py_inhand -= 1
                 r = nxt
             r = cxl_queue_take(&self.eng.pyq)
+        return 0
+
+    cdef int _settle_all(self) except -1:
+        """Complete the futures of every request that has finished: those
+        waiting in the queue here, and wait for those another thread is
+        completing."""
+        self._drain_pyq()
+        while self.py_inhand > 0:
+            _cond_wait(None, 1)
+            self._drain_pyq()
         return 0
 
     def _await_future(self, fut, timeout):
@@ -894,6 +916,9 @@ cdef class Engine:
                 finish(rq)
                 if rq.req.done:             # not re-driven after a recovery
                     break
+            if op == CXL_OP_FLUSH:
+                # the futures of the requests it covered are done too
+                self._settle_all()
             if rq.future is not None:
                 raise rq.future
             return rq.value
