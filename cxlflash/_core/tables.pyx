@@ -33,10 +33,20 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
    :meth:`ResourceTable.fence` block may call the table's own methods.
 6. At fork(), ``cxlflash._core.locks`` leaves every lock usable in the
    child.  The driver's per-context mutex is not needed for any of this.
+7. Asynchronous requests (``engine.pyx``) do not hold the read lock while
+   they are in flight: each is checked and translated under it and counts
+   itself into ``aio_inflight`` before the lock is dropped; the engine
+   counts it out when it completes.  The write lock, once taken (first
+   hold), waits for that count to reach zero -- reaping completions on the
+   engine meanwhile, so it never waits for one that only it could reap --
+   which makes every change of rule 1 a fence for asynchronous I/O too.
+   Entering TABLE_IN_ERROR moves ``fail_gen`` first: what was in flight
+   completes with the reset error.  Both are atomics.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
+from posix.unistd cimport getpid
 from cxlflash._core.allocator cimport ChunkAllocator
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, i64_array, u64_array
 from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
@@ -57,9 +67,15 @@ cdef extern from *:
     """
     #define cxl_load_int(p) __atomic_load_n((p), __ATOMIC_RELAXED)
     #define cxl_store_int(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+    #define cxl_load_i64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define cxl_store_i64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    #define cxl_add_u64(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
     """
     int cxl_load_int(int *p) nogil
     void cxl_store_int(int *p, int v) nogil
+    int64_t cxl_load_i64(int64_t *p) nogil
+    void cxl_store_i64(int64_t *p, int64_t v) nogil
+    uint64_t cxl_add_u64(uint64_t *p, uint64_t v) nogil
 
 DEF CHUNK_MASK = 0xFFFF
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
@@ -239,6 +255,8 @@ cdef class ResourceTable:
 
     cdef void write_lock(self) noexcept nogil:
         cxl_wrlock(&self.lock)
+        if self.lock.depth == 1 and cxl_load_i64(&self.aio_inflight) > 0:
+            self._wait_aio()
 
     cdef void unlock(self) noexcept nogil:
         cxl_unlock(&self.lock)
@@ -253,7 +271,17 @@ cdef class ResourceTable:
         if cxl_trywrlock(&self.lock) != 0:
             with nogil:
                 cxl_wrlock(&self.lock)
+        if self.lock.depth == 1 and cxl_load_i64(&self.aio_inflight) > 0:
+            with nogil:
+                self._wait_aio()
         return 0
+
+    cdef void _wait_aio(self) noexcept nogil:
+        if self.aio_pid != getpid():
+            # a forked child's copy: those requests are the parent's
+            cxl_store_i64(&self.aio_inflight, 0)
+        elif self.aio_wait != NULL:
+            self.aio_wait(self.aio_engine, &self.aio_inflight)
 
     cdef int live_state(self) noexcept nogil:
         if self.tstate == TABLE_LIVE and self.epoch_word != NULL and \
@@ -278,6 +306,10 @@ cdef class ResourceTable:
         state = arg_int(state, b"state")
         if state < TABLE_LIVE or state > TABLE_FOREIGN:
             raise ValueError(f"not a table state: {state}")
+        if state == TABLE_IN_ERROR and cxl_load_int(&self.tstate) != TABLE_IN_ERROR:
+            # Before the write lock waits for them: the asynchronous
+            # requests in flight complete with the reset error.
+            cxl_add_u64(&self.fail_gen, 1)
         self._wlock()
         cxl_store_int(&self.tstate, state)
         self.unlock()
