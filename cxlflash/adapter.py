@@ -6,6 +6,8 @@ device (the ``HT_*`` ioctls), ``Disk`` what it exposed as ``/dev/sdX`` (the
 what a context does through its MMIO window -- is ``Adapter.read``,
 ``readinto``, ``write`` and ``translate``.
 """
+from __future__ import annotations
+
 import errno
 import os
 import sys
@@ -13,7 +15,10 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ._core._lazy import numpy as np        # imported on first use
 
 from . import uapi, _args
 from ._core.datapath import AfuPaths, DataPath

@@ -19,14 +19,19 @@ Errors: ``CxlFlashError`` from the driver (ENOSPC, ENOMEM, ...),
 :class:`cxlflash.AdapterResetError` after an AFU reset that could not be
 recovered, ``ValueError`` after :meth:`close`.
 """
-import asyncio
+from __future__ import annotations
+
 import errno
 import os
 import threading
 from concurrent.futures import Future
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-import numpy as np
+if TYPE_CHECKING:
+    import asyncio
+    import numpy as np
+else:
+    from ._core._lazy import asyncio, numpy as np   # imported on first use
 
 from . import uapi, _args
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
