@@ -15,6 +15,7 @@ import platform
 import sys
 import threading
 import time
+from typing import Optional
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
@@ -114,7 +115,7 @@ class Row:
     name: str
     unit: str                 # what an op is: "IO", "LBA", "chunk"
     main: Side
-    base: Side = None
+    base: Optional[Side] = None
     base_name: str = ""
     verified: str = ""        # "", "ok (N blocks)" or "FAILED: ..."
     failed: bool = False

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 if TYPE_CHECKING:
     import asyncio
+    from typing_extensions import Self
     import numpy as np
+    import numpy.typing as npt
 else:
     from ._core._lazy import asyncio, numpy as np   # imported on first use
 
@@ -53,8 +55,9 @@ class ListResult:
     (all succeeded), :meth:`errors` (index -> exception), :meth:`check`
     (raise the first error)."""
 
-    def __init__(self, lun, status, codes, lbas, nblocks):
-        self.status = status
+    def __init__(self, lun: Any, status: np.ndarray, codes: np.ndarray, lbas: Any,
+                 nblocks: Any) -> None:
+        self.status: npt.NDArray[np.int64] = status
         self._codes = codes
         self._lun = lun
         self._lbas = lbas           # as the caller gave them: read on errors only
@@ -64,7 +67,7 @@ class ListResult:
     def ok(self) -> bool:
         return bool((self.status >= 0).all())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.status)
 
     def error(self, i: int) -> Optional[OSError]:
@@ -89,13 +92,14 @@ class ListResult:
         return int(np.ravel(self._lbas)[i])
 
     def errors(self) -> Dict[int, OSError]:
-        return {i: self.error(i) for i in np.flatnonzero(self.status < 0).tolist()}
+        return {i: self.error(i) for i in  # type: ignore[misc]
+                np.flatnonzero(self.status < 0).tolist()}
 
     def check(self) -> "ListResult":
         """Raise the first request's error, if any; return self."""
         bad = np.flatnonzero(self.status < 0)
         if len(bad):
-            raise self.error(int(bad[0]))
+            raise self.error(int(bad[0]))  # type: ignore[misc]
         return self
 
 
@@ -108,7 +112,7 @@ class _Lun:
         self.context = context
         self.disk = disk
         self.adapter = context.adapter
-        self.handle = None
+        self.handle: Optional[int] = None
         self.closed = False
         self._dp = None
         self._size = 0
@@ -161,9 +165,9 @@ class _Lun:
         # CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the logical
         # size): the object's readinto and write are the core's own
         # methods, with no Python frame on the hot path.
-        self.readinto = dp.readinto
-        self.write = dp.write
-        self.block_size = glun.blk_len
+        self.readinto = dp.readinto      # type: ignore[method-assign]
+        self.write = dp.write            # type: ignore[method-assign]
+        self.block_size: int = glun.blk_len
 
     def _after_fork(self):
         self._rebind()
@@ -185,7 +189,7 @@ class _Lun:
         """The logical size in blocks."""
         return self._size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._size
 
     # The hot paths are the core's own methods, bound per object in
@@ -224,7 +228,7 @@ class _Lun:
         except OSError as e:
             raise self.adapter._io_error(e) from None
 
-    def translate(self, lbas: Any) -> np.ndarray:
+    def translate(self, lbas: Any) -> npt.NDArray[np.uint64]:
         """The physical LBAs (uint64 array) the AFU addresses for ``lbas``."""
         lbas = _args.lba_array(lbas, "lbas")
         self._check_open()
@@ -235,7 +239,7 @@ class _Lun:
         return self._dp.translate(lbas)
 
     def listio(self, ops: Any, lbas: Any, nblocks: Any, buffer: Any,
-               offsets: Any = None, lat_ns: Optional[np.ndarray] = None) -> ListResult:
+               offsets: Any = None, lat_ns: Optional[npt.NDArray[np.int64]] = None) -> ListResult:
         """Issue a batch of requests in one call without the GIL (the block
         library's ``cblk_listio``).
 
@@ -352,10 +356,10 @@ class _Lun:
 
     release = close
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
