@@ -34,8 +34,8 @@ MIB = 1 << 20
 
 # A memory LUN of two chunks (sparse) with a small vLUN: prefill is 8 MiB.
 TINY = ["-d", "0.2", "--warmup", "0.05", "--size", "512M", "--vlun-size", "8M"]
-TABLE_HEAD = ("workload", "ops/s", "MB/s", "p50 us", "p99 us", "p99.9 us",
-              "baseline ops/s", "ratio", "errors", "verified")
+TABLE_HEAD = ("workload", "rate \u00b1spread", "MB/s", "lat per", "p50 us", "p99 us",
+              "p99.9 us", "baseline \u00b1spread", "ratio (p10-p90)", "errors", "verified")
 MATRIX_ROWS = ["translate", "chunk alloc+free", "VLUN_CLONE 1M chunks", "4k randread",
                "4k randwrite", "4k 70/30 mix", "1m seqread"]
 
@@ -106,8 +106,8 @@ def table_rows(out):
     assert set(lines[i + 1]) <= {"-", " "}
     rows = []
     for line in lines[i + 2:]:
-        if not line.strip() or line.startswith("figures written") or \
-                line.startswith("plot written"):
+        if not line.strip() or line.startswith(("figures written", "plot written",
+                                                 "time: ")):
             break
         rows.append(line)
     return rows
@@ -280,10 +280,14 @@ def test_io_file_target(capsys, tmp_path, kind):
     else:
         with open(img, "wb") as f:
             f.truncate(8 * MIB)
-        args = ["--lun", "direct"]
+        args = ["--lun", "direct", "--force"]
     out, doc = bench_json(capsys, tmp_path, "io", "-t", str(img), "-r", "50",
                           "-d", "0.2", "--warmup", "0.05", *args)
     assert f"bench: io on {img}," in out
+    if kind.startswith("new"):
+        assert f"{img} does not exist: creating it, a sparse file of 512 MiB" in out
+    else:
+        assert f"overwriting {img} (file, 8 MiB) as --force allows: bytes 0..8388607" in out
     rows = check_doc(doc, out, target=str(img), read_pct=50)
     (r,) = rows.values()
     check_row(r, writes=True)
@@ -522,7 +526,9 @@ def test_progress_during_a_run(capsys, monkeypatch, quiet):
         assert text == ""
         return
     assert "\r4k random read" in text
-    assert re.search(r"\d+\.\d/0\.6s +[\d.]+[kMG]? ?ops/s", text), text
+    assert re.search(r"\d+\.\d/0\.6s +[\d.]+[kMG]? ?req/s", text), text
+    # The prefill's progress is in bytes, not seconds.
+    assert re.search(r"\rprefill +\[#+ *\] [\d.]+ MiB/8 MiB +[\d.]+[kMG]? ?B/s", text), text
     assert text.endswith("\r")                       # the line is cleared
     assert table_rows(capsys.readouterr().out)
 
@@ -650,7 +656,7 @@ def _fake_row(failed=False, errors=0):
     (False, 0, ""),
 ])
 def test_cli_exit_status_from_rows(capsys, monkeypatch, failed, errors, message):
-    monkeypatch.setattr(bench, "run", lambda opts, progress=None: _fake_row(failed, errors))
+    monkeypatch.setattr(bench, "run", lambda opts, progress=None, log=None: _fake_row(failed, errors))
     rc, out, err = run_main(capsys, "bench", "io", "-d", "0.2")
     assert rc == (1 if message else 0)
     assert err == message
@@ -677,7 +683,8 @@ def loop_device(tmp_path):
 @pytest.mark.parametrize("extra", [[], ["--direct-io", "--blocks", "8"]])
 def test_block_device_target(capsys, tmp_path, loop_device, extra):
     out, doc = bench_json(capsys, tmp_path, "io", "--target", loop_device, "--read-pct", "50",
-                          "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M", *extra)
+                          "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M", "--force",
+                          *extra)
     (row,) = doc["rows"]
     check_row(row, writes=True)
     assert doc["options"]["target"] == loop_device
