@@ -710,3 +710,253 @@ def test_direct_lun_io_covers_only_its_region():
         assert run.verify() == (len(written), 0)
     finally:
         target.close()
+
+
+# -- a benchmark never destroys data (issue 13) ------------------------------------------
+
+
+def _data_file(path, size, data_bytes=16 * MIB):
+    """A sparse file of ``size`` bytes whose first ``data_bytes`` hold random
+    data, read-only (0444); returns that data."""
+    data = np.random.default_rng(5).integers(0, 256, data_bytes, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(size)
+    os.chmod(path, 0o444)
+    return data
+
+
+def _digest(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("lun", ["direct", "virtual"])
+def test_read_only_run_reads_an_existing_file_as_it_is(capsys, tmp_path, lun):
+    """A read workload on a file holding data (read-only, as root too):
+    no prefill, nothing written, the run says what it does."""
+    img = tmp_path / "data.img"
+    _data_file(img, 512 * MIB)
+    before = _digest(img)
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--lun", lun,
+                          "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M")
+    assert f"{img} exists (file, 512 MiB): reading what it holds, opened read-only, " \
+           "without a prefill" in out
+    (row,) = doc["rows"]
+    check_row(row, writes=False)
+    assert "prefill" not in doc["phases_s"]
+    assert _digest(img) == before
+    assert oct(img.stat().st_mode & 0o777) == "0o444"
+
+
+WRITERS = {
+    "io write, direct": (["io", "--lun", "direct", "-r", "0", "--vlun-size", "8M"],
+                         "bytes 0..8388607 (the first 8 MiB: the direct LUN's first "
+                         "--vlun-size bytes"),
+    "io mix, virtual": (["io", "-r", "70", "--vlun-size", "8M"],
+                        "bytes 0..8388607 (the first 8 MiB: the virtual LUN's blocks"),
+    "matrix": (["matrix", "--vlun-size", "8M"], "bytes 0..8388607"),
+    "arkdb": (["arkdb"], "any of its 512 MiB (bytes 0..536870911)"),
+    "resize-storm": (["resize-storm"], "any of its 512 MiB (bytes 0..536870911)"),
+}
+
+
+@pytest.mark.parametrize("argv, what", WRITERS.values(), ids=WRITERS.keys())
+def test_a_run_that_writes_refuses_an_existing_file(capsys, tmp_path, argv, what):
+    img = tmp_path / "data.img"
+    _data_file(img, 512 * MIB)
+    before = _digest(img)
+    t0 = time.monotonic()
+    rc, out, err = run_main(capsys, "bench", *argv, "--target", str(img), "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert f"refusing to overwrite {img} (file, 512 MiB, may hold data): this run " \
+           f"would write {what}" in err
+    assert "--force" in err
+    assert "workload" not in out                  # refused before any row ran
+    assert time.monotonic() - t0 < 2
+    assert _digest(img) == before
+
+
+@pytest.mark.parametrize("lun", ["direct", "virtual"])
+def test_force_overwrites_exactly_what_it_says(capsys, tmp_path, lun):
+    img = tmp_path / "data.img"
+    data = _data_file(img, 512 * MIB)
+    os.chmod(img, 0o644)
+    flag = "--allow-overwrite" if lun == "direct" else "--force"
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--lun", lun,
+                          "-r", "0", "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M",
+                          flag)
+    assert f"overwriting {img} (file, 512 MiB) as --force allows: bytes 0..8388607" in out
+    (row,) = doc["rows"]
+    check_row(row, writes=True)
+    with open(img, "rb") as f:
+        assert f.read(8 * MIB) != data[:8 * MIB]
+        assert f.read(8 * MIB) == data[8 * MIB:]    # nothing past what it said
+    assert img.stat().st_size == 512 * MIB
+
+
+def test_the_vlun_of_a_fresh_target_is_its_first_bytes():
+    """What the refusal says for a virtual LUN (its blocks are the LUN's
+    first bytes) is what the run does."""
+    o = bench.Options(workload="io", size=1 << 30, vlun_blocks=3 * 65536 + 5)
+    target = bench.Target(o)
+    try:
+        lun = target.open_lun()
+        lbas = np.arange(lun.size, dtype=np.uint64)
+        assert np.array_equal(lun.translate(lbas), lbas)
+    finally:
+        target.close()
+
+
+def test_a_missing_target_is_created_and_said(capsys, tmp_path):
+    img = tmp_path / "new.img"
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--size", "512M",
+                          "--vlun-size", "8M", "-r", "0", "-d", "0.2", "--warmup", "0")
+    assert f"{img} does not exist: creating it, a sparse file of 512 MiB (left in place " \
+           "after the run)" in out
+    assert doc["notes"] == [f"{img} does not exist: creating it, a sparse file of 512 MiB "
+                            "(left in place after the run)"]
+    assert img.stat().st_size == 512 * MIB
+
+
+def test_an_empty_file(capsys, tmp_path):
+    img = tmp_path / "empty.img"
+    img.write_bytes(b"")
+    for lun in ("direct", "virtual"):
+        rc, out, err = run_main(capsys, "bench", "io", "--target", str(img), "--lun", lun,
+                                "-d", "0.2")
+        assert rc == 2
+        _one_error_line(err)
+        assert f"target {img} is an empty file (0 bytes): nothing to read and no room to " \
+               "write; give --size" in err
+        assert img.stat().st_size == 0              # not grown behind the user's back
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--lun", "direct",
+                          "--size", "8M", "-r", "0", "-d", "0.2", "--warmup", "0")
+    assert f"{img} is an empty file: extending it to 8 MiB (sparse)" in out
+    assert img.stat().st_size == 8 * MIB
+
+
+def test_size_with_an_existing_target(capsys, tmp_path):
+    img = tmp_path / "data.img"
+    _data_file(img, 8 * MIB, MIB)
+    rc, out, err = run_main(capsys, "bench", "io", "--target", str(img), "--lun", "direct",
+                            "--size", "16M", "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert f"--size is for memory or a new file: {img} exists (8 MiB)" in err
+    assert img.stat().st_size == 8 * MIB
+
+
+def test_an_unattached_loop_device(capsys):
+    dev = subprocess.run(["losetup", "--find"], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    assert bench.probe(dev) == ("block device", 0)
+    rc, out, err = run_main(capsys, "bench", "io", "--target", dev, "--lun", "direct",
+                            "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert f"target {dev} is a block device of 0 bytes: nothing is attached to it " \
+           f"(attach a file first: losetup {dev} FILE)" in err
+    assert "No space left" not in err
+
+
+def test_a_block_device_with_data_is_refused(capsys, loop_device):
+    rc, out, err = run_main(capsys, "bench", "io", "--target", loop_device, "-r", "50",
+                            "-d", "0.2")
+    assert rc == 2
+    assert f"refusing to overwrite {loop_device} (block device, 1024 MiB" in err
+
+
+@pytest.mark.parametrize("threads, ok", [(256, True), (257, False), (1000, False)])
+def test_threads_are_bounded(capsys, threads, ok):
+    argv = ["bench", "io", "--threads", str(threads), "-d", "0.2", "--warmup", "0",
+            "--size", "512M", "--vlun-size", "64M", "-r", "70"]
+    t0 = time.monotonic()
+    rc, out, err = run_main(capsys, *argv)
+    if ok:
+        assert rc == 0, err
+        assert time.monotonic() - t0 < 15
+        return
+    assert rc == 2
+    _one_error_line(err)
+    assert f"--threads {threads} is more than 256" in err
+    assert time.monotonic() - t0 < 1
+
+
+def test_many_threads_keep_to_the_duration():
+    """64 threads, 0.5 s: the measured run ends on time, and no side's
+    measured time exceeds the wall time of the run."""
+    o = bench.Options(workload="io", size=1 << 30, vlun_blocks=(64 << 20) // 4096,
+                      read_pct=70, threads=64, duration=0.5)
+    target = bench.Target(o)
+    try:
+        lun = target.open_lun()
+        run = bench.IoRun(lun, target.fd, o, "mix", 1)
+        t0 = time.monotonic()
+        main, base = run.run(o.duration, bench.Progress(False))
+        wall = time.monotonic() - t0
+        assert wall < o.duration + 0.5, wall
+        assert main.seconds <= wall and base.seconds <= wall
+        assert main.ops > 0 and base.ops > 0
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "error"])
+def test_rows_measured_are_kept_when_a_later_row_stops(capsys, tmp_path, monkeypatch, stop):
+    real = bench.io_row
+    calls = []
+
+    def io_row(target, lun, opts, name, progress, log=None):
+        calls.append(name)
+        if len(calls) == 3:
+            if stop == "interrupt":
+                raise KeyboardInterrupt
+            raise OSError(5, "the disk went away")
+        return real(target, lun, opts, name, progress, log)
+
+    monkeypatch.setattr(bench, "io_row", io_row)
+    path = tmp_path / "partial.json"
+    rc, out, err = run_main(capsys, "bench", "-d", "0.1", "--warmup", "0", "--size", "512M",
+                            "--vlun-size", "8M", "--json", str(path))
+    assert rc == (130 if stop == "interrupt" else 2)
+    why = "interrupted" if stop == "interrupt" else "error: [Errno 5] the disk went away"
+    assert f"the run stopped ({why}); the 5 rows measured before:" in out
+    assert table_rows(out) and [l.split("  ")[0] for l in table_rows(out)] == \
+        MATRIX_ROWS[:5]
+    doc = _strict_json(path.read_text())
+    assert doc["incomplete"] == why
+    assert [r["name"] for r in doc["rows"]] == MATRIX_ROWS[:5]
+
+
+def test_spread_next_to_each_figure(capsys, tmp_path):
+    out, doc = bench_json(capsys, tmp_path, "io", "-r", "70", "-d", "0.6", "--warmup", "0",
+                          "--size", "512M", "--vlun-size", "8M")
+    (row,) = doc["rows"]
+    for side in (row["workload"], row["baseline"]):
+        lo, hi = side["ops_per_s_p10_p90"]
+        assert 0 < lo <= hi
+        assert len(side["timeline"]) >= 3
+    lo, hi = row["ratio_p10_p90"]
+    assert 0 < lo <= hi
+    assert row["latency_per"] == "request"
+    (line,) = table_rows(out)
+    assert re.search(r"[\d.]+[kMG]? req/s \u00b1\d+%", line), line
+    assert re.search(r"\d\.\d\dx \(\d\.\d\d-\d\.\d\d\)", line), line
+    assert re.search(r"time: measured 0.6 s per row, prefill [\d.]+ s", out)
+
+
+def test_help_explains_the_columns(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for column in TABLE_HEAD:
+        assert column.split(" ")[0].split("/")[0] in text, column
+    assert "above 1.00x the workload is faster than its baseline" in " ".join(text.split())
+    assert "per batch, not per item" in text
+    assert "--force" in text and "--allow-overwrite" in text
