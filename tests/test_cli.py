@@ -960,3 +960,30 @@ def test_help_explains_the_columns(capsys):
     assert "above 1.00x the workload is faster than its baseline" in " ".join(text.split())
     assert "per batch, not per item" in text
     assert "--force" in text and "--allow-overwrite" in text
+
+
+def test_plot_one_panel_per_family(tmp_path):
+    """The matrix plot: block I/O (per request) and core operations (per
+    call) in panels of their own, a row's colour the same everywhere, its
+    baseline dashed, every rate drawn (a 1 MiB row too) on log scales."""
+    o = bench.Options(workload="matrix", size=512 * MIB, vlun_blocks=2048, duration=0.3,
+                      warmup=0.0)
+    rows = bench.run(o)
+    png = tmp_path / "m.png"
+    layout = bench.plot(rows, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(layout) == {"block I/O: latency", "block I/O: rate over time",
+                           "core operations: latency", "core operations: rate over time"}
+    io_names = {"4k randread", "4k randwrite", "4k 70/30 mix", "1m seqread"}
+    colours = {}
+    for title, series in layout.items():
+        names = {label.split(":")[0] for label, _, _ in series}
+        assert names == (io_names if title.startswith("block") else
+                         {"translate", "chunk alloc+free", "VLUN_CLONE 1M chunks"}), title
+        for label, colour, style in series:
+            name = label.split(":")[0]
+            assert colours.setdefault(name, colour) == colour, (title, label)
+            assert style == ("--" if ":" in label else "-")
+    assert len(set(colours.values())) == len(colours)
+    import matplotlib.pyplot as plt
+    assert not plt.get_fignums()                      # the figure was closed
