@@ -987,3 +987,24 @@ def test_plot_one_panel_per_family(tmp_path):
     assert len(set(colours.values())) == len(colours)
     import matplotlib.pyplot as plt
     assert not plt.get_fignums()                      # the figure was closed
+
+
+def test_ctrl_c_prints_the_rows_measured(tmp_path):
+    """A real SIGINT in the middle of the matrix: exit 130, the rows
+    measured before it on stdout and in the JSON, no traceback."""
+    import signal
+    path = tmp_path / "partial.json"
+    p = subprocess.Popen([sys.executable, "-m", "cxlflash.cli", "bench", "-d", "1",
+                          "--warmup", "0", "--size", "512M", "--vlun-size", "8M",
+                          "--json", str(path)], cwd=str(tmp_path), env=_subprocess_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.5)                 # the core rows take about 2.5 s
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in err and err == "cxlflash: interrupted\n"
+    m = re.search(r"the run stopped \(interrupted\); the (\d) rows measured before:", out)
+    assert m and int(m.group(1)) >= 3, out
+    doc = _strict_json(path.read_text())
+    assert doc["incomplete"] == "interrupted"
+    assert [r["name"] for r in doc["rows"]] == MATRIX_ROWS[:int(m.group(1))]
