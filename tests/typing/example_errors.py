@@ -24,6 +24,8 @@ def misuse() -> None:
         res = vlun.listio([1], [0], [1], bytearray(4096))
         text: str = res.status                        # E: assignment
         flag: str = res.ok                            # E: assignment
+        vlun.listio([1], [0], [1], bytearray(4096), qd="deep")  # E: arg-type
+        vlun.flush(0)                                 # E: call-arg
         fut = vlun.aread(0, 1)
         n: int = fut.result()                         # E: assignment
         del name, data, text, flag, n

@@ -7,6 +7,7 @@ here as an error.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from concurrent.futures import Future
 from typing import Dict, List, Optional
@@ -50,7 +51,23 @@ def object_api() -> int:
         fn: Future[int] = v.awrite(0, bytes(4096))
         n += fn.result() + v.areadinto(0, bytearray(4096)).result()
         res: ListResult = v.listio([LIST_READ, LIST_WRITE, LIST_UNMAP], [0, 70_000, 5],
-                                   [1, 1, 1], bytearray(3 * 4096))
+                                   [1, 1, 1], bytearray(3 * 4096), qd=8)
+        v.flush()
+        n += v.write_zeroes(0, 1) + v.discard(1, 1)
+        flushed: Future[None] = v.aflush()
+        flushed.result()
+        n += v.awrite_zeroes(0, 1).result() + v.adiscard(1, 1).result()
+
+        async def in_a_loop() -> int:
+            data: bytearray = await v.read_async(0, 1)
+            k: int = await v.readinto_async(0, data)
+            k += await v.write_async(0, data)
+            await v.flush_async()
+            k += await v.write_zeroes_async(0, 1) + await v.discard_async(1, 1)
+            return k
+
+        n += asyncio.run(in_a_loop())
+        kind: str = adapter.engine.kind
         status: npt.NDArray[np.int64] = res.status
         ok: bool = res.ok
         err: Optional[OSError] = res.error(0)
@@ -64,7 +81,7 @@ def object_api() -> int:
             n += dl.write(0, bytes(4096)) + len(dl) + dl.block_size
         healthy: bool = c.recover()
         del wwid, port, writable, luns, state, cid, fd, size, phys, four, status, ok
-        del err, errs, stats, healthy
+        del err, errs, stats, healthy, kind
         return n + len(res)
 
 

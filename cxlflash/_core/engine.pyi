@@ -1,0 +1,43 @@
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from .datapath import DataPath
+
+OP_READ: int
+OP_WRITE: int
+OP_FLUSH: int
+OP_ZERO: int
+OP_DISCARD: int
+MAX_DEPTH: int
+MAX_WORKERS: int
+
+def engine_info() -> Dict[str, Any]: ...
+
+class Engine:
+    """The asynchronous I/O engine of an adapter (io_uring or threads)."""
+    @property
+    def kind(self) -> str: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def injected(self) -> int: ...
+    def __init__(self, kind: Optional[str] = None, depth: int = 256,
+                 workers: Optional[int] = None) -> None: ...
+    def close(self) -> None: ...
+    def inject(self, result: int, count: int = 1, op: Optional[str] = None,
+               skip: int = 0) -> None: ...
+    def settle(self, dp: DataPath) -> None: ...
+    def submit(self, dp: DataPath, op: int, lba: int = 0, nblocks: Optional[int] = None,
+               buffer: Any = None, mode: int = 0) -> Any: ...
+    def listio(self, dp: DataPath, ops: Any, lbas: Any, nblocks: Any, buffer: Any,
+               offsets: Any = None, lat_ns: Optional[npt.NDArray[np.int64]] = None,
+               qd: int = 64) -> Any: ...
+    def raw_listio(self, fd: int, ops: Any, offsets: Any, nbytes: int, buffer: Any,
+                   buf_offsets: Any = None, qd: int = 64,
+                   lat_ns: Optional[npt.NDArray[np.int64]] = None) -> int: ...
