@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import stat
 import struct
 import sys
@@ -29,7 +30,7 @@ else:
 from . import __version__, uapi
 from ._core import pattern
 from ._core.allocator import ChunkAllocator
-from ._core.datapath import raw_io, LIST_READ, LIST_WRITE
+from ._core.datapath import LIST_READ, LIST_WRITE
 from ._core.tables import ResourceTable
 from .adapter import Adapter, ioctl
 from .backing import (BLKGETSIZE64, BLKSSZGET, Backing, BlockDeviceBacking, FileBacking,
@@ -69,6 +70,8 @@ class Options:
     quiet: bool = False
     direct_io: bool = False
     force: bool = False               # may overwrite an existing target
+    qd: int = 1                       # requests in flight per thread (the engine)
+    fio: bool = True                  # io: add fio's figure where fio is on PATH
     size_given: bool = False          # --size was given (not the default)
 
 
@@ -146,6 +149,7 @@ class Row:
     verified: str = ""        # "", "ok (N blocks)" or "FAILED: ..."
     failed: bool = False
     lat_per: str = "request"  # what one latency sample is: a request, or a call of N ops
+    fio: Optional[dict] = None  # io rows: fio's figure for the same requests
 
     @property
     def ratio(self):
@@ -179,6 +183,7 @@ class Row:
                 "workload": side(self.main),
                 "baseline_name": self.base_name, "baseline": side(self.base),
                 "ratio": self.ratio, "ratio_p10_p90": list(rs) if rs else None,
+                "fio": self.fio,
                 "verified": self.verified, "failed": self.failed}
 
 
@@ -296,6 +301,9 @@ class IoRun:
             raise BenchError(f"the LUN ({lun.size} blocks) is too small for "
                              f"{opts.threads} threads of {opts.blocks}-block requests")
         self.seq_of = np.zeros(self.region, dtype=np.uint64)   # last write's sequence
+        # Both sides go through the adapter's engine at the same depth: the
+        # workload with lun.listio(qd=), the baseline with raw_listio(qd=).
+        self.engine = lun.adapter.engine
         self.seed = rng_seed
         self.writes = opts.read_pct < 100
 
@@ -337,7 +345,10 @@ class IoRun:
             try:
                 rng = np.random.default_rng(self.seed * 1000 + t)
                 nbytes = o.blocks * self.bs
-                most = max(1, min(BATCH, BATCH_BYTES // nbytes))
+                # Enough requests per batch to keep qd of them in flight.
+                most = max(1, min(max(BATCH, 4 * o.qd),
+                                  max(BATCH_BYTES, o.qd * nbytes) // nbytes))
+                least = min(most, o.qd)
                 buf = aligned_buffer(most * nbytes)
                 lat_all = np.empty(most, dtype=np.int64)
                 hist_m, hist_b = Histogram(), Histogram()
@@ -345,7 +356,7 @@ class IoRun:
                 m_t = b_t = 0.0
                 seq = (t + 1) << 40
                 cursor = 0
-                batch = min(most, 8)
+                batch = min(most, max(8, o.qd))
                 turn = 0
                 gate.wait()
                 deadline = clock["deadline"]
@@ -376,7 +387,7 @@ class IoRun:
                         b_t += self._raw(ops, lbas, nbytes, view, lat, hist_b, wmask, seqs)
                         b_ops += batch
                     t0 = time.perf_counter()
-                    res = self.lun.listio(ops, lbas, nb, view, lat_ns=lat)
+                    res = self.lun.listio(ops, lbas, nb, view, lat_ns=lat, qd=o.qd)
                     m_t += time.perf_counter() - t0
                     ok = res.status >= 0
                     m_ops += int(ok.sum())
@@ -391,8 +402,8 @@ class IoRun:
                     # Batches of about BATCH_SECONDS: many threads sharing
                     # the cores make each request slower, not the run longer.
                     took = time.perf_counter() - t_batch
-                    if took > BATCH_SECONDS and batch > 1:
-                        batch = max(1, batch // 2)
+                    if took > BATCH_SECONDS and batch > least:
+                        batch = max(least, batch // 2)
                     elif took < BATCH_SECONDS / 4 and batch < most:
                         batch = min(most, batch * 2)
                 with lock:
@@ -457,7 +468,7 @@ class IoRun:
         physical offsets.  Returns the seconds spent."""
         phys = self.lun.translate(lbas) * np.uint64(self.bs)
         t0 = time.perf_counter()
-        raw_io(self.fd, ops, phys, nbytes, buf, lat_ns=lat)
+        self.engine.raw_listio(self.fd, ops, phys, nbytes, buf, qd=self.o.qd, lat_ns=lat)
         dt = time.perf_counter() - t0
         hist.add(lat)
         if wmask.any():
@@ -921,10 +932,13 @@ class Target:
 
 
 def machine_info():
+    from ._core.engine import engine_info
+    eng = engine_info()
     return {"platform": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor() or _cpu_model(),
             "cores": os.cpu_count(), "python": sys.version.split()[0],
-            "numpy": _numpy_version(), "cxlflash": __version__}
+            "numpy": _numpy_version(), "cxlflash": __version__,
+            "engine": eng["engine"] + (f" ({eng['reason']})" if eng["reason"] else "")}
 
 
 def _numpy_version():
@@ -958,7 +972,7 @@ def io_row(target, lun, opts, name, progress, log=None):
         run.run(opts.warmup, progress, record=False)
         log.spent("warm-up", time.monotonic() - t0)
     main, base = run.run(opts.duration, progress)
-    row = Row(name, "IO", main, base, "raw pread/pwrite" if base else "")
+    row = Row(name, "IO", main, base, f"raw store, qd {opts.qd}" if base else "")
     if run.writes:
         t0 = time.monotonic()
         checked, bad = run.verify(progress)
@@ -1000,10 +1014,80 @@ def run_io(opts, progress, log=None):
         kind = ("read" if opts.read_pct == 100 else "write" if opts.read_pct == 0
                 else f"{opts.read_pct}/{100 - opts.read_pct} mix")
         name = f"{_bytes(opts.blocks * lun.block_size)} {opts.pattern} {kind}"
-        log.rows.append(io_row(target, lun, opts, name, progress))
+        row = io_row(target, lun, opts, name, progress)
+        log.rows.append(row)
+        if opts.fio and shutil.which("fio"):
+            row.fio = run_fio(target, lun, opts, log)
         return log.rows
     finally:
         target.close()
+
+
+def fio_command(path, opts, region_bytes, block_size):
+    """fio doing what an ``io`` row does, on the same store: the same
+    request size, read share, pattern, queue depth and threads, over the
+    same region (a vLUN's blocks are the LUN's first bytes), io_uring,
+    O_DIRECT when the run uses it."""
+    seq = opts.pattern == "seq"
+    if opts.read_pct >= 100:
+        rw = "read" if seq else "randread"
+    elif opts.read_pct <= 0:
+        rw = "write" if seq else "randwrite"
+    else:
+        rw = "rw" if seq else "randrw"
+    cmd = ["fio", "--name=cxlflash-bench", f"--filename={path}", f"--rw={rw}",
+           f"--bs={opts.blocks * block_size}", f"--iodepth={opts.qd}",
+           "--ioengine=io_uring", f"--direct={1 if opts.direct_io else 0}",
+           f"--numjobs={opts.threads}", "--group_reporting", "--thread",
+           f"--size={region_bytes}", "--offset=0", f"--runtime={opts.duration:g}",
+           "--time_based", "--norandommap", "--randrepeat=0", "--output-format=json"]
+    if 0 < opts.read_pct < 100:
+        cmd.append(f"--rwmixread={opts.read_pct}")
+    if opts.read_pct >= 100:
+        cmd.append("--readonly")
+    return cmd
+
+
+def run_fio(target, lun, opts, log):
+    """fio's requests per second for the run's store, depth and request
+    size, or None (the reason is a note)."""
+    import subprocess
+    path = (opts.target if opts.target != "memory"
+            else f"/proc/{os.getpid()}/fd/{target.fd}")        # the memfd itself
+    region = region_blocks(lun, opts) * lun.block_size
+    cmd = fio_command(path, opts, region, lun.block_size)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True,
+                           timeout=opts.duration * 3 + 30)
+        doc = json.loads(p.stdout[p.stdout.index("{"):])
+        job = doc["jobs"][0]
+        if job.get("error"):
+            raise ValueError(f"fio error {job['error']}")
+        iops = float(job["read"]["iops"]) + float(job["write"]["iops"])
+    except (OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
+        log.say(f"fio could not run ({e}); {' '.join(cmd)}")
+        return None
+    finally:
+        log.spent("fio", time.monotonic() - t0)
+    return {"iops": iops, "command": cmd}
+
+
+def format_fio(rows):
+    """A line per row that has fio's figure next to it."""
+    out = []
+    for r in rows:
+        f = getattr(r, "fio", None)
+        if f:
+            out.append(f"fio, the same requests on the same store (io_uring, qd "
+                       f"{_flag(f['command'], 'iodepth')}, {_flag(f['command'], 'numjobs')} "
+                       f"thread(s)): {_si(f['iops']).strip()} req/s; {r.name}: "
+                       f"{r.main.rate / f['iops']:.2f}x fio's rate" if f["iops"] else "")
+    return "\n".join(l for l in out if l)
+
+
+def _flag(cmd, name):
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}="))
 
 
 def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_blocks=64):
@@ -1033,7 +1117,8 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
         def raw_once(lun, op, lba, buf, lat, hist):
             phys = lun.translate([lba]) * np.uint64(4096)
             t0 = time.perf_counter()
-            raw_io(target.fd, [op], phys, 4096, buf, lat_ns=lat)
+            target.adapter.engine.raw_listio(target.fd, [op], phys, 4096, buf, qd=1,
+                                             lat_ns=lat)
             dt = time.perf_counter() - t0
             hist.add(lat)
             return dt
@@ -1078,7 +1163,7 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
                             b_busy += raw_once(lun, op, lba, buf, lat_b, hist_b)
                             b_ops += 1
                         t0 = time.perf_counter()
-                        res = lun.listio([op], [lba], [1], buf, lat_ns=lat)
+                        res = lun.listio([op], [lba], [1], buf, lat_ns=lat, qd=1)
                         busy += time.perf_counter() - t0
                         if res.status[0] >= 0:
                             ops += 1
@@ -1136,7 +1221,7 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
             checked += int(np.count_nonzero(seq_of))
         row = Row("arkdb 20 vLUNs 4k 70/30", "IO", main,
                   base if opts.compare_raw else None,
-                  "raw pread/pwrite" if opts.compare_raw else "")
+                  "raw store, qd 1" if opts.compare_raw else "")
         row.verified = f"ok ({checked} blocks)" if not bad else f"FAILED: {bad} of {checked} blocks"
         row.failed = bool(bad)
         grow = Row("arkdb grow 4 MiB steps", "resize", resizes, lat_per="resize")
@@ -1242,10 +1327,11 @@ The columns of the table:
               of the batch named (core rows: per batch, not per item)
   p50/p99/p99.9 us   latency percentiles of those samples, in microseconds
   baseline    the same work done the plain way in the same run, with its
-              spread: raw pread/pwrite of the same requests at the same
-              physical offsets on the bare backing store, interleaved batch
-              by batch (I/O); the numpy formula (translate); the kernel's
-              allocation loop in Python (alloc); np.copyto of the LXT (clone)
+              spread: the same requests at the same physical offsets on the
+              bare backing store, through the same engine at the same queue
+              depth ("raw store, qd N"), interleaved batch by batch (I/O);
+              the numpy formula (translate); the kernel's allocation loop in
+              Python (alloc); np.copyto of the LXT (clone)
   ratio       rate / baseline rate: above 1.00x the workload is faster than
               its baseline, below it slower (I/O rows: 1.00x means the
               translation costs nothing); in brackets the 10th-90th
@@ -1291,7 +1377,7 @@ def format_table(rows):
 def format_phases(log, opts):
     """One line: the wall time outside the measured rows."""
     parts = [f"measured {opts.duration:g} s per row"]
-    for name in ("prefill", "warm-up", "verify"):
+    for name in ("prefill", "warm-up", "verify", "fio"):
         if name in log.phases:
             parts.append(f"{name} {log.phases[name]:.2f} s")
     return "time: " + ", ".join(parts) + " (not in the figures)"

@@ -88,9 +88,16 @@ prefill.""")
                    help="percentage of reads, 0..100 (io default 100)")
     b.add_argument("-n", "--blocks", type=_positive(int), default=None,
                    help="blocks per request (io default 1)")
-    b.add_argument("-q", "--qd", "--threads", dest="threads", type=_positive(int),
-                   default=1, help=f"queue depth: worker threads, 1..{MAX_THREADS} "
-                                   "(default 1)")
+    b.add_argument("--threads", dest="threads", type=_positive(int), default=1,
+                   help=f"worker threads, 1..{MAX_THREADS} (default 1), each with "
+                        "its own requests")
+    b.add_argument("-q", "--qd", dest="qd", type=_positive(int), default=None,
+                   help="queue depth: requests each thread keeps in flight through "
+                        "the adapter's engine, lun.listio(qd=N), with the raw "
+                        "baseline at the same depth (1..65536, default 1); 'io' "
+                        "also runs fio at that depth where fio is on PATH")
+    b.add_argument("--no-fio", dest="fio", action="store_false",
+                   help="io: do not run fio for comparison")
     b.add_argument("-p", "--pattern", choices=["random", "seq"], default=None,
                    help="random (default) or sequential LBAs")
     b.add_argument("-d", "--duration", type=_positive(float), default=None,
@@ -121,7 +128,10 @@ def _bench(args):
     workload = args.workload
     io_opts = any(v is not None for v in (args.read_pct, args.blocks, args.pattern))
     if workload is None:
-        workload = "io" if io_opts or args.threads > 1 else "matrix"
+        workload = "io" if io_opts or args.threads > 1 or args.qd else "matrix"
+    if args.qd is not None and args.qd > 65536:
+        raise bench.BenchError(f"--qd {args.qd} is more than 65536, the engine's "
+                               "deepest queue")
     if args.threads > bench.MAX_THREADS:
         raise bench.BenchError(
             f"--threads {args.threads} is more than {bench.MAX_THREADS}: each thread is a "
@@ -133,7 +143,7 @@ def _bench(args):
     o = bench.Options(workload=workload, target=args.target, lun=args.lun,
                       threads=args.threads, compare_raw=args.compare_raw,
                       seed=args.seed, quiet=args.quiet, direct_io=args.direct_io,
-                      force=args.force)
+                      force=args.force, qd=args.qd or 1, fio=args.fio)
     if args.size is not None:
         o.size = args.size
         o.size_given = True
@@ -171,9 +181,11 @@ def _bench(args):
         if not os.access(parent, os.W_OK):
             raise bench.BenchError(f"cannot write {path}: permission denied")
     progress = bench.Progress(enabled=False if args.quiet else None)
+    from ._core.engine import engine_info
     print(f"cxlflash {__version__} bench: {workload} on {o.target}"
           f"{'' if o.target != 'memory' else ' (in-memory adapter)'}, "
-          f"{o.duration:g} s per row", flush=True)
+          f"{o.duration:g} s per row, engine {engine_info()['engine']}, qd {o.qd}",
+          flush=True)
     log = bench.RunLog(out=sys.stdout)
     try:
         rows = bench.run(o, progress, log)
@@ -189,6 +201,9 @@ def _bench(args):
                 print(f"figures written to {args.json}")
         raise
     print(bench.format_table(rows))
+    fio = bench.format_fio(rows)
+    if fio:
+        print(fio)
     print(bench.format_phases(log, o))
     if args.json:
         bench.to_json(rows, o, args.json, log)

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ BS = 4096
 MIB = 1 << 20
 
 # A memory LUN of two chunks (sparse) with a small vLUN: prefill is 8 MiB.
-TINY = ["-d", "0.2", "--warmup", "0.05", "--size", "512M", "--vlun-size", "8M"]
+TINY = ["-d", "0.2", "--warmup", "0.05", "--size", "512M", "--vlun-size", "8M", "--no-fio"]
 TABLE_HEAD = ("workload", "rate \u00b1spread", "MB/s", "lat per", "p50 us", "p99 us",
               "p99.9 us", "baseline \u00b1spread", "ratio (p10-p90)", "errors", "verified")
 MATRIX_ROWS = ["translate", "chunk alloc+free", "VLUN_CLONE 1M chunks", "4k randread",
@@ -107,7 +108,7 @@ def table_rows(out):
     rows = []
     for line in lines[i + 2:]:
         if not line.strip() or line.startswith(("figures written", "plot written",
-                                                 "time: ")):
+                                                 "time: ", "fio, ")):
             break
         rows.append(line)
     return rows
@@ -300,7 +301,7 @@ def test_no_compare_raw(capsys, tmp_path):
     (r,) = rows.values()
     check_row(r, baseline=False, writes=True)
     assert r["baseline_name"] == ""
-    assert "raw pread/pwrite" not in out
+    assert "raw store" not in out
 
 
 def test_io_subprocess_quiet(tmp_path):
@@ -874,7 +875,7 @@ def test_a_block_device_with_data_is_refused(capsys, loop_device):
 
 @pytest.mark.parametrize("threads, ok", [(256, True), (257, False), (1000, False)])
 def test_threads_are_bounded(capsys, threads, ok):
-    argv = ["bench", "io", "--threads", str(threads), "-d", "0.2", "--warmup", "0",
+    argv = ["bench", "io", "--threads", str(threads), "-d", "0.2", "--warmup", "0", "--no-fio",
             "--size", "512M", "--vlun-size", "64M", "-r", "70"]
     t0 = time.monotonic()
     rc, out, err = run_main(capsys, *argv)
@@ -1008,3 +1009,100 @@ def test_ctrl_c_prints_the_rows_measured(tmp_path):
     doc = _strict_json(path.read_text())
     assert doc["incomplete"] == "interrupted"
     assert [r["name"] for r in doc["rows"]] == MATRIX_ROWS[:int(m.group(1))]
+
+
+# -- the engine: --qd, the raw baseline at the same depth, fio ---------------------------
+
+
+def test_qd_goes_through_listio_and_raw_listio_at_that_depth(capsys, tmp_path, monkeypatch):
+    """`bench io --qd N`: the workload is lun.listio(..., qd=N), its
+    baseline the engine's raw_listio on the bare store at the same N."""
+    from cxlflash import lun as lun_mod
+    from cxlflash._core.engine import Engine
+    seen = {"listio": set(), "raw": set()}
+    real_listio = lun_mod._Lun.listio
+
+    def listio(self, *args, qd=64, **kw):
+        seen["listio"].add(qd)
+        return real_listio(self, *args, qd=qd, **kw)
+
+    class Spy:
+        def __init__(self, engine):
+            self._e = engine
+
+        def __getattr__(self, name):
+            return getattr(self._e, name)
+
+        def raw_listio(self, *args, qd=64, **kw):
+            seen["raw"].add(qd)
+            return self._e.raw_listio(*args, qd=qd, **kw)
+
+    monkeypatch.setattr(lun_mod._Lun, "listio", listio)
+    real_init = bench.IoRun.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        assert isinstance(self.engine, Engine)
+        self.engine = Spy(self.engine)
+
+    monkeypatch.setattr(bench.IoRun, "__init__", init)
+    out, doc = bench_json(capsys, tmp_path, "--qd", "16", "-r", "70", *TINY)
+    assert ", qd 16" in out.splitlines()[0]
+    (row,) = doc["rows"]
+    check_row(row, writes=True)
+    assert row["baseline_name"] == "raw store, qd 16"
+    assert doc["options"]["qd"] == 16 and doc["options"]["workload"] == "io"
+    assert seen == {"listio": {16}, "raw": {16}}
+
+
+def test_qd_out_of_range(capsys):
+    rc, out, err = run_main(capsys, "bench", "io", "--qd", "70000", "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert "--qd 70000 is more than 65536" in err
+
+
+@pytest.mark.parametrize("target", ["memory", "file"])
+def test_fio_figure_next_to_the_row(capsys, tmp_path, target):
+    """Where fio is on PATH, `bench io` adds fio's rate for the same store,
+    depth and request size (io_uring)."""
+    assert shutil.which("fio"), "fio is needed for this test (apt-get install fio)"
+    args = ["--size", "512M", "--vlun-size", "8M"]
+    if target == "file":
+        args = ["--target", str(tmp_path / "new.img"), *args]
+    out, doc = bench_json(capsys, tmp_path, "io", "--qd", "4", "-r", "50", "-d", "0.5",
+                          "--warmup", "0", *args)
+    (row,) = doc["rows"]
+    check_row(row, writes=True)
+    fio = row["fio"]
+    assert fio["iops"] > 0
+    cmd = fio["command"]
+    for flag in ("--ioengine=io_uring", "--iodepth=4", "--bs=4096", "--rw=randrw",
+                 "--rwmixread=50", "--direct=0", f"--size={8 * MIB}", "--numjobs=1"):
+        assert flag in cmd, (flag, cmd)
+    path = next(a for a in cmd if a.startswith("--filename="))
+    assert path == (f"--filename={tmp_path / 'new.img'}" if target == "file"
+                    else f"--filename=/proc/{os.getpid()}/fd/{path.rsplit('/', 1)[1]}")
+    assert re.search(r"^fio, the same requests on the same store \(io_uring, qd 4, 1 "
+                     r"thread\(s\)\): [\d.]+[kMG]? req/s; 4k random 50/50 mix: "
+                     r"\d+\.\d\dx fio's rate$", out, re.M), out
+    assert "fio" in doc["phases_s"]
+
+
+def test_fio_reads_only_on_a_read_only_run(tmp_path):
+    o = bench.Options(workload="io", read_pct=100, qd=8, threads=2, blocks=2, pattern="seq",
+                      direct_io=True, duration=1.0)
+    cmd = bench.fio_command("/dev/loop9", o, 8 * MIB, 4096)
+    assert "--readonly" in cmd and "--rw=read" in cmd and "--direct=1" in cmd
+    assert "--bs=8192" in cmd and "--numjobs=2" in cmd and "--iodepth=8" in cmd
+
+
+def test_engine_in_the_header_and_info(capsys):
+    from cxlflash._core.engine import engine_info
+    engine = engine_info()["engine"]
+    rc, out, err = run_main(capsys, "info")
+    assert rc == 0
+    assert re.search(rf"^engine +{engine}\b", out, re.M), out
+    rc, out, err = run_main(capsys, "bench", "io", *TINY)
+    assert rc == 0
+    assert f"engine {engine}, qd 1" in out.splitlines()[0]
