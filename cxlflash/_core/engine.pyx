@@ -37,7 +37,7 @@ from cpython.object cimport PyObject
 cdef extern from "Python.h":
     int PyObject_GenericSetDict(object o, object value, void *context) except -1
     object PyObject_GenericGetDict(object o, void *context)
-    object PyType_GenericAlloc(object type, Py_ssize_t nitems)
+    object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
 from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.stdlib cimport calloc, free
@@ -450,7 +450,8 @@ cdef int complete_future(object fut, object value, object exc) except -1:
 cdef object new_future(Engine engine, _Request rq):
     """An EngineFuture, RUNNING (it cannot be cancelled), allocated without
     running Future.__init__ (the futures of an engine share one Condition)."""
-    fut = PyType_GenericAlloc(future_class(), 0)
+    cls = future_class()
+    fut = PyType_GenericAlloc(<PyTypeObject *> cls, 0)
     PyObject_GenericSetDict(fut, {
         "_condition": _shared_cond, "_state": _RUNNING, "_result": None,
         "_exception": None, "_waiters": [], "_done_callbacks": [],

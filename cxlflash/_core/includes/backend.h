@@ -18,7 +18,9 @@
 #ifndef CXLFLASH_BACKEND_H
 #define CXLFLASH_BACKEND_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
