@@ -40,7 +40,7 @@ cdef extern from "Python.h":
     object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
 from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
@@ -55,6 +55,8 @@ import threading
 import weakref
 from time import monotonic as _monotonic
 from cxlflash._core.args import einval
+from cxlflash._core.datapath import list_arrays
+from cxlflash._core._lazy import numpy as np     # imported on first use
 
 cdef extern from *:
     """
@@ -954,8 +956,6 @@ cdef class Engine:
         cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
         if depth < 1:
             raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
-        import numpy as np
-        from cxlflash._core.datapath import list_arrays
         o_arr, l_arr, c_arr, off_arr = list_arrays(ops, lbas, nblocks, offsets,
                                                    dp.block_size)
         cdef const uint8_t[::1] o = o_arr
@@ -1015,7 +1015,6 @@ cdef class Engine:
             raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
         if nb > CXL_MAX_SEG_BYTES:
             raise einval(f"nbytes must be at most {CXL_MAX_SEG_BYTES}")
-        import numpy as np
         cdef const uint64_t[::1] o = u64_array(ops, "ops")
         cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
         cdef Py_ssize_t n = o.shape[0], i
@@ -1132,13 +1131,14 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
     slots = qd if qd < n else n
     if slots == 0:
         return 0
-    pool = <cxl_req *> calloc(slots, sizeof(cxl_req))
-    free_slots = <cxl_req **> calloc(slots, sizeof(cxl_req *))
+    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
+    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
     if pool == NULL or free_slots == NULL:
         free(pool)
         free(free_slots)
         return -1
     for nfree in range(slots):
+        pool[nfree].segs = NULL
         free_slots[nfree] = &pool[nfree]
     nfree = slots
     cxl_queue_init(&q, 0)
@@ -1169,8 +1169,9 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                 outstanding += 1
                 if timed:
                     r.t_submit = cxl_now_ns()
-                cxl_engine_submit(eng, r)
+                cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH)
             i += 1
+        cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
         cxl_engine_wait_queue(eng, &q)
@@ -1218,13 +1219,14 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
     slots = qd if qd < n else n
     if slots == 0:
         return -1
-    pool = <cxl_req *> calloc(slots, sizeof(cxl_req))
-    free_slots = <cxl_req **> calloc(slots, sizeof(cxl_req *))
+    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
+    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
     if pool == NULL or free_slots == NULL:
         free(pool)
         free(free_slots)
         return -2
     for nfree in range(slots):
+        pool[nfree].segs = NULL
         free_slots[nfree] = &pool[nfree]
     nfree = slots
     cxl_queue_init(&q, 0)
@@ -1244,8 +1246,9 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             outstanding += 1
             if timed:
                 r.t_submit = cxl_now_ns()
-            cxl_engine_submit(eng, r)
+            cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH)
             i += 1
+        cxl_engine_kick(eng)            # the batch, in one go
         cxl_engine_wait_queue(eng, &q)
         r = cxl_queue_take(&q)
         while r != NULL:

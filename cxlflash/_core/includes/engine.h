@@ -536,7 +536,16 @@ static void cxl_engine_wait_idle(void *engine, int64_t *count)
 /* Submit a request whose segments are set; one with none (or one the
  * engine, stopping, refuses with ESHUTDOWN) finishes at once.  Waits,
  * reaping, while the engine is full: back-pressure, nothing dropped. */
-static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
+enum {
+    CXL_SUBMIT_BATCH = 1    /* more follow: the caller kicks after the last */
+};
+
+static void cxl_engine_kick(cxl_engine *e)
+{
+    e->be->ops->kick(e->be);
+}
+
+static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
 {
     long need;
     int i;
@@ -593,7 +602,13 @@ static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
         cxl_engine_submit_segs_locked(e, r);
     }
     pthread_mutex_unlock(&e->mu);
-    e->be->ops->kick(e->be);
+    if (!(flags & CXL_SUBMIT_BATCH))
+        e->be->ops->kick(e->be);
+}
+
+static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
+{
+    cxl_engine_submit_flags(e, r, 0);
 }
 
 /* The completer thread: reaps what nobody waits for, and completes the
