@@ -12,6 +12,7 @@ cdef extern from "engine.h" nogil:
         CXL_OP_DISCARD
         CXL_SEG_INLINE
         CXL_REQ_DRAIN
+        CXL_REQ_UNATTENDED
         CXL_XFER_IN_ERROR
         CXL_XFER_BACKING_ENDED
         CXL_HAVE_URING

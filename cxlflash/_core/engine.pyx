@@ -339,10 +339,11 @@ cdef class _Request:
             return e
         return OSError(EIO, "I/O error")        # not reached
 
-    cdef int start(self) except -1:
+    cdef int start(self, int flags=0) except -1:
         """Check, translate and submit (again, after a recovery); when it
         finished at once (a page-cache hit, a refused range), complete it
-        here, else hand it its queue.  Returns 1 when it was completed."""
+        here, else hand it its queue.  Returns 1 when it was completed.
+        ``flags``: CXL_SUBMIT_BATCH leaves the kick to the caller."""
         cdef char *buf = <char *> self.view.buf if self.has_view else NULL
         cdef cxl_engine *eng = self.engine.eng
         cdef int inline_done
@@ -350,7 +351,9 @@ cdef class _Request:
         self.req.owner = <void *> self
         with nogil:
             prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
-            cxl_engine_submit(eng, &self.req)
+            if self.target != NULL:
+                self.req.flags |= CXL_REQ_UNATTENDED
+            cxl_engine_submit_flags(eng, &self.req, flags)
             if self.target != NULL:
                 inline_done = cxl_req_handoff(&self.req, self.target)
             else:
@@ -474,7 +477,26 @@ cdef class _LoopBridge:
     cdef cxl_queue q
     cdef bint ready
     cdef object loop_ref        # weak: the engine's map of bridges is keyed by it
+    cdef Engine engine
+    cdef bint kick_pending
     cdef object __weakref__
+
+    cdef int kick_soon(self) except -1:
+        """Start what this iteration of the loop submitted, once, when the
+        loop gets to it (one system call for all of them)."""
+        if not self.kick_pending:
+            self.kick_pending = True
+            self.loop_ref().call_soon(self._kick)
+        return 0
+
+    def _kick(self):
+        self.kick_pending = False
+        cdef Engine eng = self.engine
+        if eng.eng != NULL and not eng.closed:
+            with nogil:
+                cxl_engine_kick(eng.eng)
+                cxl_engine_try_poll(eng.eng)
+        self.drain()
 
     def __cinit__(self, loop):
         if cxl_queue_init(&self.q, 1) != 0:
@@ -793,11 +815,7 @@ cdef class Engine:
         """Return once every request submitted through ``dp`` has its
         future completed (reaping, and completing what was reaped, in
         this thread; those of the running asyncio loop too)."""
-        import asyncio
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _running_loop()
         bridge = self._bridges.get(loop) if loop is not None else None
         while dp.aio_pending > 0 and self.eng != NULL and not self.closed:
             with nogil:
@@ -811,13 +829,17 @@ cdef class Engine:
     # -- submission -------------------------------------------------------------------
 
     cdef object _bridge(self):
-        import asyncio
-        loop = asyncio.get_running_loop()
+        global _get_running_loop
+        if _get_running_loop is None:
+            from asyncio import get_running_loop
+            _get_running_loop = get_running_loop
+        loop = _get_running_loop()
         if loop is self._last_loop:
             return self._last_bridge
         b = self._bridges.get(loop)
         if b is None:
             b = _LoopBridge(loop)
+            (<_LoopBridge> b).engine = self
             self._bridges[loop] = b
         self._last_loop = loop
         self._last_bridge = b
@@ -928,13 +950,14 @@ cdef class Engine:
         if mode == MODE_FUTURE:
             cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
         try:
-            if not rq.start():              # in flight: reap what is there
+            if mode == MODE_ASYNCIO:
+                # Started once per loop iteration, with the others of it.
+                if not rq.start(CXL_SUBMIT_BATCH):
+                    bridge.kick_soon()
+            elif not rq.start():            # in flight: reap what is there
                 with nogil:
                     cxl_engine_try_poll(self.eng)
-                if mode == MODE_FUTURE:
-                    self._drain_pyq()
-                else:
-                    bridge.drain()
+                self._drain_pyq()
         finally:
             if mode == MODE_FUTURE:
                 cxl_engine_py_busy(self.eng, -1)
@@ -1060,6 +1083,21 @@ cdef class Engine:
                               "addressed)")
             raise OSError(err, f"request {bad}: {os.strerror(err)}")
         return n
+
+
+cdef object _get_running_loop = None
+
+
+cdef object _running_loop():
+    """The running asyncio loop of this thread, or None (asyncio is not
+    imported for this)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return None
+    try:
+        return aio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 _shared_lock = threading.RLock()
