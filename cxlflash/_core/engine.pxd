@@ -13,6 +13,7 @@ cdef extern from "engine.h" nogil:
         CXL_SEG_INLINE
         CXL_REQ_DRAIN
         CXL_REQ_UNATTENDED
+        CXL_REQ_LOOP
         CXL_XFER_IN_ERROR
         CXL_XFER_BACKING_ENDED
         CXL_HAVE_URING
@@ -92,6 +93,7 @@ cdef extern from "engine.h" nogil:
     void cxl_engine_submit(cxl_engine *e, cxl_req *r)
     void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
     void cxl_engine_kick(cxl_engine *e)
+    int cxl_engine_notify_fd(cxl_engine *e)
     enum:
         CXL_SUBMIT_BATCH
     void cxl_engine_finish(cxl_engine *e, cxl_req *r)

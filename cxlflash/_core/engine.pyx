@@ -351,8 +351,10 @@ cdef class _Request:
         self.req.owner = <void *> self
         with nogil:
             prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
-            if self.target != NULL:
+            if self.mode == MODE_FUTURE:
                 self.req.flags |= CXL_REQ_UNATTENDED
+            elif self.mode == MODE_ASYNCIO:
+                self.req.flags |= CXL_REQ_LOOP
             cxl_engine_submit_flags(eng, &self.req, flags)
             if self.target != NULL:
                 inline_done = cxl_req_handoff(&self.req, self.target)
@@ -479,6 +481,7 @@ cdef class _LoopBridge:
     cdef object loop_ref        # weak: the engine's map of bridges is keyed by it
     cdef Engine engine
     cdef bint kick_pending
+    cdef int notify_fd          # the backend's, also watched by this loop
     cdef object __weakref__
 
     cdef int kick_soon(self) except -1:
@@ -502,8 +505,15 @@ cdef class _LoopBridge:
         if cxl_queue_init(&self.q, 1) != 0:
             raise OSError(errno, "cannot make an eventfd for the asyncio loop")
         self.ready = True
+        self.notify_fd = -1
         self.loop_ref = weakref.ref(loop)
         loop.add_reader(self.q.efd, self._on_ready)
+
+    cdef int watch_backend(self, Engine engine) except -1:
+        self.engine = engine
+        self.notify_fd = cxl_engine_notify_fd(engine.eng)
+        self.loop_ref().add_reader(self.notify_fd, self._on_backend)
+        return 0
 
     @property
     def loop(self):
@@ -514,6 +524,20 @@ cdef class _LoopBridge:
             os.read(self.q.efd, 8)
         except BlockingIOError:
             pass
+        self.drain()
+
+    def _on_backend(self):
+        """The backend has completions: reap them here, in the loop's
+        thread, rather than wait for the completer thread to hand them
+        over (a thread hop and a second wake-up per batch)."""
+        cdef Engine eng = self.engine
+        try:
+            os.read(self.notify_fd, 8)
+        except BlockingIOError:
+            pass
+        if eng.eng != NULL and not eng.closed:
+            with nogil:
+                cxl_engine_try_poll(eng.eng)
         self.drain()
 
     cdef int drain(self) except -1:
@@ -532,6 +556,8 @@ cdef class _LoopBridge:
         if loop is not None:
             try:
                 loop.remove_reader(self.q.efd)
+                if self.notify_fd >= 0:
+                    loop.remove_reader(self.notify_fd)
             except Exception:
                 pass        # the loop is closed
 
@@ -839,7 +865,7 @@ cdef class Engine:
         b = self._bridges.get(loop)
         if b is None:
             b = _LoopBridge(loop)
-            (<_LoopBridge> b).engine = self
+            (<_LoopBridge> b).watch_backend(self)
             self._bridges[loop] = b
         self._last_loop = loop
         self._last_bridge = b

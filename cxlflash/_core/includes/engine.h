@@ -34,8 +34,9 @@
 
 enum {
     CXL_REQ_DRAIN = 1,      /* starts after every request submitted before it */
-    CXL_REQ_UNATTENDED = 2  /* nobody waits in the engine for it: the backend's
-                             * notify fd must wake the completer thread */
+    CXL_REQ_UNATTENDED = 2, /* a future's: nobody may wait in the engine for it,
+                             * the completer thread watches the notify fd */
+    CXL_REQ_LOOP = 4        /* an asyncio loop's: the loop watches the notify fd */
 };
 
 /* An error of a request besides errno values (datapath.pxd's XFER_*). */
@@ -106,11 +107,14 @@ typedef struct cxl_engine {
     long depth;                     /* segments in flight at most */
     long seg_inflight;
     long req_inflight;
-    long unattended;                /* CXL_REQ_UNATTENDED requests in flight */
+    long armed;                     /* UNATTENDED or LOOP requests in flight:
+                                     * the backend's notify fd is armed */
+    long unattended;                /* UNATTENDED ones: the completer watches it */
     int ninject;
     cxl_inject inject[CXL_MAX_INJECT];
     cxl_queue pyq;                  /* requests of Python futures */
-    int stop_efd;
+    int stop_efd;                   /* wakes the completer (to stop, or to
+                                     * watch the notify fd again) */
     int stopping;
     int has_completer;
     pthread_t completer;
@@ -249,7 +253,7 @@ static cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
     pthread_mutex_init(&e->reap_mu, NULL);
     pthread_mutex_init(&e->mu, NULL);
     e->head.next = e->head.prev = &e->head;
-    cxl_queue_init(&e->pyq, 0);
+    cxl_queue_init(&e->pyq, 1);     /* its eventfd wakes the completer */
     e->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     e->fork_gen = cxl_fork_gen;
     e->pid = (int) getpid();
@@ -329,7 +333,9 @@ static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
         r->next->prev = r->prev;
         r->next = r->prev = NULL;
         e->req_inflight--;
-        if ((r->flags & CXL_REQ_UNATTENDED) && --e->unattended == 0)
+        if (r->flags & CXL_REQ_UNATTENDED)
+            e->unattended--;
+        if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && --e->armed == 0)
             e->be->ops->set_notify(e->be, 0);
         /* A deferred request starts once it is the oldest in flight. */
         while ((d = e->deferred_head) != NULL && e->head.next == d) {
@@ -556,6 +562,7 @@ static void cxl_engine_kick(cxl_engine *e)
 
 static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
 {
+    uint64_t one = 1;
     long need;
     int i;
     int64_t res;
@@ -595,8 +602,12 @@ static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
         return;
     }
     r->seq = ++e->seq;
-    if ((r->flags & CXL_REQ_UNATTENDED) && e->unattended++ == 0)
-        e->be->ops->set_notify(e->be, 1);   /* before any of it is issued */
+    /* Before any of it is issued: the notify fd armed, and the completer
+     * told to watch it for a future's request. */
+    if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && e->armed++ == 0)
+        e->be->ops->set_notify(e->be, 1);
+    if ((r->flags & CXL_REQ_UNATTENDED) && e->unattended++ == 0 &&
+            write(e->stop_efd, &one, sizeof one) < 0) { /* readable anyway */ }
     r->prev = e->head.prev;
     r->next = &e->head;
     e->head.prev->next = r;
@@ -622,26 +633,36 @@ static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
     cxl_engine_submit_flags(e, r, 0);
 }
 
-/* The completer thread: reaps what nobody waits for, and completes the
- * Python futures (drain_py takes the GIL). */
+/* The completer thread: reaps the completions of futures nobody waits
+ * for, and completes the futures a reaper left in pyq (drain_py takes the
+ * GIL).  It watches the backend's notify fd only while futures' requests
+ * are in flight: asyncio loops reap their own, and list I/O and waiting
+ * threads theirs, without waking it. */
 static void *cxl_engine_completer(void *arg)
 {
     cxl_engine *e = (cxl_engine *) arg;
-    struct pollfd p[2];
+    struct pollfd p[3];
     uint64_t v;
-    p[0].fd = e->be->ops->notify_fd(e->be);
-    p[0].events = POLLIN;
-    p[1].fd = e->stop_efd;
-    p[1].events = POLLIN;
+    int n, i;
+    p[0].fd = e->stop_efd;
+    p[1].fd = e->pyq.efd;
+    p[2].fd = e->be->ops->notify_fd(e->be);
+    for (i = 0; i < 3; i++)
+        p[i].events = POLLIN;
     for (;;) {
-        if (poll(p, 2, 1000) < 0 && errno != EINTR)
+        n = __atomic_load_n(&e->unattended, __ATOMIC_ACQUIRE) > 0 ? 3 : 2;
+        for (i = 0; i < 3; i++)
+            p[i].revents = 0;
+        if (poll(p, (nfds_t) n, 1000) < 0 && errno != EINTR)
             break;
         if (__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE) == 2)
             break;
-        if (p[0].revents & POLLIN) {
-            if (read(p[0].fd, &v, sizeof v) < 0) { /* drained meanwhile */ }
-        }
-        cxl_engine_poll(e, 0);
+        for (i = 0; i < n; i++)
+            if ((p[i].revents & POLLIN) && read(p[i].fd, &v, sizeof v) < 0) {
+                /* drained meanwhile */
+            }
+        if (n == 3)
+            cxl_engine_poll(e, 0);
         /* A Python thread about to drain pyq does it (taking the GIL from
          * it would cost it more): it re-checks pyq after it stops being
          * busy, so nothing posted meanwhile is left behind. */
@@ -696,10 +717,16 @@ static inline void cxl_engine_py_busy(cxl_engine *e, int delta)
     __atomic_add_fetch(&e->py_busy, delta, __ATOMIC_SEQ_CST);
 }
 
+/* The backend's notify fd (readable when completions may wait). */
+static int cxl_engine_notify_fd(cxl_engine *e)
+{
+    return e->be->ops->notify_fd(e->be);
+}
+
 static void cxl_engine_free(cxl_engine *e)
 {
     e->be->ops->destroy(e->be);
-    cxl_queue_destroy(&e->pyq);
+    cxl_queue_destroy(&e->pyq);     /* closes its eventfd */
     close(e->stop_efd);
     pthread_mutex_destroy(&e->reap_mu);
     pthread_mutex_destroy(&e->mu);
