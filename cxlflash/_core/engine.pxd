@@ -51,6 +51,7 @@ cdef extern from "engine.h" nogil:
         int afu_rc
         uint64_t bad
         int nseg
+        int seg_left
         cxl_seg *segs
         cxl_seg seg_inline[4]
         int64_t *table_inflight
@@ -90,8 +91,8 @@ cdef extern from "engine.h" nogil:
     void cxl_req_clear(cxl_req *r)
     cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
     int cxl_engine_is_ours(cxl_engine *e)
-    void cxl_engine_submit(cxl_engine *e, cxl_req *r)
-    void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+    int cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+    int cxl_engine_try_segs(cxl_engine *e, cxl_req *r)
     void cxl_engine_kick(cxl_engine *e)
     int cxl_engine_notify_fd(cxl_engine *e)
     enum:

@@ -197,9 +197,11 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
 
 cdef int prepare(cxl_req *r, DataPath dp, cxl_engine *eng, int op, uint64_t lba,
                  uint64_t nblocks, char *buf) noexcept nogil:
-    """Check and translate a request under the table's read lock; on
-    success count it into the table.  0, or the request's status (also
-    stored in it, with ``afu_rc`` and ``bad``): it then has no segment."""
+    """Check and translate a request under the table's read lock, run what
+    can complete without blocking, and count the request into the table
+    if anything is left for the backend (``seg_left``).  0, or the
+    request's status (also stored in it, with ``afu_rc`` and ``bad``): it
+    then has no segment."""
     cdef int write = op != CXL_OP_READ and op != CXL_OP_FLUSH
     cdef uint64_t bad = 0
     cdef int rc
@@ -212,6 +214,11 @@ cdef int prepare(cxl_req *r, DataPath dp, cxl_engine *eng, int op, uint64_t lba,
     if rc == 0:
         rc = build_segs(r, dp, op, lba, nblocks, buf)
     if rc == 0:
+        # What cannot block on a device runs now, under the read lock, as
+        # the synchronous data path runs it; only what is left is counted
+        # in flight.
+        r.seg_left = cxl_engine_try_segs(eng, r)
+    if rc == 0 and r.seg_left:
         cxl_atomic_add_i64(&dp.table.aio_inflight, 1)
         r.table_inflight = &dp.table.aio_inflight
         r.fail_gen = &dp.table.fail_gen
@@ -316,6 +323,7 @@ cdef class _Request:
     cdef int op
     cdef int mode
     cdef bint retried
+    cdef bint completed         # its outcome was delivered
 
     def __dealloc__(self):
         if self.has_view:
@@ -355,11 +363,9 @@ cdef class _Request:
                 self.req.flags |= CXL_REQ_UNATTENDED
             elif self.mode == MODE_ASYNCIO:
                 self.req.flags |= CXL_REQ_LOOP
-            cxl_engine_submit_flags(eng, &self.req, flags)
-            if self.target != NULL:
+            inline_done = cxl_engine_submit_flags(eng, &self.req, flags)
+            if not inline_done and self.target != NULL:
                 inline_done = cxl_req_handoff(&self.req, self.target)
-            else:
-                inline_done = 0
         if inline_done:
             finish(self)
             return 1
@@ -402,6 +408,7 @@ cdef int finish(_Request rq) except -1:
         dp.stats.errors += 1
         exc = rq.error()
     rq.future = None
+    rq.completed = True
     dp.aio_pending -= 1
     if rq.mode == MODE_FUTURE:
         complete_future(fut, value if exc is None else None, exc)
@@ -961,12 +968,10 @@ cdef class Engine:
             dp.stats.awrites += 1
         if mode == MODE_SYNC:
             rq.start()
-            while True:
+            while not rq.completed:         # (re-driven once after a recovery)
                 with nogil:
                     cxl_engine_wait_req(self.eng, &rq.req)
                 finish(rq)
-                if rq.req.done:             # not re-driven after a recovery
-                    break
             if op == CXL_OP_FLUSH:
                 # the futures of the requests it covered are done too
                 self._settle_all()
@@ -1174,6 +1179,22 @@ cdef void count_list(DataPath dp, const uint8_t[::1] o, const uint64_t[::1] c,
     dp.stats.errors += nerr
 
 
+cdef inline int list_done(cxl_req *r, const uint64_t[::1] c, int64_t[::1] st,
+                          int[::1] cd, int64_t[::1] lat, bint timed,
+                          bint redrive) noexcept nogil:
+    """Record a list request's outcome; 1 if it failed with -1001."""
+    cdef Py_ssize_t k = <Py_ssize_t> r.index
+    cdef int64_t s = list_status(r.status, c[k])
+    st[k] = s
+    cd[k] = r.afu_rc if s == -1000 else 0
+    if timed:
+        if redrive:
+            lat[k] += cxl_now_ns() - r.t_submit
+        else:
+            lat[k] = cxl_now_ns() - r.t_submit
+    return s == -1001
+
+
 cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                          const uint64_t[::1] l, const uint64_t[::1] c,
                          const uint64_t[::1] off, char *buf, uint64_t buflen,
@@ -1227,13 +1248,19 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                 r = free_slots[nfree]
                 cxl_req_clear(r)
                 r.index = <uint64_t> i
-                r.route = &q
                 prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
                         NULL if op == 3 else buf + off[i])
-                outstanding += 1
                 if timed:
                     r.t_submit = cxl_now_ns()
-                cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH)
+                if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH) or \
+                        cxl_req_handoff(r, &q):
+                    # done at submission (page cache, memory, a refusal):
+                    # no queue involved
+                    nreset += list_done(r, c, st, cd, lat, timed, redrive)
+                    free_slots[nfree] = r
+                    nfree += 1
+                else:
+                    outstanding += 1
             i += 1
         cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
@@ -1242,17 +1269,7 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
         r = cxl_queue_take(&q)
         while r != NULL:
             nxt = r.qnext
-            i_done = <Py_ssize_t> r.index
-            s = list_status(r.status, c[i_done])
-            st[i_done] = s
-            cd[i_done] = r.afu_rc if s == -1000 else 0
-            if s == -1001:
-                nreset += 1
-            if timed:
-                if redrive:
-                    lat[i_done] += cxl_now_ns() - r.t_submit
-                else:
-                    lat[i_done] = cxl_now_ns() - r.t_submit
+            nreset += list_done(r, c, st, cd, lat, timed, redrive)
             free_slots[nfree] = r
             nfree += 1
             outstanding -= 1
@@ -1263,6 +1280,18 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
     free(free_slots)
     cxl_queue_destroy(&q)
     return nreset
+
+
+cdef inline int64_t raw_done(cxl_req *r, int64_t[::1] st, int64_t[::1] lat,
+                             bint timed, int64_t bad) noexcept nogil:
+    """Record a raw request's outcome; the first failed index so far."""
+    cdef Py_ssize_t k = <Py_ssize_t> r.index
+    st[k] = r.status                # an errno, or XFER_BACKING_ENDED
+    if timed:
+        lat[k] = cxl_now_ns() - r.t_submit
+    if r.status and (bad < 0 or k < bad):
+        return k
+    return bad
 
 
 cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
@@ -1307,22 +1336,24 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             add_run(r, &cap, <int> o[i], fd, 2, nowait, off[i], nb, buf + boff[i])
             r.segs[0].req = r
             r.segs[0].io.tag = &r.segs[0]
-            outstanding += 1
             if timed:
                 r.t_submit = cxl_now_ns()
-            cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH)
+            r.seg_left = cxl_engine_try_segs(eng, r)
+            if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH):
+                bad = raw_done(r, st, lat, timed, bad)      # done at submission
+                free_slots[nfree] = r
+                nfree += 1
+            else:
+                outstanding += 1
             i += 1
         cxl_engine_kick(eng)            # the batch, in one go
+        if outstanding == 0:
+            continue
         cxl_engine_wait_queue(eng, &q)
         r = cxl_queue_take(&q)
         while r != NULL:
             nxt = r.qnext
-            k = <Py_ssize_t> r.index
-            st[k] = r.status        # an errno, or XFER_BACKING_ENDED
-            if r.status and (bad < 0 or k < bad):
-                bad = k
-            if timed:
-                lat[k] = cxl_now_ns() - r.t_submit
+            bad = raw_done(r, st, lat, timed, bad)
             free_slots[nfree] = r
             nfree += 1
             outstanding -= 1

@@ -560,34 +560,42 @@ static void cxl_engine_kick(cxl_engine *e)
     e->be->ops->kick(e->be);
 }
 
-static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+/* Run a request's segments now where that cannot block on a device (a
+ * page-cache hit, a memory store) -- unless faults are queued, which only
+ * completions get.  Returns how many segments are left for the backend
+ * (a partial transfer leaves the rest of its segment). */
+static int cxl_engine_try_segs(cxl_engine *e, cxl_req *r)
 {
-    uint64_t one = 1;
-    long need;
-    int i;
+    int i, left = r->nseg;
     int64_t res;
     cxl_seg *s;
-    r->seg_left = r->nseg;
-    /* What can complete now without blocking (page cache, memory) does,
-     * here -- unless faults are queued, which only completions get. */
-    if (e->be->ops->try_now && r->status == 0 &&
-            __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE) == 0) {
-        for (i = 0; i < r->nseg; i++) {
-            s = &r->segs[i];
-            res = e->be->ops->try_now(e->be, &s->io);
-            if (res > 0 && (uint64_t) res >= s->io.len) {
-                s->done = s->io.len;
-                r->seg_left--;
-            } else if (res > 0) {
-                s->done = (uint64_t) res;  /* the rest goes to the queue */
-            }
+    if (e->be->ops->try_now == NULL || r->status != 0 ||
+            __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE) != 0)
+        return left;
+    for (i = 0; i < r->nseg; i++) {
+        s = &r->segs[i];
+        res = e->be->ops->try_now(e->be, &s->io);
+        if (res > 0 && (uint64_t) res >= s->io.len) {
+            s->done = s->io.len;
+            left--;
+        } else if (res > 0) {
+            s->done = (uint64_t) res;      /* the rest goes to the backend */
         }
     }
-    need = r->seg_left;
-    if (r->seg_left == 0) {
-        cxl_engine_finish(e, r);
-        return;
-    }
+    return left;
+}
+
+/* Submit a request whose segments are set and tried (``seg_left`` says
+ * what is left).  1: it is already complete -- refused before it was
+ * counted in, or done at submission -- and the caller records it; 0: the
+ * engine took it, and it finishes through its route.  Waits, reaping,
+ * while the engine is full: back-pressure, nothing dropped. */
+static int cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+{
+    uint64_t one = 1;
+    long need = r->seg_left;
+    if (r->status != 0 || r->seg_left == 0)
+        return 1;
     pthread_mutex_lock(&e->mu);
     while (e->seg_inflight > 0 && e->seg_inflight + need > e->depth) {
         pthread_mutex_unlock(&e->mu);
@@ -599,7 +607,7 @@ static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
         if (r->status == 0)
             r->status = ESHUTDOWN;
         cxl_engine_finish(e, r);
-        return;
+        return 0;
     }
     r->seq = ++e->seq;
     /* Before any of it is issued: the notify fd armed, and the completer
@@ -626,11 +634,7 @@ static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
     pthread_mutex_unlock(&e->mu);
     if (!(flags & CXL_SUBMIT_BATCH))
         e->be->ops->kick(e->be);
-}
-
-static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
-{
-    cxl_engine_submit_flags(e, r, 0);
+    return 0;
 }
 
 /* The completer thread: reaps the completions of futures nobody waits
