@@ -1248,10 +1248,10 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                 r = free_slots[nfree]
                 cxl_req_clear(r)
                 r.index = <uint64_t> i
+                if timed:                   # prepare may run the I/O
+                    r.t_submit = cxl_now_ns()
                 prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
                         NULL if op == 3 else buf + off[i])
-                if timed:
-                    r.t_submit = cxl_now_ns()
                 if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH) or \
                         cxl_req_handoff(r, &q):
                     # done at submission (page cache, memory, a refusal):
