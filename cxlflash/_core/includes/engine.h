@@ -65,6 +65,7 @@ struct cxl_req {
     uint64_t bad;           /* the byte where a backing store ended */
     int nseg;
     int seg_left;
+    int next_issue;         /* segments before it were given to the backend */
     cxl_seg *segs;          /* seg_inline or malloc'd */
     cxl_seg seg_inline[CXL_SEG_INLINE];
     /* the table it went through: its in-flight count, and what tells of
@@ -390,27 +391,40 @@ static int cxl_engine_issue(cxl_engine *e, cxl_seg *s)
 
 /* Issue every segment of a request; one the backend refuses completes
  * at once with its error (counted like a completion).  Caller holds mu. */
-static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r)
+/* Give the backend up to ``budget`` more of a request's segments (those
+ * not completed at submission); one the backend refuses counts as done,
+ * failed.  Caller holds mu. */
+static void cxl_engine_issue_more_locked(cxl_engine *e, cxl_req *r, long budget)
 {
-    int i, rc, failed = 0;
-    for (i = 0; i < r->nseg; i++) {
-        if (r->segs[i].done == r->segs[i].io.len && r->segs[i].io.len)
+    int rc;
+    cxl_seg *s;
+    while (budget > 0 && r->next_issue < r->nseg) {
+        s = &r->segs[r->next_issue++];
+        if (s->done == s->io.len && s->io.len)
             continue;                       /* completed at submission */
-        rc = cxl_engine_issue(e, &r->segs[i]);
+        rc = cxl_engine_issue(e, s);
         if (rc) {
             if (r->status == 0)
                 r->status = -rc;
-            failed++;
+            r->seg_left--;
         }
+        budget--;
     }
-    if (failed) {
-        r->seg_left -= failed;
-        if (r->seg_left == 0) {
-            /* nothing of it reached the backend: finish it outside mu */
-            pthread_mutex_unlock(&e->mu);
-            cxl_engine_finish(e, r);
-            pthread_mutex_lock(&e->mu);
-        }
+}
+
+/* Issue a request: at most what the engine's depth has room for now (at
+ * least one segment), the rest as its segments complete -- so that no
+ * request, however many segments it has, puts more operations in flight
+ * than the backend can report.  Caller holds mu. */
+static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r)
+{
+    long room = e->depth - e->seg_inflight;
+    cxl_engine_issue_more_locked(e, r, room > 0 ? room : 1);
+    if (r->seg_left == 0) {
+        /* nothing of it reached the backend: finish it outside mu */
+        pthread_mutex_unlock(&e->mu);
+        cxl_engine_finish(e, r);
+        pthread_mutex_lock(&e->mu);
     }
 }
 
@@ -456,6 +470,8 @@ static void cxl_engine_complete_seg(cxl_engine *e, cxl_seg *s, int64_t res)
         r->status = (int) -res;
     }
     r->seg_left--;
+    if (r->next_issue < r->nseg)            /* its next segment, in its place */
+        cxl_engine_issue_more_locked(e, r, 1);
     left = (uint64_t) r->seg_left;
     pthread_mutex_unlock(&e->mu);
     if (left == 0)
