@@ -68,20 +68,6 @@ LIST_READ = 1
 LIST_WRITE = 2
 LIST_UNMAP = 3
 
-cdef extern from "<time.h>" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec *tp)
-    int CLOCK_MONOTONIC
-
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
 cdef object _U8 = None         # np.dtype(np.uint8), made on first use (numpy is lazy)
 
 
@@ -354,7 +340,7 @@ def scrub_chunks(int fd, zero_mode, auns, block_size):
     return rc
 
 
-cdef object _backing_end(int fd, uint64_t stopped):
+cdef object backing_end(int fd, uint64_t stopped):
     """Where a backing store that made no progress at byte ``stopped``
     ends: its size if it is a regular file that ends before, else
     ``stopped``."""
@@ -390,7 +376,7 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                        "exists (detached or closed)")
     if rc == XFER_BACKING_ENDED:
         raise OSError(_errno.EIO, f"the backing store ended at byte "
-                      f"{_backing_end(fd, bad_lba)}: it is shorter than the LUN "
+                      f"{backing_end(fd, bad_lba)}: it is shorter than the LUN "
                       "says (it shrank, e.g. a file truncated under it); issue "
                       "DK_CXLFLASH_VERIFY on the disk to refresh the LUN's "
                       "capacity, then address only blocks within it")
@@ -909,72 +895,3 @@ def afu_command(ResourceTable table not None, handle, fd, block_size, lba,
         raise_xfer_error(table, h, f, rc, afu_rc, bad, write)
     return nblocks
 
-
-def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
-           lat_ns=None):
-    """pread/pwrite ``nbytes`` at each byte offset of the bare backing
-    store, in one GIL-free loop: no translation -- the syscall limit that
-    benchmarks compare the data path against.
-
-    ``ops``: per request 1 (read) or 2 (write); ``buffer``: request ``i``
-    uses ``nbytes`` at ``buf_offsets[i]`` (default ``i * nbytes``).  Every
-    request is checked before the first is issued: it must fit in the
-    buffer (ValueError) and its byte range in ``off_t`` (OSError EINVAL).
-    Returns the number of requests done; raises OSError on the first
-    failure (EIO naming the byte where a backing store that ended did).
-    ``lat_ns``: optional int64 array of per-request latencies.
-    """
-    cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
-    cdef const uint64_t[::1] o = u64_array(ops, "ops")
-    cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
-    cdef Py_ssize_t n = o.shape[0], i
-    cdef const uint64_t[::1] boff
-    if buf_offsets is None:         # packed: checked below that it does not wrap
-        boff = np.arange(n, dtype=np.uint64) * np.uint64(nb)
-    else:
-        boff = u64_array(buf_offsets, "buf_offsets")
-    if off.shape[0] != n or boff.shape[0] != n:
-        raise ValueError("ops, offsets and buf_offsets must have the same length")
-    cdef Py_buffer view
-    cdef int rc = 0
-    cdef int64_t t0 = 0
-    cdef uint64_t end = 0, buflen
-    cdef int64_t[::1] lat
-    cdef bint timed = lat_ns is not None
-    if timed:
-        lat = lat_ns
-        if lat.shape[0] < n:
-            raise ValueError("lat_ns is shorter than the request list")
-    for i in range(n):
-        if o[i] != 1 and o[i] != 2:
-            raise ValueError(f"request {i}: op {o[i]} is neither 1 (read) nor 2 (write)")
-        if off[i] > OFF_MAX - nb:
-            raise einval(f"request {i}: bytes {off[i]}..{off[i] + nb} "
-                          "pass byte 2**63-1, the most a backing store can address")
-    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
-    try:
-        buflen = <uint64_t> view.len
-        if buf_offsets is None and nb and <uint64_t> n > buflen // nb:
-            raise ValueError(f"{n} requests of {nb} bytes do not fit in the buffer "
-                             f"({buflen} bytes)")
-        for i in range(n):
-            if boff[i] > buflen or nb > buflen - boff[i]:
-                raise ValueError(f"request {i} does not fit in the buffer")
-        with nogil:
-            for i in range(n):
-                if timed:
-                    t0 = now_ns()
-                rc = io_full(fd, <char *> view.buf + boff[i], nb, off[i], o[i] == 2, &end)
-                if timed:
-                    lat[i] = now_ns() - t0
-                if rc:
-                    break
-    finally:
-        PyBuffer_Release(&view)
-    if rc == XFER_BACKING_ENDED:
-        raise OSError(_errno.EIO, f"the backing store ended at byte "
-                      f"{_backing_end(fd, end)}: it is "
-                      "shorter than the offsets addressed (it shrank?)")
-    if rc:
-        raise OSError(rc, os.strerror(rc))
-    return n
