@@ -26,7 +26,7 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
 4. A decision and the change it justifies are one critical section (the
    free slot is picked and filled under one write lock).
 5. Lock order: one table lock, then an allocator mutex, then the LXT cache
-   mutex.  Never two table locks at once (a clone copies its source under
+   mutex (``lxtmem``).  Never two table locks at once (a clone copies its source under
    the source's read lock, drops it, then installs the copy under the
    destination's write lock); never a table lock while holding an
    allocator mutex.  The write lock is recursive for its holder, so a
@@ -46,16 +46,15 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
    completes with the reset error.  Both are atomics.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport calloc, malloc, realloc, free
+from libc.stdlib cimport calloc, realloc, free
 from libc.string cimport memcpy, memset
 from posix.unistd cimport getpid
 from cxlflash._core.allocator cimport ChunkAllocator
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, i64_array, u64_array
-from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
+from cxlflash._core.lxtmem cimport lxt_alloc, lxt_free, BIG_LXT
 from cxlflash._core.locks cimport (
     cxl_lock, lock_init, lock_destroy, cxl_rdlock, cxl_tryrdlock, cxl_wrlock,
-    cxl_trywrlock, cxl_unlock, cxl_mutex_lock, cxl_mutex_unlock,
-    CXL_LOCK_RW, CXL_LOCK_LEAF)
+    cxl_trywrlock, cxl_unlock, CXL_LOCK_RW)
 
 import errno
 from cxlflash._core._lazy import numpy as np   # imported on first use
@@ -162,62 +161,6 @@ cdef object state_error(int state, uint32_t handle):
                         "context and clone)")
     return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no longer "
                     "exists (detached or closed)")
-
-
-# -- LXT memory ---------------------------------------------------------------
-# Large LXTs (>= 256 KiB, 32 k chunks) come from a few kept for reuse, as a
-# fresh one would cost a page fault per 4 KiB on every clone, open or
-# regrowth; from 4 MiB (512 k chunks) on they are also 2 MiB-aligned and
-# advised onto huge pages.
-
-DEF BIG_LXT = 262144
-DEF HUGE_LXT = 4194304
-DEF LXT_CACHE_SLOTS = 4
-cdef void *lxt_cache[LXT_CACHE_SLOTS]
-cdef uint64_t lxt_cache_cap[LXT_CACHE_SLOTS]
-cdef cxl_lock lxt_cache_mutex
-lock_init(&lxt_cache_mutex, CXL_LOCK_LEAF)
-
-
-cdef uint64_t *lxt_alloc(uint64_t entries) noexcept nogil:
-    """Memory for an LXT of ``entries`` entries (uninitialised), or NULL."""
-    cdef size_t nbytes = entries * sizeof(uint64_t)
-    cdef void *p = NULL
-    cdef int i
-    if nbytes < BIG_LXT:
-        return <uint64_t *> malloc(nbytes)
-    cxl_mutex_lock(&lxt_cache_mutex)
-    for i in range(LXT_CACHE_SLOTS):
-        if lxt_cache[i] != NULL and lxt_cache_cap[i] == entries:
-            p = lxt_cache[i]
-            lxt_cache[i] = NULL
-            break
-    cxl_mutex_unlock(&lxt_cache_mutex)
-    if p != NULL:
-        return <uint64_t *> p
-    if nbytes < HUGE_LXT:
-        return <uint64_t *> malloc(nbytes)
-    if posix_memalign(&p, 2097152, nbytes) != 0:
-        return NULL
-    madvise(p, nbytes, MADV_HUGEPAGE)
-    return <uint64_t *> p
-
-
-cdef void lxt_free(uint64_t *lxt, uint64_t entries) noexcept nogil:
-    """Free an LXT from lxt_alloc (a large one may be kept for reuse)."""
-    cdef int i
-    if lxt == NULL:
-        return
-    if entries * sizeof(uint64_t) >= BIG_LXT:
-        cxl_mutex_lock(&lxt_cache_mutex)
-        for i in range(LXT_CACHE_SLOTS):
-            if lxt_cache[i] == NULL:
-                lxt_cache[i] = lxt
-                lxt_cache_cap[i] = entries
-                lxt = NULL
-                break
-        cxl_mutex_unlock(&lxt_cache_mutex)
-    free(lxt)
 
 
 cdef class ResourceTable:
