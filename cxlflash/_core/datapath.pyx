@@ -34,7 +34,7 @@ from cxlflash._core.args cimport arg_fd, arg_u64, arg_block_size, u64_array
 from cxlflash._core.tables cimport (
     ResourceTable, rht_entry, AFU_RC_OK, AFU_RC_LXT_OUT_OF_BOUNDS,
     SCSI_LBA_OUT_OF_RANGE, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN,
-    MC_CHUNK_SHIFT, RHT_FMT_DIRECT)
+    MC_CHUNK_SHIFT, MC_CHUNK_SIZE, RHT_FMT_DIRECT)
 
 import errno as _errno
 import os
@@ -58,7 +58,6 @@ cdef extern from *:
     bint mul_overflow64 "CXLFLASH_MUL_OVERFLOW64"(uint64_t a, uint64_t b,
                                                   uint64_t *res) noexcept nogil
 
-DEF CHUNK_BLOCKS = 65536
 DEF ZERO_BUF = 1048576
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX    # the largest off_t
@@ -224,7 +223,7 @@ cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
     v = lba
     left = nblocks
     while left:
-        n = CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+        n = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
         if n > left:
             n = left
         p = table.translate_one(handle, v, write, afu_rc)
@@ -272,7 +271,7 @@ cdef int io_pass(ResourceTable table, uint32_t handle, int fd, uint64_t bs,
         if direct:
             n = left
         else:
-            n = CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+            n = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
             if n > left:
                 n = left
         p = table.translate_one(handle, v, write, afu_rc)
@@ -323,7 +322,7 @@ def scrub_chunks(int fd, zero_mode, auns, block_size):
     Every chunk's byte range is checked (within off_t) before any is zeroed.
     """
     cdef int mode = <int> arg_u64(zero_mode, b"zero_mode", ZERO_WRITE)
-    cdef uint64_t chunk_bytes = <uint64_t> CHUNK_BLOCKS * arg_block_size(block_size)
+    cdef uint64_t chunk_bytes = <uint64_t> MC_CHUNK_SIZE * arg_block_size(block_size)
     cdef const uint64_t[::1] a = u64_array(auns, "auns")
     cdef Py_ssize_t i
     cdef int rc = 0
@@ -571,7 +570,7 @@ cdef class DataPath:
             fd = self.table.backing_fd(self.handle, self.fd)
             direct = (self.table.rht[self.handle].fp >> 4) == RHT_FMT_DIRECT
             while left:
-                n = left if direct else CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+                n = left if direct else MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
                 if n > left:
                     n = left
                 p = self.table.translate_one(self.handle, v, 1, afu_rc)

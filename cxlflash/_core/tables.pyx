@@ -78,7 +78,6 @@ cdef extern from *:
     void cxl_store_i64(int64_t *p, int64_t v) nogil
     uint64_t cxl_add_u64(uint64_t *p, uint64_t v) nogil
 
-DEF CHUNK_MASK = 0xFFFF
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 # The largest chunk number: its physical LBAs stay below 2**63 (an off_t,
 # and translate_one's int64).
@@ -296,7 +295,7 @@ cdef class ResourceTable:
         if not ((entry >> LXT_PERM_SHIFT) & (RHT_PERM_WRITE if write else RHT_PERM_READ)):
             afu_rc[0] = AFU_RC_LXT_RW_PERM
             return -1
-        return <int64_t> ((entry & ~(<uint64_t> CHUNK_MASK)) | (vlba & CHUNK_MASK))
+        return <int64_t> ((entry & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (vlba & MC_CHUNK_OFF_MASK))
 
     cdef int backing_fd(self, uint32_t handle, int fallback) noexcept nogil:
         cdef int fd = self.rht[handle].fd
@@ -626,7 +625,7 @@ cdef class ResourceTable:
                                 rc = AFU_RC_LXT_OUT_OF_BOUNDS
                                 bad = i
                                 break
-                            o[i] = (lxt[chunk] & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
+                            o[i] = (lxt[chunk] & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (v & MC_CHUNK_OFF_MASK)
                     else:
                         for i in range(n):
                             v = <uint64_t> vlbas[i]
@@ -640,7 +639,7 @@ cdef class ResourceTable:
                                 rc = AFU_RC_LXT_RW_PERM
                                 bad = i
                                 break
-                            o[i] = (entry & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
+                            o[i] = (entry & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (v & MC_CHUNK_OFF_MASK)
             if bad >= 0 and h_ < self.rht_size:
                 extent = self.extent(h_)
             self.unlock()
@@ -959,3 +958,6 @@ cdef class _Fence:
 
 # The states by name, for Python code (TABLE_LIVE, TABLE_IN_ERROR, ...).
 globals().update(TableState.__members__)
+# The chunk geometry by name (MC_CHUNK_SHIFT, MC_CHUNK_SIZE, MC_CHUNK_OFF_MASK):
+# the package's one definition of it.
+globals().update(ChunkGeometry.__members__)
