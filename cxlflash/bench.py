@@ -31,7 +31,7 @@ from . import __version__, uapi
 from ._core import pattern
 from ._core.allocator import ChunkAllocator
 from ._core.datapath import LIST_READ, LIST_WRITE
-from ._core.tables import MC_CHUNK_SIZE, ResourceTable
+from ._core.tables import MC_CHUNK_OFF_MASK, MC_CHUNK_SHIFT, MC_CHUNK_SIZE, ResourceTable
 from .adapter import Adapter, ioctl
 from .backing import (BLKGETSIZE64, BLKSSZGET, Backing, BlockDeviceBacking, FileBacking,
                       aligned_buffer)
@@ -537,11 +537,11 @@ def row_translate(duration, progress):
     vlbas = np.random.default_rng(7).integers(0, 64 * MC_CHUNK_SIZE, n, dtype=np.int64)
     out = np.empty(n, dtype=np.uint64)
     lxt = table.lxt(h)
-    mask = np.uint64(0xFFFF)
+    mask = np.uint64(MC_CHUNK_OFF_MASK)
 
     def numpy_formula():
         v = vlbas.view(np.uint64)
-        np.bitwise_or(np.bitwise_and(lxt[v >> np.uint64(16)], ~mask), v & mask, out=out)
+        np.bitwise_or(np.bitwise_and(lxt[v >> np.uint64(MC_CHUNK_SHIFT)], ~mask), v & mask, out=out)
 
     expect = None
     numpy_formula()
@@ -700,7 +700,7 @@ def row_clone(duration, progress):
         main, base = _interleaved_loop([clone, lambda: np.copyto(copy, lxt)], duration,
                                        progress, "VLUN_CLONE 1M chunks", chunks, "chunk")
         alloc = a.driver.gluns[wwid].allocator
-        if alloc.clone_count(int(lxt[0]) >> 16) != 0:
+        if alloc.clone_count(int(lxt[0]) >> MC_CHUNK_SHIFT) != 0:
             raise BenchError("clone references leaked")
     finally:
         for fd in fds:

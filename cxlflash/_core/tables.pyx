@@ -772,7 +772,7 @@ cdef class ResourceTable:
         if fmt == RHT_FMT_VIRTUAL and lxt is not None and len(lxt):
             src = u64_array(lxt, "lxt")
             cnt = src.shape[0]
-            if cnt and np.max(src) >> 16 > MAX_AUN:
+            if cnt and np.max(src) >> MC_CHUNK_SHIFT > MAX_AUN:
                 raise ValueError(f"lxt maps a chunk beyond {MAX_AUN} (a physical LBA "
                                  "is below 2**63)")
             if cnt > 0xFFFFFFFF:
