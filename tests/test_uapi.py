@@ -411,6 +411,9 @@ def test_chunk_geometry_has_one_source():
     assert (tables.MC_CHUNK_SHIFT, tables.MC_CHUNK_SIZE, tables.MC_CHUNK_OFF_MASK) \
         == (uapi.MC_CHUNK_SHIFT, uapi.MC_CHUNK_SIZE, uapi.MC_CHUNK_SIZE - 1)
     assert tables.MC_CHUNK_SIZE == 1 << tables.MC_CHUNK_SHIFT
+    # plain ints: numpy refuses np.uint64(x) >> an IntEnum member
+    assert {type(tables.MC_CHUNK_SHIFT), type(tables.MC_CHUNK_SIZE),
+            type(tables.MC_CHUNK_OFF_MASK)} == {int}
     assert driver_lun.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT
     assert driver_lun.MC_CHUNK_SIZE is tables.MC_CHUNK_SIZE
     assert vlun.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT

@@ -24,9 +24,9 @@ class ChunkGeometry(enum.IntEnum):
     MC_CHUNK_SIZE = 65536
     MC_CHUNK_OFF_MASK = 0xFFFF
 
-MC_CHUNK_SHIFT: ChunkGeometry
-MC_CHUNK_SIZE: ChunkGeometry
-MC_CHUNK_OFF_MASK: ChunkGeometry
+MC_CHUNK_SHIFT: int
+MC_CHUNK_SIZE: int
+MC_CHUNK_OFF_MASK: int
 
 class ResourceTable:
     """One context's RHT and its LXTs (spec §2.5, §2.6, §19)."""

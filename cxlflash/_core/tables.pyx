@@ -772,7 +772,7 @@ cdef class ResourceTable:
         if fmt == RHT_FMT_VIRTUAL and lxt is not None and len(lxt):
             src = u64_array(lxt, "lxt")
             cnt = src.shape[0]
-            if cnt and np.max(src) >> MC_CHUNK_SHIFT > MAX_AUN:
+            if cnt and np.max(src) >> <int> MC_CHUNK_SHIFT > MAX_AUN:
                 raise ValueError(f"lxt maps a chunk beyond {MAX_AUN} (a physical LBA "
                                  "is below 2**63)")
             if cnt > 0xFFFFFFFF:
@@ -959,5 +959,6 @@ cdef class _Fence:
 # The states by name, for Python code (TABLE_LIVE, TABLE_IN_ERROR, ...).
 globals().update(TableState.__members__)
 # The chunk geometry by name (MC_CHUNK_SHIFT, MC_CHUNK_SIZE, MC_CHUNK_OFF_MASK):
-# the package's one definition of it.
-globals().update(ChunkGeometry.__members__)
+# the package's one definition of it, as plain ints (numpy does not take an
+# IntEnum member as a Python int: ``np.uint64(x) >> member`` is refused).
+globals().update({name: int(value) for name, value in ChunkGeometry.__members__.items()})
