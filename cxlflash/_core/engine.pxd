@@ -114,21 +114,27 @@ cdef extern from "engine.h" nogil:
     void cxl_engine_py_busy(cxl_engine *e, int delta)
 
 
+cdef class _Request
+
 cdef class Engine:
     cdef cxl_engine *eng
     cdef readonly str kind
     cdef readonly long depth
     cdef readonly bint closed
     cdef object _bridges
-    cdef object _last_loop
+    cdef object _all_bridges
     cdef object _last_bridge
     cdef object _close_lock
     cdef long py_inhand           # futures taken from pyq, being completed
+    cdef long users               # threads inside the C engine (GIL released)
     cdef object __weakref__
 
     cdef int _check_open(self) except -1
+    cdef int _enter(self) except -1
+    cdef int _start(self, _Request rq, int flags) except -1
     cdef int _drain_pyq(self) except -1
     cdef int _settle_all(self) except -1
+    cdef int _drain_bridges(self) except -1
     cdef object _bridge(self)
     cdef int _refuse(self, DataPath dp) except -1
     cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,

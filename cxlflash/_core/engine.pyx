@@ -54,6 +54,8 @@ import sys
 import threading
 import weakref
 from time import monotonic as _monotonic
+
+_held = threading.local()       # futures this thread is completing (.n)
 from cxlflash._core.args import einval
 from cxlflash._core.datapath import list_arrays
 from cxlflash._core._lazy import numpy as np     # imported on first use
@@ -353,19 +355,24 @@ cdef class _Request:
         here, else hand it its queue.  Returns 1 when it was completed.
         ``flags``: CXL_SUBMIT_BATCH leaves the kick to the caller."""
         cdef char *buf = <char *> self.view.buf if self.has_view else NULL
-        cdef cxl_engine *eng = self.engine.eng
+        cdef cxl_engine *eng
         cdef int inline_done
+        self.engine._enter()
+        eng = self.engine.eng
         cxl_req_clear(&self.req)
         self.req.owner = <void *> self
-        with nogil:
-            prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
-            if self.mode == MODE_FUTURE:
-                self.req.flags |= CXL_REQ_UNATTENDED
-            elif self.mode == MODE_ASYNCIO:
-                self.req.flags |= CXL_REQ_LOOP
-            inline_done = cxl_engine_submit_flags(eng, &self.req, flags)
-            if not inline_done and self.target != NULL:
-                inline_done = cxl_req_handoff(&self.req, self.target)
+        try:
+            with nogil:
+                prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
+                if self.mode == MODE_FUTURE:
+                    self.req.flags |= CXL_REQ_UNATTENDED
+                elif self.mode == MODE_ASYNCIO:
+                    self.req.flags |= CXL_REQ_LOOP
+                inline_done = cxl_engine_submit_flags(eng, &self.req, flags)
+                if not inline_done and self.target != NULL:
+                    inline_done = cxl_req_handoff(&self.req, self.target)
+        finally:
+            self.engine.users -= 1
         if inline_done:
             finish(self)
             return 1
@@ -387,8 +394,11 @@ cdef int finish(_Request rq) except -1:
         except Exception:
             recovered = False
         if recovered:
-            rq.start()          # the engine still holds its reference
-            return 0
+            try:
+                rq.start()      # the engine still holds its reference
+                return 0
+            except ValueError:
+                pass            # the engine closed meanwhile: the reset error
     if rq.has_view:
         PyBuffer_Release(&rq.view)
         rq.has_view = False
@@ -414,10 +424,13 @@ cdef int finish(_Request rq) except -1:
         complete_future(fut, value if exc is None else None, exc)
     elif rq.mode == MODE_ASYNCIO:
         if not fut.done():              # a cancelled task's future
-            if exc is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(exc)
+            try:
+                if exc is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(exc)
+            except RuntimeError:
+                pass                    # its loop is closed: nobody awaits it
     else:
         rq.value = value if exc is None else exc
         rq.future = exc
@@ -503,9 +516,13 @@ cdef class _LoopBridge:
         self.kick_pending = False
         cdef Engine eng = self.engine
         if eng.eng != NULL and not eng.closed:
-            with nogil:
-                cxl_engine_kick(eng.eng)
-                cxl_engine_try_poll(eng.eng)
+            eng.users += 1
+            try:
+                with nogil:
+                    cxl_engine_kick(eng.eng)
+                    cxl_engine_try_poll(eng.eng)
+            finally:
+                eng.users -= 1
         self.drain()
 
     def __cinit__(self, loop):
@@ -543,8 +560,12 @@ cdef class _LoopBridge:
         except BlockingIOError:
             pass
         if eng.eng != NULL and not eng.closed:
-            with nogil:
-                cxl_engine_try_poll(eng.eng)
+            eng.users += 1
+            try:
+                with nogil:
+                    cxl_engine_try_poll(eng.eng)
+            finally:
+                eng.users -= 1
         self.drain()
 
     cdef int drain(self) except -1:
@@ -687,6 +708,7 @@ cdef class Engine:
             raise OSError(-err, "cannot start the I/O engine's completion thread")
         self.closed = False
         self._bridges = weakref.WeakKeyDictionary()
+        self._all_bridges = weakref.WeakSet()       # those of closed loops too
         self._close_lock = threading.Lock()
         _live_engines.add(self)
 
@@ -724,6 +746,26 @@ cdef class Engine:
         self._check_open()
         return 0
 
+    cdef int _start(self, _Request rq, int flags) except -1:
+        """rq.start() for a new request; if the engine refuses it (closed
+        meanwhile), undo what submitting it counted."""
+        try:
+            return rq.start(flags)
+        except BaseException:
+            rq.dp.aio_pending -= 1
+            Py_DECREF(rq)               # the engine's reference
+            raise
+
+    cdef int _enter(self) except -1:
+        """Before a GIL-free call into the C engine: refuse a closed one,
+        and count this thread in (``close()`` frees the engine only when no
+        thread is inside).  The check and the count are one step under the
+        GIL."""
+        if self.closed or self.eng == NULL:
+            raise ValueError("the I/O engine is closed (its adapter was closed)")
+        self.users += 1
+        return 0
+
     cdef int _check_open(self) except -1:
         if self.closed:
             raise ValueError("the I/O engine is closed (its adapter was closed)")
@@ -734,22 +776,34 @@ cdef class Engine:
 
     def close(self):
         """Complete every request in flight (their futures get their
-        outcome), then stop the engine.  Safe to call twice."""
+        outcome), then stop the engine: its threads end and its file
+        descriptors (ring, eventfds) are closed before this returns.
+        Safe to call twice."""
         if self.closed or self.eng == NULL:
             return
         with self._close_lock:
             if self.closed:
                 return
             if not cxl_engine_is_ours(self.eng):
-                self.closed = True
+                self.closed = True      # a forked child leaves it alone
                 return
             with nogil:
                 cxl_engine_stop(self.eng)
-            self._drain_pyq()
-            for bridge in list(self._bridges.values()):
+            self._settle_all()
+            for bridge in list(self._all_bridges):
                 (<_LoopBridge> bridge).drain()
                 bridge.close()
             self.closed = True
+            # No thread may still be inside the engine (releasing a lock, say)
+            # when it is freed; none enters once it is closed.
+            while self.users > 0:
+                _cond_wait(None, 1)
+            self._bridges = weakref.WeakKeyDictionary()
+            self._all_bridges = weakref.WeakSet()
+            self._last_bridge = None
+            self.eng.drain_py = NULL
+            cxl_engine_free(self.eng)
+            self.eng = NULL
         _live_engines.discard(self)
 
     def inject(self, result, count=1, op=None, skip=0):
@@ -784,19 +838,26 @@ cdef class Engine:
         cdef cxl_req *p
         if self.eng == NULL:
             return 0
+        cdef long n
         r = cxl_queue_take(&self.eng.pyq)
         while r != NULL:
+            n = 0
             p = r
             while p != NULL:            # taken: in this thread's hands
-                self.py_inhand += 1
+                n += 1
                 p = p.qnext
+            self.py_inhand += n
+            _held.n = getattr(_held, "n", 0) + n
             while r != NULL:
                 nxt = r.qnext
                 try:
                     finish(<_Request> r.owner)
                 finally:
                     self.py_inhand -= 1
+                    _held.n -= 1
                 r = nxt
+            if self.eng == NULL:
+                break
             r = cxl_queue_take(&self.eng.pyq)
         return 0
 
@@ -805,9 +866,32 @@ cdef class Engine:
         waiting in the queue here, and wait for those another thread is
         completing."""
         self._drain_pyq()
-        while self.py_inhand > 0:
+        # (not those this thread holds: a future's callback may get here)
+        while self.py_inhand - getattr(_held, "n", 0) > 0:
             _cond_wait(None, 1)
             self._drain_pyq()
+        return 0
+
+    def settle_completed(self):
+        """Complete the futures of every request that has already
+        finished: those in the engine's queue, those another thread is
+        completing, and those of this thread's asyncio loop and of loops
+        no longer running.  A fence (shrink, release, detach, reset)
+        waits for the requests it fences to finish; this makes their
+        futures done too before it returns."""
+        if self.closed or self.eng == NULL:
+            return
+        self._settle_all()
+        self._drain_bridges()
+
+    cdef int _drain_bridges(self) except -1:
+        """Complete what sits in the queues of this thread's loop and of
+        loops that no longer run (never another thread's running loop)."""
+        loop = _running_loop()
+        for b in list(self._all_bridges):
+            bl = (<_LoopBridge> b).loop_ref()
+            if bl is None or bl is loop or not bl.is_running():
+                (<_LoopBridge> b).drain()
         return 0
 
     def _await_future(self, fut, timeout):
@@ -827,8 +911,12 @@ cdef class Engine:
                         break
                     ms = max(1, min(50, int(left * 1000)))
                 if rq is not None and not done and not self.closed:
-                    with nogil:
-                        done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+                    self.users += 1
+                    try:
+                        with nogil:
+                            done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+                    finally:
+                        self.users -= 1
                     self._drain_pyq()
                 else:
                     # its completion is in another thread's hands
@@ -848,14 +936,15 @@ cdef class Engine:
         """Return once every request submitted through ``dp`` has its
         future completed (reaping, and completing what was reaped, in
         this thread; those of the running asyncio loop too)."""
-        loop = _running_loop()
-        bridge = self._bridges.get(loop) if loop is not None else None
         while dp.aio_pending > 0 and self.eng != NULL and not self.closed:
-            with nogil:
-                cxl_engine_poll(self.eng, 1)
+            self.users += 1
+            try:
+                with nogil:
+                    cxl_engine_poll(self.eng, 1)
+            finally:
+                self.users -= 1
             self._drain_pyq()
-            if bridge is not None:
-                (<_LoopBridge> bridge).drain()
+            self._drain_bridges()
             if dp.aio_pending > 0:
                 _cond_wait(None, 1)
 
@@ -867,14 +956,15 @@ cdef class Engine:
             from asyncio import get_running_loop
             _get_running_loop = get_running_loop
         loop = _get_running_loop()
-        if loop is self._last_loop:
+        if self._last_bridge is not None and \
+                (<_LoopBridge> self._last_bridge).loop_ref() is loop:
             return self._last_bridge
         b = self._bridges.get(loop)
         if b is None:
             b = _LoopBridge(loop)
             (<_LoopBridge> b).watch_backend(self)
             self._bridges[loop] = b
-        self._last_loop = loop
+            self._all_bridges.add(b)
         self._last_bridge = b
         return b
 
@@ -967,10 +1057,15 @@ cdef class Engine:
         elif op == CXL_OP_WRITE:
             dp.stats.awrites += 1
         if mode == MODE_SYNC:
-            rq.start()
+            self._start(rq, 0)
             while not rq.completed:         # (re-driven once after a recovery)
-                with nogil:
-                    cxl_engine_wait_req(self.eng, &rq.req)
+                if not rq.req.done:         # (a closed engine finished it)
+                    self._enter()
+                    try:
+                        with nogil:
+                            cxl_engine_wait_req(self.eng, &rq.req)
+                    finally:
+                        self.users -= 1
                 finish(rq)
             if op == CXL_OP_FLUSH:
                 # the futures of the requests it covered are done too
@@ -983,11 +1078,15 @@ cdef class Engine:
         try:
             if mode == MODE_ASYNCIO:
                 # Started once per loop iteration, with the others of it.
-                if not rq.start(CXL_SUBMIT_BATCH):
+                if not self._start(rq, CXL_SUBMIT_BATCH):
                     bridge.kick_soon()
-            elif not rq.start():            # in flight: reap what is there
-                with nogil:
-                    cxl_engine_try_poll(self.eng)
+            elif not self._start(rq, 0) and not self.closed:    # in flight: reap
+                self.users += 1
+                try:
+                    with nogil:
+                        cxl_engine_try_poll(self.eng)
+                finally:
+                    self.users -= 1
                 self._drain_pyq()
         finally:
             if mode == MODE_FUTURE:
@@ -1036,13 +1135,18 @@ cdef class Engine:
         cdef Py_ssize_t nreset = 0
         PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
+            self._enter()
+        except BaseException:
+            PyBuffer_Release(&view)
+            raise
+        try:
             with nogil:
                 nreset = run_list(self.eng, dp, o, l, c, off, <char *> view.buf,
                                   <uint64_t> view.len, st, cd, lat, timed,
                                   <Py_ssize_t> depth, 0)
             if nreset < 0:
                 raise MemoryError("no memory for the list's requests")
-            if nreset and may_recover and dp.on_reset():
+            if nreset and may_recover and dp.on_reset() and not self.closed:
                 with nogil:
                     nreset = run_list(self.eng, dp, o, l, c, off, <char *> view.buf,
                                       <uint64_t> view.len, st, cd, lat, timed,
@@ -1050,6 +1154,7 @@ cdef class Engine:
                 if nreset < 0:
                     raise MemoryError("no memory for the list's requests")
         finally:
+            self.users -= 1
             PyBuffer_Release(&view)
         count_list(dp, o, c, st)
         return status, codes
@@ -1099,9 +1204,13 @@ cdef class Engine:
             for i in range(n):
                 if boff[i] > <uint64_t> view.len or nb > <uint64_t> view.len - boff[i]:
                     raise ValueError(f"request {i} does not fit in the buffer")
-            with nogil:
-                bad = run_raw(self.eng, f, o, off, nb, boff, <char *> view.buf, st,
-                              lat, timed, <Py_ssize_t> depth)
+            self._enter()
+            try:
+                with nogil:
+                    bad = run_raw(self.eng, f, o, off, nb, boff, <char *> view.buf, st,
+                                  lat, timed, <Py_ssize_t> depth)
+            finally:
+                self.users -= 1
         finally:
             PyBuffer_Release(&view)
         if bad == -2:
