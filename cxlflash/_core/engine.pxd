@@ -114,8 +114,6 @@ cdef extern from "engine.h" nogil:
     void cxl_engine_py_busy(cxl_engine *e, int delta)
 
 
-cdef class _Request
-
 cdef class Engine:
     cdef cxl_engine *eng
     cdef readonly str kind
@@ -131,7 +129,7 @@ cdef class Engine:
 
     cdef int _check_open(self) except -1
     cdef int _enter(self) except -1
-    cdef int _start(self, _Request rq, int flags) except -1
+    cdef int _start(self, object rq, int flags) except -1
     cdef int _drain_pyq(self) except -1
     cdef int _settle_all(self) except -1
     cdef int _drain_bridges(self) except -1

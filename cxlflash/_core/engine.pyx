@@ -746,9 +746,10 @@ cdef class Engine:
         self._check_open()
         return 0
 
-    cdef int _start(self, _Request rq, int flags) except -1:
+    cdef int _start(self, object request, int flags) except -1:
         """rq.start() for a new request; if the engine refuses it (closed
         meanwhile), undo what submitting it counted."""
+        cdef _Request rq = <_Request> request
         try:
             return rq.start(flags)
         except BaseException:
