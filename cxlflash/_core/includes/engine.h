@@ -239,6 +239,7 @@ static void cxl_req_clear(cxl_req *r)
 /* -- the engine --------------------------------------------------------------- */
 
 static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r);
+static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r);
 
 static cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
 {
@@ -319,9 +320,30 @@ static int cxl_engine_ninject(cxl_engine *e)
 
 /* The request is done: count it out of its table and the engine, start
  * the deferred requests it held back, and post it to its route. */
-static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
+/* Take a finished request out of the in-flight list, and start the
+ * deferred requests it held back.  Caller holds mu. */
+static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r)
 {
     cxl_req *d;
+    r->prev->next = r->next;
+    r->next->prev = r->prev;
+    r->next = r->prev = NULL;
+    e->req_inflight--;
+    if (r->flags & CXL_REQ_UNATTENDED)
+        e->unattended--;
+    if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && --e->armed == 0)
+        e->be->ops->set_notify(e->be, 0);
+    /* A deferred request starts once it is the oldest in flight. */
+    while ((d = e->deferred_head) != NULL && e->head.next == d) {
+        e->deferred_head = d->qnext;
+        if (e->deferred_head == NULL)
+            e->deferred_tail = NULL;
+        cxl_engine_submit_segs_locked(e, d);
+    }
+}
+
+static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
+{
     cxl_queue *q;
     if (r->status == 0 && ((r->fail_gen && __atomic_load_n(r->fail_gen, __ATOMIC_ACQUIRE)
                                            != r->fail_gen_seen) ||
@@ -330,21 +352,7 @@ static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
         r->status = CXL_XFER_IN_ERROR;      /* the AFU was reset under it */
     if (r->next) {                          /* it was in flight */
         pthread_mutex_lock(&e->mu);
-        r->prev->next = r->next;
-        r->next->prev = r->prev;
-        r->next = r->prev = NULL;
-        e->req_inflight--;
-        if (r->flags & CXL_REQ_UNATTENDED)
-            e->unattended--;
-        if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && --e->armed == 0)
-            e->be->ops->set_notify(e->be, 0);
-        /* A deferred request starts once it is the oldest in flight. */
-        while ((d = e->deferred_head) != NULL && e->head.next == d) {
-            e->deferred_head = d->qnext;
-            if (e->deferred_head == NULL)
-                e->deferred_tail = NULL;
-            cxl_engine_submit_segs_locked(e, d);
-        }
+        cxl_engine_unlink_locked(e, r);
         pthread_mutex_unlock(&e->mu);
     }
     if (r->table_inflight)
@@ -473,6 +481,8 @@ static void cxl_engine_complete_seg(cxl_engine *e, cxl_seg *s, int64_t res)
     if (r->next_issue < r->nseg)            /* its next segment, in its place */
         cxl_engine_issue_more_locked(e, r, 1);
     left = (uint64_t) r->seg_left;
+    if (left == 0 && r->next)
+        cxl_engine_unlink_locked(e, r);     /* while mu is held anyway */
     pthread_mutex_unlock(&e->mu);
     if (left == 0)
         cxl_engine_finish(e, r);
