@@ -23,6 +23,7 @@
 #ifndef CXLFLASH_ENGINE_H
 #define CXLFLASH_ENGINE_H
 
+#include <sched.h>
 #include <stddef.h>
 #include "backend.h"
 
@@ -318,8 +319,6 @@ static int cxl_engine_ninject(cxl_engine *e)
     return __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE);
 }
 
-/* The request is done: count it out of its table and the engine, start
- * the deferred requests it held back, and post it to its route. */
 /* Take a finished request out of the in-flight list, and start the
  * deferred requests it held back.  Caller holds mu. */
 static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r)
@@ -342,6 +341,8 @@ static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r)
     }
 }
 
+/* The request is done: count it out of its table and the engine, and post
+ * it to its route (or leave it to its submitter, cxl_req_handoff). */
 static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
 {
     cxl_queue *q;
@@ -381,24 +382,23 @@ static int cxl_req_handoff(cxl_req *r, cxl_queue *q)
 static int cxl_engine_issue(cxl_engine *e, cxl_seg *s)
 {
     cxl_io io = s->io;
-    int rc;
+    int rc, tries;
     io.offset += s->done;
     io.len -= s->done;
     if (io.buf)
         io.buf += s->done;
-    for (;;) {
+    for (tries = 0;; tries++) {
         rc = e->be->ops->submit(e->be, &io);
-        if (rc != -EAGAIN)
-            break;
-        e->be->ops->kick(e->be);
+        if (rc != -EAGAIN || tries == 64)
+            break;                      /* (a backend that stays full fails it) */
+        if (e->be->ops->kick(e->be) < 0)
+            sched_yield();
     }
     if (rc == 0)
         e->seg_inflight++;
     return rc;
 }
 
-/* Issue every segment of a request; one the backend refuses completes
- * at once with its error (counted like a completion).  Caller holds mu. */
 /* Give the backend up to ``budget`` more of a request's segments (those
  * not completed at submission); one the backend refuses counts as done,
  * failed.  Caller holds mu. */
