@@ -439,36 +439,29 @@ cdef int finish(_Request rq) except -1:
 
 
 cdef int complete_future(object fut, object value, object exc) except -1:
-    """Finish an EngineFuture.  Its state changes under the futures'
-    shared lock when a thread may be waiting on it -- a waiter installed by
-    concurrent.futures.wait() / as_completed(), or a thread waiting on the
-    condition -- and directly otherwise: with the GIL held and no Python
-    code between the check and the change, no other thread can observe or
-    install anything in between."""
+    """Finish an EngineFuture under the futures' shared lock, as
+    concurrent.futures.wait() and as_completed() expect (they install
+    their waiters holding it); the threads waiting on the condition are
+    woken only if there are any."""
     cdef dict d = <dict> PyObject_GenericGetDict(fut, NULL)
-    waiters = d["_waiters"]
-    if not waiters and not cond_waiters:
+    _lock_acquire()
+    try:
         if exc is None:
             d["_result"] = value
         else:
             d["_exception"] = exc
         d["_state"] = _FINISHED
-    else:
-        _shared_lock.acquire()
-        try:
-            if exc is None:
-                d["_result"] = value
-            else:
-                d["_exception"] = exc
-            d["_state"] = _FINISHED
-            for w in d["_waiters"]:
+        waiters = d["_waiters"]
+        if waiters:
+            for w in waiters:
                 if exc is None:
                     w.add_result(fut)
                 else:
                     w.add_exception(fut)
+        if cond_waiters:
             _shared_cond.notify_all()
-        finally:
-            _shared_lock.release()
+    finally:
+        _lock_release()
     if d["_done_callbacks"]:
         fut._invoke_callbacks()
     return 0
@@ -1243,6 +1236,8 @@ cdef object _running_loop():
 
 _shared_lock = threading.RLock()
 _shared_cond = threading.Condition(_shared_lock)
+_lock_acquire = _shared_lock.acquire
+_lock_release = _shared_lock.release
 
 
 cdef int _cond_wait(object fut, int ms) except -1:
