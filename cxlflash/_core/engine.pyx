@@ -605,6 +605,14 @@ import atexit
 atexit.register(_close_all)
 
 
+cdef long count_arg(object value, const char *name, long top) except -1:
+    """An integer in 1..top: TypeError, or OSError(EINVAL) naming the range."""
+    cdef object v = arg_int(value, name)
+    if v < 1 or v > top:
+        raise einval(f"{name.decode()} must be 1..{top}, got {v}")
+    return <long> v
+
+
 cdef str backend_reason(int err):
     if not CXL_HAVE_URING:
         return "liburing was not found when cxlflash was built"
@@ -654,14 +662,12 @@ cdef class Engine:
     """
 
     def __cinit__(self, kind=None, depth=256, workers=None):
-        cdef long d = <long> arg_u64(depth, b"depth", MAX_DEPTH)
+        cdef long d = count_arg(depth, b"depth", MAX_DEPTH)
         cdef long nw
         cdef cxl_backend *be = NULL
         cdef int err = 0
         self.eng = NULL
         self.closed = True
-        if d < 1:
-            raise einval(f"depth must be 1..{MAX_DEPTH}, got {depth}")
         forced = os.environ.get("CXLFLASH_ENGINE") or None
         want = kind if kind is not None else forced
         if want not in (None, "io_uring", "threads"):
@@ -677,10 +683,8 @@ cdef class Engine:
                                   f"available: {backend_reason(err)}; use "
                                   "CXLFLASH_ENGINE=threads")
         if be == NULL:
-            nw = <long> arg_u64(workers if workers is not None else min(d, 64),
-                                b"workers", MAX_WORKERS)
-            if nw < 1:
-                raise einval(f"workers must be 1..{MAX_WORKERS}, got {workers}")
+            nw = count_arg(workers if workers is not None else min(d, 64),
+                           b"workers", MAX_WORKERS)
             be = cxl_pool_new(<int> nw)
             if be == NULL:
                 raise OSError(errno, "cannot start the I/O worker threads")
