@@ -64,6 +64,13 @@ cdef extern from "engine.h" nogil:
         uint64_t index
         int64_t t_submit
         int done
+    ctypedef struct cxl_slots:
+        long nfree
+        cxl_queue q
+    int cxl_slots_init(cxl_slots *s, long n)
+    cxl_req *cxl_slots_get(cxl_slots *s)
+    void cxl_slots_put(cxl_slots *s, cxl_req *r)
+    void cxl_slots_destroy(cxl_slots *s)
     ctypedef struct cxl_inject:
         int op
         int64_t res

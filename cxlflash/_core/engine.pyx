@@ -45,7 +45,7 @@ from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
 from cxlflash._core.datapath cimport (
-    DataPath, check_range, raise_xfer_error, XFER_AFU_ERROR, XFER_IN_ERROR,
+    DataPath, check_range, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
     XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T)
 
 import errno as _errno
@@ -237,23 +237,6 @@ cdef int prepare(cxl_req *r, DataPath dp, cxl_engine *eng, int op, uint64_t lba,
         r.status = rc
         r.bad = bad
     return rc
-
-
-cdef int64_t list_status(int status, uint64_t nblocks) noexcept nogil:
-    """A request's outcome as list I/O reports it (DataPath.listio)."""
-    if status == 0:
-        return <int64_t> nblocks
-    if status == XFER_AFU_ERROR:
-        return -1000
-    if status == XFER_IN_ERROR:
-        return -1001
-    if status == XFER_GONE or status == XFER_FOREIGN:
-        return -1002
-    if status == XFER_BACKING_ENDED:
-        return -EIO
-    if status == XFER_BEYOND_OFF_T:
-        return -EINVAL
-    return -status
 
 
 # -- what is made once ------------------------------------------------------------------
@@ -1104,9 +1087,7 @@ cdef class Engine:
         if dp.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
-        cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
-        if depth < 1:
-            raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
+        cdef long depth = count_arg(qd, b"qd", MAX_DEPTH)
         o_arr, l_arr, c_arr, off_arr = list_arrays(ops, lbas, nblocks, offsets,
                                                    dp.block_size)
         cdef const uint8_t[::1] o = o_arr
@@ -1154,7 +1135,7 @@ cdef class Engine:
         finally:
             self.users -= 1
             PyBuffer_Release(&view)
-        count_list(dp, o, c, st)
+        count_list(&dp.stats, o, c, st)
         return status, codes
 
     def raw_listio(self, fd, ops, offsets, nbytes, buffer, buf_offsets=None, qd=64,
@@ -1167,9 +1148,7 @@ cdef class Engine:
         self._check_open()
         cdef int f = arg_fd(fd)
         cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
-        cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
-        if depth < 1:
-            raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
+        cdef long depth = count_arg(qd, b"qd", MAX_DEPTH)
         if nb > CXL_MAX_SEG_BYTES:
             raise einval(f"nbytes must be at most {CXL_MAX_SEG_BYTES}")
         cdef const uint64_t[::1] o = u64_array(ops, "ops")
@@ -1260,34 +1239,6 @@ import array as _array
 _no_lat = _array.array("q", [0])        # lat_ns when none is given
 
 
-cdef void count_list(DataPath dp, const uint8_t[::1] o, const uint64_t[::1] c,
-                     int64_t[::1] st) noexcept:
-    cdef Py_ssize_t i
-    cdef uint64_t nread = 0, nwritten = 0, nerr = 0, breads = 0, bwrites = 0
-    cdef uint64_t nunmap = 0, bunmap = 0
-    with nogil:
-        for i in range(o.shape[0]):
-            if st[i] < 0:
-                nerr += 1
-            elif o[i] == 1:
-                nread += 1
-                breads += c[i]
-            elif o[i] == 2:
-                nwritten += 1
-                bwrites += c[i]
-            else:
-                nunmap += 1
-                bunmap += c[i]
-    dp.stats.list_calls += 1
-    dp.stats.reads += nread
-    dp.stats.writes += nwritten
-    dp.stats.blocks_read += breads
-    dp.stats.blocks_written += bwrites
-    dp.stats.unmaps += nunmap
-    dp.stats.blocks_unmapped += bunmap
-    dp.stats.errors += nerr
-
-
 cdef inline int list_done(cxl_req *r, const uint64_t[::1] c, int64_t[::1] st,
                           int[::1] cd, int64_t[::1] lat, bint timed,
                           bint redrive) noexcept nogil:
@@ -1312,32 +1263,16 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
     """Run a list's requests (with ``redrive``: only those that failed
     with -1001) ``qd`` at a time: the number that failed with -1001, or
     -1 without memory."""
-    cdef Py_ssize_t n = o.shape[0], i = 0, slots, outstanding = 0, nfree, nreset = 0
-    cdef cxl_req *pool
-    cdef cxl_req **free_slots
+    cdef Py_ssize_t n = o.shape[0], i = 0, outstanding = 0, nreset = 0
+    cdef cxl_slots sl
     cdef cxl_req *r
     cdef cxl_req *nxt
-    cdef cxl_queue q
-    cdef uint64_t bs = dp.block_size, limit = dp._limit, lba, nb, size
+    cdef uint64_t bs = dp.block_size, limit = dp._limit, lba, nb
     cdef int op
-    cdef int64_t s
-    cdef Py_ssize_t i_done
-    slots = qd if qd < n else n
-    if slots == 0:
-        return 0
-    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
-    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
-    if pool == NULL or free_slots == NULL:
-        free(pool)
-        free(free_slots)
+    if cxl_slots_init(&sl, qd if qd < n else n) != 0:
         return -1
-    for nfree in range(slots):
-        pool[nfree].segs = NULL
-        free_slots[nfree] = &pool[nfree]
-    nfree = slots
-    cxl_queue_init(&q, 0)
     while i < n or outstanding:
-        while i < n and nfree:
+        while i < n and sl.nfree:
             if redrive and st[i] != -1001:
                 i += 1
                 continue
@@ -1353,41 +1288,31 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
             elif op != 3 and (off[i] > buflen or nb > (buflen - off[i]) // bs):
                 st[i] = -EINVAL
             else:
-                nfree -= 1
-                r = free_slots[nfree]
-                cxl_req_clear(r)
+                r = cxl_slots_get(&sl)
                 r.index = <uint64_t> i
                 if timed:                   # prepare may run the I/O
                     r.t_submit = cxl_now_ns()
                 prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
                         NULL if op == 3 else buf + off[i])
-                if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH) or \
-                        cxl_req_handoff(r, &q):
-                    # done at submission (page cache, memory, a refusal):
-                    # no queue involved
+                if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH):
+                    # done at submission (page cache, memory, a refusal)
                     nreset += list_done(r, c, st, cd, lat, timed, redrive)
-                    free_slots[nfree] = r
-                    nfree += 1
+                    cxl_slots_put(&sl, r)
                 else:
                     outstanding += 1
             i += 1
         cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
-        cxl_engine_wait_queue(eng, &q)
-        r = cxl_queue_take(&q)
+        cxl_engine_wait_queue(eng, &sl.q)
+        r = cxl_queue_take(&sl.q)
         while r != NULL:
             nxt = r.qnext
             nreset += list_done(r, c, st, cd, lat, timed, redrive)
-            free_slots[nfree] = r
-            nfree += 1
+            cxl_slots_put(&sl, r)
             outstanding -= 1
             r = nxt
-    for i in range(slots):
-        cxl_req_clear(&pool[i])
-    free(pool)
-    free(free_slots)
-    cxl_queue_destroy(&q)
+    cxl_slots_destroy(&sl)
     return nreset
 
 
@@ -1409,36 +1334,19 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
                      Py_ssize_t qd) noexcept nogil:
     """raw_listio's loop: the index of the first failed request, -1 when
     all succeeded, -2 without memory."""
-    cdef Py_ssize_t n = o.shape[0], i = 0, slots, outstanding = 0, nfree, k
-    cdef cxl_req *pool
-    cdef cxl_req **free_slots
+    cdef Py_ssize_t n = o.shape[0], i = 0, outstanding = 0
+    cdef cxl_slots sl
     cdef cxl_req *r
     cdef cxl_req *nxt
-    cdef cxl_queue q
     cdef int64_t bad = -1
     cdef int cap
     cdef int nowait = cxl_fd_nowait_class(fd)
-    slots = qd if qd < n else n
-    if slots == 0:
-        return -1
-    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
-    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
-    if pool == NULL or free_slots == NULL:
-        free(pool)
-        free(free_slots)
+    if cxl_slots_init(&sl, qd if qd < n else n) != 0:
         return -2
-    for nfree in range(slots):
-        pool[nfree].segs = NULL
-        free_slots[nfree] = &pool[nfree]
-    nfree = slots
-    cxl_queue_init(&q, 0)
     while i < n or outstanding:
-        while i < n and nfree:
-            nfree -= 1
-            r = free_slots[nfree]
-            cxl_req_clear(r)
+        while i < n and sl.nfree:
+            r = cxl_slots_get(&sl)
             r.index = <uint64_t> i
-            r.route = &q
             r.op = <int> o[i]
             cap = CXL_SEG_INLINE
             cxl_req_reserve(r, cap)
@@ -1450,26 +1358,20 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             r.seg_left = cxl_engine_try_segs(eng, r)
             if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH):
                 bad = raw_done(r, st, lat, timed, bad)      # done at submission
-                free_slots[nfree] = r
-                nfree += 1
+                cxl_slots_put(&sl, r)
             else:
                 outstanding += 1
             i += 1
         cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
-        cxl_engine_wait_queue(eng, &q)
-        r = cxl_queue_take(&q)
+        cxl_engine_wait_queue(eng, &sl.q)
+        r = cxl_queue_take(&sl.q)
         while r != NULL:
             nxt = r.qnext
             bad = raw_done(r, st, lat, timed, bad)
-            free_slots[nfree] = r
-            nfree += 1
+            cxl_slots_put(&sl, r)
             outstanding -= 1
             r = nxt
-    for k in range(slots):
-        cxl_req_clear(&pool[k])
-    free(pool)
-    free(free_slots)
-    cxl_queue_destroy(&q)
+    cxl_slots_destroy(&sl)
     return bad

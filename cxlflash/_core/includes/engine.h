@@ -237,6 +237,66 @@ static void cxl_req_clear(cxl_req *r)
            sizeof *r - offsetof(cxl_req, seg_inline) - sizeof r->seg_inline);
 }
 
+/* -- a list call's requests ----------------------------------------------------- */
+
+/* The requests a list call reuses (as many as it keeps in flight) and
+ * the queue they finish into. */
+typedef struct cxl_slots {
+    cxl_req *pool;
+    cxl_req **free;
+    long nfree;
+    long n;
+    cxl_queue q;
+} cxl_slots;
+
+/* 0, or -ENOMEM.  ``n`` may be 0. */
+static int cxl_slots_init(cxl_slots *s, long n)
+{
+    long i;
+    s->n = n;
+    s->nfree = 0;
+    s->pool = (cxl_req *) malloc((size_t) (n ? n : 1) * sizeof(cxl_req));
+    s->free = (cxl_req **) malloc((size_t) (n ? n : 1) * sizeof(cxl_req *));
+    if (s->pool == NULL || s->free == NULL) {
+        free(s->pool);
+        free(s->free);
+        return -ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        s->pool[i].segs = NULL;         /* the rest is cleared as it is used */
+        s->free[s->nfree++] = &s->pool[i];
+    }
+    cxl_queue_init(&s->q, 0);
+    return 0;
+}
+
+/* A cleared request routed to the queue; NULL when all are in use. */
+static cxl_req *cxl_slots_get(cxl_slots *s)
+{
+    cxl_req *r;
+    if (s->nfree == 0)
+        return NULL;
+    r = s->free[--s->nfree];
+    cxl_req_clear(r);
+    r->route = &s->q;
+    return r;
+}
+
+static void cxl_slots_put(cxl_slots *s, cxl_req *r)
+{
+    s->free[s->nfree++] = r;
+}
+
+static void cxl_slots_destroy(cxl_slots *s)
+{
+    long i;
+    for (i = 0; i < s->n; i++)
+        cxl_req_clear(&s->pool[i]);
+    free(s->pool);
+    free(s->free);
+    cxl_queue_destroy(&s->q);
+}
+
 /* -- the engine --------------------------------------------------------------- */
 
 static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r);
