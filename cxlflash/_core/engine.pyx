@@ -1198,6 +1198,9 @@ cdef class Engine:
                 raise OSError(_errno.EIO, f"request {bad}: the backing store ended "
                               "before its bytes (it is shorter than the offsets "
                               "addressed)")
+            if err == ESHUTDOWN:
+                raise ValueError(f"the I/O engine was closed during the batch: request "
+                                 f"{bad} and the requests not yet started did not run")
             raise OSError(err, f"request {bad}: {os.strerror(err)}")
         return n
 
