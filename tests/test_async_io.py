@@ -236,6 +236,8 @@ def test_released_handle_errors_match_sync(adapter, ctx, disk):
         check_all_ways(v, name, *args, what="released")
     e = outcome(lambda: v.aread(0, 1))
     assert isinstance(e, AfuError) and e.afu_rc == 0x01
+    with pytest.raises(CxlFlashError):          # already released
+        v.close()
 
 
 def test_reset_without_recovery_errors_match_sync(adapter, ctx):

@@ -153,7 +153,8 @@ _SECCOMP_CHILD = textwrap.dedent(r"""
     fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
     fbuf = ctypes.create_string_buffer(fprog)
     assert libc.prctl(38, 1, 0, 0, 0) == 0                       # NO_NEW_PRIVS
-    assert libc.prctl(22, 2, ctypes.addressof(fbuf), 0, 0) == 0, ctypes.get_errno()
+    assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(fbuf)), 0, 0) == 0, \
+        ctypes.get_errno()
     os.environ.pop("CXLFLASH_ENGINE", None)
     sys.path.insert(0, ROOT)
     import numpy as np
