@@ -404,13 +404,18 @@ def _raw_listio(fd, reqs, nbytes, bufkind, packed, qd):
         nonint = any(not is_int(x) for x in ops + offs + [nbytes, qd]) or \
             not is_int(fd)
         check_core_error(ex, what)
-        if nonint and not any(is_int(x) and not 0 <= int(x) < U64
-                              for x in ops + offs + [nbytes, qd]):
+        ints_fine = ((not is_int(fd) or fd == sfd)
+                     and all(o in (1, 2) for o in ops if is_int(o))
+                     and all(0 <= int(x) <= STORE for x in offs if is_int(x))
+                     and (not is_int(nbytes) or 0 <= int(nbytes) <= STORE)
+                     and (not is_int(qd) or 1 <= int(qd) <= 65536))
+        if nonint and ints_fine:       # only a type is wrong: TypeError
             assert isinstance(ex, (TypeError, BufferError, ValueError)), \
                 f"{what}: {ex!r} (a non-integer)"
         if is_int(qd) and not 1 <= int(qd) <= 65536 and isinstance(ex, OSError):
             assert ex.errno == errno.EINVAL
-        valid = (fd == sfd and is_int(nbytes) and 1 <= qd_int(qd) <= 65536
+        valid = (fd == sfd and is_int(nbytes) and 0 <= int(nbytes) <= STORE
+                 and 1 <= qd_int(qd) <= 65536
                  and bufkind == "fit" and all(o in (1, 2) for o in ops)
                  and all(is_int(x) and 0 <= int(x) and int(x) + nb <= STORE for x in offs))
         assert not valid, f"{what} refused: {ex!r}"
@@ -420,6 +425,7 @@ def _raw_listio(fd, reqs, nbytes, bufkind, packed, qd):
                 f"{what} refused but changed the buffer"
     else:
         assert got == n, f"{what} returned {got!r}"
+        assert is_int(nbytes) and 0 <= int(nbytes) <= STORE + 1, f"{what}: nbytes accepted"
         assert is_int(qd) and 1 <= int(qd) <= 65536, f"{what}: qd accepted"
         assert all(o in (1, 2) for o in ops), f"{what}: an op accepted"
         assert all(is_int(x) and 0 <= int(x) and int(x) + nb <= STORE for x in offs) \
