@@ -271,6 +271,10 @@ def test_closed_lun_and_adapter_errors_match_sync(adapter, ctx):
         check_all_ways(v2, name, *args, what="closed adapter")
     e = outcome(lambda: v2.aread(0, 1))
     assert isinstance(e, AfuError) and e.afu_rc == 0x21
+    # List I/O reports it per request, as before the engine (the context is gone).
+    res = v2.listio([1, 1], [0, 1], [1, 1], bytearray(2 * BS), qd=2)
+    assert not res.ok and sorted(res.errors()) == [0, 1]
+    assert all(isinstance(x, OSError) for x in res.errors().values())
 
 
 # -- asyncio ----------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_short_transfer_is_continued(engine, memfd, op):
     if op == "read":
         os.pwrite(memfd, data.tobytes(), 8 * BS)
     engine.inject(BS, count=2, op=op)     # 4 KiB of 16 KiB, then 4 KiB of 12 KiB
-    assert engine.injected == 2
+    assert engine.injected == 1           # one queued fault (of two completions)
     buf = data.copy() if op == "write" else np.zeros(4 * BS, np.uint8)
     assert engine.raw_listio(memfd, [1 if op == "read" else 2], [8 * BS], 4 * BS, buf,
                              qd=1) == 1
@@ -277,4 +277,6 @@ def test_inject_arguments(engine):
         engine.inject(-errno.EIO, count=1.0)
     assert engine.injected == 0
     engine.inject(-errno.EIO, count=3)
-    assert engine.injected == 3
+    assert engine.injected == 1
+    engine.inject(-errno.EIO, op="read", skip=2)
+    assert engine.injected == 2
