@@ -715,3 +715,44 @@ def test_reset_without_recovery_fails_requests_in_flight(adapter, ctx):
     for i in ok:
         assert v.read(4 * i, 4) == pattern(4 * i, 4, seed=24).tobytes()
     assert adapter.engine.inflight == 0
+
+
+# -- fork ---------------------------------------------------------------------------------------
+
+
+def test_forked_child_does_async_io_through_its_own_context(adapter, ctx):
+    """The parent's engine (its threads or its ring) does not survive fork:
+    a child's asynchronous requests fail like its synchronous ones before
+    clone_after_fork, and work after it; the parent's engine goes on."""
+    from forking import in_child
+    v = ctx.create_virtual(100)
+    v.write(0, pattern(0, 100, seed=30))
+    assert v.aread(0, 1).result(10) == pattern(0, 1, seed=30).tobytes()   # engine made
+
+    def child():
+        want = sync_outcome(lambda: v.read(0, 1))
+        got = outcome(lambda: v.aread(0, 1))
+        if not isinstance(want, AfuError) or type(got) is not type(want) or \
+                got.afu_rc != want.afu_rc:
+            return f"before the clone: sync {want!r}, async {got!r}"
+        ctx.clone_after_fork()
+        if v.aread(3, 2).result(10) != pattern(3, 2, seed=30).tobytes():
+            return "aread after the clone: wrong data"
+        if v.awrite(50, pattern(50, 2, seed=31)).result(10) != 2:
+            return "awrite after the clone"
+        buf = bytearray(4 * BS)
+        res = v.listio([1, 1], [50, 0], [2, 2], buf, qd=8)
+        if not res.ok or bytes(buf) != (pattern(50, 2, seed=31).tobytes() +
+                                        pattern(0, 2, seed=30).tobytes()):
+            return f"listio after the clone: {res.status.tolist()}"
+        if asyncio.run(v.read_async(1, 1)) != pattern(1, 1, seed=30).tobytes():
+            return "read_async after the clone"
+        v.flush()
+        return "ok"
+
+    assert in_child(child) == "ok"
+    assert v.read(50, 2) == pattern(50, 2, seed=31).tobytes()    # shared data
+    futs = [v.aread(i, 1) for i in range(100)]
+    assert [bytes(f.result(10)) for f in futs] == \
+        [pattern(i, 1, seed=30).tobytes() if i not in (50, 51) else
+         pattern(i, 1, seed=31).tobytes() for i in range(100)]
