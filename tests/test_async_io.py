@@ -440,6 +440,23 @@ def test_listio_queue_depth_equals_serial(vlun, qd):
     ref, ref_buf, ref_img = run(1)
     assert int((ref.status < 0).sum()) == 2 and ref.status[7] < 0 and ref.status[13] < 0
     assert ref.error(7).errno == errno.EINVAL and ref.error(13).errno == errno.EINVAL
+    # qd=1 against the model: distinct blocks, so reads see the initial data.
+    ops, lbas, nb, buf0, offs = _listio_batch()
+    img = init.reshape(2992, BS).copy()
+    want_buf = buf0.reshape(-1, BS).copy()
+    for i, (o, l, n) in enumerate(zip(ops.tolist(), lbas.tolist(), nb.tolist())):
+        if i in (7, 13):
+            continue
+        assert ref.status[i] == n
+        slot = 4 * i
+        if o == cxlflash.LIST_READ:
+            want_buf[slot:slot + n] = img[l:l + n]
+        elif o == cxlflash.LIST_WRITE:
+            img[l:l + n] = want_buf[slot:slot + n]
+        else:
+            img[l:l + n] = 0
+    assert np.array_equal(ref_buf.reshape(-1, BS), want_buf)
+    assert ref_img == img.tobytes()
     res, buf, img = run(qd)
     assert res.status.tolist() == ref.status.tolist()
     assert np.array_equal(buf, ref_buf)
@@ -563,12 +580,17 @@ def test_o_direct_file_with_aligned_buffers(tmp_path, kind):
 
 
 N_FLIGHT = 256
+NB = 16          # 64 KiB writes: many are still in flight when the fence comes
 
 
 def _flood(v, base, seed):
-    """N_FLIGHT 4-block writes from ``base``; their temporaries dropped."""
-    return [v.awrite(base + 4 * i, bytearray(pattern(base + 4 * i, 4, seed=seed).tobytes()))
+    """N_FLIGHT writes of NB blocks from ``base``; the caller keeps no
+    reference to their buffers (the engine must)."""
+    data = [bytearray(pattern(base + NB * i, NB, seed=seed).tobytes())
             for i in range(N_FLIGHT)]
+    futs = [v.awrite(base + NB * i, b) for i, b in enumerate(data)]
+    del data
+    return futs
 
 
 def _ended(futs):
@@ -578,14 +600,14 @@ def _ended(futs):
     ok = [f for f in futs if f.exception(0) is None]
     bad = [f.exception(0) for f in futs if f.exception(0) is not None]
     for f in ok:
-        assert f.result(0) == 4
+        assert f.result(0) == NB
     return ok, bad
 
 
 def test_shrink_waits_for_requests_in_flight(ctx, adapter):
     v = ctx.create_virtual(2 * CHUNK)                  # scrubbing
     fd = backing_fd(v)
-    offs = phys_offsets(v, range(CHUNK, CHUNK + 4 * N_FLIGHT))
+    offs = phys_offsets(v, range(CHUNK, CHUNK + NB * N_FLIGHT))
     futs = _flood(v, CHUNK, seed=20)
     assert v.set_size(CHUNK, release=True) == CHUNK
     ok, bad = _ended(futs)
@@ -605,7 +627,7 @@ def test_release_and_detach_wait_for_requests_in_flight(adapter, disk, how):
     c = disk.attach()
     v = c.create_virtual(CHUNK)                        # scrubbing
     fd = backing_fd(v)
-    offs = phys_offsets(v, range(4 * N_FLIGHT))
+    offs = phys_offsets(v, range(NB * N_FLIGHT))
     futs = _flood(v, 0, seed=21)
     if how == "lun close":
         v.close()
@@ -650,7 +672,7 @@ def test_adapter_close_waits_for_requests_in_flight(tmp_path):
     path = a.provisioned[disk.wwid]["path"]
     c = disk.attach()
     v = c.create_virtual(CHUNK, scrub=False)
-    offs = phys_offsets(v, range(4 * N_FLIGHT))
+    offs = phys_offsets(v, range(NB * N_FLIGHT))
     futs = _flood(v, 0, seed=22)
     reads = [v.aread(i, 1) for i in range(N_FLIGHT)]
     eng = a.engine
@@ -667,8 +689,8 @@ def test_adapter_close_waits_for_requests_in_flight(tmp_path):
         # Each write that succeeded is in the file.
         for i, f in enumerate(futs):
             if f.exception(0) is None:
-                assert first[4 * i * BS:4 * (i + 1) * BS] == \
-                    pattern(4 * i, 4, seed=22).tobytes()
+                assert first[NB * i * BS:NB * (i + 1) * BS] == \
+                    pattern(NB * i, NB, seed=22).tobytes()
     finally:
         os.close(fd)
     e = outcome(lambda: v.aread(0, 1))
@@ -684,8 +706,8 @@ def test_reset_with_recovery_redrives_requests_in_flight(adapter, ctx):
     futs = _flood(v, 0, seed=23)
     adapter.reset()
     for f in futs:
-        assert f.result(20) == 4                   # recovered and re-driven
-    assert v.read(0, 4 * N_FLIGHT) == pattern(0, 4 * N_FLIGHT, seed=23).tobytes()
+        assert f.result(20) == NB                  # recovered and re-driven
+    assert v.read(0, NB * N_FLIGHT) == pattern(0, NB * N_FLIGHT, seed=23).tobytes()
     assert ctx.resets == 1
     # Later asynchronous requests recover as synchronous ones do.
     adapter.reset()
@@ -706,14 +728,14 @@ def test_reset_without_recovery_fails_requests_in_flight(adapter, ctx):
     adapter.reset()
     for f in futs:
         try:
-            assert f.result(20) == 4                # it ended before the reset
+            assert f.result(20) == NB               # it ended before the reset
         except AdapterResetError as e:
             assert e.errno == errno.EIO
     ok = [i for i, f in enumerate(futs) if f.exception(0) is None]
     check_all_ways(v, "aread", 0, 1, what="after the reset")
     adapter.inject_fault("backend_context", 0)
     for i in ok:
-        assert v.read(4 * i, 4) == pattern(4 * i, 4, seed=24).tobytes()
+        assert v.read(NB * i, NB) == pattern(NB * i, NB, seed=24).tobytes()
     assert adapter.engine.inflight == 0
 
 
