@@ -374,20 +374,29 @@ def test_a_dropped_buffer_is_kept_until_its_request_completes(vlun):
     assert all(r() is None for r in refs), "buffers are kept after their requests"
 
 
-def test_cancelled_asyncio_task_leaves_the_request_running(vlun, adapter):
-    vlun.set_size(1000)
+_CANCELLED_TASKS = r"""
+import asyncio, faulthandler, gc, sys, time
+faulthandler.dump_traceback_later(10, exit=True)     # a hang: the stacks, then exit
+import numpy as np
+import cxlflash
+sys.path.insert(0, TESTS)
+from block_pattern import BS, pattern
+a = cxlflash.Adapter(); d = a.open_disk(a.create_lun(1 << 30)); c = d.attach()
+for rnd in range(12):                   # each round: a new loop, a new vLUN
+    v = c.create_virtual(1000)
 
     async def main():
-        tasks = [asyncio.ensure_future(
-            vlun.write_async(i * 4, bytearray(pattern(i * 4, 4, seed=9).tobytes())))
-            for i in range(200)]
-        await asyncio.sleep(0)                 # every task submitted its request
+        tasks = [asyncio.ensure_future(v.write_async(
+            i * 4, bytearray(pattern(i * 4, 4, seed=rnd).tobytes()))) for i in range(200)]
+        await asyncio.sleep(0)          # every task submitted its request
         for t in tasks:
             t.cancel()
         res = await asyncio.gather(*tasks, return_exceptions=True)
-        churn()
+        junk = [bytearray(b"\xee" * 4 * BS) for _ in range(400)]
+        del junk
+        gc.collect()
         rbuf = np.zeros(4 * BS, np.uint8)
-        t = asyncio.ensure_future(vlun.readinto_async(0, rbuf))
+        t = asyncio.ensure_future(v.readinto_async(0, rbuf))
         await asyncio.sleep(0)
         t.cancel()
         try:
@@ -396,15 +405,40 @@ def test_cancelled_asyncio_task_leaves_the_request_running(vlun, adapter):
             pass
         return res, rbuf
 
-    res, rbuf = asyncio.run(main())
-    assert all(r == 4 or isinstance(r, asyncio.CancelledError) for r in res)
-    vlun.flush()                    # after every write submitted before it
+    res, rbuf = asyncio.run(main())    # the loop ends with requests in flight
+    assert all(r == 4 or isinstance(r, asyncio.CancelledError) for r in res), res
+    if rnd % 2:
+        v.close()                      # at once: completes them first, never hangs
+        continue
+    v.flush()                          # after every write submitted before it
     deadline = time.monotonic() + 10
-    while adapter.engine.inflight and time.monotonic() < deadline:
+    while a.engine.inflight and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert adapter.engine.inflight == 0
-    assert vlun.read(0, 800) == pattern(0, 800, seed=9).tobytes()
-    assert rbuf.tobytes() == pattern(0, 4, seed=9).tobytes()
+    assert a.engine.inflight == 0
+    assert v.read(0, 800) == pattern(0, 800, seed=rnd).tobytes(), "a write was lost"
+    assert rbuf.tobytes() == pattern(0, 4, seed=rnd).tobytes(), "the read did not land"
+    v.close()                          # its requests' loop is gone: must not hang
+a.close()
+print("cancelled-ok")
+"""
+
+
+def test_cancelled_asyncio_task_leaves_the_request_running(kind):
+    """Cancelled tasks' requests run to completion (buffers kept alive),
+    then the vLUN closes although the loop they were submitted from has
+    ended.  In a subprocess: a hang fails the test instead of the run."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    env = dict(os.environ, PYTHONPATH=root)
+    try:
+        p = subprocess.run([sys.executable, "-X", "faulthandler", "-c",
+                            f"TESTS = {here!r}\n" + _CANCELLED_TASKS],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"hung (closing the vLUN?):\n{e.stdout}\n{e.stderr}") from None
+    assert p.returncode == 0 and "cancelled-ok" in p.stdout, p.stdout + p.stderr
 
 
 # -- list I/O at a queue depth -----------------------------------------------------------------
