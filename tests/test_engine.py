@@ -399,3 +399,14 @@ def test_engines_are_independent(kind, memfd):
         assert b.raw_listio(memfd, [1], [0], BS, buf) == 1
     finally:
         b.close()
+
+
+def test_cxlflash_info_reports_the_engine(kind, monkeypatch):
+    """`cxlflash info` prints which engine runs (and follows CXLFLASH_ENGINE)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, CXLFLASH_ENGINE=kind)
+    p = subprocess.run([sys.executable, "-m", "cxlflash", "info"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stdout.splitlines() if l.split()[:1] == ["engine"]]
+    assert len(lines) == 1, f"no engine line in:\n{p.stdout}"
+    assert kind in lines[0], lines[0]
