@@ -438,7 +438,7 @@ def _raw_listio(fd, reqs, nbytes, bufkind, packed, qd):
             assert ex.errno == errno.EINVAL
         valid = (fd == sfd and is_int(nbytes) and 0 <= int(nbytes) <= STORE
                  and 1 <= qd_int(qd) <= 65536
-                 and bufkind == "fit" and all(o in (1, 2) for o in ops)
+                 and bufkind == "fit" and all(is_int(o) and o in (1, 2) for o in ops)
                  and all(is_int(x) and 0 <= int(x) and int(x) + nb <= STORE for x in offs))
         assert not valid, f"{what} refused: {ex!r}"
         if before is not None and not isinstance(ex, OSError) and bufkind not in \
@@ -449,7 +449,7 @@ def _raw_listio(fd, reqs, nbytes, bufkind, packed, qd):
         assert got == n, f"{what} returned {got!r}"
         assert is_int(nbytes) and 0 <= int(nbytes) <= STORE + 1, f"{what}: nbytes accepted"
         assert is_int(qd) and 1 <= int(qd) <= 65536, f"{what}: qd accepted"
-        assert all(o in (1, 2) for o in ops), f"{what}: an op accepted"
+        assert all(is_int(o) and o in (1, 2) for o in ops), f"{what}: an op accepted"
         assert all(is_int(x) and 0 <= int(x) and int(x) + nb <= STORE for x in offs) \
             or nb == 0, f"{what}: an offset accepted"
         if nb and isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and \
@@ -491,6 +491,8 @@ OP_NAMES = (None, "read", "write", "flush", "zero", "discard")
 @given(result=INJECT_RESULTS, count=st.one_of(st.integers(0, 3), ANY_SMALL),
        op=INJECT_OPS, skip=st.one_of(st.integers(0, 3), ANY_SMALL))
 @example(result=-errno.EIO, count=2 ** 64, op=None, skip=0)
+@example(result=2 ** 64, count=1, op=None, skip=0)
+@example(result=-(2 ** 63) - 1, count=1, op="read", skip=0)
 @example(result=-errno.EIO, count=1, op=None, skip=2 ** 63)
 @example(result=-errno.EIO, count=2 ** 31, op="read", skip=0)
 def _inject(result, count, op, skip):
