@@ -603,6 +603,18 @@ def test_o_direct_file_with_aligned_buffers(tmp_path, kind):
             assert v.areadinto(0, out).result(10) == 4
             assert not out[:2 * BS].any() and np.array_equal(out[2 * BS:], bufs[0][2 * BS:])
             offs = phys_offsets(v, [int(lbas[5]), 6])
+            # A misaligned buffer: whatever the sync call does (EINVAL saying
+            # to use aligned_buffer, or the data), the async calls do too.
+            mis = cxlflash.aligned_buffer(2 * BS)[1:1 + BS]
+            want = sync_outcome(lambda: v.readinto(8, mis))
+            got = outcome(lambda: v.areadinto(8, mis))
+            if isinstance(want, Exception):
+                assert_same_error(got, want, "misaligned areadinto")
+                assert "aligned_buffer" in str(got)
+                res = v.listio([1], [8], [1], mis, qd=4)
+                assert res.error(0).errno == want.errno
+            else:
+                assert got == want == 1 and np.array_equal(mis, bufs[2][:BS])
     with open(path, "rb") as f:                          # the data is in the file
         f.seek(offs[0])
         assert f.read(BS) == pattern(int(lbas[5]), 1, seed=16).tobytes()
