@@ -163,6 +163,41 @@ def test_many_more_futures_than_the_engine_depth(vlun, adapter):
     assert adapter.engine.inflight == 0
 
 
+def test_back_pressure_through_the_api(kind):
+    """An adapter engine of depth 2 (``Adapter(engine_depth=2)``): 100
+    futures, a listio of 100 at qd 64 and 100 asyncio tasks all complete,
+    never more than 2 in flight, nothing dropped."""
+    with cxlflash.Adapter(engine_depth=2) as a, a.open_disk(a.create_lun(GIB)) as d, \
+            d.attach() as c, c.create_virtual(1000) as v:
+        assert a.engine.depth == 2 and a.engine.kind == kind
+        seen = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                seen.append(a.engine.inflight)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        try:
+            futs = [v.awrite(i * 4, pattern(i * 4, 4, seed=40)) for i in range(100)]
+            assert [f.result(10) for f in futs] == [4] * 100
+            buf = np.zeros(400 * BS, np.uint8)
+            res = v.listio([1] * 100, np.arange(100) * 4, [4] * 100, buf, qd=64)
+            assert res.ok and buf.tobytes() == pattern(0, 400, seed=40).tobytes()
+
+            async def main():
+                return await asyncio.gather(*(v.read_async(i * 4, 4) for i in range(100)))
+            got = asyncio.run(main())
+            assert [bytes(g) for g in got] == [pattern(i * 4, 4, seed=40).tobytes()
+                                               for i in range(100)]
+        finally:
+            stop.set()
+            t.join()
+        assert max(seen) <= 2, f"{max(seen)} requests in flight in an engine of depth 2"
+        assert a.engine.inflight == 0
+
+
 def test_direct_lun_futures(adapter):
     with adapter.open_disk(adapter.create_lun(64 << 20)) as d, d.attach() as c, \
             c.open_direct() as lun:
