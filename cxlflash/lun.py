@@ -19,12 +19,20 @@ Errors: ``CxlFlashError`` from the driver (ENOSPC, ENOMEM, ...),
 :class:`cxlflash.AdapterResetError` after an AFU reset that could not be
 recovered, ``ValueError`` after :meth:`close`.
 """
+from __future__ import annotations
+
 import errno
 import os
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-import numpy as np
+if TYPE_CHECKING:
+    from typing_extensions import Self
+    import numpy as np
+    import numpy.typing as npt
+else:
+    from ._core._lazy import numpy as np            # imported on first use
 
 from . import uapi, _args
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
@@ -41,7 +49,12 @@ __all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
 
 CHUNK_BLOCKS = 1 << 16
 _STAT_NAMES = ("num_reads", "num_writes", "num_blocks_read", "num_blocks_written",
-               "num_unmaps", "num_blocks_unmapped", "num_errors", "num_list_calls")
+               "num_unmaps", "num_blocks_unmapped", "num_errors", "num_list_calls",
+               "num_areads", "num_awrites")
+# The engine's entry points bound per object (_bind_async), dropped when the
+# data path changes.
+_ASYNC_BOUND = ("aread", "areadinto", "awrite", "_loop_read", "_loop_readinto",
+                "_loop_write")
 
 
 class ListResult:
@@ -50,8 +63,9 @@ class ListResult:
     (all succeeded), :meth:`errors` (index -> exception), :meth:`check`
     (raise the first error)."""
 
-    def __init__(self, lun, status, codes, lbas, nblocks):
-        self.status = status
+    def __init__(self, lun: Any, status: np.ndarray, codes: np.ndarray, lbas: Any,
+                 nblocks: Any) -> None:
+        self.status: npt.NDArray[np.int64] = status
         self._codes = codes
         self._lun = lun
         self._lbas = lbas           # as the caller gave them: read on errors only
@@ -61,7 +75,7 @@ class ListResult:
     def ok(self) -> bool:
         return bool((self.status >= 0).all())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.status)
 
     def error(self, i: int) -> Optional[OSError]:
@@ -86,13 +100,14 @@ class ListResult:
         return int(np.ravel(self._lbas)[i])
 
     def errors(self) -> Dict[int, OSError]:
-        return {i: self.error(i) for i in np.flatnonzero(self.status < 0).tolist()}
+        return {i: self.error(i) for i in  # type: ignore[misc]
+                np.flatnonzero(self.status < 0).tolist()}
 
     def check(self) -> "ListResult":
         """Raise the first request's error, if any; return self."""
         bad = np.flatnonzero(self.status < 0)
         if len(bad):
-            raise self.error(int(bad[0]))
+            raise self.error(int(bad[0]))  # type: ignore[misc]
         return self
 
 
@@ -105,13 +120,12 @@ class _Lun:
         self.context = context
         self.disk = disk
         self.adapter = context.adapter
-        self.handle = None
+        self.handle: Optional[int] = None
         self.closed = False
         self._dp = None
         self._size = 0
         self._stats_base = dict.fromkeys(_STAT_NAMES, 0)
-        self._stats_extra = {"num_areads": 0, "num_awrites": 0,
-                             "num_reset_contexts": 0}
+        self._stats_extra = {"num_reset_contexts": 0}
         self._lock = threading.Lock()
         self._close_lock = threading.RLock()
 
@@ -158,9 +172,11 @@ class _Lun:
         # CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the logical
         # size): the object's readinto and write are the core's own
         # methods, with no Python frame on the hot path.
-        self.readinto = dp.readinto
-        self.write = dp.write
-        self.block_size = glun.blk_len
+        self.readinto = dp.readinto      # type: ignore[method-assign]
+        self.write = dp.write            # type: ignore[method-assign]
+        self.block_size: int = glun.blk_len
+        for name in _ASYNC_BOUND:
+            self.__dict__.pop(name, None)
 
     def _after_fork(self):
         self._rebind()
@@ -182,7 +198,7 @@ class _Lun:
         """The logical size in blocks."""
         return self._size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._size
 
     # The hot paths are the core's own methods, bound per object in
@@ -221,7 +237,7 @@ class _Lun:
         except OSError as e:
             raise self.adapter._io_error(e) from None
 
-    def translate(self, lbas: Any) -> np.ndarray:
+    def translate(self, lbas: Any) -> npt.NDArray[np.uint64]:
         """The physical LBAs (uint64 array) the AFU addresses for ``lbas``."""
         lbas = _args.lba_array(lbas, "lbas")
         self._check_open()
@@ -232,7 +248,7 @@ class _Lun:
         return self._dp.translate(lbas)
 
     def listio(self, ops: Any, lbas: Any, nblocks: Any, buffer: Any,
-               offsets: Any = None, lat_ns: Optional[np.ndarray] = None,
+               offsets: Any = None, lat_ns: Optional[npt.NDArray[np.int64]] = None,
                qd: int = 64) -> ListResult:
         """Issue a batch of requests, up to ``qd`` in flight at a time,
         without the GIL (the block library's ``cblk_listio``).
@@ -253,8 +269,16 @@ class _Lun:
                                        and lat_ns.dtype == np.int64):
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
-        status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks, buffer,
-                                                   offsets, lat_ns, qd)
+        eng = self.adapter._engine
+        if self.adapter.driver.closed and (eng is None or eng.closed) \
+                and self.adapter._client() is None:
+            # Every request fails as the closed adapter's data path fails it
+            # (one failing request does not stop the others).
+            _args.qd(qd)
+            status, codes = self._dp.listio(ops, lbas, nblocks, buffer, offsets, lat_ns)
+        else:
+            status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks,
+                                                       buffer, offsets, lat_ns, qd)
         return ListResult(self, status, codes, lbas, nblocks)
 
     # -- flush, write-zeroes, discard -------------------------------------------------------
@@ -288,30 +312,31 @@ class _Lun:
     # request runs to completion: cancelling its future or task does not
     # stop it, and its buffer stays alive until it is done.
 
-    def _count(self, kind):
-        with self._lock:
-            self._stats_extra[kind] += 1
+    def _bind_async(self):
+        """Bind the engine's entry points to this object's data path, so
+        that a future or an asyncio read costs no Python frame of ours
+        (the core checks every argument)."""
+        self._check_open()
+        eng, dp = self.adapter.engine, self._dp
+        self.aread = partial(eng.aread, dp)
+        self.areadinto = partial(eng.areadinto, dp)
+        self.awrite = partial(eng.awrite, dp)
+        self._loop_read = partial(eng.aread_loop, dp)
+        self._loop_readinto = partial(eng.areadinto_loop, dp)
+        self._loop_write = partial(eng.awrite_loop, dp)
+        return self
 
     def aread(self, lba: int, nblocks: int) -> "Future[bytearray]":
         """Start a read; returns a ``concurrent.futures.Future`` of the data."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, nblocks, None, 1)
-        self._count("num_areads")
-        return fut
+        return self._bind_async().aread(lba, nblocks)
 
     def areadinto(self, lba: int, buffer: Any) -> "Future[int]":
         """Start a read into ``buffer``; a Future of the block count."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, None, buffer, 1)
-        self._count("num_areads")
-        return fut
+        return self._bind_async().areadinto(lba, buffer)
 
     def awrite(self, lba: int, data: Any) -> "Future[int]":
         """Start a write; a Future of the block count."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_WRITE, lba, None, data, 1)
-        self._count("num_awrites")
-        return fut
+        return self._bind_async().awrite(lba, data)
 
     def aflush(self) -> "Future[None]":
         """Start a :meth:`flush`; a Future of None."""
@@ -328,25 +353,25 @@ class _Lun:
         self._check_open()
         return self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks, None, 1)
 
+    def _loop_read(self, lba, nblocks):
+        return self._bind_async()._loop_read(lba, nblocks)
+
+    def _loop_readinto(self, lba, buffer):
+        return self._bind_async()._loop_readinto(lba, buffer)
+
+    def _loop_write(self, lba, data):
+        return self._bind_async()._loop_write(lba, data)
+
     async def read_async(self, lba: int, nblocks: int) -> bytearray:
         """``await lun.read_async(lba, n)``: the data (completed through
         an eventfd on the running loop, no executor)."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, nblocks, None, 2)
-        self._count("num_areads")
-        return await fut
+        return await self._loop_read(lba, nblocks)
 
     async def readinto_async(self, lba: int, buffer: Any) -> int:
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, None, buffer, 2)
-        self._count("num_areads")
-        return await fut
+        return await self._loop_readinto(lba, buffer)
 
     async def write_async(self, lba: int, data: Any) -> int:
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_WRITE, lba, None, data, 2)
-        self._count("num_awrites")
-        return await fut
+        return await self._loop_write(lba, data)
 
     async def flush_async(self) -> None:
         self._check_open()
@@ -428,10 +453,10 @@ class _Lun:
 
     release = close
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

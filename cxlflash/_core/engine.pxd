@@ -1,6 +1,7 @@
 # The asynchronous I/O engine (engine.pyx): C declarations of
 # includes/backend.h and includes/engine.h, and the Engine object.
 from libc.stdint cimport uint64_t, int64_t
+from cxlflash._core.datapath cimport DataPath
 
 cdef extern from "engine.h" nogil:
     enum:
@@ -20,6 +21,7 @@ cdef extern from "engine.h" nogil:
     ctypedef struct cxl_target:
         int fd
         int zero_mode
+        int nowait
         void *obj
     ctypedef struct cxl_io:
         int op
@@ -48,6 +50,7 @@ cdef extern from "engine.h" nogil:
         uint64_t bad
         int nseg
         cxl_seg *segs
+        cxl_seg seg_inline[4]
         int64_t *table_inflight
         const uint64_t *fail_gen
         uint64_t fail_gen_seen
@@ -74,6 +77,7 @@ cdef extern from "engine.h" nogil:
         int pid
 
     void cxl_backend_destroy(cxl_backend *be)
+    int cxl_fd_nowait_class(int fd)
     cxl_backend *cxl_pool_new(int nworkers)
     cxl_backend *cxl_uring_new(unsigned entries)
     int cxl_queue_init(cxl_queue *q, int with_efd)
@@ -85,6 +89,10 @@ cdef extern from "engine.h" nogil:
     cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
     int cxl_engine_is_ours(cxl_engine *e)
     void cxl_engine_submit(cxl_engine *e, cxl_req *r)
+    void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+    void cxl_engine_kick(cxl_engine *e)
+    enum:
+        CXL_SUBMIT_BATCH
     void cxl_engine_finish(cxl_engine *e, cxl_req *r)
     int cxl_engine_poll(cxl_engine *e, int wait_ms)
     int cxl_engine_try_poll(cxl_engine *e)
@@ -96,8 +104,10 @@ cdef extern from "engine.h" nogil:
     void cxl_engine_stop(cxl_engine *e)
     void cxl_engine_free(cxl_engine *e)
     int64_t cxl_now_ns()
+    int cxl_req_handoff(cxl_req *r, cxl_queue *q)
     int cxl_engine_add_inject(cxl_engine *e, int op, int64_t res, long skip, long count)
     int cxl_engine_ninject(cxl_engine *e)
+    void cxl_engine_py_busy(cxl_engine *e, int delta)
 
 
 cdef class Engine:
@@ -109,8 +119,13 @@ cdef class Engine:
     cdef object _last_loop
     cdef object _last_bridge
     cdef object _close_lock
+    cdef long py_inhand           # futures taken from pyq, being completed
     cdef object __weakref__
 
     cdef int _check_open(self) except -1
     cdef int _drain_pyq(self) except -1
+    cdef int _settle_all(self) except -1
     cdef object _bridge(self)
+    cdef int _refuse(self, DataPath dp) except -1
+    cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,
+                        object buffer, int mode)
