@@ -969,3 +969,60 @@ def test_submitters_race_resets_and_resizes(adapter, ctx):
             assert f.result(10) == 4
         assert v.read(k * 64, 64) == pattern(k * 64, 64, seed=k).tobytes()
     assert adapter.engine.inflight == 0
+
+
+def test_adapter_close_while_a_loop_and_waiters_wait(kind):
+    """Adapter.close() from the main thread while another thread's event
+    loop awaits 200 reads and two threads block in result(): all of them
+    end (data or a clean error), none hangs."""
+    a = cxlflash.Adapter()
+    d = a.open_disk(a.create_lun(GIB))
+    c = d.attach()
+    v = c.create_virtual(CHUNK)
+    v.write(0, pattern(0, 16 * 200, seed=43))
+    out = {}
+    started = threading.Event()
+
+    def loop_thread():
+        async def main():
+            tasks = [asyncio.ensure_future(v.read_async(16 * i, 16)) for i in range(200)]
+            await asyncio.sleep(0)
+            started.set()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        out["loop"] = asyncio.run(main())
+
+    futs = [v.aread(16 * i, 16) for i in range(200)]
+
+    def waiter(k):
+        res = []
+        for f in futs[k::2]:
+            try:
+                res.append(f.result(20))
+            except (OSError, ValueError) as e:
+                res.append(e)
+        out[k] = res
+
+    ts = [threading.Thread(target=loop_thread)] + \
+        [threading.Thread(target=waiter, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    started.wait(10)
+    a.close()
+    for t in ts:
+        t.join(30)
+    assert not any(t.is_alive() for t in ts), "a waiter hung across Adapter.close()"
+    results = out["loop"] + out[0] + out[1]
+    assert len(results) == 400
+    for i, r in enumerate(out["loop"]):
+        if isinstance(r, BaseException):
+            assert isinstance(r, (OSError, ValueError)), repr(r)
+        else:
+            assert bytes(r) == pattern(16 * i, 16, seed=43).tobytes()
+    for k in range(2):
+        for j, r in enumerate(out[k]):
+            i = k + 2 * j
+            if isinstance(r, BaseException):
+                assert isinstance(r, (OSError, ValueError)), repr(r)
+            else:
+                assert bytes(r) == pattern(16 * i, 16, seed=43).tobytes()
+    c.close()
