@@ -410,3 +410,58 @@ def test_cxlflash_info_reports_the_engine(kind, monkeypatch):
     lines = [l for l in p.stdout.splitlines() if l.split()[:1] == ["engine"]]
     assert len(lines) == 1, f"no engine line in:\n{p.stdout}"
     assert kind in lines[0], lines[0]
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_close_leaves_no_fd_or_thread_behind(kind, memfd):
+    """An engine made, used at depth, and closed 40 times: the process
+    ends with the fds (rings, eventfds) and OS threads it started with."""
+    kept = []                   # close() must release them, not the destructor
+
+    def cycle():
+        e = Engine(kind=kind, depth=32, workers=4)
+        buf = np.zeros(64 * BS, np.uint8)
+        assert e.raw_listio(memfd, [1] * 64, np.arange(64) * BS, BS, buf, qd=32) == 64
+        e.close()
+        kept.append(e)
+
+    cycle()                                     # lazily made process-wide things
+    fds, threads = _open_fds(), _os_threads()
+    for _ in range(40):
+        cycle()
+    deadline = time.monotonic() + 5
+    while _os_threads() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _open_fds() == fds, f"{_open_fds() - fds} fds leaked by 40 engines"
+    assert _os_threads() <= threads, f"{_os_threads() - threads} threads left running"
+
+
+def test_adapters_with_engines_leave_nothing_behind(kind, monkeypatch):
+    """The same through adapters: futures, asyncio and list I/O, then
+    close -- without waiting for the garbage collector."""
+    import asyncio
+    monkeypatch.setenv("CXLFLASH_ENGINE", kind)
+
+    def cycle():
+        with cxlflash.Adapter() as a, a.open_disk(a.create_lun(1 << 30)) as d, \
+                d.attach() as c, c.create_virtual(64) as v:
+            assert v.awrite(0, bytes(4 * BS)).result(10) == 4
+            assert asyncio.run(v.read_async(0, 1)) == bytes(BS)
+            assert v.listio([1] * 8, list(range(8)), [1] * 8, bytearray(8 * BS), qd=8).ok
+
+    cycle()
+    fds, threads = _open_fds(), _os_threads()
+    for _ in range(15):
+        cycle()
+    deadline = time.monotonic() + 5
+    while _os_threads() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _open_fds() == fds, f"{_open_fds() - fds} fds leaked by 15 adapters"
+    assert _os_threads() <= threads, f"{_os_threads() - threads} threads left running"
