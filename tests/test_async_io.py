@@ -407,6 +407,19 @@ def test_a_dropped_buffer_is_kept_until_its_request_completes(vlun):
     del futs, f
     gc.collect()
     assert all(r() is None for r in refs), "buffers are kept after their requests"
+    # The buffer export ends with the request: a bytearray can be resized
+    # again (BufferError while a request holds it).
+    b = bytearray(4 * BS)
+    assert vlun.areadinto(0, b).result(10) == 4
+    b.extend(b"x")
+    w = bytearray(pattern(0, 4, seed=44).tobytes())
+    assert vlun.awrite(0, w).result(10) == 4
+    w.extend(b"x")
+    assert asyncio.run(vlun.readinto_async(0, b := bytearray(4 * BS))) == 4
+    b.extend(b"x")
+    res = vlun.listio([1], [0], [4], b2 := bytearray(4 * BS), qd=4)
+    assert res.ok
+    b2.extend(b"x")
 
 
 _CANCELLED_TASKS = r"""
