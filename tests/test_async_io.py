@@ -1068,3 +1068,44 @@ def test_async_requests_split_by_max_xfer_and_chunks(ctx):
     z = v.awrite_zeroes(CHUNK - 5, 10).result(10)
     assert z == 10 and v.read(CHUNK - 5, 10) == bytes(10 * BS)
     assert v.read(CHUNK - 6, 1) == pattern(CHUNK - 6, 1, seed=45).tobytes()
+
+
+_LISTIO_DEEPER_THAN_THE_ENGINE = r"""
+import faulthandler, os, sys
+faulthandler.dump_traceback_later(8, exit=True)      # a hang: the stacks, then exit
+import numpy as np
+import cxlflash
+path = sys.argv[1]
+with cxlflash.Adapter() as a:
+    w = a.add_lun(path, size=1 << 30, direct=True)
+    with a.open_disk(w) as d, d.attach() as c, c.create_virtual(1000, scrub=False) as v:
+        depth = a.engine.depth
+        n = depth + 300
+        v.set_size(n)
+        data = cxlflash.aligned_buffer(n * 4096)
+        data[:] = np.repeat((np.arange(n) % 251).astype(np.uint8), 4096)
+        res = v.listio([2] * n, np.arange(n), [1] * n, data, qd=n)
+        assert res.ok, res.errors()
+        out = cxlflash.aligned_buffer(n * 4096)
+        res = v.listio([1] * n, np.arange(n), [1] * n, out, qd=65536)
+        assert res.ok and np.array_equal(out, data)
+        futs = [v.areadinto(i, out[i * 4096:(i + 1) * 4096]) for i in range(n)]
+        assert [f.result(10) for f in futs] == [1] * n
+print("deep-ok")
+"""
+
+
+def test_listio_deeper_than_the_engine_on_o_direct(kind, tmp_path):
+    """listio with qd above the adapter engine's depth (default 256) on an
+    O_DIRECT file: back-pressure, not a hang.  In a subprocess."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    try:
+        p = subprocess.run([sys.executable, "-c", _LISTIO_DEEPER_THAN_THE_ENGINE,
+                            str(tmp_path / "direct.img")], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"hung:\n{e.stderr}") from None
+    assert p.returncode == 0 and "deep-ok" in p.stdout, p.stdout + p.stderr

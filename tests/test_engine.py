@@ -478,3 +478,40 @@ def test_adapters_with_engines_leave_nothing_behind(kind, monkeypatch):
     leaked = (_open_fds() - fds, _os_threads() - threads)
     assert leaked[0] == 0 and leaked[1] <= 0, \
         f"{leaked[0]} fds and {leaked[1]} threads left behind by 15 adapters"
+
+
+_DEEPER_THAN_THE_ENGINE = r"""
+import faulthandler, os, sys
+faulthandler.dump_traceback_later(8, exit=True)      # a hang: the stacks, then exit
+import numpy as np
+import cxlflash
+from cxlflash._core.engine import Engine
+kind, path = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+os.ftruncate(fd, 1 << 22)
+e = Engine(kind=kind, depth=4)
+data = cxlflash.aligned_buffer(200 * 4096)
+data[:] = np.repeat(np.arange(200, dtype=np.uint8), 4096)
+offs = np.arange(200) * 4096
+assert e.raw_listio(fd, [2] * 200, offs, 4096, data, qd=64) == 200
+out = cxlflash.aligned_buffer(200 * 4096)
+assert e.raw_listio(fd, [1] * 200, offs, 4096, out, qd=200) == 200
+assert np.array_equal(out, data)
+assert e.inflight == 0
+e.close()
+print("deep-ok")
+"""
+
+
+def test_back_pressure_on_a_store_that_completes_later(kind, tmp_path):
+    """qd above the engine's depth on an O_DIRECT file (requests really wait
+    for the device, none completes at submission): the submitter waits for
+    a slot and every request completes.  In a subprocess: a hang fails."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    try:
+        p = subprocess.run([sys.executable, "-c", _DEEPER_THAN_THE_ENGINE, kind,
+                            str(tmp_path / "direct.img")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"hung:\n{e.stderr}") from None
+    assert p.returncode == 0 and "deep-ok" in p.stdout, p.stdout + p.stderr
