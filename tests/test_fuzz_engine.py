@@ -321,7 +321,9 @@ def _engine_new(kind, depth, workers):
         check_core_error(ex, what)
         ints = [x for x in (depth, workers) if x is not None]
         kind_ok = kind in (None, "io_uring", "threads")
-        if kind_ok and any(not is_int(x) for x in ints):
+        ints_fine = ((depth is None or not is_int(depth) or 1 <= int(depth) <= 65536)
+                     and (workers is None or not is_int(workers) or 1 <= int(workers) <= 1024))
+        if kind_ok and ints_fine and any(not is_int(x) for x in ints):   # only a type
             assert isinstance(ex, TypeError), f"{what}: {ex!r} (expected TypeError)"
         assert not (kind_ok and all(is_int(x) and 1 <= int(x) <= 256 for x in ints)), \
             f"{what} refused: {ex!r}"
