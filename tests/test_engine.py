@@ -447,7 +447,7 @@ def test_close_leaves_no_fd_or_thread_behind(kind, memfd):
     fds, threads = _open_fds(), _os_threads()
     for _ in range(40):
         cycle()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 2
     while _os_threads() > threads and time.monotonic() < deadline:
         time.sleep(0.01)
     leaked = (_open_fds() - fds, _os_threads() - threads)
@@ -472,7 +472,7 @@ def test_adapters_with_engines_leave_nothing_behind(kind, monkeypatch):
     fds, threads = _open_fds(), _os_threads()
     for _ in range(15):
         cycle()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 2
     while _os_threads() > threads and time.monotonic() < deadline:
         time.sleep(0.01)
     leaked = (_open_fds() - fds, _os_threads() - threads)
