@@ -1109,3 +1109,21 @@ def test_listio_deeper_than_the_engine_on_o_direct(kind, tmp_path):
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"hung:\n{e.stderr}") from None
     assert p.returncode == 0 and "deep-ok" in p.stdout, p.stdout + p.stderr
+
+
+def test_end_of_backing_store_is_the_sync_error(tmp_path):
+    """A file that shrank behind the LUN: the async calls fail as the sync
+    ones do (EIO naming the byte where the store ended), the rest works."""
+    with cxlflash.Adapter(str(tmp_path)) as a, a.open_disk(a.create_lun(GIB)) as disk, \
+            disk.attach() as c, c.create_virtual(2 * CHUNK) as v:
+        path = a.provisioned[disk.wwid]["path"]
+        v.write(CHUNK + 3, pattern(CHUNK + 3, 2))
+        (off,) = phys_offsets(v, [CHUNK + 4])
+        os.truncate(path, off)
+        check_all_ways(v, "aread", CHUNK + 3, 2, what="past the store's end")
+        check_all_ways(v, "areadinto", CHUNK + 3, bytearray(2 * BS), what="past the end")
+        e = outcome(lambda: v.aread(CHUNK + 3, 2))
+        assert e.errno == errno.EIO
+        res = v.listio([1, 1], [CHUNK + 3, CHUNK + 3], [2, 1], bytearray(3 * BS), qd=2)
+        assert res.error(0).errno == errno.EIO and res.status[1] == 1
+        assert v.aread(CHUNK + 3, 1).result(10) == pattern(CHUNK + 3, 1).tobytes()
