@@ -1297,14 +1297,15 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                     r.t_submit = cxl_now_ns()
                 prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
                         NULL if op == 3 else buf + off[i])
-                if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH):
+                # (started at once: on a device that keeps more requests
+                # in flight than one kick per batch does)
+                if cxl_engine_submit_flags(eng, r, 0):
                     # done at submission (page cache, memory, a refusal)
                     nreset += list_done(r, c, st, cd, lat, timed, redrive)
                     cxl_slots_put(&sl, r)
                 else:
                     outstanding += 1
             i += 1
-        cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
         cxl_engine_wait_queue(eng, &sl.q)
@@ -1359,13 +1360,12 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             if timed:
                 r.t_submit = cxl_now_ns()
             r.seg_left = cxl_engine_try_segs(eng, r)
-            if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH):
+            if cxl_engine_submit_flags(eng, r, 0):
                 bad = raw_done(r, st, lat, timed, bad)      # done at submission
                 cxl_slots_put(&sl, r)
             else:
                 outstanding += 1
             i += 1
-        cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
         cxl_engine_wait_queue(eng, &sl.q)
