@@ -567,6 +567,10 @@ def main(argv=None):
     except SetupError as e:
         print(f"engine_ratios: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"engine_ratios: cannot create or read {args.file!r}: {e.strerror or e} "
+              f"(give --file on a disk filesystem with 1 GiB free)", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(9)
     info = engine_info()
     header = {"machine": platform.platform(), "cores": os.cpu_count(),
