@@ -2,9 +2,17 @@
 
 Release builds turn bounds and wraparound checks off.  ``CXLFLASH_DEBUG=1``
 at build time turns them on, together with the C asserts of the core.
+
+Optional C libraries are detected here; the package builds and works
+without them: liburing (the io_uring engine; without it the engine is a
+thread pool).  ``CXLFLASH_LIBURING=0`` builds without it even where it
+is installed.
 """
 import glob
 import os
+import shutil
+import sys
+import tempfile
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -22,15 +30,60 @@ directives = {
 macros = [] if DEBUG else [("NDEBUG", "1")]
 cflags = ["-O0", "-g"] if DEBUG else ["-O3"]
 
-extensions = [
-    Extension(
-        "cxlflash._core." + os.path.splitext(os.path.basename(path))[0],
+
+
+def have_library(header, function, library):
+    """Whether a program using ``function`` of ``header`` compiles and
+    links against ``library`` here."""
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.errors import CompileError, LinkError
+    from setuptools._distutils.sysconfig import customize_compiler
+    cc = new_compiler()
+    customize_compiler(cc)
+    tmp = tempfile.mkdtemp(prefix="cxlflash-probe-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(f"#include <{header}>\nint main(void) {{ (void) {function}; return 0; }}\n")
+        try:
+            objs = cc.compile([src], output_dir=tmp)
+            cc.link_executable(objs, os.path.join(tmp, "probe"), libraries=[library])
+        except (CompileError, LinkError):
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def engine_options():
+    """Macros and libraries of the I/O engine (liburing when present)."""
+    if os.environ.get("CXLFLASH_LIBURING", "") == "0":
+        print("cxlflash: building without liburing (CXLFLASH_LIBURING=0): "
+              "the I/O engine is a thread pool", file=sys.stderr)
+        return [], []
+    if have_library("liburing.h", "io_uring_queue_init", "uring"):
+        return [("CXLFLASH_HAVE_LIBURING", "1")], ["uring"]
+    print("cxlflash: liburing not found (install liburing-dev for the io_uring "
+          "engine): the I/O engine is a thread pool", file=sys.stderr)
+    return [], []
+
+
+def extension(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    define, libraries = macros, []
+    if name == "engine":
+        extra, libraries = engine_options()
+        define = macros + extra
+    return Extension(
+        "cxlflash._core." + name,
         [path],
         include_dirs=["cxlflash/_core/includes"],
-        define_macros=macros,
+        define_macros=define,
+        libraries=libraries,
         extra_compile_args=cflags,
     )
-    for path in sorted(glob.glob("cxlflash/_core/*.pyx"))
-]
+
+
+extensions = [extension(path) for path in sorted(glob.glob("cxlflash/_core/*.pyx"))]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -31,7 +31,7 @@ from .server.service import Connection
 __all__ = ["Adapter", "Disk", "ioctl"]
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
+    from ._core.engine import Engine
     from .context import Context
 
 _live_adapters = weakref.WeakSet()
@@ -63,7 +63,7 @@ def _after_fork_in_child():
         for ctx in list(a._driver.ctx_tbl) + list(a._driver.ctx_err_recovery):
             if ctx is not None:
                 ctx.table.set_state(3)      # TABLE_FOREIGN
-        a._executor = None                  # its threads stayed in the parent
+        a._engine = None                    # its threads stayed in the parent
         a._lock = threading.Lock()          # another thread may have held it
         a._invalidate_paths()               # the parent's contexts are not ours
         a._xlate_pool = []
@@ -149,7 +149,8 @@ class Adapter:
                  max_contexts: int = 512, rht_per_context: int = 256,
                  port_max_luns: int = 64, port_capacity: int = 1 << 30,
                  lun_mode: int = 0, sq_mode: bool = False, lun_provision: bool = True,
-                 afu_debug: bool = True, io_threads: int = 8) -> None:
+                 afu_debug: bool = True, engine: Optional[str] = None,
+                 engine_depth: int = 256, io_threads: Optional[int] = None) -> None:
         if directory is not None and not os.path.isdir(directory):
             raise CxlFlashError(errno.ENOENT, f"directory {directory!r} does not exist")
         self.directory = directory
@@ -163,8 +164,10 @@ class Adapter:
         self.provisioned = {}        # wwid -> {"port", "size", "lun_id", "path"}
         self._serial = 0
         self._lock = threading.Lock()
+        self._engine_kind = engine
+        self.engine_depth = engine_depth
         self.io_threads = io_threads
-        self._executor = None
+        self._engine = None
         self._fork_pair = None
         self._remote = None          # in a forked child: the parent's driver
         # The AFU data path's DataPaths, _paths[context_id][handle] =
@@ -333,18 +336,24 @@ class Adapter:
         self._host_ioctl(uapi.HT_CXLFLASH_LUN_PROVISION, arg)
 
     @property
-    def executor(self) -> "ThreadPoolExecutor":
-        """The thread pool behind the asynchronous I/O calls."""
-        self._check_user()
-        ex = self._executor
-        if ex is None:
-            from concurrent.futures import ThreadPoolExecutor
+    def engine(self) -> "Engine":
+        """The asynchronous I/O engine behind list I/O, futures and asyncio
+        (made on first use): ``engine.kind`` is "io_uring" or "threads"
+        (``Adapter(engine=...)``, else ``CXLFLASH_ENGINE``, else io_uring
+        where the kernel allows it); ``engine_depth`` operations in flight
+        at most; ``io_threads`` workers for the thread pool."""
+        eng = self._engine
+        if eng is None:
+            self._check_user()
+            from ._core.engine import Engine
             with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        max_workers=self.io_threads, thread_name_prefix="cxlflash-io")
-                ex = self._executor
-        return ex
+                if self._engine is None:
+                    if self._driver.closed and self._client() is None:
+                        raise self._closed_error()
+                    self._engine = Engine(self._engine_kind, self.engine_depth,
+                                          self.io_threads)
+                eng = self._engine
+        return eng
 
     def _context_record(self, context_id):
         """The driver's record of a live or in-error context of ours (in a
@@ -670,12 +679,14 @@ class Adapter:
         can reach a file that reuses their numbers."""
         if os.getpid() != self._owner_pid or self._driver.closed:
             return
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
         # Driver.close() sets every context's table GONE under its write
-        # lock: it returns after every transfer in flight has ended, and
-        # none starts afterwards (AfuError 0x21).
+        # lock: it returns after every transfer in flight has ended --
+        # asynchronous requests included -- and none starts afterwards
+        # (AfuError 0x21).  Then the engine completes their futures and
+        # stops.
         self._driver.close()
+        if self._engine is not None:
+            self._engine.close()
         self._invalidate_paths()
         self._xlate_pool = []
         for b in self._backings.values():

@@ -19,20 +19,22 @@ Errors: ``CxlFlashError`` from the driver (ENOSPC, ENOMEM, ...),
 :class:`cxlflash.AdapterResetError` after an AFU reset that could not be
 recovered, ``ValueError`` after :meth:`close`.
 """
-import asyncio
 import errno
 import os
 import threading
-from concurrent.futures import Future
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 
 from . import uapi, _args
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
+from ._core.engine import OP_READ, OP_WRITE, OP_FLUSH, OP_ZERO, OP_DISCARD
 from ._core.errors import afu_error
 from .errors import CxlFlashError, AdapterResetError
 
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 __all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
            "LIST_UNMAP", "CHUNK_BLOCKS"]
@@ -230,16 +232,20 @@ class _Lun:
         return self._dp.translate(lbas)
 
     def listio(self, ops: Any, lbas: Any, nblocks: Any, buffer: Any,
-               offsets: Any = None, lat_ns: Optional[np.ndarray] = None) -> ListResult:
-        """Issue a batch of requests in one call without the GIL (the block
-        library's ``cblk_listio``).
+               offsets: Any = None, lat_ns: Optional[np.ndarray] = None,
+               qd: int = 64) -> ListResult:
+        """Issue a batch of requests, up to ``qd`` in flight at a time,
+        without the GIL (the block library's ``cblk_listio``).
 
         ``ops``: LIST_READ (1), LIST_WRITE (2) or LIST_UNMAP (3) per
         request; ``lbas``, ``nblocks``: per request; ``buffer``: one
         writable buffer holding every request's data, request ``i`` at
-        ``offsets[i]`` bytes (default: packed in order).  ``lat_ns``: an
-        optional int64 array that receives per-request latencies.  Returns a
+        ``offsets[i]`` bytes (default: packed in order).  ``qd``: requests
+        in flight at once (1..65536).  ``lat_ns``: an optional int64 array
+        that receives per-request latencies.  Returns a
         :class:`ListResult`; one failing request does not stop the others.
+        Requests in flight together may complete in any order: two that
+        overlap, one of them a write, have no defined order.
         """
         # The core checks every array (integers only, in range, equal
         # lengths) and packs the requests when offsets is None.
@@ -247,43 +253,113 @@ class _Lun:
                                        and lat_ns.dtype == np.int64):
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
-        status, codes = self._dp.listio(ops, lbas, nblocks, buffer, offsets, lat_ns)
+        status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks, buffer,
+                                                   offsets, lat_ns, qd)
         return ListResult(self, status, codes, lbas, nblocks)
 
-    # -- asynchronous I/O ---------------------------------------------------------------------
+    # -- flush, write-zeroes, discard -------------------------------------------------------
 
-    def _submit(self, kind, fn, *args):
+    def flush(self) -> None:
+        """Make every write completed before this call durable (fdatasync
+        of the backing store, issued after every request submitted
+        before it has completed)."""
         self._check_open()
+        self.adapter.engine.submit(self._dp, OP_FLUSH, 0, None, None, 0)
+
+    def write_zeroes(self, lba: int, nblocks: int) -> int:
+        """Zero ``nblocks`` blocks at ``lba`` (they read back as zeros);
+        returns the number of blocks."""
+        self._check_open()
+        return self.adapter.engine.submit(self._dp, OP_ZERO, lba, nblocks, None, 0)
+
+    def discard(self, lba: int, nblocks: int) -> int:
+        """Discard ``nblocks`` blocks at ``lba``: their space may be
+        released (holes punched in files); they read back as zeros.
+        Returns the number of blocks."""
+        self._check_open()
+        return self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks, None, 0)
+
+    # -- asynchronous I/O ---------------------------------------------------------------------
+    #
+    # One engine per adapter (cxlflash._core.engine) runs them: checked and
+    # translated at submission (bad arguments raise here, not in the
+    # future), completed without a Python thread per request.  A future's
+    # result() raises what the synchronous call would.  Once submitted a
+    # request runs to completion: cancelling its future or task does not
+    # stop it, and its buffer stays alive until it is done.
+
+    def _count(self, kind):
         with self._lock:
             self._stats_extra[kind] += 1
-        return self.adapter.executor.submit(fn, *args)
 
     def aread(self, lba: int, nblocks: int) -> "Future[bytearray]":
-        """Start a read; returns a ``concurrent.futures.Future`` of the data.
-        Bad arguments raise here, not in the Future."""
-        lba = _args.u64(lba, "lba")
-        nblocks = _args.u64(nblocks, "nblocks")
-        return self._submit("num_areads", self.read, lba, nblocks)
+        """Start a read; returns a ``concurrent.futures.Future`` of the data."""
+        self._check_open()
+        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, nblocks, None, 1)
+        self._count("num_areads")
+        return fut
 
     def areadinto(self, lba: int, buffer: Any) -> "Future[int]":
         """Start a read into ``buffer``; a Future of the block count."""
-        lba = _args.u64(lba, "lba")
-        return self._submit("num_areads", self.readinto, lba, buffer)
+        self._check_open()
+        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, None, buffer, 1)
+        self._count("num_areads")
+        return fut
 
     def awrite(self, lba: int, data: Any) -> "Future[int]":
         """Start a write; a Future of the block count."""
-        lba = _args.u64(lba, "lba")
-        return self._submit("num_awrites", self.write, lba, data)
+        self._check_open()
+        fut = self.adapter.engine.submit(self._dp, OP_WRITE, lba, None, data, 1)
+        self._count("num_awrites")
+        return fut
+
+    def aflush(self) -> "Future[None]":
+        """Start a :meth:`flush`; a Future of None."""
+        self._check_open()
+        return self.adapter.engine.submit(self._dp, OP_FLUSH, 0, None, None, 1)
+
+    def awrite_zeroes(self, lba: int, nblocks: int) -> "Future[int]":
+        """Start a :meth:`write_zeroes`; a Future of the block count."""
+        self._check_open()
+        return self.adapter.engine.submit(self._dp, OP_ZERO, lba, nblocks, None, 1)
+
+    def adiscard(self, lba: int, nblocks: int) -> "Future[int]":
+        """Start a :meth:`discard`; a Future of the block count."""
+        self._check_open()
+        return self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks, None, 1)
 
     async def read_async(self, lba: int, nblocks: int) -> bytearray:
-        """``await lun.read_async(lba, n)``: the data, read in a worker."""
-        return await asyncio.wrap_future(self.aread(lba, nblocks))
+        """``await lun.read_async(lba, n)``: the data (completed through
+        an eventfd on the running loop, no executor)."""
+        self._check_open()
+        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, nblocks, None, 2)
+        self._count("num_areads")
+        return await fut
 
     async def readinto_async(self, lba: int, buffer: Any) -> int:
-        return await asyncio.wrap_future(self.areadinto(lba, buffer))
+        self._check_open()
+        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, None, buffer, 2)
+        self._count("num_areads")
+        return await fut
 
     async def write_async(self, lba: int, data: Any) -> int:
-        return await asyncio.wrap_future(self.awrite(lba, data))
+        self._check_open()
+        fut = self.adapter.engine.submit(self._dp, OP_WRITE, lba, None, data, 2)
+        self._count("num_awrites")
+        return await fut
+
+    async def flush_async(self) -> None:
+        self._check_open()
+        await self.adapter.engine.submit(self._dp, OP_FLUSH, 0, None, None, 2)
+
+    async def write_zeroes_async(self, lba: int, nblocks: int) -> int:
+        self._check_open()
+        return await self.adapter.engine.submit(self._dp, OP_ZERO, lba, nblocks, None, 2)
+
+    async def discard_async(self, lba: int, nblocks: int) -> int:
+        self._check_open()
+        return await self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks,
+                                                None, 2)
 
     # -- statistics --------------------------------------------------------------------------
 
@@ -336,8 +412,13 @@ class _Lun:
         the handle still holds."""
 
     def _mark_closed(self):
-        """The handle is gone (released, or with its context)."""
+        """The handle is gone (released, or with its context): the release
+        waited for its requests in flight; their futures are completed
+        before this returns."""
         if self._dp is not None:
+            eng = self.adapter._engine
+            if eng is not None and self._dp.aio_pending:
+                eng.settle(self._dp)
             self._dp.close()
         self.closed = True
         try:

@@ -71,6 +71,9 @@ cdef class DataPath:
     cdef public bint closed
     cdef public object on_reset
     cdef io_stats stats
+    # Requests submitted through the engine (engine.pyx) whose futures are
+    # not yet completed; changed with the GIL held.
+    cdef readonly int64_t aio_pending
 
     cdef object _io(self, object lba, object buffer, int write)
     cdef int _check(self, uint64_t lba, uint64_t nblocks) except -1

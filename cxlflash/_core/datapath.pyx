@@ -690,14 +690,13 @@ cdef class DataPath:
         if self.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
-        cdef const uint8_t[::1] o = op_array(ops)
-        cdef const uint64_t[::1] l = u64_array(lbas, "lbas")
-        cdef const uint64_t[::1] c = u64_array(nblocks, "nblocks")
-        cdef const uint64_t[::1] off = (packed_offsets(c, self.block_size)
-                                        if offsets is None else u64_array(offsets, "offsets"))
+        o_arr, l_arr, c_arr, off_arr = list_arrays(ops, lbas, nblocks, offsets,
+                                                   self.block_size)
+        cdef const uint8_t[::1] o = o_arr
+        cdef const uint64_t[::1] l = l_arr
+        cdef const uint64_t[::1] c = c_arr
+        cdef const uint64_t[::1] off = off_arr
         cdef Py_ssize_t n = o.shape[0], i
-        if not (l.shape[0] == c.shape[0] == off.shape[0] == n):
-            raise ValueError("ops, lbas, nblocks and offsets must have the same length")
         cdef int64_t[::1] lat
         cdef bint timed = lat_ns is not None
         cdef int64_t t0 = 0
@@ -791,6 +790,20 @@ cdef class DataPath:
     def __repr__(self):
         return (f"DataPath(handle={self.handle}, fd={self.fd}, "
                 f"block_size={self.block_size}, closed={self.closed})")
+
+
+def list_arrays(ops, lbas, nblocks, offsets, block_size):
+    """A request list's arrays, checked: ``(ops, lbas, nblocks, offsets)``
+    as uint8, uint64, uint64, uint64, of equal lengths; ``offsets`` None
+    packs the requests in order (``block_size`` bytes per block)."""
+    o = op_array(ops)
+    l = u64_array(lbas, "lbas")
+    c = u64_array(nblocks, "nblocks")
+    off = (packed_offsets(c, arg_block_size(block_size)) if offsets is None
+           else u64_array(offsets, "offsets"))
+    if not (len(l) == len(c) == len(off) == len(o)):
+        raise ValueError("ops, lbas, nblocks and offsets must have the same length")
+    return o, l, c, off
 
 
 cdef object packed_offsets(const uint64_t[::1] nblocks, uint64_t block_size):

@@ -79,6 +79,19 @@ cdef class ResourceTable:
     cdef readonly uint64_t epoch_seen
     cdef object epoch_buffer
     cdef cxl_lock lock
+    # Asynchronous requests in flight through the table (engine.pyx).  The
+    # submitter counts one in under the read lock; the engine counts it
+    # out, atomically, when it completes -- so a write lock, once taken,
+    # waits for the count to reach 0 (reaping with ``aio_wait`` on the
+    # engine that submitted), and every table change is a fence for
+    # asynchronous I/O as for synchronous I/O.  ``fail_gen`` moves when
+    # the table enters TABLE_IN_ERROR (an AFU reset): requests that were
+    # in flight then complete with the reset error.  Both are atomics.
+    cdef int64_t aio_inflight
+    cdef uint64_t fail_gen
+    cdef void *aio_engine
+    cdef int aio_pid
+    cdef void (*aio_wait)(void *engine, int64_t *count) noexcept nogil
 
     # The data path holds the read lock across translation and I/O;
     # table changes take the write lock, so they wait for I/O in flight
@@ -90,6 +103,8 @@ cdef class ResourceTable:
     # The same, for a caller holding the GIL (rule 3).
     cdef int _rlock(self) except -1
     cdef int _wlock(self) except -1
+    # Wait for the asynchronous requests in flight (the write lock held).
+    cdef void _wait_aio(self) noexcept nogil
     # The state the data path must act on (the epoch folded in); caller
     # holds the lock.
     cdef int live_state(self) noexcept nogil

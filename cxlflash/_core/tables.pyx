@@ -37,6 +37,7 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memset
+from posix.unistd cimport getpid
 from cxlflash._core.allocator cimport ChunkAllocator
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, i64_array, u64_array
 from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
@@ -57,9 +58,15 @@ cdef extern from *:
     """
     #define cxl_load_int(p) __atomic_load_n((p), __ATOMIC_RELAXED)
     #define cxl_store_int(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+    #define cxl_load_i64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define cxl_store_i64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    #define cxl_add_u64(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
     """
     int cxl_load_int(int *p) nogil
     void cxl_store_int(int *p, int v) nogil
+    int64_t cxl_load_i64(int64_t *p) nogil
+    void cxl_store_i64(int64_t *p, int64_t v) nogil
+    uint64_t cxl_add_u64(uint64_t *p, uint64_t v) nogil
 
 DEF CHUNK_MASK = 0xFFFF
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
@@ -253,7 +260,17 @@ cdef class ResourceTable:
         if cxl_trywrlock(&self.lock) != 0:
             with nogil:
                 cxl_wrlock(&self.lock)
+        if self.lock.depth == 1 and cxl_load_i64(&self.aio_inflight) > 0:
+            with nogil:
+                self._wait_aio()
         return 0
+
+    cdef void _wait_aio(self) noexcept nogil:
+        if self.aio_pid != getpid():
+            # a forked child's copy: those requests are the parent's
+            cxl_store_i64(&self.aio_inflight, 0)
+        elif self.aio_wait != NULL:
+            self.aio_wait(self.aio_engine, &self.aio_inflight)
 
     cdef int live_state(self) noexcept nogil:
         if self.tstate == TABLE_LIVE and self.epoch_word != NULL and \
@@ -278,6 +295,10 @@ cdef class ResourceTable:
         state = arg_int(state, b"state")
         if state < TABLE_LIVE or state > TABLE_FOREIGN:
             raise ValueError(f"not a table state: {state}")
+        if state == TABLE_IN_ERROR and cxl_load_int(&self.tstate) != TABLE_IN_ERROR:
+            # Before the write lock waits for them: the asynchronous
+            # requests in flight complete with the reset error.
+            cxl_add_u64(&self.fail_gen, 1)
         self._wlock()
         cxl_store_int(&self.tstate, state)
         self.unlock()

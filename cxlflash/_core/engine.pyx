@@ -1,0 +1,1107 @@
+"""The asynchronous I/O engine: many requests in flight without the GIL.
+
+One :class:`Engine` serves an adapter, as the AFU served every context in
+parallel.  A request -- read, write, flush, write-zeroes, discard -- is
+checked and translated at submission, in C, under the table's read lock
+(the whole range, as the synchronous data path checks it: a request that
+fails completes with its error and never reaches the backing store), then
+handed to a backend (``includes/backend.h``) as byte ranges of the store:
+
+- ``io_uring`` where liburing was found at build time and the kernel
+  allows it;
+- ``threads``, a pthread worker pool running pread/pwrite, otherwise.
+
+``CXLFLASH_ENGINE=io_uring|threads`` forces one; :func:`engine_info` says
+which runs and why.  Completions are reaped by whoever needs one (a
+waiting ``listio``, ``Future.result()``, a submitter right after
+submitting) and by the engine's completer thread for the rest; Python
+futures are completed with the GIL taken once per batch, asyncio futures
+through an eventfd on their loop (``loop.add_reader``), never a Python
+thread per request.
+
+Fencing (tables.pxd): a request counts itself into its table under the
+read lock and out when it completes, and every table change takes the
+write lock and then waits for that count to reach zero -- so shrink,
+release, detach, close and AFU reset wait for the asynchronous requests
+of what they take away, and a request submitted afterwards fails as a
+synchronous one would.  Requests in flight when an AFU reset begins
+complete with the reset error; the futures' layer recovers the context
+and re-drives them once, as the block library does.
+"""
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
+                             PyBUF_SIMPLE, PyBUF_WRITABLE)
+from cpython.ref cimport Py_INCREF, Py_DECREF
+from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset, strerror
+from cxlflash._core.args cimport arg_fd, arg_u64, u64_array
+from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
+from cxlflash._core.datapath cimport (
+    DataPath, check_range, raise_xfer_error, XFER_AFU_ERROR, XFER_IN_ERROR,
+    XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T)
+
+import errno as _errno
+import os
+import sys
+import threading
+import weakref
+from cxlflash._core.args import einval
+
+cdef extern from *:
+    """
+    #define cxl_atomic_add_i64(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
+    #define cxl_atomic_load_u64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    """
+    int64_t cxl_atomic_add_i64(int64_t *p, int64_t v) nogil
+    uint64_t cxl_atomic_load_u64(uint64_t *p) nogil
+
+DEF CHUNK_BLOCKS = 65536
+cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
+cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX
+
+# Request types (list I/O's LIST_READ/WRITE/UNMAP are 1, 2, 3).
+OP_READ = CXL_OP_READ
+OP_WRITE = CXL_OP_WRITE
+OP_FLUSH = CXL_OP_FLUSH
+OP_ZERO = CXL_OP_ZERO
+OP_DISCARD = CXL_OP_DISCARD
+_OP_NAMES = {"read": CXL_OP_READ, "write": CXL_OP_WRITE, "flush": CXL_OP_FLUSH,
+             "zero": CXL_OP_ZERO, "discard": CXL_OP_DISCARD}
+
+# How a request is delivered.
+cdef enum:
+    MODE_SYNC = 0
+    MODE_FUTURE = 1
+    MODE_ASYNCIO = 2
+
+MAX_DEPTH = 65536
+MAX_WORKERS = 1024
+
+
+# -- translation into segments (nogil, the table's read lock held) ------------------
+
+cdef int add_run(cxl_req *r, int *cap, int op, int fd, int zero_mode,
+                 uint64_t offset, uint64_t length, char *buf) noexcept nogil:
+    """Append segments for ``length`` bytes at ``offset`` (split at
+    CXL_MAX_SEG_BYTES): 0 or ENOMEM."""
+    cdef uint64_t n
+    cdef cxl_seg *s
+    while True:
+        n = length if length < CXL_MAX_SEG_BYTES else CXL_MAX_SEG_BYTES
+        if r.nseg == cap[0]:
+            if cxl_req_reserve(r, cap[0] * 2) != 0:
+                return ENOMEM
+            cap[0] *= 2
+        s = &r.segs[r.nseg]
+        memset(s, 0, sizeof(cxl_seg))
+        s.io.op = op
+        s.io.target.fd = fd
+        s.io.target.zero_mode = zero_mode
+        s.io.offset = offset
+        s.io.len = n
+        s.io.buf = buf
+        r.nseg += 1
+        length -= n
+        if length == 0:
+            return 0
+        offset += n
+        if buf != NULL:
+            buf += n
+
+
+cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblocks,
+                    char *buf) noexcept nogil:
+    """The segments of a request that check_range accepted: per command of
+    at most max_xfer blocks, per chunk, physically contiguous runs
+    coalesced (as the synchronous data path issues them).  0 or ENOMEM."""
+    cdef uint32_t handle = dp.handle
+    cdef uint64_t bs = dp.block_size
+    cdef int fd = dp.table.backing_fd(handle, dp.fd)
+    cdef int write = op != CXL_OP_READ
+    cdef bint direct = (dp.table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
+    cdef uint64_t step = dp._max_xfer if dp._max_xfer else nblocks
+    cdef uint64_t cmd, v, left, n, run_p, run_len
+    cdef int64_t p
+    cdef int cap = CXL_SEG_INLINE, afu_rc = 0, rc, i
+    cdef char *cur = buf
+    cdef char *run_buf
+    r.nseg = 0
+    if cxl_req_reserve(r, cap) != 0:
+        return ENOMEM
+    if op == CXL_OP_FLUSH:
+        rc = add_run(r, &cap, op, fd, dp.zero_mode, 0, 0, NULL)
+        if rc:
+            return rc
+        nblocks = 0
+    while nblocks:
+        cmd = step if nblocks > step else nblocks
+        v = lba
+        left = cmd
+        run_p = 0
+        run_len = 0
+        run_buf = cur
+        while left:
+            if direct:
+                n = left
+            else:
+                n = CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+                if n > left:
+                    n = left
+            p = dp.table.translate_one(handle, v, write, &afu_rc)
+            if p < 0:
+                return EIO              # not after check_range
+            if run_len and <uint64_t> p == run_p + run_len:
+                run_len += n
+            else:
+                if run_len:
+                    rc = add_run(r, &cap, op, fd, dp.zero_mode, run_p * bs,
+                                 run_len * bs, run_buf)
+                    if rc:
+                        return rc
+                run_p = <uint64_t> p
+                run_len = n
+                run_buf = cur
+            if cur != NULL:
+                cur += n * bs
+            v += n
+            left -= n
+        if run_len:
+            rc = add_run(r, &cap, op, fd, dp.zero_mode, run_p * bs, run_len * bs,
+                         run_buf)
+            if rc:
+                return rc
+        lba += cmd
+        nblocks -= cmd
+    for i in range(r.nseg):         # the array is final: point back at it
+        r.segs[i].req = r
+        r.segs[i].io.tag = &r.segs[i]
+    return 0
+
+
+cdef int prepare(cxl_req *r, DataPath dp, cxl_engine *eng, int op, uint64_t lba,
+                 uint64_t nblocks, char *buf) noexcept nogil:
+    """Check and translate a request under the table's read lock; on
+    success count it into the table.  0, or the request's status (also
+    stored in it, with ``afu_rc`` and ``bad``): it then has no segment."""
+    cdef int write = op != CXL_OP_READ and op != CXL_OP_FLUSH
+    cdef uint64_t bad = 0
+    cdef int rc
+    r.op = op
+    if op == CXL_OP_FLUSH:
+        r.flags = CXL_REQ_DRAIN     # after the writes submitted before it
+        nblocks = 0
+    dp.table.read_lock()
+    rc = check_range(dp.table, dp.handle, dp.block_size, lba, nblocks, write, &r.afu_rc, &bad)
+    if rc == 0:
+        rc = build_segs(r, dp, op, lba, nblocks, buf)
+    if rc == 0:
+        cxl_atomic_add_i64(&dp.table.aio_inflight, 1)
+        r.table_inflight = &dp.table.aio_inflight
+        r.fail_gen = &dp.table.fail_gen
+        r.fail_gen_seen = cxl_atomic_load_u64(&dp.table.fail_gen)
+        r.epoch = dp.table.epoch_word
+        r.epoch_seen = dp.table.epoch_seen
+        if dp.table.aio_engine != <void *> eng:
+            dp.table.aio_pid = eng.pid
+            dp.table.aio_wait = cxl_engine_wait_idle
+            dp.table.aio_engine = <void *> eng
+    dp.table.unlock()
+    if rc:
+        r.nseg = 0
+        r.status = rc
+        r.bad = bad
+    return rc
+
+
+cdef int64_t list_status(int status, uint64_t nblocks) noexcept nogil:
+    """A request's outcome as list I/O reports it (DataPath.listio)."""
+    if status == 0:
+        return <int64_t> nblocks
+    if status == XFER_AFU_ERROR:
+        return -1000
+    if status == XFER_IN_ERROR:
+        return -1001
+    if status == XFER_GONE or status == XFER_FOREIGN:
+        return -1002
+    if status == XFER_BACKING_ENDED:
+        return -EIO
+    if status == XFER_BEYOND_OFF_T:
+        return -EINVAL
+    return -status
+
+
+# -- what is made once ------------------------------------------------------------------
+
+cdef object _future_cls = None
+cdef object _cf = None
+
+
+cdef object future_class():
+    """EngineFuture, made on first use (concurrent.futures is imported
+    only when a future is wanted)."""
+    global _future_cls, _cf
+    if _future_cls is not None:
+        return _future_cls
+    import concurrent.futures._base as cf
+    _cf = cf
+    FINISHED = cf.FINISHED
+
+    class EngineFuture(cf.Future):
+        """A ``concurrent.futures.Future`` completed by the engine.
+
+        ``result()`` and ``exception()`` reap completions themselves while
+        they wait (no thread hop when the request is already done or about
+        to be).  Once submitted a request cannot be cancelled: ``cancel()``
+        returns False, and the buffer stays alive until it completes.
+        The futures of an engine share one condition."""
+
+        def __init__(self, engine, request):
+            self._condition = _shared_cond
+            self._state = cf.RUNNING
+            self._result = None
+            self._exception = None
+            self._waiters = []
+            self._done_callbacks = []
+            self._engine = engine
+            self._request = request
+
+        def result(self, timeout=None):
+            if self._state == FINISHED:
+                if self._exception is None:
+                    return self._result
+                raise self._exception
+            (<Engine> self._engine)._await_future(self, timeout)
+            return cf.Future.result(self, 0)
+
+        def exception(self, timeout=None):
+            if self._state != FINISHED:
+                (<Engine> self._engine)._await_future(self, timeout)
+            return cf.Future.exception(self, 0)
+
+    _future_cls = EngineFuture
+    return EngineFuture
+
+
+# -- requests of futures and asyncio ------------------------------------------------
+
+cdef class _Request:
+    """A request submitted for a future: holds what it uses (the buffer,
+    the data path, the future) until it completes."""
+    cdef cxl_req req
+    cdef Py_buffer view
+    cdef bint has_view
+    cdef DataPath dp
+    cdef Engine engine
+    cdef object future
+    cdef object value           # the future's result on success
+    cdef object bridge          # the asyncio loop's queue, kept alive
+    cdef uint64_t lba
+    cdef uint64_t nblocks
+    cdef int op
+    cdef int mode
+    cdef bint retried
+
+    def __dealloc__(self):
+        if self.has_view:
+            PyBuffer_Release(&self.view)
+        cxl_req_clear(&self.req)
+
+    cdef object error(self):
+        """The exception of a failed request."""
+        cdef int status = self.req.status
+        cdef int write = self.op != CXL_OP_READ
+        if status == ESHUTDOWN:
+            return OSError(_errno.ESHUTDOWN, "the adapter's I/O engine was closed "
+                           "before the request could run: submit it again on an "
+                           "open adapter")
+        if status == ENOMEM:
+            return MemoryError("no memory for the request's segments")
+        try:
+            raise_xfer_error(self.dp.table, self.dp.handle, self.dp.fd, status,
+                             self.req.afu_rc, self.req.bad, write)
+        except BaseException as e:
+            return e
+        return OSError(EIO, "I/O error")        # not reached
+
+    cdef int start(self) except -1:
+        """Check, translate and submit (again, after a recovery)."""
+        cdef char *buf = <char *> self.view.buf if self.has_view else NULL
+        cdef cxl_engine *eng = self.engine.eng
+        cdef cxl_queue *route = self.req.route
+        cxl_req_clear(&self.req)
+        self.req.route = route
+        self.req.owner = <void *> self
+        with nogil:
+            prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
+            cxl_engine_submit(eng, &self.req)
+        return 0
+
+
+cdef int finish(_Request rq) except -1:
+    """A request is done (GIL held): re-drive it once after a recovered
+    AFU reset, else deliver its outcome.  Drops the engine's reference."""
+    cdef DataPath dp = rq.dp
+    cdef int status = rq.req.status
+    fut = rq.future
+    value = None
+    if status == XFER_IN_ERROR and not rq.retried and dp.on_reset is not None \
+            and not rq.engine.closed:
+        rq.retried = True
+        try:
+            recovered = bool(dp.on_reset())
+        except Exception:
+            recovered = False
+        if recovered:
+            rq.start()          # the engine still holds its reference
+            return 0
+    if rq.has_view:
+        PyBuffer_Release(&rq.view)
+        rq.has_view = False
+    if status == 0:
+        if rq.op == CXL_OP_READ:
+            dp.stats.reads += 1
+            dp.stats.blocks_read += rq.nblocks
+        elif rq.op == CXL_OP_WRITE:
+            dp.stats.writes += 1
+            dp.stats.blocks_written += rq.nblocks
+        elif rq.op != CXL_OP_FLUSH:
+            dp.stats.unmaps += 1
+            dp.stats.blocks_unmapped += rq.nblocks
+        value = rq.value
+        exc = None
+    else:
+        dp.stats.errors += 1
+        exc = rq.error()
+    rq.future = None
+    dp.aio_pending -= 1
+    if rq.mode == MODE_FUTURE:
+        complete_future(fut, value if exc is None else None, exc)
+    elif rq.mode == MODE_ASYNCIO:
+        if not fut.done():              # a cancelled task's future
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+    else:
+        rq.value = value if exc is None else exc
+        rq.future = exc
+    Py_DECREF(rq)
+    return 0
+
+
+cdef int complete_future(object fut, object value, object exc) except -1:
+    """Finish an EngineFuture (its engine's shared condition)."""
+    cond = fut._condition
+    with cond:
+        if exc is None:
+            fut._result = value
+        else:
+            fut._exception = exc
+        fut._state = _cf.FINISHED
+        for w in fut._waiters:
+            if exc is None:
+                w.add_result(fut)
+            else:
+                w.add_exception(fut)
+        cond.notify_all()
+    if fut._done_callbacks:
+        fut._invoke_callbacks()
+    return 0
+
+
+cdef void drain_py_cb(void *ctx) noexcept nogil:
+    # an exception is reported as unraisable (noexcept)
+    """The completer thread's hook: complete the futures it reaped."""
+    with gil:
+        (<Engine> ctx)._drain_pyq()
+
+
+cdef class _LoopBridge:
+    """An asyncio loop's queue of completed requests, and its eventfd,
+    which the loop watches (``add_reader``)."""
+    cdef cxl_queue q
+    cdef bint ready
+    cdef object loop
+    cdef object __weakref__
+
+    def __cinit__(self, loop):
+        if cxl_queue_init(&self.q, 1) != 0:
+            raise OSError(errno, "cannot make an eventfd for the asyncio loop")
+        self.ready = True
+        self.loop = loop
+        loop.add_reader(self.q.efd, self._on_ready)
+
+    def _on_ready(self):
+        try:
+            os.read(self.q.efd, 8)
+        except BlockingIOError:
+            pass
+        self.drain()
+
+    cdef int drain(self) except -1:
+        cdef cxl_req *r = cxl_queue_take(&self.q)
+        cdef cxl_req *nxt
+        while r != NULL:
+            while r != NULL:
+                nxt = r.qnext
+                finish(<_Request> r.owner)
+                r = nxt
+            r = cxl_queue_take(&self.q)
+        return 0
+
+    def close(self):
+        if self.ready:
+            self.ready = False
+            try:
+                self.loop.remove_reader(self.q.efd)
+            except Exception:
+                pass        # the loop is closed
+
+    def __dealloc__(self):
+        if self.ready:
+            cxl_queue_destroy(&self.q)
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+_live_engines = weakref.WeakSet()
+cdef dict _probe = {}
+
+
+def _close_all():
+    for e in list(_live_engines):
+        try:
+            e.close()
+        except Exception:
+            pass
+
+
+import atexit
+atexit.register(_close_all)
+
+
+cdef str backend_reason(int err):
+    if not CXL_HAVE_URING:
+        return "liburing was not found when cxlflash was built"
+    return f"the kernel refused io_uring: {strerror(err).decode()}"
+
+
+def engine_info():
+    """Which engine an adapter gets here, and why: ``{"engine", "liburing",
+    "io_uring", "reason", "forced"}``."""
+    cdef cxl_backend *be
+    if not _probe:
+        if CXL_HAVE_URING:
+            be = cxl_uring_new(8)
+            if be != NULL:
+                cxl_backend_destroy(be)
+                _probe["io_uring"] = True
+                _probe["reason"] = ""
+            else:
+                _probe["io_uring"] = False
+                _probe["reason"] = backend_reason(errno)
+        else:
+            _probe["io_uring"] = False
+            _probe["reason"] = backend_reason(0)
+    forced = os.environ.get("CXLFLASH_ENGINE") or None
+    if forced == "threads":
+        engine = "threads"
+    elif forced == "io_uring" or _probe["io_uring"]:
+        engine = "io_uring"
+    else:
+        engine = "threads"
+    return {"engine": engine, "liburing": bool(CXL_HAVE_URING),
+            "io_uring": _probe["io_uring"],
+            "reason": ("forced by CXLFLASH_ENGINE=threads" if forced == "threads"
+                       else _probe["reason"]),
+            "forced": forced}
+
+
+cdef class Engine:
+    """Engine(kind=None, depth=256, workers=None)
+
+    The asynchronous I/O engine of an adapter.  ``kind``: "io_uring",
+    "threads", or None (``CXLFLASH_ENGINE``, else io_uring where it works,
+    else threads).  ``depth``: backend operations in flight at most
+    (1..65536); a full engine makes the submitter wait for a completion
+    (back-pressure: nothing is dropped).  ``workers``: threads of the
+    thread-pool engine (default min(depth, 64)).
+    """
+
+    def __cinit__(self, kind=None, depth=256, workers=None):
+        cdef long d = <long> arg_u64(depth, b"depth", MAX_DEPTH)
+        cdef long nw
+        cdef cxl_backend *be = NULL
+        cdef int err = 0
+        self.eng = NULL
+        self.closed = True
+        if d < 1:
+            raise einval(f"depth must be 1..{MAX_DEPTH}, got {depth}")
+        forced = os.environ.get("CXLFLASH_ENGINE") or None
+        want = kind if kind is not None else forced
+        if want not in (None, "io_uring", "threads"):
+            raise ValueError(f"unknown engine {want!r}"
+                             + (" (from CXLFLASH_ENGINE)" if kind is None else "")
+                             + ": use 'io_uring' or 'threads'")
+        if want != "threads":
+            be = cxl_uring_new(<unsigned> (d if d >= 64 else 64))
+            if be == NULL:
+                err = errno
+                if want == "io_uring":
+                    raise OSError(_errno.ENOSYS, "the io_uring engine is not "
+                                  f"available: {backend_reason(err)}; use "
+                                  "CXLFLASH_ENGINE=threads")
+        if be == NULL:
+            nw = <long> arg_u64(workers if workers is not None else min(d, 64),
+                                b"workers", MAX_WORKERS)
+            if nw < 1:
+                raise einval(f"workers must be 1..{MAX_WORKERS}, got {workers}")
+            be = cxl_pool_new(<int> nw)
+            if be == NULL:
+                raise OSError(errno, "cannot start the I/O worker threads")
+            self.kind = "threads"
+        else:
+            self.kind = "io_uring"
+        self.eng = cxl_engine_new(be, d)
+        if self.eng == NULL:
+            cxl_backend_destroy(be)
+            raise MemoryError("cannot make the I/O engine")
+        self.depth = d
+        self.eng.drain_py = drain_py_cb
+        self.eng.py_ctx = <void *> self
+        err = cxl_engine_start(self.eng)
+        if err:
+            cxl_engine_free(self.eng)
+            self.eng = NULL
+            raise OSError(-err, "cannot start the I/O engine's completion thread")
+        self.closed = False
+        self._bridges = weakref.WeakKeyDictionary()
+        self._close_lock = threading.Lock()
+        _live_engines.add(self)
+
+    def __dealloc__(self):
+        if self.eng != NULL and cxl_engine_is_ours(self.eng):
+            self.eng.drain_py = NULL
+            with nogil:
+                cxl_engine_stop(self.eng)
+            cxl_engine_free(self.eng)
+        self.eng = NULL         # a forked child leaves the parent's alone
+
+    @property
+    def inflight(self):
+        """Requests in flight now."""
+        return self.eng.req_inflight if self.eng != NULL else 0
+
+    @property
+    def injected(self):
+        """Faults queued by :meth:`inject` not yet applied."""
+        return cxl_engine_ninject(self.eng) if self.eng != NULL else 0
+
+    cdef int _check_open(self) except -1:
+        if self.closed:
+            raise ValueError("the I/O engine is closed (its adapter was closed)")
+        if not cxl_engine_is_ours(self.eng):
+            raise ValueError("this I/O engine belongs to the parent process: a "
+                             "forked child uses its adapter's own")
+        return 0
+
+    def close(self):
+        """Complete every request in flight (their futures get their
+        outcome), then stop the engine.  Safe to call twice."""
+        if self.closed or self.eng == NULL:
+            return
+        with self._close_lock:
+            if self.closed:
+                return
+            if not cxl_engine_is_ours(self.eng):
+                self.closed = True
+                return
+            with nogil:
+                cxl_engine_stop(self.eng)
+            self._drain_pyq()
+            for bridge in list(self._bridges.values()):
+                (<_LoopBridge> bridge).drain()
+                bridge.close()
+            self.closed = True
+        _live_engines.discard(self)
+
+    def inject(self, result, count=1, op=None, skip=0):
+        """For tests: the next ``count`` backend completions (of ``op`` --
+        "read", "write", "flush", "zero", "discard" -- if given, after
+        ``skip`` of them) report ``result`` instead of what the backend
+        did: ``-errno``, or a byte count smaller than the transfer (a
+        short transfer, which the engine continues)."""
+        self._check_open()
+        cdef int o = 0
+        if op is not None:
+            if op not in _OP_NAMES:
+                raise ValueError(f"op must be one of {sorted(_OP_NAMES)}, got {op!r}")
+            o = _OP_NAMES[op]
+        cdef int64_t res = result
+        cdef long c = <long> arg_u64(count, b"count", 1 << 30)
+        cdef long s = <long> arg_u64(skip, b"skip", 1 << 30)
+        if c < 1:
+            raise einval("count must be at least 1")
+        if cxl_engine_add_inject(self.eng, o, res, s, c) != 0:
+            raise OSError(_errno.ENOSPC, f"at most {CXL_MAX_INJECT} faults can be queued")
+
+    # -- completion -------------------------------------------------------------------
+
+    cdef int _drain_pyq(self) except -1:
+        cdef cxl_req *r
+        cdef cxl_req *nxt
+        if self.eng == NULL:
+            return 0
+        r = cxl_queue_take(&self.eng.pyq)
+        while r != NULL:
+            while r != NULL:
+                nxt = r.qnext
+                finish(<_Request> r.owner)
+                r = nxt
+            r = cxl_queue_take(&self.eng.pyq)
+        return 0
+
+    def _await_future(self, fut, timeout):
+        """Wait for an EngineFuture: reap until its request is done,
+        complete what was reaped, then (if another thread holds its
+        completion) wait on the futures' condition."""
+        cdef _Request rq = fut._request
+        cdef int ms, done = 0
+        import time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while fut._state != _cf.FINISHED:
+            ms = 50
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                ms = max(1, min(50, int(left * 1000)))
+            if rq is not None and not done and self.eng != NULL and not self.closed:
+                with nogil:
+                    done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+                self._drain_pyq()
+            else:
+                with _shared_cond:
+                    if fut._state != _cf.FINISHED:
+                        _shared_cond.wait(ms / 1000.0)
+        if fut._state != _cf.FINISHED:
+            raise _cf.TimeoutError()
+
+    def settle(self, DataPath dp not None):
+        """Return once every request submitted through ``dp`` has its
+        future completed (reaping, and completing what was reaped, in
+        this thread; those of the running asyncio loop too)."""
+        import asyncio
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        bridge = self._bridges.get(loop) if loop is not None else None
+        while dp.aio_pending > 0 and self.eng != NULL and not self.closed:
+            with nogil:
+                cxl_engine_poll(self.eng, 1)
+            self._drain_pyq()
+            if bridge is not None:
+                (<_LoopBridge> bridge).drain()
+            if dp.aio_pending > 0:
+                with _shared_cond:
+                    _shared_cond.wait(0.001)
+
+    # -- submission -------------------------------------------------------------------
+
+    cdef object _bridge(self):
+        import asyncio
+        loop = asyncio.get_running_loop()
+        if loop is self._last_loop:
+            return self._last_bridge
+        b = self._bridges.get(loop)
+        if b is None:
+            b = _LoopBridge(loop)
+            self._bridges[loop] = b
+        self._last_loop = loop
+        self._last_bridge = b
+        return b
+
+    def submit(self, DataPath dp not None, int op, lba=0, nblocks=None, buffer=None,
+               int mode=MODE_FUTURE):
+        """Submit one request through ``dp``: ``op`` OP_READ (into
+        ``buffer``, or a new bytearray of ``nblocks`` blocks), OP_WRITE
+        (``buffer``), OP_FLUSH, OP_ZERO or OP_DISCARD (``nblocks``).
+        ``mode`` 0: wait and return the result (or raise); 1: return an
+        EngineFuture; 2: return an asyncio future of the running loop.
+        Arguments are checked here, before anything is submitted."""
+        self._check_open()
+        if op < CXL_OP_READ or op > CXL_OP_DISCARD:
+            raise ValueError(f"not a request type: {op}")
+        if mode < MODE_SYNC or mode > MODE_ASYNCIO:
+            raise ValueError(f"not a mode: {mode}")
+        cdef uint64_t v = arg_u64(lba, b"lba", NO_LIMIT)
+        cdef uint64_t n = 0
+        cdef int flags
+        cdef _Request rq = _Request.__new__(_Request)
+        cdef _LoopBridge bridge = None
+        rq.dp = dp
+        rq.engine = self
+        rq.op = op
+        rq.mode = mode
+        if op == CXL_OP_READ or op == CXL_OP_WRITE:
+            if buffer is None:
+                if op == CXL_OP_WRITE:
+                    raise TypeError("a write needs its data")
+                n = arg_u64(nblocks, b"nblocks", NO_LIMIT)
+                dp._check(v, n)             # before allocating
+                buffer = bytearray(n * dp.block_size)
+                rq.value = buffer
+            flags = PyBUF_SIMPLE if op == CXL_OP_WRITE else PyBUF_SIMPLE | PyBUF_WRITABLE
+            PyObject_GetBuffer(buffer, &rq.view, flags)
+            rq.has_view = True
+            if rq.view.len % dp.block_size:
+                raise ValueError(f"{'data' if op == CXL_OP_WRITE else 'buffer'} size "
+                                 f"{rq.view.len} is not a multiple of the block "
+                                 f"size {dp.block_size}")
+            n = rq.view.len // dp.block_size
+            if rq.value is None:
+                rq.value = n
+        elif op != CXL_OP_FLUSH:
+            n = arg_u64(nblocks, b"nblocks", NO_LIMIT)
+            rq.value = n
+        else:
+            v = 0
+        dp._check(v, n)
+        rq.lba = v
+        rq.nblocks = n
+        if mode == MODE_FUTURE:
+            fut = future_class()(self, rq)
+            rq.future = fut
+            rq.req.route = &self.eng.pyq
+        elif mode == MODE_ASYNCIO:
+            bridge = self._bridge()
+            rq.bridge = bridge
+            fut = bridge.loop.create_future()
+            rq.future = fut
+            rq.req.route = &bridge.q
+        Py_INCREF(rq)                   # the engine's, until finish()
+        dp.aio_pending += 1
+        rq.start()
+        if mode == MODE_SYNC:
+            with nogil:
+                cxl_engine_wait_req(self.eng, &rq.req)
+            finish(rq)
+            if rq.future is not None:
+                raise rq.future
+            return rq.value
+        with nogil:
+            cxl_engine_try_poll(self.eng)
+        if mode == MODE_FUTURE:
+            self._drain_pyq()
+        else:
+            bridge.drain()
+        return fut
+
+    # -- list I/O ----------------------------------------------------------------------
+
+    def listio(self, DataPath dp not None, ops, lbas, nblocks, buffer, offsets=None,
+               lat_ns=None, qd=64):
+        """DataPath.listio through the engine: the requests run ``qd`` at
+        a time (1..65536); the same arguments, checks and per-request
+        status codes."""
+        self._check_open()
+        if dp.closed:
+            raise ValueError("I/O on a closed LUN: the resource was released "
+                             "or its context detached")
+        cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
+        if depth < 1:
+            raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
+        import numpy as np
+        from cxlflash._core.datapath import list_arrays
+        o_arr, l_arr, c_arr, off_arr = list_arrays(ops, lbas, nblocks, offsets,
+                                                   dp.block_size)
+        cdef const uint8_t[::1] o = o_arr
+        cdef const uint64_t[::1] l = l_arr
+        cdef const uint64_t[::1] c = c_arr
+        cdef const uint64_t[::1] off = off_arr
+        cdef Py_ssize_t n = o.shape[0], i
+        cdef bint timed = lat_ns is not None
+        cdef int64_t[::1] lat = lat_ns if timed else _no_lat
+        if timed and lat.shape[0] < n:
+            raise ValueError("lat_ns is shorter than the request list")
+        cdef bint may_recover = dp.on_reset is not None
+        cdef bint in_error
+        dp.table._rlock()
+        in_error = dp.table.live_state() == 1       # TABLE_IN_ERROR
+        dp.table.unlock()
+        if in_error and may_recover:
+            may_recover = bool(dp.on_reset())
+        status = np.zeros(n, dtype=np.int64)
+        codes = np.zeros(n, dtype=np.int32)
+        cdef int64_t[::1] st = status
+        cdef int[::1] cd = codes
+        cdef Py_buffer view
+        cdef Py_ssize_t nreset = 0
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            with nogil:
+                nreset = run_list(self.eng, dp, o, l, c, off, <char *> view.buf,
+                                  <uint64_t> view.len, st, cd, lat, timed,
+                                  <Py_ssize_t> depth, 0)
+            if nreset < 0:
+                raise MemoryError("no memory for the list's requests")
+            if nreset and may_recover and dp.on_reset():
+                with nogil:
+                    nreset = run_list(self.eng, dp, o, l, c, off, <char *> view.buf,
+                                      <uint64_t> view.len, st, cd, lat, timed,
+                                      <Py_ssize_t> depth, 1)
+                if nreset < 0:
+                    raise MemoryError("no memory for the list's requests")
+        finally:
+            PyBuffer_Release(&view)
+        count_list(dp, o, c, st)
+        return status, codes
+
+    def raw_listio(self, fd, ops, offsets, nbytes, buffer, buf_offsets=None, qd=64,
+                   lat_ns=None):
+        """The bare store's baseline: ``nbytes`` at each byte offset of
+        ``fd`` (ops 1 read, 2 write) through this engine at queue depth
+        ``qd``, no translation.  Every request is checked first; raises
+        OSError for the first that failed (after all completed); returns
+        the number of requests."""
+        self._check_open()
+        cdef int f = arg_fd(fd)
+        cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
+        cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
+        if depth < 1:
+            raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
+        if nb > CXL_MAX_SEG_BYTES:
+            raise einval(f"nbytes must be at most {CXL_MAX_SEG_BYTES}")
+        import numpy as np
+        cdef const uint64_t[::1] o = u64_array(ops, "ops")
+        cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
+        cdef Py_ssize_t n = o.shape[0], i
+        cdef const uint64_t[::1] boff
+        if buf_offsets is None:
+            boff = np.arange(n, dtype=np.uint64) * np.uint64(nb)
+        else:
+            boff = u64_array(buf_offsets, "buf_offsets")
+        if off.shape[0] != n or boff.shape[0] != n:
+            raise ValueError("ops, offsets and buf_offsets must have the same length")
+        cdef bint timed = lat_ns is not None
+        cdef int64_t[::1] lat = lat_ns if timed else _no_lat
+        if timed and lat.shape[0] < n:
+            raise ValueError("lat_ns is shorter than the request list")
+        for i in range(n):
+            if o[i] != 1 and o[i] != 2:
+                raise ValueError(f"request {i}: op {o[i]} is neither 1 (read) nor 2 (write)")
+            if off[i] > OFF_MAX - nb:
+                raise einval(f"request {i}: bytes {off[i]}..{off[i] + nb} pass byte "
+                             "2**63-1, the most a backing store can address")
+        cdef Py_buffer view
+        cdef int64_t bad = -1
+        cdef int64_t[::1] st
+        status = np.zeros(n, dtype=np.int64)
+        st = status
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            for i in range(n):
+                if boff[i] > <uint64_t> view.len or nb > <uint64_t> view.len - boff[i]:
+                    raise ValueError(f"request {i} does not fit in the buffer")
+            with nogil:
+                bad = run_raw(self.eng, f, o, off, nb, boff, <char *> view.buf, st,
+                              lat, timed, <Py_ssize_t> depth)
+        finally:
+            PyBuffer_Release(&view)
+        if bad == -2:
+            raise MemoryError("no memory for the requests")
+        if bad >= 0:
+            err = st[bad]
+            if err == XFER_BACKING_ENDED:
+                raise OSError(_errno.EIO, f"request {bad}: the backing store ended "
+                              "before its bytes (it is shorter than the offsets "
+                              "addressed)")
+            raise OSError(err, f"request {bad}: {os.strerror(err)}")
+        return n
+
+
+_shared_cond = threading.Condition()
+import array as _array
+_no_lat = _array.array("q", [0])        # lat_ns when none is given
+
+
+cdef void count_list(DataPath dp, const uint8_t[::1] o, const uint64_t[::1] c,
+                     int64_t[::1] st) noexcept:
+    cdef Py_ssize_t i
+    cdef uint64_t nread = 0, nwritten = 0, nerr = 0, breads = 0, bwrites = 0
+    cdef uint64_t nunmap = 0, bunmap = 0
+    with nogil:
+        for i in range(o.shape[0]):
+            if st[i] < 0:
+                nerr += 1
+            elif o[i] == 1:
+                nread += 1
+                breads += c[i]
+            elif o[i] == 2:
+                nwritten += 1
+                bwrites += c[i]
+            else:
+                nunmap += 1
+                bunmap += c[i]
+    dp.stats.list_calls += 1
+    dp.stats.reads += nread
+    dp.stats.writes += nwritten
+    dp.stats.blocks_read += breads
+    dp.stats.blocks_written += bwrites
+    dp.stats.unmaps += nunmap
+    dp.stats.blocks_unmapped += bunmap
+    dp.stats.errors += nerr
+
+
+cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
+                         const uint64_t[::1] l, const uint64_t[::1] c,
+                         const uint64_t[::1] off, char *buf, uint64_t buflen,
+                         int64_t[::1] st, int[::1] cd, int64_t[::1] lat,
+                         bint timed, Py_ssize_t qd, bint redrive) noexcept nogil:
+    """Run a list's requests (with ``redrive``: only those that failed
+    with -1001) ``qd`` at a time: the number that failed with -1001, or
+    -1 without memory."""
+    cdef Py_ssize_t n = o.shape[0], i = 0, slots, outstanding = 0, nfree, nreset = 0
+    cdef cxl_req *pool
+    cdef cxl_req **free_slots
+    cdef cxl_req *r
+    cdef cxl_req *nxt
+    cdef cxl_queue q
+    cdef uint64_t bs = dp.block_size, limit = dp._limit, lba, nb, size
+    cdef int op
+    cdef int64_t s
+    cdef Py_ssize_t i_done
+    slots = qd if qd < n else n
+    if slots == 0:
+        return 0
+    pool = <cxl_req *> calloc(slots, sizeof(cxl_req))
+    free_slots = <cxl_req **> calloc(slots, sizeof(cxl_req *))
+    if pool == NULL or free_slots == NULL:
+        free(pool)
+        free(free_slots)
+        return -1
+    for nfree in range(slots):
+        free_slots[nfree] = &pool[nfree]
+    nfree = slots
+    cxl_queue_init(&q, 0)
+    while i < n or outstanding:
+        while i < n and nfree:
+            if redrive and st[i] != -1001:
+                i += 1
+                continue
+            op = o[i]
+            lba = l[i]
+            nb = c[i]
+            cd[i] = 0
+            # the checks of DataPath._list_one, before the engine sees it
+            if op < 1 or op > 3 or (nb and nb - 1 > NO_LIMIT - lba):
+                st[i] = -EINVAL
+            elif limit != NO_LIMIT and (lba > limit or nb > limit - lba):
+                st[i] = -1003
+            elif op != 3 and (off[i] > buflen or nb > (buflen - off[i]) // bs):
+                st[i] = -EINVAL
+            else:
+                nfree -= 1
+                r = free_slots[nfree]
+                cxl_req_clear(r)
+                r.index = <uint64_t> i
+                r.route = &q
+                prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
+                        NULL if op == 3 else buf + off[i])
+                outstanding += 1
+                cxl_engine_submit(eng, r)
+            i += 1
+        if outstanding == 0:
+            continue
+        cxl_engine_wait_queue(eng, &q)
+        r = cxl_queue_take(&q)
+        while r != NULL:
+            nxt = r.qnext
+            i_done = <Py_ssize_t> r.index
+            s = list_status(r.status, c[i_done])
+            st[i_done] = s
+            cd[i_done] = r.afu_rc if s == -1000 else 0
+            if s == -1001:
+                nreset += 1
+            if timed:
+                if redrive:
+                    lat[i_done] += cxl_now_ns() - r.t_submit
+                else:
+                    lat[i_done] = cxl_now_ns() - r.t_submit
+            free_slots[nfree] = r
+            nfree += 1
+            outstanding -= 1
+            r = nxt
+    for i in range(slots):
+        cxl_req_clear(&pool[i])
+    free(pool)
+    free(free_slots)
+    cxl_queue_destroy(&q)
+    return nreset
+
+
+cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
+                     const uint64_t[::1] off, uint64_t nb, const uint64_t[::1] boff,
+                     char *buf, int64_t[::1] st, int64_t[::1] lat, bint timed,
+                     Py_ssize_t qd) noexcept nogil:
+    """raw_listio's loop: the index of the first failed request, -1 when
+    all succeeded, -2 without memory."""
+    cdef Py_ssize_t n = o.shape[0], i = 0, slots, outstanding = 0, nfree, k
+    cdef cxl_req *pool
+    cdef cxl_req **free_slots
+    cdef cxl_req *r
+    cdef cxl_req *nxt
+    cdef cxl_queue q
+    cdef int64_t bad = -1
+    cdef int cap
+    slots = qd if qd < n else n
+    if slots == 0:
+        return -1
+    pool = <cxl_req *> calloc(slots, sizeof(cxl_req))
+    free_slots = <cxl_req **> calloc(slots, sizeof(cxl_req *))
+    if pool == NULL or free_slots == NULL:
+        free(pool)
+        free(free_slots)
+        return -2
+    for nfree in range(slots):
+        free_slots[nfree] = &pool[nfree]
+    nfree = slots
+    cxl_queue_init(&q, 0)
+    while i < n or outstanding:
+        while i < n and nfree:
+            nfree -= 1
+            r = free_slots[nfree]
+            cxl_req_clear(r)
+            r.index = <uint64_t> i
+            r.route = &q
+            r.op = <int> o[i]
+            cap = CXL_SEG_INLINE
+            cxl_req_reserve(r, cap)
+            add_run(r, &cap, <int> o[i], fd, 2, off[i], nb, buf + boff[i])
+            r.segs[0].req = r
+            r.segs[0].io.tag = &r.segs[0]
+            outstanding += 1
+            cxl_engine_submit(eng, r)
+            i += 1
+        cxl_engine_wait_queue(eng, &q)
+        r = cxl_queue_take(&q)
+        while r != NULL:
+            nxt = r.qnext
+            k = <Py_ssize_t> r.index
+            st[k] = r.status        # an errno, or XFER_BACKING_ENDED
+            if r.status and (bad < 0 or k < bad):
+                bad = k
+            if timed:
+                lat[k] = cxl_now_ns() - r.t_submit
+            free_slots[nfree] = r
+            nfree += 1
+            outstanding -= 1
+            r = nxt
+    for k in range(slots):
+        cxl_req_clear(&pool[k])
+    free(pool)
+    free(free_slots)
+    cxl_queue_destroy(&q)
+    return bad
