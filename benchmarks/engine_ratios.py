@@ -28,6 +28,7 @@ See benchmarks/README.md.
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import os
 import platform
@@ -577,6 +578,7 @@ def main(argv=None):
               "python": sys.version.split()[0], "cxlflash": cxlflash.__version__,
               "engine_info": info, "file": args.file, "fstype": kind,
               "rounds": rounds, "duration": duration, "pc_rounds": pc_rounds,
+              "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]),
               "fio": subprocess.run(["fio", "--version"], capture_output=True,
                                     text=True).stdout.strip(),
               "fio_command": " ".join(fio_command(args.file, QD, duration))}
@@ -584,7 +586,7 @@ def main(argv=None):
           f"{header['fio']}")
     print(f"# engine_info: {info if info is not None else 'no engine module in this build'}")
     print(f"# O_DIRECT file {args.file} ({kind}), {rounds} rounds x {duration:g} s per side; "
-          f"page cache {pc_rounds} rounds")
+          f"page cache {pc_rounds} rounds; load average {header['loadavg']}")
 
     rows = []
     try:
@@ -623,7 +625,12 @@ def main(argv=None):
                              data, errors, 0.8, True, io_engine, "IOPS"))
         rows.append(make_row("  same: 64 asyncio tasks vs fio", "fio", "asyncio",
                              data, errors, 0.7, True, io_engine, "IOPS"))
-        if d.threads_lun is not None:
+        if d.threads_lun is not None and engine_kind(d.lun.adapter) != "io_uring":
+            why = (info or {}).get("reason") or f"CXLFLASH_ENGINE={os.environ.get('CXLFLASH_ENGINE')}"
+            rows.append(make_row("  threads engine listio vs io_uring engine", "listio",
+                                 "listio_threads", data, errors, 0.6, True, lk, "IOPS",
+                                 missing=f"the default engine is {lk}, not io_uring ({why})"))
+        elif d.threads_lun is not None:
             rows.append(make_row("  threads engine listio vs io_uring engine", "listio",
                                  "listio_threads", data, errors, 0.6, True,
                                  f"{d.threads_listio.describe()} vs {lk}", "IOPS"))
@@ -643,6 +650,8 @@ def main(argv=None):
                                  data, errors, None, True, io_engine, "IOPS", info=True))
     finally:
         d.close()
+        del d
+        gc.collect()            # the engines' threads go with them
     progress("")
 
     with tempfile.TemporaryDirectory(prefix="engine-ratios-", dir="/var/tmp") as tmp:
@@ -675,7 +684,9 @@ def main(argv=None):
     # Units are per-request times for the page-cache rows (median of rounds).
     print_rows(rows, sys.stdout)
     elapsed = time.perf_counter() - t_start
-    print(f"# {elapsed:.0f} s")
+    end_load = " ".join(open("/proc/loadavg").read().split()[:3])
+    print(f"# {elapsed:.0f} s; load average at the end {end_load} (other processes move "
+          f"the ratios: see the spread)")
     failed = [r for r in rows if not r["info"] and r["status"] in ("FAIL", "MISSING")]
     if args.json:
         with open(args.json, "w") as f:
