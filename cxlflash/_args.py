@@ -60,6 +60,14 @@ def extent(lba, nblocks, size, what="the logical size"):
     return lba
 
 
+def qd(value, limit=65536):
+    """A queue depth in 1..limit: TypeError / CxlFlashError(EINVAL)."""
+    v = integer(value, "qd")
+    if v < 1 or v > limit:
+        raise CxlFlashError(errno.EINVAL, f"qd must be 1..{limit}, got {v}")
+    return v
+
+
 def size(value, name="size", limit=None):
     """A size in blocks: TypeError / CxlFlashError(EINVAL)."""
     return nonneg(value, name, limit)

@@ -252,8 +252,10 @@ class Adapter:
         :class:`cxlflash.backing.Backing`, or ``None`` for memory (then
         ``size`` in bytes is required; a missing file is created with
         ``size``).  With ``superpipe`` (the default) superpipe mode is
-        enabled on every path, as ``cxlfsetlunmode`` would.  Returns the
-        16-byte WWID.
+        enabled on every path, as ``cxlfsetlunmode`` would (a documented
+        deviation); ``superpipe=False`` is the kernel's legacy start: every
+        DK ioctl but DK_CXLFLASH_MANAGE_LUN is EINVAL until MANAGE_LUN
+        enables superpipe on that port.  Returns the 16-byte WWID.
         """
         self._check_owner()
         ports = tuple(_args.integer(p, "ports[]") for p in ports)
@@ -321,14 +323,13 @@ class Adapter:
         return wwid
 
     def delete_lun(self, wwid: bytes) -> None:
-        """Delete a LUN made by :meth:`create_lun` (its file too)."""
+        """Delete a LUN made by :meth:`create_lun` (its file too), in
+        superpipe mode or not: EBUSY while a resource handle is open on it
+        or a context has it attached."""
         self._check_owner()
         info = self.provisioned.get(bytes(wwid))
         if info is None:
             raise CxlFlashError(errno.ENODEV, f"no provisioned LUN {bytes(wwid).hex()}")
-        sdev = self._driver.sdev(bytes(wwid), info["port"])
-        if sdev.llun is not None:
-            self._driver.disable_superpipe(sdev)
         arg = uapi.ht_cxlflash_lun_provision()
         arg.hdr.subcmd = uapi.HT_CXLFLASH_LUN_PROVISION_SUBCMD_DELETE_LUN
         arg.port = info["port"]
@@ -344,12 +345,12 @@ class Adapter:
         at most; ``io_threads`` workers for the thread pool."""
         eng = self._engine
         if eng is None:
+            if self._driver.closed and self._client() is None:
+                raise self._closed_error()      # what the data path raises
             self._check_user()
             from ._core.engine import Engine
             with self._lock:
                 if self._engine is None:
-                    if self._driver.closed and self._client() is None:
-                        raise self._closed_error()
                     self._engine = Engine(self._engine_kind, self.engine_depth,
                                           self.io_threads)
                 eng = self._engine
@@ -385,32 +386,20 @@ class Adapter:
                                   "path": path}
         return wwid, lun_id
 
-    def _unprovision(self, port, lun_id):
-        for wwid, p in list(self.provisioned.items()):
-            if p["port"] == port and p["lun_id"] == lun_id:
-                break
-        else:
-            raise CxlFlashError(errno.EIO, f"no provisioned LUN with id 0x{lun_id:016x} "
-                                f"on port {port}")
-        drv = self._driver
-        glun = drv.gluns[wwid]
-        sdev = drv.sdevs[(port, wwid)]
-        llun = drv.lluns.get(wwid)
-        if glun.mode != 0 or sdev.refs or (llun is not None and llun.port_sel):
-            raise CxlFlashError(errno.EIO, "the LUN is in use: release its handles, "
-                                "detach its contexts and disable superpipe first")
-        sdev.present = False
-        del self.provisioned[wwid]
-        glun.backing = None
+    def _unprovision(self, wwid):
+        """Close the backing store of a provisioned LUN that the DELETE
+        ioctl took off the driver (``Driver.remove_lun``: nothing uses it
+        any more) and forget it."""
+        p = self.provisioned.pop(wwid)
         self._invalidate_paths()
         backing = self._backings.pop(wwid, None)
         if backing is not None:
-            # No handle reaches the LUN any more (checked above; the DELETE
-            # ioctl fenced the tables that did with Driver.fence_backing, and
-            # every RELEASE took its table's write lock).  Also wait for the
-            # transfers in flight through ANY table: a data path kept from
-            # before a RELEASE whose handle number was re-opened on another
-            # LUN still carries this fd (hazard H1 in /work/notes/api.md).
+            # No handle reaches the LUN any more (Driver.remove_lun refused
+            # the delete otherwise, and every RELEASE took its table's write
+            # lock).  Also wait for the transfers in flight through ANY
+            # table: a data path kept from before a RELEASE whose handle
+            # number was re-opened on another LUN still carries this fd
+            # (hazard H1 in /work/notes/api.md).
             self._fence(self._driver.contexts())
             backing.close()
             if p["path"]:
@@ -478,7 +467,10 @@ class Adapter:
         table's read lock, so a context destroyed or put in error since is
         refused exactly as here."""
         context_id = _args.integer(context_id, "context_id")
-        rsrc_handle = _args.integer(rsrc_handle, "rsrc_handle")
+        rsrc_handle = key = _args.integer(rsrc_handle, "rsrc_handle")
+        if 0 <= rsrc_handle <= _args.U64_MAX:
+            # The IOARCB's res_hndl is u32 (sislite.h): 2**32 + h is h.
+            rsrc_handle &= 0xFFFFFFFF
         gen = self._paths_gen
         if os.getpid() == self._owner_pid and self._driver.closed:
             raise self._closed_error()
@@ -498,7 +490,7 @@ class Adapter:
                       zero_mode=backing.zero_mode)
         with self._lock:
             if self._paths_gen == gen:
-                self._paths.setdefault(context_id, {})[rsrc_handle] = (
+                self._paths.setdefault(context_id, {})[key] = (
                     dp.readinto, dp.write, dp)
         return dp
 
@@ -527,6 +519,7 @@ class Adapter:
             dp = self._paths[context_id][rsrc_handle][2]
         except KeyError:
             dp = self._io_path(context_id, rsrc_handle)
+        rsrc_handle = dp.handle
         nblocks = _args.u64(nblocks, "nblocks")
         if nblocks:
             # The AFU's checks (context state, permission, the extent) on
@@ -569,7 +562,7 @@ class Adapter:
             nbytes = memoryview(buffer).nbytes
         except Exception:
             nbytes = None
-        return self._io_error(e, lba, rsrc_handle, nbytes, dp.block_size)
+        return self._io_error(e, lba, dp.handle, nbytes, dp.block_size)
 
     def translate(self, context_id: int, rsrc_handle: int, lbas: Any, *,
                   out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -586,6 +579,7 @@ class Adapter:
             dp = self._paths[context_id][rsrc_handle][2]
         except KeyError:
             dp = self._io_path(context_id, rsrc_handle)
+        rsrc_handle = dp.handle
         if not (lbas.__class__ is np.ndarray and lbas.dtype.kind in "iu"
                 and lbas.dtype.itemsize == 8 and lbas.ndim == 1
                 and lbas.flags.c_contiguous):

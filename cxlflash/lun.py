@@ -22,6 +22,7 @@ recovered, ``ValueError`` after :meth:`close`.
 import errno
 import os
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
@@ -41,7 +42,12 @@ __all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
 
 CHUNK_BLOCKS = 1 << 16
 _STAT_NAMES = ("num_reads", "num_writes", "num_blocks_read", "num_blocks_written",
-               "num_unmaps", "num_blocks_unmapped", "num_errors", "num_list_calls")
+               "num_unmaps", "num_blocks_unmapped", "num_errors", "num_list_calls",
+               "num_areads", "num_awrites")
+# The engine's entry points bound per object (_bind_async), dropped when the
+# data path changes.
+_ASYNC_BOUND = ("aread", "areadinto", "awrite", "_loop_read", "_loop_readinto",
+                "_loop_write")
 
 
 class ListResult:
@@ -110,8 +116,7 @@ class _Lun:
         self._dp = None
         self._size = 0
         self._stats_base = dict.fromkeys(_STAT_NAMES, 0)
-        self._stats_extra = {"num_areads": 0, "num_awrites": 0,
-                             "num_reset_contexts": 0}
+        self._stats_extra = {"num_reset_contexts": 0}
         self._lock = threading.Lock()
         self._close_lock = threading.RLock()
 
@@ -161,6 +166,8 @@ class _Lun:
         self.readinto = dp.readinto
         self.write = dp.write
         self.block_size = glun.blk_len
+        for name in _ASYNC_BOUND:
+            self.__dict__.pop(name, None)
 
     def _after_fork(self):
         self._rebind()
@@ -253,8 +260,16 @@ class _Lun:
                                        and lat_ns.dtype == np.int64):
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
-        status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks, buffer,
-                                                   offsets, lat_ns, qd)
+        eng = self.adapter._engine
+        if self.adapter.driver.closed and (eng is None or eng.closed) \
+                and self.adapter._client() is None:
+            # Every request fails as the closed adapter's data path fails it
+            # (one failing request does not stop the others).
+            _args.qd(qd)
+            status, codes = self._dp.listio(ops, lbas, nblocks, buffer, offsets, lat_ns)
+        else:
+            status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks,
+                                                       buffer, offsets, lat_ns, qd)
         return ListResult(self, status, codes, lbas, nblocks)
 
     # -- flush, write-zeroes, discard -------------------------------------------------------
@@ -288,30 +303,31 @@ class _Lun:
     # request runs to completion: cancelling its future or task does not
     # stop it, and its buffer stays alive until it is done.
 
-    def _count(self, kind):
-        with self._lock:
-            self._stats_extra[kind] += 1
+    def _bind_async(self):
+        """Bind the engine's entry points to this object's data path, so
+        that a future or an asyncio read costs no Python frame of ours
+        (the core checks every argument)."""
+        self._check_open()
+        eng, dp = self.adapter.engine, self._dp
+        self.aread = partial(eng.aread, dp)
+        self.areadinto = partial(eng.areadinto, dp)
+        self.awrite = partial(eng.awrite, dp)
+        self._loop_read = partial(eng.aread_loop, dp)
+        self._loop_readinto = partial(eng.areadinto_loop, dp)
+        self._loop_write = partial(eng.awrite_loop, dp)
+        return self
 
     def aread(self, lba: int, nblocks: int) -> "Future[bytearray]":
         """Start a read; returns a ``concurrent.futures.Future`` of the data."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, nblocks, None, 1)
-        self._count("num_areads")
-        return fut
+        return self._bind_async().aread(lba, nblocks)
 
     def areadinto(self, lba: int, buffer: Any) -> "Future[int]":
         """Start a read into ``buffer``; a Future of the block count."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, None, buffer, 1)
-        self._count("num_areads")
-        return fut
+        return self._bind_async().areadinto(lba, buffer)
 
     def awrite(self, lba: int, data: Any) -> "Future[int]":
         """Start a write; a Future of the block count."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_WRITE, lba, None, data, 1)
-        self._count("num_awrites")
-        return fut
+        return self._bind_async().awrite(lba, data)
 
     def aflush(self) -> "Future[None]":
         """Start a :meth:`flush`; a Future of None."""
@@ -328,25 +344,25 @@ class _Lun:
         self._check_open()
         return self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks, None, 1)
 
+    def _loop_read(self, lba, nblocks):
+        return self._bind_async()._loop_read(lba, nblocks)
+
+    def _loop_readinto(self, lba, buffer):
+        return self._bind_async()._loop_readinto(lba, buffer)
+
+    def _loop_write(self, lba, data):
+        return self._bind_async()._loop_write(lba, data)
+
     async def read_async(self, lba: int, nblocks: int) -> bytearray:
         """``await lun.read_async(lba, n)``: the data (completed through
         an eventfd on the running loop, no executor)."""
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, nblocks, None, 2)
-        self._count("num_areads")
-        return await fut
+        return await self._loop_read(lba, nblocks)
 
     async def readinto_async(self, lba: int, buffer: Any) -> int:
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_READ, lba, None, buffer, 2)
-        self._count("num_areads")
-        return await fut
+        return await self._loop_readinto(lba, buffer)
 
     async def write_async(self, lba: int, data: Any) -> int:
-        self._check_open()
-        fut = self.adapter.engine.submit(self._dp, OP_WRITE, lba, None, data, 2)
-        self._count("num_awrites")
-        return await fut
+        return await self._loop_write(lba, data)
 
     async def flush_async(self) -> None:
         self._check_open()

@@ -31,6 +31,8 @@ cdef struct io_stats:
     uint64_t blocks_unmapped
     uint64_t errors
     uint64_t list_calls
+    uint64_t areads         # submitted through the engine (engine.pyx)
+    uint64_t awrites
 
 # Whether an AFU reset put the table in error: its state says so, or (in a
 # replica) the owner's reset epoch moved past the one the table has seen.
@@ -74,6 +76,10 @@ cdef class DataPath:
     # Requests submitted through the engine (engine.pyx) whose futures are
     # not yet completed; changed with the GIL held.
     cdef readonly int64_t aio_pending
+    # How the engine may run requests on the backing fd in the submitter
+    # (backend.h's CXL_NOWAIT_*), found for ``nowait_fd`` (-1: not yet).
+    cdef int nowait_fd
+    cdef int nowait_class
 
     cdef object _io(self, object lba, object buffer, int write)
     cdef int _check(self, uint64_t lba, uint64_t nblocks) except -1

@@ -28,6 +28,7 @@ class DataPath:
     zero_mode: int
     closed: bool
     on_reset: Optional[Callable[[], bool]]
+    aio_pending: int
     def __init__(self, table: ResourceTable, handle: SupportsIndex, fd: SupportsIndex,
                  block_size: SupportsIndex, *, max_xfer: SupportsIndex = ...,
                  zero_mode: SupportsIndex = ...) -> None: ...
@@ -50,6 +51,11 @@ def scrub_chunks(fd: int, zero_mode: SupportsIndex, auns: npt.ArrayLike,
 def afu_command(table: ResourceTable, handle: SupportsIndex, fd: SupportsIndex,
                 block_size: SupportsIndex, lba: SupportsIndex, buffer: Any,
                 write: bool = ...) -> int: ...
+def list_arrays(ops: npt.ArrayLike, lbas: npt.ArrayLike, nblocks: npt.ArrayLike,
+                offsets: Optional[npt.ArrayLike], block_size: SupportsIndex
+                ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint64],
+                           npt.NDArray[np.uint64], npt.NDArray[np.uint64]]: ...
+
 def raw_io(fd: int, ops: npt.ArrayLike, offsets: npt.ArrayLike, nbytes: SupportsIndex,
            buffer: Any,
            buf_offsets: Optional[npt.ArrayLike] = ...,

@@ -433,6 +433,7 @@ cdef class DataPath:
         self.closed = False
         self.on_reset = None
         memset(&self.stats, 0, sizeof(io_stats))
+        self.nowait_fd = -1
 
     @property
     def max_xfer(self):

@@ -1,6 +1,7 @@
 # The asynchronous I/O engine (engine.pyx): C declarations of
 # includes/backend.h and includes/engine.h, and the Engine object.
 from libc.stdint cimport uint64_t, int64_t
+from cxlflash._core.datapath cimport DataPath
 
 cdef extern from "engine.h" nogil:
     enum:
@@ -20,6 +21,7 @@ cdef extern from "engine.h" nogil:
     ctypedef struct cxl_target:
         int fd
         int zero_mode
+        int nowait
         void *obj
     ctypedef struct cxl_io:
         int op
@@ -74,6 +76,7 @@ cdef extern from "engine.h" nogil:
         int pid
 
     void cxl_backend_destroy(cxl_backend *be)
+    int cxl_fd_nowait_class(int fd)
     cxl_backend *cxl_pool_new(int nworkers)
     cxl_backend *cxl_uring_new(unsigned entries)
     int cxl_queue_init(cxl_queue *q, int with_efd)
@@ -96,8 +99,10 @@ cdef extern from "engine.h" nogil:
     void cxl_engine_stop(cxl_engine *e)
     void cxl_engine_free(cxl_engine *e)
     int64_t cxl_now_ns()
+    int cxl_req_handoff(cxl_req *r, cxl_queue *q)
     int cxl_engine_add_inject(cxl_engine *e, int op, int64_t res, long skip, long count)
     int cxl_engine_ninject(cxl_engine *e)
+    void cxl_engine_py_busy(cxl_engine *e, int delta)
 
 
 cdef class Engine:
@@ -109,8 +114,13 @@ cdef class Engine:
     cdef object _last_loop
     cdef object _last_bridge
     cdef object _close_lock
+    cdef long py_inhand           # futures taken from pyq, being completed
     cdef object __weakref__
 
     cdef int _check_open(self) except -1
     cdef int _drain_pyq(self) except -1
+    cdef int _settle_all(self) except -1
     cdef object _bridge(self)
+    cdef int _refuse(self, DataPath dp) except -1
+    cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,
+                        object buffer, int mode)

@@ -28,14 +28,21 @@ synchronous one would.  Requests in flight when an AFU reset begins
 complete with the reset error; the futures' layer recovers the context
 and re-drives them once, as the block library does.
 """
+cimport cython
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
-from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.ref cimport Py_INCREF, Py_DECREF, PyTypeObject
+from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetDict(object o, object value, void *context) except -1
+    object PyObject_GenericGetDict(object o, void *context)
+    object PyType_GenericAlloc(object type, Py_ssize_t nitems)
 from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset, strerror
-from cxlflash._core.args cimport arg_fd, arg_u64, u64_array
+from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
 from cxlflash._core.datapath cimport (
     DataPath, check_range, raise_xfer_error, XFER_AFU_ERROR, XFER_IN_ERROR,
@@ -46,6 +53,7 @@ import os
 import sys
 import threading
 import weakref
+from time import monotonic as _monotonic
 from cxlflash._core.args import einval
 
 cdef extern from *:
@@ -81,7 +89,7 @@ MAX_WORKERS = 1024
 
 # -- translation into segments (nogil, the table's read lock held) ------------------
 
-cdef int add_run(cxl_req *r, int *cap, int op, int fd, int zero_mode,
+cdef int add_run(cxl_req *r, int *cap, int op, int fd, int zero_mode, int nowait,
                  uint64_t offset, uint64_t length, char *buf) noexcept nogil:
     """Append segments for ``length`` bytes at ``offset`` (split at
     CXL_MAX_SEG_BYTES): 0 or ENOMEM."""
@@ -98,6 +106,7 @@ cdef int add_run(cxl_req *r, int *cap, int op, int fd, int zero_mode,
         s.io.op = op
         s.io.target.fd = fd
         s.io.target.zero_mode = zero_mode
+        s.io.target.nowait = nowait
         s.io.offset = offset
         s.io.len = n
         s.io.buf = buf
@@ -118,6 +127,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
     cdef uint32_t handle = dp.handle
     cdef uint64_t bs = dp.block_size
     cdef int fd = dp.table.backing_fd(handle, dp.fd)
+    cdef int nowait
     cdef int write = op != CXL_OP_READ
     cdef bint direct = (dp.table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
     cdef uint64_t step = dp._max_xfer if dp._max_xfer else nblocks
@@ -129,8 +139,12 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
     r.nseg = 0
     if cxl_req_reserve(r, cap) != 0:
         return ENOMEM
+    if dp.nowait_fd != fd:          # found once per backing fd
+        dp.nowait_class = cxl_fd_nowait_class(fd)
+        dp.nowait_fd = fd
+    nowait = dp.nowait_class
     if op == CXL_OP_FLUSH:
-        rc = add_run(r, &cap, op, fd, dp.zero_mode, 0, 0, NULL)
+        rc = add_run(r, &cap, op, fd, dp.zero_mode, nowait, 0, 0, NULL)
         if rc:
             return rc
         nblocks = 0
@@ -155,7 +169,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
                 run_len += n
             else:
                 if run_len:
-                    rc = add_run(r, &cap, op, fd, dp.zero_mode, run_p * bs,
+                    rc = add_run(r, &cap, op, fd, dp.zero_mode, nowait, run_p * bs,
                                  run_len * bs, run_buf)
                     if rc:
                         return rc
@@ -167,7 +181,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
             v += n
             left -= n
         if run_len:
-            rc = add_run(r, &cap, op, fd, dp.zero_mode, run_p * bs, run_len * bs,
+            rc = add_run(r, &cap, op, fd, dp.zero_mode, nowait, run_p * bs, run_len * bs,
                          run_buf)
             if rc:
                 return rc
@@ -235,16 +249,21 @@ cdef int64_t list_status(int status, uint64_t nblocks) noexcept nogil:
 
 cdef object _future_cls = None
 cdef object _cf = None
+cdef object _FINISHED = None
+cdef object _RUNNING = None
+cdef long cond_waiters = 0      # threads waiting on _shared_cond (GIL held)
 
 
 cdef object future_class():
     """EngineFuture, made on first use (concurrent.futures is imported
     only when a future is wanted)."""
-    global _future_cls, _cf
+    global _future_cls, _cf, _FINISHED, _RUNNING
     if _future_cls is not None:
         return _future_cls
     import concurrent.futures._base as cf
     _cf = cf
+    _FINISHED = cf.FINISHED
+    _RUNNING = cf.RUNNING
     FINISHED = cf.FINISHED
 
     class EngineFuture(cf.Future):
@@ -255,16 +274,6 @@ cdef object future_class():
         to be).  Once submitted a request cannot be cancelled: ``cancel()``
         returns False, and the buffer stays alive until it completes.
         The futures of an engine share one condition."""
-
-        def __init__(self, engine, request):
-            self._condition = _shared_cond
-            self._state = cf.RUNNING
-            self._result = None
-            self._exception = None
-            self._waiters = []
-            self._done_callbacks = []
-            self._engine = engine
-            self._request = request
 
         def result(self, timeout=None):
             if self._state == FINISHED:
@@ -285,10 +294,14 @@ cdef object future_class():
 
 # -- requests of futures and asyncio ------------------------------------------------
 
+@cython.no_gc
 cdef class _Request:
     """A request submitted for a future: holds what it uses (the buffer,
-    the data path, the future) until it completes."""
+    the data path, the future) until it completes.  Not tracked by the
+    garbage collector: its only cycle (request -> future -> request) is
+    broken when it completes, and until then the engine holds it."""
     cdef cxl_req req
+    cdef cxl_queue *target      # where it goes when it finishes (NULL: sync)
     cdef Py_buffer view
     cdef bint has_view
     cdef DataPath dp
@@ -325,16 +338,24 @@ cdef class _Request:
         return OSError(EIO, "I/O error")        # not reached
 
     cdef int start(self) except -1:
-        """Check, translate and submit (again, after a recovery)."""
+        """Check, translate and submit (again, after a recovery); when it
+        finished at once (a page-cache hit, a refused range), complete it
+        here, else hand it its queue.  Returns 1 when it was completed."""
         cdef char *buf = <char *> self.view.buf if self.has_view else NULL
         cdef cxl_engine *eng = self.engine.eng
-        cdef cxl_queue *route = self.req.route
+        cdef int inline_done
         cxl_req_clear(&self.req)
-        self.req.route = route
         self.req.owner = <void *> self
         with nogil:
             prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
             cxl_engine_submit(eng, &self.req)
+            if self.target != NULL:
+                inline_done = cxl_req_handoff(&self.req, self.target)
+            else:
+                inline_done = 0
+        if inline_done:
+            finish(self)
+            return 1
         return 0
 
 
@@ -391,23 +412,50 @@ cdef int finish(_Request rq) except -1:
 
 
 cdef int complete_future(object fut, object value, object exc) except -1:
-    """Finish an EngineFuture (its engine's shared condition)."""
-    cond = fut._condition
-    with cond:
+    """Finish an EngineFuture.  Its state changes under the futures'
+    shared lock when a thread may be waiting on it -- a waiter installed by
+    concurrent.futures.wait() / as_completed(), or a thread waiting on the
+    condition -- and directly otherwise: with the GIL held and no Python
+    code between the check and the change, no other thread can observe or
+    install anything in between."""
+    cdef dict d = <dict> PyObject_GenericGetDict(fut, NULL)
+    waiters = d["_waiters"]
+    if not waiters and not cond_waiters:
         if exc is None:
-            fut._result = value
+            d["_result"] = value
         else:
-            fut._exception = exc
-        fut._state = _cf.FINISHED
-        for w in fut._waiters:
+            d["_exception"] = exc
+        d["_state"] = _FINISHED
+    else:
+        _shared_lock.acquire()
+        try:
             if exc is None:
-                w.add_result(fut)
+                d["_result"] = value
             else:
-                w.add_exception(fut)
-        cond.notify_all()
-    if fut._done_callbacks:
+                d["_exception"] = exc
+            d["_state"] = _FINISHED
+            for w in d["_waiters"]:
+                if exc is None:
+                    w.add_result(fut)
+                else:
+                    w.add_exception(fut)
+            _shared_cond.notify_all()
+        finally:
+            _shared_lock.release()
+    if d["_done_callbacks"]:
         fut._invoke_callbacks()
     return 0
+
+
+cdef object new_future(Engine engine, _Request rq):
+    """An EngineFuture, RUNNING (it cannot be cancelled), allocated without
+    running Future.__init__ (the futures of an engine share one Condition)."""
+    fut = PyType_GenericAlloc(future_class(), 0)
+    PyObject_GenericSetDict(fut, {
+        "_condition": _shared_cond, "_state": _RUNNING, "_result": None,
+        "_exception": None, "_waiters": [], "_done_callbacks": [],
+        "_engine": engine, "_request": rq}, NULL)
+    return fut
 
 
 cdef void drain_py_cb(void *ctx) noexcept nogil:
@@ -422,15 +470,19 @@ cdef class _LoopBridge:
     which the loop watches (``add_reader``)."""
     cdef cxl_queue q
     cdef bint ready
-    cdef object loop
+    cdef object loop_ref        # weak: the engine's map of bridges is keyed by it
     cdef object __weakref__
 
     def __cinit__(self, loop):
         if cxl_queue_init(&self.q, 1) != 0:
             raise OSError(errno, "cannot make an eventfd for the asyncio loop")
         self.ready = True
-        self.loop = loop
+        self.loop_ref = weakref.ref(loop)
         loop.add_reader(self.q.efd, self._on_ready)
+
+    @property
+    def loop(self):
+        return self.loop_ref()
 
     def _on_ready(self):
         try:
@@ -451,10 +503,10 @@ cdef class _LoopBridge:
         return 0
 
     def close(self):
-        if self.ready:
-            self.ready = False
+        loop = self.loop_ref()
+        if loop is not None:
             try:
-                self.loop.remove_reader(self.q.efd)
+                loop.remove_reader(self.q.efd)
             except Exception:
                 pass        # the loop is closed
 
@@ -598,6 +650,22 @@ cdef class Engine:
         """Faults queued by :meth:`inject` not yet applied."""
         return cxl_engine_ninject(self.eng) if self.eng != NULL else 0
 
+    cdef int _refuse(self, DataPath dp) except -1:
+        """A request on a closed engine fails as the synchronous call
+        would (the adapter closed: the table is GONE), else ValueError."""
+        cdef int rc = 0, afu_rc = 0
+        cdef uint64_t bad = 0
+        if dp.closed:
+            raise ValueError("I/O on a closed LUN: the resource was released "
+                             "or its context detached")
+        dp.table._rlock()
+        rc = check_range(dp.table, dp.handle, dp.block_size, 0, 0, 0, &afu_rc, &bad)
+        dp.table.unlock()
+        if rc:
+            raise_xfer_error(dp.table, dp.handle, dp.fd, rc, afu_rc, bad, 0)
+        self._check_open()
+        return 0
+
     cdef int _check_open(self) except -1:
         if self.closed:
             raise ValueError("the I/O engine is closed (its adapter was closed)")
@@ -638,7 +706,11 @@ cdef class Engine:
             if op not in _OP_NAMES:
                 raise ValueError(f"op must be one of {sorted(_OP_NAMES)}, got {op!r}")
             o = _OP_NAMES[op]
-        cdef int64_t res = result
+        cdef object r = arg_int(result, b"result")
+        if r < -4095 or r > INT64_MAX:
+            raise einval(f"result must be -errno (-4095..-1) or a byte count "
+                         f"(0..2**63-1), got {r}")
+        cdef int64_t res = r
         cdef long c = <long> arg_u64(count, b"count", 1 << 30)
         cdef long s = <long> arg_u64(skip, b"skip", 1 << 30)
         if c < 1:
@@ -651,15 +723,33 @@ cdef class Engine:
     cdef int _drain_pyq(self) except -1:
         cdef cxl_req *r
         cdef cxl_req *nxt
+        cdef cxl_req *p
         if self.eng == NULL:
             return 0
         r = cxl_queue_take(&self.eng.pyq)
         while r != NULL:
+            p = r
+            while p != NULL:            # taken: in this thread's hands
+                self.py_inhand += 1
+                p = p.qnext
             while r != NULL:
                 nxt = r.qnext
-                finish(<_Request> r.owner)
+                try:
+                    finish(<_Request> r.owner)
+                finally:
+                    self.py_inhand -= 1
                 r = nxt
             r = cxl_queue_take(&self.eng.pyq)
+        return 0
+
+    cdef int _settle_all(self) except -1:
+        """Complete the futures of every request that has finished: those
+        waiting in the queue here, and wait for those another thread is
+        completing."""
+        self._drain_pyq()
+        while self.py_inhand > 0:
+            _cond_wait(None, 1)
+            self._drain_pyq()
         return 0
 
     def _await_future(self, fut, timeout):
@@ -668,23 +758,31 @@ cdef class Engine:
         completion) wait on the futures' condition."""
         cdef _Request rq = fut._request
         cdef int ms, done = 0
-        import time
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while fut._state != _cf.FINISHED:
-            ms = 50
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                ms = max(1, min(50, int(left * 1000)))
-            if rq is not None and not done and self.eng != NULL and not self.closed:
-                with nogil:
-                    done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+        deadline = None if timeout is None else _monotonic() + timeout
+        cxl_engine_py_busy(self.eng, 1)
+        try:
+            while fut._state != _cf.FINISHED:
+                ms = 50
+                if deadline is not None:
+                    left = deadline - _monotonic()
+                    if left <= 0:
+                        break
+                    ms = max(1, min(50, int(left * 1000)))
+                if rq is not None and not done and not self.closed:
+                    with nogil:
+                        done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+                    self._drain_pyq()
+                else:
+                    # its completion is in another thread's hands
+                    cxl_engine_py_busy(self.eng, -1)
+                    try:
+                        _cond_wait(fut, ms)
+                    finally:
+                        cxl_engine_py_busy(self.eng, 1)
+        finally:
+            cxl_engine_py_busy(self.eng, -1)
+            if not cxl_queue_empty(&self.eng.pyq):
                 self._drain_pyq()
-            else:
-                with _shared_cond:
-                    if fut._state != _cf.FINISHED:
-                        _shared_cond.wait(ms / 1000.0)
         if fut._state != _cf.FINISHED:
             raise _cf.TimeoutError()
 
@@ -705,8 +803,7 @@ cdef class Engine:
             if bridge is not None:
                 (<_LoopBridge> bridge).drain()
             if dp.aio_pending > 0:
-                with _shared_cond:
-                    _shared_cond.wait(0.001)
+                _cond_wait(None, 1)
 
     # -- submission -------------------------------------------------------------------
 
@@ -731,7 +828,31 @@ cdef class Engine:
         ``mode`` 0: wait and return the result (or raise); 1: return an
         EngineFuture; 2: return an asyncio future of the running loop.
         Arguments are checked here, before anything is submitted."""
-        self._check_open()
+        return self._submit(dp, op, lba, nblocks, buffer, mode)
+
+    # The hot entry points, bound per LUN object (cxlflash/lun.py).
+    def aread(self, DataPath dp not None, lba, nblocks):
+        return self._submit(dp, CXL_OP_READ, lba, nblocks, None, MODE_FUTURE)
+
+    def areadinto(self, DataPath dp not None, lba, buffer):
+        return self._submit(dp, CXL_OP_READ, lba, None, buffer, MODE_FUTURE)
+
+    def awrite(self, DataPath dp not None, lba, data):
+        return self._submit(dp, CXL_OP_WRITE, lba, None, data, MODE_FUTURE)
+
+    def aread_loop(self, DataPath dp not None, lba, nblocks):
+        return self._submit(dp, CXL_OP_READ, lba, nblocks, None, MODE_ASYNCIO)
+
+    def areadinto_loop(self, DataPath dp not None, lba, buffer):
+        return self._submit(dp, CXL_OP_READ, lba, None, buffer, MODE_ASYNCIO)
+
+    def awrite_loop(self, DataPath dp not None, lba, data):
+        return self._submit(dp, CXL_OP_WRITE, lba, None, data, MODE_ASYNCIO)
+
+    cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,
+                        object buffer, int mode):
+        if self.closed or not cxl_engine_is_ours(self.eng):
+            self._refuse(dp)
         if op < CXL_OP_READ or op > CXL_OP_DISCARD:
             raise ValueError(f"not a request type: {op}")
         if mode < MODE_SYNC or mode > MODE_ASYNCIO:
@@ -772,31 +893,50 @@ cdef class Engine:
         rq.lba = v
         rq.nblocks = n
         if mode == MODE_FUTURE:
-            fut = future_class()(self, rq)
+            fut = new_future(self, rq)
             rq.future = fut
-            rq.req.route = &self.eng.pyq
+            rq.target = &self.eng.pyq
         elif mode == MODE_ASYNCIO:
             bridge = self._bridge()
             rq.bridge = bridge
-            fut = bridge.loop.create_future()
+            fut = bridge.loop_ref().create_future()
             rq.future = fut
-            rq.req.route = &bridge.q
+            rq.target = &bridge.q
         Py_INCREF(rq)                   # the engine's, until finish()
         dp.aio_pending += 1
-        rq.start()
+        if op == CXL_OP_READ:
+            dp.stats.areads += 1
+        elif op == CXL_OP_WRITE:
+            dp.stats.awrites += 1
         if mode == MODE_SYNC:
-            with nogil:
-                cxl_engine_wait_req(self.eng, &rq.req)
-            finish(rq)
+            rq.start()
+            while True:
+                with nogil:
+                    cxl_engine_wait_req(self.eng, &rq.req)
+                finish(rq)
+                if rq.req.done:             # not re-driven after a recovery
+                    break
+            if op == CXL_OP_FLUSH:
+                # the futures of the requests it covered are done too
+                self._settle_all()
             if rq.future is not None:
                 raise rq.future
             return rq.value
-        with nogil:
-            cxl_engine_try_poll(self.eng)
         if mode == MODE_FUTURE:
+            cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
+        try:
+            if not rq.start():              # in flight: reap what is there
+                with nogil:
+                    cxl_engine_try_poll(self.eng)
+                if mode == MODE_FUTURE:
+                    self._drain_pyq()
+                else:
+                    bridge.drain()
+        finally:
+            if mode == MODE_FUTURE:
+                cxl_engine_py_busy(self.eng, -1)
+        if mode == MODE_FUTURE and not cxl_queue_empty(&self.eng.pyq):
             self._drain_pyq()
-        else:
-            bridge.drain()
         return fut
 
     # -- list I/O ----------------------------------------------------------------------
@@ -922,7 +1062,22 @@ cdef class Engine:
         return n
 
 
-_shared_cond = threading.Condition()
+_shared_lock = threading.RLock()
+_shared_cond = threading.Condition(_shared_lock)
+
+
+cdef int _cond_wait(object fut, int ms) except -1:
+    """Wait on the futures' condition for up to ``ms`` (unless ``fut`` is
+    finished meanwhile)."""
+    global cond_waiters
+    with _shared_cond:
+        if fut is None or fut._state != _FINISHED:
+            cond_waiters += 1
+            try:
+                _shared_cond.wait(ms / 1000.0)
+            finally:
+                cond_waiters -= 1
+    return 0
 import array as _array
 _no_lat = _array.array("q", [0])        # lat_ns when none is given
 
@@ -1011,6 +1166,8 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                 prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
                         NULL if op == 3 else buf + off[i])
                 outstanding += 1
+                if timed:
+                    r.t_submit = cxl_now_ns()
                 cxl_engine_submit(eng, r)
             i += 1
         if outstanding == 0:
@@ -1056,6 +1213,7 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
     cdef cxl_queue q
     cdef int64_t bad = -1
     cdef int cap
+    cdef int nowait = cxl_fd_nowait_class(fd)
     slots = qd if qd < n else n
     if slots == 0:
         return -1
@@ -1079,10 +1237,12 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             r.op = <int> o[i]
             cap = CXL_SEG_INLINE
             cxl_req_reserve(r, cap)
-            add_run(r, &cap, <int> o[i], fd, 2, off[i], nb, buf + boff[i])
+            add_run(r, &cap, <int> o[i], fd, 2, nowait, off[i], nb, buf + boff[i])
             r.segs[0].req = r
             r.segs[0].io.tag = &r.segs[0]
             outstanding += 1
+            if timed:
+                r.t_submit = cxl_now_ns()
             cxl_engine_submit(eng, r)
             i += 1
         cxl_engine_wait_queue(eng, &q)

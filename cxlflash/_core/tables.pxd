@@ -16,6 +16,8 @@
 #    holding an allocator mutex.  The write lock is recursive for its
 #    holder (so a fence() block may call the table's methods).
 # 6. Fork: cxlflash._core.locks re-initialises every lock in the child.
+# 7. Asynchronous requests count themselves into aio_inflight under the
+#    read lock; the write lock, once taken, waits for that count to reach 0.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from cxlflash._core.locks cimport cxl_lock
 

@@ -33,6 +33,15 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
    :meth:`ResourceTable.fence` block may call the table's own methods.
 6. At fork(), ``cxlflash._core.locks`` leaves every lock usable in the
    child.  The driver's per-context mutex is not needed for any of this.
+7. Asynchronous requests (``engine.pyx``) do not hold the read lock while
+   they are in flight: each is checked and translated under it and counts
+   itself into ``aio_inflight`` before the lock is dropped; the engine
+   counts it out when it completes.  The write lock, once taken (first
+   hold), waits for that count to reach zero -- reaping completions on the
+   engine meanwhile, so it never waits for one that only it could reap --
+   which makes every change of rule 1 a fence for asynchronous I/O too.
+   Entering TABLE_IN_ERROR moves ``fail_gen`` first: what was in flight
+   completes with the reset error.  Both are atomics.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
@@ -246,6 +255,8 @@ cdef class ResourceTable:
 
     cdef void write_lock(self) noexcept nogil:
         cxl_wrlock(&self.lock)
+        if self.lock.depth == 1 and cxl_load_i64(&self.aio_inflight) > 0:
+            self._wait_aio()
 
     cdef void unlock(self) noexcept nogil:
         cxl_unlock(&self.lock)

@@ -11,6 +11,7 @@ and the dispatch pipeline (§3).
 Every entry point takes the caller's identity explicitly (``Caller``); the
 driver never asks the OS who is calling.
 """
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -423,22 +424,54 @@ class Driver:
             ctx.table.set_state(TABLE_GONE)
         return len(reaching)
 
-    def remove_lun(self, wwid):
-        """Forget every record of a deleted LUN: its SCSI devices, its llun
-        (and LUN-table slot) and its glun.  EBUSY while it is in use."""
+    def _lun_in_use(self, wwid, glun, sdevs):
+        """Why LUN ``wwid`` cannot be deleted now (a phrase), or None.
+        Called with ``ctx_tbl_lock`` (and the glun's mutex) held: ATTACH
+        adds its LUN access under the same lock, a handle open takes a
+        LUN user under the glun's mutex."""
+        ctxs = [c for c in self.ctx_tbl if c is not None] + self.ctx_err_recovery
+        if glun is not None and (glun.mode != MODE_NONE or glun.users or any(
+                l is not None and l.parent is glun for c in ctxs for l in c.rht_lun)):
+            return f"{glun.users} resource handle(s) are open on it"
+        attached = [c for c in ctxs if any(la.llun.wwid == wwid for la in c.luns)]
+        if attached or any(s.refs for s in sdevs):
+            return f"{len(attached)} context(s) have it attached"
+        return None
+
+    def remove_lun(self, wwid, commit=None):
+        """LUN delete: forget every record of LUN ``wwid`` -- its SCSI
+        devices (so superpipe mode goes with them), its llun (and LUN-table
+        slot) and its glun.
+
+        Deviation (the kernel sent the AFU command whatever the LUN's
+        state): EBUSY while a resource handle is open on it or a context
+        has it attached; a LUN merely in superpipe mode is deleted.  The
+        check, ``commit()`` (the AFU command; it may raise, changing
+        nothing) and the unhooking of the disks are one critical section
+        with the handle opens (glun mutex) and ATTACH (``ctx_tbl_lock``)."""
         with self.global_mutex:
             glun = self.gluns.get(wwid)
             llun = self.lluns.get(wwid)
-            sdevs = [k for k in self.sdevs if k[1] == wwid]
-            if ((glun is not None and (glun.mode != MODE_NONE or glun.users)) or
-                    (llun is not None and llun.port_sel) or
-                    any(self.sdevs[k].refs for k in sdevs)):
-                raise CxlFlashError(errno.EBUSY, f"LUN {wwid.hex()} is in use: release "
-                                    "its handles, detach its contexts and disable "
-                                    "superpipe first")
-            for k in sdevs:
-                self.sdevs.pop(k).present = False
+            keys = [k for k in self.sdevs if k[1] == wwid]
+            sdevs = [self.sdevs[k] for k in keys]
+            with (glun.mutex if glun is not None else contextlib.nullcontext()):
+                with self.ctx_tbl_lock:
+                    why = self._lun_in_use(wwid, glun, sdevs)
+                    if why:
+                        raise CxlFlashError(errno.EBUSY, f"LUN {wwid.hex()} is in use "
+                                            f"({why}): release its handles and detach "
+                                            "its contexts first")
+                    if commit is not None:
+                        commit()
+                    for s in sdevs:
+                        s.llun = None
+                        s.present = False
+                if glun is not None:
+                    glun.backing = None
+            for k in keys:
+                del self.sdevs[k]
             if llun is not None:
+                llun.port_sel = 0
                 self.lun_table.release(llun)
                 del self.lluns[wwid]
             if glun is not None:

@@ -28,7 +28,6 @@ from .. import uapi
 from ..errors import CxlFlashError
 from .afu import NORMAL
 from .core import copy_in, copy_out, check_header
-from .lun import MODE_NONE, sam_lun_id
 
 DUMP_CONTEXTS = 0x01
 DUMP_LUNS = 0x02
@@ -78,15 +77,6 @@ def _naa6_wwid(serial):
     return struct.pack(">QQ", hi, (_WWID_SALT << 32 | serial) & (2**64 - 1))
 
 
-def _provisioned_lun(drv, port, lun_id):
-    """The WWID of the present LUN with SAM LUN id ``lun_id`` on ``port``,
-    or None."""
-    for (p, wwid), s in list(drv.sdevs.items()):
-        if p == port and s.present and sam_lun_id(s.scsi_lun) == lun_id:
-            return wwid
-    return None
-
-
 def lun_provision(drv, adapter, arg, caller):
     """HT_CXLFLASH_LUN_PROVISION (spec §18.3)."""
     afu = drv.afu
@@ -127,20 +117,24 @@ def lun_provision(drv, adapter, arg, caller):
     if sub == uapi.HT_CXLFLASH_LUN_PROVISION_SUBCMD_DELETE_LUN:
         if afu.state != NORMAL:
             return
-        err = afu.send_cmd("afu_cmd", "LUN provision")
-        if err:
-            raise CxlFlashError(err, "the AFU refused the LUN delete command")
-        with drv.global_mutex:
-            wwid = _provisioned_lun(drv, port, arg.lun_id)
-            glun = drv.gluns.get(wwid) if wwid is not None else None
-            if glun is not None and glun.mode == MODE_NONE:
-                # No handle is open on it (the adapter refuses the delete
-                # otherwise); make sure no transfer is still under way
-                # through a table before its backing store is closed.
-                drv.fence_backing(glun)
-            adapter._unprovision(port, arg.lun_id)
-            if wwid is not None:
-                drv.remove_lun(wwid)
+
+        def send():
+            err = afu.send_cmd("afu_cmd", "LUN provision")
+            if err:
+                raise CxlFlashError(err, "the AFU refused the LUN delete command")
+
+        with drv.global_mutex:           # one delete of a LUN at a time
+            wwid = next((w for w, p in list(adapter.provisioned.items())
+                         if p["port"] == port and p["lun_id"] == arg.lun_id), None)
+            if wwid is None:
+                send()
+                raise CxlFlashError(errno.EIO, f"no provisioned LUN with id "
+                                    f"0x{arg.lun_id:016x} on port {port}")
+            # Deviation: EBUSY (before the AFU command) while a handle is
+            # open on the LUN or a context has it attached; superpipe mode
+            # alone does not keep it (Driver.remove_lun).
+            drv.remove_lun(wwid, commit=send)
+            adapter._unprovision(wwid)
         return
     raise CxlFlashError(errno.EINVAL, f"unknown LUN provision subcommand {sub}")
 

@@ -31,11 +31,9 @@ def _lookup_failed():
 def attach(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_ATTACH (spec §5)."""
     llun = sdev.llun
+    if llun is None:             # disabled or deleted since the dispatch looked
+        _still_in_superpipe_mode(sdev, llun)
     glun = llun.parent
-    if disk is not None and not disk.writable:
-        raise CxlFlashError(errno.EPERM, "the disk was opened read-only: ATTACH "
-                            "needs it opened O_RDWR (use the access mode in "
-                            "hdr.flags for a read-only context)")
     if arg.num_interrupts > MAX_NUM_INTERRUPTS:
         raise CxlFlashError(errno.EINVAL, f"num_interrupts {arg.num_interrupts} "
                             f"exceeds {MAX_NUM_INTERRUPTS}")
@@ -45,7 +43,8 @@ def attach(drv, sdev, disk, arg, caller):
         raise CxlFlashError(errno.EINVAL, "access mode 3 in hdr.flags is not "
                             "O_RDONLY, O_WRONLY or O_RDWR")
     if glun.max_lba == 0:
-        if drv.afu.faults.take("read_capacity") or drv.afu.state != NORMAL:
+        if (drv.afu.faults.take("read_capacity") or drv.afu.state != NORMAL
+                or glun.backing is None):       # the LUN was deleted meanwhile
             raise CxlFlashError(errno.ENODEV, "READ CAPACITY(16) failed")
         glun.read_capacity()
     ctx = None
@@ -61,9 +60,11 @@ def attach(drv, sdev, disk, arg, caller):
             raise CxlFlashError(err, "cannot take a reference on the SCSI device")
         drv.afu.faults.check("alloc", "allocating the LUN access record")
         if reuse:
-            ctx.kref += 1
-            ctx.luns.insert(0, LunAccess(llun, sdev))
-            sdev.refs += 1
+            with drv.ctx_tbl_lock:
+                _still_in_superpipe_mode(sdev, llun)
+                ctx.kref += 1
+                ctx.luns.insert(0, LunAccess(llun, sdev))
+                sdev.refs += 1
             arg.adap_fd = (1 << 64) - 1
             arg.hdr.return_flags = 0
         else:
@@ -82,10 +83,21 @@ def attach(drv, sdev, disk, arg, caller):
             ctx.mutex.release()
 
 
+def _still_in_superpipe_mode(sdev, llun):
+    """Under ``ctx_tbl_lock``: the disk is still in superpipe mode on
+    ``llun`` and its LUN was not deleted since the dispatch looked.  LUN
+    delete checks for attached contexts and unhooks the disk under the
+    same lock, so an ATTACH either is seen by it (EBUSY) or fails here."""
+    if sdev.llun is not llun or not sdev.present:
+        raise CxlFlashError(errno.EINVAL, "superpipe mode is not enabled on this "
+                            "disk (DK_CXLFLASH_MANAGE_LUN), or its LUN was deleted")
+
+
 def _new_context(drv, sdev, llun, arg, caller):
     faults = drv.afu.faults
     faults.check("alloc", "allocating the context")
     with drv.ctx_tbl_lock:
+        _still_in_superpipe_mode(sdev, llun)
         pe = drv.free_pe()
         if pe < 0 or faults.take("backend_context"):
             raise CxlFlashError(errno.ENODEV, f"no free context: all "
@@ -196,7 +208,7 @@ def release(drv, sdev, disk, arg, caller):
     if ctx is None:
         raise _lookup_failed()
     try:
-        release_handle(drv, ctx, sdev.llun, arg.rsrc_handle)
+        release_handle(drv, ctx, sdev.llun, vlun.rhndl(arg.rsrc_handle))
     finally:
         ctx.mutex.release()
 
@@ -224,7 +236,8 @@ def verify(drv, sdev, disk, arg, caller):
     if ctx is None:
         raise _lookup_failed()
     try:
-        vlun.get_rhte(drv, ctx, arg.rsrc_handle, llun)
+        rhndl = vlun.rhndl(arg.rsrc_handle)
+        vlun.get_rhte(drv, ctx, rhndl, llun)
         if arg.hint & uapi.DK_CXLFLASH_VERIFY_HINT_SENSE:
             parsed = parse_sense(bytes(arg.sense_data))
             if parsed is None:
@@ -245,7 +258,7 @@ def verify(drv, sdev, disk, arg, caller):
         if glun.mode == MODE_PHYSICAL:
             arg.last_lba = glun.max_lba
         elif glun.mode == MODE_VIRTUAL:
-            arg.last_lba = vlun.last_lba_4k(ctx.table.lxt_count(arg.rsrc_handle), glun.blk_len)
+            arg.last_lba = vlun.last_lba_4k(ctx.table.lxt_count(rhndl), glun.blk_len)
         else:
             arg.last_lba = 0
     finally:
@@ -416,10 +429,24 @@ FAILTERM_ALLOWED = {uapi.DK_CXLFLASH_VLUN_RESIZE, uapi.DK_CXLFLASH_RELEASE,
 def disk_ioctl(drv, sdev, disk, request, arg, caller, reap=True):
     """One DK_* ioctl on ``sdev``: the pipeline of spec §3.  ``arg`` is the
     caller's buffer, updated only on success.  ``reap`` first runs the
-    release path of adapter fds closed since the last call."""
+    release path of adapter fds closed since the last call.
+
+    ``disk`` (its ``flags``) is the node the ioctl is issued on.  We follow
+    the sg node (what the block library opens): unless it was opened
+    O_RDWR, every request is EPERM before it reaches the driver -- the sd
+    node would never refuse."""
     afu = drv.afu
     if reap:
         drv.reap(caller)
+    if disk is not None and (disk.flags & os.O_ACCMODE) != os.O_RDWR:
+        # The sg node's rule (sg_ioctl: "read_only" unless O_RDWR), before
+        # the request reaches the driver: every DK request, whatever the
+        # access mode it asks for in hdr.flags.
+        mode = "O_RDONLY" if (disk.flags & os.O_ACCMODE) == os.O_RDONLY else "O_WRONLY"
+        raise CxlFlashError(errno.EPERM, f"the disk was opened {mode}: DK_CXLFLASH_* "
+                            "ioctls need it opened O_RDWR, as on the sg node "
+                            "(open_disk(..., flags=os.O_RDWR); a read-only context "
+                            "is asked for in hdr.flags)")
     afu.rwsem.acquire_shared()
     try:
         if drv.closed:

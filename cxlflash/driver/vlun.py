@@ -28,6 +28,13 @@ def _lxt_groups(n):
     return -(-n // 8)
 
 
+def rhndl(rsrc_handle):
+    """The resource handle the kernel sees in a u64 ``rsrc_handle``: the
+    low 32 bits (``res_hndl_t`` is u32, sislite.h), so 2**32 + h names
+    handle h in RESIZE, RELEASE and VERIFY (and in the AFU's IOARCB)."""
+    return rsrc_handle & 0xFFFFFFFF
+
+
 def get_rhte(drv, ctx, handle, llun):
     """Validate a resource handle of a context (spec §11.2 step 3)."""
     if (handle >= ctx.table.rht_size or ctx.rht_lun[handle] is not llun
@@ -40,13 +47,17 @@ def grow(drv, ctx, llun, handle, new):
     glun = llun.parent
     alloc = glun.allocator
     cur = ctx.table.lxt_count(handle)
-    if alloc.space() == 0:
+    avail = alloc.space()
+    if avail == 0:
         raise CxlFlashError(errno.ENOSPC, "the LUN has no free chunk")
-    if _lxt_groups(new) != _lxt_groups(cur):
+    # Best effort: fewer chunks than asked when fewer are free.  The LXT
+    # group count is that of the clamped size (spec §11.3 steps 2-3): a
+    # clamped grow within the current group allocates no LXT.
+    delta = min(new - cur, avail)
+    if _lxt_groups(cur + delta) != _lxt_groups(cur):
         drv.afu.faults.check("alloc", "allocating the LXT")
     try:
-        # Best effort: fewer chunks than asked when fewer are free.
-        added = ctx.table.grow_from(handle, alloc, new - cur, llun.lun_index, llun.port_sel)
+        added = ctx.table.grow_from(handle, alloc, delta, llun.lun_index, llun.port_sel)
     except MemoryError:
         raise CxlFlashError(errno.ENOMEM, "cannot allocate the LXT") from None
     if added == 0:
@@ -188,8 +199,9 @@ def vlun_resize(drv, sdev, disk, arg, caller):
     if ctx is None:
         raise CxlFlashError(errno.EINVAL, "no such context for this process on this LUN")
     try:
-        get_rhte(drv, ctx, arg.rsrc_handle, llun)
-        rc, last_lba = resize(drv, ctx, llun, arg.rsrc_handle, arg.req_size)
+        h = rhndl(arg.rsrc_handle)
+        get_rhte(drv, ctx, h, llun)
+        rc, last_lba = resize(drv, ctx, llun, h, arg.req_size)
         arg.hdr.return_flags = 0
         arg.last_lba = last_lba
         if rc:

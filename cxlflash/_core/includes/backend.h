@@ -55,8 +55,17 @@ enum { CXL_ZERO_PUNCH = 0, CXL_ZERO_BLKZEROOUT = 1, CXL_ZERO_WRITE = 2 };
 typedef struct cxl_target {
     int fd;
     int zero_mode;
+    int nowait;             /* CXL_NOWAIT_*: how try_now may run it */
     void *obj;
 } cxl_target;
+
+/* Whether an operation on an fd can complete in the submitter without
+ * blocking on a device (cxl_fd_nowait_class tells). */
+enum {
+    CXL_NOWAIT_NEVER = 0,   /* O_DIRECT, or unknown: always queue it */
+    CXL_NOWAIT_CACHED = 1,  /* page cache: try with RWF_NOWAIT */
+    CXL_NOWAIT_MEMORY = 2   /* tmpfs, memfd, hugetlbfs: memory, never a device */
+};
 
 typedef struct cxl_io {
     int op;
@@ -78,6 +87,10 @@ typedef struct cxl_backend_ops {
     const char *name;
     /* Queue one operation: 0, or -errno (-EAGAIN: no room, reap first). */
     int (*submit)(cxl_backend *be, const cxl_io *io);
+    /* Optional (NULL): run a read or write now if it can complete without
+     * blocking -- bytes done (maybe fewer than asked), or -errno (-EAGAIN:
+     * it would block; submit it). */
+    int64_t (*try_now)(cxl_backend *be, const cxl_io *io);
     /* Start what submit queued. */
     int (*kick)(cxl_backend *be);
     /* Up to ``max`` completions; with ``wait``, block until there is one
@@ -128,6 +141,59 @@ static int64_t cxl_fd_block_size(cxl_backend *be, const cxl_target *t)
         return n;
     }
     return 512;
+}
+
+#include <sys/statfs.h>
+#include <sys/uio.h>
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+#define CXL_TMPFS_MAGIC 0x01021994
+#define CXL_HUGETLBFS_MAGIC 0x958458f6
+
+/* How an fd's reads and writes may run in the submitter (CXL_NOWAIT_*). */
+static int cxl_fd_nowait_class(int fd)
+{
+    struct stat st;
+    struct statfs sf;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_DIRECT) || fstat(fd, &st) != 0)
+        return CXL_NOWAIT_NEVER;
+    if (S_ISREG(st.st_mode) && fstatfs(fd, &sf) == 0 &&
+            ((unsigned long) sf.f_type == CXL_TMPFS_MAGIC ||
+             (unsigned long) sf.f_type == CXL_HUGETLBFS_MAGIC))
+        return CXL_NOWAIT_MEMORY;
+    if (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))
+        return CXL_NOWAIT_CACHED;
+    return CXL_NOWAIT_NEVER;
+}
+
+/* try_now of the fd backends: page-cache hits and memory stores complete
+ * here, at pread's cost; anything that would wait for a device is left
+ * to the queue (-EAGAIN). */
+static int64_t cxl_fd_try_now(cxl_backend *be, const cxl_io *io)
+{
+    struct iovec iov;
+    ssize_t r;
+    (void) be;
+    if (io->op != CXL_OP_READ && io->op != CXL_OP_WRITE)
+        return -EAGAIN;
+    if (io->target.nowait == CXL_NOWAIT_MEMORY) {
+        if (io->op == CXL_OP_WRITE)
+            r = pwrite(io->target.fd, io->buf, io->len, (off_t) io->offset);
+        else
+            r = pread(io->target.fd, io->buf, io->len, (off_t) io->offset);
+    } else if (io->target.nowait == CXL_NOWAIT_CACHED) {
+        iov.iov_base = io->buf;
+        iov.iov_len = io->len;
+        if (io->op == CXL_OP_WRITE)
+            r = pwritev2(io->target.fd, &iov, 1, (off_t) io->offset, RWF_NOWAIT);
+        else
+            r = preadv2(io->target.fd, &iov, 1, (off_t) io->offset, RWF_NOWAIT);
+    } else {
+        return -EAGAIN;
+    }
+    return r < 0 ? -errno : r;
 }
 
 /* One pread/pwrite: bytes or -errno (EINTR included: the engine retries). */
@@ -228,8 +294,11 @@ typedef struct cxl_pool {
     cxl_pool_item *free_list;
     int woken;
     int stopping;
-    int nworkers;
+    int nworkers;           /* started so far */
+    int maxworkers;
+    int idle;               /* waiting for work */
     int efd;
+    pthread_attr_t attr;
     pthread_t *workers;
 } cxl_pool;
 
@@ -241,8 +310,11 @@ static void *cxl_pool_main(void *arg)
     uint64_t one = 1;
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (p->todo_head == NULL && !p->stopping)
+        while (p->todo_head == NULL && !p->stopping) {
+            p->idle++;
             pthread_cond_wait(&p->work_cv, &p->mu);
+            p->idle--;
+        }
         if (p->todo_head == NULL)
             break;
         it = p->todo_head;
@@ -287,6 +359,11 @@ static int cxl_pool_submit(cxl_backend *be, const cxl_io *io)
     else
         p->todo_head = it;
     p->todo_tail = it;
+    /* Workers are started as the queue deepens, up to maxworkers: as
+     * many operations block in the kernel at once as are waiting. */
+    if (p->idle == 0 && p->nworkers < p->maxworkers &&
+            pthread_create(&p->workers[p->nworkers], &p->attr, cxl_pool_main, p) == 0)
+        p->nworkers++;
     pthread_cond_signal(&p->work_cv);
     pthread_mutex_unlock(&p->mu);
     return 0;
@@ -372,6 +449,7 @@ static void cxl_pool_destroy(cxl_backend *be)
     cxl_pool_free_list(p->free_list);
     free(p->workers);
     close(p->efd);
+    pthread_attr_destroy(&p->attr);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->work_cv);
     pthread_cond_destroy(&p->done_cv);
@@ -379,20 +457,22 @@ static void cxl_pool_destroy(cxl_backend *be)
 }
 
 static const cxl_backend_ops cxl_pool_ops = {
-    "threads", cxl_pool_submit, cxl_pool_kick, cxl_pool_reap, cxl_pool_notify_fd,
+    "threads", cxl_pool_submit, cxl_fd_try_now, cxl_pool_kick, cxl_pool_reap, cxl_pool_notify_fd,
     cxl_pool_wake, cxl_fd_size, cxl_fd_block_size, cxl_pool_destroy,
 };
 
-/* A pool of ``nworkers`` threads; NULL with errno set. */
+/* A pool of up to ``nworkers`` threads (started on demand; one now, so
+ * that a machine that cannot start threads says so here); NULL with
+ * errno set. */
 static cxl_backend *cxl_pool_new(int nworkers)
 {
     cxl_pool *p = (cxl_pool *) calloc(1, sizeof *p);
     pthread_condattr_t ca;
-    pthread_attr_t ta;
-    int i, rc;
+    int rc;
     if (p == NULL)
         return NULL;
     p->be.ops = &cxl_pool_ops;
+    p->maxworkers = nworkers;
     p->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     p->workers = (pthread_t *) calloc((size_t) nworkers, sizeof(pthread_t));
     if (p->efd < 0 || p->workers == NULL) {
@@ -410,20 +490,15 @@ static cxl_backend *cxl_pool_new(int nworkers)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&p->done_cv, &ca);
     pthread_condattr_destroy(&ca);
-    pthread_attr_init(&ta);
-    pthread_attr_setstacksize(&ta, 256 * 1024);
-    for (i = 0; i < nworkers; i++) {
-        rc = pthread_create(&p->workers[i], &ta, cxl_pool_main, p);
-        if (rc != 0)
-            break;
-        p->nworkers++;
-    }
-    pthread_attr_destroy(&ta);
-    if (p->nworkers == 0) {
+    pthread_attr_init(&p->attr);
+    pthread_attr_setstacksize(&p->attr, 256 * 1024);
+    rc = pthread_create(&p->workers[0], &p->attr, cxl_pool_main, p);
+    if (rc != 0) {
         cxl_pool_destroy(&p->be);
         errno = rc;
         return NULL;
     }
+    p->nworkers = 1;
     return &p->be;
 }
 
@@ -600,7 +675,7 @@ static void cxl_uring_destroy(cxl_backend *be)
 }
 
 static const cxl_backend_ops cxl_uring_ops = {
-    "io_uring", cxl_uring_submit, cxl_uring_kick, cxl_uring_reap, cxl_uring_notify_fd,
+    "io_uring", cxl_uring_submit, cxl_fd_try_now, cxl_uring_kick, cxl_uring_reap, cxl_uring_notify_fd,
     cxl_uring_wake, cxl_fd_size, cxl_fd_block_size, cxl_uring_destroy,
 };
 
@@ -629,7 +704,7 @@ static cxl_backend *cxl_uring_new(unsigned entries)
         return NULL;
     }
     u->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (u->efd < 0 || (r = io_uring_register_eventfd(&u->ring, u->efd)) < 0) {
+    if (u->efd < 0 || ((r = io_uring_register_eventfd(&u->ring, u->efd)) < 0)) {
         r = u->efd < 0 ? errno : -r;
         if (u->efd >= 0)
             close(u->efd);

@@ -23,9 +23,11 @@
 #ifndef CXLFLASH_ENGINE_H
 #define CXLFLASH_ENGINE_H
 
+#include <stddef.h>
 #include "backend.h"
 
 #define CXL_SEG_INLINE 4
+#define CXL_ROUTE_DONE ((cxl_queue *) 1)   /* finished, no route was set */
 #define CXL_MAX_SEG_BYTES (1ULL << 30)  /* one backend operation at most */
 #define CXL_REAP_BATCH 64
 #define CXL_WAIT_MS 100                 /* a blocked reap looks up this often */
@@ -110,6 +112,7 @@ typedef struct cxl_engine {
     int has_completer;
     pthread_t completer;
     void (*drain_py)(void *ctx);    /* takes the GIL, completes pyq */
+    int py_busy;                    /* Python threads that will drain pyq */
     void *py_ctx;
     unsigned long fork_gen;         /* cxl_fork_gen when made */
     int pid;
@@ -163,7 +166,7 @@ static void cxl_queue_post(cxl_queue *q, cxl_req *r)
     if (q->tail)
         q->tail->qnext = r;
     else
-        q->head = r;
+        __atomic_store_n(&q->head, r, __ATOMIC_SEQ_CST);
     q->tail = r;
     pthread_mutex_unlock(&q->mu);
     if (q->efd >= 0 && write(q->efd, &one, sizeof one) < 0) {
@@ -184,7 +187,7 @@ static cxl_req *cxl_queue_take(cxl_queue *q)
 
 static inline int cxl_queue_empty(cxl_queue *q)
 {
-    return __atomic_load_n(&q->head, __ATOMIC_ACQUIRE) == NULL;
+    return __atomic_load_n(&q->head, __ATOMIC_SEQ_CST) == NULL;
 }
 
 /* -- segments ----------------------------------------------------------------- */
@@ -211,12 +214,15 @@ static int cxl_req_reserve(cxl_req *r, int n)
     return 0;
 }
 
-/* Reset a request for (re)use. */
+/* Reset a request for (re)use (its inline segments are filled as they
+ * are used: only the header is cleared). */
 static void cxl_req_clear(cxl_req *r)
 {
     if (r->segs != NULL && r->segs != r->seg_inline)
         free(r->segs);
-    memset(r, 0, sizeof *r);
+    memset(r, 0, offsetof(cxl_req, seg_inline));
+    memset((char *) r + offsetof(cxl_req, seg_inline) + sizeof r->seg_inline, 0,
+           sizeof *r - offsetof(cxl_req, seg_inline) - sizeof r->seg_inline);
 }
 
 /* -- the engine --------------------------------------------------------------- */
@@ -311,31 +317,40 @@ static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
                            (r->epoch && __atomic_load_n(r->epoch, __ATOMIC_ACQUIRE)
                                         != r->epoch_seen)))
         r->status = CXL_XFER_IN_ERROR;      /* the AFU was reset under it */
-    pthread_mutex_lock(&e->mu);
     if (r->next) {                          /* it was in flight */
+        pthread_mutex_lock(&e->mu);
         r->prev->next = r->next;
         r->next->prev = r->prev;
         r->next = r->prev = NULL;
         e->req_inflight--;
+        /* A deferred request starts once it is the oldest in flight. */
+        while ((d = e->deferred_head) != NULL && e->head.next == d) {
+            e->deferred_head = d->qnext;
+            if (e->deferred_head == NULL)
+                e->deferred_tail = NULL;
+            cxl_engine_submit_segs_locked(e, d);
+        }
+        pthread_mutex_unlock(&e->mu);
     }
-    /* A deferred request starts once it is the oldest in flight. */
-    while ((d = e->deferred_head) != NULL && e->head.next == d) {
-        e->deferred_head = d->qnext;
-        if (e->deferred_head == NULL)
-            e->deferred_tail = NULL;
-        cxl_engine_submit_segs_locked(e, d);
-    }
-    pthread_mutex_unlock(&e->mu);
     if (r->table_inflight)
         __atomic_sub_fetch(r->table_inflight, 1, __ATOMIC_ACQ_REL);
-    /* Whoever takes it from here may free it: touch nothing after. */
-    if (r->route) {
-        q = r->route;
-        __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    /* Whoever takes it from here may free it: touch nothing after.  A
+     * request whose route is not set yet is its submitter's to complete
+     * (cxl_req_handoff). */
+    __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    q = __atomic_exchange_n(&r->route, CXL_ROUTE_DONE, __ATOMIC_ACQ_REL);
+    if (q != NULL && q != CXL_ROUTE_DONE)
         cxl_queue_post(q, r);
-    } else {
-        __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
-    }
+}
+
+/* After submitting a request without a route: give it ``q`` for when it
+ * finishes.  0 if it will be posted there; 1 if it already finished (the
+ * submitter completes it, no queue involved). */
+static int cxl_req_handoff(cxl_req *r, cxl_queue *q)
+{
+    cxl_queue *expected = NULL;
+    return !__atomic_compare_exchange_n(&r->route, &expected, q, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
 /* Give a segment (what is left of it) to the backend.  On refusal the
@@ -365,6 +380,8 @@ static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r)
 {
     int i, rc, failed = 0;
     for (i = 0; i < r->nseg; i++) {
+        if (r->segs[i].done == r->segs[i].io.len && r->segs[i].io.len)
+            continue;                       /* completed at submission */
         rc = cxl_engine_issue(e, &r->segs[i]);
         if (rc) {
             if (r->status == 0)
@@ -521,10 +538,28 @@ static void cxl_engine_wait_idle(void *engine, int64_t *count)
  * reaping, while the engine is full: back-pressure, nothing dropped. */
 static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
 {
-    long need = r->nseg;
+    long need;
+    int i;
+    int64_t res;
+    cxl_seg *s;
     r->seg_left = r->nseg;
-    r->t_submit = cxl_now_ns();
-    if (r->nseg == 0) {
+    /* What can complete now without blocking (page cache, memory) does,
+     * here -- unless faults are queued, which only completions get. */
+    if (e->be->ops->try_now && r->status == 0 &&
+            __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE) == 0) {
+        for (i = 0; i < r->nseg; i++) {
+            s = &r->segs[i];
+            res = e->be->ops->try_now(e->be, &s->io);
+            if (res > 0 && (uint64_t) res >= s->io.len) {
+                s->done = s->io.len;
+                r->seg_left--;
+            } else if (res > 0) {
+                s->done = (uint64_t) res;  /* the rest goes to the queue */
+            }
+        }
+    }
+    need = r->seg_left;
+    if (r->seg_left == 0) {
         cxl_engine_finish(e, r);
         return;
     }
@@ -581,7 +616,11 @@ static void *cxl_engine_completer(void *arg)
             if (read(p[0].fd, &v, sizeof v) < 0) { /* drained meanwhile */ }
         }
         cxl_engine_poll(e, 0);
-        if (!cxl_queue_empty(&e->pyq) && e->drain_py)
+        /* A Python thread about to drain pyq does it (taking the GIL from
+         * it would cost it more): it re-checks pyq after it stops being
+         * busy, so nothing posted meanwhile is left behind. */
+        if (!cxl_queue_empty(&e->pyq) && e->drain_py &&
+                __atomic_load_n(&e->py_busy, __ATOMIC_SEQ_CST) == 0)
             e->drain_py(e->py_ctx);
     }
     return NULL;
@@ -623,6 +662,12 @@ static void cxl_engine_stop(cxl_engine *e)
         pthread_join(e->completer, NULL);
         e->has_completer = 0;
     }
+}
+
+/* A Python thread will drain pyq (1) / no longer (-1). */
+static inline void cxl_engine_py_busy(cxl_engine *e, int delta)
+{
+    __atomic_add_fetch(&e->py_busy, delta, __ATOMIC_SEQ_CST);
 }
 
 static void cxl_engine_free(cxl_engine *e)
