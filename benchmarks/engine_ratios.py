@@ -219,6 +219,8 @@ class DirectSides:
         self.blocks = self.lun.size
         self.lbas = rng.integers(0, self.blocks, 1 << 20, dtype=np.uint64)
         self.lba_list = self.lbas.tolist()
+        self.offs = self.lbas * np.uint64(BS)
+        self.fd = self.lun.adapter.driver.gluns[self.lun.disk.wwid].backing.fd
         self.pos = 0
         self.listio = ListIO(self.lun)
         self.ops = np.full(LIST_BATCH, cxlflash.LIST_READ, dtype=np.uint8)
@@ -272,6 +274,21 @@ class DirectSides:
         while True:
             p = self._next(LIST_BATCH)
             listio(self.ops, self.lbas[p:p + LIST_BATCH], self.nb, self.buf)
+            n += LIST_BATCH
+            t = time.perf_counter()
+            if t >= end:
+                return n / (t - t0)
+
+    def raw_listio_side(self):
+        """``Engine.raw_listio`` on the bare fd (no translation), 4096 per call."""
+        eng = self.lun.adapter.engine
+        fd = self.fd
+        end = time.perf_counter() + self.duration
+        n = 0
+        t0 = time.perf_counter()
+        while True:
+            p = self._next(LIST_BATCH)
+            eng.raw_listio(fd, self.ops, self.offs[p:p + LIST_BATCH], BS, self.buf, qd=QD)
             n += LIST_BATCH
             t = time.perf_counter()
             if t >= end:
@@ -604,6 +621,7 @@ def main(argv=None):
         if args.peers:
             sides += [("fio_qd1", lambda: run_fio(args.file, 1, duration)),
                       ("listio64", d.listio64_side),
+                     ("raw_listio", d.raw_listio_side),
                       ("aread", d.aread_side)]
             if shutil.which("qemu-img"):
                 count = [0]
@@ -643,6 +661,9 @@ def main(argv=None):
                                  errors, None, True, "fio io_uring", "IOPS", info=True))
             rows.append(make_row("  peer: qemu-img bench -d 64 (strided) vs fio", "fio",
                                  "qemu", data, errors, None, True, "qemu io_uring", "IOPS",
+                                 info=True))
+            rows.append(make_row("  info: engine.raw_listio (bare fd) vs fio", "fio",
+                                 "raw_listio", data, errors, None, True, io_engine, "IOPS",
                                  info=True))
             rows.append(make_row("  info: listio 64 per call vs fio", "fio", "listio64",
                                  data, errors, None, True, lk, "IOPS", info=True))
