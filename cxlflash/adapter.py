@@ -6,14 +6,20 @@ device (the ``HT_*`` ioctls), ``Disk`` what it exposed as ``/dev/sdX`` (the
 what a context does through its MMIO window -- is ``Adapter.read``,
 ``readinto``, ``write`` and ``translate``.
 """
+from __future__ import annotations
+
 import errno
 import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+else:
+    from ._core._lazy import numpy as np        # imported on first use
 
 from . import uapi, _args
 from ._core.datapath import AfuPaths, DataPath
@@ -31,10 +37,11 @@ from .server.service import Connection
 __all__ = ["Adapter", "Disk", "ioctl"]
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
     from ._core.engine import Engine
     from .context import Context
 
-_live_adapters = weakref.WeakSet()
+_live_adapters: "weakref.WeakSet[Adapter]" = weakref.WeakSet()
 
 
 # fork(): every adapter this process owns gets a socket pair; the parent
@@ -123,10 +130,10 @@ class Disk:
     def close(self) -> None:
         self.closed = True
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self):
@@ -160,28 +167,28 @@ class Adapter:
                               lun_mode=lun_mode, sq_mode=sq_mode,
                               lun_provision=lun_provision, afu_debug=afu_debug)
         self._owner_pid = os.getpid()
-        self._backings = {}          # wwid -> Backing we opened (and close)
-        self.provisioned = {}        # wwid -> {"port", "size", "lun_id", "path"}
+        self._backings: Dict[bytes, Backing] = {}          # wwid -> Backing we opened (and close)
+        self.provisioned: Dict[bytes, Dict[str, Any]] = {}        # wwid -> {"port", "size", "lun_id", "path"}
         self._serial = 0
         self._lock = threading.Lock()
         self._engine_kind = engine
         self.engine_depth = engine_depth
         self.io_threads = io_threads
-        self._engine = None
+        self._engine: Optional[Engine] = None
         self._fork_pair = None
         self._remote = None          # in a forked child: the parent's driver
         # The AFU data path's DataPaths, _paths[context_id][handle] =
         # (dp.readinto, dp.write, dp): built on
         # first use, dropped whenever an ioctl, a reset, a fork or close
         # may have changed what a context id or handle means (see _io_path).
-        self._paths = {}
+        self._paths: Dict[int, Dict[int, Any]] = {}
         self._paths_gen = 0
         # readinto/write dispatched in the core (no Python frame per call);
         # the methods of the class below say what they do.
         self._afu = AfuPaths(self._paths, self._io_path, self._afu_io_error)
-        self.readinto = self._afu.readinto
-        self.write = self._afu.write
-        self._xlate_pool = []        # translate() outputs to recycle
+        self.readinto = self._afu.readinto      # type: ignore[method-assign]
+        self.write = self._afu.write            # type: ignore[method-assign]
+        self._xlate_pool: List[Any] = []        # translate() outputs to recycle
         _live_adapters.add(self)
 
     # -- identity and fork ------------------------------------------------------
@@ -565,7 +572,7 @@ class Adapter:
         return self._io_error(e, lba, dp.handle, nbytes, dp.block_size)
 
     def translate(self, context_id: int, rsrc_handle: int, lbas: Any, *,
-                  out: Optional[np.ndarray] = None) -> np.ndarray:
+                  out: Optional[npt.NDArray[np.uint64]] = None) -> npt.NDArray[np.uint64]:
         """The physical LBAs the AFU would address for ``lbas`` (uint64).
 
         ``out``: a uint64 array of ``len(lbas)`` to fill (returned).
@@ -695,10 +702,10 @@ class Adapter:
             with c.table.fence():
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self):

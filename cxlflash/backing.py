@@ -6,13 +6,21 @@ Every backing is a file descriptor the data path reads and writes with
 processes and have holes punched in it), files and block devices are opened
 as they are, optionally with ``O_DIRECT``.
 """
+from __future__ import annotations
+
 import errno
 import fcntl
 import os
 import stat
 import struct
 
+from typing import TYPE_CHECKING
+
 from .errors import CxlFlashError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["Backing", "MemoryBacking", "FileBacking", "BlockDeviceBacking",
            "open_backing", "aligned_buffer"]
@@ -134,7 +142,7 @@ class BlockDeviceBacking(Backing):
         return struct.unpack("Q", buf)[0]
 
 
-def aligned_buffer(nbytes, alignment=4096):
+def aligned_buffer(nbytes: int, alignment: int = 4096) -> npt.NDArray[np.uint8]:
     """A zeroed numpy uint8 array of ``nbytes`` whose address is a multiple
     of ``alignment`` (what O_DIRECT needs)."""
     import numpy as np

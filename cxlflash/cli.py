@@ -54,11 +54,20 @@ def build_parser():
     p = _Parser(prog="cxlflash", description="The CXL Flash superpipe engine in user space.")
     p.add_argument("--version", action="version", version=f"cxlflash {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    from .bench import COLUMNS, MAX_THREADS
     b = sub.add_parser(
-        "bench", help="run benchmarks",
+        "bench", help="run benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark the translation engine and the data path, each row "
                     "with its raw baseline measured in the same run.  With no "
-                    "arguments: a ~20 s standard matrix on an in-memory adapter.")
+                    "arguments: a ~20 s standard matrix on an in-memory adapter.",
+        epilog=COLUMNS + """
+
+Targets: 'memory' (default); a path that does not exist is created (a sparse
+file of --size bytes, left in place). An existing file or block device may
+hold data: a run that writes (every workload but 'io' with --read-pct 100)
+refuses it, saying what it would overwrite, unless --force is given; a
+read-only 'io' run opens it read-only and reads what it holds, without a
+prefill.""")
     b.add_argument("workload", nargs="?", default=None,
                    choices=["matrix", "io", "arkdb", "resize-storm"],
                    help="matrix (default), io (one block I/O workload from the "
@@ -66,7 +75,8 @@ def build_parser():
                         "resize-storm (vLUNs growing and shrinking under I/O)")
     b.add_argument("-t", "--target", default="memory",
                    help="'memory' (default), a file path (created with --size if "
-                        "missing) or a block device")
+                        "missing) or a block device; an existing one is only "
+                        "written with --force")
     b.add_argument("--size", type=_size, default=None,
                    help="LUN size for memory or a new file (default 1G)")
     b.add_argument("--lun", choices=["virtual", "direct"], default="virtual",
@@ -78,8 +88,16 @@ def build_parser():
                    help="percentage of reads, 0..100 (io default 100)")
     b.add_argument("-n", "--blocks", type=_positive(int), default=None,
                    help="blocks per request (io default 1)")
-    b.add_argument("-q", "--qd", "--threads", dest="threads", type=_positive(int),
-                   default=1, help="queue depth: worker threads (default 1)")
+    b.add_argument("--threads", dest="threads", type=_positive(int), default=1,
+                   help=f"worker threads, 1..{MAX_THREADS} (default 1), each with "
+                        "its own requests")
+    b.add_argument("-q", "--qd", dest="qd", type=_positive(int), default=None,
+                   help="queue depth: requests each thread keeps in flight through "
+                        "the adapter's engine, lun.listio(qd=N), with the raw "
+                        "baseline at the same depth (1..65536, default 1); 'io' "
+                        "also runs fio at that depth where fio is on PATH")
+    b.add_argument("--no-fio", dest="fio", action="store_false",
+                   help="io: do not run fio for comparison")
     b.add_argument("-p", "--pattern", choices=["random", "seq"], default=None,
                    help="random (default) or sequential LBAs")
     b.add_argument("-d", "--duration", type=_positive(float), default=None,
@@ -92,6 +110,9 @@ def build_parser():
                    help="skip the raw baseline")
     b.add_argument("--direct-io", action="store_true",
                    help="open a file or block device target with O_DIRECT")
+    b.add_argument("--force", "--allow-overwrite", dest="force", action="store_true",
+                   help="let a run that writes overwrite an existing file or block "
+                        "device (what it overwrites is printed first)")
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--json", metavar="FILE", help="write every figure, the machine, "
                    "the versions and the options as JSON")
@@ -107,15 +128,25 @@ def _bench(args):
     workload = args.workload
     io_opts = any(v is not None for v in (args.read_pct, args.blocks, args.pattern))
     if workload is None:
-        workload = "io" if io_opts or args.threads > 1 else "matrix"
+        workload = "io" if io_opts or args.threads > 1 or args.qd else "matrix"
+    if args.qd is not None and args.qd > 65536:
+        raise bench.BenchError(f"--qd {args.qd} is more than 65536, the engine's "
+                               "deepest queue")
+    if args.threads > bench.MAX_THREADS:
+        raise bench.BenchError(
+            f"--threads {args.threads} is more than {bench.MAX_THREADS}: each thread is a "
+            f"worker of its own, and on this machine's {os.cpu_count()} cores more only "
+            "wait for each other")
     if workload == "matrix" and io_opts:
         raise bench.BenchError("--read-pct, --blocks and --pattern choose an io "
                                "workload: run 'cxlflash bench io ...'")
     o = bench.Options(workload=workload, target=args.target, lun=args.lun,
                       threads=args.threads, compare_raw=args.compare_raw,
-                      seed=args.seed, quiet=args.quiet, direct_io=args.direct_io)
+                      seed=args.seed, quiet=args.quiet, direct_io=args.direct_io,
+                      force=args.force, qd=args.qd or 1, fio=args.fio)
     if args.size is not None:
         o.size = args.size
+        o.size_given = True
     elif workload == "arkdb":
         o.size = 8 << 30        # 20 vLUNs of at least one 256 MiB chunk each (sparse)
     if args.vlun_size is not None:
@@ -150,13 +181,32 @@ def _bench(args):
         if not os.access(parent, os.W_OK):
             raise bench.BenchError(f"cannot write {path}: permission denied")
     progress = bench.Progress(enabled=False if args.quiet else None)
+    from ._core.engine import engine_info
     print(f"cxlflash {__version__} bench: {workload} on {o.target}"
           f"{'' if o.target != 'memory' else ' (in-memory adapter)'}, "
-          f"{o.duration:g} s per row", flush=True)
-    rows = bench.run(o, progress)
+          f"{o.duration:g} s per row, engine {engine_info()['engine']}, qd {o.qd}",
+          flush=True)
+    log = bench.RunLog(out=sys.stdout)
+    try:
+        rows = bench.run(o, progress, log)
+    except BaseException as e:
+        # Ctrl-C, or an error in a later row: the rows already measured are
+        # shown (and written) before the error is reported.
+        if log.rows:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+            print(f"the run stopped ({why}); the {len(log.rows)} rows measured before:")
+            print(bench.format_table(log.rows))
+            if args.json:
+                bench.to_json(log.rows, o, args.json, log, incomplete=why)
+                print(f"figures written to {args.json}")
+        raise
     print(bench.format_table(rows))
+    fio = bench.format_fio(rows)
+    if fio:
+        print(fio)
+    print(bench.format_phases(log, o))
     if args.json:
-        bench.to_json(rows, o, args.json)
+        bench.to_json(rows, o, args.json, log)
         print(f"figures written to {args.json}")
     if args.plot:
         bench.plot(rows, args.plot)

@@ -10,12 +10,14 @@ file object is: its adapter fd is closed (with a ``ResourceWarning``), and
 the driver's release of that fd detaches it and frees its PE, handles and
 chunks.
 """
+from __future__ import annotations
+
 import errno
 import os
 import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional, Union
 
 from . import uapi, _args
 from .errors import CxlFlashError, ForkedAdapterError
@@ -23,6 +25,7 @@ from .errors import CxlFlashError, ForkedAdapterError
 __all__ = ["Context"]
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
     from .adapter import Disk
     from .lun import DirectLun, VirtualLun
 
@@ -67,8 +70,8 @@ class Context:
         self.max_xfer = arg.max_xfer
         self.last_lba = arg.last_lba
         self.return_flags = arg.hdr.return_flags
-        self.disks = [disk]
-        self.luns = []                 # open VirtualLun / DirectLun objects
+        self.disks: List[Disk] = [disk]
+        self.luns: List[Union[VirtualLun, DirectLun]] = []                 # open VirtualLun / DirectLun objects
         self.closed = False
         self.resets = 0
         self._lock = threading.RLock()
@@ -273,10 +276,10 @@ class Context:
 
     detach = close
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self):

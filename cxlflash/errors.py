@@ -21,7 +21,7 @@ class ForkedAdapterError(CxlFlashError):
     and a grandchild has no connection at all.
     """
 
-    def __init__(self, owner_pid, remote=False):
+    def __init__(self, owner_pid: int, remote: bool = False) -> None:
         if remote:
             why = (f"only the process that created this adapter (pid {owner_pid}) "
                    "can do that; a forked child reaches its driver for ioctls and "

@@ -19,13 +19,20 @@ Errors: ``CxlFlashError`` from the driver (ENOSPC, ENOMEM, ...),
 :class:`cxlflash.AdapterResetError` after an AFU reset that could not be
 recovered, ``ValueError`` after :meth:`close`.
 """
+from __future__ import annotations
+
 import errno
 import os
 import threading
 from functools import partial
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-import numpy as np
+if TYPE_CHECKING:
+    from typing_extensions import Self
+    import numpy as np
+    import numpy.typing as npt
+else:
+    from ._core._lazy import numpy as np            # imported on first use
 
 from . import uapi, _args
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
@@ -56,8 +63,9 @@ class ListResult:
     (all succeeded), :meth:`errors` (index -> exception), :meth:`check`
     (raise the first error)."""
 
-    def __init__(self, lun, status, codes, lbas, nblocks):
-        self.status = status
+    def __init__(self, lun: Any, status: np.ndarray, codes: np.ndarray, lbas: Any,
+                 nblocks: Any) -> None:
+        self.status: npt.NDArray[np.int64] = status
         self._codes = codes
         self._lun = lun
         self._lbas = lbas           # as the caller gave them: read on errors only
@@ -67,7 +75,7 @@ class ListResult:
     def ok(self) -> bool:
         return bool((self.status >= 0).all())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.status)
 
     def error(self, i: int) -> Optional[OSError]:
@@ -92,13 +100,14 @@ class ListResult:
         return int(np.ravel(self._lbas)[i])
 
     def errors(self) -> Dict[int, OSError]:
-        return {i: self.error(i) for i in np.flatnonzero(self.status < 0).tolist()}
+        return {i: self.error(i) for i in  # type: ignore[misc]
+                np.flatnonzero(self.status < 0).tolist()}
 
     def check(self) -> "ListResult":
         """Raise the first request's error, if any; return self."""
         bad = np.flatnonzero(self.status < 0)
         if len(bad):
-            raise self.error(int(bad[0]))
+            raise self.error(int(bad[0]))  # type: ignore[misc]
         return self
 
 
@@ -111,7 +120,7 @@ class _Lun:
         self.context = context
         self.disk = disk
         self.adapter = context.adapter
-        self.handle = None
+        self.handle: Optional[int] = None
         self.closed = False
         self._dp = None
         self._size = 0
@@ -163,9 +172,9 @@ class _Lun:
         # CxlFlashError(EINVAL) outside 0..2**64-1 or beyond the logical
         # size): the object's readinto and write are the core's own
         # methods, with no Python frame on the hot path.
-        self.readinto = dp.readinto
-        self.write = dp.write
-        self.block_size = glun.blk_len
+        self.readinto = dp.readinto      # type: ignore[method-assign]
+        self.write = dp.write            # type: ignore[method-assign]
+        self.block_size: int = glun.blk_len
         for name in _ASYNC_BOUND:
             self.__dict__.pop(name, None)
 
@@ -189,7 +198,7 @@ class _Lun:
         """The logical size in blocks."""
         return self._size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._size
 
     # The hot paths are the core's own methods, bound per object in
@@ -228,7 +237,7 @@ class _Lun:
         except OSError as e:
             raise self.adapter._io_error(e) from None
 
-    def translate(self, lbas: Any) -> np.ndarray:
+    def translate(self, lbas: Any) -> npt.NDArray[np.uint64]:
         """The physical LBAs (uint64 array) the AFU addresses for ``lbas``."""
         lbas = _args.lba_array(lbas, "lbas")
         self._check_open()
@@ -239,7 +248,7 @@ class _Lun:
         return self._dp.translate(lbas)
 
     def listio(self, ops: Any, lbas: Any, nblocks: Any, buffer: Any,
-               offsets: Any = None, lat_ns: Optional[np.ndarray] = None,
+               offsets: Any = None, lat_ns: Optional[npt.NDArray[np.int64]] = None,
                qd: int = 64) -> ListResult:
         """Issue a batch of requests, up to ``qd`` in flight at a time,
         without the GIL (the block library's ``cblk_listio``).
@@ -444,10 +453,10 @@ class _Lun:
 
     release = close
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -298,7 +298,7 @@ class _Struct(ctypes.Structure):
 
     def __repr__(self) -> str:
         parts = []
-        for name, ctype in self._fields_:  # type: ignore[attr-defined]
+        for name, ctype in self._fields_:  # type: ignore[attr-defined, misc]
             value = getattr(self, name)
             if isinstance(value, ctypes.Array):
                 value = list(value)

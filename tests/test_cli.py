@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -33,9 +34,9 @@ BS = 4096
 MIB = 1 << 20
 
 # A memory LUN of two chunks (sparse) with a small vLUN: prefill is 8 MiB.
-TINY = ["-d", "0.2", "--warmup", "0.05", "--size", "512M", "--vlun-size", "8M"]
-TABLE_HEAD = ("workload", "ops/s", "MB/s", "p50 us", "p99 us", "p99.9 us",
-              "baseline ops/s", "ratio", "errors", "verified")
+TINY = ["-d", "0.2", "--warmup", "0.05", "--size", "512M", "--vlun-size", "8M", "--no-fio"]
+TABLE_HEAD = ("workload", "rate \u00b1spread", "MB/s", "lat per", "p50 us", "p99 us",
+              "p99.9 us", "baseline \u00b1spread", "ratio (p10-p90)", "errors", "verified")
 MATRIX_ROWS = ["translate", "chunk alloc+free", "VLUN_CLONE 1M chunks", "4k randread",
                "4k randwrite", "4k 70/30 mix", "1m seqread"]
 
@@ -106,8 +107,8 @@ def table_rows(out):
     assert set(lines[i + 1]) <= {"-", " "}
     rows = []
     for line in lines[i + 2:]:
-        if not line.strip() or line.startswith("figures written") or \
-                line.startswith("plot written"):
+        if not line.strip() or line.startswith(("figures written", "plot written",
+                                                 "time: ", "fio, ")):
             break
         rows.append(line)
     return rows
@@ -280,10 +281,14 @@ def test_io_file_target(capsys, tmp_path, kind):
     else:
         with open(img, "wb") as f:
             f.truncate(8 * MIB)
-        args = ["--lun", "direct"]
+        args = ["--lun", "direct", "--force"]
     out, doc = bench_json(capsys, tmp_path, "io", "-t", str(img), "-r", "50",
                           "-d", "0.2", "--warmup", "0.05", *args)
     assert f"bench: io on {img}," in out
+    if kind.startswith("new"):
+        assert f"{img} does not exist: creating it, a sparse file of 512 MiB" in out
+    else:
+        assert f"overwriting {img} (file, 8 MiB) as --force allows: bytes 0..8388607" in out
     rows = check_doc(doc, out, target=str(img), read_pct=50)
     (r,) = rows.values()
     check_row(r, writes=True)
@@ -296,7 +301,7 @@ def test_no_compare_raw(capsys, tmp_path):
     (r,) = rows.values()
     check_row(r, baseline=False, writes=True)
     assert r["baseline_name"] == ""
-    assert "raw pread/pwrite" not in out
+    assert "raw store" not in out
 
 
 def test_io_subprocess_quiet(tmp_path):
@@ -522,7 +527,9 @@ def test_progress_during_a_run(capsys, monkeypatch, quiet):
         assert text == ""
         return
     assert "\r4k random read" in text
-    assert re.search(r"\d+\.\d/0\.6s +[\d.]+[kMG]? ?ops/s", text), text
+    assert re.search(r"\d+\.\d/0\.6s +[\d.]+[kMG]? ?req/s", text), text
+    # The prefill's progress is in bytes, not seconds.
+    assert re.search(r"\rprefill +\[#+ *\] [\d.]+ MiB/8 MiB +[\d.]+[kMG]? ?B/s", text), text
     assert text.endswith("\r")                       # the line is cleared
     assert table_rows(capsys.readouterr().out)
 
@@ -650,7 +657,7 @@ def _fake_row(failed=False, errors=0):
     (False, 0, ""),
 ])
 def test_cli_exit_status_from_rows(capsys, monkeypatch, failed, errors, message):
-    monkeypatch.setattr(bench, "run", lambda opts, progress=None: _fake_row(failed, errors))
+    monkeypatch.setattr(bench, "run", lambda opts, progress=None, log=None: _fake_row(failed, errors))
     rc, out, err = run_main(capsys, "bench", "io", "-d", "0.2")
     assert rc == (1 if message else 0)
     assert err == message
@@ -677,7 +684,8 @@ def loop_device(tmp_path):
 @pytest.mark.parametrize("extra", [[], ["--direct-io", "--blocks", "8"]])
 def test_block_device_target(capsys, tmp_path, loop_device, extra):
     out, doc = bench_json(capsys, tmp_path, "io", "--target", loop_device, "--read-pct", "50",
-                          "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M", *extra)
+                          "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M", "--force",
+                          *extra)
     (row,) = doc["rows"]
     check_row(row, writes=True)
     assert doc["options"]["target"] == loop_device
@@ -703,3 +711,398 @@ def test_direct_lun_io_covers_only_its_region():
         assert run.verify() == (len(written), 0)
     finally:
         target.close()
+
+
+# -- a benchmark never destroys data (issue 13) ------------------------------------------
+
+
+def _data_file(path, size, data_bytes=16 * MIB):
+    """A sparse file of ``size`` bytes whose first ``data_bytes`` hold random
+    data, read-only (0444); returns that data."""
+    data = np.random.default_rng(5).integers(0, 256, data_bytes, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(size)
+    os.chmod(path, 0o444)
+    return data
+
+
+def _digest(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("lun", ["direct", "virtual"])
+def test_read_only_run_reads_an_existing_file_as_it_is(capsys, tmp_path, lun):
+    """A read workload on a file holding data (read-only, as root too):
+    no prefill, nothing written, the run says what it does."""
+    img = tmp_path / "data.img"
+    _data_file(img, 512 * MIB)
+    before = _digest(img)
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--lun", lun,
+                          "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M")
+    assert f"{img} exists (file, 512 MiB): reading what it holds, opened read-only, " \
+           "without a prefill" in out
+    (row,) = doc["rows"]
+    check_row(row, writes=False)
+    assert "prefill" not in doc["phases_s"]
+    assert _digest(img) == before
+    assert oct(img.stat().st_mode & 0o777) == "0o444"
+
+
+WRITERS = {
+    "io write, direct": (["io", "--lun", "direct", "-r", "0", "--vlun-size", "8M"],
+                         "bytes 0..8388607 (the first 8 MiB: the direct LUN's first "
+                         "--vlun-size bytes"),
+    "io mix, virtual": (["io", "-r", "70", "--vlun-size", "8M"],
+                        "bytes 0..8388607 (the first 8 MiB: the virtual LUN's blocks"),
+    "matrix": (["matrix", "--vlun-size", "8M"], "bytes 0..8388607"),
+    "arkdb": (["arkdb"], "any of its 512 MiB (bytes 0..536870911)"),
+    "resize-storm": (["resize-storm"], "any of its 512 MiB (bytes 0..536870911)"),
+}
+
+
+@pytest.mark.parametrize("argv, what", WRITERS.values(), ids=WRITERS.keys())
+def test_a_run_that_writes_refuses_an_existing_file(capsys, tmp_path, argv, what):
+    img = tmp_path / "data.img"
+    _data_file(img, 512 * MIB)
+    before = _digest(img)
+    t0 = time.monotonic()
+    rc, out, err = run_main(capsys, "bench", *argv, "--target", str(img), "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert f"refusing to overwrite {img} (file, 512 MiB, may hold data): this run " \
+           f"would write {what}" in err
+    assert "--force" in err
+    assert "workload" not in out                  # refused before any row ran
+    assert time.monotonic() - t0 < 2
+    assert _digest(img) == before
+
+
+@pytest.mark.parametrize("lun", ["direct", "virtual"])
+def test_force_overwrites_exactly_what_it_says(capsys, tmp_path, lun):
+    img = tmp_path / "data.img"
+    data = _data_file(img, 512 * MIB)
+    os.chmod(img, 0o644)
+    flag = "--allow-overwrite" if lun == "direct" else "--force"
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--lun", lun,
+                          "-r", "0", "-d", "0.2", "--warmup", "0.05", "--vlun-size", "8M",
+                          flag)
+    assert f"overwriting {img} (file, 512 MiB) as --force allows: bytes 0..8388607" in out
+    (row,) = doc["rows"]
+    check_row(row, writes=True)
+    with open(img, "rb") as f:
+        assert f.read(8 * MIB) != data[:8 * MIB]
+        assert f.read(8 * MIB) == data[8 * MIB:]    # nothing past what it said
+    assert img.stat().st_size == 512 * MIB
+
+
+def test_the_vlun_of_a_fresh_target_is_its_first_bytes():
+    """What the refusal says for a virtual LUN (its blocks are the LUN's
+    first bytes) is what the run does."""
+    o = bench.Options(workload="io", size=1 << 30, vlun_blocks=3 * 65536 + 5)
+    target = bench.Target(o)
+    try:
+        lun = target.open_lun()
+        lbas = np.arange(lun.size, dtype=np.uint64)
+        assert np.array_equal(lun.translate(lbas), lbas)
+    finally:
+        target.close()
+
+
+def test_a_missing_target_is_created_and_said(capsys, tmp_path):
+    img = tmp_path / "new.img"
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--size", "512M",
+                          "--vlun-size", "8M", "-r", "0", "-d", "0.2", "--warmup", "0")
+    assert f"{img} does not exist: creating it, a sparse file of 512 MiB (left in place " \
+           "after the run)" in out
+    assert doc["notes"] == [f"{img} does not exist: creating it, a sparse file of 512 MiB "
+                            "(left in place after the run)"]
+    assert img.stat().st_size == 512 * MIB
+
+
+def test_an_empty_file(capsys, tmp_path):
+    img = tmp_path / "empty.img"
+    img.write_bytes(b"")
+    for lun in ("direct", "virtual"):
+        rc, out, err = run_main(capsys, "bench", "io", "--target", str(img), "--lun", lun,
+                                "-d", "0.2")
+        assert rc == 2
+        _one_error_line(err)
+        assert f"target {img} is an empty file (0 bytes): nothing to read and no room to " \
+               "write; give --size" in err
+        assert img.stat().st_size == 0              # not grown behind the user's back
+    out, doc = bench_json(capsys, tmp_path, "io", "--target", str(img), "--lun", "direct",
+                          "--size", "8M", "-r", "0", "-d", "0.2", "--warmup", "0")
+    assert f"{img} is an empty file: extending it to 8 MiB (sparse)" in out
+    assert img.stat().st_size == 8 * MIB
+
+
+def test_size_with_an_existing_target(capsys, tmp_path):
+    img = tmp_path / "data.img"
+    _data_file(img, 8 * MIB, MIB)
+    rc, out, err = run_main(capsys, "bench", "io", "--target", str(img), "--lun", "direct",
+                            "--size", "16M", "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert f"--size is for memory or a new file: {img} exists (8 MiB)" in err
+    assert img.stat().st_size == 8 * MIB
+
+
+def test_an_unattached_loop_device(capsys):
+    dev = subprocess.run(["losetup", "--find"], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    assert bench.probe(dev) == ("block device", 0)
+    rc, out, err = run_main(capsys, "bench", "io", "--target", dev, "--lun", "direct",
+                            "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert f"target {dev} is a block device of 0 bytes: nothing is attached to it " \
+           f"(attach a file first: losetup {dev} FILE)" in err
+    assert "No space left" not in err
+
+
+def test_a_block_device_with_data_is_refused(capsys, loop_device):
+    rc, out, err = run_main(capsys, "bench", "io", "--target", loop_device, "-r", "50",
+                            "-d", "0.2")
+    assert rc == 2
+    assert f"refusing to overwrite {loop_device} (block device, 1024 MiB" in err
+
+
+@pytest.mark.parametrize("threads, ok", [(256, True), (257, False), (1000, False)])
+def test_threads_are_bounded(capsys, threads, ok):
+    argv = ["bench", "io", "--threads", str(threads), "-d", "0.2", "--warmup", "0", "--no-fio",
+            "--size", "512M", "--vlun-size", "64M", "-r", "70"]
+    t0 = time.monotonic()
+    rc, out, err = run_main(capsys, *argv)
+    if ok:
+        assert rc == 0, err
+        assert time.monotonic() - t0 < 15
+        return
+    assert rc == 2
+    _one_error_line(err)
+    assert f"--threads {threads} is more than 256" in err
+    assert time.monotonic() - t0 < 1
+
+
+def test_many_threads_keep_to_the_duration():
+    """64 threads, 0.5 s: the measured run ends on time, and no side's
+    measured time exceeds the wall time of the run."""
+    o = bench.Options(workload="io", size=1 << 30, vlun_blocks=(64 << 20) // 4096,
+                      read_pct=70, threads=64, duration=0.5)
+    target = bench.Target(o)
+    try:
+        lun = target.open_lun()
+        run = bench.IoRun(lun, target.fd, o, "mix", 1)
+        t0 = time.monotonic()
+        main, base = run.run(o.duration, bench.Progress(False))
+        wall = time.monotonic() - t0
+        assert wall < o.duration + 0.5, wall
+        assert main.seconds <= wall and base.seconds <= wall
+        assert main.ops > 0 and base.ops > 0
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "error"])
+def test_rows_measured_are_kept_when_a_later_row_stops(capsys, tmp_path, monkeypatch, stop):
+    real = bench.io_row
+    calls = []
+
+    def io_row(target, lun, opts, name, progress, log=None):
+        calls.append(name)
+        if len(calls) == 3:
+            if stop == "interrupt":
+                raise KeyboardInterrupt
+            raise OSError(5, "the disk went away")
+        return real(target, lun, opts, name, progress, log)
+
+    monkeypatch.setattr(bench, "io_row", io_row)
+    path = tmp_path / "partial.json"
+    rc, out, err = run_main(capsys, "bench", "-d", "0.1", "--warmup", "0", "--size", "512M",
+                            "--vlun-size", "8M", "--json", str(path))
+    assert rc == (130 if stop == "interrupt" else 2)
+    why = "interrupted" if stop == "interrupt" else "error: [Errno 5] the disk went away"
+    assert f"the run stopped ({why}); the 5 rows measured before:" in out
+    assert table_rows(out) and [l.split("  ")[0] for l in table_rows(out)] == \
+        MATRIX_ROWS[:5]
+    doc = _strict_json(path.read_text())
+    assert doc["incomplete"] == why
+    assert [r["name"] for r in doc["rows"]] == MATRIX_ROWS[:5]
+
+
+def test_spread_next_to_each_figure(capsys, tmp_path):
+    out, doc = bench_json(capsys, tmp_path, "io", "-r", "70", "-d", "0.6", "--warmup", "0",
+                          "--size", "512M", "--vlun-size", "8M")
+    (row,) = doc["rows"]
+    for side in (row["workload"], row["baseline"]):
+        lo, hi = side["ops_per_s_p10_p90"]
+        assert 0 < lo <= hi
+        assert len(side["timeline"]) >= 3
+    lo, hi = row["ratio_p10_p90"]
+    assert 0 < lo <= hi
+    assert row["latency_per"] == "request"
+    (line,) = table_rows(out)
+    assert re.search(r"[\d.]+[kMG]? req/s \u00b1\d+%", line), line
+    assert re.search(r"\d\.\d\dx \(\d\.\d\d-\d\.\d\d\)", line), line
+    assert re.search(r"time: measured 0.6 s per row, prefill [\d.]+ s", out)
+
+
+def test_help_explains_the_columns(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for column in TABLE_HEAD:
+        assert column.split(" ")[0].split("/")[0] in text, column
+    assert "above 1.00x the workload is faster than its baseline" in " ".join(text.split())
+    assert "per batch, not per item" in text
+    assert "--force" in text and "--allow-overwrite" in text
+
+
+def test_plot_one_panel_per_family(tmp_path):
+    """The matrix plot: block I/O (per request) and core operations (per
+    call) in panels of their own, a row's colour the same everywhere, its
+    baseline dashed, every rate drawn (a 1 MiB row too) on log scales."""
+    o = bench.Options(workload="matrix", size=512 * MIB, vlun_blocks=2048, duration=0.3,
+                      warmup=0.0)
+    rows = bench.run(o)
+    png = tmp_path / "m.png"
+    layout = bench.plot(rows, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(layout) == {"block I/O: latency", "block I/O: rate over time",
+                           "core operations: latency", "core operations: rate over time"}
+    io_names = {"4k randread", "4k randwrite", "4k 70/30 mix", "1m seqread"}
+    colours = {}
+    for title, series in layout.items():
+        names = {label.split(":")[0] for label, _, _ in series}
+        assert names == (io_names if title.startswith("block") else
+                         {"translate", "chunk alloc+free", "VLUN_CLONE 1M chunks"}), title
+        for label, colour, style in series:
+            name = label.split(":")[0]
+            assert colours.setdefault(name, colour) == colour, (title, label)
+            assert style == ("--" if ":" in label else "-")
+    assert len(set(colours.values())) == len(colours)
+    import matplotlib.pyplot as plt
+    assert not plt.get_fignums()                      # the figure was closed
+
+
+def test_ctrl_c_prints_the_rows_measured(tmp_path):
+    """A real SIGINT in the middle of the matrix: exit 130, the rows
+    measured before it on stdout and in the JSON, no traceback."""
+    import signal
+    path = tmp_path / "partial.json"
+    p = subprocess.Popen([sys.executable, "-m", "cxlflash.cli", "bench", "-d", "1",
+                          "--warmup", "0", "--size", "512M", "--vlun-size", "8M",
+                          "--json", str(path)], cwd=str(tmp_path), env=_subprocess_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.5)                 # the core rows take about 2.5 s
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in err and err == "cxlflash: interrupted\n"
+    m = re.search(r"the run stopped \(interrupted\); the (\d) rows measured before:", out)
+    assert m and int(m.group(1)) >= 3, out
+    doc = _strict_json(path.read_text())
+    assert doc["incomplete"] == "interrupted"
+    assert [r["name"] for r in doc["rows"]] == MATRIX_ROWS[:int(m.group(1))]
+
+
+# -- the engine: --qd, the raw baseline at the same depth, fio ---------------------------
+
+
+def test_qd_goes_through_listio_and_raw_listio_at_that_depth(capsys, tmp_path, monkeypatch):
+    """`bench io --qd N`: the workload is lun.listio(..., qd=N), its
+    baseline the engine's raw_listio on the bare store at the same N."""
+    from cxlflash import lun as lun_mod
+    from cxlflash._core.engine import Engine
+    seen = {"listio": set(), "raw": set()}
+    real_listio = lun_mod._Lun.listio
+
+    def listio(self, *args, qd=64, **kw):
+        seen["listio"].add(qd)
+        return real_listio(self, *args, qd=qd, **kw)
+
+    class Spy:
+        def __init__(self, engine):
+            self._e = engine
+
+        def __getattr__(self, name):
+            return getattr(self._e, name)
+
+        def raw_listio(self, *args, qd=64, **kw):
+            seen["raw"].add(qd)
+            return self._e.raw_listio(*args, qd=qd, **kw)
+
+    monkeypatch.setattr(lun_mod._Lun, "listio", listio)
+    real_init = bench.IoRun.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        assert isinstance(self.engine, Engine)
+        self.engine = Spy(self.engine)
+
+    monkeypatch.setattr(bench.IoRun, "__init__", init)
+    out, doc = bench_json(capsys, tmp_path, "--qd", "16", "-r", "70", *TINY)
+    assert ", qd 16" in out.splitlines()[0]
+    (row,) = doc["rows"]
+    check_row(row, writes=True)
+    assert row["baseline_name"] == "raw store, qd 16"
+    assert doc["options"]["qd"] == 16 and doc["options"]["workload"] == "io"
+    assert seen == {"listio": {16}, "raw": {16}}
+
+
+def test_qd_out_of_range(capsys):
+    rc, out, err = run_main(capsys, "bench", "io", "--qd", "70000", "-d", "0.2")
+    assert rc == 2
+    _one_error_line(err)
+    assert "--qd 70000 is more than 65536" in err
+
+
+@pytest.mark.parametrize("target", ["memory", "file"])
+def test_fio_figure_next_to_the_row(capsys, tmp_path, target):
+    """Where fio is on PATH, `bench io` adds fio's rate for the same store,
+    depth and request size (io_uring)."""
+    assert shutil.which("fio"), "fio is needed for this test (apt-get install fio)"
+    args = ["--size", "512M", "--vlun-size", "8M"]
+    if target == "file":
+        args = ["--target", str(tmp_path / "new.img"), *args]
+    out, doc = bench_json(capsys, tmp_path, "io", "--qd", "4", "-r", "50", "-d", "0.5",
+                          "--warmup", "0", *args)
+    (row,) = doc["rows"]
+    check_row(row, writes=True)
+    fio = row["fio"]
+    assert fio["iops"] > 0
+    cmd = fio["command"]
+    for flag in ("--ioengine=io_uring", "--iodepth=4", "--bs=4096", "--rw=randrw",
+                 "--rwmixread=50", "--direct=0", f"--size={8 * MIB}", "--numjobs=1"):
+        assert flag in cmd, (flag, cmd)
+    path = next(a for a in cmd if a.startswith("--filename="))
+    assert path == (f"--filename={tmp_path / 'new.img'}" if target == "file"
+                    else f"--filename=/proc/{os.getpid()}/fd/{path.rsplit('/', 1)[1]}")
+    assert re.search(r"^fio, the same requests on the same store \(io_uring, qd 4, 1 "
+                     r"thread\(s\)\): [\d.]+[kMG]? req/s; 4k random 50/50 mix: "
+                     r"\d+\.\d\dx fio's rate$", out, re.M), out
+    assert "fio" in doc["phases_s"]
+
+
+def test_fio_reads_only_on_a_read_only_run(tmp_path):
+    o = bench.Options(workload="io", read_pct=100, qd=8, threads=2, blocks=2, pattern="seq",
+                      direct_io=True, duration=1.0)
+    cmd = bench.fio_command("/dev/loop9", o, 8 * MIB, 4096)
+    assert "--readonly" in cmd and "--rw=read" in cmd and "--direct=1" in cmd
+    assert "--bs=8192" in cmd and "--numjobs=2" in cmd and "--iodepth=8" in cmd
+
+
+def test_engine_in_the_header_and_info(capsys):
+    from cxlflash._core.engine import engine_info
+    engine = engine_info()["engine"]
+    rc, out, err = run_main(capsys, "info")
+    assert rc == 0
+    assert re.search(rf"^engine +{engine}\b", out, re.M), out
+    rc, out, err = run_main(capsys, "bench", "io", *TINY)
+    assert rc == 0
+    assert f"engine {engine}, qd 1" in out.splitlines()[0]

@@ -21,7 +21,7 @@ from cxlflash._core.locks cimport (
     CXL_LOCK_MUTEX)
 
 import errno
-import numpy as np
+from cxlflash._core._lazy import numpy as np   # imported on first use
 
 DEF HIBIT = 63
 # 2**47 chunks of 65536 blocks: 2**63 blocks, every physical LBA an off_t

@@ -11,7 +11,7 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t, INT64_MAX
 
 import errno as _errno
 import operator
-import numpy as np
+from cxlflash._core._lazy import numpy as np   # imported on first use
 from cxlflash._core.errors import CxlFlashError
 
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
@@ -69,8 +69,8 @@ cdef uint32_t arg_block_size(object value) except 0:
     return <uint32_t> bs
 
 
-cdef object _U64 = np.dtype(np.uint64)
-cdef object _I64 = np.dtype(np.int64)
+cdef object _U64 = None        # np.dtype(np.uint64), made on first use (numpy is lazy)
+cdef object _I64 = None
 
 
 cdef object _int_array(object obj, str name, object dtype, bint unsigned):
@@ -124,10 +124,16 @@ cdef object _int_array(object obj, str name, object dtype, bint unsigned):
 
 
 cdef object u64_array(object obj, str name):
+    global _U64
+    if _U64 is None:
+        _U64 = np.dtype(np.uint64)
     return _int_array(obj, name, _U64, True)
 
 
 cdef object i64_array(object obj, str name):
+    global _I64
+    if _I64 is None:
+        _I64 = np.dtype(np.int64)
     return _int_array(obj, name, _I64, False)
 
 

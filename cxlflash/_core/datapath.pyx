@@ -39,7 +39,7 @@ from cxlflash._core.tables cimport (
 import errno as _errno
 import os
 import stat
-import numpy as np
+from cxlflash._core._lazy import numpy as np   # imported on first use
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
 from cxlflash._core.args import einval
 
@@ -82,13 +82,16 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef object _U8 = np.dtype(np.uint8)
+cdef object _U8 = None         # np.dtype(np.uint8), made on first use (numpy is lazy)
 
 
 cdef object op_array(object ops):
     """List I/O request types as uint8: a uint8 ndarray as it is, anything
     else checked as integers; a type above 255 becomes 0 (refused per
     request, like every unknown type), never wrapped onto a valid one."""
+    global _U8
+    if _U8 is None:
+        _U8 = np.dtype(np.uint8)
     if type(ops) is np.ndarray and (<object> ops).dtype is _U8:
         return np.ascontiguousarray(ops).reshape(-1)
     a = u64_array(ops, "ops")

@@ -12,6 +12,7 @@ cdef extern from "engine.h" nogil:
         CXL_OP_DISCARD
         CXL_SEG_INLINE
         CXL_REQ_DRAIN
+        CXL_REQ_UNATTENDED
         CXL_XFER_IN_ERROR
         CXL_XFER_BACKING_ENDED
         CXL_HAVE_URING
@@ -50,6 +51,7 @@ cdef extern from "engine.h" nogil:
         uint64_t bad
         int nseg
         cxl_seg *segs
+        cxl_seg seg_inline[4]
         int64_t *table_inflight
         const uint64_t *fail_gen
         uint64_t fail_gen_seen
@@ -88,6 +90,10 @@ cdef extern from "engine.h" nogil:
     cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
     int cxl_engine_is_ours(cxl_engine *e)
     void cxl_engine_submit(cxl_engine *e, cxl_req *r)
+    void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+    void cxl_engine_kick(cxl_engine *e)
+    enum:
+        CXL_SUBMIT_BATCH
     void cxl_engine_finish(cxl_engine *e, cxl_req *r)
     int cxl_engine_poll(cxl_engine *e, int wait_ms)
     int cxl_engine_try_poll(cxl_engine *e)

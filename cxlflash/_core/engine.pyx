@@ -37,10 +37,10 @@ from cpython.object cimport PyObject
 cdef extern from "Python.h":
     int PyObject_GenericSetDict(object o, object value, void *context) except -1
     object PyObject_GenericGetDict(object o, void *context)
-    object PyType_GenericAlloc(object type, Py_ssize_t nitems)
+    object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
 from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
@@ -55,6 +55,8 @@ import threading
 import weakref
 from time import monotonic as _monotonic
 from cxlflash._core.args import einval
+from cxlflash._core.datapath import list_arrays
+from cxlflash._core._lazy import numpy as np     # imported on first use
 
 cdef extern from *:
     """
@@ -337,10 +339,11 @@ cdef class _Request:
             return e
         return OSError(EIO, "I/O error")        # not reached
 
-    cdef int start(self) except -1:
+    cdef int start(self, int flags=0) except -1:
         """Check, translate and submit (again, after a recovery); when it
         finished at once (a page-cache hit, a refused range), complete it
-        here, else hand it its queue.  Returns 1 when it was completed."""
+        here, else hand it its queue.  Returns 1 when it was completed.
+        ``flags``: CXL_SUBMIT_BATCH leaves the kick to the caller."""
         cdef char *buf = <char *> self.view.buf if self.has_view else NULL
         cdef cxl_engine *eng = self.engine.eng
         cdef int inline_done
@@ -348,7 +351,9 @@ cdef class _Request:
         self.req.owner = <void *> self
         with nogil:
             prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
-            cxl_engine_submit(eng, &self.req)
+            if self.target != NULL:
+                self.req.flags |= CXL_REQ_UNATTENDED
+            cxl_engine_submit_flags(eng, &self.req, flags)
             if self.target != NULL:
                 inline_done = cxl_req_handoff(&self.req, self.target)
             else:
@@ -450,7 +455,8 @@ cdef int complete_future(object fut, object value, object exc) except -1:
 cdef object new_future(Engine engine, _Request rq):
     """An EngineFuture, RUNNING (it cannot be cancelled), allocated without
     running Future.__init__ (the futures of an engine share one Condition)."""
-    fut = PyType_GenericAlloc(future_class(), 0)
+    cls = future_class()
+    fut = PyType_GenericAlloc(<PyTypeObject *> cls, 0)
     PyObject_GenericSetDict(fut, {
         "_condition": _shared_cond, "_state": _RUNNING, "_result": None,
         "_exception": None, "_waiters": [], "_done_callbacks": [],
@@ -471,7 +477,26 @@ cdef class _LoopBridge:
     cdef cxl_queue q
     cdef bint ready
     cdef object loop_ref        # weak: the engine's map of bridges is keyed by it
+    cdef Engine engine
+    cdef bint kick_pending
     cdef object __weakref__
+
+    cdef int kick_soon(self) except -1:
+        """Start what this iteration of the loop submitted, once, when the
+        loop gets to it (one system call for all of them)."""
+        if not self.kick_pending:
+            self.kick_pending = True
+            self.loop_ref().call_soon(self._kick)
+        return 0
+
+    def _kick(self):
+        self.kick_pending = False
+        cdef Engine eng = self.engine
+        if eng.eng != NULL and not eng.closed:
+            with nogil:
+                cxl_engine_kick(eng.eng)
+                cxl_engine_try_poll(eng.eng)
+        self.drain()
 
     def __cinit__(self, loop):
         if cxl_queue_init(&self.q, 1) != 0:
@@ -790,11 +815,7 @@ cdef class Engine:
         """Return once every request submitted through ``dp`` has its
         future completed (reaping, and completing what was reaped, in
         this thread; those of the running asyncio loop too)."""
-        import asyncio
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _running_loop()
         bridge = self._bridges.get(loop) if loop is not None else None
         while dp.aio_pending > 0 and self.eng != NULL and not self.closed:
             with nogil:
@@ -808,13 +829,17 @@ cdef class Engine:
     # -- submission -------------------------------------------------------------------
 
     cdef object _bridge(self):
-        import asyncio
-        loop = asyncio.get_running_loop()
+        global _get_running_loop
+        if _get_running_loop is None:
+            from asyncio import get_running_loop
+            _get_running_loop = get_running_loop
+        loop = _get_running_loop()
         if loop is self._last_loop:
             return self._last_bridge
         b = self._bridges.get(loop)
         if b is None:
             b = _LoopBridge(loop)
+            (<_LoopBridge> b).engine = self
             self._bridges[loop] = b
         self._last_loop = loop
         self._last_bridge = b
@@ -925,13 +950,14 @@ cdef class Engine:
         if mode == MODE_FUTURE:
             cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
         try:
-            if not rq.start():              # in flight: reap what is there
+            if mode == MODE_ASYNCIO:
+                # Started once per loop iteration, with the others of it.
+                if not rq.start(CXL_SUBMIT_BATCH):
+                    bridge.kick_soon()
+            elif not rq.start():            # in flight: reap what is there
                 with nogil:
                     cxl_engine_try_poll(self.eng)
-                if mode == MODE_FUTURE:
-                    self._drain_pyq()
-                else:
-                    bridge.drain()
+                self._drain_pyq()
         finally:
             if mode == MODE_FUTURE:
                 cxl_engine_py_busy(self.eng, -1)
@@ -953,8 +979,6 @@ cdef class Engine:
         cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
         if depth < 1:
             raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
-        import numpy as np
-        from cxlflash._core.datapath import list_arrays
         o_arr, l_arr, c_arr, off_arr = list_arrays(ops, lbas, nblocks, offsets,
                                                    dp.block_size)
         cdef const uint8_t[::1] o = o_arr
@@ -1014,7 +1038,6 @@ cdef class Engine:
             raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
         if nb > CXL_MAX_SEG_BYTES:
             raise einval(f"nbytes must be at most {CXL_MAX_SEG_BYTES}")
-        import numpy as np
         cdef const uint64_t[::1] o = u64_array(ops, "ops")
         cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
         cdef Py_ssize_t n = o.shape[0], i
@@ -1060,6 +1083,21 @@ cdef class Engine:
                               "addressed)")
             raise OSError(err, f"request {bad}: {os.strerror(err)}")
         return n
+
+
+cdef object _get_running_loop = None
+
+
+cdef object _running_loop():
+    """The running asyncio loop of this thread, or None (asyncio is not
+    imported for this)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return None
+    try:
+        return aio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 _shared_lock = threading.RLock()
@@ -1131,13 +1169,14 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
     slots = qd if qd < n else n
     if slots == 0:
         return 0
-    pool = <cxl_req *> calloc(slots, sizeof(cxl_req))
-    free_slots = <cxl_req **> calloc(slots, sizeof(cxl_req *))
+    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
+    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
     if pool == NULL or free_slots == NULL:
         free(pool)
         free(free_slots)
         return -1
     for nfree in range(slots):
+        pool[nfree].segs = NULL
         free_slots[nfree] = &pool[nfree]
     nfree = slots
     cxl_queue_init(&q, 0)
@@ -1168,8 +1207,9 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                 outstanding += 1
                 if timed:
                     r.t_submit = cxl_now_ns()
-                cxl_engine_submit(eng, r)
+                cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH)
             i += 1
+        cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
         cxl_engine_wait_queue(eng, &q)
@@ -1217,13 +1257,14 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
     slots = qd if qd < n else n
     if slots == 0:
         return -1
-    pool = <cxl_req *> calloc(slots, sizeof(cxl_req))
-    free_slots = <cxl_req **> calloc(slots, sizeof(cxl_req *))
+    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
+    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
     if pool == NULL or free_slots == NULL:
         free(pool)
         free(free_slots)
         return -2
     for nfree in range(slots):
+        pool[nfree].segs = NULL
         free_slots[nfree] = &pool[nfree]
     nfree = slots
     cxl_queue_init(&q, 0)
@@ -1243,8 +1284,9 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             outstanding += 1
             if timed:
                 r.t_submit = cxl_now_ns()
-            cxl_engine_submit(eng, r)
+            cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH)
             i += 1
+        cxl_engine_kick(eng)            # the batch, in one go
         cxl_engine_wait_queue(eng, &q)
         r = cxl_queue_take(&q)
         while r != NULL:

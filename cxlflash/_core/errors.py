@@ -3,6 +3,7 @@ codes), the AFU reset, and ``CxlFlashError`` for everything else (an
 ioctl's errno, an argument out of range)."""
 import errno
 import os
+from typing import Optional
 
 AFU_RC_NAMES = {
     0x01: "RHT_INVALID",
@@ -35,14 +36,14 @@ class AfuError(OSError):
     ``index`` is the position of the first refused LBA in a batch, if any.
     """
 
-    def __init__(self, afu_rc, message, *, index=None, scsi_rc=0,
-                 sense_key=0, asc=0):
+    def __init__(self, afu_rc: int, message: str, *, index: Optional[int] = None,
+                 scsi_rc: int = 0, sense_key: int = 0, asc: int = 0) -> None:
         super().__init__(errno.EIO, message)
-        self.afu_rc = afu_rc
-        self.index = index
-        self.scsi_rc = scsi_rc
-        self.sense_key = sense_key
-        self.asc = asc
+        self.afu_rc: int = afu_rc
+        self.index: Optional[int] = index
+        self.scsi_rc: int = scsi_rc
+        self.sense_key: int = sense_key
+        self.asc: int = asc
 
     def __reduce__(self):
         return (_rebuild_afu_error,
@@ -91,8 +92,8 @@ class AdapterResetError(OSError):
     ``DK_CXLFLASH_RECOVER_AFU`` (``Context.recover()``), then retry.
     """
 
-    def __init__(self, message="the AFU was reset and this context is in error: "
-                 "recover it (DK_CXLFLASH_RECOVER_AFU) and retry"):
+    def __init__(self, message: str = "the AFU was reset and this context is in error: "
+                 "recover it (DK_CXLFLASH_RECOVER_AFU) and retry") -> None:
         super().__init__(errno.EIO, message)
 
     def __reduce__(self):
@@ -103,7 +104,7 @@ class CxlFlashError(OSError):
     """An ioctl failed, or an argument is out of range: ``errno`` is the
     kernel's errno for that failure (EINVAL for an argument)."""
 
-    def __init__(self, err, message=None):
+    def __init__(self, err: int, message: Optional[str] = None) -> None:
         super().__init__(err, message or os.strerror(err))
 
     def __reduce__(self):

@@ -15,7 +15,7 @@ from libc.stdint cimport uint8_t, uint64_t, int64_t
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cxlflash._core.args cimport arg_u64, arg_block_size, u64_array
 
-import numpy as np
+from cxlflash._core._lazy import numpy as np   # imported on first use
 from cxlflash._core.args import einval
 
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF

@@ -56,7 +56,7 @@ from cxlflash._core.locks cimport (
     CXL_LOCK_RW, CXL_LOCK_LEAF)
 
 import errno
-import numpy as np
+from cxlflash._core._lazy import numpy as np   # imported on first use
 from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
 
 ctypedef fused lba_t:

@@ -18,7 +18,9 @@
 #ifndef CXLFLASH_BACKEND_H
 #define CXLFLASH_BACKEND_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -96,8 +98,11 @@ typedef struct cxl_backend_ops {
     /* Up to ``max`` completions; with ``wait``, block until there is one
      * (or ``wait`` ms pass, or wake() is called): the count, or -errno. */
     int (*reap)(cxl_backend *be, cxl_cqe *out, int max, int wait_ms);
-    /* An fd that becomes readable when completions may be waiting. */
+    /* An fd that becomes readable when completions may be waiting -- once
+     * set_notify(1) has armed it: with nobody but the reaping threads
+     * interested, it stays quiet (set_notify(0)) and wakes nobody. */
     int (*notify_fd)(cxl_backend *be);
+    void (*set_notify)(cxl_backend *be, int on);
     /* Make a reap blocked in another thread return. */
     void (*wake)(cxl_backend *be);
     /* The store's size in bytes and logical block size; -errno. */
@@ -145,6 +150,7 @@ static int64_t cxl_fd_block_size(cxl_backend *be, const cxl_target *t)
 
 #include <sys/statfs.h>
 #include <sys/uio.h>
+#include <sys/syscall.h>
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
 #endif
@@ -184,12 +190,13 @@ static int64_t cxl_fd_try_now(cxl_backend *be, const cxl_io *io)
         else
             r = pread(io->target.fd, io->buf, io->len, (off_t) io->offset);
     } else if (io->target.nowait == CXL_NOWAIT_CACHED) {
+        /* the system call itself: glibc's wrapper is a cancellation
+         * point, which costs more than the page-cache copy saves */
         iov.iov_base = io->buf;
         iov.iov_len = io->len;
-        if (io->op == CXL_OP_WRITE)
-            r = pwritev2(io->target.fd, &iov, 1, (off_t) io->offset, RWF_NOWAIT);
-        else
-            r = preadv2(io->target.fd, &iov, 1, (off_t) io->offset, RWF_NOWAIT);
+        r = syscall(io->op == CXL_OP_WRITE ? SYS_pwritev2 : SYS_preadv2,
+                    io->target.fd, &iov, 1, (unsigned long) io->offset,
+                    (unsigned long) 0, RWF_NOWAIT);
     } else {
         return -EAGAIN;
     }
@@ -297,6 +304,8 @@ typedef struct cxl_pool {
     int nworkers;           /* started so far */
     int maxworkers;
     int idle;               /* waiting for work */
+    int notify;             /* write efd on completions (set_notify) */
+    int reapers;            /* waiting in reap for done_cv */
     int efd;
     pthread_attr_t attr;
     pthread_t *workers;
@@ -332,8 +341,10 @@ static void *cxl_pool_main(void *arg)
             p->done_head = it;
         p->done_tail = it;
         if (was_empty) {
-            pthread_cond_signal(&p->done_cv);
-            if (write(p->efd, &one, sizeof one) < 0) { /* counter full: already readable */ }
+            if (p->reapers)
+                pthread_cond_signal(&p->done_cv);
+            if (__atomic_load_n(&p->notify, __ATOMIC_ACQUIRE) &&
+                    write(p->efd, &one, sizeof one) < 0) { /* counter full: readable */ }
         }
     }
     pthread_mutex_unlock(&p->mu);
@@ -384,9 +395,11 @@ static int cxl_pool_reap(cxl_backend *be, cxl_cqe *out, int max, int wait_ms)
     pthread_mutex_lock(&p->mu);
     if (p->done_head == NULL && wait_ms > 0 && !p->woken) {
         cxl_timeout_at(&ts, wait_ms);
+        p->reapers++;
         while (p->done_head == NULL && !p->woken)
             if (pthread_cond_timedwait(&p->done_cv, &p->mu, &ts) != 0)
                 break;
+        p->reapers--;
     }
     p->woken = 0;
     while (n < max && (it = p->done_head) != NULL) {
@@ -414,6 +427,18 @@ static int cxl_pool_reap(cxl_backend *be, cxl_cqe *out, int max, int wait_ms)
 static int cxl_pool_notify_fd(cxl_backend *be)
 {
     return ((cxl_pool *) be)->efd;
+}
+
+static void cxl_pool_set_notify(cxl_backend *be, int on)
+{
+    cxl_pool *p = (cxl_pool *) be;
+    uint64_t one = 1;
+    int had;
+    pthread_mutex_lock(&p->mu);
+    __atomic_store_n(&p->notify, on, __ATOMIC_RELEASE);
+    had = p->done_head != NULL;
+    pthread_mutex_unlock(&p->mu);
+    if (on && had && write(p->efd, &one, sizeof one) < 0) { /* readable anyway */ }
 }
 
 static void cxl_pool_wake(cxl_backend *be)
@@ -458,7 +483,7 @@ static void cxl_pool_destroy(cxl_backend *be)
 
 static const cxl_backend_ops cxl_pool_ops = {
     "threads", cxl_pool_submit, cxl_fd_try_now, cxl_pool_kick, cxl_pool_reap, cxl_pool_notify_fd,
-    cxl_pool_wake, cxl_fd_size, cxl_fd_block_size, cxl_pool_destroy,
+    cxl_pool_set_notify, cxl_pool_wake, cxl_fd_size, cxl_fd_block_size, cxl_pool_destroy,
 };
 
 /* A pool of up to ``nworkers`` threads (started on demand; one now, so
@@ -649,6 +674,17 @@ static int cxl_uring_notify_fd(cxl_backend *be)
     return ((cxl_uring *) be)->efd;
 }
 
+static void cxl_uring_set_notify(cxl_backend *be, int on)
+{
+    cxl_uring *u = (cxl_uring *) be;
+    uint64_t one = 1;
+    io_uring_cq_eventfd_toggle(&u->ring, on ? true : false);
+    /* completions posted while it was off did not signal */
+    if (on && io_uring_cq_ready(&u->ring) && write(u->efd, &one, sizeof one) < 0) {
+        /* readable anyway */
+    }
+}
+
 static void cxl_uring_wake(cxl_backend *be)
 {
     cxl_uring *u = (cxl_uring *) be;
@@ -676,7 +712,7 @@ static void cxl_uring_destroy(cxl_backend *be)
 
 static const cxl_backend_ops cxl_uring_ops = {
     "io_uring", cxl_uring_submit, cxl_fd_try_now, cxl_uring_kick, cxl_uring_reap, cxl_uring_notify_fd,
-    cxl_uring_wake, cxl_fd_size, cxl_fd_block_size, cxl_uring_destroy,
+    cxl_uring_set_notify, cxl_uring_wake, cxl_fd_size, cxl_fd_block_size, cxl_uring_destroy,
 };
 
 /* A ring of ``entries`` submission slots (twice as many completion
@@ -715,6 +751,7 @@ static cxl_backend *cxl_uring_new(unsigned entries)
     }
     pthread_mutex_init(&u->sq_mu, NULL);
     u->be.ops = &cxl_uring_ops;
+    io_uring_cq_eventfd_toggle(&u->ring, false);   /* until set_notify(1) */
     return &u->be;
 }
 

@@ -33,7 +33,9 @@
 #define CXL_WAIT_MS 100                 /* a blocked reap looks up this often */
 
 enum {
-    CXL_REQ_DRAIN = 1       /* starts after every request submitted before it */
+    CXL_REQ_DRAIN = 1,      /* starts after every request submitted before it */
+    CXL_REQ_UNATTENDED = 2  /* nobody waits in the engine for it: the backend's
+                             * notify fd must wake the completer thread */
 };
 
 /* An error of a request besides errno values (datapath.pxd's XFER_*). */
@@ -104,6 +106,7 @@ typedef struct cxl_engine {
     long depth;                     /* segments in flight at most */
     long seg_inflight;
     long req_inflight;
+    long unattended;                /* CXL_REQ_UNATTENDED requests in flight */
     int ninject;
     cxl_inject inject[CXL_MAX_INJECT];
     cxl_queue pyq;                  /* requests of Python futures */
@@ -162,14 +165,17 @@ static void cxl_queue_post(cxl_queue *q, cxl_req *r)
 {
     uint64_t one = 1;
     r->qnext = NULL;
+    int was_empty;
     pthread_mutex_lock(&q->mu);
+    was_empty = q->tail == NULL;
     if (q->tail)
         q->tail->qnext = r;
     else
         __atomic_store_n(&q->head, r, __ATOMIC_SEQ_CST);
     q->tail = r;
     pthread_mutex_unlock(&q->mu);
-    if (q->efd >= 0 && write(q->efd, &one, sizeof one) < 0) {
+    /* Its reader takes everything there at once: one wake-up per batch. */
+    if (was_empty && q->efd >= 0 && write(q->efd, &one, sizeof one) < 0) {
         /* the counter is full: it is readable anyway */
     }
 }
@@ -323,6 +329,8 @@ static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
         r->next->prev = r->prev;
         r->next = r->prev = NULL;
         e->req_inflight--;
+        if ((r->flags & CXL_REQ_UNATTENDED) && --e->unattended == 0)
+            e->be->ops->set_notify(e->be, 0);
         /* A deferred request starts once it is the oldest in flight. */
         while ((d = e->deferred_head) != NULL && e->head.next == d) {
             e->deferred_head = d->qnext;
@@ -454,6 +462,7 @@ static int cxl_engine_poll_locked(cxl_engine *e, int wait_ms)
 {
     cxl_cqe cqe[CXL_REAP_BATCH];
     int n, i, total = 0;
+    e->be->ops->kick(e->be);                /* what a batch left queued */
     for (;;) {
         n = e->be->ops->reap(e->be, cqe, CXL_REAP_BATCH, wait_ms);
         if (n <= 0)
@@ -536,7 +545,16 @@ static void cxl_engine_wait_idle(void *engine, int64_t *count)
 /* Submit a request whose segments are set; one with none (or one the
  * engine, stopping, refuses with ESHUTDOWN) finishes at once.  Waits,
  * reaping, while the engine is full: back-pressure, nothing dropped. */
-static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
+enum {
+    CXL_SUBMIT_BATCH = 1    /* more follow: the caller kicks after the last */
+};
+
+static void cxl_engine_kick(cxl_engine *e)
+{
+    e->be->ops->kick(e->be);
+}
+
+static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
 {
     long need;
     int i;
@@ -577,6 +595,8 @@ static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
         return;
     }
     r->seq = ++e->seq;
+    if ((r->flags & CXL_REQ_UNATTENDED) && e->unattended++ == 0)
+        e->be->ops->set_notify(e->be, 1);   /* before any of it is issued */
     r->prev = e->head.prev;
     r->next = &e->head;
     e->head.prev->next = r;
@@ -593,7 +613,13 @@ static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
         cxl_engine_submit_segs_locked(e, r);
     }
     pthread_mutex_unlock(&e->mu);
-    e->be->ops->kick(e->be);
+    if (!(flags & CXL_SUBMIT_BATCH))
+        e->be->ops->kick(e->be);
+}
+
+static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
+{
+    cxl_engine_submit_flags(e, r, 0);
 }
 
 /* The completer thread: reaps what nobody waits for, and completes the
