@@ -555,7 +555,7 @@ def main(argv=None):
     ap.add_argument("--json", metavar="OUT", help="write every figure to OUT")
     ap.add_argument("--file", default=DEFAULT_FILE,
                     help=f"the O_DIRECT test file (1 GiB, created once; default {DEFAULT_FILE})")
-    ap.add_argument("--rounds", type=int, help="O_DIRECT rounds (default 5, --quick 2)")
+    ap.add_argument("--rounds", type=int, help="O_DIRECT rounds (default 7, --quick 2)")
     ap.add_argument("--duration", type=float,
                     help="seconds per O_DIRECT side per round (default 0.8, --quick 0.4)")
     ap.add_argument("--pc-rounds", type=int, help="page-cache rounds (default 21, --quick 7)")
@@ -564,7 +564,7 @@ def main(argv=None):
                          "(info rows)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 7)
     duration = args.duration or (0.4 if args.quick else 0.8)
     pc_rounds = args.pc_rounds or (7 if args.quick else 21)
     tty = sys.stderr.isatty() and not args.quiet
