@@ -52,6 +52,7 @@ BS = 4096
 QD = 64
 FILE_SIZE = 1 << 30
 DEFAULT_FILE = "/var/tmp/cxlflash-engine-bench.img"
+MASK = (1 << 20) - 1     # the pre-generated LBAs, cycled
 LIST_BATCH = 4096          # requests per listio call in the O_DIRECT rows (qd=64 in flight)
 N_DEPTH1 = 2048            # depth-1 requests per round (page cache)
 PC_BLOCKS = 8192           # page-cached blocks the page-cache rows read (32 MiB)
@@ -217,7 +218,7 @@ class DirectSides:
         self.adapters = []
         self.lun = self._open(None)
         self.blocks = self.lun.size
-        self.lbas = rng.integers(0, self.blocks, 1 << 20, dtype=np.uint64)
+        self.lbas = rng.integers(0, self.blocks, MASK + 1, dtype=np.uint64)
         self.lba_list = self.lbas.tolist()
         self.offs = self.lbas * np.uint64(BS)
         self.fd = self.lun.adapter.driver.gluns[self.lun.disk.wwid].backing.fd
@@ -317,7 +318,7 @@ class DirectSides:
         end = t0 + self.duration
         for i in range(QD):
             q.append((lun.areadinto(lbas[p], slots[i]), i))
-            p += 1
+            p = (p + 1) & MASK
         n = 0
         while True:
             f, i = q.popleft()
@@ -326,7 +327,7 @@ class DirectSides:
             if not n & 63 and time.perf_counter() >= end:
                 break
             q.append((lun.areadinto(lbas[p], slots[i]), i))
-            p += 1
+            p = (p + 1) & MASK
         for f, i in q:
             f.result()
             n += 1
@@ -342,7 +343,7 @@ class DirectSides:
         end = t0 + self.duration
         for i in range(QD):
             q.append(lun.aread(lbas[p], 1))
-            p += 1
+            p = (p + 1) & MASK
         n = 0
         while True:
             q.popleft().result()
@@ -350,7 +351,7 @@ class DirectSides:
             if not n & 63 and time.perf_counter() >= end:
                 break
             q.append(lun.aread(lbas[p], 1))
-            p += 1
+            p = (p + 1) & MASK
         for f in q:
             f.result()
             n += 1
@@ -359,18 +360,18 @@ class DirectSides:
     def asyncio_side(self):
         """64 asyncio tasks, each awaiting ``readinto_async`` in turn."""
         lun = self.lun
-        p = self._next(1 << 19)
-        lbas = self.lba_list[p:p + (1 << 19)]
+        lbas = self.lba_list
         count = [0]
         end = [0.0]
         clock = time.perf_counter
 
         async def task(i):
             slot = self.slots[i]
-            mine = lbas[i::QD]
             k = 0
-            for lba in mine:
-                await lun.readinto_async(lba, slot)
+            j = i
+            while True:
+                await lun.readinto_async(lbas[j], slot)
+                j = (j + QD) & MASK
                 k += 1
                 if not k & 15 and clock() >= end[0]:
                     break
