@@ -459,6 +459,11 @@ class Adapter:
         with self._lock:
             self._paths_gen += 1
             self._paths.clear()
+        # A fence among them (RELEASE, DETACH, a shrink, a reset) waited for
+        # the asynchronous requests it fenced: their futures are done too.
+        eng = self._engine
+        if eng is not None:
+            eng.settle_completed()
 
     def _closed_error(self):
         return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the adapter is closed: "

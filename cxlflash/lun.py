@@ -94,6 +94,10 @@ class ListResult:
                                  f"{self._lba(i)}..+{int(np.ravel(self._nblocks)[i])}) "
                                  f"is beyond the logical size of {self._lun.size} "
                                  f"blocks (LBAs 0..{self._lun.size - 1})")
+        if s == -errno.ESHUTDOWN:
+            return CxlFlashError(errno.ESHUTDOWN, f"request {i} did not run: the "
+                                 "adapter's I/O engine was closed (the adapter was "
+                                 "closed during the list)")
         return OSError(-s, os.strerror(-s))
 
     def _lba(self, i):

@@ -13,6 +13,7 @@ cdef extern from "engine.h" nogil:
         CXL_SEG_INLINE
         CXL_REQ_DRAIN
         CXL_REQ_UNATTENDED
+        CXL_REQ_LOOP
         CXL_XFER_IN_ERROR
         CXL_XFER_BACKING_ENDED
         CXL_HAVE_URING
@@ -50,6 +51,7 @@ cdef extern from "engine.h" nogil:
         int afu_rc
         uint64_t bad
         int nseg
+        int seg_left
         cxl_seg *segs
         cxl_seg seg_inline[4]
         int64_t *table_inflight
@@ -62,6 +64,13 @@ cdef extern from "engine.h" nogil:
         uint64_t index
         int64_t t_submit
         int done
+    ctypedef struct cxl_slots:
+        long nfree
+        cxl_queue q
+    int cxl_slots_init(cxl_slots *s, long n)
+    cxl_req *cxl_slots_get(cxl_slots *s)
+    void cxl_slots_put(cxl_slots *s, cxl_req *r)
+    void cxl_slots_destroy(cxl_slots *s)
     ctypedef struct cxl_inject:
         int op
         int64_t res
@@ -89,9 +98,10 @@ cdef extern from "engine.h" nogil:
     void cxl_req_clear(cxl_req *r)
     cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
     int cxl_engine_is_ours(cxl_engine *e)
-    void cxl_engine_submit(cxl_engine *e, cxl_req *r)
-    void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+    int cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+    int cxl_engine_try_segs(cxl_engine *e, cxl_req *r)
     void cxl_engine_kick(cxl_engine *e)
+    int cxl_engine_notify_fd(cxl_engine *e)
     enum:
         CXL_SUBMIT_BATCH
     void cxl_engine_finish(cxl_engine *e, cxl_req *r)
@@ -117,15 +127,19 @@ cdef class Engine:
     cdef readonly long depth
     cdef readonly bint closed
     cdef object _bridges
-    cdef object _last_loop
+    cdef object _all_bridges
     cdef object _last_bridge
     cdef object _close_lock
     cdef long py_inhand           # futures taken from pyq, being completed
+    cdef long users               # threads inside the C engine (GIL released)
     cdef object __weakref__
 
     cdef int _check_open(self) except -1
+    cdef int _enter(self) except -1
+    cdef int _start(self, object rq, int flags) except -1
     cdef int _drain_pyq(self) except -1
     cdef int _settle_all(self) except -1
+    cdef int _drain_bridges(self) except -1
     cdef object _bridge(self)
     cdef int _refuse(self, DataPath dp) except -1
     cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,

@@ -34,9 +34,11 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
 6. At fork(), ``cxlflash._core.locks`` leaves every lock usable in the
    child.  The driver's per-context mutex is not needed for any of this.
 7. Asynchronous requests (``engine.pyx``) do not hold the read lock while
-   they are in flight: each is checked and translated under it and counts
-   itself into ``aio_inflight`` before the lock is dropped; the engine
-   counts it out when it completes.  The write lock, once taken (first
+   they are in flight: each is checked and translated under it, runs there
+   what cannot block on a device (a page-cache hit, a memory store), and
+   counts itself into ``aio_inflight`` before the lock is dropped if
+   anything is left for the backend; the engine counts it out when it
+   completes.  The write lock, once taken (first
    hold), waits for that count to reach zero -- reaping completions on the
    engine meanwhile, so it never waits for one that only it could reap --
    which makes every change of rule 1 a fence for asynchronous I/O too.

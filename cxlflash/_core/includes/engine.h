@@ -23,6 +23,7 @@
 #ifndef CXLFLASH_ENGINE_H
 #define CXLFLASH_ENGINE_H
 
+#include <sched.h>
 #include <stddef.h>
 #include "backend.h"
 
@@ -34,8 +35,9 @@
 
 enum {
     CXL_REQ_DRAIN = 1,      /* starts after every request submitted before it */
-    CXL_REQ_UNATTENDED = 2  /* nobody waits in the engine for it: the backend's
-                             * notify fd must wake the completer thread */
+    CXL_REQ_UNATTENDED = 2, /* a future's: nobody may wait in the engine for it,
+                             * the completer thread watches the notify fd */
+    CXL_REQ_LOOP = 4        /* an asyncio loop's: the loop watches the notify fd */
 };
 
 /* An error of a request besides errno values (datapath.pxd's XFER_*). */
@@ -64,6 +66,7 @@ struct cxl_req {
     uint64_t bad;           /* the byte where a backing store ended */
     int nseg;
     int seg_left;
+    int next_issue;         /* segments before it were given to the backend */
     cxl_seg *segs;          /* seg_inline or malloc'd */
     cxl_seg seg_inline[CXL_SEG_INLINE];
     /* the table it went through: its in-flight count, and what tells of
@@ -106,11 +109,14 @@ typedef struct cxl_engine {
     long depth;                     /* segments in flight at most */
     long seg_inflight;
     long req_inflight;
-    long unattended;                /* CXL_REQ_UNATTENDED requests in flight */
+    long armed;                     /* UNATTENDED or LOOP requests in flight:
+                                     * the backend's notify fd is armed */
+    long unattended;                /* UNATTENDED ones: the completer watches it */
     int ninject;
     cxl_inject inject[CXL_MAX_INJECT];
     cxl_queue pyq;                  /* requests of Python futures */
-    int stop_efd;
+    int stop_efd;                   /* wakes the completer (to stop, or to
+                                     * watch the notify fd again) */
     int stopping;
     int has_completer;
     pthread_t completer;
@@ -231,9 +237,70 @@ static void cxl_req_clear(cxl_req *r)
            sizeof *r - offsetof(cxl_req, seg_inline) - sizeof r->seg_inline);
 }
 
+/* -- a list call's requests ----------------------------------------------------- */
+
+/* The requests a list call reuses (as many as it keeps in flight) and
+ * the queue they finish into. */
+typedef struct cxl_slots {
+    cxl_req *pool;
+    cxl_req **free;
+    long nfree;
+    long n;
+    cxl_queue q;
+} cxl_slots;
+
+/* 0, or -ENOMEM.  ``n`` may be 0. */
+static int cxl_slots_init(cxl_slots *s, long n)
+{
+    long i;
+    s->n = n;
+    s->nfree = 0;
+    s->pool = (cxl_req *) malloc((size_t) (n ? n : 1) * sizeof(cxl_req));
+    s->free = (cxl_req **) malloc((size_t) (n ? n : 1) * sizeof(cxl_req *));
+    if (s->pool == NULL || s->free == NULL) {
+        free(s->pool);
+        free(s->free);
+        return -ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        s->pool[i].segs = NULL;         /* the rest is cleared as it is used */
+        s->free[s->nfree++] = &s->pool[i];
+    }
+    cxl_queue_init(&s->q, 0);
+    return 0;
+}
+
+/* A cleared request routed to the queue; NULL when all are in use. */
+static cxl_req *cxl_slots_get(cxl_slots *s)
+{
+    cxl_req *r;
+    if (s->nfree == 0)
+        return NULL;
+    r = s->free[--s->nfree];
+    cxl_req_clear(r);
+    r->route = &s->q;
+    return r;
+}
+
+static void cxl_slots_put(cxl_slots *s, cxl_req *r)
+{
+    s->free[s->nfree++] = r;
+}
+
+static void cxl_slots_destroy(cxl_slots *s)
+{
+    long i;
+    for (i = 0; i < s->n; i++)
+        cxl_req_clear(&s->pool[i]);
+    free(s->pool);
+    free(s->free);
+    cxl_queue_destroy(&s->q);
+}
+
 /* -- the engine --------------------------------------------------------------- */
 
 static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r);
+static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r);
 
 static cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
 {
@@ -249,7 +316,7 @@ static cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
     pthread_mutex_init(&e->reap_mu, NULL);
     pthread_mutex_init(&e->mu, NULL);
     e->head.next = e->head.prev = &e->head;
-    cxl_queue_init(&e->pyq, 0);
+    cxl_queue_init(&e->pyq, 1);     /* its eventfd wakes the completer */
     e->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     e->fork_gen = cxl_fork_gen;
     e->pid = (int) getpid();
@@ -312,11 +379,32 @@ static int cxl_engine_ninject(cxl_engine *e)
     return __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE);
 }
 
-/* The request is done: count it out of its table and the engine, start
- * the deferred requests it held back, and post it to its route. */
-static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
+/* Take a finished request out of the in-flight list, and start the
+ * deferred requests it held back.  Caller holds mu. */
+static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r)
 {
     cxl_req *d;
+    r->prev->next = r->next;
+    r->next->prev = r->prev;
+    r->next = r->prev = NULL;
+    e->req_inflight--;
+    if (r->flags & CXL_REQ_UNATTENDED)
+        e->unattended--;
+    if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && --e->armed == 0)
+        e->be->ops->set_notify(e->be, 0);
+    /* A deferred request starts once it is the oldest in flight. */
+    while ((d = e->deferred_head) != NULL && e->head.next == d) {
+        e->deferred_head = d->qnext;
+        if (e->deferred_head == NULL)
+            e->deferred_tail = NULL;
+        cxl_engine_submit_segs_locked(e, d);
+    }
+}
+
+/* The request is done: count it out of its table and the engine, and post
+ * it to its route (or leave it to its submitter, cxl_req_handoff). */
+static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
+{
     cxl_queue *q;
     if (r->status == 0 && ((r->fail_gen && __atomic_load_n(r->fail_gen, __ATOMIC_ACQUIRE)
                                            != r->fail_gen_seen) ||
@@ -325,19 +413,7 @@ static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
         r->status = CXL_XFER_IN_ERROR;      /* the AFU was reset under it */
     if (r->next) {                          /* it was in flight */
         pthread_mutex_lock(&e->mu);
-        r->prev->next = r->next;
-        r->next->prev = r->prev;
-        r->next = r->prev = NULL;
-        e->req_inflight--;
-        if ((r->flags & CXL_REQ_UNATTENDED) && --e->unattended == 0)
-            e->be->ops->set_notify(e->be, 0);
-        /* A deferred request starts once it is the oldest in flight. */
-        while ((d = e->deferred_head) != NULL && e->head.next == d) {
-            e->deferred_head = d->qnext;
-            if (e->deferred_head == NULL)
-                e->deferred_tail = NULL;
-            cxl_engine_submit_segs_locked(e, d);
-        }
+        cxl_engine_unlink_locked(e, r);
         pthread_mutex_unlock(&e->mu);
     }
     if (r->table_inflight)
@@ -366,45 +442,57 @@ static int cxl_req_handoff(cxl_req *r, cxl_queue *q)
 static int cxl_engine_issue(cxl_engine *e, cxl_seg *s)
 {
     cxl_io io = s->io;
-    int rc;
+    int rc, tries;
     io.offset += s->done;
     io.len -= s->done;
     if (io.buf)
         io.buf += s->done;
-    for (;;) {
+    for (tries = 0;; tries++) {
         rc = e->be->ops->submit(e->be, &io);
-        if (rc != -EAGAIN)
-            break;
-        e->be->ops->kick(e->be);
+        if (rc != -EAGAIN || tries == 64)
+            break;                      /* (a backend that stays full fails it) */
+        if (e->be->ops->kick(e->be) < 0)
+            sched_yield();
     }
     if (rc == 0)
         e->seg_inflight++;
     return rc;
 }
 
-/* Issue every segment of a request; one the backend refuses completes
- * at once with its error (counted like a completion).  Caller holds mu. */
-static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r)
+/* Give the backend up to ``budget`` more of a request's segments (those
+ * not completed at submission); one the backend refuses counts as done,
+ * failed.  Caller holds mu. */
+static void cxl_engine_issue_more_locked(cxl_engine *e, cxl_req *r, long budget)
 {
-    int i, rc, failed = 0;
-    for (i = 0; i < r->nseg; i++) {
-        if (r->segs[i].done == r->segs[i].io.len && r->segs[i].io.len)
+    int rc;
+    cxl_seg *s;
+    while (budget > 0 && r->next_issue < r->nseg) {
+        s = &r->segs[r->next_issue++];
+        if (s->done == s->io.len && s->io.len)
             continue;                       /* completed at submission */
-        rc = cxl_engine_issue(e, &r->segs[i]);
+        rc = cxl_engine_issue(e, s);
         if (rc) {
             if (r->status == 0)
                 r->status = -rc;
-            failed++;
+            r->seg_left--;
         }
+        budget--;
     }
-    if (failed) {
-        r->seg_left -= failed;
-        if (r->seg_left == 0) {
-            /* nothing of it reached the backend: finish it outside mu */
-            pthread_mutex_unlock(&e->mu);
-            cxl_engine_finish(e, r);
-            pthread_mutex_lock(&e->mu);
-        }
+}
+
+/* Issue a request: at most what the engine's depth has room for now (at
+ * least one segment), the rest as its segments complete -- so that no
+ * request, however many segments it has, puts more operations in flight
+ * than the backend can report.  Caller holds mu. */
+static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r)
+{
+    long room = e->depth - e->seg_inflight;
+    cxl_engine_issue_more_locked(e, r, room > 0 ? room : 1);
+    if (r->seg_left == 0) {
+        /* nothing of it reached the backend: finish it outside mu */
+        pthread_mutex_unlock(&e->mu);
+        cxl_engine_finish(e, r);
+        pthread_mutex_lock(&e->mu);
     }
 }
 
@@ -450,7 +538,11 @@ static void cxl_engine_complete_seg(cxl_engine *e, cxl_seg *s, int64_t res)
         r->status = (int) -res;
     }
     r->seg_left--;
+    if (r->next_issue < r->nseg)            /* its next segment, in its place */
+        cxl_engine_issue_more_locked(e, r, 1);
     left = (uint64_t) r->seg_left;
+    if (left == 0 && r->next)
+        cxl_engine_unlink_locked(e, r);     /* while mu is held anyway */
     pthread_mutex_unlock(&e->mu);
     if (left == 0)
         cxl_engine_finish(e, r);
@@ -554,33 +646,42 @@ static void cxl_engine_kick(cxl_engine *e)
     e->be->ops->kick(e->be);
 }
 
-static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+/* Run a request's segments now where that cannot block on a device (a
+ * page-cache hit, a memory store) -- unless faults are queued, which only
+ * completions get.  Returns how many segments are left for the backend
+ * (a partial transfer leaves the rest of its segment). */
+static int cxl_engine_try_segs(cxl_engine *e, cxl_req *r)
 {
-    long need;
-    int i;
+    int i, left = r->nseg;
     int64_t res;
     cxl_seg *s;
-    r->seg_left = r->nseg;
-    /* What can complete now without blocking (page cache, memory) does,
-     * here -- unless faults are queued, which only completions get. */
-    if (e->be->ops->try_now && r->status == 0 &&
-            __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE) == 0) {
-        for (i = 0; i < r->nseg; i++) {
-            s = &r->segs[i];
-            res = e->be->ops->try_now(e->be, &s->io);
-            if (res > 0 && (uint64_t) res >= s->io.len) {
-                s->done = s->io.len;
-                r->seg_left--;
-            } else if (res > 0) {
-                s->done = (uint64_t) res;  /* the rest goes to the queue */
-            }
+    if (e->be->ops->try_now == NULL || r->status != 0 ||
+            __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE) != 0)
+        return left;
+    for (i = 0; i < r->nseg; i++) {
+        s = &r->segs[i];
+        res = e->be->ops->try_now(e->be, &s->io);
+        if (res > 0 && (uint64_t) res >= s->io.len) {
+            s->done = s->io.len;
+            left--;
+        } else if (res > 0) {
+            s->done = (uint64_t) res;      /* the rest goes to the backend */
         }
     }
-    need = r->seg_left;
-    if (r->seg_left == 0) {
-        cxl_engine_finish(e, r);
-        return;
-    }
+    return left;
+}
+
+/* Submit a request whose segments are set and tried (``seg_left`` says
+ * what is left).  1: it is already complete -- refused before it was
+ * counted in, or done at submission -- and the caller records it; 0: the
+ * engine took it, and it finishes through its route.  Waits, reaping,
+ * while the engine is full: back-pressure, nothing dropped. */
+static int cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
+{
+    uint64_t one = 1;
+    long need = r->seg_left;
+    if (r->status != 0 || r->seg_left == 0)
+        return 1;
     pthread_mutex_lock(&e->mu);
     while (e->seg_inflight > 0 && e->seg_inflight + need > e->depth) {
         pthread_mutex_unlock(&e->mu);
@@ -592,11 +693,15 @@ static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
         if (r->status == 0)
             r->status = ESHUTDOWN;
         cxl_engine_finish(e, r);
-        return;
+        return 0;
     }
     r->seq = ++e->seq;
-    if ((r->flags & CXL_REQ_UNATTENDED) && e->unattended++ == 0)
-        e->be->ops->set_notify(e->be, 1);   /* before any of it is issued */
+    /* Before any of it is issued: the notify fd armed, and the completer
+     * told to watch it for a future's request. */
+    if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && e->armed++ == 0)
+        e->be->ops->set_notify(e->be, 1);
+    if ((r->flags & CXL_REQ_UNATTENDED) && e->unattended++ == 0 &&
+            write(e->stop_efd, &one, sizeof one) < 0) { /* readable anyway */ }
     r->prev = e->head.prev;
     r->next = &e->head;
     e->head.prev->next = r;
@@ -615,33 +720,39 @@ static void cxl_engine_submit_flags(cxl_engine *e, cxl_req *r, int flags)
     pthread_mutex_unlock(&e->mu);
     if (!(flags & CXL_SUBMIT_BATCH))
         e->be->ops->kick(e->be);
+    return 0;
 }
 
-static void cxl_engine_submit(cxl_engine *e, cxl_req *r)
-{
-    cxl_engine_submit_flags(e, r, 0);
-}
-
-/* The completer thread: reaps what nobody waits for, and completes the
- * Python futures (drain_py takes the GIL). */
+/* The completer thread: reaps the completions of futures nobody waits
+ * for, and completes the futures a reaper left in pyq (drain_py takes the
+ * GIL).  It watches the backend's notify fd only while futures' requests
+ * are in flight: asyncio loops reap their own, and list I/O and waiting
+ * threads theirs, without waking it. */
 static void *cxl_engine_completer(void *arg)
 {
     cxl_engine *e = (cxl_engine *) arg;
-    struct pollfd p[2];
+    struct pollfd p[3];
     uint64_t v;
-    p[0].fd = e->be->ops->notify_fd(e->be);
-    p[0].events = POLLIN;
-    p[1].fd = e->stop_efd;
-    p[1].events = POLLIN;
+    int n, i;
+    p[0].fd = e->stop_efd;
+    p[1].fd = e->pyq.efd;
+    p[2].fd = e->be->ops->notify_fd(e->be);
+    for (i = 0; i < 3; i++)
+        p[i].events = POLLIN;
     for (;;) {
-        if (poll(p, 2, 1000) < 0 && errno != EINTR)
+        n = __atomic_load_n(&e->unattended, __ATOMIC_ACQUIRE) > 0 ? 3 : 2;
+        for (i = 0; i < 3; i++)
+            p[i].revents = 0;
+        if (poll(p, (nfds_t) n, 1000) < 0 && errno != EINTR)
             break;
         if (__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE) == 2)
             break;
-        if (p[0].revents & POLLIN) {
-            if (read(p[0].fd, &v, sizeof v) < 0) { /* drained meanwhile */ }
-        }
-        cxl_engine_poll(e, 0);
+        for (i = 0; i < n; i++)
+            if ((p[i].revents & POLLIN) && read(p[i].fd, &v, sizeof v) < 0) {
+                /* drained meanwhile */
+            }
+        if (n == 3)
+            cxl_engine_poll(e, 0);
         /* A Python thread about to drain pyq does it (taking the GIL from
          * it would cost it more): it re-checks pyq after it stops being
          * busy, so nothing posted meanwhile is left behind. */
@@ -696,10 +807,16 @@ static inline void cxl_engine_py_busy(cxl_engine *e, int delta)
     __atomic_add_fetch(&e->py_busy, delta, __ATOMIC_SEQ_CST);
 }
 
+/* The backend's notify fd (readable when completions may wait). */
+static int cxl_engine_notify_fd(cxl_engine *e)
+{
+    return e->be->ops->notify_fd(e->be);
+}
+
 static void cxl_engine_free(cxl_engine *e)
 {
     e->be->ops->destroy(e->be);
-    cxl_queue_destroy(&e->pyq);
+    cxl_queue_destroy(&e->pyq);     /* closes its eventfd */
     close(e->stop_efd);
     pthread_mutex_destroy(&e->reap_mu);
     pthread_mutex_destroy(&e->mu);
