@@ -37,6 +37,7 @@ else:
 from . import uapi, _args
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.engine import OP_READ, OP_WRITE, OP_FLUSH, OP_ZERO, OP_DISCARD
+from .backing import aligned_buffer
 from ._core.errors import afu_error
 from .errors import CxlFlashError, AdapterResetError
 
@@ -130,6 +131,7 @@ class _Lun:
         self._size = 0
         self._stats_base = dict.fromkeys(_STAT_NAMES, 0)
         self._stats_extra = {"num_reset_contexts": 0}
+        self._direct = False                # the backing store is O_DIRECT
         self._lock = threading.Lock()
         self._close_lock = threading.RLock()
 
@@ -179,6 +181,7 @@ class _Lun:
         self.readinto = dp.readinto      # type: ignore[method-assign]
         self.write = dp.write            # type: ignore[method-assign]
         self.block_size: int = glun.blk_len
+        self._direct = bool(getattr(glun.backing, "direct", False))
         for name in _ASYNC_BOUND:
             self.__dict__.pop(name, None)
 
@@ -224,6 +227,14 @@ class _Lun:
         nblocks = _args.u64(nblocks, "nblocks")
         self._check_open()
         _args.extent(lba, nblocks, self._size)       # before allocating
+        if self._direct:
+            # O_DIRECT reads into an aligned buffer; the caller gets a copy
+            aligned = aligned_buffer(nblocks * self.block_size)
+            try:
+                self._dp.readinto(lba, aligned)
+            except OSError as e:
+                raise self.adapter._io_error(e) from None
+            return bytearray(aligned)
         buf = bytearray(nblocks * self.block_size)
         try:
             self._dp.readinto(lba, buf)

@@ -88,6 +88,10 @@ cdef extern from "engine.h" nogil:
 
     void cxl_backend_destroy(cxl_backend *be)
     int cxl_fd_nowait_class(int fd)
+    enum:
+        CXL_NOWAIT_NEVER
+        CXL_NOWAIT_CACHED
+        CXL_NOWAIT_MEMORY
     cxl_backend *cxl_pool_new(int nworkers)
     cxl_backend *cxl_uring_new(unsigned entries)
     int cxl_queue_init(cxl_queue *q, int with_efd)

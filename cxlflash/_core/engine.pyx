@@ -35,11 +35,13 @@ from cpython.ref cimport Py_INCREF, Py_DECREF, PyTypeObject
 from cpython.object cimport PyObject
 
 cdef extern from "Python.h":
+    unsigned long PyThread_get_thread_ident()
+    char *PyByteArray_AS_STRING(object o)
     int PyObject_GenericSetDict(object o, object value, void *context) except -1
     object PyObject_GenericGetDict(object o, void *context)
     object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
 from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, uintptr_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
@@ -241,6 +243,11 @@ cdef int prepare(cxl_req *r, DataPath dp, cxl_engine *eng, int op, uint64_t lba,
 
 # -- what is made once ------------------------------------------------------------------
 
+# The futures of every engine share one condition (and its lock).
+cdef object _shared_lock = threading.RLock()
+cdef object _shared_cond = threading.Condition(_shared_lock)
+cdef object _lock_acquire = _shared_lock.acquire
+cdef object _lock_release = _shared_lock.release
 cdef object _future_cls = None
 cdef object _cf = None
 cdef object _FINISHED = None
@@ -309,6 +316,7 @@ cdef class _Request:
     cdef int mode
     cdef bint retried
     cdef bint completed         # its outcome was delivered
+    cdef bint copy_out          # value is an aligned view: deliver a bytearray
 
     def __dealloc__(self):
         if self.has_view:
@@ -395,7 +403,7 @@ cdef int finish(_Request rq) except -1:
         elif rq.op != CXL_OP_FLUSH:
             dp.stats.unmaps += 1
             dp.stats.blocks_unmapped += rq.nblocks
-        value = rq.value
+        value = bytearray(rq.value) if rq.copy_out else rq.value
         exc = None
     else:
         dp.stats.errors += 1
@@ -419,6 +427,15 @@ cdef int finish(_Request rq) except -1:
         rq.future = exc
     Py_DECREF(rq)
     return 0
+
+
+cdef object aligned_view(Py_ssize_t nbytes):
+    """A writable view of ``nbytes`` zeroed bytes at a 4096-byte aligned
+    address (what O_DIRECT needs), in a bytearray it keeps alive."""
+    raw = bytearray(nbytes + 4096)
+    cdef uintptr_t addr = <uintptr_t> PyByteArray_AS_STRING(raw)
+    cdef Py_ssize_t start = <Py_ssize_t> ((4096 - (addr & 4095)) & 4095)
+    return memoryview(raw)[start:start + nbytes]
 
 
 cdef int complete_future(object fut, object value, object exc) except -1:
@@ -476,30 +493,9 @@ cdef class _LoopBridge:
     cdef bint ready
     cdef object loop_ref        # weak: the engine's map of bridges is keyed by it
     cdef Engine engine
-    cdef bint kick_pending
     cdef int notify_fd          # the backend's, also watched by this loop
+    cdef unsigned long thread   # the thread its loop last ran in
     cdef object __weakref__
-
-    cdef int kick_soon(self) except -1:
-        """Start what this iteration of the loop submitted, once, when the
-        loop gets to it (one system call for all of them)."""
-        if not self.kick_pending:
-            self.kick_pending = True
-            self.loop_ref().call_soon(self._kick)
-        return 0
-
-    def _kick(self):
-        self.kick_pending = False
-        cdef Engine eng = self.engine
-        if eng.eng != NULL and not eng.closed:
-            eng.users += 1
-            try:
-                with nogil:
-                    cxl_engine_kick(eng.eng)
-                    cxl_engine_try_poll(eng.eng)
-            finally:
-                eng.users -= 1
-        self.drain()
 
     def __cinit__(self, loop):
         if cxl_queue_init(&self.q, 1) != 0:
@@ -932,20 +928,28 @@ cdef class Engine:
     # -- submission -------------------------------------------------------------------
 
     cdef object _bridge(self):
+        """The running loop's bridge.  The last one is reused when this is
+        its loop's thread and that loop runs: one thread runs one loop at a
+        time, so it is this coroutine's loop -- without asking asyncio,
+        whose get_running_loop() makes a getpid() system call each time."""
         global _get_running_loop
+        cdef unsigned long me = PyThread_get_thread_ident()
+        cdef _LoopBridge last = self._last_bridge
+        if last is not None and last.thread == me:
+            loop = last.loop_ref()
+            if loop is not None and loop.is_running():
+                return last
         if _get_running_loop is None:
             from asyncio import get_running_loop
             _get_running_loop = get_running_loop
         loop = _get_running_loop()
-        if self._last_bridge is not None and \
-                (<_LoopBridge> self._last_bridge).loop_ref() is loop:
-            return self._last_bridge
         b = self._bridges.get(loop)
         if b is None:
             b = _LoopBridge(loop)
             (<_LoopBridge> b).watch_backend(self)
             self._bridges[loop] = b
             self._all_bridges.add(b)
+        (<_LoopBridge> b).thread = me
         self._last_bridge = b
         return b
 
@@ -1001,7 +1005,16 @@ cdef class Engine:
                     raise TypeError("a write needs its data")
                 n = arg_u64(nblocks, b"nblocks", NO_LIMIT)
                 dp._check(v, n)             # before allocating
-                buffer = bytearray(n * dp.block_size)
+                if dp.nowait_fd != dp.fd:
+                    dp.nowait_class = cxl_fd_nowait_class(dp.fd)
+                    dp.nowait_fd = dp.fd
+                if dp.nowait_class == CXL_NOWAIT_NEVER:
+                    # O_DIRECT needs an aligned buffer: read into one, hand
+                    # over a bytearray copy of it
+                    buffer = aligned_view(n * dp.block_size)
+                    rq.copy_out = True
+                else:
+                    buffer = bytearray(n * dp.block_size)
                 rq.value = buffer
             flags = PyBUF_SIMPLE if op == CXL_OP_WRITE else PyBUF_SIMPLE | PyBUF_WRITABLE
             PyObject_GetBuffer(buffer, &rq.view, flags)
@@ -1058,9 +1071,9 @@ cdef class Engine:
             cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
         try:
             if mode == MODE_ASYNCIO:
-                # Started once per loop iteration, with the others of it.
-                if not self._start(rq, CXL_SUBMIT_BATCH):
-                    bridge.kick_soon()
+                # Started at once (kept for the loop's next iteration, fewer
+                # requests were in flight on a device); the loop reaps.
+                self._start(rq, 0)
             elif not self._start(rq, 0) and not self.closed:    # in flight: reap
                 self.users += 1
                 try:
@@ -1220,10 +1233,7 @@ cdef object _running_loop():
         return None
 
 
-_shared_lock = threading.RLock()
-_shared_cond = threading.Condition(_shared_lock)
-_lock_acquire = _shared_lock.acquire
-_lock_release = _shared_lock.release
+
 
 
 cdef int _cond_wait(object fut, int ms) except -1:
