@@ -151,6 +151,10 @@ class Adapter:
     supports.  ``rht_per_context``: resource handles per context (256, as
     with 4 KiB pages, or up to 4096).  ``port_max_luns`` and
     ``port_capacity`` (4K blocks) bound what can be provisioned per port.
+    ``engine``: the asynchronous I/O engine, "io_uring" or "threads" (None:
+    ``CXLFLASH_ENGINE``, else io_uring where it works); ``engine_depth``:
+    its operations in flight at most; ``io_threads``: the thread pool's
+    workers (default min(engine_depth, 64)).
     """
 
     def __init__(self, directory: Optional[str] = None, *, ports: int = 2,
@@ -460,6 +464,11 @@ class Adapter:
         with self._lock:
             self._paths_gen += 1
             self._paths.clear()
+        # A fence among them (RELEASE, DETACH, a shrink, a reset) waited for
+        # the asynchronous requests it fenced: their futures are done too.
+        eng = self._engine
+        if eng is not None:
+            eng.settle_completed()
 
     def _closed_error(self):
         return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the adapter is closed: "

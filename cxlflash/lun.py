@@ -37,6 +37,7 @@ else:
 from . import uapi, _args
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.engine import OP_READ, OP_WRITE, OP_FLUSH, OP_ZERO, OP_DISCARD
+from .backing import aligned_buffer
 from ._core.errors import afu_error
 from ._core.tables import MC_CHUNK_SIZE
 from .errors import CxlFlashError, AdapterResetError
@@ -97,6 +98,10 @@ class ListResult:
                                  f"{self._lba(i)}..+{int(np.ravel(self._nblocks)[i])}) "
                                  f"is beyond the logical size of {self._lun.size} "
                                  f"blocks (LBAs 0..{self._lun.size - 1})")
+        if s == -errno.ESHUTDOWN:
+            return CxlFlashError(errno.ESHUTDOWN, f"request {i} did not run: the "
+                                 "adapter's I/O engine was closed (the adapter was "
+                                 "closed during the list)")
         return OSError(-s, os.strerror(-s))
 
     def _lba(self, i):
@@ -129,6 +134,7 @@ class _Lun:
         self._size = 0
         self._stats_base = dict.fromkeys(_STAT_NAMES, 0)
         self._stats_extra = {"num_reset_contexts": 0}
+        self._direct = False                # the backing store is O_DIRECT
         self._lock = threading.Lock()
         self._close_lock = threading.RLock()
 
@@ -178,6 +184,7 @@ class _Lun:
         self.readinto = dp.readinto      # type: ignore[method-assign]
         self.write = dp.write            # type: ignore[method-assign]
         self.block_size: int = glun.blk_len
+        self._direct = bool(getattr(glun.backing, "direct", False))
         for name in _ASYNC_BOUND:
             self.__dict__.pop(name, None)
 
@@ -223,6 +230,14 @@ class _Lun:
         nblocks = _args.u64(nblocks, "nblocks")
         self._check_open()
         _args.extent(lba, nblocks, self._size)       # before allocating
+        if self._direct:
+            # O_DIRECT reads into an aligned buffer; the caller gets a copy
+            aligned = aligned_buffer(nblocks * self.block_size)
+            try:
+                self._dp.readinto(lba, aligned)
+            except OSError as e:
+                raise self.adapter._io_error(e) from None
+            return bytearray(aligned)
         buf = bytearray(nblocks * self.block_size)
         try:
             self._dp.readinto(lba, buf)

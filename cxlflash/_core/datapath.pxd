@@ -1,5 +1,5 @@
 # Block I/O through a resource handle to a backing file descriptor.
-from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from cxlflash._core.tables cimport ResourceTable
 
 cdef enum:
@@ -60,6 +60,15 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
 
 cdef int zero_range(int fd, int zero_mode, uint64_t offset,
                     uint64_t length) noexcept nogil
+
+# A request's outcome (0, an errno or an XFER_* code) as list I/O reports
+# it: the blocks done, -errno, -1000 AFU refusal, -1001 reset, -1002 gone.
+cdef int64_t list_status(int rc, uint64_t nblocks) noexcept nogil
+
+# Count a list's requests (types ``o``, blocks ``c``, outcomes ``st``) into
+# a DataPath's counters.  GIL held.
+cdef void count_list(io_stats *stats, const uint8_t[::1] o, const uint64_t[::1] c,
+                     const int64_t[::1] st) noexcept
 
 # pread/pwrite all of ``length`` bytes at byte ``offset``: 0, an errno, or
 # XFER_BACKING_ENDED with ``*end`` the byte where the backing store ended.

@@ -641,19 +641,7 @@ cdef class DataPath:
             return -EINVAL                  # does not fit in the buffer
         else:
             rc = self._run(lba, nblocks, buf + offset, op == 2, afu_rc, &bad)
-        if rc == 0:
-            return <int64_t> nblocks
-        if rc == XFER_AFU_ERROR:
-            return -1000
-        if rc == XFER_IN_ERROR:
-            return -1001
-        if rc == XFER_GONE or rc == XFER_FOREIGN:
-            return -1002
-        if rc == XFER_BACKING_ENDED:
-            return -EIO
-        if rc == XFER_BEYOND_OFF_T:
-            return -EINVAL
-        return -rc
+        return list_status(rc, nblocks)
 
     def listio(self, ops, lbas, nblocks, buffer, offsets=None, lat_ns=None):
         """Issue a batch of requests in one GIL-free call.
@@ -739,27 +727,7 @@ cdef class DataPath:
                             lat[i] += now_ns() - t0
         finally:
             PyBuffer_Release(&view)
-        with nogil:
-            for i in range(n):
-                if st[i] < 0:
-                    nerr += 1
-                elif o[i] == 1:
-                    nread += 1
-                    breads += c[i]
-                elif o[i] == 2:
-                    nwritten += 1
-                    bwrites += c[i]
-                else:
-                    nunmap += 1
-                    bunmap += c[i]
-        self.stats.list_calls += 1
-        self.stats.reads += nread
-        self.stats.writes += nwritten
-        self.stats.blocks_read += breads
-        self.stats.blocks_written += bwrites
-        self.stats.unmaps += nunmap
-        self.stats.blocks_unmapped += bunmap
-        self.stats.errors += nerr
+        count_list(&self.stats, o, c, st)
         return status, codes
 
     def count_error(self):
@@ -779,6 +747,51 @@ cdef class DataPath:
     def __repr__(self):
         return (f"DataPath(handle={self.handle}, fd={self.fd}, "
                 f"block_size={self.block_size}, closed={self.closed})")
+
+
+cdef int64_t list_status(int rc, uint64_t nblocks) noexcept nogil:
+    if rc == 0:
+        return <int64_t> nblocks
+    if rc == XFER_AFU_ERROR:
+        return -1000
+    if rc == XFER_IN_ERROR:
+        return -1001
+    if rc == XFER_GONE or rc == XFER_FOREIGN:
+        return -1002
+    if rc == XFER_BACKING_ENDED:
+        return -EIO
+    if rc == XFER_BEYOND_OFF_T:
+        return -EINVAL
+    return -rc
+
+
+cdef void count_list(io_stats *stats, const uint8_t[::1] o, const uint64_t[::1] c,
+                     const int64_t[::1] st) noexcept:
+    """Count a list's requests into a DataPath's counters by outcome."""
+    cdef Py_ssize_t i
+    cdef uint64_t nread = 0, nwritten = 0, nerr = 0, breads = 0, bwrites = 0
+    cdef uint64_t nunmap = 0, bunmap = 0
+    with nogil:
+        for i in range(o.shape[0]):
+            if st[i] < 0:
+                nerr += 1
+            elif o[i] == 1:
+                nread += 1
+                breads += c[i]
+            elif o[i] == 2:
+                nwritten += 1
+                bwrites += c[i]
+            else:
+                nunmap += 1
+                bunmap += c[i]
+    stats.list_calls += 1
+    stats.reads += nread
+    stats.writes += nwritten
+    stats.blocks_read += breads
+    stats.blocks_written += bwrites
+    stats.unmaps += nunmap
+    stats.blocks_unmapped += bunmap
+    stats.errors += nerr
 
 
 def list_arrays(ops, lbas, nblocks, offsets, block_size):

@@ -64,6 +64,13 @@ cdef extern from "engine.h" nogil:
         uint64_t index
         int64_t t_submit
         int done
+    ctypedef struct cxl_slots:
+        long nfree
+        cxl_queue q
+    int cxl_slots_init(cxl_slots *s, long n)
+    cxl_req *cxl_slots_get(cxl_slots *s)
+    void cxl_slots_put(cxl_slots *s, cxl_req *r)
+    void cxl_slots_destroy(cxl_slots *s)
     ctypedef struct cxl_inject:
         int op
         int64_t res
@@ -81,6 +88,10 @@ cdef extern from "engine.h" nogil:
 
     void cxl_backend_destroy(cxl_backend *be)
     int cxl_fd_nowait_class(int fd)
+    enum:
+        CXL_NOWAIT_NEVER
+        CXL_NOWAIT_CACHED
+        CXL_NOWAIT_MEMORY
     cxl_backend *cxl_pool_new(int nworkers)
     cxl_backend *cxl_uring_new(unsigned entries)
     int cxl_queue_init(cxl_queue *q, int with_efd)
@@ -120,15 +131,19 @@ cdef class Engine:
     cdef readonly long depth
     cdef readonly bint closed
     cdef object _bridges
-    cdef object _last_loop
+    cdef object _all_bridges
     cdef object _last_bridge
     cdef object _close_lock
     cdef long py_inhand           # futures taken from pyq, being completed
+    cdef long users               # threads inside the C engine (GIL released)
     cdef object __weakref__
 
     cdef int _check_open(self) except -1
+    cdef int _enter(self) except -1
+    cdef int _start(self, object rq, int flags) except -1
     cdef int _drain_pyq(self) except -1
     cdef int _settle_all(self) except -1
+    cdef int _drain_bridges(self) except -1
     cdef object _bridge(self)
     cdef int _refuse(self, DataPath dp) except -1
     cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,

@@ -35,17 +35,19 @@ from cpython.ref cimport Py_INCREF, Py_DECREF, PyTypeObject
 from cpython.object cimport PyObject
 
 cdef extern from "Python.h":
+    unsigned long PyThread_get_thread_ident()
+    char *PyByteArray_AS_STRING(object o)
     int PyObject_GenericSetDict(object o, object value, void *context) except -1
     object PyObject_GenericGetDict(object o, void *context)
     object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
 from libc.errno cimport errno, EINVAL, EIO, ENOMEM, ESHUTDOWN
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, uintptr_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT, TABLE_IN_ERROR, MC_CHUNK_SIZE
 from cxlflash._core.datapath cimport (
-    DataPath, check_range, raise_xfer_error, XFER_AFU_ERROR, XFER_IN_ERROR,
+    DataPath, check_range, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
     XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T)
 
 import errno as _errno
@@ -54,6 +56,8 @@ import sys
 import threading
 import weakref
 from time import monotonic as _monotonic
+
+_held = threading.local()       # futures this thread is completing (.n)
 from cxlflash._core.args import einval
 from cxlflash._core.datapath import list_arrays
 from cxlflash._core._lazy import numpy as np     # imported on first use
@@ -236,25 +240,13 @@ cdef int prepare(cxl_req *r, DataPath dp, cxl_engine *eng, int op, uint64_t lba,
     return rc
 
 
-cdef int64_t list_status(int status, uint64_t nblocks) noexcept nogil:
-    """A request's outcome as list I/O reports it (DataPath.listio)."""
-    if status == 0:
-        return <int64_t> nblocks
-    if status == XFER_AFU_ERROR:
-        return -1000
-    if status == XFER_IN_ERROR:
-        return -1001
-    if status == XFER_GONE or status == XFER_FOREIGN:
-        return -1002
-    if status == XFER_BACKING_ENDED:
-        return -EIO
-    if status == XFER_BEYOND_OFF_T:
-        return -EINVAL
-    return -status
-
-
 # -- what is made once ------------------------------------------------------------------
 
+# The futures of every engine share one condition (and its lock).
+cdef object _shared_lock = threading.RLock()
+cdef object _shared_cond = threading.Condition(_shared_lock)
+cdef object _lock_acquire = _shared_lock.acquire
+cdef object _lock_release = _shared_lock.release
 cdef object _future_cls = None
 cdef object _cf = None
 cdef object _FINISHED = None
@@ -323,6 +315,7 @@ cdef class _Request:
     cdef int mode
     cdef bint retried
     cdef bint completed         # its outcome was delivered
+    cdef bint copy_out          # value is an aligned view: deliver a bytearray
 
     def __dealloc__(self):
         if self.has_view:
@@ -352,19 +345,24 @@ cdef class _Request:
         here, else hand it its queue.  Returns 1 when it was completed.
         ``flags``: CXL_SUBMIT_BATCH leaves the kick to the caller."""
         cdef char *buf = <char *> self.view.buf if self.has_view else NULL
-        cdef cxl_engine *eng = self.engine.eng
+        cdef cxl_engine *eng
         cdef int inline_done
+        self.engine._enter()
+        eng = self.engine.eng
         cxl_req_clear(&self.req)
         self.req.owner = <void *> self
-        with nogil:
-            prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
-            if self.mode == MODE_FUTURE:
-                self.req.flags |= CXL_REQ_UNATTENDED
-            elif self.mode == MODE_ASYNCIO:
-                self.req.flags |= CXL_REQ_LOOP
-            inline_done = cxl_engine_submit_flags(eng, &self.req, flags)
-            if not inline_done and self.target != NULL:
-                inline_done = cxl_req_handoff(&self.req, self.target)
+        try:
+            with nogil:
+                prepare(&self.req, self.dp, eng, self.op, self.lba, self.nblocks, buf)
+                if self.mode == MODE_FUTURE:
+                    self.req.flags |= CXL_REQ_UNATTENDED
+                elif self.mode == MODE_ASYNCIO:
+                    self.req.flags |= CXL_REQ_LOOP
+                inline_done = cxl_engine_submit_flags(eng, &self.req, flags)
+                if not inline_done and self.target != NULL:
+                    inline_done = cxl_req_handoff(&self.req, self.target)
+        finally:
+            self.engine.users -= 1
         if inline_done:
             finish(self)
             return 1
@@ -386,8 +384,11 @@ cdef int finish(_Request rq) except -1:
         except Exception:
             recovered = False
         if recovered:
-            rq.start()          # the engine still holds its reference
-            return 0
+            try:
+                rq.start()      # the engine still holds its reference
+                return 0
+            except ValueError:
+                pass            # the engine closed meanwhile: the reset error
     if rq.has_view:
         PyBuffer_Release(&rq.view)
         rq.has_view = False
@@ -401,7 +402,7 @@ cdef int finish(_Request rq) except -1:
         elif rq.op != CXL_OP_FLUSH:
             dp.stats.unmaps += 1
             dp.stats.blocks_unmapped += rq.nblocks
-        value = rq.value
+        value = bytearray(rq.value) if rq.copy_out else rq.value
         exc = None
     else:
         dp.stats.errors += 1
@@ -413,10 +414,13 @@ cdef int finish(_Request rq) except -1:
         complete_future(fut, value if exc is None else None, exc)
     elif rq.mode == MODE_ASYNCIO:
         if not fut.done():              # a cancelled task's future
-            if exc is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(exc)
+            try:
+                if exc is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(exc)
+            except RuntimeError:
+                pass                    # its loop is closed: nobody awaits it
     else:
         rq.value = value if exc is None else exc
         rq.future = exc
@@ -424,37 +428,39 @@ cdef int finish(_Request rq) except -1:
     return 0
 
 
+cdef object aligned_view(Py_ssize_t nbytes):
+    """A writable view of ``nbytes`` zeroed bytes at a 4096-byte aligned
+    address (what O_DIRECT needs), in a bytearray it keeps alive."""
+    raw = bytearray(nbytes + 4096)
+    cdef uintptr_t addr = <uintptr_t> PyByteArray_AS_STRING(raw)
+    cdef Py_ssize_t start = <Py_ssize_t> ((4096 - (addr & 4095)) & 4095)
+    return memoryview(raw)[start:start + nbytes]
+
+
 cdef int complete_future(object fut, object value, object exc) except -1:
-    """Finish an EngineFuture.  Its state changes under the futures'
-    shared lock when a thread may be waiting on it -- a waiter installed by
-    concurrent.futures.wait() / as_completed(), or a thread waiting on the
-    condition -- and directly otherwise: with the GIL held and no Python
-    code between the check and the change, no other thread can observe or
-    install anything in between."""
+    """Finish an EngineFuture under the futures' shared lock, as
+    concurrent.futures.wait() and as_completed() expect (they install
+    their waiters holding it); the threads waiting on the condition are
+    woken only if there are any."""
     cdef dict d = <dict> PyObject_GenericGetDict(fut, NULL)
-    waiters = d["_waiters"]
-    if not waiters and not cond_waiters:
+    _lock_acquire()
+    try:
         if exc is None:
             d["_result"] = value
         else:
             d["_exception"] = exc
         d["_state"] = _FINISHED
-    else:
-        _shared_lock.acquire()
-        try:
-            if exc is None:
-                d["_result"] = value
-            else:
-                d["_exception"] = exc
-            d["_state"] = _FINISHED
-            for w in d["_waiters"]:
+        waiters = d["_waiters"]
+        if waiters:
+            for w in waiters:
                 if exc is None:
                     w.add_result(fut)
                 else:
                     w.add_exception(fut)
+        if cond_waiters:
             _shared_cond.notify_all()
-        finally:
-            _shared_lock.release()
+    finally:
+        _lock_release()
     if d["_done_callbacks"]:
         fut._invoke_callbacks()
     return 0
@@ -486,26 +492,9 @@ cdef class _LoopBridge:
     cdef bint ready
     cdef object loop_ref        # weak: the engine's map of bridges is keyed by it
     cdef Engine engine
-    cdef bint kick_pending
     cdef int notify_fd          # the backend's, also watched by this loop
+    cdef unsigned long thread   # the thread its loop last ran in
     cdef object __weakref__
-
-    cdef int kick_soon(self) except -1:
-        """Start what this iteration of the loop submitted, once, when the
-        loop gets to it (one system call for all of them)."""
-        if not self.kick_pending:
-            self.kick_pending = True
-            self.loop_ref().call_soon(self._kick)
-        return 0
-
-    def _kick(self):
-        self.kick_pending = False
-        cdef Engine eng = self.engine
-        if eng.eng != NULL and not eng.closed:
-            with nogil:
-                cxl_engine_kick(eng.eng)
-                cxl_engine_try_poll(eng.eng)
-        self.drain()
 
     def __cinit__(self, loop):
         if cxl_queue_init(&self.q, 1) != 0:
@@ -542,8 +531,12 @@ cdef class _LoopBridge:
         except BlockingIOError:
             pass
         if eng.eng != NULL and not eng.closed:
-            with nogil:
-                cxl_engine_try_poll(eng.eng)
+            eng.users += 1
+            try:
+                with nogil:
+                    cxl_engine_try_poll(eng.eng)
+            finally:
+                eng.users -= 1
         self.drain()
 
     cdef int drain(self) except -1:
@@ -588,6 +581,14 @@ def _close_all():
 
 import atexit
 atexit.register(_close_all)
+
+
+cdef long count_arg(object value, const char *name, long top) except -1:
+    """An integer in 1..top: TypeError, or OSError(EINVAL) naming the range."""
+    cdef object v = arg_int(value, name)
+    if v < 1 or v > top:
+        raise einval(f"{name.decode()} must be 1..{top}, got {v}")
+    return <long> v
 
 
 cdef str backend_reason(int err):
@@ -639,14 +640,12 @@ cdef class Engine:
     """
 
     def __cinit__(self, kind=None, depth=256, workers=None):
-        cdef long d = <long> arg_u64(depth, b"depth", MAX_DEPTH)
+        cdef long d = count_arg(depth, b"depth", MAX_DEPTH)
         cdef long nw
         cdef cxl_backend *be = NULL
         cdef int err = 0
         self.eng = NULL
         self.closed = True
-        if d < 1:
-            raise einval(f"depth must be 1..{MAX_DEPTH}, got {depth}")
         forced = os.environ.get("CXLFLASH_ENGINE") or None
         want = kind if kind is not None else forced
         if want not in (None, "io_uring", "threads"):
@@ -662,10 +661,8 @@ cdef class Engine:
                                   f"available: {backend_reason(err)}; use "
                                   "CXLFLASH_ENGINE=threads")
         if be == NULL:
-            nw = <long> arg_u64(workers if workers is not None else min(d, 64),
-                                b"workers", MAX_WORKERS)
-            if nw < 1:
-                raise einval(f"workers must be 1..{MAX_WORKERS}, got {workers}")
+            nw = count_arg(workers if workers is not None else min(d, 64),
+                           b"workers", MAX_WORKERS)
             be = cxl_pool_new(<int> nw)
             if be == NULL:
                 raise OSError(errno, "cannot start the I/O worker threads")
@@ -686,6 +683,7 @@ cdef class Engine:
             raise OSError(-err, "cannot start the I/O engine's completion thread")
         self.closed = False
         self._bridges = weakref.WeakKeyDictionary()
+        self._all_bridges = weakref.WeakSet()       # those of closed loops too
         self._close_lock = threading.Lock()
         _live_engines.add(self)
 
@@ -723,6 +721,27 @@ cdef class Engine:
         self._check_open()
         return 0
 
+    cdef int _start(self, object request, int flags) except -1:
+        """rq.start() for a new request; if the engine refuses it (closed
+        meanwhile), undo what submitting it counted."""
+        cdef _Request rq = <_Request> request
+        try:
+            return rq.start(flags)
+        except BaseException:
+            rq.dp.aio_pending -= 1
+            Py_DECREF(rq)               # the engine's reference
+            raise
+
+    cdef int _enter(self) except -1:
+        """Before a GIL-free call into the C engine: refuse a closed one,
+        and count this thread in (``close()`` frees the engine only when no
+        thread is inside).  The check and the count are one step under the
+        GIL."""
+        if self.closed or self.eng == NULL:
+            raise ValueError("the I/O engine is closed (its adapter was closed)")
+        self.users += 1
+        return 0
+
     cdef int _check_open(self) except -1:
         if self.closed:
             raise ValueError("the I/O engine is closed (its adapter was closed)")
@@ -733,22 +752,34 @@ cdef class Engine:
 
     def close(self):
         """Complete every request in flight (their futures get their
-        outcome), then stop the engine.  Safe to call twice."""
+        outcome), then stop the engine: its threads end and its file
+        descriptors (ring, eventfds) are closed before this returns.
+        Safe to call twice."""
         if self.closed or self.eng == NULL:
             return
         with self._close_lock:
             if self.closed:
                 return
             if not cxl_engine_is_ours(self.eng):
-                self.closed = True
+                self.closed = True      # a forked child leaves it alone
                 return
             with nogil:
                 cxl_engine_stop(self.eng)
-            self._drain_pyq()
-            for bridge in list(self._bridges.values()):
+            self._settle_all()
+            for bridge in list(self._all_bridges):
                 (<_LoopBridge> bridge).drain()
                 bridge.close()
             self.closed = True
+            # No thread may still be inside the engine (releasing a lock, say)
+            # when it is freed; none enters once it is closed.
+            while self.users > 0:
+                _cond_wait(None, 1)
+            self._bridges = weakref.WeakKeyDictionary()
+            self._all_bridges = weakref.WeakSet()
+            self._last_bridge = None
+            self.eng.drain_py = NULL
+            cxl_engine_free(self.eng)
+            self.eng = NULL
         _live_engines.discard(self)
 
     def inject(self, result, count=1, op=None, skip=0):
@@ -783,19 +814,26 @@ cdef class Engine:
         cdef cxl_req *p
         if self.eng == NULL:
             return 0
+        cdef long n
         r = cxl_queue_take(&self.eng.pyq)
         while r != NULL:
+            n = 0
             p = r
             while p != NULL:            # taken: in this thread's hands
-                self.py_inhand += 1
+                n += 1
                 p = p.qnext
+            self.py_inhand += n
+            _held.n = getattr(_held, "n", 0) + n
             while r != NULL:
                 nxt = r.qnext
                 try:
                     finish(<_Request> r.owner)
                 finally:
                     self.py_inhand -= 1
+                    _held.n -= 1
                 r = nxt
+            if self.eng == NULL:
+                break
             r = cxl_queue_take(&self.eng.pyq)
         return 0
 
@@ -804,9 +842,32 @@ cdef class Engine:
         waiting in the queue here, and wait for those another thread is
         completing."""
         self._drain_pyq()
-        while self.py_inhand > 0:
+        # (not those this thread holds: a future's callback may get here)
+        while self.py_inhand - getattr(_held, "n", 0) > 0:
             _cond_wait(None, 1)
             self._drain_pyq()
+        return 0
+
+    def settle_completed(self):
+        """Complete the futures of every request that has already
+        finished: those in the engine's queue, those another thread is
+        completing, and those of this thread's asyncio loop and of loops
+        no longer running.  A fence (shrink, release, detach, reset)
+        waits for the requests it fences to finish; this makes their
+        futures done too before it returns."""
+        if self.closed or self.eng == NULL:
+            return
+        self._settle_all()
+        self._drain_bridges()
+
+    cdef int _drain_bridges(self) except -1:
+        """Complete what sits in the queues of this thread's loop and of
+        loops that no longer run (never another thread's running loop)."""
+        loop = _running_loop()
+        for b in list(self._all_bridges):
+            bl = (<_LoopBridge> b).loop_ref()
+            if bl is None or bl is loop or not bl.is_running():
+                (<_LoopBridge> b).drain()
         return 0
 
     def _await_future(self, fut, timeout):
@@ -826,8 +887,12 @@ cdef class Engine:
                         break
                     ms = max(1, min(50, int(left * 1000)))
                 if rq is not None and not done and not self.closed:
-                    with nogil:
-                        done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+                    self.users += 1
+                    try:
+                        with nogil:
+                            done = cxl_engine_wait_req_ms(self.eng, &rq.req, ms)
+                    finally:
+                        self.users -= 1
                     self._drain_pyq()
                 else:
                     # its completion is in another thread's hands
@@ -847,33 +912,43 @@ cdef class Engine:
         """Return once every request submitted through ``dp`` has its
         future completed (reaping, and completing what was reaped, in
         this thread; those of the running asyncio loop too)."""
-        loop = _running_loop()
-        bridge = self._bridges.get(loop) if loop is not None else None
         while dp.aio_pending > 0 and self.eng != NULL and not self.closed:
-            with nogil:
-                cxl_engine_poll(self.eng, 1)
+            self.users += 1
+            try:
+                with nogil:
+                    cxl_engine_poll(self.eng, 1)
+            finally:
+                self.users -= 1
             self._drain_pyq()
-            if bridge is not None:
-                (<_LoopBridge> bridge).drain()
+            self._drain_bridges()
             if dp.aio_pending > 0:
                 _cond_wait(None, 1)
 
     # -- submission -------------------------------------------------------------------
 
     cdef object _bridge(self):
+        """The running loop's bridge.  The last one is reused when this is
+        its loop's thread and that loop runs: one thread runs one loop at a
+        time, so it is this coroutine's loop -- without asking asyncio,
+        whose get_running_loop() makes a getpid() system call each time."""
         global _get_running_loop
+        cdef unsigned long me = PyThread_get_thread_ident()
+        cdef _LoopBridge last = self._last_bridge
+        if last is not None and last.thread == me:
+            loop = last.loop_ref()
+            if loop is not None and loop.is_running():
+                return last
         if _get_running_loop is None:
             from asyncio import get_running_loop
             _get_running_loop = get_running_loop
         loop = _get_running_loop()
-        if loop is self._last_loop:
-            return self._last_bridge
         b = self._bridges.get(loop)
         if b is None:
             b = _LoopBridge(loop)
             (<_LoopBridge> b).watch_backend(self)
             self._bridges[loop] = b
-        self._last_loop = loop
+            self._all_bridges.add(b)
+        (<_LoopBridge> b).thread = me
         self._last_bridge = b
         return b
 
@@ -929,7 +1004,16 @@ cdef class Engine:
                     raise TypeError("a write needs its data")
                 n = arg_u64(nblocks, b"nblocks", NO_LIMIT)
                 dp._check(v, n)             # before allocating
-                buffer = bytearray(n * dp.block_size)
+                if dp.nowait_fd != dp.fd:
+                    dp.nowait_class = cxl_fd_nowait_class(dp.fd)
+                    dp.nowait_fd = dp.fd
+                if dp.nowait_class == CXL_NOWAIT_NEVER:
+                    # O_DIRECT needs an aligned buffer: read into one, hand
+                    # over a bytearray copy of it
+                    buffer = aligned_view(n * dp.block_size)
+                    rq.copy_out = True
+                else:
+                    buffer = bytearray(n * dp.block_size)
                 rq.value = buffer
             flags = PyBUF_SIMPLE if op == CXL_OP_WRITE else PyBUF_SIMPLE | PyBUF_WRITABLE
             PyObject_GetBuffer(buffer, &rq.view, flags)
@@ -966,10 +1050,15 @@ cdef class Engine:
         elif op == CXL_OP_WRITE:
             dp.stats.awrites += 1
         if mode == MODE_SYNC:
-            rq.start()
+            self._start(rq, 0)
             while not rq.completed:         # (re-driven once after a recovery)
-                with nogil:
-                    cxl_engine_wait_req(self.eng, &rq.req)
+                if not rq.req.done:         # (a closed engine finished it)
+                    self._enter()
+                    try:
+                        with nogil:
+                            cxl_engine_wait_req(self.eng, &rq.req)
+                    finally:
+                        self.users -= 1
                 finish(rq)
             if op == CXL_OP_FLUSH:
                 # the futures of the requests it covered are done too
@@ -981,12 +1070,16 @@ cdef class Engine:
             cxl_engine_py_busy(self.eng, 1)     # this thread completes what it reaps
         try:
             if mode == MODE_ASYNCIO:
-                # Started once per loop iteration, with the others of it.
-                if not rq.start(CXL_SUBMIT_BATCH):
-                    bridge.kick_soon()
-            elif not rq.start():            # in flight: reap what is there
-                with nogil:
-                    cxl_engine_try_poll(self.eng)
+                # Started at once (kept for the loop's next iteration, fewer
+                # requests were in flight on a device); the loop reaps.
+                self._start(rq, 0)
+            elif not self._start(rq, 0) and not self.closed:    # in flight: reap
+                self.users += 1
+                try:
+                    with nogil:
+                        cxl_engine_try_poll(self.eng)
+                finally:
+                    self.users -= 1
                 self._drain_pyq()
         finally:
             if mode == MODE_FUTURE:
@@ -1006,9 +1099,7 @@ cdef class Engine:
         if dp.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
-        cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
-        if depth < 1:
-            raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
+        cdef long depth = count_arg(qd, b"qd", MAX_DEPTH)
         o_arr, l_arr, c_arr, off_arr = list_arrays(ops, lbas, nblocks, offsets,
                                                    dp.block_size)
         cdef const uint8_t[::1] o = o_arr
@@ -1035,13 +1126,18 @@ cdef class Engine:
         cdef Py_ssize_t nreset = 0
         PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
+            self._enter()
+        except BaseException:
+            PyBuffer_Release(&view)
+            raise
+        try:
             with nogil:
                 nreset = run_list(self.eng, dp, o, l, c, off, <char *> view.buf,
                                   <uint64_t> view.len, st, cd, lat, timed,
                                   <Py_ssize_t> depth, 0)
             if nreset < 0:
                 raise MemoryError("no memory for the list's requests")
-            if nreset and may_recover and dp.on_reset():
+            if nreset and may_recover and dp.on_reset() and not self.closed:
                 with nogil:
                     nreset = run_list(self.eng, dp, o, l, c, off, <char *> view.buf,
                                       <uint64_t> view.len, st, cd, lat, timed,
@@ -1049,8 +1145,9 @@ cdef class Engine:
                 if nreset < 0:
                     raise MemoryError("no memory for the list's requests")
         finally:
+            self.users -= 1
             PyBuffer_Release(&view)
-        count_list(dp, o, c, st)
+        count_list(&dp.stats, o, c, st)
         return status, codes
 
     def raw_listio(self, fd, ops, offsets, nbytes, buffer, buf_offsets=None, qd=64,
@@ -1063,9 +1160,7 @@ cdef class Engine:
         self._check_open()
         cdef int f = arg_fd(fd)
         cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
-        cdef uint64_t depth = arg_u64(qd, b"qd", MAX_DEPTH)
-        if depth < 1:
-            raise einval(f"qd must be 1..{MAX_DEPTH}, got {qd}")
+        cdef long depth = count_arg(qd, b"qd", MAX_DEPTH)
         if nb > CXL_MAX_SEG_BYTES:
             raise einval(f"nbytes must be at most {CXL_MAX_SEG_BYTES}")
         cdef const uint64_t[::1] o = u64_array(ops, "ops")
@@ -1098,9 +1193,13 @@ cdef class Engine:
             for i in range(n):
                 if boff[i] > <uint64_t> view.len or nb > <uint64_t> view.len - boff[i]:
                     raise ValueError(f"request {i} does not fit in the buffer")
-            with nogil:
-                bad = run_raw(self.eng, f, o, off, nb, boff, <char *> view.buf, st,
-                              lat, timed, <Py_ssize_t> depth)
+            self._enter()
+            try:
+                with nogil:
+                    bad = run_raw(self.eng, f, o, off, nb, boff, <char *> view.buf, st,
+                                  lat, timed, <Py_ssize_t> depth)
+            finally:
+                self.users -= 1
         finally:
             PyBuffer_Release(&view)
         if bad == -2:
@@ -1111,6 +1210,9 @@ cdef class Engine:
                 raise OSError(_errno.EIO, f"request {bad}: the backing store ended "
                               "before its bytes (it is shorter than the offsets "
                               "addressed)")
+            if err == ESHUTDOWN:
+                raise ValueError(f"the I/O engine was closed during the batch: request "
+                                 f"{bad} and the requests not yet started did not run")
             raise OSError(err, f"request {bad}: {os.strerror(err)}")
         return n
 
@@ -1130,8 +1232,7 @@ cdef object _running_loop():
         return None
 
 
-_shared_lock = threading.RLock()
-_shared_cond = threading.Condition(_shared_lock)
+
 
 
 cdef int _cond_wait(object fut, int ms) except -1:
@@ -1148,34 +1249,6 @@ cdef int _cond_wait(object fut, int ms) except -1:
     return 0
 import array as _array
 _no_lat = _array.array("q", [0])        # lat_ns when none is given
-
-
-cdef void count_list(DataPath dp, const uint8_t[::1] o, const uint64_t[::1] c,
-                     int64_t[::1] st) noexcept:
-    cdef Py_ssize_t i
-    cdef uint64_t nread = 0, nwritten = 0, nerr = 0, breads = 0, bwrites = 0
-    cdef uint64_t nunmap = 0, bunmap = 0
-    with nogil:
-        for i in range(o.shape[0]):
-            if st[i] < 0:
-                nerr += 1
-            elif o[i] == 1:
-                nread += 1
-                breads += c[i]
-            elif o[i] == 2:
-                nwritten += 1
-                bwrites += c[i]
-            else:
-                nunmap += 1
-                bunmap += c[i]
-    dp.stats.list_calls += 1
-    dp.stats.reads += nread
-    dp.stats.writes += nwritten
-    dp.stats.blocks_read += breads
-    dp.stats.blocks_written += bwrites
-    dp.stats.unmaps += nunmap
-    dp.stats.blocks_unmapped += bunmap
-    dp.stats.errors += nerr
 
 
 cdef inline int list_done(cxl_req *r, const uint64_t[::1] c, int64_t[::1] st,
@@ -1202,32 +1275,16 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
     """Run a list's requests (with ``redrive``: only those that failed
     with -1001) ``qd`` at a time: the number that failed with -1001, or
     -1 without memory."""
-    cdef Py_ssize_t n = o.shape[0], i = 0, slots, outstanding = 0, nfree, nreset = 0
-    cdef cxl_req *pool
-    cdef cxl_req **free_slots
+    cdef Py_ssize_t n = o.shape[0], i = 0, outstanding = 0, nreset = 0
+    cdef cxl_slots sl
     cdef cxl_req *r
     cdef cxl_req *nxt
-    cdef cxl_queue q
-    cdef uint64_t bs = dp.block_size, limit = dp._limit, lba, nb, size
+    cdef uint64_t bs = dp.block_size, limit = dp._limit, lba, nb
     cdef int op
-    cdef int64_t s
-    cdef Py_ssize_t i_done
-    slots = qd if qd < n else n
-    if slots == 0:
-        return 0
-    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
-    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
-    if pool == NULL or free_slots == NULL:
-        free(pool)
-        free(free_slots)
+    if cxl_slots_init(&sl, qd if qd < n else n) != 0:
         return -1
-    for nfree in range(slots):
-        pool[nfree].segs = NULL
-        free_slots[nfree] = &pool[nfree]
-    nfree = slots
-    cxl_queue_init(&q, 0)
     while i < n or outstanding:
-        while i < n and nfree:
+        while i < n and sl.nfree:
             if redrive and st[i] != -1001:
                 i += 1
                 continue
@@ -1243,41 +1300,32 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
             elif op != 3 and (off[i] > buflen or nb > (buflen - off[i]) // bs):
                 st[i] = -EINVAL
             else:
-                nfree -= 1
-                r = free_slots[nfree]
-                cxl_req_clear(r)
+                r = cxl_slots_get(&sl)
                 r.index = <uint64_t> i
                 if timed:                   # prepare may run the I/O
                     r.t_submit = cxl_now_ns()
                 prepare(r, dp, eng, CXL_OP_ZERO if op == 3 else op, lba, nb,
                         NULL if op == 3 else buf + off[i])
-                if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH) or \
-                        cxl_req_handoff(r, &q):
-                    # done at submission (page cache, memory, a refusal):
-                    # no queue involved
+                # (started at once: on a device that keeps more requests
+                # in flight than one kick per batch does)
+                if cxl_engine_submit_flags(eng, r, 0):
+                    # done at submission (page cache, memory, a refusal)
                     nreset += list_done(r, c, st, cd, lat, timed, redrive)
-                    free_slots[nfree] = r
-                    nfree += 1
+                    cxl_slots_put(&sl, r)
                 else:
                     outstanding += 1
             i += 1
-        cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
-        cxl_engine_wait_queue(eng, &q)
-        r = cxl_queue_take(&q)
+        cxl_engine_wait_queue(eng, &sl.q)
+        r = cxl_queue_take(&sl.q)
         while r != NULL:
             nxt = r.qnext
             nreset += list_done(r, c, st, cd, lat, timed, redrive)
-            free_slots[nfree] = r
-            nfree += 1
+            cxl_slots_put(&sl, r)
             outstanding -= 1
             r = nxt
-    for i in range(slots):
-        cxl_req_clear(&pool[i])
-    free(pool)
-    free(free_slots)
-    cxl_queue_destroy(&q)
+    cxl_slots_destroy(&sl)
     return nreset
 
 
@@ -1299,36 +1347,19 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
                      Py_ssize_t qd) noexcept nogil:
     """raw_listio's loop: the index of the first failed request, -1 when
     all succeeded, -2 without memory."""
-    cdef Py_ssize_t n = o.shape[0], i = 0, slots, outstanding = 0, nfree, k
-    cdef cxl_req *pool
-    cdef cxl_req **free_slots
+    cdef Py_ssize_t n = o.shape[0], i = 0, outstanding = 0
+    cdef cxl_slots sl
     cdef cxl_req *r
     cdef cxl_req *nxt
-    cdef cxl_queue q
     cdef int64_t bad = -1
     cdef int cap
     cdef int nowait = cxl_fd_nowait_class(fd)
-    slots = qd if qd < n else n
-    if slots == 0:
-        return -1
-    pool = <cxl_req *> malloc(slots * sizeof(cxl_req))     # cleared as used
-    free_slots = <cxl_req **> malloc(slots * sizeof(cxl_req *))
-    if pool == NULL or free_slots == NULL:
-        free(pool)
-        free(free_slots)
+    if cxl_slots_init(&sl, qd if qd < n else n) != 0:
         return -2
-    for nfree in range(slots):
-        pool[nfree].segs = NULL
-        free_slots[nfree] = &pool[nfree]
-    nfree = slots
-    cxl_queue_init(&q, 0)
     while i < n or outstanding:
-        while i < n and nfree:
-            nfree -= 1
-            r = free_slots[nfree]
-            cxl_req_clear(r)
+        while i < n and sl.nfree:
+            r = cxl_slots_get(&sl)
             r.index = <uint64_t> i
-            r.route = &q
             r.op = <int> o[i]
             cap = CXL_SEG_INLINE
             cxl_req_reserve(r, cap)
@@ -1338,28 +1369,21 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             if timed:
                 r.t_submit = cxl_now_ns()
             r.seg_left = cxl_engine_try_segs(eng, r)
-            if cxl_engine_submit_flags(eng, r, CXL_SUBMIT_BATCH):
+            if cxl_engine_submit_flags(eng, r, 0):
                 bad = raw_done(r, st, lat, timed, bad)      # done at submission
-                free_slots[nfree] = r
-                nfree += 1
+                cxl_slots_put(&sl, r)
             else:
                 outstanding += 1
             i += 1
-        cxl_engine_kick(eng)            # the batch, in one go
         if outstanding == 0:
             continue
-        cxl_engine_wait_queue(eng, &q)
-        r = cxl_queue_take(&q)
+        cxl_engine_wait_queue(eng, &sl.q)
+        r = cxl_queue_take(&sl.q)
         while r != NULL:
             nxt = r.qnext
             bad = raw_done(r, st, lat, timed, bad)
-            free_slots[nfree] = r
-            nfree += 1
+            cxl_slots_put(&sl, r)
             outstanding -= 1
             r = nxt
-    for k in range(slots):
-        cxl_req_clear(&pool[k])
-    free(pool)
-    free(free_slots)
-    cxl_queue_destroy(&q)
+    cxl_slots_destroy(&sl)
     return bad

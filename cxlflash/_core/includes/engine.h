@@ -23,6 +23,7 @@
 #ifndef CXLFLASH_ENGINE_H
 #define CXLFLASH_ENGINE_H
 
+#include <sched.h>
 #include <stddef.h>
 #include "backend.h"
 
@@ -236,9 +237,70 @@ static void cxl_req_clear(cxl_req *r)
            sizeof *r - offsetof(cxl_req, seg_inline) - sizeof r->seg_inline);
 }
 
+/* -- a list call's requests ----------------------------------------------------- */
+
+/* The requests a list call reuses (as many as it keeps in flight) and
+ * the queue they finish into. */
+typedef struct cxl_slots {
+    cxl_req *pool;
+    cxl_req **free;
+    long nfree;
+    long n;
+    cxl_queue q;
+} cxl_slots;
+
+/* 0, or -ENOMEM.  ``n`` may be 0. */
+static int cxl_slots_init(cxl_slots *s, long n)
+{
+    long i;
+    s->n = n;
+    s->nfree = 0;
+    s->pool = (cxl_req *) malloc((size_t) (n ? n : 1) * sizeof(cxl_req));
+    s->free = (cxl_req **) malloc((size_t) (n ? n : 1) * sizeof(cxl_req *));
+    if (s->pool == NULL || s->free == NULL) {
+        free(s->pool);
+        free(s->free);
+        return -ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        s->pool[i].segs = NULL;         /* the rest is cleared as it is used */
+        s->free[s->nfree++] = &s->pool[i];
+    }
+    cxl_queue_init(&s->q, 0);
+    return 0;
+}
+
+/* A cleared request routed to the queue; NULL when all are in use. */
+static cxl_req *cxl_slots_get(cxl_slots *s)
+{
+    cxl_req *r;
+    if (s->nfree == 0)
+        return NULL;
+    r = s->free[--s->nfree];
+    cxl_req_clear(r);
+    r->route = &s->q;
+    return r;
+}
+
+static void cxl_slots_put(cxl_slots *s, cxl_req *r)
+{
+    s->free[s->nfree++] = r;
+}
+
+static void cxl_slots_destroy(cxl_slots *s)
+{
+    long i;
+    for (i = 0; i < s->n; i++)
+        cxl_req_clear(&s->pool[i]);
+    free(s->pool);
+    free(s->free);
+    cxl_queue_destroy(&s->q);
+}
+
 /* -- the engine --------------------------------------------------------------- */
 
 static void cxl_engine_submit_segs_locked(cxl_engine *e, cxl_req *r);
+static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r);
 
 static cxl_engine *cxl_engine_new(cxl_backend *be, long depth)
 {
@@ -317,11 +379,32 @@ static int cxl_engine_ninject(cxl_engine *e)
     return __atomic_load_n(&e->ninject, __ATOMIC_ACQUIRE);
 }
 
-/* The request is done: count it out of its table and the engine, start
- * the deferred requests it held back, and post it to its route. */
-static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
+/* Take a finished request out of the in-flight list, and start the
+ * deferred requests it held back.  Caller holds mu. */
+static void cxl_engine_unlink_locked(cxl_engine *e, cxl_req *r)
 {
     cxl_req *d;
+    r->prev->next = r->next;
+    r->next->prev = r->prev;
+    r->next = r->prev = NULL;
+    e->req_inflight--;
+    if (r->flags & CXL_REQ_UNATTENDED)
+        e->unattended--;
+    if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && --e->armed == 0)
+        e->be->ops->set_notify(e->be, 0);
+    /* A deferred request starts once it is the oldest in flight. */
+    while ((d = e->deferred_head) != NULL && e->head.next == d) {
+        e->deferred_head = d->qnext;
+        if (e->deferred_head == NULL)
+            e->deferred_tail = NULL;
+        cxl_engine_submit_segs_locked(e, d);
+    }
+}
+
+/* The request is done: count it out of its table and the engine, and post
+ * it to its route (or leave it to its submitter, cxl_req_handoff). */
+static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
+{
     cxl_queue *q;
     if (r->status == 0 && ((r->fail_gen && __atomic_load_n(r->fail_gen, __ATOMIC_ACQUIRE)
                                            != r->fail_gen_seen) ||
@@ -330,21 +413,7 @@ static void cxl_engine_finish(cxl_engine *e, cxl_req *r)
         r->status = CXL_XFER_IN_ERROR;      /* the AFU was reset under it */
     if (r->next) {                          /* it was in flight */
         pthread_mutex_lock(&e->mu);
-        r->prev->next = r->next;
-        r->next->prev = r->prev;
-        r->next = r->prev = NULL;
-        e->req_inflight--;
-        if (r->flags & CXL_REQ_UNATTENDED)
-            e->unattended--;
-        if ((r->flags & (CXL_REQ_UNATTENDED | CXL_REQ_LOOP)) && --e->armed == 0)
-            e->be->ops->set_notify(e->be, 0);
-        /* A deferred request starts once it is the oldest in flight. */
-        while ((d = e->deferred_head) != NULL && e->head.next == d) {
-            e->deferred_head = d->qnext;
-            if (e->deferred_head == NULL)
-                e->deferred_tail = NULL;
-            cxl_engine_submit_segs_locked(e, d);
-        }
+        cxl_engine_unlink_locked(e, r);
         pthread_mutex_unlock(&e->mu);
     }
     if (r->table_inflight)
@@ -373,24 +442,23 @@ static int cxl_req_handoff(cxl_req *r, cxl_queue *q)
 static int cxl_engine_issue(cxl_engine *e, cxl_seg *s)
 {
     cxl_io io = s->io;
-    int rc;
+    int rc, tries;
     io.offset += s->done;
     io.len -= s->done;
     if (io.buf)
         io.buf += s->done;
-    for (;;) {
+    for (tries = 0;; tries++) {
         rc = e->be->ops->submit(e->be, &io);
-        if (rc != -EAGAIN)
-            break;
-        e->be->ops->kick(e->be);
+        if (rc != -EAGAIN || tries == 64)
+            break;                      /* (a backend that stays full fails it) */
+        if (e->be->ops->kick(e->be) < 0)
+            sched_yield();
     }
     if (rc == 0)
         e->seg_inflight++;
     return rc;
 }
 
-/* Issue every segment of a request; one the backend refuses completes
- * at once with its error (counted like a completion).  Caller holds mu. */
 /* Give the backend up to ``budget`` more of a request's segments (those
  * not completed at submission); one the backend refuses counts as done,
  * failed.  Caller holds mu. */
@@ -473,6 +541,8 @@ static void cxl_engine_complete_seg(cxl_engine *e, cxl_seg *s, int64_t res)
     if (r->next_issue < r->nseg)            /* its next segment, in its place */
         cxl_engine_issue_more_locked(e, r, 1);
     left = (uint64_t) r->seg_left;
+    if (left == 0 && r->next)
+        cxl_engine_unlink_locked(e, r);     /* while mu is held anyway */
     pthread_mutex_unlock(&e->mu);
     if (left == 0)
         cxl_engine_finish(e, r);
