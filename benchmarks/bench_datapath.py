@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import cxlflash
-from cxlflash._core.datapath import raw_io
+from cxlflash._core.rawio import raw_io
 
 CHUNK = 1 << 16
 BS = 4096

@@ -46,7 +46,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 import cxlflash  # noqa: E402
-from cxlflash._core.datapath import raw_io  # noqa: E402
+from cxlflash._core.rawio import raw_io  # noqa: E402
 
 BS = 4096
 QD = 64

@@ -24,6 +24,7 @@ else:
 from . import uapi, _args
 from ._core.datapath import AfuPaths, DataPath
 from ._core.errors import afu_error
+from ._core.tables import TABLE_FOREIGN
 from .backing import Backing, open_backing, MemoryBacking, FileBacking
 from .driver.core import Driver, Caller
 from .driver import superpipe, host
@@ -69,7 +70,7 @@ def _after_fork_in_child():
         # ours, and their data paths refuse I/O (AFU rc 0x21).
         for ctx in list(a._driver.ctx_tbl) + list(a._driver.ctx_err_recovery):
             if ctx is not None:
-                ctx.table.set_state(3)      # TABLE_FOREIGN
+                ctx.table.set_state(TABLE_FOREIGN)
         a._engine = None                    # its threads stayed in the parent
         a._lock = threading.Lock()          # another thread may have held it
         a._invalidate_paths()               # the parent's contexts are not ours

@@ -31,7 +31,7 @@ from . import __version__, uapi
 from ._core import pattern
 from ._core.allocator import ChunkAllocator
 from ._core.datapath import LIST_READ, LIST_WRITE
-from ._core.tables import ResourceTable
+from ._core.tables import MC_CHUNK_OFF_MASK, MC_CHUNK_SHIFT, MC_CHUNK_SIZE, ResourceTable
 from .adapter import Adapter, ioctl
 from .backing import (BLKGETSIZE64, BLKSSZGET, Backing, BlockDeviceBacking, FileBacking,
                       aligned_buffer)
@@ -39,7 +39,6 @@ from .driver import superpipe
 from .driver.core import Caller
 from .errors import CxlFlashError
 
-CHUNK_BLOCKS = 1 << 16
 BATCH = 256                 # requests per GIL-free call (at most)
 BATCH_BYTES = 4 << 20       # ... and at most this much data per call
 HIST_STEPS = 32             # latency histogram bins per power of two
@@ -58,7 +57,7 @@ class Options:
     target: str = "memory"            # memory, a file path or a block device
     size: int = 1 << 30               # LUN size in bytes (memory / new file)
     lun: str = "virtual"              # virtual | direct
-    vlun_blocks: int = 2 * CHUNK_BLOCKS
+    vlun_blocks: int = 2 * MC_CHUNK_SIZE
     read_pct: int = 100
     blocks: int = 1                   # blocks per request
     threads: int = 1                  # queue depth: one worker thread each
@@ -535,14 +534,14 @@ def row_translate(duration, progress):
     table = ResourceTable()
     h = table.open_virtual(3)
     table.grow(h, alloc.alloc_many(64), 0, 1)
-    vlbas = np.random.default_rng(7).integers(0, 64 * CHUNK_BLOCKS, n, dtype=np.int64)
+    vlbas = np.random.default_rng(7).integers(0, 64 * MC_CHUNK_SIZE, n, dtype=np.int64)
     out = np.empty(n, dtype=np.uint64)
     lxt = table.lxt(h)
-    mask = np.uint64(0xFFFF)
+    mask = np.uint64(MC_CHUNK_OFF_MASK)
 
     def numpy_formula():
         v = vlbas.view(np.uint64)
-        np.bitwise_or(np.bitwise_and(lxt[v >> np.uint64(16)], ~mask), v & mask, out=out)
+        np.bitwise_or(np.bitwise_and(lxt[v >> np.uint64(MC_CHUNK_SHIFT)], ~mask), v & mask, out=out)
 
     expect = None
     numpy_formula()
@@ -654,7 +653,7 @@ def row_clone(duration, progress):
     a = Adapter()
     fds = []
     try:
-        wwid = a.add_lun(None, size=(chunks + 64) * CHUNK_BLOCKS * 4096)    # sparse
+        wwid = a.add_lun(None, size=(chunks + 64) * MC_CHUNK_SIZE * 4096)    # sparse
         disk = a.open_disk(wwid)
         parent = Caller(os.getppid(), 1)
 
@@ -669,7 +668,7 @@ def row_clone(duration, progress):
         src = at.context_id
         uv = uapi.dk_cxlflash_uvirtual()
         uv.context_id = src
-        uv.lun_size = chunks * CHUNK_BLOCKS
+        uv.lun_size = chunks * MC_CHUNK_SIZE
         h = as_parent(uapi.DK_CXLFLASH_USER_VIRTUAL, uv).rsrc_handle
         at = uapi.dk_cxlflash_attach()
         at.hdr.flags = os.O_RDWR
@@ -701,7 +700,7 @@ def row_clone(duration, progress):
         main, base = _interleaved_loop([clone, lambda: np.copyto(copy, lxt)], duration,
                                        progress, "VLUN_CLONE 1M chunks", chunks, "chunk")
         alloc = a.driver.gluns[wwid].allocator
-        if alloc.clone_count(int(lxt[0]) >> 16) != 0:
+        if alloc.clone_count(int(lxt[0]) >> MC_CHUNK_SHIFT) != 0:
             raise BenchError("clone references leaked")
     finally:
         for fd in fds:
@@ -1098,9 +1097,9 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
     log = log or RunLog()
     target = Target(opts, log)
     try:
-        chunks = (target.glun.max_lba + 1) // CHUNK_BLOCKS
+        chunks = (target.glun.max_lba + 1) // MC_CHUNK_SIZE
         if chunks < nluns:
-            need = nluns * CHUNK_BLOCKS * (target.glun.blk_len or 4096)
+            need = nluns * MC_CHUNK_SIZE * (target.glun.blk_len or 4096)
             raise BenchError(f"arkdb needs a LUN of at least {nluns} chunks "
                              f"({need / (1 << 30):g} GiB) for its {nluns} vLUNs; "
                              f"the target has {chunks} (try --size 8G)")
@@ -1250,9 +1249,9 @@ def run_resize_storm(opts, progress, log=None, nluns=8):
                 hist = Histogram()
                 n = 0
                 # Up to 3 chunks, never beyond the physical LUN (EINVAL).
-                most = min(3, lun.lun_blocks // CHUNK_BLOCKS)
+                most = min(3, lun.lun_blocks // MC_CHUNK_SIZE)
                 while not stop.is_set():
-                    want = int(rng.integers(0, most + 1)) * CHUNK_BLOCKS
+                    want = int(rng.integers(0, most + 1)) * MC_CHUNK_SIZE
                     t0 = time.perf_counter()
                     try:
                         lun.set_size(want, release=True, best_effort=True)

@@ -39,6 +39,7 @@ from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.engine import OP_READ, OP_WRITE, OP_FLUSH, OP_ZERO, OP_DISCARD
 from .backing import aligned_buffer
 from ._core.errors import afu_error
+from ._core.tables import MC_CHUNK_SIZE
 from .errors import CxlFlashError, AdapterResetError
 
 
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["VirtualLun", "DirectLun", "ListResult", "LIST_READ", "LIST_WRITE",
            "LIST_UNMAP", "CHUNK_BLOCKS"]
 
-CHUNK_BLOCKS = 1 << 16
+# Blocks per chunk, as the public name of this module (its one source is
+# the core's MC_CHUNK_SIZE).
+CHUNK_BLOCKS = int(MC_CHUNK_SIZE)
 _STAT_NAMES = ("num_reads", "num_writes", "num_blocks_read", "num_blocks_written",
                "num_unmaps", "num_blocks_unmapped", "num_errors", "num_list_calls",
                "num_areads", "num_awrites")
@@ -517,7 +520,7 @@ class VirtualLun(_Lun):
     @property
     def allocated(self) -> int:
         """Blocks allocated (a whole number of chunks)."""
-        return self.chunks * CHUNK_BLOCKS
+        return self.chunks * MC_CHUNK_SIZE
 
     @property
     def lun_blocks(self) -> int:
@@ -529,7 +532,7 @@ class VirtualLun(_Lun):
         arg = uapi.dk_cxlflash_resize()
         arg.context_id = self.context.context_id
         arg.rsrc_handle = self.handle
-        blocks_4k = chunks * CHUNK_BLOCKS * self.block_size // uapi.CXLFLASH_BLOCK_SIZE
+        blocks_4k = chunks * MC_CHUNK_SIZE * self.block_size // uapi.CXLFLASH_BLOCK_SIZE
         arg.req_size = blocks_4k
         try:
             self.context._ioctl(self.disk, uapi.DK_CXLFLASH_VLUN_RESIZE, arg)
@@ -544,7 +547,7 @@ class VirtualLun(_Lun):
     def _clamp_size(self):
         # Whatever happened to the chunks, the size never exceeds them.
         try:
-            allocated = self.chunks * CHUNK_BLOCKS
+            allocated = self.chunks * MC_CHUNK_SIZE
         except (CxlFlashError, ValueError):
             allocated = 0
         if self._size > allocated:
@@ -570,7 +573,7 @@ class VirtualLun(_Lun):
         if blocks > lun_blocks:
             raise CxlFlashError(errno.EINVAL, f"{blocks} blocks exceed the physical "
                                 f"LUN ({lun_blocks} blocks: sizes 0..{lun_blocks})")
-        need = -(-blocks // CHUNK_BLOCKS)
+        need = -(-blocks // MC_CHUNK_SIZE)
         have = self.chunks
         if need > have or (release and need < have):
             try:
@@ -592,7 +595,7 @@ class VirtualLun(_Lun):
                 self._clamp_size()
                 raise
             if got < need:
-                blocks = got * CHUNK_BLOCKS
+                blocks = got * MC_CHUNK_SIZE
         self._set_limit(blocks)
         return blocks
 

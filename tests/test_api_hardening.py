@@ -17,6 +17,7 @@ import pytest
 
 import cxlflash
 from cxlflash import uapi
+from cxlflash._core.tables import TABLE_GONE
 from cxlflash.errors import AdapterResetError, AfuError, CxlFlashError
 
 from block_pattern import BS, CHUNK, GIB, pattern
@@ -557,7 +558,7 @@ def test_a_forked_childs_dropped_context_retires_its_replica_first(adapter, disk
             gc.collect()
         return table.state
 
-    assert in_child(child) == 2            # TABLE_GONE
+    assert in_child(child) == TABLE_GONE
 
 
 def test_a_failing_open_raises_its_own_error_and_leaks_nothing(adapter, disk,

@@ -20,7 +20,8 @@ import pytest
 
 from cxlflash._core import pattern
 from cxlflash._core.datapath import (DataPath, LIST_READ, LIST_UNMAP, LIST_WRITE,
-                                     afu_command, raw_io, scrub_chunks)
+                                     afu_command, scrub_chunks)
+from cxlflash._core.rawio import raw_io
 from cxlflash._core.errors import AdapterResetError, AfuError
 from cxlflash._core.tables import ResourceTable
 

@@ -20,6 +20,7 @@ import pytest
 import cxlflash
 from cxlflash import uapi
 from cxlflash._core.datapath import afu_command
+from cxlflash._core.tables import TABLE_LIVE
 from cxlflash.driver import superpipe, vlun
 from cxlflash.driver.core import Caller
 from forking import in_child
@@ -386,7 +387,7 @@ def test_reap_skips_a_file_whose_number_was_reused():
             drv.reap(Caller(P, os.getppid()))
         finally:
             drv._epoll = real
-        assert ctx_of(a, live).table.state == 0          # still live
+        assert ctx_of(a, live).table.state == TABLE_LIVE
         h = uvirtual(d, live, 1)
         a.write(live, h, 0, bytes(K4))
         os.close(new.adap_fd)

@@ -247,8 +247,8 @@ def test_raw_listio_writes_and_reads(engine, memfd, qd):
 
 def test_raw_listio_mixed_matches_serial(engine, memfd):
     """Reads and writes of distinct blocks in one batch at depth 64 give
-    what the serial baseline (datapath.raw_io) gives."""
-    from cxlflash._core.datapath import raw_io
+    what the serial baseline (rawio.raw_io) gives."""
+    from cxlflash._core.rawio import raw_io
     os.pwrite(memfd, blocks_at(range(0, 1 << 20, BS), seed=1).tobytes(), 0)
     rng = np.random.default_rng(5)
     offs = rng.permutation(256)[:128].astype(np.uint64) * BS

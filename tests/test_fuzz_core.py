@@ -1001,7 +1001,7 @@ SCRATCH = 65536
 @example(reqs=[(1, 0, 0), (1, 0, 0)], nbytes=2 ** 63, kind="numpy", default_offsets=True,
          short=False)
 def _raw_io(reqs, nbytes, kind, default_offsets, short):
-    from cxlflash._core.datapath import raw_io
+    from cxlflash._core.rawio import raw_io
     fd = os.memfd_create("fuzz-raw", os.MFD_CLOEXEC)
     try:
         content = (np.arange(SCRATCH, dtype=np.uint32) * 2654435761 >> 7).astype(np.uint8)

@@ -9,7 +9,7 @@ import pytest
 
 import cxlflash
 from cxlflash import uapi
-from cxlflash._core.tables import ResourceTable
+from cxlflash._core.tables import ResourceTable, TABLE_GONE, TABLE_IN_ERROR
 from cxlflash.server import protocol
 from cxlflash.server.client import ReplicaContext
 from forking import in_child
@@ -95,9 +95,9 @@ def test_replica_follows_snapshots_in_place():
                lambda wwid: B(), epoch)
     assert rep.table is table and table.lxt_count(0) == 2  # the same table, updated
     rep.update({**rec, "epoch": 0, "in_error": True, "slots": []}, lambda wwid: B(), epoch)
-    assert table.open_handles() == [] and table.state == 1
+    assert table.open_handles() == [] and table.state == TABLE_IN_ERROR
     rep.retire()
-    assert table.state == 2
+    assert table.state == TABLE_GONE
 
 
 def test_child_ioctl_errors_keep_the_kernel_order():

@@ -70,6 +70,31 @@ cdef int64_t list_status(int rc, uint64_t nblocks) noexcept nogil
 cdef void count_list(io_stats *stats, const uint8_t[::1] o, const uint64_t[::1] c,
                      const int64_t[::1] st) noexcept
 
+# pread/pwrite all of ``length`` bytes at byte ``offset``: 0, an errno, or
+# XFER_BACKING_ENDED with ``*end`` the byte where the backing store ended.
+# EINTR is retried, a short transfer continued; a range passing off_t is
+# EINVAL, untouched.  The one I/O primitive of the data path and of
+# ``rawio.raw_io``.
+cdef int io_full(int fd, char *buf, uint64_t length, uint64_t offset,
+                 int write, uint64_t *end) noexcept nogil
+
+# Where a backing store that made no progress at byte ``stopped`` ends (for
+# the message of XFER_BACKING_ENDED).
+cdef object backing_end(int fd, uint64_t stopped)
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *tp)
+    int CLOCK_MONOTONIC
+
+# CLOCK_MONOTONIC in nanoseconds (request latencies).
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
+
 
 cdef class DataPath:
     cdef readonly ResourceTable table

@@ -56,12 +56,6 @@ def list_arrays(ops: npt.ArrayLike, lbas: npt.ArrayLike, nblocks: npt.ArrayLike,
                 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint64],
                            npt.NDArray[np.uint64], npt.NDArray[np.uint64]]: ...
 
-def raw_io(fd: int, ops: npt.ArrayLike, offsets: npt.ArrayLike, nbytes: SupportsIndex,
-           buffer: Any,
-           buf_offsets: Optional[npt.ArrayLike] = ...,
-           lat_ns: Optional[npt.NDArray[np.int64]] = ...) -> int: ...
-
-
 class AfuPaths:
     """An adapter's AFU data path, dispatched in the core."""
     def __init__(self, paths: dict[int, dict[int, tuple[Any, Any, DataPath]]],

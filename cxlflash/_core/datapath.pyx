@@ -34,7 +34,7 @@ from cxlflash._core.args cimport arg_fd, arg_u64, arg_block_size, u64_array
 from cxlflash._core.tables cimport (
     ResourceTable, rht_entry, AFU_RC_OK, AFU_RC_LXT_OUT_OF_BOUNDS,
     SCSI_LBA_OUT_OF_RANGE, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN,
-    MC_CHUNK_SHIFT, RHT_FMT_DIRECT)
+    MC_CHUNK_SHIFT, MC_CHUNK_SIZE, RHT_FMT_DIRECT)
 
 import errno as _errno
 import os
@@ -58,7 +58,6 @@ cdef extern from *:
     bint mul_overflow64 "CXLFLASH_MUL_OVERFLOW64"(uint64_t a, uint64_t b,
                                                   uint64_t *res) noexcept nogil
 
-DEF CHUNK_BLOCKS = 65536
 DEF ZERO_BUF = 1048576
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX    # the largest off_t
@@ -67,20 +66,6 @@ cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX    # the largest off_t
 LIST_READ = 1
 LIST_WRITE = 2
 LIST_UNMAP = 3
-
-cdef extern from "<time.h>" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec *tp)
-    int CLOCK_MONOTONIC
-
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
-
 
 cdef object _U8 = None         # np.dtype(np.uint8), made on first use (numpy is lazy)
 
@@ -238,7 +223,7 @@ cdef inline int check_extent(ResourceTable table, uint32_t handle, uint64_t bs,
     v = lba
     left = nblocks
     while left:
-        n = CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+        n = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
         if n > left:
             n = left
         p = table.translate_one(handle, v, write, afu_rc)
@@ -286,7 +271,7 @@ cdef int io_pass(ResourceTable table, uint32_t handle, int fd, uint64_t bs,
         if direct:
             n = left
         else:
-            n = CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+            n = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
             if n > left:
                 n = left
         p = table.translate_one(handle, v, write, afu_rc)
@@ -337,7 +322,7 @@ def scrub_chunks(int fd, zero_mode, auns, block_size):
     Every chunk's byte range is checked (within off_t) before any is zeroed.
     """
     cdef int mode = <int> arg_u64(zero_mode, b"zero_mode", ZERO_WRITE)
-    cdef uint64_t chunk_bytes = <uint64_t> CHUNK_BLOCKS * arg_block_size(block_size)
+    cdef uint64_t chunk_bytes = <uint64_t> MC_CHUNK_SIZE * arg_block_size(block_size)
     cdef const uint64_t[::1] a = u64_array(auns, "auns")
     cdef Py_ssize_t i
     cdef int rc = 0
@@ -354,7 +339,7 @@ def scrub_chunks(int fd, zero_mode, auns, block_size):
     return rc
 
 
-cdef object _backing_end(int fd, uint64_t stopped):
+cdef object backing_end(int fd, uint64_t stopped):
     """Where a backing store that made no progress at byte ``stopped``
     ends: its size if it is a regular file that ends before, else
     ``stopped``."""
@@ -390,7 +375,7 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                        "exists (detached or closed)")
     if rc == XFER_BACKING_ENDED:
         raise OSError(_errno.EIO, f"the backing store ended at byte "
-                      f"{_backing_end(fd, bad_lba)}: it is shorter than the LUN "
+                      f"{backing_end(fd, bad_lba)}: it is shorter than the LUN "
                       "says (it shrank, e.g. a file truncated under it); issue "
                       "DK_CXLFLASH_VERIFY on the disk to refresh the LUN's "
                       "capacity, then address only blocks within it")
@@ -585,7 +570,7 @@ cdef class DataPath:
             fd = self.table.backing_fd(self.handle, self.fd)
             direct = (self.table.rht[self.handle].fp >> 4) == RHT_FMT_DIRECT
             while left:
-                n = left if direct else CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+                n = left if direct else MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
                 if n > left:
                     n = left
                 p = self.table.translate_one(self.handle, v, 1, afu_rc)
@@ -922,72 +907,3 @@ def afu_command(ResourceTable table not None, handle, fd, block_size, lba,
         raise_xfer_error(table, h, f, rc, afu_rc, bad, write)
     return nblocks
 
-
-def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
-           lat_ns=None):
-    """pread/pwrite ``nbytes`` at each byte offset of the bare backing
-    store, in one GIL-free loop: no translation -- the syscall limit that
-    benchmarks compare the data path against.
-
-    ``ops``: per request 1 (read) or 2 (write); ``buffer``: request ``i``
-    uses ``nbytes`` at ``buf_offsets[i]`` (default ``i * nbytes``).  Every
-    request is checked before the first is issued: it must fit in the
-    buffer (ValueError) and its byte range in ``off_t`` (OSError EINVAL).
-    Returns the number of requests done; raises OSError on the first
-    failure (EIO naming the byte where a backing store that ended did).
-    ``lat_ns``: optional int64 array of per-request latencies.
-    """
-    cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
-    cdef const uint64_t[::1] o = u64_array(ops, "ops")
-    cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
-    cdef Py_ssize_t n = o.shape[0], i
-    cdef const uint64_t[::1] boff
-    if buf_offsets is None:         # packed: checked below that it does not wrap
-        boff = np.arange(n, dtype=np.uint64) * np.uint64(nb)
-    else:
-        boff = u64_array(buf_offsets, "buf_offsets")
-    if off.shape[0] != n or boff.shape[0] != n:
-        raise ValueError("ops, offsets and buf_offsets must have the same length")
-    cdef Py_buffer view
-    cdef int rc = 0
-    cdef int64_t t0 = 0
-    cdef uint64_t end = 0, buflen
-    cdef int64_t[::1] lat
-    cdef bint timed = lat_ns is not None
-    if timed:
-        lat = lat_ns
-        if lat.shape[0] < n:
-            raise ValueError("lat_ns is shorter than the request list")
-    for i in range(n):
-        if o[i] != 1 and o[i] != 2:
-            raise ValueError(f"request {i}: op {o[i]} is neither 1 (read) nor 2 (write)")
-        if off[i] > OFF_MAX - nb:
-            raise einval(f"request {i}: bytes {off[i]}..{off[i] + nb} "
-                          "pass byte 2**63-1, the most a backing store can address")
-    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
-    try:
-        buflen = <uint64_t> view.len
-        if buf_offsets is None and nb and <uint64_t> n > buflen // nb:
-            raise ValueError(f"{n} requests of {nb} bytes do not fit in the buffer "
-                             f"({buflen} bytes)")
-        for i in range(n):
-            if boff[i] > buflen or nb > buflen - boff[i]:
-                raise ValueError(f"request {i} does not fit in the buffer")
-        with nogil:
-            for i in range(n):
-                if timed:
-                    t0 = now_ns()
-                rc = io_full(fd, <char *> view.buf + boff[i], nb, off[i], o[i] == 2, &end)
-                if timed:
-                    lat[i] = now_ns() - t0
-                if rc:
-                    break
-    finally:
-        PyBuffer_Release(&view)
-    if rc == XFER_BACKING_ENDED:
-        raise OSError(_errno.EIO, f"the backing store ended at byte "
-                      f"{_backing_end(fd, end)}: it is "
-                      "shorter than the offsets addressed (it shrank?)")
-    if rc:
-        raise OSError(rc, os.strerror(rc))
-    return n

@@ -45,7 +45,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, uintpt
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
-from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
+from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT, TABLE_IN_ERROR, MC_CHUNK_SIZE
 from cxlflash._core.datapath cimport (
     DataPath, check_range, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
     XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T)
@@ -70,7 +70,6 @@ cdef extern from *:
     int64_t cxl_atomic_add_i64(int64_t *p, int64_t v) nogil
     uint64_t cxl_atomic_load_u64(uint64_t *p) nogil
 
-DEF CHUNK_BLOCKS = 65536
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX
 
@@ -165,7 +164,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
             if direct:
                 n = left
             else:
-                n = CHUNK_BLOCKS - (v & (CHUNK_BLOCKS - 1))
+                n = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
                 if n > left:
                     n = left
             p = dp.table.translate_one(handle, v, write, &afu_rc)
@@ -1115,7 +1114,7 @@ cdef class Engine:
         cdef bint may_recover = dp.on_reset is not None
         cdef bint in_error
         dp.table._rlock()
-        in_error = dp.table.live_state() == 1       # TABLE_IN_ERROR
+        in_error = dp.table.live_state() == TABLE_IN_ERROR
         dp.table.unlock()
         if in_error and may_recover:
             may_recover = bool(dp.on_reset())

@@ -21,17 +21,6 @@ from cxlflash._core.args import einval
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 
 
-cdef inline uint64_t mix(uint64_t x) noexcept nogil:
-    x += 0x9E3779B97F4A7C15ULL
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
-    return x ^ (x >> 31)
-
-
-cdef inline uint64_t word(uint64_t lba, uint64_t seq, uint64_t i) noexcept nogil:
-    return mix(lba * 0x100000001B3ULL ^ (seq << 20) ^ i)
-
-
 def fill(buffer, lbas, seqs, block_size, nblocks=1, buf_offsets=None):
     """Fill ``buffer``: request ``i`` (``nblocks`` blocks from ``lbas[i]``
     with sequence ``seqs[i]``) at ``buf_offsets[i]`` (default packed).

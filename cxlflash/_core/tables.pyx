@@ -26,7 +26,7 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
 4. A decision and the change it justifies are one critical section (the
    free slot is picked and filled under one write lock).
 5. Lock order: one table lock, then an allocator mutex, then the LXT cache
-   mutex.  Never two table locks at once (a clone copies its source under
+   mutex (``lxtmem``).  Never two table locks at once (a clone copies its source under
    the source's read lock, drops it, then installs the copy under the
    destination's write lock); never a table lock while holding an
    allocator mutex.  The write lock is recursive for its holder, so a
@@ -46,16 +46,15 @@ Locking contract (``tables.pxd`` lists it; every core module obeys it):
    completes with the reset error.  Both are atomics.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport calloc, malloc, realloc, free
+from libc.stdlib cimport calloc, realloc, free
 from libc.string cimport memcpy, memset
 from posix.unistd cimport getpid
 from cxlflash._core.allocator cimport ChunkAllocator
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, i64_array, u64_array
-from cxlflash._core.includes.system cimport posix_memalign, madvise, MADV_HUGEPAGE
+from cxlflash._core.lxtmem cimport lxt_alloc, lxt_free, BIG_LXT
 from cxlflash._core.locks cimport (
     cxl_lock, lock_init, lock_destroy, cxl_rdlock, cxl_tryrdlock, cxl_wrlock,
-    cxl_trywrlock, cxl_unlock, cxl_mutex_lock, cxl_mutex_unlock,
-    CXL_LOCK_RW, CXL_LOCK_LEAF)
+    cxl_trywrlock, cxl_unlock, CXL_LOCK_RW)
 
 import errno
 from cxlflash._core._lazy import numpy as np   # imported on first use
@@ -79,7 +78,6 @@ cdef extern from *:
     void cxl_store_i64(int64_t *p, int64_t v) nogil
     uint64_t cxl_add_u64(uint64_t *p, uint64_t v) nogil
 
-DEF CHUNK_MASK = 0xFFFF
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 # The largest chunk number: its physical LBAs stay below 2**63 (an off_t,
 # and translate_one's int64).
@@ -162,62 +160,6 @@ cdef object state_error(int state, uint32_t handle):
                         "context and clone)")
     return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no longer "
                     "exists (detached or closed)")
-
-
-# -- LXT memory ---------------------------------------------------------------
-# Large LXTs (>= 256 KiB, 32 k chunks) come from a few kept for reuse, as a
-# fresh one would cost a page fault per 4 KiB on every clone, open or
-# regrowth; from 4 MiB (512 k chunks) on they are also 2 MiB-aligned and
-# advised onto huge pages.
-
-DEF BIG_LXT = 262144
-DEF HUGE_LXT = 4194304
-DEF LXT_CACHE_SLOTS = 4
-cdef void *lxt_cache[LXT_CACHE_SLOTS]
-cdef uint64_t lxt_cache_cap[LXT_CACHE_SLOTS]
-cdef cxl_lock lxt_cache_mutex
-lock_init(&lxt_cache_mutex, CXL_LOCK_LEAF)
-
-
-cdef uint64_t *lxt_alloc(uint64_t entries) noexcept nogil:
-    """Memory for an LXT of ``entries`` entries (uninitialised), or NULL."""
-    cdef size_t nbytes = entries * sizeof(uint64_t)
-    cdef void *p = NULL
-    cdef int i
-    if nbytes < BIG_LXT:
-        return <uint64_t *> malloc(nbytes)
-    cxl_mutex_lock(&lxt_cache_mutex)
-    for i in range(LXT_CACHE_SLOTS):
-        if lxt_cache[i] != NULL and lxt_cache_cap[i] == entries:
-            p = lxt_cache[i]
-            lxt_cache[i] = NULL
-            break
-    cxl_mutex_unlock(&lxt_cache_mutex)
-    if p != NULL:
-        return <uint64_t *> p
-    if nbytes < HUGE_LXT:
-        return <uint64_t *> malloc(nbytes)
-    if posix_memalign(&p, 2097152, nbytes) != 0:
-        return NULL
-    madvise(p, nbytes, MADV_HUGEPAGE)
-    return <uint64_t *> p
-
-
-cdef void lxt_free(uint64_t *lxt, uint64_t entries) noexcept nogil:
-    """Free an LXT from lxt_alloc (a large one may be kept for reuse)."""
-    cdef int i
-    if lxt == NULL:
-        return
-    if entries * sizeof(uint64_t) >= BIG_LXT:
-        cxl_mutex_lock(&lxt_cache_mutex)
-        for i in range(LXT_CACHE_SLOTS):
-            if lxt_cache[i] == NULL:
-                lxt_cache[i] = lxt
-                lxt_cache_cap[i] = entries
-                lxt = NULL
-                break
-        cxl_mutex_unlock(&lxt_cache_mutex)
-    free(lxt)
 
 
 cdef class ResourceTable:
@@ -353,7 +295,7 @@ cdef class ResourceTable:
         if not ((entry >> LXT_PERM_SHIFT) & (RHT_PERM_WRITE if write else RHT_PERM_READ)):
             afu_rc[0] = AFU_RC_LXT_RW_PERM
             return -1
-        return <int64_t> ((entry & ~(<uint64_t> CHUNK_MASK)) | (vlba & CHUNK_MASK))
+        return <int64_t> ((entry & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (vlba & MC_CHUNK_OFF_MASK))
 
     cdef int backing_fd(self, uint32_t handle, int fallback) noexcept nogil:
         cdef int fd = self.rht[handle].fd
@@ -683,7 +625,7 @@ cdef class ResourceTable:
                                 rc = AFU_RC_LXT_OUT_OF_BOUNDS
                                 bad = i
                                 break
-                            o[i] = (lxt[chunk] & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
+                            o[i] = (lxt[chunk] & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (v & MC_CHUNK_OFF_MASK)
                     else:
                         for i in range(n):
                             v = <uint64_t> vlbas[i]
@@ -697,7 +639,7 @@ cdef class ResourceTable:
                                 rc = AFU_RC_LXT_RW_PERM
                                 bad = i
                                 break
-                            o[i] = (entry & ~(<uint64_t> CHUNK_MASK)) | (v & CHUNK_MASK)
+                            o[i] = (entry & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (v & MC_CHUNK_OFF_MASK)
             if bad >= 0 and h_ < self.rht_size:
                 extent = self.extent(h_)
             self.unlock()
@@ -830,7 +772,7 @@ cdef class ResourceTable:
         if fmt == RHT_FMT_VIRTUAL and lxt is not None and len(lxt):
             src = u64_array(lxt, "lxt")
             cnt = src.shape[0]
-            if cnt and np.max(src) >> 16 > MAX_AUN:
+            if cnt and np.max(src) >> <int> MC_CHUNK_SHIFT > MAX_AUN:
                 raise ValueError(f"lxt maps a chunk beyond {MAX_AUN} (a physical LBA "
                                  "is below 2**63)")
             if cnt > 0xFFFFFFFF:
@@ -1016,3 +958,7 @@ cdef class _Fence:
 
 # The states by name, for Python code (TABLE_LIVE, TABLE_IN_ERROR, ...).
 globals().update(TableState.__members__)
+# The chunk geometry by name (MC_CHUNK_SHIFT, MC_CHUNK_SIZE, MC_CHUNK_OFF_MASK):
+# the package's one definition of it, as plain ints (numpy does not take an
+# IntEnum member as a Python int: ``np.uint64(x) >> member`` is refused).
+globals().update({name: int(value) for name, value in ChunkGeometry.__members__.items()})

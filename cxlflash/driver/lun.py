@@ -9,6 +9,7 @@ import errno
 import threading
 
 from .._core.allocator import ChunkAllocator
+from .._core.tables import MC_CHUNK_SHIFT, MC_CHUNK_SIZE
 from ..errors import CxlFlashError
 
 MODE_NONE = 0
@@ -16,8 +17,6 @@ MODE_VIRTUAL = 1
 MODE_PHYSICAL = 2
 MODE_NAMES = {MODE_NONE: "none", MODE_VIRTUAL: "virtual", MODE_PHYSICAL: "physical"}
 
-MC_CHUNK_SHIFT = 16
-MC_CHUNK_SIZE = 1 << MC_CHUNK_SHIFT
 NUM_LUN_TABLE_ENTRIES = 512
 
 

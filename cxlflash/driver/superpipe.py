@@ -15,8 +15,6 @@ from .core import (CTX_CTRL_ERR_FALLBACK, copy_in, copy_out, check_header)
 from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 from . import vlun
 
-MAX_NUM_INTERRUPTS = 4
-MMIO_SIZE = 65536
 
 
 def _lookup_failed():
@@ -34,9 +32,9 @@ def attach(drv, sdev, disk, arg, caller):
     if llun is None:             # disabled or deleted since the dispatch looked
         _still_in_superpipe_mode(sdev, llun)
     glun = llun.parent
-    if arg.num_interrupts > MAX_NUM_INTERRUPTS:
+    if arg.num_interrupts > uapi.CXLFLASH_MAX_NUM_INTERRUPTS:
         raise CxlFlashError(errno.EINVAL, f"num_interrupts {arg.num_interrupts} "
-                            f"exceeds {MAX_NUM_INTERRUPTS}")
+                            f"exceeds {uapi.CXLFLASH_MAX_NUM_INTERRUPTS}")
     reuse = bool(arg.hdr.flags & uapi.DK_CXLFLASH_ATTACH_REUSE_CONTEXT)
     if not reuse and (arg.hdr.flags & 3) == 3:
         # Decision 16: access mode 3 would give a context with no access.
@@ -75,7 +73,7 @@ def attach(drv, sdev, disk, arg, caller):
             arg.hdr.return_flags |= uapi.DK_CXLFLASH_CONTEXT_SQ_CMD_MODE
         arg.context_id = ctx.ctxid
         arg.block_size = glun.blk_len
-        arg.mmio_size = MMIO_SIZE
+        arg.mmio_size = uapi.CXLFLASH_MMIO_SIZE
         arg.last_lba = glun.max_lba
         arg.max_xfer = (uapi.CXLFLASH_MAX_SECTORS * uapi.MAX_SECTOR_UNIT) // glun.blk_len
     finally:
@@ -306,7 +304,7 @@ def recover_afu(drv, sdev, disk, arg, caller):
                             arg.hdr.return_flags |= uapi.DK_CXLFLASH_CONTEXT_SQ_CMD_MODE
                         arg.context_id = ctx.ctxid
                         arg.adap_fd = ctx.file.user_fd
-                        arg.mmio_size = MMIO_SIZE
+                        arg.mmio_size = uapi.CXLFLASH_MMIO_SIZE
                         return
                     mailbox = False
                 elif afu.faults.take("mailbox"):

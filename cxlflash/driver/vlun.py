@@ -8,7 +8,8 @@ from ..errors import CxlFlashError
 from .afu import AFU_LW_SYNC, AFU_HW_SYNC
 from .context import LunAccess
 from .core import CTX_CTRL_CLONE, CTX_CTRL_ERR_FALLBACK
-from .lun import MODE_VIRTUAL, MODE_PHYSICAL, MC_CHUNK_SHIFT
+from .._core.tables import MC_CHUNK_SHIFT
+from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 
 U64 = (1 << 64) - 1
 
