@@ -194,6 +194,17 @@ def test_scrub_refuses_chunks_beyond_off_t_before_zeroing_any(fd):
 
 # -- item 3: buffers, lengths and sizes ------------------------------------------------
 
+@pytest.mark.parametrize("bad_fd", [2**31, -2, 2**64])
+def test_raw_io_fd_out_of_range_is_einval(bad_fd):
+    """An fd outside what a file descriptor can be is EINVAL naming it (it
+    was OverflowError), before any byte moves."""
+    buf = bytearray(b"\x5a" * BS)
+    with pytest.raises(OSError) as e:
+        raw_io(bad_fd, [1], [0], BS, buf)
+    assert e.value.errno == errno.EINVAL and "fd" in str(e.value)
+    assert buf == bytearray(b"\x5a" * BS)
+
+
 def test_raw_io_wrapping_buffer_offset_is_refused(fd):
     # boff + nbytes wrapped to 0 and passed main's check: it wrote the
     # 4 KiB before the buffer into the file.

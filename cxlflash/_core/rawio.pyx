@@ -9,7 +9,7 @@ both sides move bytes the same way.
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
 from libc.stdint cimport uint64_t, int64_t, INT64_MAX
-from cxlflash._core.args cimport arg_u64, u64_array
+from cxlflash._core.args cimport arg_fd, arg_u64, u64_array
 from cxlflash._core.datapath cimport (io_full, now_ns, backing_end,
                                       XFER_BACKING_ENDED)
 
@@ -21,8 +21,7 @@ from cxlflash._core.args import einval
 cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX    # the largest off_t
 
 
-def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
-           lat_ns=None):
+def raw_io(fd, ops, offsets, nbytes, buffer, buf_offsets=None, lat_ns=None):
     """pread/pwrite ``nbytes`` at each byte offset of the bare backing
     store, in one GIL-free loop: no translation -- the syscall limit that
     benchmarks compare the data path against.
@@ -35,6 +34,7 @@ def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
     failure (EIO naming the byte where a backing store that ended did).
     ``lat_ns``: optional int64 array of per-request latencies.
     """
+    cdef int f = arg_fd(fd)
     cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
     cdef const uint64_t[::1] o = u64_array(ops, "ops")
     cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
@@ -75,7 +75,7 @@ def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
             for i in range(n):
                 if timed:
                     t0 = now_ns()
-                rc = io_full(fd, <char *> view.buf + boff[i], nb, off[i], o[i] == 2, &end)
+                rc = io_full(f, <char *> view.buf + boff[i], nb, off[i], o[i] == 2, &end)
                 if timed:
                     lat[i] = now_ns() - t0
                 if rc:
@@ -84,7 +84,7 @@ def raw_io(int fd, ops, offsets, nbytes, buffer, buf_offsets=None,
         PyBuffer_Release(&view)
     if rc == XFER_BACKING_ENDED:
         raise OSError(_errno.EIO, f"the backing store ended at byte "
-                      f"{backing_end(fd, end)}: it is "
+                      f"{backing_end(f, end)}: it is "
                       "shorter than the offsets addressed (it shrank?)")
     if rc:
         raise OSError(rc, os.strerror(rc))
