@@ -558,7 +558,7 @@ static int cxl_uring_flush_locked(cxl_uring *u)
     } while (r == -EINTR);
     if (r < 0)
         return r;
-    u->pending = (unsigned) r < u->pending ? u->pending - (unsigned) r : 0;
+    __atomic_store_n(&u->pending, (unsigned) r < u->pending ? u->pending - (unsigned) r : 0, __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -616,7 +616,7 @@ static int cxl_uring_submit(cxl_backend *be, const cxl_io *io)
         io_uring_sqe_set_data64(sqe, (uint64_t) (uintptr_t) sync | CXL_URING_SYNC_BIT);
     else
         io_uring_sqe_set_data(sqe, io->tag);
-    u->pending++;
+    __atomic_add_fetch(&u->pending, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&u->sq_mu);
     return 0;
 }
@@ -625,6 +625,9 @@ static int cxl_uring_kick(cxl_backend *be)
 {
     cxl_uring *u = (cxl_uring *) be;
     int r;
+    /* Nothing queued: no lock (whoever queues next kicks, or its caller). */
+    if (__atomic_load_n(&u->pending, __ATOMIC_ACQUIRE) == 0)
+        return 0;
     pthread_mutex_lock(&u->sq_mu);
     r = cxl_uring_flush_locked(u);
     pthread_mutex_unlock(&u->sq_mu);
@@ -695,7 +698,7 @@ static void cxl_uring_wake(cxl_backend *be)
     if (sqe) {
         io_uring_prep_nop(sqe);
         io_uring_sqe_set_data64(sqe, 0);
-        u->pending++;
+        __atomic_add_fetch(&u->pending, 1, __ATOMIC_RELEASE);
         cxl_uring_flush_locked(u);
     }
     pthread_mutex_unlock(&u->sq_mu);
