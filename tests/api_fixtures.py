@@ -1,5 +1,9 @@
 """The object-API fixtures the API tests share: an in-memory adapter, a
-1 GiB LUN's disk (4 chunks), a context on it, a 100-block vLUN."""
+1 GiB LUN's disk (4 chunks), a context on it, a 100-block vLUN; and the
+helpers they share (open fds, live contexts, backing bytes, an ioctl log)."""
+import os
+
+import numpy as np
 import pytest
 
 import cxlflash
@@ -29,3 +33,46 @@ def ctx(disk):
 def vlun(ctx):
     with ctx.create_virtual(100) as v:
         yield v
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def fd_is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def live_contexts(a):
+    drv = a.driver
+    return [c for c in drv.ctx_tbl if c is not None] + list(drv.ctx_err_recovery)
+
+
+def phys_bytes(vlun, lba, nblocks=1):
+    """The backing store's bytes under ``nblocks`` vLBAs from ``lba``."""
+    rec = vlun.adapter._context_record(vlun.context.context_id)
+    fd = rec.rht_lun[vlun.handle].parent.backing.fd
+    out = bytearray()
+    for p in vlun.translate(np.arange(lba, lba + nblocks)):
+        out += os.pread(fd, vlun.block_size, int(p) * vlun.block_size)
+    return bytes(out)
+
+
+class IoctlLog:
+    """Records every DK ioctl an adapter issues."""
+
+    def __init__(self, a, monkeypatch):
+        self.calls = []
+        real = a._disk_ioctl
+
+        def spy(disk, request, arg):
+            self.calls.append(request)
+            return real(disk, request, arg)
+
+        monkeypatch.setattr(a, "_disk_ioctl", spy)
+
+    def count(self, request):
+        return self.calls.count(request)

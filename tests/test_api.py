@@ -1,8 +1,10 @@
 """The Pythonic API: Adapter/Disk/Context/VirtualLun/DirectLun lifetimes,
-exact logical sizes, buffers, asynchronous and list I/O, clone after fork,
-access modes, statistics, and every error the API raises.
+exact logical sizes, buffers, access modes, AFU errors, recovery,
+statistics, and every error the API raises.
 
-Data integrity under load is in ``test_api_integrity.py``.
+Asynchronous and list I/O are in ``test_api_listio.py``, clone after fork
+in ``test_api_fork.py``, data integrity under load in
+``test_api_integrity.py``.
 """
 import asyncio
 import errno
@@ -22,51 +24,9 @@ from cxlflash.errors import (AdapterResetError, AfuError, CxlFlashError,
 from block_pattern import BS, CHUNK, GIB, pattern
 from forking import in_child
 
+from api_fixtures import (adapter, ctx, disk, vlun,  # noqa: F401 (fixtures)
+                          IoctlLog, fd_is_open, live_contexts, phys_bytes)
 
-# -- helpers ----------------------------------------------------------------------
-
-
-def fd_is_open(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-
-def live_contexts(a):
-    drv = a.driver
-    return [c for c in drv.ctx_tbl if c is not None] + list(drv.ctx_err_recovery)
-
-
-def phys_bytes(vlun, lba, nblocks=1):
-    """The backing store's bytes under ``nblocks`` vLBAs from ``lba``."""
-    rec = vlun.adapter._context_record(vlun.context.context_id)
-    fd = rec.rht_lun[vlun.handle].parent.backing.fd
-    out = bytearray()
-    for p in vlun.translate(np.arange(lba, lba + nblocks)):
-        out += os.pread(fd, vlun.block_size, int(p) * vlun.block_size)
-    return bytes(out)
-
-
-class IoctlLog:
-    """Records every DK ioctl an adapter issues."""
-
-    def __init__(self, a, monkeypatch):
-        self.calls = []
-        real = a._disk_ioctl
-
-        def spy(disk, request, arg):
-            self.calls.append(request)
-            return real(disk, request, arg)
-
-        monkeypatch.setattr(a, "_disk_ioctl", spy)
-
-    def count(self, request):
-        return self.calls.count(request)
-
-
-from api_fixtures import adapter, disk, ctx, vlun  # noqa: F401 (fixtures)
 
 
 # -- context managers -------------------------------------------------------------
@@ -144,15 +104,25 @@ def test_adapter_with_body_raising_closes_driver_and_backings():
 
 
 def test_close_twice_is_harmless(adapter, disk):
+    """A second close (or a detach after close) neither raises nor undoes the
+    first: each object stays closed, and what the first close released stays
+    released."""
     ctx = disk.attach()
     v = ctx.create_virtual(1)
-    v.close()
-    v.close()
-    ctx.close()
-    ctx.detach()
-    disk.close()
-    adapter.close()
-    adapter.close()
+    adap_fd = ctx.adap_fd
+    assert fd_is_open(adap_fd) and live_contexts(adapter)
+    assert v.close() is None and v.closed and v not in ctx.luns
+    assert v.close() is None and v.closed and v not in ctx.luns
+    assert ctx.luns == []
+    assert ctx.close() is None and ctx.closed and not fd_is_open(adap_fd)
+    assert ctx.detach() is None and ctx.closed and not fd_is_open(adap_fd)
+    assert live_contexts(adapter) == []
+    assert disk.close() is None and disk.closed
+    assert adapter.close() is None and adapter.driver.closed
+    assert adapter.close() is None and adapter.driver.closed
+    with pytest.raises(CxlFlashError) as e:
+        adapter.create_lun(GIB)
+    assert e.value.errno == errno.ENODEV
 
 
 def test_context_close_after_adapter_close():
@@ -494,126 +464,6 @@ def test_translate(adapter, ctx):
     assert phys_bytes(v, CHUNK) == pattern(CHUNK, 1).tobytes()
 
 
-# -- asynchronous I/O -----------------------------------------------------------------
-
-
-def test_futures(vlun):
-    futs = [vlun.awrite(i * 3, pattern(i * 3, 3)) for i in range(20)]
-    assert [f.result(5) for f in futs] == [3] * 20
-    reads = [vlun.aread(i * 3, 3) for i in range(20)]
-    for i, f in enumerate(reads):
-        assert f.result(5) == pattern(i * 3, 3).tobytes()
-    buf = np.zeros(60 * BS, np.uint8)
-    assert vlun.areadinto(0, buf).result(5) == 60
-    assert buf.tobytes() == vlun.read(0, 60)
-    st = vlun.stats()
-    assert st["num_awrites"] == 20 and st["num_areads"] == 21
-    assert st["num_writes"] == 20 and st["num_reads"] == 22
-
-
-def test_asyncio(vlun):
-    async def main():
-        await asyncio.gather(*(vlun.write_async(i, pattern(i, 1)) for i in range(16)))
-        got = await asyncio.gather(*(vlun.read_async(i, 1) for i in range(16)))
-        buf = bytearray(16 * BS)
-        n = await vlun.readinto_async(0, buf)
-        return got, n, buf
-
-    got, n, buf = asyncio.run(main())
-    assert [bytes(g) for g in got] == [pattern(i, 1).tobytes() for i in range(16)]
-    assert n == 16 and buf == vlun.read(0, 16)
-
-
-def test_async_errors_are_delivered(adapter, disk):
-    with disk.attach(os.O_RDONLY) as ctx, ctx.create_virtual(10) as v:
-        with pytest.raises(AfuError):
-            v.awrite(0, bytes(BS)).result(5)
-        with pytest.raises(AfuError):
-            asyncio.run(v.write_async(0, bytes(BS)))
-        assert v.stats()["num_errors"] == 2
-
-
-# -- list I/O -------------------------------------------------------------------------------
-
-
-def test_listio_matches_synchronous(vlun):
-    vlun.set_size(3000)
-    rng = np.random.default_rng(1)
-    nb = rng.integers(1, 8, size=40)
-    # Non-overlapping: 40 ranges of <= 7 blocks each, spaced apart.
-    lbas = np.arange(40) * 70 + rng.integers(0, 60, size=40)
-    wbuf = np.concatenate([pattern(l, n, seed=7) for l, n in zip(lbas.tolist(), nb.tolist())])
-    res = vlun.listio(np.full(40, cxlflash.LIST_WRITE), lbas, nb, wbuf)
-    assert res.ok and res.status.tolist() == nb.tolist() and len(res) == 40
-    assert res.check() is res and res.errors() == {}
-    for l, n in zip(lbas.tolist(), nb.tolist()):
-        assert vlun.read(l, n) == pattern(l, n, seed=7).tobytes()
-    rbuf = np.zeros_like(wbuf)
-    res = vlun.listio(np.full(40, cxlflash.LIST_READ), lbas, nb, rbuf)
-    assert res.ok and np.array_equal(rbuf, wbuf)
-    # Explicit offsets (reversed layout) and a mixed batch with an unmap.
-    sizes = nb * BS
-    offs = np.concatenate([[0], np.cumsum(sizes[::-1])[:-1]])[::-1]
-    rbuf2 = np.zeros_like(wbuf)
-    res = vlun.listio([cxlflash.LIST_READ] * 40, lbas, nb, rbuf2, offsets=offs)
-    assert res.ok
-    for i in range(40):
-        o, s = int(offs[i]), int(sizes[i])
-        assert rbuf2[o:o + s].tobytes() == pattern(int(lbas[i]), int(nb[i]), seed=7).tobytes()
-    mixed = vlun.listio([cxlflash.LIST_UNMAP, cxlflash.LIST_WRITE, cxlflash.LIST_READ],
-                        [lbas[0], 2990, 2990], [nb[0], 2, 2],
-                        np.concatenate([pattern(2990, 2), np.zeros(2 * BS, np.uint8)]),
-                        offsets=[0, 0, 2 * BS])
-    assert mixed.ok
-    assert vlun.read(int(lbas[0]), int(nb[0])) == bytes(int(nb[0]) * BS)
-
-
-def test_listio_errors_per_request(vlun):
-    buf = bytearray(6 * BS)
-    res = vlun.listio([1, 1, 9, 2, 1, 1], [0, 99, 0, 0, 100, 0], [1, 2, 1, 1, 1, 1],
-                      buf, offsets=[0, BS, 2 * BS, 3 * BS, 4 * BS, 6 * BS])
-    assert not res.ok
-    assert res.status[0] == 1 and res.status[3] == 1
-    errs = res.errors()
-    assert sorted(errs) == [1, 2, 4, 5]
-    for i in (1, 4):                                   # beyond the size
-        assert type(errs[i]) is CxlFlashError and errs[i].errno == errno.EINVAL
-        assert "logical size" in str(errs[i])
-    assert errs[2].errno == errno.EINVAL               # unknown request type
-    assert errs[5].errno == errno.EINVAL               # does not fit in the buffer
-    assert res.error(0) is None
-    with pytest.raises(OSError) as e:
-        res.check()
-    assert e.value is not None and e.value.errno == errno.EINVAL
-    st = vlun.stats()
-    assert st["num_list_calls"] == 1 and st["num_errors"] == 4
-    assert st["num_reads"] == 1 and st["num_writes"] == 1
-    with pytest.raises(ValueError):
-        vlun.listio([1, 1], [0], [1], buf)             # lengths differ
-
-
-def test_listio_afu_and_context_errors(adapter, disk):
-    ctx = disk.attach(os.O_RDONLY)
-    v = ctx.create_virtual(10)
-    if True:
-        res = v.listio([1, 2], [0, 0], [1, 1], bytearray(2 * BS))
-        assert res.status[0] == 1
-        err = res.error(1)
-        assert isinstance(err, AfuError) and err.afu_rc in (0x05, 0x15)
-        # The context detached behind the API's back: -1002 (EBADF).
-        arg = uapi.dk_cxlflash_detach()
-        arg.context_id = ctx.context_id
-        cxlflash.ioctl(disk, uapi.DK_CXLFLASH_DETACH, arg)
-        res = v.listio([1], [0], [1], bytearray(BS))
-        assert isinstance(res.error(0), CxlFlashError) and res.error(0).errno == errno.EBADF
-        with pytest.raises(AfuError) as e:
-            v.read(0, 1)
-        assert e.value.afu_rc == 0x21
-    with pytest.raises(CxlFlashError) as e:       # its handle went with it
-        ctx.close()
-    assert e.value.errno == errno.EINVAL and ctx.closed
-
-
 # -- AFU errors -------------------------------------------------------------------------------
 
 
@@ -789,273 +639,3 @@ def test_stats(vlun):
     assert st["num_unmaps"] == 1 and st["num_blocks_unmapped"] == 4
     assert st["num_areads"] == 1 and st["num_awrites"] == 1
     assert st["num_list_calls"] == 1 and st["num_reset_contexts"] == 0
-
-
-# -- clone after fork ------------------------------------------------------------------------
-
-
-def _glun(adapter, vlun):
-    return adapter._context_record(vlun.context.context_id).rht_lun[vlun.handle].parent
-
-
-def _wait_released(adapter, n_live, timeout=5.0):
-    """Wait for the contexts of exited children to be released."""
-    me = Caller(os.getpid(), os.getppid())
-    deadline = time.monotonic() + timeout
-    while len(live_contexts(adapter)) > n_live:
-        assert time.monotonic() < deadline, "a child's context was not released"
-        adapter.driver.reap(me)
-        time.sleep(0.01)
-
-
-def test_clone_after_fork_in_a_real_child(adapter, ctx):
-    v = ctx.create_virtual(10)
-    v.write(0, pattern(0, 1))
-    g = _glun(adapter, v)
-    aun = int(v.translate([0])[0]) >> 16
-
-    def child():
-        try:
-            v.read(0, 1)                 # the parent's context is not ours
-        except AfuError as e:
-            if e.afu_rc != 0x21:
-                return 3
-        else:
-            return 4
-        parent_id = ctx.context_id
-        ctx.clone_after_fork(os.O_RDONLY)          # narrowing is allowed
-        if ctx.context_id == parent_id or ctx.mode != os.O_RDONLY or v.handle != 0:
-            return 5
-        if bytes(v.read(0, 1)) != pattern(0, 1).tobytes():
-            return 6                     # the data is shared, not copied
-        try:
-            v.write(0, pattern(0, 1, seed=9))
-        except AfuError as e:
-            if e.afu_rc != 0x05:         # a read-only context
-                return 7
-        else:
-            return 8
-        return 0
-
-    assert in_child(child) == 0
-    # The child's context went with the child: its clone reference too.
-    _wait_released(adapter, 1)
-    assert g.allocator.clone_count(aun) == 0
-    assert v.read(0, 1) == pattern(0, 1).tobytes()
-
-
-def test_child_writes_and_grows_through_the_parents_driver(adapter, ctx):
-    v = ctx.create_virtual(10)
-    v.write(0, pattern(0, 1))
-    g = _glun(adapter, v)
-    free_before = g.allocator.space()
-
-    def child():
-        ctx.clone_after_fork()                     # keep O_RDWR
-        v.write(1, pattern(1, 1, seed=5))          # lands in the shared chunk
-        v.set_size(3 * CHUNK)                      # chunks from the shared allocator
-        v.write(2 * CHUNK, pattern(2 * CHUNK, 1, seed=5))
-        if bytes(v.read(2 * CHUNK, 1)) != pattern(2 * CHUNK, 1, seed=5).tobytes():
-            return 3
-        if v.chunks != 3:
-            return 4
-        if g.allocator.space() != free_before:     # our copy of it did not move
-            return 5
-        return 0
-
-    assert in_child(child) == 0
-    assert v.read(1, 1) == pattern(1, 1, seed=5).tobytes()
-    _wait_released(adapter, 1)
-    assert g.allocator.space() == free_before      # the child's growth was freed
-    assert v.chunks == 1 and v.read(0, 1) == pattern(0, 1).tobytes()
-
-
-def test_grandchild_cannot_reach_the_driver(adapter, ctx):
-    v = ctx.create_virtual(10)
-
-    def child():
-        def grandchild():
-            try:
-                ctx.clone_after_fork()
-            except ForkedAdapterError as e:
-                return 0 if "no connection" in str(e) else 3
-            return 4
-        return in_child(grandchild)
-
-    assert in_child(child) == 0
-    assert v.size == 10
-
-
-@pytest.fixture
-def fake_child(monkeypatch):
-    """Make the adapter see the caller as a forked child of this process
-    (what the shared driver will see): returns the child's pid."""
-    parent = os.getpid()
-    child = parent + 1_000_000
-    calls = []
-
-    def caller():
-        calls.append(1)
-        return Caller(pid=child, ppid=parent)
-
-    def start():
-        monkeypatch.setattr(adapter_mod, "_caller", caller)
-        return child
-
-    start.calls = calls
-    return start
-
-
-def test_clone_after_fork_simulated(adapter, disk, fake_child):
-    other = adapter.open_disk(adapter.create_lun(GIB))
-    ctx = disk.attach()
-    ctx.attach_disk(other)
-    v1 = ctx.create_virtual(CHUNK + 10)
-    v2 = ctx.create_virtual(5, disk=other)
-    v1.write(CHUNK - 1, pattern(CHUNK - 1, 2))
-    v2.write(0, pattern(0, 5, seed=2))
-    parent_id, h1, h2 = ctx.context_id, v1.handle, v2.handle
-    phys = v1.translate([0, CHUNK])
-    parent_fd = os.dup(ctx.adap_fd)      # the parent process's copy of its fd
-    try:
-        child_pid = fake_child()
-        ctx.clone_after_fork()
-        rec = adapter._context_record(ctx.context_id)
-        assert ctx.context_id != parent_id and rec.pid == child_pid
-        assert ctx.mode == os.O_RDWR and ctx.adap_fd != parent_fd
-        assert (v1.handle, v2.handle) == (h1, h2)                     # same handles
-        assert rec.rht_lun[h1] is not None and rec.rht_lun[h2] is not None
-        assert v1.size == CHUNK + 10 and v1.chunks == 2 and v2.size == 5
-        assert v1.translate([0, CHUNK]).tolist() == phys.tolist()     # same chunks
-        # Shared, not copied: each side sees the other's writes.
-        assert v1.read(CHUNK - 1, 2) == pattern(CHUNK - 1, 2).tobytes()
-        assert v2.read(0, 5) == pattern(0, 5, seed=2).tobytes()
-        v1.write(3, pattern(3, 1, seed=5))
-        assert adapter.read(parent_id, h1, 3, 1) == pattern(3, 1, seed=5).tobytes()
-        adapter.write(parent_id, h2, 4, pattern(4, 1, seed=6))
-        assert v2.read(4, 1) == pattern(4, 1, seed=6).tobytes()
-        # Independent sizes afterwards.
-        v1.set_size(3 * CHUNK)
-        assert v1.chunks == 3
-        parent_rec = adapter._context_record(parent_id)
-        assert parent_rec.table.lxt_count(h1) == 2
-        ctx.close()
-        assert adapter.read(parent_id, h1, CHUNK - 1, 1) == pattern(CHUNK - 1, 1).tobytes()
-    finally:
-        os.close(parent_fd)
-
-
-
-def test_clone_after_fork_failure_changes_nothing(adapter, ctx, fake_child):
-    v = ctx.create_virtual(10)
-    v.write(0, pattern(0, 1))
-    parent_id, fd = ctx.context_id, ctx.adap_fd
-    n = len(live_contexts(adapter))
-    fake_child()
-    adapter.inject_fault("sync", 1)              # the AFU sync of VLUN_CLONE fails
-    with pytest.raises(CxlFlashError) as e:
-        ctx.clone_after_fork()
-    assert e.value.errno == errno.EAGAIN
-    assert (ctx.context_id, ctx.adap_fd, ctx.mode) == (parent_id, fd, os.O_RDWR)
-    assert fd_is_open(fd) and len(live_contexts(adapter)) == n   # child detached
-    assert v.read(0, 1) == pattern(0, 1).tobytes()               # still the parent's
-
-@pytest.mark.parametrize("parent, child", [
-    (os.O_RDONLY, os.O_RDWR), (os.O_RDONLY, os.O_WRONLY),
-    (os.O_WRONLY, os.O_RDWR), (os.O_WRONLY, os.O_RDONLY),
-])
-def test_clone_after_fork_cannot_widen(adapter, disk, fake_child, parent, child):
-    ctx = disk.attach(parent)
-    v = ctx.create_virtual(10)
-    parent_id, fd, n = ctx.context_id, ctx.adap_fd, len(live_contexts(adapter))
-    fake_child()
-    with pytest.raises(CxlFlashError) as e:
-        ctx.clone_after_fork(child)
-    assert e.value.errno == errno.EINVAL
-    # Nothing changed: no ioctl was even issued.
-    assert fake_child.calls == []
-    assert (ctx.context_id, ctx.adap_fd, ctx.mode) == (parent_id, fd, parent)
-    assert fd_is_open(fd) and len(live_contexts(adapter)) == n
-    assert v.size == 10 and not v.closed
-    with pytest.raises(CxlFlashError) as e:
-        ctx.clone_after_fork(7)                        # not an access mode
-    assert e.value.errno == errno.EINVAL
-
-
-@pytest.mark.parametrize("parent, child", [
-    (os.O_RDWR, None), (os.O_RDWR, os.O_RDWR), (os.O_RDWR, os.O_RDONLY),
-    (os.O_RDWR, os.O_WRONLY), (os.O_RDONLY, os.O_RDONLY),
-])
-def test_clone_after_fork_keeps_or_narrows(adapter, disk, fake_child, parent, child):
-    ctx = disk.attach(parent)
-    v = ctx.create_virtual(10)
-    if parent == os.O_RDWR:
-        v.write(0, pattern(0, 1))
-    keep = os.dup(ctx.adap_fd)
-    try:
-        fake_child()
-        ctx.clone_after_fork(child)
-        mode = parent if child is None else child
-        assert ctx.mode == mode
-        if mode != os.O_WRONLY:
-            want = pattern(0, 1).tobytes() if parent == os.O_RDWR else bytes(BS)
-            assert v.read(0, 1) == want
-        else:
-            with pytest.raises(AfuError):
-                v.read(0, 1)
-        if mode == os.O_RDONLY:
-            with pytest.raises(AfuError):
-                v.write(0, bytes(BS))
-        else:
-            v.write(0, bytes(BS))
-        ctx.close()
-    finally:
-        os.close(keep)
-
-
-def test_clone_after_fork_direct_luns(adapter, fake_child):
-    wwid = adapter.create_lun(64 << 20)
-    disk = adapter.open_disk(wwid)
-    ctx = disk.attach()
-    d = ctx.open_direct()
-    d.write(5, pattern(5, 1))
-    keep = os.dup(ctx.adap_fd)
-    try:
-        parent_id = ctx.context_id
-        fake_child()
-        ctx.clone_after_fork()
-        assert ctx.context_id != parent_id
-        assert d.read(5, 1) == pattern(5, 1).tobytes()
-        d.write(6, pattern(6, 1))
-        assert adapter.read(parent_id, 0, 6, 1) == pattern(6, 1).tobytes()
-        ctx.close()
-    finally:
-        os.close(keep)
-
-
-def test_clone_after_fork_vlun_on_second_disk(adapter, fake_child):
-    # The first disk holds only a direct LUN; the vLUN is on the second.
-    d1 = adapter.open_disk(adapter.create_lun(64 << 20))
-    d2 = adapter.open_disk(adapter.create_lun(GIB))
-    ctx = d1.attach()
-    ctx.attach_disk(d2)
-    direct = ctx.open_direct()
-    v = ctx.create_virtual(10, disk=d2)
-    direct.write(0, pattern(0, 1, seed=1))
-    v.write(0, pattern(0, 1, seed=2))
-    keep = os.dup(ctx.adap_fd)
-    try:
-        fake_child()
-        ctx.clone_after_fork()
-        assert direct.read(0, 1) == pattern(0, 1, seed=1).tobytes()
-        assert v.read(0, 1) == pattern(0, 1, seed=2).tobytes()
-        ctx.close()
-    finally:
-        os.close(keep)
-
-
-
-def test_adapter_close_waits_for_async_io(adapter, vlun):
-    futs = [vlun.aread(0, 1) for _ in range(8)]
-    adapter.close()
-    assert all(f.done() for f in futs)
