@@ -1,6 +1,6 @@
 """The fixtures, constants and ioctl argument builders of the spec §22 failure-table
-tests (``test_ioctl_errors.py``) and of the last differences from the kernel
-(``test_kernel_differences.py``)."""
+tests and of the last differences from the kernel (both in
+``test_ioctl_errors.py``)."""
 import ctypes
 import errno
 import os
