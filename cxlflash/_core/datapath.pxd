@@ -1,6 +1,6 @@
 # Block I/O through a resource handle to a backing file descriptor.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from cxlflash._core.tables cimport ResourceTable
+from cxlflash._core.tables cimport ResourceTable, MC_CHUNK_SIZE
 
 cdef enum:
     ZERO_PUNCH = 0        # fallocate(PUNCH_HOLE): regular files, memfd
@@ -64,6 +64,21 @@ cdef int zero_range(int fd, int zero_mode, uint64_t offset,
 # A request's outcome (0, an errno or an XFER_* code) as list I/O reports
 # it: the blocks done, -errno, -1000 AFU refusal, -1001 reset, -1002 gone.
 cdef int64_t list_status(int rc, uint64_t nblocks) noexcept nogil
+
+# The next piece of a range that one translation covers -- to the end of
+# its chunk, or all of what is left of a direct range: its length in
+# ``*n``, its physical LBA returned (< 0: refused, ``*afu_rc`` says why).
+# Caller holds the table's read lock.
+cdef inline int64_t chunk_step(ResourceTable table, uint32_t handle, bint direct,
+                               uint64_t v, uint64_t left, int write, uint64_t *n,
+                               int *afu_rc) noexcept nogil:
+    if direct:
+        n[0] = left
+    else:
+        n[0] = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
+        if n[0] > left:
+            n[0] = left
+    return table.translate_one(handle, v, write, afu_rc)
 
 # Count a list's requests (types ``o``, blocks ``c``, outcomes ``st``) into
 # a DataPath's counters.  GIL held.

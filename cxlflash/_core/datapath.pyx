@@ -268,13 +268,7 @@ cdef int io_pass(ResourceTable table, uint32_t handle, int fd, uint64_t bs,
     cdef bint direct = (table.rht[handle].fp >> 4) == RHT_FMT_DIRECT
     fd = table.backing_fd(handle, fd)
     while left:
-        if direct:
-            n = left
-        else:
-            n = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
-            if n > left:
-                n = left
-        p = table.translate_one(handle, v, write, afu_rc)
+        p = chunk_step(table, handle, direct, v, left, write, &n, afu_rc)
         if p < 0:                   # not after check_range; kept for safety
             bad_lba[0] = v
             return XFER_AFU_ERROR

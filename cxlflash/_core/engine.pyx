@@ -45,9 +45,9 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, uintpt
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
-from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT, TABLE_IN_ERROR, MC_CHUNK_SIZE
+from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT, TABLE_IN_ERROR
 from cxlflash._core.datapath cimport (
-    DataPath, check_range, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
+    DataPath, check_range, chunk_step, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
     XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T)
 
 import errno as _errno
@@ -161,13 +161,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
         run_len = 0
         run_buf = cur
         while left:
-            if direct:
-                n = left
-            else:
-                n = MC_CHUNK_SIZE - (v & (MC_CHUNK_SIZE - 1))
-                if n > left:
-                    n = left
-            p = dp.table.translate_one(handle, v, write, &afu_rc)
+            p = chunk_step(dp.table, handle, direct, v, left, write, &n, &afu_rc)
             if p < 0:
                 return EIO              # not after check_range
             if run_len and <uint64_t> p == run_p + run_len:
