@@ -457,16 +457,22 @@ def test_close_leaves_no_fd_or_thread_behind(kind, memfd):
         e.close()
         kept.append(e)
 
-    cycle()                                     # lazily made process-wide things
+    _assert_cycles_leave_nothing(cycle, 40, "engines")
+
+
+def _assert_cycles_leave_nothing(cycle, rounds, what):
+    """``rounds`` calls of ``cycle`` (after one that makes the lazily made
+    process-wide things) leave no fd and, within 2 s, no OS thread open."""
+    cycle()
     fds, threads = _open_fds(), _os_threads()
-    for _ in range(40):
+    for _ in range(rounds):
         cycle()
     deadline = time.monotonic() + 2
     while _os_threads() > threads and time.monotonic() < deadline:
         time.sleep(0.01)
     leaked = (_open_fds() - fds, _os_threads() - threads)
     assert leaked[0] == 0 and leaked[1] <= 0, \
-        f"{leaked[0]} fds and {leaked[1]} threads left behind by 40 engines"
+        f"{leaked[0]} fds and {leaked[1]} threads left behind by {rounds} {what}"
 
 
 def test_adapters_with_engines_leave_nothing_behind(kind, monkeypatch):
@@ -482,16 +488,7 @@ def test_adapters_with_engines_leave_nothing_behind(kind, monkeypatch):
             assert asyncio.run(v.read_async(0, 1)) == bytes(BS)
             assert v.listio([1] * 8, list(range(8)), [1] * 8, bytearray(8 * BS), qd=8).ok
 
-    cycle()
-    fds, threads = _open_fds(), _os_threads()
-    for _ in range(15):
-        cycle()
-    deadline = time.monotonic() + 2
-    while _os_threads() > threads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    leaked = (_open_fds() - fds, _os_threads() - threads)
-    assert leaked[0] == 0 and leaked[1] <= 0, \
-        f"{leaked[0]} fds and {leaked[1]} threads left behind by 15 adapters"
+    _assert_cycles_leave_nothing(cycle, 15, "adapters")
 
 
 _DEEPER_THAN_THE_ENGINE = r"""

@@ -46,6 +46,7 @@ from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT, TABLE_IN_ERROR
+from cxlflash._core.rawio cimport raw_requests, raw_fit
 from cxlflash._core.datapath cimport (
     DataPath, check_range, chunk_step, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
     XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T)
@@ -1157,26 +1158,13 @@ cdef class Engine:
         cdef long depth = count_arg(qd, b"qd", MAX_DEPTH)
         if nb > CXL_MAX_SEG_BYTES:
             raise einval(f"nbytes must be at most {CXL_MAX_SEG_BYTES}")
-        cdef const uint64_t[::1] o = u64_array(ops, "ops")
-        cdef const uint64_t[::1] off = u64_array(offsets, "offsets")
-        cdef Py_ssize_t n = o.shape[0], i
-        cdef const uint64_t[::1] boff
-        if buf_offsets is None:
-            boff = np.arange(n, dtype=np.uint64) * np.uint64(nb)
-        else:
-            boff = u64_array(buf_offsets, "buf_offsets")
-        if off.shape[0] != n or boff.shape[0] != n:
-            raise ValueError("ops, offsets and buf_offsets must have the same length")
+        o_arr, off_arr, boff_arr = raw_requests(ops, offsets, nb, buf_offsets, lat_ns)
+        cdef const uint64_t[::1] o = o_arr
+        cdef const uint64_t[::1] off = off_arr
+        cdef const uint64_t[::1] boff = boff_arr
+        cdef Py_ssize_t n = o.shape[0]
         cdef bint timed = lat_ns is not None
         cdef int64_t[::1] lat = lat_ns if timed else _no_lat
-        if timed and lat.shape[0] < n:
-            raise ValueError("lat_ns is shorter than the request list")
-        for i in range(n):
-            if o[i] != 1 and o[i] != 2:
-                raise ValueError(f"request {i}: op {o[i]} is neither 1 (read) nor 2 (write)")
-            if off[i] > OFF_MAX - nb:
-                raise einval(f"request {i}: bytes {off[i]}..{off[i] + nb} pass byte "
-                             "2**63-1, the most a backing store can address")
         cdef Py_buffer view
         cdef int64_t bad = -1
         cdef int64_t[::1] st
@@ -1184,9 +1172,7 @@ cdef class Engine:
         st = status
         PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
-            for i in range(n):
-                if boff[i] > <uint64_t> view.len or nb > <uint64_t> view.len - boff[i]:
-                    raise ValueError(f"request {i} does not fit in the buffer")
+            raw_fit(boff, nb, buf_offsets is None, <uint64_t> view.len)
             self._enter()
             try:
                 with nogil:
