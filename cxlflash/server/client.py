@@ -164,6 +164,7 @@ class DaemonChannel:
         self._retired = set()           # cookies of contexts this process let go
         self.dead = False               # the driver went away
         self.closed = False             # closed by us, or the driver went away
+        self._released = False          # close() ran: socket and pipes closed
         self.epoch = None
         self.server_pid = 0
         err, payload, fds = self._round_trip(wire.OP_HELLO, 0, b"", want_fds=1)
@@ -257,13 +258,18 @@ class DaemonChannel:
         """Close the connection.  The contexts of this process are released
         by the driver as their adapter fds close."""
         with self.lock:
-            if self.closed and not self.dead:
+            if self._released:
                 return
+            self._released = True
             self._shut()
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+            if self._watcher is not threading.current_thread():
+                self._watcher.join(5)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
             try:
                 self.sock.close()
             except OSError:
