@@ -1,6 +1,13 @@
-"""The object-API fixtures the API tests share: an in-memory adapter, a
-1 GiB LUN's disk (4 chunks), a context on it, a 100-block vLUN; and the
-helpers they share (open fds, live contexts, backing bytes, an ioctl log)."""
+"""The object-API fixtures the API tests share: an adapter, a 1 GiB LUN's
+disk (4 chunks), a context on it, a 100-block vLUN; and the helpers they
+share (open fds, live contexts, backing bytes, an ioctl log).
+
+``adapter`` is embedded (``cxlflash.Adapter()``) or connected
+(``cxlflash.connect()`` to a fresh daemon process of its own, see
+``daemons.py``): tests/conftest.py runs each test that uses it both ways
+(ids ``[embedded]`` and ``[connected]``).  A test that reaches into the
+driver (``adapter.driver``, its records, fake callers) takes ``embedded``
+too: it then runs once, on an embedded adapter."""
 import os
 
 import numpy as np
@@ -8,13 +15,36 @@ import pytest
 
 import cxlflash
 
+import daemons
 from block_pattern import GIB
 
 
 @pytest.fixture
-def adapter():
-    with cxlflash.Adapter() as a:
+def adapter(adapter_kind):
+    if adapter_kind == "embedded":
+        with cxlflash.Adapter() as a:
+            yield a
+        return
+    assert adapter_kind == "connected", adapter_kind
+    d = daemons.start()
+    try:
+        a = cxlflash.connect(d.socket)
+    except BaseException:
+        d.kill()
+        raise
+    try:
         yield a
+    finally:
+        a.close()
+    d.stop()                    # SIGTERM: it must exit 0
+
+
+@pytest.fixture
+def embedded(adapter, adapter_kind):
+    """The adapter, embedded (the test runs only that way): for tests that
+    read the driver in this process."""
+    assert adapter_kind == "embedded"
+    return adapter
 
 
 @pytest.fixture

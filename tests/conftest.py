@@ -1,0 +1,36 @@
+"""Makes the helper modules of ``tests/`` (``forking``, ``block_pattern``,
+``scsi_sense``, ...) importable by bare name from every test directory,
+whichever directory pytest is started on (``pytest tests``,
+``pytest tests/driver``) and whatever its import mode.
+
+And runs every test of the ``adapter`` fixture (``api_fixtures``) twice:
+against an embedded adapter (``[embedded]``) and against one connected to
+a daemon in another process (``[connected]``, ``daemons.py``), so the two
+cannot drift apart.  A test that needs the embedded adapter's insides
+(``adapter.driver``, driver records, fake callers) asks for the fixture
+``embedded`` as well: it then runs once, embedded."""
+import os
+import sys
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+ADAPTER_KINDS = ("embedded", "connected")
+
+
+def pytest_generate_tests(metafunc):
+    """``adapter_kind`` (what the ``adapter`` fixture makes): both kinds,
+    or only "embedded" for a test that uses the ``embedded`` fixture; a
+    test that parametrizes ``adapter_kind`` itself chooses its own."""
+    names = metafunc.fixturenames
+    if "adapter_kind" not in names:
+        return
+    for m in metafunc.definition.iter_markers("parametrize"):
+        argnames = m.args[0]
+        if isinstance(argnames, str):
+            argnames = [a.strip() for a in argnames.split(",")]
+        if "adapter_kind" in argnames:
+            return
+    kinds = ["embedded"] if "embedded" in names else list(ADAPTER_KINDS)
+    metafunc.parametrize("adapter_kind", kinds)
