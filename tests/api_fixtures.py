@@ -8,35 +8,44 @@ share (open fds, live contexts, backing bytes, an ioctl log).
 (ids ``[embedded]`` and ``[connected]``).  A test that reaches into the
 driver (``adapter.driver``, its records, fake callers) takes ``embedded``
 too: it then runs once, on an embedded adapter."""
+import errno
 import os
 
 import numpy as np
 import pytest
 
 import cxlflash
+from cxlflash.errors import CxlFlashError
 
 import daemons
 from block_pattern import GIB
 
+#: A connected test that takes longer than this has hung on its daemon
+#: (the harness has no other timeout): the watchdog kills the daemon, so the
+#: client's request fails (ENODEV) and the test fails instead of hanging.
+TEST_TIMEOUT = 120
+
 
 @pytest.fixture
-def adapter(adapter_kind):
+def adapter(adapter_kind, request):
+    """A fresh adapter with no LUN.  ``@pytest.mark.driver(name=value)``
+    sets driver tunables (``daemons.DRIVER_SETTINGS``) before the test, in
+    this process or in the daemon."""
+    mark = request.node.get_closest_marker("driver")
+    settings = dict(mark.kwargs) if mark is not None else {}
     if adapter_kind == "embedded":
         with cxlflash.Adapter() as a:
+            daemons.apply_driver_settings(a, settings)
             yield a
         return
     assert adapter_kind == "connected", adapter_kind
-    d = daemons.start()
-    try:
+    with daemons.start(driver=settings) as d, d.watchdog(TEST_TIMEOUT):
         a = cxlflash.connect(d.socket)
-    except BaseException:
-        d.kill()
-        raise
-    try:
-        yield a
-    finally:
-        a.close()
-    d.stop()                    # SIGTERM: it must exit 0
+        try:
+            yield a
+        finally:
+            a.close()
+    # (leaving the block: SIGTERM, and the daemon must exit 0)
 
 
 @pytest.fixture
@@ -77,8 +86,27 @@ def fd_is_open(fd):
 
 
 def live_contexts(a):
-    drv = a.driver
-    return [c for c in drv.ctx_tbl if c is not None] + list(drv.ctx_err_recovery)
+    """The driver's contexts, live or in error, of every process (as
+    ``a.status()`` lists them: dicts with context_id, pid, luns, handles,
+    chunks, in_error)."""
+    return a.status()["contexts"]
+
+
+def lun_status(a, wwid):
+    """What the driver says of LUN ``wwid`` (``a.status()``): mode ("none",
+    "virtual", "physical"), users, chunks_total, chunks_free, ..."""
+    luns = [lun for lun in a.status()["luns"] if lun["wwid"] == bytes(wwid).hex()]
+    assert len(luns) == 1, f"LUN {bytes(wwid).hex()} in {a.status()['luns']}"
+    return luns[0]
+
+
+def adapter_closed(a):
+    """The adapter answers ENODEV ("closed" or "gone") to every request."""
+    try:
+        a.luns()
+    except CxlFlashError as e:
+        return e.errno == errno.ENODEV
+    return False
 
 
 def phys_bytes(vlun, lba, nblocks=1):

@@ -19,6 +19,13 @@ if _TESTS not in sys.path:
 ADAPTER_KINDS = ("embedded", "connected")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "driver(**tunables): driver tunables the adapter fixture sets "
+        "(embedded: in this process; connected: in the daemon), e.g. "
+        "recovery_retry_delay=0")
+
+
 def pytest_generate_tests(metafunc):
     """``adapter_kind`` (what the ``adapter`` fixture makes): both kinds,
     or only "embedded" for a test that uses the ``embedded`` fixture; a

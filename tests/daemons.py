@@ -27,6 +27,7 @@ A daemon's log (one line per connect, disconnect and reclaim) goes to a
 file, quoted in the assertion when it does not exit 0.
 """
 import atexit
+import contextlib
 import ctypes
 import json
 import os
@@ -93,6 +94,29 @@ class Daemon:
                                           "signal": int(signal.SIGKILL), "timeout": 30})
             self.status = reply["status"]
 
+    @contextlib.contextmanager
+    def watchdog(self, timeout):
+        """Kill the daemon if the block takes more than ``timeout`` s: a
+        client blocked on it then gets ENODEV instead of hanging the run;
+        leaving the block raises DaemonError saying so."""
+        fired = threading.Event()
+
+        def fire():
+            fired.set()
+            self.kill()
+
+        t = threading.Timer(timeout, fire)
+        t.daemon = True
+        t.start()
+        try:
+            yield
+        finally:
+            t.cancel()
+            t.join()
+            if fired.is_set():
+                raise DaemonError(f"the test hung: the watchdog killed the daemon (pid "
+                                  f"{self.pid}) after {timeout} s; its log:\n{self.log()}")
+
     def __enter__(self):
         return self
 
@@ -143,14 +167,14 @@ class ForkServer:
             raise DaemonError(reply["error"])
         return reply
 
-    def start(self, **adapter_kw):
+    def start(self, adapter, driver):
         with self.lock:
             self.serial += 1
             n = self.serial
         path = os.path.join(self.directory, f"d{n}.sock")
         log = os.path.join(self.directory, f"d{n}.log")
         reply = self.request({"op": "spawn", "socket": path, "log": log,
-                              "adapter": adapter_kw})
+                              "adapter": adapter, "driver": driver})
         return Daemon(self, reply["pid"], path, log)
 
     def close(self):
@@ -183,10 +207,29 @@ def _close_fork_server():
         _server.close()
 
 
-def start(**adapter_kw):
+#: The driver's tunables a test may set (``start(driver={...})``).
+DRIVER_SETTINGS = ("recovery_retry_delay", "mailbox_retry_delay")
+
+
+def apply_driver_settings(adapter, settings):
+    """Set the driver's tunables of an embedded ``adapter``."""
+    for name, value in settings.items():
+        if name not in DRIVER_SETTINGS:
+            raise ValueError(f"{name!r} is not one of the driver's tunables "
+                             f"{DRIVER_SETTINGS}")
+        setattr(adapter.driver, name, value)
+
+
+def start(driver=None, **adapter_kw):
     """A new daemon process serving a fresh ``cxlflash.Adapter(**adapter_kw)``
-    (no LUN), ready (its socket accepts)."""
-    return fork_server().start(**adapter_kw)
+    (no LUN) whose driver has the tunables ``driver`` ({name: value}),
+    ready (its socket accepts)."""
+    driver = dict(driver or {})
+    for name in driver:
+        if name not in DRIVER_SETTINGS:
+            raise ValueError(f"{name!r} is not one of the driver's tunables "
+                             f"{DRIVER_SETTINGS}")
+    return fork_server().start(adapter=adapter_kw, driver=driver)
 
 
 # -- the fork server's side -----------------------------------------------------------
@@ -208,6 +251,7 @@ def _daemon(req, ready_w):
         from cxlflash.server.service import Server
 
         adapter = cxlflash.Adapter(**req.get("adapter", {}))
+        apply_driver_settings(adapter, req.get("driver", {}))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.bind(req["socket"])
         sock.listen(64)

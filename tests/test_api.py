@@ -25,7 +25,8 @@ from block_pattern import BS, CHUNK, GIB, pattern
 from forking import in_child
 
 from api_fixtures import (adapter, ctx, disk, vlun,  # noqa: F401 (fixtures)
-                          IoctlLog, fd_is_open, live_contexts, phys_bytes)
+                          IoctlLog, adapter_closed, fd_is_open, live_contexts,
+                          lun_status, phys_bytes)
 
 
 
@@ -43,7 +44,7 @@ def test_nested_with_releases_everything():
     assert vlun.closed and ctx.closed and disk.closed
     assert not fd_is_open(fd)
     assert backing.fd == -1 and a.driver.closed
-    assert live_contexts(a) == []
+    assert a.driver.contexts() == []
 
 
 def test_with_body_raising_still_releases(adapter, disk):
@@ -55,8 +56,8 @@ def test_with_body_raising_still_releases(adapter, disk):
     assert vlun.closed and v2.closed and ctx.closed
     assert not fd_is_open(fd)
     assert live_contexts(adapter) == []
-    glun = adapter.driver.gluns[disk.wwid]
-    assert glun.users == 0 and glun.mode == 0
+    lun = lun_status(adapter, disk.wwid)
+    assert lun["users"] == 0 and lun["mode"] == "none"
 
 
 def test_lun_with_releases_handle_only(adapter, ctx):
@@ -78,7 +79,7 @@ def test_direct_lun_with(adapter):
                 assert d.size == (64 << 20) // BS and not d.virtual
                 d.write(7, pattern(7, 2))
                 1 / 0
-        assert d.closed and adapter.driver.gluns[wwid].mode == 0
+        assert d.closed and lun_status(adapter, wwid)["mode"] == "none"
         with ctx.open_direct() as d2:
             assert d2.read(7, 2) == pattern(7, 2).tobytes()
             assert list(d2.translate([0, 5, d2.size - 1])) == [0, 5, d2.size - 1]
@@ -118,8 +119,8 @@ def test_close_twice_is_harmless(adapter, disk):
     assert ctx.detach() is None and ctx.closed and not fd_is_open(adap_fd)
     assert live_contexts(adapter) == []
     assert disk.close() is None and disk.closed
-    assert adapter.close() is None and adapter.driver.closed
-    assert adapter.close() is None and adapter.driver.closed
+    assert adapter.close() is None and adapter_closed(adapter)
+    assert adapter.close() is None and adapter_closed(adapter)
     with pytest.raises(CxlFlashError) as e:
         adapter.create_lun(GIB)
     assert e.value.errno == errno.ENODEV
@@ -150,8 +151,8 @@ def test_context_close_after_disk_close(adapter):
     assert ctx.closed and not fd_is_open(fd)
     with adapter.open_disk(adapter.create_lun(GIB)) as d2, d2.attach():
         assert len(live_contexts(adapter)) == 1     # the driver reaped it
-    glun = adapter.driver.gluns[wwid]
-    assert glun.users == 0 and glun.mode == 0
+    lun = lun_status(adapter, wwid)
+    assert lun["users"] == 0 and lun["mode"] == "none"
 
 # -- use after close or detach: ValueError ---------------------------------------------
 
@@ -301,15 +302,16 @@ def test_size_beyond_physical_lun_is_einval(adapter, ctx, monkeypatch):
 def test_enospc_keeps_size_unless_best_effort(adapter, ctx):
     a = ctx.create_virtual(2 * CHUNK)                    # 2 of the 4 chunks
     b = ctx.create_virtual(10)                           # 1 chunk; 1 free
-    alloc = adapter.driver.gluns[ctx.disks[0].wwid].allocator
+    wwid = ctx.disks[0].wwid
     b.write(0, pattern(0, 10))
     with pytest.raises(CxlFlashError) as e:              # needs 2 more, 1 free
         b.set_size(3 * CHUNK)
     assert e.value.errno == errno.ENOSPC
-    assert b.size == 10 and b.chunks == 1 and alloc.space() == 1
+    assert b.size == 10 and b.chunks == 1 and lun_status(adapter, wwid)["chunks_free"] == 1
     assert b.read(0, 10) == pattern(0, 10).tobytes()
     assert b.set_size(3 * CHUNK, best_effort=True) == 2 * CHUNK
-    assert b.size == 2 * CHUNK and b.chunks == 2 and alloc.space() == 0
+    assert b.size == 2 * CHUNK and b.chunks == 2
+    assert lun_status(adapter, wwid)["chunks_free"] == 0
     assert b.read(0, 10) == pattern(0, 10).tobytes()
     # No chunk left at all.
     with pytest.raises(CxlFlashError) as e:
@@ -580,10 +582,10 @@ def test_reset_recovers_every_lun_once(adapter, ctx):
     assert v1.stats()["num_reset_contexts"] == 1 == v2.stats()["num_reset_contexts"]
 
 
+@pytest.mark.driver(recovery_retry_delay=0)
 def test_adapter_reset_error_when_recovery_fails(adapter, ctx):
     v = ctx.create_virtual(10)
     v.write(0, pattern(0, 1))
-    adapter.driver.recovery_retry_delay = 0
     adapter.inject_fault("backend_context", 100)
     adapter.reset()
     with pytest.raises(AdapterResetError) as e:
