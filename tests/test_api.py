@@ -9,6 +9,8 @@ in ``test_api_fork.py``, data integrity under load in
 import asyncio
 import errno
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -602,6 +604,29 @@ def test_adapter_reset_error_when_recovery_fails(adapter, ctx):
     adapter.inject_fault("backend_context", 0)       # the adapter heals
     assert v.read(0, 1) == pattern(0, 1).tobytes()
     assert v.stats()["num_reset_contexts"] == 1
+
+
+def test_reset_ends_while_another_thread_waits_in_an_ioctl(adapter, ctx):
+    """One thread's ioctl waits in the driver for an AFU reset to end; another
+    thread of the same process ends the reset: both return, as with the
+    kernel (where each thread's ioctl runs on its own).  On a connected
+    adapter the waiting ioctl used to hold the process's only connection,
+    so end_reset() queued behind the request that waited for it."""
+    adapter.begin_reset()
+    waiter = threading.Thread(target=ctx.recover)     # waits while the AFU resets
+    waiter.start()
+    time.sleep(0.2)                                   # it is waiting in the driver
+    ender = threading.Thread(target=adapter.end_reset)
+    ender.start()
+    ender.join(10)
+    hung = ender.is_alive()
+    if hung:                                          # free both threads
+        os.kill(adapter._client().server_pid, signal.SIGKILL)
+    ender.join(10)
+    waiter.join(10)
+    assert not hung, "end_reset() waited behind an ioctl that waited for it"
+    assert not waiter.is_alive()
+    assert adapter.state == "NORMAL"
 
 
 def test_failed_adapter(adapter, ctx):

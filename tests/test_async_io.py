@@ -277,9 +277,9 @@ def test_released_handle_errors_match_sync(adapter, ctx, disk):
         v.close()
 
 
+@pytest.mark.driver(recovery_retry_delay=0)
 def test_reset_without_recovery_errors_match_sync(adapter, ctx):
     v = ctx.create_virtual(10)
-    adapter.driver.recovery_retry_delay = 0
     adapter.inject_fault("backend_context", 1000)
     adapter.reset()
     for name, args in [("aread", (0, 1)), ("areadinto", (0, bytearray(BS))),
@@ -816,9 +816,9 @@ def test_reset_with_recovery_redrives_requests_in_flight(adapter, ctx):
     assert ctx.resets == 4 and v.stats()["num_errors"] == 0
 
 
+@pytest.mark.driver(recovery_retry_delay=0)
 def test_reset_without_recovery_fails_requests_in_flight(adapter, ctx):
     v = ctx.create_virtual(CHUNK)
-    adapter.driver.recovery_retry_delay = 0
     adapter.inject_fault("backend_context", 10 ** 6)
     futs = _flood(v, 0, seed=24)
     adapter.reset()
