@@ -156,6 +156,7 @@ class DaemonChannel:
 
     def __init__(self, sock, what=None):
         self.sock = sock
+        self.receiver = wire.reply_receiver(sock)
         self.pid = os.getpid()
         self.what = what or "the cxlflash daemon"
         self.lock = threading.RLock()
@@ -198,7 +199,7 @@ class DaemonChannel:
                 raise self._gone_error()
             try:
                 wire.send_request(self.sock, op, request, payload)
-                err, body, fds = wire.recv_reply(self.sock, op)
+                err, body, fds = wire.recv_reply(self.receiver, op)
             except (EOFError, OSError, wire.ProtocolError):
                 self._driver_gone()
                 raise self._gone_error() from None

@@ -226,10 +226,11 @@ class Connection(threading.Thread):
     def run(self):
         srv = self.server
         why = "disconnected"
+        receiver = wire.request_receiver(self.sock)
         try:
             while not srv._stopping:
                 try:
-                    op, request, payload, creds = wire.recv_request(self.sock)
+                    op, request, payload, creds = wire.recv_request(receiver)
                 except EOFError:
                     break
                 pid, uid, _ = creds
@@ -447,12 +448,17 @@ class Connection(threading.Thread):
         last reply (every one when ``full``), packed."""
         drv = self.server.drv
         mine = drv.ctx_by_pid.get(self.pid, ())
+        known = self.known
+        if len(mine) == len(known) and all(c in known for c in mine):
+            contexts = list(known)         # the usual case: no context came or went
+        else:
+            contexts = set(mine).union(known)
         records = []
-        for ctx in set(mine) | set(self.known):
+        for ctx in contexts:
             rec = self._record(ctx, drv)
             if rec is not None:
                 records.append(rec)
-        return wire.pack_tables(records)
+        return wire.pack_tables(records) if records else _NO_TABLES
 
     def _record(self, ctx, drv):
         epoch = drv.epoch               # before the state: see ReplicaContext
@@ -492,6 +498,9 @@ class Connection(threading.Thread):
                     glun.blk_len, glun.max_lba, glun.wwid, t.lxt(h))
         return (h, wire.SLOT_DIRECT, e["perms"], e["port_sel"], e["valid"],
                 e["lun_id"], e["last_lba"], glun.blk_len, glun.max_lba, glun.wwid, None)
+
+
+_NO_TABLES = wire.COUNT.pack(0)
 
 
 def _exact(payload, n):
