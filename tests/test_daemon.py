@@ -1,0 +1,470 @@
+"""``cxlflash serve`` as a service and ``cxlflash ctl``, each test with real
+processes: readiness (only once the socket accepts), the pid file and its
+lock, stop signals, socket activation, socket permissions, the
+configuration file, ``--exit-with-parent``, one-line errors for bad
+options, and ``ctl``'s tables and JSON.
+"""
+import fcntl
+import grp
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import daemon_process
+from cxlflash.server import ctl
+
+# Until the real Server is on main, the daemon runs a stand-in with its
+# interface (accepts connections and closes them).
+STANDIN = textwrap.dedent("""
+    import socket, sys, threading
+    from cxlflash.server import service
+    class Server:
+        def __init__(self, adapter, sock, *, log=print):
+            self.adapter, self.sock, self.log = adapter, sock, log
+            self.stop = threading.Event()
+        def serve_forever(self):
+            self.sock.settimeout(0.05)
+            while not self.stop.is_set():
+                try:
+                    c, _ = self.sock.accept()
+                except socket.timeout:
+                    continue
+                self.log("connect"); c.close()
+        def shutdown(self):
+            self.stop.set()
+    service.Server = Server
+    from cxlflash.cli import main
+    sys.exit(main(["serve"] + sys.argv[1:]))
+""")
+SERVE = [sys.executable, "-c", STANDIN]
+
+
+def start(tmp_path, *args, **kw):
+    kw.setdefault("command", SERVE)
+    return daemon_process.start(tmp_path, *args, **kw)
+
+
+def run(tmp_path, *args, **kw):
+    kw.setdefault("command", SERVE)
+    return daemon_process.run(tmp_path, *args, **kw)
+
+
+def accepts(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        try:
+            s.connect(path)
+            return True
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+
+
+def one_error_line(log, *words):
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln]
+    assert len(errors) == 1, log
+    assert errors[0].startswith("cxlflash serve: error: "), log
+    for w in words:
+        assert w in errors[0], (w, log)
+    return errors[0]
+
+
+# -- readiness and stopping -----------------------------------------------------
+
+def test_ready_is_sent_only_once_the_socket_accepts(tmp_path):
+    d = daemon_process.spawn(tmp_path, "--size", "1G", command=SERVE)
+    try:
+        daemon_process.wait_ready(d)
+        # READY=1 arrived: the very next connect must be accepted.
+        assert accepts(d.socket), d.log()
+        assert d.ready.split("\n") == ["READY=1", f"MAINPID={d.pid}"]
+        assert "cxlflash serve: ready: pid" in d.log()
+    finally:
+        d.stop()
+
+
+def test_ready_on_a_notify_socket_path(tmp_path):
+    with start(tmp_path, notify_path=str(tmp_path / "notify")) as d:
+        assert d.ready.startswith("READY=1")
+        assert accepts(d.socket)
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_exits_0_and_removes_the_socket_and_pid_file(tmp_path, signo):
+    pid_file = tmp_path / "serve.pid"
+    d = start(tmp_path, "--pid-file", pid_file)
+    assert os.path.exists(d.socket) and pid_file.exists()
+    d.stop(signo)
+    assert not os.path.exists(d.socket)
+    assert not pid_file.exists()
+    log = d.log()
+    assert f"stopping ({signo.name})" in log
+    assert log.rstrip().endswith("cxlflash serve: stopped"), log
+    assert all(ln.startswith("cxlflash serve: ") for ln in log.splitlines()), log
+
+
+def test_stopping_is_notified(tmp_path):
+    d = start(tmp_path)
+    d.send(signal.SIGTERM)
+    msg = d.notifier.receive(10)
+    assert msg == "STOPPING=1"
+    d.stop()
+
+
+# -- the pid file ---------------------------------------------------------------
+
+def test_pid_file_is_written_when_ready_and_locked(tmp_path):
+    pid_file = tmp_path / "serve.pid"
+    with start(tmp_path, "--pid-file", pid_file) as d:
+        assert pid_file.read_text() == f"{d.pid}\n"
+        with open(pid_file) as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other = tmp_path / "other"
+        other.mkdir()
+        rc, log = run(other, "--pid-file", pid_file)
+        assert rc == 1
+        one_error_line(log, f"pid file {pid_file} is locked by pid {d.pid}")
+        # The second daemon stopped before it made a socket; the first serves on.
+        assert not (other / "cxlflash.sock").exists()
+        assert pid_file.read_text() == f"{d.pid}\n"
+        assert accepts(d.socket)
+
+
+def test_a_stale_pid_file_is_taken_over(tmp_path):
+    pid_file = tmp_path / "serve.pid"
+    pid_file.write_text("999999\n")            # left by a daemon killed with -9
+    with start(tmp_path, "--pid-file", pid_file) as d:
+        assert pid_file.read_text() == f"{d.pid}\n"
+
+
+# -- the socket -----------------------------------------------------------------
+
+def test_a_live_daemons_socket_is_not_taken(tmp_path):
+    with start(tmp_path) as d:
+        rc, log = run(tmp_path, socket_path=d.socket)
+        assert rc == 1
+        one_error_line(log, f"a daemon already serves {d.socket}")
+        assert accepts(d.socket)
+
+
+def test_a_stale_socket_is_replaced(tmp_path):
+    path = str(tmp_path / "cxlflash.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()                                   # the path stays, nobody listens
+    with start(tmp_path) as d:
+        assert accepts(path)
+        assert f"removed the stale socket {path}" in d.log()
+
+
+def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path):
+    path = tmp_path / "cxlflash.sock"
+    path.write_text("precious")
+    rc, log = run(tmp_path)
+    assert rc == 1
+    one_error_line(log, "exists and is not a socket")
+    assert path.read_text() == "precious"
+
+
+def test_a_socket_path_too_long_is_one_line(tmp_path):
+    rc, log = run(tmp_path, socket_path=str(tmp_path / ("x" * 120)))
+    assert rc == 1
+    one_error_line(log, "at most 107")
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_the_socket_is_0660_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        d = start(tmp_path)
+    finally:
+        os.umask(old)
+    with d:
+        st = os.stat(d.socket)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert "(mode 0660)" in d.log()
+
+
+def test_mode_and_group(tmp_path):
+    gid = os.getgid()
+    name = grp.getgrgid(gid).gr_name
+    with start(tmp_path, "--mode", "0600", "--group", name) as d:
+        st = os.stat(d.socket)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_gid == gid
+        assert f"(mode 0600, group {name})" in d.log()
+
+
+# -- socket activation ----------------------------------------------------------
+
+# Makes fd N its fd 3, sets LISTEN_PID to its own pid, then execs the daemon
+# (which keeps the pid) -- as systemd does.  (dash's "exec 3<&N" takes N <= 9
+# only, so not sh.)
+ACTIVATE = textwrap.dedent("""
+    import os, sys
+    fd = int(sys.argv[1])
+    if fd != 3:
+        os.dup2(fd, 3)
+        os.close(fd)
+    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+    os.execv(sys.argv[2], sys.argv[2:])
+""")
+
+
+def _activated(tmp_path, listener, *args):
+    """The daemon with ``listener`` as fd 3, as socket activation gives it."""
+    fd = listener.fileno()
+    return daemon_process.spawn(tmp_path, *args, socket_path=False, command=SERVE,
+                                prefix=[sys.executable, "-c", ACTIVATE, str(fd)],
+                                pass_fds=(fd,))
+
+
+def test_socket_activation_serves_fd_3_and_leaves_the_path(tmp_path):
+    path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    d = _activated(tmp_path, listener)
+    listener.close()                            # the daemon holds it now
+    daemon_process.wait_ready(d)
+    try:
+        assert accepts(path)
+        assert "fd 3, socket activation" in d.log()
+        assert path in d.log()
+    finally:
+        d.stop()
+    # systemd owns the path: the daemon does not remove it.
+    assert os.path.exists(path)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def test_socket_activation_refuses_an_fd_3_that_does_not_listen(tmp_path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(tmp_path / "bound-only.sock"))     # bound, never listen()ed
+    d = _activated(tmp_path, s)
+    s.close()
+    assert d.wait() == 1
+    d.notifier.close()
+    one_error_line(d.log(), "fd 3 is not a listening AF_UNIX stream socket")
+
+
+def test_listen_pid_of_another_process_is_ignored(tmp_path):
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
+    with start(tmp_path, env=env) as d:
+        assert accepts(d.socket)
+        assert "socket activation ignored" in d.log()
+
+
+# -- the configuration file -----------------------------------------------------
+
+def _config(tmp_path, text):
+    path = tmp_path / "serve.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_config_says_what_the_options_say(tmp_path):
+    conf = _config(tmp_path, """
+        socket = "conf.sock"
+        size = "512M"
+        mode = "0640"
+        pid_file = "conf.pid"
+        ports = 1
+    """)
+    with start(tmp_path, "--config", conf, socket_path=False) as d:
+        path = tmp_path / "conf.sock"            # relative to the file's directory
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        assert (tmp_path / "conf.pid").read_text() == f"{d.pid}\n"
+        assert "memory, 512 MiB" in d.log()
+        assert accepts(str(path))
+    assert not path.exists()
+    # The same with options.
+    with start(tmp_path, "--size", "512M", "--mode", "0640", "--ports", "1",
+               "--pid-file", tmp_path / "opt.pid", socket_path=str(tmp_path / "opt.sock")) as d:
+        assert stat.S_IMODE(os.stat(tmp_path / "opt.sock").st_mode) == 0o640
+        assert "memory, 512 MiB" in d.log()
+
+
+def test_command_line_options_win_over_the_config(tmp_path):
+    conf = _config(tmp_path, """
+        socket = "conf.sock"
+        mode = 0o600
+        size = 1073741824
+    """)
+    with start(tmp_path, "--config", conf, "--mode", "0660", "--size", "256M") as d:
+        assert d.socket == str(tmp_path / "cxlflash.sock")
+        assert not (tmp_path / "conf.sock").exists()
+        assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660
+        assert "memory, 256 MiB" in d.log()
+
+
+@pytest.mark.parametrize("text, words", [
+    ('sockett = "x.sock"\nlunz = []\n', ["unknown keys lunz, sockett"]),
+    ('mode = 660\n', ["mode", "0o660"]),
+    ('size = "lots"\n', ["size", "not a size"]),
+    ('size = 1000\n', ["multiple of 4096"]),
+    ('lun = 3\n', ["lun must be a path"]),
+    ('ports = 9\n', ["ports must be 1..4"]),
+    ('group = "no-such-group-here"\n', ["no group named"]),
+    ('socket = \n', ["not valid TOML"]),
+])
+def test_config_errors_are_one_line_exit_2(tmp_path, text, words):
+    conf = _config(tmp_path, text)
+    rc, log = run(tmp_path, "--config", conf)
+    assert rc == 2, log
+    one_error_line(log, str(conf), *words)
+
+
+def test_a_missing_config_file(tmp_path):
+    rc, log = run(tmp_path, "--config", tmp_path / "nope.toml")
+    assert rc == 2
+    one_error_line(log, "no such file")
+
+
+# -- LUNs -----------------------------------------------------------------------
+
+def test_lun_files(tmp_path):
+    a, b = tmp_path / "a.lun", tmp_path / "b.lun"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(1 << 30)
+    with start(tmp_path, "--lun", a, "--lun", b) as d:
+        log = d.log()
+        assert f": {a}\n" in log and f": {b}\n" in log, log
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", ["does not exist", "truncate -s"]),
+    ("empty", ["is empty (0 bytes)"]),
+    ("twice", ["is the same file as"]),
+    ("directory", ["neither a regular file nor a block device"]),
+    ("size", ["--size is the size of the in-memory LUN"]),
+])
+def test_lun_errors_are_one_line_exit_2(tmp_path, case, words):
+    lun = tmp_path / "x.lun"
+    args = ["--lun", lun]
+    if case == "empty":
+        lun.touch()
+    elif case in ("twice", "size"):
+        with open(lun, "wb") as f:
+            f.truncate(1 << 28)
+        args += ["--lun", tmp_path / "." / "x.lun"] if case == "twice" else ["--size", "1G"]
+    elif case == "directory":
+        lun.mkdir()
+    rc, log = run(tmp_path, *args)
+    assert rc == 2, log
+    one_error_line(log, *words)
+    assert not (tmp_path / "cxlflash.sock").exists()
+
+
+# -- options --------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["--mode", "999"], ["--mode", "not an octal mode"]),
+    (["--mode", "01777"], ["--mode", "outside 0000..0777"]),
+    (["--size", "12x"], ["--size", "not a size"]),
+    (["--size", "1000"], ["--size", "multiple of 4096"]),
+    (["--ports", "0"], ["--ports", "1..4"]),
+    (["--group", "no-such-group-here"], ["--group", "no group named"]),
+    (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+    (["--directory", "/nonexistent/dir"], ["--directory", "no such directory"]),
+])
+def test_bad_options_exit_2_with_one_line(tmp_path, args, words):
+    r = subprocess.run(daemon_process.SERVE + ["--socket", str(tmp_path / "s.sock")] + args,
+                       capture_output=True, text=True, env=daemon_process.environment(),
+                       timeout=60)
+    assert r.returncode == 2, r
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    # (argparse reports an unknown option as the top-level command's error)
+    assert r.stderr.startswith(("cxlflash serve: error: ", "cxlflash: error: "))
+    for w in words:
+        assert w in r.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+# -- --exit-with-parent ---------------------------------------------------------
+
+def test_exit_with_parent(tmp_path):
+    """The daemon's parent (not the test) is killed -9: the daemon gets
+    SIGTERM and stops cleanly (its socket is removed)."""
+    sock = str(tmp_path / "cxlflash.sock")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import subprocess, sys, time
+            p = subprocess.Popen(sys.argv[1:], stderr=open(sys.argv[-1] + ".log", "wb"))
+            print(p.pid, flush=True)
+            time.sleep(600)
+        """)] + SERVE + ["--socket", sock, "--exit-with-parent", "--size", "256M"],
+        stdout=subprocess.PIPE, text=True, env=daemon_process.environment())
+    try:
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not accepts(sock):
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.02)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{child}") and _state(child) != "Z":
+        assert time.monotonic() < deadline, "the daemon outlived its parent"
+        time.sleep(0.02)
+    assert not os.path.exists(sock)             # it stopped cleanly, not killed
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+# -- ctl ------------------------------------------------------------------------
+
+SAMPLE = {
+    "pid": 4242, "uid": 1000, "state": "NORMAL", "ports": 2,
+    "luns": [{"wwid": "60050767810000011d0085ff81000001", "block_size": 4096,
+              "max_lba": 1048575, "size": 4 << 30, "mode": "virtual", "ports": [0, 1],
+              "users": 1, "chunks_total": 16, "chunks_free": 12, "path": None}],
+    "contexts": [{"context_id": 7, "pid": 5151,
+                  "luns": ["60050767810000011d0085ff81000001"], "handles": 2,
+                  "chunks": 4, "in_error": False}],
+    "counters": {"lw_syncs": 0, "hw_syncs": 0, "global_syncs": 0, "failed_syncs": 0,
+                 "resets": 0, "afu_cmds": 3, "connections": 1, "connects": 5,
+                 "reclaims": 1, "bad_messages": 0},
+}
+
+
+def test_ctl_tables():
+    text = ctl.render(SAMPLE, "status")
+    assert text.splitlines()[0] == ("daemon pid 4242, uid 1000, state NORMAL, 2 ports, "
+                                    "1 LUNs, 1 contexts")
+    luns = ctl.render(SAMPLE, "luns").splitlines()
+    assert luns[0].split() == ["WWID", "SIZE", "MODE", "PORTS", "USERS", "FREE", "CHUNKS",
+                               "BACKING"]
+    assert luns[1].split() == ["60050767810000011d0085ff81000001", "4", "GiB", "virtual",
+                               "0,1", "1", "12", "16", "memory"]
+    ctxs = ctl.render(SAMPLE, "contexts").splitlines()
+    assert ctxs[1].split() == ["7", "5151", "60050767810000011d0085ff81000001", "2", "4",
+                               "no"]
+    assert "reclaims      1" in text
+    assert ctl.render({**SAMPLE, "contexts": []}, "contexts") == "no contexts"
+
+
+@pytest.mark.parametrize("what", ["status", "luns", "contexts"])
+def test_ctl_json(what):
+    got = json.loads(ctl.render(SAMPLE, what, as_json=True))
+    assert got == (SAMPLE if what == "status" else SAMPLE[what])
