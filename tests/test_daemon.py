@@ -234,13 +234,14 @@ def test_socket_activation_serves_fd_3_and_leaves_the_path(tmp_path):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
-    d = _activated(tmp_path, listener)
+    d = _activated(tmp_path, listener, "--mode", "0600")
     listener.close()                            # the daemon holds it now
     daemon_process.wait_ready(d)
     try:
         assert accepts(path)
-        assert "fd 3, socket activation" in d.log()
-        assert path in d.log()
+        log = d.log()
+        assert f"listening on {path} (fd 3, socket activation)" in log, log
+        assert "--mode ignored: the socket comes from socket activation" in log
     finally:
         d.stop()
     # systemd owns the path: the daemon does not remove it.
@@ -335,17 +336,20 @@ def test_a_missing_config_file(tmp_path):
 
 def test_lun_files(tmp_path):
     a, b = tmp_path / "a.lun", tmp_path / "b.lun"
-    for p in (a, b):
+    for p, size in ((a, 1 << 30), (b, (1 << 30) + 100)):
         with open(p, "wb") as f:
-            f.truncate(1 << 30)
+            f.truncate(size)
     with start(tmp_path, "--lun", a, "--lun", b) as d:
         log = d.log()
         assert f": {a}\n" in log and f": {b}\n" in log, log
+        assert f"LUN {b}: its last 100 bytes are not a whole 4096-byte block" in log
+        assert f"LUN {a}: its last" not in log
 
 
 @pytest.mark.parametrize("case, words", [
     ("missing", ["does not exist", "truncate -s"]),
     ("empty", ["is empty (0 bytes)"]),
+    ("small", ["smaller than one 4096-byte block (1000 bytes)"]),
     ("twice", ["is the same file as"]),
     ("directory", ["neither a regular file nor a block device"]),
     ("size", ["--size is the size of the in-memory LUN"]),
@@ -355,6 +359,8 @@ def test_lun_errors_are_one_line_exit_2(tmp_path, case, words):
     args = ["--lun", lun]
     if case == "empty":
         lun.touch()
+    elif case == "small":
+        lun.write_bytes(b"x" * 1000)
     elif case in ("twice", "size"):
         with open(lun, "wb") as f:
             f.truncate(1 << 28)

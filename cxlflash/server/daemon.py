@@ -304,6 +304,7 @@ class Settings:
             v = getattr(args, attr or key)
             return v if v is not None else conf.get(key)
 
+        self.notes = []             # warnings for the log, once it starts
         self.socket = pick("socket")
         self.luns = pick("lun")
         self.directory = pick("directory")
@@ -313,6 +314,11 @@ class Settings:
         self.pid_file = pick("pid_file")
         self.ports = pick("ports") or 2
         self.exit_with_parent = bool(getattr(args, "exit_with_parent", False))
+        # What only applies to a socket this daemon creates (named for the
+        # log when socket activation makes them moot).
+        self.socket_options = [o for o, v in (("--socket", self.socket),
+                                              ("--mode", self.mode),
+                                              ("--group", self.group)) if v is not None]
         if self.mode is None:
             self.mode = DEFAULT_MODE
         if self.luns and self.size is not None:
@@ -340,9 +346,13 @@ class Settings:
             if stat.S_ISBLK(st.st_mode):
                 ident = ("dev", st.st_rdev)
             elif stat.S_ISREG(st.st_mode):
-                if st.st_size == 0:
-                    raise ServeError(f"LUN {p} is empty (0 bytes): give it a size first "
+                if st.st_size < 4096:
+                    raise ServeError(f"LUN {p} is {'empty' if not st.st_size else 'smaller than one 4096-byte block'} "
+                                     f"({st.st_size} bytes): give it a size first "
                                      f"(e.g. truncate -s 4G {p})", 2)
+                if st.st_size % 4096:
+                    self.notes.append(f"LUN {p}: its last {st.st_size % 4096} bytes are "
+                                      "not a whole 4096-byte block and are not served")
                 ident = ("file", st.st_dev, st.st_ino)
             else:
                 raise ServeError(f"LUN {p} is neither a regular file nor a block device", 2)
@@ -682,7 +692,13 @@ class Daemon:
             if s.pid_file:
                 self.pid_file = PidFile(s.pid_file)
             self.adapter = self._adapter()
+            for note in s.notes:
+                self.log(note)
             self.listener = Listener.activated(self.log)
+            if self.listener is not None and s.socket_options:
+                self.log(f"{', '.join(s.socket_options)} ignored: the socket comes from "
+                         "socket activation (the .socket unit sets ListenStream=, "
+                         "SocketMode=, SocketGroup=)")
             if self.listener is None:
                 self.listener = Listener.bound(s.socket or default_socket(), s.mode,
                                                s.group, self.log)
