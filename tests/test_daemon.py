@@ -53,8 +53,14 @@ def start(tmp_path, *args, **kw):
 
 
 def run(tmp_path, *args, **kw):
+    """A start that fails: (exit status, log); it never said READY=1."""
     kw.setdefault("command", SERVE)
-    return daemon_process.run(tmp_path, *args, **kw)
+    d = daemon_process.spawn(tmp_path, *args, **kw)
+    rc = d.wait()
+    message = d.notifier.receive(0)
+    d.notifier.close()
+    assert message is None, (message, d.log())
+    return rc, d.log()
 
 
 def accepts(path):
