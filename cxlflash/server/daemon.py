@@ -234,7 +234,7 @@ def _load_toml(path):
         import tomllib as toml
     except ImportError:     # Python < 3.11
         try:
-            import tomli as toml
+            import tomli as toml  # type: ignore[no-redef,import-not-found,unused-ignore]
         except ImportError:
             raise ServeError(f"--config {path}: reading TOML needs Python 3.11 (tomllib) "
                              "or the tomli package (pip install tomli)", 2) from None
