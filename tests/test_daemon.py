@@ -21,40 +21,12 @@ import pytest
 import daemon_process
 from cxlflash.server import ctl
 
-# Until the real Server is on main, the daemon runs a stand-in with its
-# interface (accepts connections and closes them).
-STANDIN = textwrap.dedent("""
-    import socket, sys, threading
-    from cxlflash.server import service
-    class Server:
-        def __init__(self, adapter, sock, *, log=print):
-            self.adapter, self.sock, self.log = adapter, sock, log
-            self.stop = threading.Event()
-        def serve_forever(self):
-            self.sock.settimeout(0.05)
-            while not self.stop.is_set():
-                try:
-                    c, _ = self.sock.accept()
-                except socket.timeout:
-                    continue
-                self.log("connect"); c.close()
-        def shutdown(self):
-            self.stop.set()
-    service.Server = Server
-    from cxlflash.cli import main
-    sys.exit(main(["serve"] + sys.argv[1:]))
-""")
-SERVE = [sys.executable, "-c", STANDIN]
-
-
-def start(tmp_path, *args, **kw):
-    kw.setdefault("command", SERVE)
-    return daemon_process.start(tmp_path, *args, **kw)
+SERVE = daemon_process.SERVE
+start = daemon_process.start
 
 
 def run(tmp_path, *args, **kw):
     """A start that fails: (exit status, log); it never said READY=1."""
-    kw.setdefault("command", SERVE)
     d = daemon_process.spawn(tmp_path, *args, **kw)
     rc = d.wait()
     message = d.notifier.receive(0)
@@ -86,7 +58,7 @@ def one_error_line(log, *words):
 # -- readiness and stopping -----------------------------------------------------
 
 def test_ready_is_sent_only_once_the_socket_accepts(tmp_path):
-    d = daemon_process.spawn(tmp_path, "--size", "1G", command=SERVE)
+    d = daemon_process.spawn(tmp_path, "--size", "1G")
     try:
         daemon_process.wait_ready(d)
         # READY=1 arrived: the very next connect must be accepted.
@@ -230,7 +202,7 @@ ACTIVATE = textwrap.dedent("""
 def _activated(tmp_path, listener, *args):
     """The daemon with ``listener`` as fd 3, as socket activation gives it."""
     fd = listener.fileno()
-    return daemon_process.spawn(tmp_path, *args, socket_path=False, command=SERVE,
+    return daemon_process.spawn(tmp_path, *args, socket_path=False,
                                 prefix=[sys.executable, "-c", ACTIVATE, str(fd)],
                                 pass_fds=(fd,))
 
@@ -414,10 +386,10 @@ def test_exit_with_parent(tmp_path):
     parent = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import subprocess, sys, time
-            p = subprocess.Popen(sys.argv[1:], stderr=open(sys.argv[-1] + ".log", "wb"))
+            p = subprocess.Popen(sys.argv[2:], stderr=open(sys.argv[1], "wb"))
             print(p.pid, flush=True)
             time.sleep(600)
-        """)] + SERVE + ["--socket", sock, "--exit-with-parent", "--size", "256M"],
+        """), str(tmp_path / "serve.log")] + SERVE + ["--socket", sock, "--exit-with-parent", "--size", "256M"],
         stdout=subprocess.PIPE, text=True, env=daemon_process.environment())
     try:
         child = int(parent.stdout.readline())
@@ -470,7 +442,7 @@ def test_ctl_tables():
     assert luns[1].split() == ["60050767810000011d0085ff81000001", "4", "GiB", "virtual",
                                "0,1", "1", "12", "16", "memory"]
     ctxs = ctl.render(SAMPLE, "contexts").splitlines()
-    assert ctxs[1].split() == ["7", "5151", "60050767810000011d0085ff81000001", "2", "4",
+    assert ctxs[1].split() == ["0x0000000000000007", "5151", "60050767810000011d0085ff81000001", "2", "4",
                                "no"]
     assert "reclaims      1" in text
     assert ctl.render({**SAMPLE, "contexts": []}, "contexts") == "no contexts"
@@ -480,3 +452,103 @@ def test_ctl_tables():
 def test_ctl_json(what):
     got = json.loads(ctl.render(SAMPLE, what, as_json=True))
     assert got == (SAMPLE if what == "status" else SAMPLE[what])
+
+
+def ctl_run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cxlflash", "ctl", *map(str, args)],
+                          capture_output=True, text=True, timeout=60,
+                          env=daemon_process.environment(env))
+
+
+def _lun_file(path, size=1 << 30):
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_ctl_status_json_names_the_lun_and_the_contexts(tmp_path):
+    lun = _lun_file(tmp_path / "a.lun")
+    with start(tmp_path, "--lun", lun) as d:
+        wwid = d.log().split("LUN ", 1)[1].split(":", 1)[0]
+        r = ctl_run("--socket", d.socket, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["pid"] == d.pid and st["uid"] == os.getuid()
+        assert st["state"] == "NORMAL" and st["ports"] == 2
+        [entry] = st["luns"]
+        assert entry["wwid"] == wwid and entry["path"] == str(lun)
+        assert entry["ports"] == [0, 1]
+        assert st["contexts"] == []
+        # A client holding a virtual LUN of 3 chunks shows up, then goes.
+        import cxlflash
+        with cxlflash.connect(d.socket) as a, \
+                a.open_disk(bytes.fromhex(wwid)) as disk, \
+                disk.attach(os.O_RDWR) as c, \
+                c.create_virtual(size=3 * 65536):
+            ctxs = json.loads(ctl_run("--socket", d.socket, "contexts", "--json").stdout)
+            assert ctxs == [{"context_id": c.context_id, "pid": os.getpid(),
+                             "luns": [wwid], "handles": 1, "chunks": 3, "in_error": False}]
+            luns = json.loads(ctl_run("--socket", d.socket, "luns", "--json").stdout)
+            assert luns[0]["size"] == 1 << 30 and luns[0]["mode"] == "virtual"
+            assert luns[0]["chunks_total"] == 4 and luns[0]["chunks_free"] == 1
+            text = ctl_run("--socket", d.socket, "contexts").stdout.splitlines()
+            assert text[1].split() == [f"0x{c.context_id:016x}", str(os.getpid()), wwid,
+                                       "1", "3", "no"]
+        # The client closed everything: the daemon took it back.
+        deadline = time.monotonic() + 10
+        while json.loads(ctl_run("--socket", d.socket, "contexts", "--json").stdout):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        text = ctl_run("--socket", d.socket).stdout
+        assert text.startswith(f"daemon pid {d.pid}, uid {os.getuid()}, state NORMAL")
+        assert f"{wwid}  1 GiB" in text and str(lun) in text
+    log = d.log()
+    assert f"pid {os.getpid()} (uid {os.getuid()}) connected" in log
+
+
+def test_serve_and_ctl_default_to_cxlflash_socket(tmp_path):
+    path = str(tmp_path / "env.sock")
+    env = {"CXLFLASH_SOCKET": path}
+    with start(tmp_path, socket_path=False, env=env) as d:
+        assert f"listening on {path} (mode 0660)" in d.log()
+        r = ctl_run("status", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["pid"] == d.pid
+    assert not os.path.exists(path)
+
+
+def test_ctl_without_a_daemon_is_one_line_exit_1(tmp_path):
+    r = ctl_run("--socket", tmp_path / "none.sock", "status")
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith(f"cxlflash ctl: no cxlflash daemon at '{tmp_path}/none.sock'")
+    assert "cxlflash serve --socket" in r.stderr
+
+
+def test_a_stop_releases_every_context_and_a_restart_starts_afresh(tmp_path):
+    """SIGTERM with a client holding a context: exit 0, the context released
+    (logged), the client's next request is ENODEV; a new daemon on the same
+    socket serves new clients and knows nothing of the old contexts --
+    like reloading the kernel driver."""
+    import errno
+    import cxlflash
+    d = start(tmp_path, "--size", "1G")
+    a = cxlflash.connect(d.socket)
+    disk = a.open_disk(a.luns()[0])
+    c = disk.attach(os.O_RDWR)
+    v = c.create_virtual(size=2 * 65536)
+    v.write(0, b"x" * 4096)
+    d.stop()
+    assert not os.path.exists(d.socket)
+    assert f"releasing 1 context of pid {os.getpid()} (2 chunks)" in d.log()
+    with pytest.raises(OSError) as e:
+        a.luns()
+    assert e.value.errno == errno.ENODEV and "is gone" in str(e.value)
+    with start(tmp_path, "--size", "1G") as d2:
+        with cxlflash.connect(d2.socket) as b:
+            st = b.status()
+            assert st["pid"] == d2.pid and st["contexts"] == []
+            assert st["luns"][0]["chunks_free"] == st["luns"][0]["chunks_total"]
+    for obj in (v, c, disk, a):
+        obj.close()

@@ -65,7 +65,7 @@ def format_contexts(status):
     ctxs = status.get("contexts", [])
     if not ctxs:
         return "no contexts"
-    rows = [[c["context_id"], c["pid"], " ".join(c.get("luns", [])) or "-",
+    rows = [[f"0x{c['context_id']:016x}", c["pid"], " ".join(c.get("luns", [])) or "-",
              c["handles"], c["chunks"], "yes" if c.get("in_error") else "no"]
             for c in ctxs]
     return _table(["CONTEXT", "PID", "LUNS", "HANDLES", "CHUNKS", "IN_ERROR"], rows)

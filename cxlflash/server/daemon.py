@@ -216,17 +216,11 @@ Exit status 1: it could not start; 2: a mistake in the options or --config.""")
 
 
 def default_socket():
-    """Where a daemon serves when no --socket (or config) says: as
-    ``cxlflash.connect()`` looks for it."""
-    env = os.environ.get("CXLFLASH_SOCKET")
-    if env:
-        return env
-    import cxlflash
-    f = getattr(cxlflash, "default_socket", None)
-    if f is not None:
-        return f()
-    run = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(run, "cxlflash.sock") if run else "/run/cxlflash/cxlflash.sock"
+    """Where a daemon serves when no --socket (or config) says: where
+    ``cxlflash.connect()`` looks ($CXLFLASH_SOCKET, else
+    $XDG_RUNTIME_DIR/cxlflash.sock, else /run/cxlflash/cxlflash.sock)."""
+    from .client import default_socket as where
+    return where()
 
 
 def _load_toml(path):
@@ -738,6 +732,20 @@ class Daemon:
             if not self.thread.is_alive():
                 return None
 
+    def _log_held(self):
+        """What closing the adapter releases: the contexts still held (the
+        reaper may not have reached every closed connection yet)."""
+        try:
+            ctxs = self.server.status().get("contexts", [])
+        except Exception:           # only a log line: never stop the stop
+            return
+        if ctxs:
+            pids = sorted({c["pid"] for c in ctxs})
+            chunks = sum(c.get("chunks", 0) for c in ctxs)
+            self.log(f"releasing {len(ctxs)} context{'s' if len(ctxs) != 1 else ''} of "
+                     f"pid{'s' if len(pids) != 1 else ''} {', '.join(map(str, pids))} "
+                     f"({chunks} chunks)")
+
     def _stop(self, status, quiet=False):
         """Stop everything started, in order; the exit status."""
         if self.listener is not None:
@@ -750,6 +758,7 @@ class Daemon:
                 status = 1
             if self.thread is not None:
                 self.thread.join()
+            self._log_held()
             self.server = None
         if self.listener is not None:
             self.listener.close()
