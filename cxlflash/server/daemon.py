@@ -11,9 +11,11 @@ The order of a start, each step only after the one before succeeded:
 1. options and configuration checked (exit 2 on a mistake in them);
 2. ``--exit-with-parent``: ``PR_SET_PDEATHSIG``;
 3. the pid file locked (a second daemon with the same pid file stops here);
-4. the adapter and its LUNs;
-5. the socket bound, given its mode and group, then listening (or the
-   socket systemd passed as fd 3);
+4. the socket bound, given its mode and group, then listening (or the
+   socket systemd passed as fd 3) -- a live daemon's socket is never taken,
+   and this daemon stops here before it opens a LUN the other one serves;
+5. the adapter and its LUNs (clients that connect meanwhile wait in the
+   listen backlog);
 6. the server's accept loop started; then -- the socket accepts -- the pid
    written into the pid file, ``READY=1`` sent, "ready" logged.
 
@@ -685,9 +687,6 @@ class Daemon:
         try:
             if s.pid_file:
                 self.pid_file = PidFile(s.pid_file)
-            self.adapter = self._adapter()
-            for note in s.notes:
-                self.log(note)
             self.listener = Listener.activated(self.log)
             if self.listener is not None and s.socket_options:
                 self.log(f"{', '.join(s.socket_options)} ignored: the socket comes from "
@@ -697,6 +696,11 @@ class Daemon:
                 self.listener = Listener.bound(s.socket or default_socket(), s.mode,
                                                s.group, self.log)
             self.log(f"listening on {self.listener.name}")
+            # Only now the LUNs: a daemon that already serves this socket may
+            # have them open.
+            for note in s.notes:
+                self.log(note)
+            self.adapter = self._adapter()
             signo = self._stop_pending()
             if signo is None:
                 from . import service
