@@ -8,6 +8,7 @@ import fcntl
 import grp
 import json
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -552,3 +553,33 @@ def test_a_stop_releases_every_context_and_a_restart_starts_afresh(tmp_path):
             assert st["luns"][0]["chunks_free"] == st["luns"][0]["chunks_total"]
     for obj in (v, c, disk, a):
         obj.close()
+
+
+def test_ctl_says_permission_denied_not_no_daemon(tmp_path):
+    """A user the socket's mode refuses is told so (mode, owner, group),
+    not told to start a daemon.  As root, the client runs as nobody
+    (setpriv); otherwise as this user against a socket of mode 0000."""
+    import shutil
+    import tempfile
+    if os.geteuid() == 0:
+        where = tempfile.mkdtemp(prefix="cxl-perm-", dir="/tmp")   # nobody can search it
+        os.chmod(where, 0o755)
+        mode, wrap = "0660", ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    else:
+        where, mode, wrap = str(tmp_path), "0000", []
+    try:
+        with start(where, "--mode", mode) as d:
+            r = subprocess.run(wrap + [sys.executable, "-m", "cxlflash", "ctl", "--socket",
+                                       d.socket],
+                               capture_output=True, text=True, timeout=60,
+                               env=daemon_process.environment())
+            assert r.returncode == 1
+            group = grp.getgrgid(os.getgid()).gr_name
+            user = pwd.getpwuid(os.getuid()).pw_name
+            assert r.stderr == (f"cxlflash ctl: permission denied on {d.socket} (mode {mode}, "
+                                f"owner {user}, group {group}): a daemon may be running "
+                                f"there; to use it, be in group {group} (or run as "
+                                f"{user})\n"), r.stderr
+    finally:
+        if where != str(tmp_path):
+            shutil.rmtree(where, ignore_errors=True)

@@ -7,6 +7,7 @@ it: tables for a person, or with ``--json`` the dict (``status``) or its
 no daemon answers.
 """
 import json
+import os
 import sys
 
 WHAT = ("status", "luns", "contexts")
@@ -96,12 +97,46 @@ def render(status, what="status", as_json=False):
             "contexts": format_contexts}[what](status)
 
 
+def permission_hint(path):
+    """Why this user cannot connect to the daemon at ``path`` when the
+    socket's permissions refuse it (None when they do not): the socket's
+    mode, owner and group, and what to do."""
+    import errno
+    import grp
+    import pwd
+    import socket
+    import stat
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                return None
+        else:
+            return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"permission denied on {path} (its directory refuses this user)"
+
+    def name(get, i):
+        try:
+            return get(i)[0]
+        except KeyError:
+            return str(i)
+    user, group = name(pwd.getpwuid, st.st_uid), name(grp.getgrgid, st.st_gid)
+    return (f"permission denied on {path} (mode {stat.S_IMODE(st.st_mode):04o}, owner "
+            f"{user}, group {group}): a daemon may be running there; to use it, be in "
+            f"group {group} (or run as {user})")
+
+
 def run(args):
     import cxlflash
+    path = args.socket if args.socket is not None else cxlflash.default_socket()
     try:
-        adapter = cxlflash.connect(args.socket)
+        adapter = cxlflash.connect(path)
     except OSError as e:
-        print(f"cxlflash ctl: {e.strerror or e}", file=sys.stderr)
+        print(f"cxlflash ctl: {permission_hint(path) or e.strerror or e}", file=sys.stderr)
         return 1
     try:
         status = adapter.status()

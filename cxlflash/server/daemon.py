@@ -488,7 +488,8 @@ class Listener:
         if not _is_listening_unix_stream(sock):
             sock.detach()
             raise ServeError("socket activation: fd 3 is not a listening AF_UNIX stream "
-                             "socket (ListenStream= with a path in the .socket unit)")
+                             "socket (the .socket unit needs ListenStream=/a/path and "
+                             "Accept=no)")
         os.set_inheritable(3, False)
         for fd in range(4, 3 + n):      # sockets we were given and do not serve
             try:
