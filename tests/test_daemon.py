@@ -583,3 +583,30 @@ def test_ctl_says_permission_denied_not_no_daemon(tmp_path):
     finally:
         if where != str(tmp_path):
             shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_stop_signal_during_the_start_ends_it_before_ready(tmp_path):
+    """SIGTERM while the daemon starts (here: held at the socket step by the
+    test's lock on the socket's directory): no READY=1, exit 0, nothing left
+    behind."""
+    pid_file = tmp_path / "serve.pid"
+    dirfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(dirfd, fcntl.LOCK_EX)
+        d = daemon_process.spawn(tmp_path, "--pid-file", pid_file)
+        deadline = time.monotonic() + 30
+        while not pid_file.exists():             # the pid file is locked: past the mask
+            assert d.proc.poll() is None, d.log()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert not os.path.exists(d.socket)      # waiting for the directory lock
+        d.send(signal.SIGTERM)
+    finally:
+        os.close(dirfd)                          # let it go on
+    assert d.wait() == 0, d.log()
+    assert d.notifier.receive(0.2) == "STOPPING=1"
+    d.notifier.close()
+    assert not os.path.exists(d.socket) and not pid_file.exists()
+    log = d.log()
+    assert "stopping (SIGTERM)" in log and "ready" not in log, log
