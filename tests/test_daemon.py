@@ -610,3 +610,31 @@ def test_a_stop_signal_during_the_start_ends_it_before_ready(tmp_path):
     assert not os.path.exists(d.socket) and not pid_file.exists()
     log = d.log()
     assert "stopping (SIGTERM)" in log and "ready" not in log, log
+
+
+def test_daemons_started_at_once_on_a_stale_socket_one_wins(tmp_path):
+    path = str(tmp_path / "cxlflash.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()                                    # stale
+    ds = [daemon_process.spawn(tmp_path, "--size", "256M") for _ in range(6)]
+    try:
+        deadline = time.monotonic() + 60
+        while sum(d.proc.poll() is not None for d in ds) < len(ds) - 1:
+            assert time.monotonic() < deadline, [d.log() for d in ds]
+            time.sleep(0.05)
+        [winner] = [d for d in ds if d.proc.poll() is None]
+        daemon_process.wait_ready(winner)
+        for d in ds:
+            if d is not winner:
+                assert d.proc.returncode == 1, d.log()
+                one_error_line(d.log(), f"a daemon already serves {path}")
+        assert accepts(path)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        for d in ds:
+            if d.proc.poll() is None:
+                d.stop()
+            else:
+                d.notifier.close()
+    assert not os.path.exists(path)
