@@ -76,7 +76,9 @@ class NotifyListener:
 
 class DaemonProcess:
     """A running ``cxlflash serve``: ``.socket`` (its path), ``.pid``,
-    ``.proc`` (the Popen), ``.ready`` (the READY datagram), ``.log()``."""
+    ``.proc`` (the Popen), ``.ready`` (the READY datagram), ``.log()``,
+    ``.wait_log(text)``, ``.connect()`` (a client adapter), ``.stop()``,
+    ``.kill()``."""
 
     def __init__(self, proc, socket_path, log_path, notifier):
         self.proc = proc
@@ -89,6 +91,22 @@ class DaemonProcess:
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def connect(self, **kw):
+        """A client adapter of this daemon (``cxlflash.connect``)."""
+        return cxlflash.connect(self.socket, **kw)
+
+    def wait_log(self, text, timeout=30):
+        """Wait until the log holds ``text``; the log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if text in log:
+                return log
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the log of cxlflash serve "
+                                     f"(pid {self.pid}, exit status {self.proc.poll()}):\n{log}")
+            time.sleep(0.01)
 
     def send(self, signo):
         self.proc.send_signal(signo)

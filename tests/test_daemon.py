@@ -496,6 +496,7 @@ def test_ctl_status_json_names_the_lun_and_the_contexts(tmp_path):
             assert text[1].split() == [f"0x{c.context_id:016x}", str(os.getpid()), wwid,
                                        "1", "3", "no"]
         # The client closed everything: the daemon took it back.
+        d.wait_log(f"pid {os.getpid()} disconnected")
         deadline = time.monotonic() + 10
         while json.loads(ctl_run("--socket", d.socket, "contexts", "--json").stdout):
             assert time.monotonic() < deadline
@@ -535,7 +536,7 @@ def test_a_stop_releases_every_context_and_a_restart_starts_afresh(tmp_path):
     import errno
     import cxlflash
     d = start(tmp_path, "--size", "1G")
-    a = cxlflash.connect(d.socket)
+    a = d.connect()
     disk = a.open_disk(a.luns()[0])
     c = disk.attach(os.O_RDWR)
     v = c.create_virtual(size=2 * 65536)
