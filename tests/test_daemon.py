@@ -639,3 +639,24 @@ def test_daemons_started_at_once_on_a_stale_socket_one_wins(tmp_path):
             else:
                 d.notifier.close()
     assert not os.path.exists(path)
+
+
+def test_closed_standard_fds_are_not_reused(tmp_path):
+    """Started with stdout and stderr closed: they are reopened on
+    /dev/null, so neither the socket nor a LUN file nor a client connection
+    gets fd 2 -- the log never lands in a LUN's data."""
+    lun = _lun_file(tmp_path / "a.lun", 1 << 28)
+    closing = ("import os, sys\nos.close(1)\nos.close(2)\n"
+               "os.execv(sys.argv[1], sys.argv[1:])\n")
+    d = daemon_process.spawn(tmp_path, "--lun", lun,
+                             prefix=[sys.executable, "-c", closing])
+    daemon_process.wait_ready(d)
+    try:
+        assert os.readlink(f"/proc/{d.pid}/fd/1") == os.devnull
+        assert os.readlink(f"/proc/{d.pid}/fd/2") == os.devnull
+        with d.connect() as a:
+            assert len(a.luns()) == 1             # logged "connected" -- into /dev/null
+        with open(lun, "rb") as f:
+            assert f.read(1 << 20) == bytes(1 << 20)
+    finally:
+        d.stop()

@@ -791,8 +791,27 @@ def _bytes(n):
     return f"{n} bytes"
 
 
+def standard_fds():
+    """Make sure fds 0, 1 and 2 are open (on /dev/null where they were
+    closed, e.g. ``cxlflash serve 2>&-``): otherwise the next socket or LUN
+    opened would get fd 2, and the log would be written into a client's
+    connection or onto a LUN's data."""
+    opened = []
+    try:
+        while True:
+            fd = os.open(os.devnull, os.O_RDWR)
+            if fd > 2:
+                os.close(fd)
+                break
+            opened.append(fd)
+    except OSError:
+        pass
+    return opened
+
+
 def run(args):
     """``cxlflash serve``: the exit status."""
+    standard_fds()
     log = Log()
     try:
         settings = Settings(args)
