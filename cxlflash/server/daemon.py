@@ -32,14 +32,12 @@ serve (socket in use, pid file locked, an error of the driver); 2 for a
 mistake in the options or the configuration file.
 """
 import ctypes
-import errno
 import fcntl
 import grp
 import os
 import signal
 import socket
 import stat
-import sys
 import threading
 
 PREFIX = "cxlflash serve: "
