@@ -48,6 +48,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # The keys a configuration file may hold (the options' names, '-' as '_').
 CONFIG_KEYS = ("socket", "lun", "directory", "size", "mode", "group", "pid_file", "ports")
 SUN_PATH_MAX = 107          # sizeof(sockaddr_un.sun_path) - 1
+STOP_TIMEOUT = 30.0          # seconds the server's loop has to end after shutdown()
 PROBE_TIMEOUT = 2.0         # seconds a live daemon has to answer the stale-socket probe
 
 # The parent when this module was first imported, as early in the process as
@@ -760,7 +761,11 @@ class Daemon:
                 self.log(f"error in shutdown: {e!r}")
                 status = 1
             if self.thread is not None:
-                self.thread.join()
+                self.thread.join(STOP_TIMEOUT)
+                if self.thread.is_alive():
+                    self.log(f"the server did not stop within {STOP_TIMEOUT:g} s: "
+                             "closing the adapter under it")
+                    status = 1
             self._log_held()
             self.server = None
         if self.listener is not None:
