@@ -4,6 +4,7 @@ sides interleaved round by round) and the join of worker threads.
 :func:`interleaved_round` is the one rotation both front ends use: the
 core rows of ``cxlflash bench`` (:func:`interleaved_loop`) and the
 ``interleaved`` fixture of ``benchmarks/conftest.py``."""
+import threading
 import time
 
 from .results import Side
@@ -16,6 +17,23 @@ def join_some(threads, timeout):
     deadline = time.monotonic() + timeout
     for th in threads:
         th.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def start_workers(fn, n, stop, errors):
+    """``n`` daemon threads running ``fn(i)``, started.  An exception in
+    one is appended to ``errors`` and sets ``stop`` (the others see it and
+    end); the caller joins them and raises the first error."""
+    def run(i):
+        try:
+            fn(i)
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for th in threads:
+        th.start()
+    return threads
 
 
 def timed_call(fn):

@@ -19,7 +19,7 @@ from .._core.tables import MC_CHUNK_SIZE
 from ..backing import aligned_buffer
 from ..errors import CxlFlashError
 from .fio import run_fio
-from .harness import join_some
+from .harness import join_some, start_workers
 from .iorun import IoRun
 from .options import BenchError, Options
 from .progress import Progress
@@ -122,74 +122,68 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
             return dt
 
         def worker(i):
-            try:
-                lun = luns[i]
-                rng = np.random.default_rng(opts.seed + i)
-                buf = aligned_buffer(4096)
-                hist = Histogram()
-                lat = np.empty(1, dtype=np.int64)
-                lat_b = np.empty(1, dtype=np.int64)
-                hist_b = Histogram()
-                ops = errs = b_ops = 0
-                busy = b_busy = 0.0
-                seq_of = np.zeros(lun.size, dtype=np.uint64)
-                s = (i + 1) << 40
-                rs = Side()
-                while not stop.is_set():
-                    for _ in range(64):
-                        if fill[i] == 0 or rng.integers(0, 100) >= 70:
-                            if fill[i] >= lun.size:
-                                t0 = time.perf_counter()
-                                lun.set_size(lun.size + grow_blocks)
-                                rs.hist.add([(time.perf_counter() - t0) * 1e9])
-                                rs.ops += 1
-                                seq_of = np.concatenate(
-                                    [seq_of, np.zeros(grow_blocks, dtype=np.uint64)])
-                            lba = fill[i]
-                            fill[i] += 1
-                            s += 1
-                            pattern.fill(buf, [lba], [s], 4096)
-                            op = LIST_WRITE
-                            seq_of[lba] = s
-                        else:
-                            lba = int(rng.integers(0, fill[i]))
-                            op = LIST_READ
-                        # The raw twin (same data, same physical offset)
-                        # goes first every other request.
-                        raw_first = opts.compare_raw and (ops + errs) % 2 == 0
-                        if raw_first:
-                            b_busy += raw_once(lun, op, lba, buf, lat_b, hist_b)
-                            b_ops += 1
-                        t0 = time.perf_counter()
-                        res = lun.listio([op], [lba], [1], buf, lat_ns=lat, qd=1)
-                        busy += time.perf_counter() - t0
-                        if res.status[0] >= 0:
-                            ops += 1
-                            hist.add(lat)
-                        else:
-                            errs += 1
-                        if opts.compare_raw and not raw_first:
-                            b_busy += raw_once(lun, op, lba, buf, lat_b, hist_b)
-                            b_ops += 1
-                seqs[i] = seq_of
-                with lock:
-                    main.ops += ops
-                    main.errors += errs
-                    main.seconds += busy
-                    main.hist.merge(hist)
-                    base.ops += b_ops
-                    base.seconds += b_busy
-                    base.hist.merge(hist_b)
-                    resizes.ops += rs.ops
-                    resizes.hist.merge(rs.hist)
-            except BaseException as e:
-                errors.append(e)
-                stop.set()
+            lun = luns[i]
+            rng = np.random.default_rng(opts.seed + i)
+            buf = aligned_buffer(4096)
+            hist = Histogram()
+            lat = np.empty(1, dtype=np.int64)
+            lat_b = np.empty(1, dtype=np.int64)
+            hist_b = Histogram()
+            ops = errs = b_ops = 0
+            busy = b_busy = 0.0
+            seq_of = np.zeros(lun.size, dtype=np.uint64)
+            s = (i + 1) << 40
+            rs = Side()
+            while not stop.is_set():
+                for _ in range(64):
+                    if fill[i] == 0 or rng.integers(0, 100) >= 70:
+                        if fill[i] >= lun.size:
+                            t0 = time.perf_counter()
+                            lun.set_size(lun.size + grow_blocks)
+                            rs.hist.add([(time.perf_counter() - t0) * 1e9])
+                            rs.ops += 1
+                            seq_of = np.concatenate(
+                                [seq_of, np.zeros(grow_blocks, dtype=np.uint64)])
+                        lba = fill[i]
+                        fill[i] += 1
+                        s += 1
+                        pattern.fill(buf, [lba], [s], 4096)
+                        op = LIST_WRITE
+                        seq_of[lba] = s
+                    else:
+                        lba = int(rng.integers(0, fill[i]))
+                        op = LIST_READ
+                    # The raw twin (same data, same physical offset)
+                    # goes first every other request.
+                    raw_first = opts.compare_raw and (ops + errs) % 2 == 0
+                    if raw_first:
+                        b_busy += raw_once(lun, op, lba, buf, lat_b, hist_b)
+                        b_ops += 1
+                    t0 = time.perf_counter()
+                    res = lun.listio([op], [lba], [1], buf, lat_ns=lat, qd=1)
+                    busy += time.perf_counter() - t0
+                    if res.status[0] >= 0:
+                        ops += 1
+                        hist.add(lat)
+                    else:
+                        errs += 1
+                    if opts.compare_raw and not raw_first:
+                        b_busy += raw_once(lun, op, lba, buf, lat_b, hist_b)
+                        b_ops += 1
+            seqs[i] = seq_of
+            with lock:
+                main.ops += ops
+                main.errors += errs
+                main.seconds += busy
+                main.hist.merge(hist)
+                base.ops += b_ops
+                base.seconds += b_busy
+                base.hist.merge(hist_b)
+                resizes.ops += rs.ops
+                resizes.hist.merge(rs.hist)
 
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(nluns)]
         start = time.monotonic()
-        for th in threads:
-            th.start()
+        threads = start_workers(worker, nluns, stop, errors)
         while any(th.is_alive() for th in threads):
             elapsed = time.monotonic() - start
             if elapsed >= opts.duration:
@@ -238,37 +232,33 @@ def run_resize_storm(opts, progress, log=None, nluns=8):
         target.prefill(io_lun, progress)
         storm = [target.ctx.create_virtual(0) for _ in range(nluns)]
         stop = threading.Event()
+        lock = threading.Lock()
         resizes = Side()
         errors = []
 
         def stormer(i):
-            try:
-                rng = np.random.default_rng(opts.seed + 100 + i)
-                lun = storm[i]
-                hist = Histogram()
-                n = 0
-                # Up to 3 chunks, never beyond the physical LUN (EINVAL).
-                most = min(3, lun.lun_blocks // MC_CHUNK_SIZE)
-                while not stop.is_set():
-                    want = int(rng.integers(0, most + 1)) * MC_CHUNK_SIZE
-                    t0 = time.perf_counter()
-                    try:
-                        lun.set_size(want, release=True, best_effort=True)
-                    except CxlFlashError as e:
-                        if e.errno != 28:       # ENOSPC when the LUN is full
-                            raise
-                    hist.add([(time.perf_counter() - t0) * 1e9])
-                    n += 1
+            rng = np.random.default_rng(opts.seed + 100 + i)
+            lun = storm[i]
+            hist = Histogram()
+            n = 0
+            # Up to 3 chunks, never beyond the physical LUN (EINVAL).
+            most = min(3, lun.lun_blocks // MC_CHUNK_SIZE)
+            while not stop.is_set():
+                want = int(rng.integers(0, most + 1)) * MC_CHUNK_SIZE
+                t0 = time.perf_counter()
+                try:
+                    lun.set_size(want, release=True, best_effort=True)
+                except CxlFlashError as e:
+                    if e.errno != 28:       # ENOSPC when the LUN is full
+                        raise
+                hist.add([(time.perf_counter() - t0) * 1e9])
+                n += 1
+            with lock:                      # 8 stormers add to one Side
                 resizes.ops += n
                 resizes.hist.merge(hist)
-            except BaseException as e:
-                errors.append(e)
-                stop.set()
 
-        threads = [threading.Thread(target=stormer, args=(i,), daemon=True) for i in range(nluns)]
         start = time.monotonic()
-        for th in threads:
-            th.start()
+        threads = start_workers(stormer, nluns, stop, errors)
         o = Options(**{**asdict(opts), "read_pct": 70, "blocks": 1, "pattern": "random"})
         try:
             row = io_row(target, io_lun, o, "4k 70/30 during storm", progress, log)
