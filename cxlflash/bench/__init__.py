@@ -13,7 +13,7 @@ One concern per module:
   options    Options, BenchError, MAX_THREADS
   results    Histogram, Side, Row, RunLog: what a run measures
   progress   the live status line
-  harness    timing loops of the core rows (shared with benchmarks/)
+  harness    timing loops (the rotation shared with benchmarks/), worker threads
   cases      the core workloads and their baselines, defined once for both
              front ends: ``cxlflash bench`` and ``benchmarks/``
   rows       the matrix's core rows (translate, alloc, VLUN_CLONE)

@@ -1,5 +1,6 @@
 """Timing loops of the core rows (a side called until a duration passes;
-sides interleaved round by round) and the join of worker threads.
+sides interleaved round by round; an undo a side returns runs untimed),
+and the start and join of worker threads.
 
 :func:`interleaved_round` is the one rotation both front ends use: the
 core rows of ``cxlflash bench`` (:func:`interleaved_loop`) and the
