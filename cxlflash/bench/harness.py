@@ -3,8 +3,9 @@ sides interleaved round by round; an undo a side returns runs untimed),
 and the start and join of worker threads.
 
 :func:`interleaved_round` is the one rotation both front ends use: the
-core rows of ``cxlflash bench`` (:func:`interleaved_loop`) and the
-``interleaved`` fixture of ``benchmarks/conftest.py``."""
+core rows of ``cxlflash bench`` (:func:`interleaved_loop`), the
+``interleaved`` fixture of ``benchmarks/conftest.py`` and the rounds of
+``benchmarks/engine_ratios.py``."""
 import threading
 import time
 
@@ -51,15 +52,18 @@ def timed_call(fn):
     return dt
 
 
-def interleaved_round(fns, r):
+def interleaved_round(fns, r, before=None):
     """Round ``r`` of sides interleaved round by round: each of ``fns``
     called once (:func:`timed_call`), the order rotated by ``r`` places so
     each side goes first equally often and a burst of load from elsewhere
-    hits every side of the same round.  The nanoseconds of each, in the
-    order of ``fns``."""
+    hits every side of the same round; ``before(i)``, if given, runs
+    untimed before side ``i`` (a progress line).  The nanoseconds of each,
+    in the order of ``fns``."""
     k = r % len(fns)
     took = [0] * len(fns)
     for i in list(range(k, len(fns))) + list(range(k)):
+        if before is not None:
+            before(i)
         took[i] = timed_call(fns[i])
     return took
 
