@@ -100,6 +100,20 @@ def test_interleaved_round_rotates_and_runs_undos_untimed():
                      "c", "a", "undo", "b"]
 
 
+def test_interleaved_round_runs_before_untimed_ahead_of_each_side():
+    import time
+    seen = []
+
+    def before(i):
+        seen.append(i)
+        time.sleep(0.05)
+
+    took = harness.interleaved_round([lambda: seen.append("a"), lambda: seen.append("b")], 1,
+                                     before=before)
+    assert seen == [1, "b", 0, "a"]
+    assert max(took) < 0.04e9
+
+
 def test_timed_call_does_not_time_the_undo():
     import time
 
