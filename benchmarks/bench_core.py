@@ -98,12 +98,15 @@ def alloc():
 @pytest.mark.benchmark(group="alloc_many 1M of 4M")
 def test_alloc_many_core(pedantic, alloc):
     pedantic(alloc.core, rounds=15, warmup_rounds=1)
+    assert alloc.alloc.free_count == ALLOC_TOTAL          # every round's chunks given back
 
 
 @pytest.mark.benchmark(group="alloc_many 1M of 4M")
 def test_alloc_many_python(pedantic, alloc):
     # The full 1 M allocations (not scaled).
     pedantic(alloc.python, rounds=3)
+    taken = ALLOC_TOTAL - alloc.ref.ba_space()             # whole calls of 1 M each
+    assert taken > 0 and taken % ALLOC_N == 0
 
 
 # -- cloning a table with 1 M mapped chunks ------------------------------------------
