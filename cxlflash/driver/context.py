@@ -88,6 +88,11 @@ class Context:
     def rht_out(self):
         return self.table.rht_out
 
+    def chunks_held(self):
+        """The chunks mapped by the context's virtual handles."""
+        t = self.table
+        return sum(t.lxt_count(h) for h in t.open_handles() if t.is_virtual(h))
+
     def lun_attached(self, llun):
         return any(la.llun is llun for la in self.luns)
 

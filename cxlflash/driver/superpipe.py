@@ -121,6 +121,7 @@ def _new_context(drv, sdev, llun, arg, caller):
         ctx.initialized = True
         ctx.mutex.acquire()
         drv.ctx_tbl[pe] = ctx
+        drv.ctx_by_pid.setdefault(ctx.pid, set()).add(ctx)
     return ctx
 
 
