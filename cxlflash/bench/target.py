@@ -98,14 +98,13 @@ class Target:
         self.opts = opts
         self.log = log or RunLog()
         self.read_only = False          # an existing target, read as it is
-        self._backing = None
         t = opts.target
         if t != "memory":
             backing, size = self._open_path(t)
         else:
             backing, size = None, opts.size
         self._backing = backing
-        self.adapter = Adapter()
+        self.adapter = self._open_adapter()
         try:
             self.wwid = self._add_lun(t, backing, size)
         except OSError as e:
@@ -164,6 +163,11 @@ class Target:
                              "workload (cxlflash bench io -r 100), or a new file or memory")
         self.log.say(f"overwriting {t} ({kind}, {mib(size)}) as --force allows: {what}")
         return None, None
+
+    def _open_adapter(self):
+        """The adapter the run measures: an embedded one (a run on a
+        daemon's driver would connect here)."""
+        return Adapter()
 
     def _add_lun(self, t, backing, size):
         """The target's LUN on the adapter: its WWID."""
