@@ -715,11 +715,11 @@ class Adapter:
             # afterwards (AfuError 0x21); then it closes the backings.
             # Then the engine completes their futures and stops.
             if self._server is not None:
-                self._server.shutdown()
+                self._server.close()
             self._local.close()
         else:
             r = self._remote
-            if r is None or r.pid != pid or (r.closed and not r.dead):
+            if r is None or r.pid != pid or r._released:
                 return
             r.close()
         if self._engine is not None:
@@ -740,8 +740,11 @@ class Adapter:
             pass
 
     def __repr__(self):
-        return (f"<Adapter ports={self.ports} luns={len(self.luns())} "
-                f"state={self.state}>")
+        try:
+            return (f"<Adapter{' connected' if self.connected else ''} ports={self.ports} "
+                    f"luns={len(self.luns())} state={self.state}>")
+        except (CxlFlashError, ValueError):
+            return f"<Adapter{' connected' if self.connected else ''} closed>"
 
 
 def ioctl(target: Union["Disk", "Adapter"], request: int, arg: Any) -> int:

@@ -27,6 +27,7 @@ import threading
 from .. import uapi
 from .._core.tables import ResourceTable, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE
 from ..driver.host import ProcessMemory
+from ..driver.uaccess import copy_out
 from ..driver.lun import Sdev
 from ..errors import CxlFlashError, ForkedAdapterError
 from . import wire
@@ -164,6 +165,7 @@ class DaemonChannel:
         self._retired = set()           # cookies of contexts this process let go
         self.dead = False               # the driver went away
         self.closed = False             # closed by us, or the driver went away
+        self._released = False          # close() ran: socket and pipes closed
         self.epoch = None
         self.server_pid = 0
         err, payload, fds = self._round_trip(wire.OP_HELLO, 0, b"", want_fds=1)
@@ -257,13 +259,18 @@ class DaemonChannel:
         """Close the connection.  The contexts of this process are released
         by the driver as their adapter fds close."""
         with self.lock:
-            if self.closed and not self.dead:
+            if self._released:
                 return
+            self._released = True
             self._shut()
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+            if self._watcher is not threading.current_thread():
+                self._watcher.join(5)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
             try:
                 self.sock.close()
             except OSError:
@@ -319,7 +326,7 @@ class DaemonChannel:
                     wire.close_fds(fds)
                     self._driver_gone()
                     raise self._gone_error() from None
-        _copy_out(arg, st.from_buffer_copy(out))
+        copy_out(arg, st.from_buffer_copy(out))
 
     def host_ioctl(self, request, arg):
         st = uapi.HT_IOCTLS.get(request)
@@ -348,7 +355,7 @@ class DaemonChannel:
             raise self._gone_error() from None
         if m and s is not None:
             ProcessMemory(os.getpid()).write(s.data_ea, mem)
-        _copy_out(arg, st.from_buffer_copy(out))
+        copy_out(arg, st.from_buffer_copy(out))
 
     def open_disk(self, wwid, port):
         wwid = bytes(wwid)
@@ -520,10 +527,3 @@ def _wire_request(request, st):
     2**32 + a real number never aliases it); the driver refuses it in
     order with the other checks."""
     return request if st is not None else 0xFFFFFFFF
-
-
-def _copy_out(arg, st):
-    """Copy the result back to the caller: EFAULT when the buffer is
-    read-only (the operation has taken effect)."""
-    from ..driver.core import copy_out
-    copy_out(arg, st)

@@ -119,7 +119,7 @@ class Server:
                 s.setblocking(True)
                 self.serve_pair(s)
         finally:
-            self._stop_connections()
+            self.close()
 
     def shutdown(self):
         """Stop accepting and serving; :meth:`serve_forever` returns, and
@@ -131,14 +131,24 @@ class Server:
         except OSError:
             pass
 
-    def _stop_connections(self):
-        self._stopping = True
+    def close(self):
+        """Stop serving now: every connection is closed (their threads
+        end), the reaper stops.  The adapter stays open."""
+        self.shutdown()
         with self._lock:
             conns = list(self._conns)
         for c in conns:
             c.abort()
         for c in conns:
-            c.join(5)
+            if c is not threading.current_thread():
+                c.join(5)
+        if self._reaper is not threading.current_thread():
+            self._reaper.join(5)
+        with self._lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
     def _gone(self, conn):
         with self._lock:
@@ -153,7 +163,8 @@ class Server:
             p.register(drv._epoll.fileno(), select.POLLIN)
         except (OSError, ValueError):
             return
-        p.register(self._wake_r, select.POLLIN)
+        wake = self._wake_r
+        p.register(wake, select.POLLIN)
         nobody = Caller(0, 0)
         while not drv.closed:
             try:
@@ -162,7 +173,7 @@ class Server:
                 return
             if drv.closed:
                 return
-            if any(fd == self._wake_r for fd, _ in events) and self._stopping:
+            if self._stopping:
                 return
             if not events:
                 continue
@@ -252,8 +263,12 @@ class Connection(threading.Thread):
 
     # -- requests ------------------------------------------------------------------------
 
-    def caller(self):
-        return Caller(self.pid, wire.parent_pid(self.pid))
+    def caller(self, request=None):
+        """The calling process; its parent (from /proc) only where a
+        request needs it -- a clone's source belongs to the parent."""
+        if request == uapi.DK_CXLFLASH_VLUN_CLONE:
+            return Caller(self.pid, wire.parent_pid(self.pid))
+        return Caller(self.pid, -1)
 
     def _check_admin(self, what):
         if self.uid not in (self.server.uid, 0):
@@ -343,7 +358,7 @@ class Connection(threading.Thread):
             raise wire.ProtocolError("structure bytes after has_arg = 0")
         local = self.server.local
         sdev = local.open_disk(wwid, port)
-        local.disk_ioctl(sdev, flags, request, arg, self.caller())
+        local.disk_ioctl(sdev, flags, request, arg, self.caller(request))
         fds = []
         st = uapi.DK_IOCTLS.get(request)
         if request in (uapi.DK_CXLFLASH_ATTACH, uapi.DK_CXLFLASH_RECOVER_AFU):
