@@ -17,7 +17,7 @@ import cxlflash
 from cxlflash import uapi
 from cxlflash.bench.cases import CLONE_CHUNKS, Clone
 from cxlflash.driver import superpipe
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.driver.host import AFU_COUNTERS
 
 CHUNK = 1 << 16                     # native blocks (and 4K blocks on a 4K LUN)

@@ -26,7 +26,7 @@ from .._core.allocator import ChunkAllocator
 from .._core.tables import MC_CHUNK_SHIFT, MC_CHUNK_SIZE, ResourceTable
 from ..adapter import Adapter, ioctl
 from ..driver import superpipe
-from ..driver.core import Caller
+from ..driver.context import Caller
 from .options import BenchError
 
 CLONE_CHUNKS = 1 << 20      # the clone source: a vLUN of 1 M mapped chunks
