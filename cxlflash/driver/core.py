@@ -21,7 +21,7 @@ import struct
 import threading
 
 from .. import uapi
-from .._core.tables import TABLE_IN_ERROR, TABLE_GONE
+from .._core.tables import TABLE_IN_ERROR, TABLE_GONE, MC_CHUNK_SHIFT
 from ..errors import CxlFlashError
 from .afu import Afu, NORMAL, RESET, FAILTERM
 from .context import (AdapterFile, MAX_CONTEXT, Caller, CTX_CTRL_CLONE, CTX_CTRL_ERR,
@@ -612,15 +612,20 @@ class Driver:
                 if glun.backing is None:
                     continue
                 alloc = glun.allocator
-                blocks = glun.max_lba + 1 if glun.max_lba else 0
+                # The store's own capacity: READ CAPACITY may not have run
+                # yet (it runs at the first ATTACH), and VERIFY follows it.
+                block_size = glun.backing.block_size
+                blocks = glun.backing.size // block_size
                 luns.append({
-                    "wwid": wwid.hex(), "block_size": glun.blk_len,
-                    "max_lba": glun.max_lba, "size": blocks * glun.blk_len,
+                    "wwid": wwid.hex(), "block_size": block_size,
+                    "max_lba": max(blocks - 1, 0), "size": blocks * block_size,
                     "mode": modes.get(glun.mode, str(glun.mode)),
                     "ports": sorted(p for (p, w) in self.sdevs if w == wwid),
                     "users": glun.users,
-                    "chunks_total": alloc.limit if alloc is not None else 0,
-                    "chunks_free": alloc.space() if alloc is not None else 0,
+                    "chunks_total": (alloc.limit if alloc is not None
+                                     else blocks >> MC_CHUNK_SHIFT),
+                    "chunks_free": (alloc.space() if alloc is not None
+                                    else blocks >> MC_CHUNK_SHIFT),
                     "path": getattr(glun.backing, "path", None)})
         contexts = []
         for c in self.contexts():

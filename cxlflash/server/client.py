@@ -56,6 +56,10 @@ def connect_socket(path):
         s.connect(path)
     except OSError as e:
         s.close()
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise CxlFlashError(e.errno, f"permission denied on {path!r}: the socket's "
+                                "mode or group does not let this user in (the "
+                                "daemon's --mode/--group)") from None
         raise CxlFlashError(errno.ENODEV, f"no cxlflash daemon at {path!r} "
                             f"({e.strerror}): start one with 'cxlflash serve "
                             f"--socket {path}'") from None
