@@ -25,7 +25,8 @@ from .._core.tables import TABLE_IN_ERROR, TABLE_GONE, MC_CHUNK_SHIFT
 from ..errors import CxlFlashError
 from .afu import Afu, NORMAL, RESET, FAILTERM
 from .context import (AdapterFile, MAX_CONTEXT, Caller, CTX_CTRL_CLONE, CTX_CTRL_ERR,
-                      CTX_CTRL_ERR_FALLBACK, CTX_CTRL_NOPID, CTX_CTRL_FILE)
+                      CTX_CTRL_ERR_FALLBACK, CTX_CTRL_NOPID, CTX_CTRL_FILE,
+                      LockedContext, lookup_failed)
 from .host import naa6_wwid
 from .vlun import release_handle
 from ..backing import MemoryBacking, FileBacking
@@ -340,6 +341,18 @@ class Driver:
             return next((c for c in self.ctx_err_recovery
                          if (c.pe == pe if context_id is None else c.ctxid == context_id)),
                         None)
+
+    def locked_context(self, raw_id, caller, llun=None, *, ctrl=0, why=None,
+                       undo=None):
+        """``with drv.locked_context(raw_id, caller, llun) as ctx:`` the
+        context :meth:`get_context` finds, locked for the block; EINVAL
+        (``why``, after ``undo()``) when there is none the caller may use."""
+        ctx = self.get_context(raw_id, caller, llun, ctrl=ctrl)
+        if ctx is None:
+            if undo is not None:
+                undo()
+            raise lookup_failed(why)
+        return LockedContext(ctx)
 
     def get_context(self, raw_id, caller, llun=None, *, file=None, ctrl=0):
         """Find a context and lock it (spec §4); None when not found, not
