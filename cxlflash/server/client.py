@@ -438,6 +438,25 @@ class DaemonChannel:
         for rep in self.replicas.values():
             rep.table.set_state(TABLE_FOREIGN)
 
+    def abandon(self):
+        """In a forked child, after :meth:`foreign`: close this process's
+        copies of the parent's connection, pipe and backing fds (the
+        child has a connection of its own), so the driver sees the
+        parent's connection end when the parent ends it."""
+        if self._released:                  # closed before the fork
+            return
+        self.closed = self._released = True
+        for fd in [self._wake_r, self._wake_w] + [b.fd for b in self.backings.values()]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.backings.clear()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
     def spawn(self):
         """A new connection to the same driver, for a child about to be
         forked: a socket (the driver serves its other end)."""

@@ -150,6 +150,24 @@ class Server:
             if fd >= 0:
                 os.close(fd)
 
+    def abandon(self):
+        """In a forked child: close this process's copies of the server's
+        descriptors (its connections' sockets, its pipe), so the children
+        it serves see the driver's process go when it goes.  Its threads
+        stayed in the parent."""
+        self._stopping = True
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for c in conns:
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
     def _gone(self, conn):
         with self._lock:
             self._conns.discard(conn)
