@@ -90,12 +90,7 @@ class LocalChannel:
 
     def context_record(self, context_id):
         """The driver's record of a live or in-error context."""
-        drv = self.driver
-        pe = context_id & 0xFFFFFFFF
-        ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
-        if ctx is None or ctx.ctxid != context_id:
-            ctx = next((c for c in drv.ctx_err_recovery if c.ctxid == context_id), None)
-        return ctx
+        return self.driver.find_context(context_id)
 
     def retire_context(self, context_id):
         """Nothing to do: the driver's release path fences the table."""

@@ -12,7 +12,6 @@ Every entry point takes the caller's identity explicitly (``Caller``); the
 driver never asks the OS who is calling.
 """
 import contextlib
-import ctypes
 import errno
 import itertools
 import mmap
@@ -20,29 +19,19 @@ import os
 import select
 import struct
 import threading
-from typing import NamedTuple
 
 from .. import uapi
-from .._core.tables import TABLE_IN_ERROR, TABLE_GONE
+from .._core.tables import TABLE_IN_ERROR, TABLE_GONE, MC_CHUNK_SHIFT
 from ..errors import CxlFlashError
 from .afu import Afu, NORMAL, RESET, FAILTERM
-from .context import AdapterFile, MAX_CONTEXT
+from .context import (AdapterFile, MAX_CONTEXT, Caller, CTX_CTRL_CLONE, CTX_CTRL_ERR,
+                      CTX_CTRL_ERR_FALLBACK, CTX_CTRL_NOPID, CTX_CTRL_FILE,
+                      LockedContext, lookup_failed)
+from .host import naa6_wwid
+from .vlun import release_handle
+from ..backing import MemoryBacking, FileBacking
 from .lun import (GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, MODE_VIRTUAL,
                   MODE_PHYSICAL, sam_lun_id)
-
-# get_context control flags (spec §4)
-CTX_CTRL_CLONE = 1 << 1
-CTX_CTRL_ERR = 1 << 2
-CTX_CTRL_ERR_FALLBACK = 1 << 3
-CTX_CTRL_NOPID = 1 << 4
-CTX_CTRL_FILE = 1 << 5
-
-
-class Caller(NamedTuple):
-    """Who is calling: the process id and its parent's."""
-    pid: int
-    ppid: int
-
 
 class Driver:
     """One adapter's driver state (host + driver + AFU)."""
@@ -104,7 +93,6 @@ class Driver:
 
     def new_wwid(self):
         """A WWID for a LUN this driver makes (NAA-6, unique per driver)."""
-        from .host import naa6_wwid
         with self.global_mutex:
             self._serial += 1
             return naa6_wwid(self._serial ^ (id(self) & 0xFFFF) << 20)
@@ -121,7 +109,6 @@ class Driver:
     def provision(self, port, size_4k):
         """Create a LUN for HT_CXLFLASH_LUN_PROVISION -- a file in
         ``directory``, or memory -- and return ``(wwid, lun_id)``."""
-        from ..backing import MemoryBacking, FileBacking
         wwid = self.new_wwid()
         nbytes = size_4k * uapi.CXLFLASH_BLOCK_SIZE
         if self.directory is None:
@@ -340,6 +327,33 @@ class Driver:
     def new_cookie(self):
         return next(self._cookies) & 0xFFFFFFFF or 1
 
+    def find_context(self, context_id=None, *, pe=None):
+        """The live or in-error context with ``context_id`` (or at PE
+        ``pe``), or None: a record for reporting and for the data path's
+        checks (the ioctls use :meth:`get_context`, which locks it and
+        checks its owner)."""
+        with self.ctx_tbl_lock:
+            if pe is None:
+                pe = context_id & 0xFFFFFFFF
+            ctx = self.ctx_tbl[pe] if 0 <= pe < len(self.ctx_tbl) else None
+            if ctx is not None and (context_id is None or ctx.ctxid == context_id):
+                return ctx
+            return next((c for c in self.ctx_err_recovery
+                         if (c.pe == pe if context_id is None else c.ctxid == context_id)),
+                        None)
+
+    def locked_context(self, raw_id, caller, llun=None, *, ctrl=0, why=None,
+                       undo=None):
+        """``with drv.locked_context(raw_id, caller, llun) as ctx:`` the
+        context :meth:`get_context` finds, locked for the block; EINVAL
+        (``why``, after ``undo()``) when there is none the caller may use."""
+        ctx = self.get_context(raw_id, caller, llun, ctrl=ctrl)
+        if ctx is None:
+            if undo is not None:
+                undo()
+            raise lookup_failed(why)
+        return LockedContext(ctx)
+
     def get_context(self, raw_id, caller, llun=None, *, file=None, ctrl=0):
         """Find a context and lock it (spec §4); None when not found, not
         the caller's, or the LUN is not attached.  The caller releases
@@ -405,7 +419,6 @@ class Driver:
 
     def detach_lun(self, ctx, llun, caller):
         """DETACH of one LUN from a locked context (spec §7 steps 2-5)."""
-        from .superpipe import release_handle
         for h in list(ctx.table.open_handles()):
             if ctx.rht_lun[h] is llun:
                 release_handle(self, ctx, llun, h, force=True)
@@ -612,15 +625,20 @@ class Driver:
                 if glun.backing is None:
                     continue
                 alloc = glun.allocator
-                blocks = glun.max_lba + 1 if glun.max_lba else 0
+                # The store's own capacity: READ CAPACITY may not have run
+                # yet (it runs at the first ATTACH), and VERIFY follows it.
+                block_size = glun.backing.block_size
+                blocks = glun.backing.size // block_size
                 luns.append({
-                    "wwid": wwid.hex(), "block_size": glun.blk_len,
-                    "max_lba": glun.max_lba, "size": blocks * glun.blk_len,
+                    "wwid": wwid.hex(), "block_size": block_size,
+                    "max_lba": max(blocks - 1, 0), "size": blocks * block_size,
                     "mode": modes.get(glun.mode, str(glun.mode)),
                     "ports": sorted(p for (p, w) in self.sdevs if w == wwid),
                     "users": glun.users,
-                    "chunks_total": alloc.limit if alloc is not None else 0,
-                    "chunks_free": alloc.space() if alloc is not None else 0,
+                    "chunks_total": (alloc.limit if alloc is not None
+                                     else blocks >> MC_CHUNK_SHIFT),
+                    "chunks_free": (alloc.space() if alloc is not None
+                                    else blocks >> MC_CHUNK_SHIFT),
                     "path": getattr(glun.backing, "path", None)})
         contexts = []
         for c in self.contexts():
@@ -633,42 +651,4 @@ class Driver:
                 "contexts": contexts, "counters": dict(self.afu.counters)}
 
 
-# -- argument copy (the user/kernel boundary) ------------------------------------------
-
-
-def copy_in(arg, struct_type):
-    """Copy the caller's argument into a fresh structure: EFAULT when it is
-    not a buffer of at least the structure's size."""
-    size = ctypes.sizeof(struct_type)
-    try:
-        view = memoryview(arg).cast("B")
-    except TypeError:
-        raise CxlFlashError(errno.EFAULT, f"the argument is not a buffer of "
-                            f"{size} bytes (expected a {struct_type.__name__})") from None
-    if view.nbytes < size:
-        raise CxlFlashError(errno.EFAULT, f"the argument has {view.nbytes} bytes; "
-                            f"{struct_type.__name__} needs {size}")
-    return struct_type.from_buffer_copy(view[:size])
-
-
-def copy_out(arg, struct):
-    """Copy the result back to the caller: EFAULT when the buffer is
-    read-only (the operation has taken effect)."""
-    size = ctypes.sizeof(struct)
-    view = memoryview(arg).cast("B")
-    if view.readonly:
-        raise CxlFlashError(errno.EFAULT, "the argument is read-only: the result "
-                            "could not be copied back (the operation took effect)")
-    view[:size] = bytes(struct)
-
-
-def check_header(hdr, host=False):
-    if hdr.version != 0:
-        raise CxlFlashError(errno.EINVAL, f"unsupported structure version {hdr.version} "
-                            "(only version 0 exists)")
-    rsvd = hdr.rsvd[0] | hdr.rsvd[1] | (0 if host else hdr.rsvd[2])
-    if rsvd or hdr.return_flags:
-        raise CxlFlashError(errno.EINVAL, "hdr.rsvd and hdr.return_flags must be zero on input")
-
-
-__all__ = ["Driver", "Caller", "copy_in", "copy_out", "check_header", "uapi"]
+__all__ = ["Driver", "Caller"]

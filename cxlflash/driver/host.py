@@ -27,7 +27,7 @@ import struct
 from .. import uapi
 from ..errors import CxlFlashError
 from .afu import NORMAL
-from .core import copy_in, copy_out, check_header
+from .uaccess import copy_in, copy_out, check_header
 
 DUMP_CONTEXTS = 0x01
 DUMP_LUNS = 0x02
@@ -173,9 +173,7 @@ def _debug_data(drv, subcmd):
         return b"".join(out)
     if op == DUMP_RHT:
         pe = (subcmd[1] << 8) | subcmd[2]
-        ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
-        if ctx is None:
-            ctx = next((c for c in drv.ctx_err_recovery if c.pe == pe), None)
+        ctx = drv.find_context(pe=pe)
         if ctx is None:
             raise CxlFlashError(errno.EIO, f"AFU debug: no context at PE {pe}")
         out = []

@@ -9,18 +9,16 @@ import time
 from .. import uapi
 from .._core.tables import TABLE_LIVE
 from ..errors import CxlFlashError
-from .afu import AFU_LW_SYNC, AFU_HW_SYNC, NORMAL
+from .afu import AFU_LW_SYNC, NORMAL
 from .context import Context, LunAccess, encode_ctxid
-from .core import (CTX_CTRL_ERR_FALLBACK, copy_in, copy_out, check_header)
+from .context import CTX_CTRL_ERR_FALLBACK, lookup_failed
+from .uaccess import copy_in, copy_out, check_header
 from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 from . import vlun
+from .vlun import release_handle
 
 
 
-def _lookup_failed():
-    return CxlFlashError(errno.EINVAL, "no such context for this process on this "
-                         "LUN (unknown or stale context id, owned by another "
-                         "process, or the LUN is not attached to it)")
 
 
 # -- ATTACH / DETACH ----------------------------------------------------------
@@ -49,7 +47,7 @@ def attach(drv, sdev, disk, arg, caller):
     if reuse:
         ctx = drv.get_context(arg.context_id, caller)
         if ctx is None:
-            raise _lookup_failed()
+            raise lookup_failed()
     try:
         if ctx is not None and ctx.lun_attached(llun):
             raise CxlFlashError(errno.EINVAL, "the LUN is already attached to this context")
@@ -127,13 +125,9 @@ def _new_context(drv, sdev, llun, arg, caller):
 
 def detach(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_DETACH (spec §7)."""
-    ctx = drv.get_context(arg.context_id, caller, sdev.llun, ctrl=CTX_CTRL_ERR_FALLBACK)
-    if ctx is None:
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, sdev.llun,
+                            ctrl=CTX_CTRL_ERR_FALLBACK) as ctx:
         drv.detach_lun(ctx, sdev.llun, caller)
-    finally:
-        ctx.mutex.release()
 
 
 # -- direct LUNs and release --------------------------------------------------
@@ -147,11 +141,7 @@ def user_direct(drv, sdev, disk, arg, caller):
                             "disk (DK_CXLFLASH_MANAGE_LUN)")
     glun = llun.parent
     glun.attach(MODE_PHYSICAL, sdev=sdev)
-    ctx = drv.get_context(arg.context_id, caller, llun)
-    if ctx is None:
-        glun.detach()
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, llun, undo=glun.detach) as ctx:
         try:
             h = ctx.table.open_direct(ctx.rht_perms, llun.lun_id[sdev.port],
                                       1 << sdev.port, glun.max_lba,
@@ -167,49 +157,13 @@ def user_direct(drv, sdev, disk, arg, caller):
         if err:
             release_handle(drv, ctx, llun, h, force=True)
             raise CxlFlashError(err, "the AFU sync failed; the handle was released: retry")
-    finally:
-        ctx.mutex.release()
-
-
-def release_handle(drv, ctx, llun, handle, force=False):
-    """The internal RELEASE (spec §13 steps 2-6) on a locked context.
-
-    ``force`` (DETACH, rollbacks; decision 21) checks the handle in even if
-    the resize to 0 reports a failed sync.
-    """
-    vlun.get_rhte(drv, ctx, handle, llun)
-    glun = llun.parent
-    if glun.mode == MODE_VIRTUAL:
-        rc, _ = vlun.resize(drv, ctx, llun, handle, 0)
-        if rc and not force:
-            raise CxlFlashError(rc, "the AFU sync failed; the handle is still open "
-                                "with size 0: release it again")
-    elif glun.mode == MODE_PHYSICAL:
-        if not ctx.err_recovery_active:
-            drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC)
-    else:
-        return
-    # The core's close takes the table's write lock: the transfers through
-    # the handle have ended before its chunks change hands.
-    leftover = ctx.table.close(handle)
-    try:
-        if len(leftover) and glun.allocator is not None:
-            vlun.drop_chunks(glun, leftover, ctx.rht_needs_ws[handle])
-    finally:
-        ctx.rht_lun[handle] = None
-        ctx.rht_needs_ws[handle] = False
-        glun.detach()
 
 
 def release(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_RELEASE (spec §13)."""
-    ctx = drv.get_context(arg.context_id, caller, sdev.llun, ctrl=CTX_CTRL_ERR_FALLBACK)
-    if ctx is None:
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, sdev.llun,
+                            ctrl=CTX_CTRL_ERR_FALLBACK) as ctx:
         release_handle(drv, ctx, sdev.llun, vlun.rhndl(arg.rsrc_handle))
-    finally:
-        ctx.mutex.release()
 
 
 # -- VERIFY -------------------------------------------------------------------
@@ -231,10 +185,7 @@ def verify(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_VERIFY (spec §15)."""
     llun = sdev.llun
     glun = llun.parent
-    ctx = drv.get_context(arg.context_id, caller, llun)
-    if ctx is None:
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, llun) as ctx:
         rhndl = vlun.rhndl(arg.rsrc_handle)
         vlun.get_rhte(drv, ctx, rhndl, llun)
         if arg.hint & uapi.DK_CXLFLASH_VERIFY_HINT_SENSE:
@@ -260,8 +211,6 @@ def verify(drv, sdev, disk, arg, caller):
             arg.last_lba = vlun.last_lba_4k(ctx.table.lxt_count(rhndl), glun.blk_len)
         else:
             arg.last_lba = 0
-    finally:
-        ctx.mutex.release()
 
 
 # -- RECOVER_AFU --------------------------------------------------------------
@@ -288,7 +237,7 @@ def recover_afu(drv, sdev, disk, arg, caller):
         while True:
             ctx = drv.get_context(arg.context_id, caller, llun, ctrl=CTX_CTRL_ERR_FALLBACK)
             if ctx is None:
-                raise _lookup_failed()
+                raise lookup_failed()
             try:
                 if ctx.err_recovery_active:
                     try:

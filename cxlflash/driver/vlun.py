@@ -7,7 +7,7 @@ from .._core.datapath import scrub_chunks
 from ..errors import CxlFlashError
 from .afu import AFU_LW_SYNC, AFU_HW_SYNC
 from .context import LunAccess
-from .core import CTX_CTRL_CLONE, CTX_CTRL_ERR_FALLBACK
+from .context import CTX_CTRL_CLONE, CTX_CTRL_ERR_FALLBACK
 from .._core.tables import MC_CHUNK_SHIFT
 from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 
@@ -146,13 +146,10 @@ def user_virtual(drv, sdev, disk, arg, caller):
     try:
         with drv.global_mutex:
             drv.lun_table.assign(llun)
-        ctx = drv.get_context(arg.context_id, caller, llun)
-        if ctx is None:
-            raise CxlFlashError(errno.EINVAL, "no such context for this process on this LUN")
     except CxlFlashError:
         glun.detach()
         raise
-    try:
+    with drv.locked_context(arg.context_id, caller, llun, undo=glun.detach) as ctx:
         try:
             h = ctx.table.open_virtual(ctx.rht_perms, fd=glun.backing_fd())
         except OSError as e:
@@ -187,8 +184,6 @@ def user_virtual(drv, sdev, disk, arg, caller):
             arg.hdr.return_flags |= uapi.DK_CXLFLASH_ALL_PORTS_ACTIVE
         arg.last_lba = last_lba
         arg.rsrc_handle = h
-    finally:
-        ctx.mutex.release()
 
 
 def vlun_resize(drv, sdev, disk, arg, caller):
@@ -196,10 +191,8 @@ def vlun_resize(drv, sdev, disk, arg, caller):
     llun = sdev.llun
     if llun.parent.mode != MODE_VIRTUAL:
         raise CxlFlashError(errno.EINVAL, "the LUN is not in virtual mode")
-    ctx = drv.get_context(arg.context_id, caller, llun, ctrl=CTX_CTRL_ERR_FALLBACK)
-    if ctx is None:
-        raise CxlFlashError(errno.EINVAL, "no such context for this process on this LUN")
-    try:
+    with drv.locked_context(arg.context_id, caller, llun,
+                            ctrl=CTX_CTRL_ERR_FALLBACK) as ctx:
         h = rhndl(arg.rsrc_handle)
         get_rhte(drv, ctx, h, llun)
         rc, last_lba = resize(drv, ctx, llun, h, arg.req_size)
@@ -208,33 +201,22 @@ def vlun_resize(drv, sdev, disk, arg, caller):
         if rc:
             raise CxlFlashError(rc, "the AFU sync failed; the new size is in effect: "
                                 "resize again to the same size to repair")
-    finally:
-        ctx.mutex.release()
 
 
 def vlun_clone(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_VLUN_CLONE (spec §14; decisions 9 and 10)."""
-    from .superpipe import release_handle
     llun = sdev.llun
     if arg.context_id_src == arg.context_id_dst:
         raise CxlFlashError(errno.EINVAL, "source and destination contexts are the same")
     if llun.parent.mode != MODE_VIRTUAL:
         raise CxlFlashError(errno.EINVAL, "the LUN is not in virtual mode")
-    src = drv.get_context(arg.context_id_src, caller, llun, ctrl=CTX_CTRL_CLONE)
-    if src is None:
-        raise CxlFlashError(errno.EINVAL, "the source context is not owned by this "
-                            "process's parent, or does not have this LUN attached")
-    try:
-        dst = drv.get_context(arg.context_id_dst, caller, llun)
-        if dst is None:
-            raise CxlFlashError(errno.EINVAL, "the destination context is not this "
-                                "process's, or does not have this LUN attached")
-        try:
-            _clone(drv, src, dst, caller, release_handle)
-        finally:
-            dst.mutex.release()
-    finally:
-        src.mutex.release()
+    with drv.locked_context(arg.context_id_src, caller, llun, ctrl=CTX_CTRL_CLONE,
+                            why="the source context is not owned by this process's "
+                                "parent, or does not have this LUN attached") as src, \
+            drv.locked_context(arg.context_id_dst, caller, llun,
+                               why="the destination context is not this process's, "
+                                   "or does not have this LUN attached") as dst:
+        _clone(drv, src, dst, caller, release_handle)
 
 
 def _clone(drv, src, dst, caller, release_handle):
@@ -298,3 +280,37 @@ def _clone(drv, src, dst, caller, release_handle):
         dst.kref += 1
         if la.sdev is not None:
             la.sdev.refs += 1
+
+
+# -- RELEASE (superpipe.c's _cxlflash_disk_release; here because DETACH,
+# clone rollbacks and the release path all need it) --------------------------
+
+
+def release_handle(drv, ctx, llun, handle, force=False):
+    """The internal RELEASE (spec §13 steps 2-6) on a locked context.
+
+    ``force`` (DETACH, rollbacks; decision 21) checks the handle in even if
+    the resize to 0 reports a failed sync.
+    """
+    get_rhte(drv, ctx, handle, llun)
+    glun = llun.parent
+    if glun.mode == MODE_VIRTUAL:
+        rc, _ = resize(drv, ctx, llun, handle, 0)
+        if rc and not force:
+            raise CxlFlashError(rc, "the AFU sync failed; the handle is still open "
+                                "with size 0: release it again")
+    elif glun.mode == MODE_PHYSICAL:
+        if not ctx.err_recovery_active:
+            drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC)
+    else:
+        return
+    # The core's close takes the table's write lock: the transfers through
+    # the handle have ended before its chunks change hands.
+    leftover = ctx.table.close(handle)
+    try:
+        if len(leftover) and glun.allocator is not None:
+            drop_chunks(glun, leftover, ctx.rht_needs_ws[handle])
+    finally:
+        ctx.rht_lun[handle] = None
+        ctx.rht_needs_ws[handle] = False
+        glun.detach()
