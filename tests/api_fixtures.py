@@ -23,7 +23,7 @@ from block_pattern import GIB
 #: A connected test that takes longer than this has hung on its daemon
 #: (the harness has no other timeout): the watchdog kills the daemon, so the
 #: client's request fails (ENODEV) and the test fails instead of hanging.
-TEST_TIMEOUT = 60
+TEST_TIMEOUT = 30
 
 
 @pytest.fixture
