@@ -5,9 +5,11 @@ share (open fds, live contexts, backing bytes, an ioctl log).
 ``adapter`` is embedded (``cxlflash.Adapter()``) or connected
 (``cxlflash.connect()`` to a fresh daemon process of its own, see
 ``daemons.py``): tests/conftest.py runs each test that uses it both ways
-(ids ``[embedded]`` and ``[connected]``).  A test that reaches into the
+(ids ``[embedded]`` and ``[connected]``); so does ``make_adapter`` (a
+factory, for tests that need Adapter() arguments or several adapters).  A test that reaches into the
 driver (``adapter.driver``, its records, fake callers) takes ``embedded``
 too: it then runs once, on an embedded adapter."""
+import contextlib
 import errno
 import os
 
@@ -26,26 +28,55 @@ from block_pattern import GIB
 TEST_TIMEOUT = 30
 
 
-@pytest.fixture
-def adapter(adapter_kind, request):
-    """A fresh adapter with no LUN.  ``@pytest.mark.driver(name=value)``
-    sets driver tunables (``daemons.DRIVER_SETTINGS``) before the test, in
-    this process or in the daemon."""
-    mark = request.node.get_closest_marker("driver")
-    settings = dict(mark.kwargs) if mark is not None else {}
-    if adapter_kind == "embedded":
-        with cxlflash.Adapter() as a:
+#: Adapter() arguments that belong to the client (the rest go to the
+#: daemon's Adapter: directory, ports).
+CLIENT_ARGS = ("engine", "engine_depth", "io_threads")
+
+
+@contextlib.contextmanager
+def new_adapter(kind, settings=None, **kw):
+    """An adapter of ``kind`` ("embedded" or "connected": a fresh daemon of
+    its own) made with ``cxlflash.Adapter(**kw)``'s arguments, its driver's
+    tunables set to ``settings``; closed (and its daemon stopped, exit 0
+    asserted) on leaving the block."""
+    settings = dict(settings or {})
+    if kind == "embedded":
+        with cxlflash.Adapter(**kw) as a:
             daemons.apply_driver_settings(a, settings)
             yield a
         return
-    assert adapter_kind == "connected", adapter_kind
-    with daemons.start(driver=settings) as d, d.watchdog(TEST_TIMEOUT):
-        a = cxlflash.connect(d.socket)
+    assert kind == "connected", kind
+    client = {k: kw.pop(k) for k in CLIENT_ARGS if k in kw}
+    with daemons.start(driver=settings, **kw) as d, d.watchdog(TEST_TIMEOUT):
+        a = cxlflash.connect(d.socket, **client)
         try:
             yield a
         finally:
             a.close()
     # (leaving the block: SIGTERM, and the daemon must exit 0)
+
+
+def _settings(request):
+    mark = request.node.get_closest_marker("driver")
+    return dict(mark.kwargs) if mark is not None else {}
+
+
+@pytest.fixture
+def adapter(adapter_kind, request):
+    """A fresh adapter with no LUN.  ``@pytest.mark.driver(name=value)``
+    sets driver tunables (``daemons.DRIVER_SETTINGS``) before the test, in
+    this process or in the daemon."""
+    with new_adapter(adapter_kind, _settings(request)) as a:
+        yield a
+
+
+@pytest.fixture
+def make_adapter(adapter_kind, request):
+    """make_adapter(**Adapter kwargs) -> a new adapter of the test's kind
+    (closed at teardown; a connected one has a daemon of its own)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kw: stack.enter_context(
+            new_adapter(adapter_kind, _settings(request), **kw))
 
 
 @pytest.fixture

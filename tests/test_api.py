@@ -26,7 +26,7 @@ from cxlflash.errors import (AdapterResetError, AfuError, CxlFlashError,
 from block_pattern import BS, CHUNK, GIB, pattern
 from forking import in_child
 
-from api_fixtures import (adapter, ctx, disk, vlun,  # noqa: F401 (fixtures)
+from api_fixtures import (adapter, ctx, disk, make_adapter, vlun,  # noqa: F401
                           IoctlLog, adapter_closed, fd_is_open, live_contexts,
                           lun_status, phys_bytes)
 
@@ -128,8 +128,8 @@ def test_close_twice_is_harmless(adapter, disk):
     assert e.value.errno == errno.ENODEV
 
 
-def test_context_close_after_adapter_close():
-    a = cxlflash.Adapter()
+def test_context_close_after_adapter_close(make_adapter):
+    a = make_adapter()
     disk = a.open_disk(a.create_lun(GIB))
     ctx = disk.attach()
     v = ctx.create_virtual(1)
@@ -505,8 +505,8 @@ def test_released_handle_is_afu_error(adapter, ctx, disk):
     assert e.value.errno == errno.EINVAL and v.closed
 
 
-def test_io_after_adapter_close_is_afu_error():
-    a = cxlflash.Adapter()
+def test_io_after_adapter_close_is_afu_error(make_adapter):
+    a = make_adapter()
     disk = a.open_disk(a.create_lun(GIB))
     ctx = disk.attach()
     v = ctx.create_virtual(1)

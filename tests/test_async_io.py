@@ -25,7 +25,8 @@ from cxlflash._core.engine import engine_info
 from cxlflash import uapi
 from cxlflash.errors import AdapterResetError, AfuError, CxlFlashError
 
-from api_fixtures import adapter, disk, ctx, vlun  # noqa: F401 (fixtures)
+from api_fixtures import (adapter, disk, ctx, make_adapter, vlun,  # noqa: F401
+                          lun_status)
 from block_pattern import BS, CHUNK, GIB, pattern
 
 # Both engines; a build without liburing (CI's debug build) has threads only.
@@ -165,11 +166,12 @@ def test_many_more_futures_than_the_engine_depth(vlun, adapter):
     assert adapter.engine.inflight == 0
 
 
-def test_back_pressure_through_the_api(kind):
+def test_back_pressure_through_the_api(kind, make_adapter):
     """An adapter engine of depth 2 (``Adapter(engine_depth=2)``): 100
     futures, a listio of 100 at qd 64 and 100 asyncio tasks all complete,
     never more than 2 in flight, nothing dropped."""
-    with cxlflash.Adapter(engine_depth=2) as a, a.open_disk(a.create_lun(GIB)) as d, \
+    a = make_adapter(engine_depth=2)
+    with a.open_disk(a.create_lun(GIB)) as d, \
             d.attach() as c, c.create_virtual(1000) as v:
         assert a.engine.depth == 2 and a.engine.kind == kind
         seen = []
@@ -594,9 +596,9 @@ def test_flush_covers_the_writes_before_it(vlun):
 
 
 @pytest.mark.parametrize("where", ["memory", "file"])
-def test_write_zeroes_and_discard_read_back_zeros(where, tmp_path):
-    with cxlflash.Adapter(None if where == "memory" else str(tmp_path)) as a, \
-            a.open_disk(a.create_lun(GIB)) as d, d.attach() as c, \
+def test_write_zeroes_and_discard_read_back_zeros(where, tmp_path, make_adapter):
+    a = make_adapter(directory=None if where == "memory" else str(tmp_path))
+    with a.open_disk(a.create_lun(GIB)) as d, d.attach() as c, \
             c.create_virtual(2 * CHUNK) as v:
         lo = CHUNK - 8                                  # crosses a chunk
         v.write(lo, pattern(lo, 32, seed=15))
@@ -762,10 +764,10 @@ def test_release_and_detach_wait_for_requests_in_flight(adapter, disk, how):
     assert adapter.engine.inflight == 0
 
 
-def test_adapter_close_waits_for_requests_in_flight(tmp_path):
-    a = cxlflash.Adapter(str(tmp_path))
+def test_adapter_close_waits_for_requests_in_flight(tmp_path, make_adapter):
+    a = make_adapter(directory=str(tmp_path))
     disk = a.open_disk(a.create_lun(GIB))
-    path = a.provisioned[disk.wwid]["path"]
+    path = lun_status(a, disk.wwid)["path"]
     c = disk.attach()
     v = c.create_virtual(CHUNK, scrub=False)
     offs = phys_offsets(v, range(NB * N_FLIGHT))
@@ -986,11 +988,11 @@ def test_submitters_race_resets_and_resizes(adapter, ctx):
     assert adapter.engine.inflight == 0
 
 
-def test_adapter_close_while_a_loop_and_waiters_wait(kind):
+def test_adapter_close_while_a_loop_and_waiters_wait(kind, make_adapter):
     """Adapter.close() from the main thread while another thread's event
     loop awaits 200 reads and two threads block in result(): all of them
     end (data or a clean error), none hangs."""
-    a = cxlflash.Adapter()
+    a = make_adapter()
     d = a.open_disk(a.create_lun(GIB))
     c = d.attach()
     v = c.create_virtual(CHUNK)
@@ -1111,12 +1113,13 @@ def test_listio_deeper_than_the_engine_on_o_direct(kind, tmp_path):
     assert p.returncode == 0 and "deep-ok" in p.stdout, p.stdout + p.stderr
 
 
-def test_end_of_backing_store_is_the_sync_error(tmp_path):
+def test_end_of_backing_store_is_the_sync_error(tmp_path, make_adapter):
     """A file that shrank behind the LUN: the async calls fail as the sync
     ones do (EIO naming the byte where the store ended), the rest works."""
-    with cxlflash.Adapter(str(tmp_path)) as a, a.open_disk(a.create_lun(GIB)) as disk, \
+    a = make_adapter(directory=str(tmp_path))
+    with a.open_disk(a.create_lun(GIB)) as disk, \
             disk.attach() as c, c.create_virtual(2 * CHUNK) as v:
-        path = a.provisioned[disk.wwid]["path"]
+        path = lun_status(a, disk.wwid)["path"]
         v.write(CHUNK + 3, pattern(CHUNK + 3, 2))
         (off,) = phys_offsets(v, [CHUNK + 4])
         os.truncate(path, off)
