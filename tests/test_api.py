@@ -644,6 +644,17 @@ def test_reset_ends_while_another_thread_waits_in_an_ioctl(adapter, ctx):
     assert adapter.state == "NORMAL"
 
 
+def test_provisioned_names_the_luns_create_lun_made(adapter):
+    """``Adapter.provisioned`` (public: {wwid: {"port", "size", "lun_id",
+    "path"}}) answers on a connected adapter as on an embedded one."""
+    w = adapter.create_lun(GIB, port=1)
+    p = adapter.provisioned
+    assert list(p) == [w]
+    assert p[w]["port"] == 1 and p[w]["size"] == GIB // BS and p[w]["lun_id"]
+    adapter.delete_lun(w)
+    assert adapter.provisioned == {}
+
+
 def test_failed_adapter(adapter, ctx):
     v = ctx.create_virtual(10)
     adapter.fail()
