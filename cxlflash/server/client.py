@@ -173,6 +173,7 @@ class DaemonChannel:
         self._released = False          # close() ran: socket and pipes closed
         self.epoch = None
         self.server_pid = 0
+        self._side = None               # the connection for _side_call (made on use)
         err, payload, fds = self._round_trip(wire.OP_HELLO, 0, b"", want_fds=1)
         try:
             if err or len(payload) != wire.HELLO_REPLY.size or len(fds) != 1:
@@ -268,6 +269,9 @@ class DaemonChannel:
                 return
             self._released = True
             self._shut()
+            side, self._side = self._side, None
+            if side is not None:
+                side.close()
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
@@ -446,6 +450,9 @@ class DaemonChannel:
         if self._released:                  # closed before the fork
             return
         self.closed = self._released = True
+        side, self._side = self._side, None
+        if side is not None:
+            side.abandon()
         for fd in [self._wake_r, self._wake_w] + [b.fd for b in self.backings.values()]:
             try:
                 os.close(fd)
@@ -498,21 +505,49 @@ class DaemonChannel:
     def delete_lun(self, wwid):
         self.call(wire.OP_ADMIN, wire.ADMIN_DELETE_LUN, bytes(wwid).ljust(16, b"\0")[:16])
 
+    def _side_call(self, request, payload=b""):
+        """An administrator's request that changes no table of this process
+        and may be what another thread's request waits for in the driver
+        (a reset's end, a signal): it goes over a second connection of this
+        process, so it never queues behind that request on ``lock`` (the
+        kernel runs each thread's ioctl on its own).  The connection is
+        made on first use, from the main one, when no request holds it."""
+        side = self._side
+        if side is None and self.lock.acquire(blocking=False):
+            try:
+                if self._side is None and not self.closed:
+                    self._side = DaemonChannel(self.spawn(), self.what)
+                side = self._side
+            finally:
+                self.lock.release()
+        if side is None:
+            return self.call(wire.OP_ADMIN, request, payload)
+        try:
+            return side.call(wire.OP_ADMIN, request, payload)
+        except CxlFlashError as e:
+            if side.dead:                   # the driver went away
+                self._driver_gone()
+                raise self._gone_error() from None
+            if self.closed and e.errno == errno.ENODEV:
+                raise self._gone_error() from None
+            raise
+
     def begin_reset(self):
-        self.call(wire.OP_ADMIN, wire.ADMIN_BEGIN_RESET)
+        self._side_call(wire.ADMIN_BEGIN_RESET)
 
     def end_reset(self, ok=True):
-        self.call(wire.OP_ADMIN, wire.ADMIN_END_RESET, wire.END_RESET.pack(bool(ok)))
+        self._side_call(wire.ADMIN_END_RESET, wire.END_RESET.pack(bool(ok)))
 
     def fail(self):
-        self.call(wire.OP_ADMIN, wire.ADMIN_FAIL)
+        self._side_call(wire.ADMIN_FAIL)
 
     def inject_fault(self, point, count=1, err=None):
-        self.call(wire.OP_ADMIN, wire.ADMIN_INJECT_FAULT,
-                  wire.FAULT.pack(count, err is not None, err or 0) + str(point).encode())
+        self._side_call(wire.ADMIN_INJECT_FAULT,
+                        wire.FAULT.pack(count, err is not None, err or 0) +
+                        str(point).encode())
 
     def signal_waiters(self):
-        self.call(wire.OP_ADMIN, wire.ADMIN_SIGNAL_WAITERS)
+        self._side_call(wire.ADMIN_SIGNAL_WAITERS)
 
     def set_lun_mode(self, value):
         self.call(wire.OP_ADMIN, wire.ADMIN_SET_LUN_MODE, wire.LUN_MODE.pack(value))
