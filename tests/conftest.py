@@ -28,7 +28,8 @@ def pytest_configure(config):
 
 def pytest_generate_tests(metafunc):
     """``adapter_kind`` (what the ``adapter`` fixture makes): both kinds,
-    or only "embedded" for a test that uses the ``embedded`` fixture; a
+    or only "embedded" for a test that uses the ``embedded`` (or
+    ``make_embedded``) fixture; a
     test that parametrizes ``adapter_kind`` itself chooses its own."""
     names = metafunc.fixturenames
     if "adapter_kind" not in names:
@@ -39,5 +40,6 @@ def pytest_generate_tests(metafunc):
             argnames = [a.strip() for a in argnames.split(",")]
         if "adapter_kind" in argnames:
             return
-    kinds = ["embedded"] if "embedded" in names else list(ADAPTER_KINDS)
+    embedded_only = "embedded" in names or "make_embedded" in names
+    kinds = ["embedded"] if embedded_only else list(ADAPTER_KINDS)
     metafunc.parametrize("adapter_kind", kinds)
