@@ -319,7 +319,19 @@ class DaemonChannel:
         request = _wire_request(request, st)
         with self.lock:
             with self._fence_for(request, data):
-                body, fds = self.call(wire.OP_DISK_IOCTL, request, payload, want_fds=1)
+                try:
+                    body, fds = self.call(wire.OP_DISK_IOCTL, request, payload,
+                                          want_fds=1)
+                except CxlFlashError as e:
+                    # An error reply carries no table; but a request that failed
+                    # after it changed them (EAGAIN: the AFU sync failed after a
+                    # RELEASE or RESIZE took effect) left this process's replicas
+                    # mapping chunks the driver has freed: fetch them again,
+                    # still fenced, before anything can use them.
+                    if (request in UNMAPPING_IOCTLS or e.errno == errno.EAGAIN) \
+                            and not self.closed:
+                        self.refresh()
+                    raise
                 try:
                     (n,) = wire.COUNT.unpack_from(body)
                     out = bytes(body[4:4 + n])
