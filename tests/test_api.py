@@ -655,6 +655,25 @@ def test_provisioned_names_the_luns_create_lun_made(adapter):
     assert adapter.provisioned == {}
 
 
+def test_a_failed_release_leaves_no_way_to_its_chunks(adapter, disk):
+    """A RELEASE whose AFU sync fails (EAGAIN) has freed the vLUN's chunks:
+    this process's data path must not reach them any more.  (A connected
+    client's tables were not updated by the error reply: its write landed in
+    a chunk the driver then gave to another context.)"""
+    ctx = disk.attach()
+    v = ctx.create_virtual(3 * CHUNK)
+    adapter.inject_fault("sync", 1)
+    with pytest.raises(CxlFlashError) as e:
+        v.close()
+    assert e.value.errno == errno.EAGAIN
+    assert v.chunks == 0
+    with pytest.raises(OSError):
+        v.write(0, pattern(0, 1, seed=7))
+    with disk.attach() as other, other.create_virtual(10) as w:
+        assert w.read(0, 1) == bytes(BS)
+    ctx.close()
+
+
 def test_failed_adapter(adapter, ctx):
     v = ctx.create_virtual(10)
     adapter.fail()

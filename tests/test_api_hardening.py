@@ -23,7 +23,7 @@ from cxlflash.errors import AdapterResetError, AfuError, CxlFlashError
 from block_pattern import BS, CHUNK, GIB, pattern
 
 
-from api_fixtures import adapter, disk, ctx, vlun  # noqa: F401 (fixtures)
+from api_fixtures import adapter, disk, ctx, embedded, vlun  # noqa: F401 (fixtures)
 
 
 def _open_until(fd_number, directory, limit=64):
@@ -126,7 +126,8 @@ def test_io_after_close_is_a_clear_error_and_touches_no_fd(tmp_path):
     ctx.close()
 
 
-def test_delete_lun_fences_the_tables_before_closing_the_backing(adapter, monkeypatch):
+def test_delete_lun_fences_the_tables_before_closing_the_backing(adapter, embedded,
+                                                                monkeypatch):
     wwid = adapter.create_lun(GIB)
     other = adapter.open_disk(adapter.create_lun(GIB))
     ctx = other.attach()                         # a live table on another LUN
