@@ -92,6 +92,9 @@ class Daemon:
     def fds(self):
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def threads(self):
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -251,8 +254,10 @@ def test_kill9_in_the_middle_of_requests(world):
     each time every chunk, context and LUN user comes back, and the
     observer's context and data are untouched."""
     rnd = random.Random(10)
-    rounds, batch = 6, 4
+    rounds, batch = 10, 4
     kills = 0
+    wait_settled(world)
+    fds, threads = world.daemon.fds(), world.daemon.threads()
     for r in range(rounds):
         procs = [client(world.daemon.socket, "churn", rnd.randrange(1 << 30))
                  for _ in range(batch)]
@@ -275,6 +280,12 @@ def test_kill9_in_the_middle_of_requests(world):
     assert kills == rounds * batch
     s = world.adapter.status()
     assert s["counters"]["reclaims"] >= kills
+    # No descriptor or thread of the dead stays behind in the daemon.
+    wait_fds(world.daemon, fds)
+    t0 = time.monotonic()
+    while world.daemon.threads() != threads and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert world.daemon.threads() == threads
 
 
 def test_no_pe_leaks_after_kills(world):
@@ -386,6 +397,63 @@ def test_a_client_whose_daemon_dies():
             c2.close()
         finally:
             b.close()
+    finally:
+        a.close()
+        d.stop()
+
+
+def test_a_busy_client_whose_daemon_dies():
+    """Threads of a client in the middle of ioctls, synchronous and
+    asynchronous I/O when the daemon is killed: each ends with ENODEV or
+    AFU rc 0x21 (none hangs, none succeeds afterwards)."""
+    import threading
+    d = Daemon(_tmpdir())
+    a = cxlflash.connect(d.socket)
+    try:
+        disk = a.open_disk(a.luns()[0])
+        ctx = disk.attach()
+        v = ctx.create_virtual(4 * CHUNK_BLOCKS)
+        v.write(0, b"B" * 4096 * 64)
+        stop = threading.Event()
+        ends = {}
+
+        def loop(name, fn):
+            n = 0
+            try:
+                while not stop.is_set():
+                    fn()
+                    n += 1
+                ends[name] = ("stopped", n)
+            except cxlflash.AfuError as e:
+                ends[name] = ("afu", e.afu_rc, n)
+            except OSError as e:
+                ends[name] = ("errno", e.errno, n)
+
+        def ioctls():
+            c = disk.attach()
+            w = c.create_virtual(CHUNK_BLOCKS)
+            w.set_size(2 * CHUNK_BLOCKS)
+            c.close()
+
+        work = {"ioctls": ioctls,
+                "read": lambda: v.read(7, 8),
+                "write": lambda: v.write(9, b"w" * 4096 * 4),
+                "async": lambda: v.aread(3, 16).result(10),
+                "verify": lambda: a.status()}
+        threads = [threading.Thread(target=loop, args=kv, daemon=True)
+                   for kv in work.items()]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        d.kill()
+        for t in threads:
+            t.join(20)
+        stop.set()
+        assert not any(t.is_alive() for t in threads), ends
+        for name, end in ends.items():
+            assert end[0] in ("afu", "errno"), (name, end)
+            assert end[1] == (0x21 if end[0] == "afu" else errno.ENODEV), (name, end)
+            assert end[-1] > 0, (name, end)             # it was working before
     finally:
         a.close()
         d.stop()
@@ -804,6 +872,96 @@ def test_fuzz_messages(hostile):
 
     one()
     _check_survived(w, baseline)
+
+
+def test_a_flood_of_connections_at_the_descriptor_limit(hostile):
+    """Connections that never say HELLO until the daemon runs out of
+    descriptors: it refuses what needs one (EMFILE), keeps serving the
+    connected, and recovers when they go."""
+    import resource
+    w = hostile
+    baseline, threads = w.daemon.fds(), w.daemon.threads()
+    limit = resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE, (baseline + 40, limit[1]))
+    socks = []
+    try:
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(w.daemon.socket)            # queued once accept() fails
+            socks.append(s)
+        t0 = time.monotonic()
+        while "cannot accept a connection" not in w.daemon.log():
+            assert time.monotonic() - t0 < 10, w.daemon.log()
+            time.sleep(0.01)
+        w.intact()                                # served, and I/O in the client
+        with pytest.raises(OSError) as e:
+            w.adapter.open_disk(w.vwwid).attach()
+        assert e.value.errno == errno.EMFILE
+        assert w.daemon.alive()
+    finally:
+        for s in socks:
+            s.close()
+        resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE, limit)
+    wait_fds(w.daemon, baseline)
+    t0 = time.monotonic()
+    while w.daemon.threads() != threads and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert w.daemon.threads() == threads
+    b = cxlflash.connect(w.daemon.socket)
+    b.open_disk(w.vwwid).attach().close()
+    b.close()
+    _check_survived(w, baseline)
+
+
+def test_a_peer_that_never_reads_its_replies(hostile):
+    """A peer that sends requests and never reads: only its own connection
+    waits; the others are served, and its end frees everything."""
+    w = hostile
+    baseline = w.daemon.fds()
+    r = Raw(w.daemon.socket)
+    r.sock.setblocking(False)
+    sent = 0
+    try:
+        for _ in range(20000):
+            r.sock.send(frame(wire.OP_STATUS))
+            sent += 1
+    except BlockingIOError:
+        pass                                      # both buffers are full
+    assert sent < 20000
+    w.intact()
+    c = w.adapter.open_disk(w.vwwid).attach()
+    c.create_virtual(CHUNK_BLOCKS).write(0, b"n" * 4096)
+    c.close()
+    r.close()
+    _check_survived(w, baseline)
+
+
+def test_backing_stores_go_only_to_their_users(hostile):
+    """The backing store's descriptor gives the whole LUN: it goes only to
+    a process with a context on that LUN (the client asks for it when a
+    handle of its own first names the LUN), not to any peer that asks."""
+    w = hostile
+    code = (
+        "import sys, json\n"
+        "sys.path.insert(0, %r)\n"
+        "import test_daemon_faults as T\n"
+        "from cxlflash.server import wire\n"
+        "r = T.Raw(sys.argv[1])\n"
+        "out = []\n"
+        "wwid = bytes.fromhex(sys.argv[2])\n"
+        "r.send(T.frame(wire.OP_BACKING, 0, wwid))\n"
+        "out.append([r.reply()[0], len(r.fds)])\n"
+        "r.attach(wwid)\n"
+        "r.send(T.frame(wire.OP_BACKING, 0, wwid))\n"
+        "out.append([r.reply()[0], len(r.fds)])\n"
+        "print(json.dumps(out))\n") % HERE
+    p = subprocess.run(GRANDCHILD + [sys.executable, "-c", code, w.daemon.socket,
+                                     w.vwwid.hex()],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    # [errno, descriptors held]: refused before an attach (only the HELLO's
+    # epoch); after it, the adapter fd and the backing store.
+    assert json.loads(p.stdout) == [[errno.EPERM, 1], [0, 3]]
 
 
 # -- two users ------------------------------------------------------------------------------
