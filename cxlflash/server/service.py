@@ -322,6 +322,14 @@ class Connection(threading.Thread):
             glun = drv.gluns.get(wwid)
             if glun is None or glun.backing is None:
                 raise CxlFlashError(errno.ENODEV, f"no LUN {wwid.hex()}")
+            # The descriptor reaches every block of the LUN: only for a
+            # process with a context on it (the client asks when a handle
+            # of its own first names the LUN), never for any peer that asks.
+            mine = list(drv.ctx_by_pid.get(self.pid, ()))
+            if not any(la.llun.wwid == wwid for ctx in mine for la in list(ctx.luns)):
+                raise CxlFlashError(errno.EPERM, f"the backing store of LUN {wwid.hex()} "
+                                    "goes only to a process with a context on it: "
+                                    "attach to the LUN first")
             b = glun.backing
             return wire.BACKING_REPLY.pack(b.block_size, b.zero_mode), [os.dup(b.fd)]
         if op == wire.OP_LUNS:
