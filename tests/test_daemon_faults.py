@@ -913,6 +913,30 @@ def test_a_flood_of_connections_at_the_descriptor_limit(hostile):
     _check_survived(w, baseline)
 
 
+def test_connect_when_the_daemon_is_one_descriptor_short(hostile):
+    """The daemon can accept the connection but not dup the reset epoch
+    for the HELLO: connect() fails with an OSError that says why (not a
+    protocol exception), and the next connect works."""
+    import resource
+    w = hostile
+    baseline = w.daemon.fds()
+    limit = resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{w.daemon.pid}/fd")}
+    free = [n for n in range(max(used) + 3) if n not in used]
+    # One free number below the limit: accept() takes it, dup() fails.
+    resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE, (free[1], limit[1]))
+    try:
+        with pytest.raises(OSError) as e:
+            cxlflash.connect(w.daemon.socket)
+        assert e.value.errno == errno.EMFILE, e.value
+        assert "daemon" in str(e.value)
+    finally:
+        resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE, limit)
+    b = cxlflash.connect(w.daemon.socket)
+    b.close()
+    _check_survived(w, baseline)
+
+
 def test_a_peer_that_never_reads_its_replies(hostile):
     """A peer that sends requests and never reads: only its own connection
     waits; the others are served, and its end frees everything."""
