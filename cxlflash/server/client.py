@@ -170,12 +170,22 @@ class DaemonChannel:
         self.server_pid = 0
         err, payload, fds = self._round_trip(wire.OP_HELLO, 0, b"", want_fds=1)
         try:
-            if err or len(payload) != wire.HELLO_REPLY.size or len(fds) != 1:
-                raise wire.ProtocolError("a malformed HELLO reply")
+            if err:
+                # The driver could not take this process (out of descriptors...).
+                raise CxlFlashError(err, f"{self.what} refused the connection: "
+                                    + bytes(payload).decode("utf-8", "replace"))
+            if len(payload) != wire.HELLO_REPLY.size or len(fds) != 1:
+                raise CxlFlashError(errno.EPROTO, f"{self.what} sent a malformed "
+                                    "HELLO reply: is it a cxlflash daemon of this "
+                                    "version?")
             self.server_pid, self.ports, self.rht_per_context, flags = \
                 wire.HELLO_REPLY.unpack(payload)
             self.admin = bool(flags & wire.HELLO_ADMIN)
-            self.epoch = mmap.mmap(fds[0], mmap.PAGESIZE, prot=mmap.PROT_READ)
+            try:
+                self.epoch = mmap.mmap(fds[0], mmap.PAGESIZE, prot=mmap.PROT_READ)
+            except (OSError, ValueError) as e:
+                raise CxlFlashError(errno.EPROTO, f"{self.what} sent a reset epoch "
+                                    f"that cannot be mapped ({e})") from None
         finally:
             wire.close_fds(fds)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
