@@ -3,6 +3,7 @@ clients killed with SIGKILL at random points (holding contexts, handles
 and clones, or in the middle of a request), a daemon killed under its
 clients, hostile bytes on the socket, and processes of other users.
 
+The daemons are real ``cxlflash serve`` processes (``daemon_process``).
 Every client here is a separate program (``fault_client.py`` run by a
 fresh interpreter), never a fork of the test, except where a fork is the
 point (a child writing on its parent's socket).
@@ -26,6 +27,7 @@ from hypothesis import given, strategies as st
 import cxlflash
 from cxlflash import uapi
 from cxlflash.server import wire
+import daemon_process
 from fuzzing import fuzz_settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,53 +40,31 @@ NOBODY = 65534
 
 # -- daemons ------------------------------------------------------------------------
 
-STAND_IN = (
-    "import socket,sys,cxlflash\n"
-    "from cxlflash.server.service import Server\n"
-    "a = cxlflash.Adapter()\n"
-    "a.add_lun(None, size=int(sys.argv[2]))\n"
-    "s = socket.socket(socket.AF_UNIX)\n"
-    "s.bind(sys.argv[1])\n"
-    "import os; os.chmod(sys.argv[1], 0o666)\n"
-    "s.listen(64)\n"
-    "print('ready', flush=True)\n"
-    "Server(a, s).serve_forever()\n")
-
-
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [
-        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    for k in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "CXLFLASH_SOCKET"):
-        env.pop(k, None)
+    env = daemon_process.environment()
+    env["PYTHONPATH"] = os.pathsep.join([HERE, env["PYTHONPATH"]])
     return env
 
 
 class Daemon:
-    """A daemon process serving one in-memory LUN of VIRTUAL_SIZE bytes on
-    ``socket`` (mode 0666, in a directory anyone may enter)."""
+    """``cxlflash serve`` (a real process) with one in-memory LUN of
+    VIRTUAL_SIZE bytes on ``socket``, mode 0666 in a directory anyone may
+    enter (another uid must reach it)."""
 
     def __init__(self, directory, path=None):
         self.directory = directory
         self.socket = path or os.path.join(directory, "cxlflash.sock")
-        self.log_path = os.path.join(directory, f"daemon-{time.monotonic_ns()}.log")
         self.start()
 
     def start(self):
-        if os.path.exists(self.socket):
-            os.unlink(self.socket)             # a killed daemon's stale socket
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", STAND_IN, self.socket, str(VIRTUAL_SIZE)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                env=_env(), text=True)
-        line = self.proc.stdout.readline()
-        assert line.strip() == "ready", f"the daemon did not start:\n{self.log()}"
+        """Start it (again: a killed daemon's stale socket is replaced)."""
+        self.proc_ = daemon_process.start(self.directory, "--size", str(VIRTUAL_SIZE),
+                                          "--mode", "0666", socket_path=self.socket)
+        self.proc = self.proc_.proc
         self.pid = self.proc.pid
 
     def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        return self.proc_.log()
 
     def alive(self):
         return self.proc.poll() is None
@@ -96,19 +76,15 @@ class Daemon:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        self.proc_.kill()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
+        """SIGTERM: it must exit 0 (every context released, every LUN
+        closed); a daemon a test killed is only waited for."""
+        if self.alive():
+            self.proc_.stop()
+        else:
+            self.proc_.kill()
 
 
 def _tmpdir():
