@@ -200,13 +200,13 @@ def _send_raw(sock, data, fds=(), creds=True):
 def test_a_request_carries_the_kernels_credentials(pair):
     a, b = pair
     wire.send_request(a, wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_DETACH, b"payload")
-    assert wire.recv_request(b) == (wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_DETACH,
+    assert wire.recv_request(wire.request_receiver(b)) == (wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_DETACH,
                                     bytearray(b"payload"),
                                     (os.getpid(), os.getuid(), os.getgid()))
     # Without SCM_CREDENTIALS the kernel supplies the sender's (SO_PASSCRED).
     _send_raw(a, wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, 0),
               creds=False)
-    assert wire.recv_request(b)[3] == (os.getpid(), os.getuid(), os.getgid())
+    assert wire.recv_request(wire.request_receiver(b))[3] == (os.getpid(), os.getuid(), os.getgid())
 
 
 def test_a_request_larger_than_the_socket_buffer_arrives_whole(pair):
@@ -215,7 +215,7 @@ def test_a_request_larger_than_the_socket_buffer_arrives_whole(pair):
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     t = threading.Thread(target=wire.send_request, args=(a, wire.OP_ADMIN, 7, payload))
     t.start()
-    op, request, got, _ = wire.recv_request(b)
+    op, request, got, _ = wire.recv_request(wire.request_receiver(b))
     t.join()
     assert (op, request, bytes(got)) == (wire.OP_ADMIN, 7, payload)
 
@@ -227,34 +227,34 @@ def test_a_request_larger_than_the_socket_buffer_arrives_whole(pair):
     (wire.REQUEST.pack(wire.MAGIC, wire.VERSION, 0, 0, 0), "unknown op 0"),
     (wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_SPAWN + 1, 0, 0), "unknown op"),
     (wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, wire.MAX_REQUEST + 1),
-     "a request of"),
+     "a message of"),
     (wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, 0xFFFFFFFF),
-     "a request of"),
+     "a message of"),
 ])
 def test_a_request_that_breaks_a_rule(pair, data, message):
     a, b = pair
     _send_raw(a, data)
     with pytest.raises(wire.ProtocolError, match=message):
-        wire.recv_request(b)
+        wire.recv_request(wire.request_receiver(b))
 
 
 def test_the_end_of_the_stream_at_every_point(pair):
     a, b = pair
     a.close()
     with pytest.raises(EOFError):                      # before a byte: clean
-        wire.recv_request(b)
+        wire.recv_request(wire.request_receiver(b))
     for cut in (1, 8, 15):                             # in the header
         x, y = wire.socketpair()
         _send_raw(x, wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, 4)[:cut])
         x.close()
         with pytest.raises(wire.ProtocolError, match="mid-header"):
-            wire.recv_request(y)
+            wire.recv_request(wire.request_receiver(y))
         y.close()
     x, y = wire.socketpair()                           # in the payload
     _send_raw(x, wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, 4) + b"ab")
     x.close()
     with pytest.raises(wire.ProtocolError, match="mid-message"):
-        wire.recv_request(y)
+        wire.recv_request(wire.request_receiver(y))
     y.close()
 
 
@@ -267,7 +267,7 @@ def test_descriptors_on_a_request_are_refused_and_closed(pair, n):
         _send_raw(a, wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, 0),
                   fds=[r] * n)
         with pytest.raises(wire.ProtocolError):
-            wire.recv_request(b)
+            wire.recv_request(wire.request_receiver(b))
         assert _open_fds() == before                   # none received stays open
     finally:
         os.close(r)
@@ -279,7 +279,7 @@ def test_a_reply_is_checked_and_its_descriptors_closed_on_error(pair):
     r, w = os.pipe()
     try:
         wire.send_reply(a, wire.OP_LUNS, 0, b"x" * 16, [r])
-        err, body, fds = wire.recv_reply(b, wire.OP_LUNS)
+        err, body, fds = wire.recv_reply(wire.reply_receiver(b), wire.OP_LUNS)
         assert (err, bytes(body), len(fds)) == (0, b"x" * 16, 1)
         wire.close_fds(fds)
         before = _open_fds()
@@ -289,12 +289,12 @@ def test_a_reply_is_checked_and_its_descriptors_closed_on_error(pair):
                  "ancillary data"),
                 (lambda: _send_raw(a, wire.REPLY.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS,
                                                       0, wire.MAX_REPLY + 1), fds=[r]),
-                 "a reply of"),
+                 "a message of"),
                 (lambda: _send_raw(a, wire.REPLY.pack(b"XXXX", wire.VERSION, wire.OP_LUNS,
-                                                      0, 0), fds=[r]), "does not answer")):
+                                                      0, 0), fds=[r]), "bad magic")):
             send()
             with pytest.raises(wire.ProtocolError, match=message):
-                wire.recv_reply(b, wire.OP_LUNS)
+                wire.recv_reply(wire.reply_receiver(b), wire.OP_LUNS)
             assert _open_fds() == before
     finally:
         os.close(r)
@@ -304,7 +304,7 @@ def test_a_reply_is_checked_and_its_descriptors_closed_on_error(pair):
 def test_an_error_reply_is_bounded_utf8(pair):
     a, b = pair
     wire.send_error(a, wire.OP_LUNS, 0, "é" * 10000)
-    err, body, fds = wire.recv_reply(b, wire.OP_LUNS)
+    err, body, fds = wire.recv_reply(wire.reply_receiver(b), wire.OP_LUNS)
     assert err == errno.EIO and fds == [] and len(body) <= 4096   # errno 0 is no success
     bytes(body).decode("utf-8", "replace")
 
@@ -409,7 +409,7 @@ def _fake_driver(answer):
 
     def serve():
         try:
-            wire.recv_request(theirs)
+            wire.recv_request(wire.request_receiver(theirs))
             answer(theirs)
         finally:
             theirs.close()
