@@ -460,3 +460,43 @@ def test_a_client_facing_a_broken_driver(answer, err):
     assert e.value.errno == err, e.value
     assert "the test's driver" in str(e.value)
     assert _open_fds() == before
+
+
+def _in_child_send(sock, data):
+    """Send ``data`` on ``sock`` from a forked child (its own credentials)."""
+    pid = os.fork()
+    if pid == 0:                                           # pragma: no cover (child)
+        try:
+            _send_raw(sock, data)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("cut", [8, wire.HEADER_SIZE + 4])
+def test_a_message_whose_bytes_come_from_two_processes(pair, cut):
+    """A child that shares its parent's connection completes a message the
+    parent began: the message is neither the parent's nor the child's (the
+    kernel names each sender; a request is one process's) -- refused."""
+    a, b = pair
+    msg = wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_DISK_IOCTL, 0, 16) + bytes(16)
+    _send_raw(a, msg[:cut])
+    _in_child_send(a, msg[cut:])
+    with pytest.raises(wire.ProtocolError, match="two processes"):
+        wire.recv_request(wire.request_receiver(b))
+
+
+def test_messages_of_one_process_in_one_read(pair):
+    """Requests sent back to back (read together) each keep their sender."""
+    a, b = pair
+    one = wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, 0)
+    two = wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_OPEN_DISK, 5, 3) + b"abc"
+    _send_raw(a, one + two)
+    _in_child_send(a, one)
+    rx = wire.request_receiver(b)
+    me = (os.getpid(), os.getuid(), os.getgid())
+    assert wire.recv_request(rx) == (wire.OP_LUNS, 0, b"", me)
+    assert wire.recv_request(rx) == (wire.OP_OPEN_DISK, 5, b"abc", me)
+    op, _, _, creds = wire.recv_request(rx)
+    assert op == wire.OP_LUNS and creds[0] != os.getpid()      # the child's
