@@ -93,6 +93,7 @@ def churn(a, seed):
     while True:
         ctx = a.open_disk(luns[0]).attach()
         vs = []
+        d = None                                   # the direct LUN, once attached
         for _ in range(rnd.randint(1, 4)):
             op = rnd.random()
             if op < 0.5 or not vs:
@@ -104,8 +105,9 @@ def churn(a, seed):
                 v = rnd.choice(vs)
                 v.set_size(rnd.randint(0, 8) * CHUNK_BLOCKS // 3)
             elif op < 0.8 and len(luns) > 1:
-                d = a.open_disk(luns[1])
-                ctx.attach_disk(d)
+                if d is None:
+                    d = a.open_disk(luns[1])
+                    ctx.attach_disk(d)
                 dl = ctx.open_direct(disk=d)
                 dl.write(rnd.randrange(64), pattern("churn"))
                 dl.read(0, 8)

@@ -264,6 +264,41 @@ def test_kill9_in_the_middle_of_requests(world):
     assert world.daemon.threads() == threads
 
 
+RAW_AND_GONE = """
+import os, sys
+sys.path.insert(0, %r)
+import test_daemon_faults as T
+from cxlflash import uapi
+from cxlflash.server import wire
+r = T.Raw(sys.argv[1])
+wwid = bytes.fromhex(sys.argv[2])
+cid = r.attach(wwid)
+hdr = uapi.dk_cxlflash_hdr(flags=os.O_RDWR)
+for _ in range(int(sys.argv[3])):
+    r.send(T.frame(wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_USER_VIRTUAL, T._disk(wwid) + bytes(
+        uapi.dk_cxlflash_uvirtual(hdr=hdr, context_id=cid, lun_size=3 * T.CHUNK_BLOCKS))))
+a = uapi.dk_cxlflash_attach(hdr=hdr)
+r.send(T.frame(wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_ATTACH, T._disk(wwid) + bytes(a)))
+r.send(T.frame(wire.OP_TABLES))
+os._exit(0)        # before any reply: an adapter fd and tables are in flight
+""" % HERE
+
+
+def test_a_client_gone_before_its_replies(world):
+    """A client that sends requests (chunks to allocate, an ATTACH whose
+    adapter fd the reply carries, its tables) and exits without reading a
+    reply: the daemon's replies meet a closed socket, and everything the
+    requests created comes back."""
+    for n in (0, 1, 5, 50):
+        p = subprocess.run([sys.executable, "-c", RAW_AND_GONE, world.daemon.socket,
+                            world.vwwid.hex(), str(n)], capture_output=True, text=True,
+                           env=_env(), timeout=60)
+        assert p.returncode == 0, p.stderr
+        wait_settled(world)
+    assert world.daemon.alive()
+    world.intact()
+
+
 def test_no_pe_leaks_after_kills(world):
     """After the kills, every PE is free again: this process can attach
     as many contexts as the driver has PEs, less the one it holds."""
