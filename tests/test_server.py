@@ -500,3 +500,42 @@ def test_messages_of_one_process_in_one_read(pair):
     assert wire.recv_request(rx) == (wire.OP_OPEN_DISK, 5, b"abc", me)
     op, _, _, creds = wire.recv_request(rx)
     assert op == wire.OP_LUNS and creds[0] != os.getpid()      # the child's
+
+
+def test_status_while_handles_close_in_another_thread():
+    """What ``cxlflash ctl status`` and every fault test's polling read:
+    the driver's status while another thread (a release, a reclaim)
+    closes handles.  It was a ValueError ("resource handle N is not
+    open": a handle listed open, closed before its chunks were counted),
+    which the daemon answers as EINVAL "a malformed request"."""
+    import time
+    a = cxlflash.Adapter()
+    try:
+        w = a.add_lun(None, size=64 * CHUNK * 4096)
+        ctx = a.open_disk(w).attach()
+        stop = threading.Event()
+        errors = []
+
+        def churn():
+            while not stop.is_set():
+                vs = [ctx.create_virtual(CHUNK) for _ in range(16)]
+                for v in vs:
+                    v.close()
+
+        t = threading.Thread(target=churn)
+        t.start()
+        calls = 0
+        t0 = time.monotonic()
+        try:
+            while time.monotonic() - t0 < 1.5 and not errors:
+                try:
+                    a.status()
+                    calls += 1
+                except Exception as e:                     # noqa: BLE001
+                    errors.append(repr(e))
+        finally:
+            stop.set()
+            t.join()
+        assert errors == [] and calls > 100, (calls, errors)
+    finally:
+        a.close()
