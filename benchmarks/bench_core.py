@@ -1,13 +1,18 @@
 """The Cython core against its baselines, side by side (one group per pair).
 
-``benchmarks/ratios.py`` runs this file and prints each measured ratio
-against its target; see ``benchmarks/README.md``.
+The workloads and their baselines are ``cxlflash.bench.cases``: the same
+definitions ``cxlflash bench`` times (this is the other front end; the
+baselines are ``cxlflash.reference``).  ``benchmarks/ratios.py`` runs this
+file and prints each measured ratio against its target; see
+``benchmarks/README.md``.
 """
 import numpy as np
 import pytest
 
+from cxlflash import reference
 from cxlflash._core.allocator import ChunkAllocator
 from cxlflash._core.tables import ResourceTable
+from cxlflash.bench.cases import Alloc, Translate
 
 N_LBAS = 16 << 20           # 16 M virtual LBAs
 VLUN_CHUNKS = 64
@@ -15,52 +20,31 @@ ALLOC_TOTAL = 4 << 20       # a 4 M-chunk LUN
 ALLOC_N = 1_000_000
 CLONE_CHUNKS = 1 << 20      # a table with 1 M mapped chunks
 
-HIGH = np.uint64(~0xFFFF & (2 ** 64 - 1))
-LOW = np.uint64(0xFFFF)
-SHIFT = np.uint64(16)
-
 
 # -- translate_many: 16 M random vLBAs over a 64-chunk vLUN ------------------
 
 @pytest.fixture(scope="module")
 def vlun():
-    rng = np.random.default_rng(2024)
-    table = ResourceTable()
-    h = table.open_virtual(3)
-    table.grow(h, rng.permutation(1 << 20)[:VLUN_CHUNKS], 0, 1)
-    vlbas = rng.integers(0, VLUN_CHUNKS << 16, size=N_LBAS, dtype=np.int64)
-    out = np.empty(N_LBAS, dtype=np.uint64)
-    return table, h, vlbas, out
-
-
-def numpy_translate(lxt, vlbas, out):
-    v = vlbas.view(np.uint64)
-    return np.bitwise_or(np.bitwise_and(lxt[v >> SHIFT], HIGH), v & LOW, out=out)
+    case = Translate(N_LBAS, VLUN_CHUNKS)
+    case.check()
+    return case
 
 
 @pytest.mark.benchmark(group="translate_many 16M")
 def test_translate_many_core(benchmark, vlun):
-    table, h, vlbas, out = vlun
-    benchmark.pedantic(table.translate_many, (h, vlbas, out),
-                       rounds=10, warmup_rounds=1)
-    lxt = table.lxt(h)
-    assert np.array_equal(out, numpy_translate(lxt, vlbas, np.empty_like(out)))
+    benchmark.pedantic(vlun.core, rounds=10, warmup_rounds=1)
+    assert np.array_equal(vlun.out, reference.translate(vlun.lxt, vlun.vlbas))
 
 
 @pytest.mark.benchmark(group="translate_many 16M")
 def test_translate_many_numpy(benchmark, vlun):
-    table, h, vlbas, out = vlun
-    lxt = table.lxt(h)
-    benchmark.pedantic(numpy_translate, (lxt, vlbas, out),
-                       rounds=5, warmup_rounds=1)
+    benchmark.pedantic(vlun.numpy, rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="translate_many 16M")
 def test_translate_many_copyto(benchmark, vlun):
     # The memory-bandwidth bound: 8 B read + 8 B written per LBA.
-    _, _, vlbas, out = vlun
-    src = vlbas.view(np.uint64)
-    benchmark.pedantic(np.copyto, (out, src), rounds=10, warmup_rounds=1)
+    benchmark.pedantic(vlun.copyto, rounds=10, warmup_rounds=1)
 
 
 # -- one translate call from Python -----------------------------------------------
@@ -104,64 +88,25 @@ def test_translate_one_noop(benchmark, small_vlun):
 
 # -- alloc_many(1 M) on a 4 M-chunk allocator ---------------------------------------
 
-class PyAllocator:
-    """A pure-Python port of the kernel allocator (spec §12.1, §12.2)."""
-
-    def __init__(self, total):
-        self.words = (total + 63) // 64
-        self.bitmap = [(1 << 64) - 1] * self.words
-        if total % 64:
-            self.bitmap[-1] = (1 << (total % 64)) - 1
-        self.free_aun_cnt = total
-        self.free_low_idx = 0
-        self.free_curr_idx = 0
-        self.free_high_idx = self.words
-
-    def _first_free(self, lo, hi):
-        bitmap = self.bitmap
-        for w in range(lo, hi):
-            x = bitmap[w]
-            if x:
-                bit = (x & -x).bit_length() - 1
-                bitmap[w] = x & (x - 1)
-                self.free_aun_cnt -= 1
-                return w, bit
-        return None
-
-    def ba_alloc(self):
-        if self.free_aun_cnt == 0:
-            return -1
-        found = self._first_free(self.free_curr_idx, self.free_high_idx)
-        if found is None:
-            found = self._first_free(self.free_low_idx, self.free_curr_idx)
-            if found is None:
-                return -1
-        w, bit = found
-        self.free_curr_idx = w + 1 if bit == 63 else w
-        return w * 64 + bit
-
-    def alloc_many(self, n):
-        alloc = self.ba_alloc
-        return [alloc() for _ in range(n)]
+@pytest.fixture
+def alloc():
+    case = Alloc(ALLOC_TOTAL, ALLOC_N)
+    case.check()              # both hand out the same chunks
+    return case
 
 
 @pytest.mark.benchmark(group="alloc_many 1M of 4M")
-def test_alloc_many_core(benchmark):
-    result = benchmark.pedantic(
-        lambda a: a.alloc_many(ALLOC_N),
-        setup=lambda: ((ChunkAllocator(ALLOC_TOTAL),), {}),
-        rounds=15, warmup_rounds=1)
-    assert result[-1] == ALLOC_N - 1
+def test_alloc_many_core(pedantic, alloc):
+    pedantic(alloc.core, rounds=15, warmup_rounds=1)
+    assert alloc.alloc.free_count == ALLOC_TOTAL          # every round's chunks given back
 
 
 @pytest.mark.benchmark(group="alloc_many 1M of 4M")
-def test_alloc_many_python(benchmark):
+def test_alloc_many_python(pedantic, alloc):
     # The full 1 M allocations (not scaled).
-    result = benchmark.pedantic(
-        lambda a: a.alloc_many(ALLOC_N),
-        setup=lambda: ((PyAllocator(ALLOC_TOTAL),), {}),
-        rounds=3)
-    assert result[-1] == ALLOC_N - 1
+    pedantic(alloc.python, rounds=3)
+    taken = ALLOC_TOTAL - alloc.ref.ba_space()             # whole calls of 1 M each
+    assert taken > 0 and taken % ALLOC_N == 0
 
 
 # -- cloning a table with 1 M mapped chunks ------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 import cxlflash
 from cxlflash._core.rawio import raw_io
+from cxlflash.reference import translate
 
 CHUNK = 1 << 16
 BS = 4096
@@ -346,8 +347,9 @@ def test_preadv_threads_1(benchmark, dp, threaded_offsets):
 # returns a fresh array (no ``out=``), so whatever it allocates is inside
 # the timing.  The baseline is the numpy formula (shift, gather, and, or)
 # written as a program would, also returning a fresh array:
-# ``(lxt[v >> 16] & ~0xFFFF) | (v & 0xFFFF)``.  It is the fastest numpy
-# form measured here: numpy elides the temporaries of ``&`` and ``|``
+# ``(lxt[v >> 16] & ~0xFFFF) | (v & 0xFFFF)`` (``cxlflash.reference.translate``,
+# the formula ``cxlflash bench`` and bench_core.py use too).  It is the
+# fastest numpy form measured here: numpy elides the temporaries of ``&`` and ``|``
 # (updates them in place), while the form with ``out=`` (below, for
 # information) calls ``np.bitwise_and`` on a temporary it cannot elide and
 # is ~20-30 % slower.  Also for information: the core's ``translate_many``
@@ -355,9 +357,6 @@ def test_preadv_threads_1(benchmark, dp, threaded_offsets):
 
 TRANSLATE_N = 16 << 20
 TRANSLATE_CHUNKS = 64
-HIGH = np.uint64(~0xFFFF & (2 ** 64 - 1))
-LOW = np.uint64(0xFFFF)
-SHIFT = np.uint64(16)
 
 
 @pytest.fixture(scope="module")
@@ -383,25 +382,15 @@ def tr():
     a.close()
 
 
-def numpy_translate_out(lxt, vlbas, out):
-    v = vlbas.view(np.uint64)
-    return np.bitwise_or(np.bitwise_and(lxt[v >> SHIFT], HIGH), v & LOW, out=out)
-
-
-def numpy_translate(lxt, vlbas):
-    v = vlbas.view(np.uint64)
-    return (lxt[v >> SHIFT] & HIGH) | (v & LOW)
-
-
 @pytest.mark.benchmark(group="adapter translate 16M")
 def test_adapter_translate(interleaved, tr):
     got = tr.a.translate(tr.cid, tr.h, tr.vlbas)
-    assert np.array_equal(got, numpy_translate(tr.lxt, tr.vlbas))
+    assert np.array_equal(got, translate(tr.lxt, tr.vlbas))
     del got
     a, cid, h, vlbas, lxt, out = tr.a, tr.cid, tr.h, tr.vlbas, tr.lxt, tr.out
     table = tr.table
     interleaved([("adapter", lambda: a.translate(cid, h, vlbas)),
-                 ("numpy", lambda: numpy_translate(lxt, vlbas)),
-                 ("numpy_out", lambda: numpy_translate_out(lxt, vlbas, out)),
+                 ("numpy", lambda: translate(lxt, vlbas)),
+                 ("numpy_out", lambda: translate(lxt, vlbas, out)),
                  ("core_out", lambda: table.translate_many(h, vlbas, out))],
                 rounds=9, warmup_rounds=1, ops=TRANSLATE_N)

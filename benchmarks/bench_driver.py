@@ -11,13 +11,13 @@ import ctypes
 import os
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 import cxlflash
 from cxlflash import uapi
+from cxlflash.bench.cases import CLONE_CHUNKS, Clone
 from cxlflash.driver import superpipe
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.driver.host import AFU_COUNTERS
 
 CHUNK = 1 << 16                     # native blocks (and 4K blocks on a 4K LUN)
@@ -27,8 +27,6 @@ GROW_SIZES = {"1": 1, "1k": 1_000, "100k": 100_000, "1M": 1_000_000}
 ROUNDS = {"1": 400, "1k": 400, "100k": 60, "1M": 25}
 
 CHILD = Caller(os.getpid() + 1_000_003, os.getpid())     # a (pretend) forked child
-PARENT = Caller(os.getppid(), 1)        # this process's parent (pretended)
-CLONE_CHUNKS = 1 << 20
 
 
 def ioctl(d, request, arg, caller=None):
@@ -274,53 +272,30 @@ def test_resize_grow(benchmark, big, size):
 
 # -- VLUN_CLONE of 1 M mapped chunks vs np.copyto of the LXT --------------------------------
 #
-# The ioctl the product runs, issued the way a program issues it:
-# ``cxlflash.ioctl(disk, DK_CXLFLASH_VLUN_CLONE, uapi.dk_cxlflash_clone)``
-# by this process, from a context owned by its parent (the source: one vLUN
-# of 1 M mapped chunks) into a context of its own.  The source is set up
-# (untimed) through the driver entry point as our parent, so the timed call
-# is the public one with the real caller.  Undone between rounds (untimed)
-# by RELEASE of the clone.  Interleaved round by round with the baseline,
-# np.copyto of the 1 M-entry LXT (8 MB) into a preallocated array.
+# The workload of cxlflash.bench.cases.Clone (the same one ``cxlflash
+# bench`` times in its matrix): the ioctl the product runs, issued the way
+# a program issues it, ``cxlflash.ioctl(disk, DK_CXLFLASH_VLUN_CLONE,
+# uapi.dk_cxlflash_clone)``, by this process, from a context owned by its
+# parent (the source: one vLUN of 1 M mapped chunks) into a context of its
+# own.  The source is set up (untimed) through the driver entry point as
+# our parent, so the timed call is the public one with the real caller.
+# Undone between rounds (untimed) by RELEASE of the clone.  Interleaved
+# round by round with the baseline, np.copyto of the 1 M-entry LXT (8 MB)
+# into a preallocated array.
 
 
 @pytest.fixture(scope="module")
 def clone_setup():
-    a = cxlflash.Adapter()
-    wwid = a.add_lun(None, size=(CLONE_CHUNKS + 64) * CHUNK * K4)   # sparse memory
-    d = a.open_disk(wwid)
-    src = attach(d, caller=PARENT)
-    h = uvirtual(d, src.context_id, 0, caller=PARENT)
-    assert resize(d, src.context_id, h, CLONE_CHUNKS * CHUNK, PARENT) == \
-        CLONE_CHUNKS * CHUNK - 1
-    dst = attach(d)
-    lxt = a._context_record(src.context_id).table.lxt(h)
-    yield SimpleNamespace(a=a, d=d, src=src.context_id, dst=dst.context_id, h=h, lxt=lxt,
-                          alloc=a.driver.gluns[wwid].allocator)
-    for fd in (src.adap_fd, dst.adap_fd):
-        os.close(fd)
-    a.close()
+    case = Clone(CLONE_CHUNKS)
+    yield case
+    case.close()
 
 
 @pytest.mark.benchmark(group="VLUN_CLONE 1M chunks")
 def test_vlun_clone_1m(interleaved, clone_setup):
     c = clone_setup
-    d, src, dst, h = c.d, c.src, c.dst, c.h
-    copy = np.empty_like(c.lxt)
-
-    def clone():
-        cl = uapi.dk_cxlflash_clone()
-        cl.context_id_src = src
-        cl.context_id_dst = dst
-        cxlflash.ioctl(d, uapi.DK_CXLFLASH_VLUN_CLONE, cl)
-        return lambda: release(d, dst, h)          # the undo, untimed
-
-    # The clone maps the same chunks, each now with one clone reference.
-    clone()
-    clone_lxt = c.a._context_record(dst).table.lxt(h)
-    assert np.array_equal(clone_lxt, c.lxt) and c.alloc.clone_count(int(c.lxt[0]) >> 16) == 1
-    del clone_lxt
-    release(d, dst, h)
-    interleaved([("clone", clone), ("copyto", lambda: np.copyto(copy, c.lxt))],
+    # The clone maps the same chunks, each with one clone reference.
+    c.check()
+    interleaved([("clone", c.clone), ("copyto", c.copyto)],
                 rounds=15, warmup_rounds=1, ops=CLONE_CHUNKS)
-    assert c.alloc.clone_count(int(c.lxt[0]) >> 16) == 0
+    c.check_released()

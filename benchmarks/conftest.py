@@ -1,14 +1,18 @@
 """Make the in-place build importable whatever the working directory, and
-provide the ``interleaved`` fixture."""
+provide the ``interleaved`` and ``pedantic`` fixtures: this front end's
+harness around the workloads of ``cxlflash.bench.cases`` (a side returns
+its undo, run untimed; the rotation of interleaved sides is the one
+``cxlflash bench`` uses, ``cxlflash.bench.harness.interleaved_round``)."""
 import os
 import sys
-import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from cxlflash.bench.harness import interleaved_round   # noqa: E402  (after the path)
 
 
 def run_interleaved(benchmark, sides, rounds, warmup_rounds=2, ops=1):
@@ -27,21 +31,15 @@ def run_interleaved(benchmark, sides, rounds, warmup_rounds=2, ops=1):
     pytest-benchmark's own figure for the test is one whole round (every
     side)."""
     times = {name: [] for name, _ in sides}
+    fns = [fn for _, fn in sides]
     state = {"round": 0}
 
     def one_round():
         r = state["round"]
         state["round"] += 1
-        k = r % len(sides)
-        for name, fn in sides[k:] + sides[:k]:
-            t0 = time.perf_counter_ns()
-            ret = fn()
-            if not callable(ret):
-                ret = None        # the side's result is dropped (freed) in its own time
-            dt = time.perf_counter_ns() - t0
-            if ret is not None:
-                ret()
-            if r >= warmup_rounds:
+        took = interleaved_round(fns, r)
+        if r >= warmup_rounds:
+            for (name, _), dt in zip(sides, took):
                 times[name].append(dt)
 
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds)
@@ -56,3 +54,30 @@ def interleaved(benchmark):
     :func:`run_interleaved`."""
     return lambda sides, rounds, warmup_rounds=2, ops=1: run_interleaved(
         benchmark, sides, rounds, warmup_rounds, ops)
+
+
+def run_pedantic(benchmark, side, rounds, warmup_rounds=0):
+    """``benchmark.pedantic`` of one side of a workload: the undo a call
+    returns (a callable) runs untimed after it, as pedantic's teardown."""
+    undo = []
+
+    def call():
+        u = side()
+        if callable(u):
+            undo.append(u)
+
+    def teardown():
+        while undo:
+            undo.pop()()
+
+    result = benchmark.pedantic(call, teardown=teardown, rounds=rounds,
+                                warmup_rounds=warmup_rounds)
+    teardown()                  # --benchmark-disable: one call, and no teardown
+    return result
+
+
+@pytest.fixture
+def pedantic(benchmark):
+    """``pedantic(side, rounds, warmup_rounds=0)``: see :func:`run_pedantic`."""
+    return lambda side, rounds, warmup_rounds=0: run_pedantic(
+        benchmark, side, rounds, warmup_rounds)

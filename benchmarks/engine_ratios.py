@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 
 import cxlflash  # noqa: E402
 from cxlflash._core.rawio import raw_io  # noqa: E402
+from cxlflash.bench.harness import interleaved_round  # noqa: E402
 
 BS = 4096
 QD = 64
@@ -471,26 +472,38 @@ class PageCacheSides:
 
 def interleave(sides, rounds, warmup, progress, measure_time):
     """Run ``sides`` ([(name, fn)]) for ``rounds`` rounds, rotated by the
-    round number.  ``measure_time``: record each side's wall time (ns);
-    otherwise record what fn returns (IOPS).  Errors are recorded per side
-    (the side is then dropped from later rounds)."""
+    round number (``cxlflash.bench.harness.interleaved_round``, the rotation
+    of ``cxlflash bench`` and conftest.py).  ``measure_time``: record each
+    side's wall time (ns); otherwise record what fn returns (IOPS).  Errors
+    are recorded per side (the side is then dropped from later rounds)."""
     out = {name: [] for name, _ in sides}
     errors = {}
-    for r in range(warmup + rounds):
-        k = r % len(sides)
-        for name, fn in sides[k:] + sides[:k]:
+    values = {}                     # this round's results of the sides that ran
+
+    def guarded(name, fn):
+        def call():
             if name in errors:
-                continue
-            progress(f"round {r + 1 - warmup}/{rounds} {name}")
+                return
             try:
-                t0 = time.perf_counter_ns()
-                v = fn()
-                dt = time.perf_counter_ns() - t0
+                values[name] = fn()
             except (OSError, RuntimeError, ValueError) as e:
                 errors[name] = f"{type(e).__name__}: {e}"
-                continue
-            if r >= warmup:
-                out[name].append(dt if measure_time else v)
+        return call
+
+    fns = [guarded(name, fn) for name, fn in sides]
+    for r in range(warmup + rounds):
+        values.clear()
+
+        def announce(i):
+            name = sides[i][0]
+            if name not in errors:
+                progress(f"round {r + 1 - warmup}/{rounds} {name}")
+
+        took = interleaved_round(fns, r, before=announce)
+        if r >= warmup:
+            for (name, _), dt in zip(sides, took):
+                if name in values:
+                    out[name].append(dt if measure_time else values[name])
     return out, errors
 
 

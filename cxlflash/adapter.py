@@ -83,6 +83,9 @@ def _after_fork_in_child():
         r = a._remote
         if r is not None and r.pid != os.getpid():
             r.foreign()
+            r.abandon()
+        if a._server is not None:
+            a._server.abandon()
         a._engine = None                    # its threads stayed in the parent
         a._server = None
         a._lock = threading.Lock()          # another thread may have held it

@@ -2,6 +2,8 @@
 
 ``cxlflash bench``  benchmark runs (see ``cxlflash bench --help``)
 ``cxlflash info``   what the package is built with
+``cxlflash serve``  the driver as a daemon (see ``cxlflash serve --help``)
+``cxlflash ctl``    what a daemon serves: LUNs, contexts, counters
 """
 import argparse
 import os
@@ -120,6 +122,9 @@ prefill.""")
                    "throughput over time (needs matplotlib: cxlflash[plot])")
     b.add_argument("--quiet", action="store_true", help="no progress display")
     sub.add_parser("info", help="versions and build facts")
+    from .server import ctl, daemon
+    daemon.add_parser(sub)
+    ctl.add_parser(sub)
     return p
 
 
@@ -235,6 +240,12 @@ def main(argv=None):
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "serve":
+            from .server import daemon
+            return daemon.run(args)
+        if args.command == "ctl":
+            from .server import ctl
+            return ctl.run(args)
         return _info()
     except KeyboardInterrupt:
         print("cxlflash: interrupted", file=sys.stderr)

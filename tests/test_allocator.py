@@ -2,7 +2,8 @@
 
 The golden sequences pin the exact chunk numbers the kernel hands out; the
 rule-based test runs random operation sequences against ``Model``, a direct
-pure-Python transcription of spec §12.
+pure-Python transcription of spec §12 (``cxlflash.reference``, the package's
+executable spec, also the baseline of the benchmarks' allocation rows).
 """
 import errno
 import random
@@ -13,99 +14,20 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine, initialize, invariant, precondition, rule)
 
+from cxlflash import reference
 from cxlflash._core.allocator import ChunkAllocator
 
-ALL_ONES = (1 << 64) - 1
 
+# -- the reference model (spec §12): cxlflash.reference.ChunkAllocator ------
 
-# -- the reference model (spec §12) ------------------------------------------
-
-class Model:
-    """Spec §12, line by line: a 1 bit is a free chunk."""
-
-    def __init__(self, total):
-        self.total = total
-        self.words = (total + 63) // 64
-        self.bitmap = [ALL_ONES] * self.words
-        if total % 64:
-            self.bitmap[-1] = (1 << (total % 64)) - 1
-        self.free_aun_cnt = total
-        self.free_low_idx = 0
-        self.free_curr_idx = 0
-        self.free_high_idx = self.words
-        self.clone_map = [0] * total
-
-    def _first_free(self, lo, hi):
-        for w in range(lo, hi):
-            if self.bitmap[w]:
-                bit = (self.bitmap[w] & -self.bitmap[w]).bit_length() - 1
-                self.bitmap[w] &= ~(1 << bit)
-                self.free_aun_cnt -= 1
-                return w, bit
-        return None
-
-    def ba_alloc(self):
-        if self.free_aun_cnt == 0:
-            return None
-        found = self._first_free(self.free_curr_idx, self.free_high_idx)
-        if found is None:
-            found = self._first_free(self.free_low_idx, self.free_curr_idx)
-        if found is None:
-            return None
-        w, bit = found
-        self.free_curr_idx = w + 1 if bit == 63 else w
-        return w * 64 + bit
-
-    def is_free(self, aun):
-        return bool(self.bitmap[aun // 64] >> (aun % 64) & 1)
-
-    def ba_free(self, aun):
-        if self.is_free(aun):
-            return False
-        if self.clone_map[aun] > 0:
-            self.clone_map[aun] -= 1
-            return True
-        w = aun // 64
-        self.bitmap[w] |= 1 << (aun % 64)
-        self.free_aun_cnt += 1
-        if w < self.free_low_idx:
-            self.free_low_idx = w
-        elif w > self.free_high_idx:
-            self.free_high_idx = w
-        return True
-
-    def ba_clone(self, aun):
-        if self.is_free(aun) or self.clone_map[aun] == 255:
-            return False
-        self.clone_map[aun] += 1
-        return True
-
-    # The public API on top of the kernel primitives.
-    def in_range(self, aun):
-        return 0 <= aun < self.total
-
-    def alloc_many(self, n, partial=False):
-        if self.free_aun_cnt < n and not partial:
-            return None                                   # ENOSPC, no change
-        return [self.ba_alloc() for _ in range(min(n, self.free_aun_cnt))]
-
-    def free_many(self, auns):
-        return sum(not self.ba_free(a) for a in auns)
-
-    def clone_many(self, auns):
-        for i, a in enumerate(auns):
-            if not self.ba_clone(a):
-                for b in auns[:i]:
-                    self.ba_free(b)
-                return False
-        return True
+Model = reference.ChunkAllocator
 
 
 def assert_same(alloc, model):
     assert alloc.free_count == model.free_aun_cnt == alloc.space()
     assert alloc.cursor == model.free_curr_idx
-    assert alloc.allocated_count() == model.total - model.free_aun_cnt
-    for aun in range(model.total):
+    assert alloc.allocated_count() == model.total_chunks - model.free_aun_cnt
+    for aun in range(model.total_chunks):
         assert alloc.is_allocated(aun) == (not model.is_free(aun)), aun
         assert alloc.clone_count(aun) == model.clone_map[aun], aun
 
@@ -439,7 +361,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.model = Model(total)
 
     def aun(self, data, margin=True):
-        lo, hi = (-2, self.model.total + 1) if margin else (0, self.model.total - 1)
+        lo, hi = (-2, self.model.total_chunks + 1) if margin else (0, self.model.total_chunks - 1)
         return data.draw(st.integers(lo, hi))
 
     @rule()
@@ -486,7 +408,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def free_many(self, data):
-        auns = data.draw(st.lists(st.integers(-1, self.model.total), max_size=40))
+        auns = data.draw(st.lists(st.integers(-1, self.model.total_chunks), max_size=40))
         if not all(map(self.model.in_range, auns)):
             with pytest.raises(IndexError):
                 self.alloc.free_many(auns)
@@ -496,14 +418,14 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def free_allocated(self, data):
         # Frees that hit allocated chunks, so the pool refills.
-        used = [a for a in range(self.model.total) if not self.model.is_free(a)]
+        used = [a for a in range(self.model.total_chunks) if not self.model.is_free(a)]
         if used:
             auns = data.draw(st.lists(st.sampled_from(used), max_size=60))
             assert self.alloc.free_many(auns) == self.model.free_many(auns)
 
     @rule(data=st.data())
     def clone_many(self, data):
-        auns = data.draw(st.lists(st.integers(-1, self.model.total), max_size=20))
+        auns = data.draw(st.lists(st.integers(-1, self.model.total_chunks), max_size=20))
         if data.draw(st.booleans()) and auns:
             auns = auns * data.draw(st.integers(1, 30))   # towards the 255 cap
         if not all(map(self.model.in_range, auns)):
@@ -512,10 +434,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         else:
             assert self.alloc.clone_many(auns) == self.model.clone_many(auns)
 
-    @precondition(lambda self: self.model.free_aun_cnt < self.model.total)
+    @precondition(lambda self: self.model.free_aun_cnt < self.model.total_chunks)
     @rule(data=st.data(), times=st.integers(1, 300))
     def clone_one_many_times(self, data, times):
-        used = [a for a in range(self.model.total) if not self.model.is_free(a)]
+        used = [a for a in range(self.model.total_chunks) if not self.model.is_free(a)]
         aun = data.draw(st.sampled_from(used))
         for _ in range(times):
             assert self.alloc.clone(aun) == self.model.ba_clone(aun)

@@ -921,7 +921,7 @@ def test_rows_measured_are_kept_when_a_later_row_stops(capsys, tmp_path, monkeyp
             raise OSError(5, "the disk went away")
         return real(target, lun, opts, name, progress, log)
 
-    monkeypatch.setattr(bench, "io_row", io_row)
+    monkeypatch.setattr(bench.workloads, "io_row", io_row)   # where run_matrix looks it up
     path = tmp_path / "partial.json"
     rc, out, err = run_main(capsys, "bench", "-d", "0.1", "--warmup", "0", "--size", "512M",
                             "--vlun-size", "8M", "--json", str(path))

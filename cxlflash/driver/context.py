@@ -4,6 +4,7 @@ A context is what one ATTACH creates for one process: an RHT (a
 ``_core.tables.ResourceTable``), the LUNs attached to it, its permissions,
 its owner's pid, and the adapter fd through which the process holds it.
 """
+import errno
 import os
 import select
 import socket
@@ -12,6 +13,7 @@ import threading
 from typing import NamedTuple
 
 from .._core.tables import ResourceTable
+from ..errors import CxlFlashError
 
 MAX_CONTEXT = 512
 
@@ -115,3 +117,28 @@ class Context:
         return (f"<Context id=0x{self.ctxid:016x} pe={self.pe} pid={self.pid} "
                 f"handles={self.table.rht_out} luns={len(self.luns)}"
                 f"{' in-error' if self.err_recovery_active else ''}>")
+
+
+def lookup_failed(why=None):
+    """The EINVAL of a context lookup that found nothing the caller may use."""
+    return CxlFlashError(errno.EINVAL, why or "no such context for this process on "
+                         "this LUN (unknown or stale context id, owned by another "
+                         "process, or the LUN is not attached to it)")
+
+
+class LockedContext:
+    """``with drv.locked_context(...) as ctx:`` -- a context found and
+    locked by ``Driver.get_context``, its mutex released when the block
+    ends."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self.ctx
+
+    def __exit__(self, *exc):
+        self.ctx.mutex.release()
+        return False

@@ -21,11 +21,12 @@ import struct
 import threading
 
 from .. import uapi
-from .._core.tables import TABLE_IN_ERROR, TABLE_GONE
+from .._core.tables import TABLE_IN_ERROR, TABLE_GONE, MC_CHUNK_SHIFT
 from ..errors import CxlFlashError
 from .afu import Afu, NORMAL, RESET, FAILTERM
 from .context import (AdapterFile, MAX_CONTEXT, Caller, CTX_CTRL_CLONE, CTX_CTRL_ERR,
-                      CTX_CTRL_ERR_FALLBACK, CTX_CTRL_NOPID, CTX_CTRL_FILE)
+                      CTX_CTRL_ERR_FALLBACK, CTX_CTRL_NOPID, CTX_CTRL_FILE,
+                      LockedContext, lookup_failed)
 from .host import naa6_wwid
 from .vlun import release_handle
 from ..backing import MemoryBacking, FileBacking
@@ -341,6 +342,18 @@ class Driver:
                          if (c.pe == pe if context_id is None else c.ctxid == context_id)),
                         None)
 
+    def locked_context(self, raw_id, caller, llun=None, *, ctrl=0, why=None,
+                       undo=None):
+        """``with drv.locked_context(raw_id, caller, llun) as ctx:`` the
+        context :meth:`get_context` finds, locked for the block; EINVAL
+        (``why``, after ``undo()``) when there is none the caller may use."""
+        ctx = self.get_context(raw_id, caller, llun, ctrl=ctrl)
+        if ctx is None:
+            if undo is not None:
+                undo()
+            raise lookup_failed(why)
+        return LockedContext(ctx)
+
     def get_context(self, raw_id, caller, llun=None, *, file=None, ctrl=0):
         """Find a context and lock it (spec §4); None when not found, not
         the caller's, or the LUN is not attached.  The caller releases
@@ -612,15 +625,20 @@ class Driver:
                 if glun.backing is None:
                     continue
                 alloc = glun.allocator
-                blocks = glun.max_lba + 1 if glun.max_lba else 0
+                # The store's own capacity: READ CAPACITY may not have run
+                # yet (it runs at the first ATTACH), and VERIFY follows it.
+                block_size = glun.backing.block_size
+                blocks = glun.backing.size // block_size
                 luns.append({
-                    "wwid": wwid.hex(), "block_size": glun.blk_len,
-                    "max_lba": glun.max_lba, "size": blocks * glun.blk_len,
+                    "wwid": wwid.hex(), "block_size": block_size,
+                    "max_lba": max(blocks - 1, 0), "size": blocks * block_size,
                     "mode": modes.get(glun.mode, str(glun.mode)),
                     "ports": sorted(p for (p, w) in self.sdevs if w == wwid),
                     "users": glun.users,
-                    "chunks_total": alloc.limit if alloc is not None else 0,
-                    "chunks_free": alloc.space() if alloc is not None else 0,
+                    "chunks_total": (alloc.limit if alloc is not None
+                                     else blocks >> MC_CHUNK_SHIFT),
+                    "chunks_free": (alloc.space() if alloc is not None
+                                    else blocks >> MC_CHUNK_SHIFT),
                     "path": getattr(glun.backing, "path", None)})
         contexts = []
         for c in self.contexts():

@@ -11,7 +11,7 @@ from .._core.tables import TABLE_LIVE
 from ..errors import CxlFlashError
 from .afu import AFU_LW_SYNC, NORMAL
 from .context import Context, LunAccess, encode_ctxid
-from .context import CTX_CTRL_ERR_FALLBACK
+from .context import CTX_CTRL_ERR_FALLBACK, lookup_failed
 from .uaccess import copy_in, copy_out, check_header
 from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 from . import vlun
@@ -19,10 +19,6 @@ from .vlun import release_handle
 
 
 
-def _lookup_failed():
-    return CxlFlashError(errno.EINVAL, "no such context for this process on this "
-                         "LUN (unknown or stale context id, owned by another "
-                         "process, or the LUN is not attached to it)")
 
 
 # -- ATTACH / DETACH ----------------------------------------------------------
@@ -51,7 +47,7 @@ def attach(drv, sdev, disk, arg, caller):
     if reuse:
         ctx = drv.get_context(arg.context_id, caller)
         if ctx is None:
-            raise _lookup_failed()
+            raise lookup_failed()
     try:
         if ctx is not None and ctx.lun_attached(llun):
             raise CxlFlashError(errno.EINVAL, "the LUN is already attached to this context")
@@ -129,13 +125,9 @@ def _new_context(drv, sdev, llun, arg, caller):
 
 def detach(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_DETACH (spec §7)."""
-    ctx = drv.get_context(arg.context_id, caller, sdev.llun, ctrl=CTX_CTRL_ERR_FALLBACK)
-    if ctx is None:
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, sdev.llun,
+                            ctrl=CTX_CTRL_ERR_FALLBACK) as ctx:
         drv.detach_lun(ctx, sdev.llun, caller)
-    finally:
-        ctx.mutex.release()
 
 
 # -- direct LUNs and release --------------------------------------------------
@@ -149,11 +141,7 @@ def user_direct(drv, sdev, disk, arg, caller):
                             "disk (DK_CXLFLASH_MANAGE_LUN)")
     glun = llun.parent
     glun.attach(MODE_PHYSICAL, sdev=sdev)
-    ctx = drv.get_context(arg.context_id, caller, llun)
-    if ctx is None:
-        glun.detach()
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, llun, undo=glun.detach) as ctx:
         try:
             h = ctx.table.open_direct(ctx.rht_perms, llun.lun_id[sdev.port],
                                       1 << sdev.port, glun.max_lba,
@@ -169,19 +157,13 @@ def user_direct(drv, sdev, disk, arg, caller):
         if err:
             release_handle(drv, ctx, llun, h, force=True)
             raise CxlFlashError(err, "the AFU sync failed; the handle was released: retry")
-    finally:
-        ctx.mutex.release()
 
 
 def release(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_RELEASE (spec §13)."""
-    ctx = drv.get_context(arg.context_id, caller, sdev.llun, ctrl=CTX_CTRL_ERR_FALLBACK)
-    if ctx is None:
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, sdev.llun,
+                            ctrl=CTX_CTRL_ERR_FALLBACK) as ctx:
         release_handle(drv, ctx, sdev.llun, vlun.rhndl(arg.rsrc_handle))
-    finally:
-        ctx.mutex.release()
 
 
 # -- VERIFY -------------------------------------------------------------------
@@ -203,10 +185,7 @@ def verify(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_VERIFY (spec §15)."""
     llun = sdev.llun
     glun = llun.parent
-    ctx = drv.get_context(arg.context_id, caller, llun)
-    if ctx is None:
-        raise _lookup_failed()
-    try:
+    with drv.locked_context(arg.context_id, caller, llun) as ctx:
         rhndl = vlun.rhndl(arg.rsrc_handle)
         vlun.get_rhte(drv, ctx, rhndl, llun)
         if arg.hint & uapi.DK_CXLFLASH_VERIFY_HINT_SENSE:
@@ -232,8 +211,6 @@ def verify(drv, sdev, disk, arg, caller):
             arg.last_lba = vlun.last_lba_4k(ctx.table.lxt_count(rhndl), glun.blk_len)
         else:
             arg.last_lba = 0
-    finally:
-        ctx.mutex.release()
 
 
 # -- RECOVER_AFU --------------------------------------------------------------
@@ -260,7 +237,7 @@ def recover_afu(drv, sdev, disk, arg, caller):
         while True:
             ctx = drv.get_context(arg.context_id, caller, llun, ctrl=CTX_CTRL_ERR_FALLBACK)
             if ctx is None:
-                raise _lookup_failed()
+                raise lookup_failed()
             try:
                 if ctx.err_recovery_active:
                     try:

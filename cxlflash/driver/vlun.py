@@ -146,13 +146,10 @@ def user_virtual(drv, sdev, disk, arg, caller):
     try:
         with drv.global_mutex:
             drv.lun_table.assign(llun)
-        ctx = drv.get_context(arg.context_id, caller, llun)
-        if ctx is None:
-            raise CxlFlashError(errno.EINVAL, "no such context for this process on this LUN")
     except CxlFlashError:
         glun.detach()
         raise
-    try:
+    with drv.locked_context(arg.context_id, caller, llun, undo=glun.detach) as ctx:
         try:
             h = ctx.table.open_virtual(ctx.rht_perms, fd=glun.backing_fd())
         except OSError as e:
@@ -187,8 +184,6 @@ def user_virtual(drv, sdev, disk, arg, caller):
             arg.hdr.return_flags |= uapi.DK_CXLFLASH_ALL_PORTS_ACTIVE
         arg.last_lba = last_lba
         arg.rsrc_handle = h
-    finally:
-        ctx.mutex.release()
 
 
 def vlun_resize(drv, sdev, disk, arg, caller):
@@ -196,10 +191,8 @@ def vlun_resize(drv, sdev, disk, arg, caller):
     llun = sdev.llun
     if llun.parent.mode != MODE_VIRTUAL:
         raise CxlFlashError(errno.EINVAL, "the LUN is not in virtual mode")
-    ctx = drv.get_context(arg.context_id, caller, llun, ctrl=CTX_CTRL_ERR_FALLBACK)
-    if ctx is None:
-        raise CxlFlashError(errno.EINVAL, "no such context for this process on this LUN")
-    try:
+    with drv.locked_context(arg.context_id, caller, llun,
+                            ctrl=CTX_CTRL_ERR_FALLBACK) as ctx:
         h = rhndl(arg.rsrc_handle)
         get_rhte(drv, ctx, h, llun)
         rc, last_lba = resize(drv, ctx, llun, h, arg.req_size)
@@ -208,8 +201,6 @@ def vlun_resize(drv, sdev, disk, arg, caller):
         if rc:
             raise CxlFlashError(rc, "the AFU sync failed; the new size is in effect: "
                                 "resize again to the same size to repair")
-    finally:
-        ctx.mutex.release()
 
 
 def vlun_clone(drv, sdev, disk, arg, caller):
@@ -219,21 +210,13 @@ def vlun_clone(drv, sdev, disk, arg, caller):
         raise CxlFlashError(errno.EINVAL, "source and destination contexts are the same")
     if llun.parent.mode != MODE_VIRTUAL:
         raise CxlFlashError(errno.EINVAL, "the LUN is not in virtual mode")
-    src = drv.get_context(arg.context_id_src, caller, llun, ctrl=CTX_CTRL_CLONE)
-    if src is None:
-        raise CxlFlashError(errno.EINVAL, "the source context is not owned by this "
-                            "process's parent, or does not have this LUN attached")
-    try:
-        dst = drv.get_context(arg.context_id_dst, caller, llun)
-        if dst is None:
-            raise CxlFlashError(errno.EINVAL, "the destination context is not this "
-                                "process's, or does not have this LUN attached")
-        try:
-            _clone(drv, src, dst, caller, release_handle)
-        finally:
-            dst.mutex.release()
-    finally:
-        src.mutex.release()
+    with drv.locked_context(arg.context_id_src, caller, llun, ctrl=CTX_CTRL_CLONE,
+                            why="the source context is not owned by this process's "
+                                "parent, or does not have this LUN attached") as src, \
+            drv.locked_context(arg.context_id_dst, caller, llun,
+                               why="the destination context is not this process's, "
+                                   "or does not have this LUN attached") as dst:
+        _clone(drv, src, dst, caller, release_handle)
 
 
 def _clone(drv, src, dst, caller, release_handle):

@@ -56,6 +56,10 @@ def connect_socket(path):
         s.connect(path)
     except OSError as e:
         s.close()
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise CxlFlashError(e.errno, f"permission denied on {path!r}: the socket's "
+                                "mode or group does not let this user in (the "
+                                "daemon's --mode/--group)") from None
         raise CxlFlashError(errno.ENODEV, f"no cxlflash daemon at {path!r} "
                             f"({e.strerror}): start one with 'cxlflash serve "
                             f"--socket {path}'") from None
@@ -156,6 +160,7 @@ class DaemonChannel:
 
     def __init__(self, sock, what=None):
         self.sock = sock
+        self.receiver = wire.reply_receiver(sock)
         self.pid = os.getpid()
         self.what = what or "the cxlflash daemon"
         self.lock = threading.RLock()
@@ -198,7 +203,7 @@ class DaemonChannel:
                 raise self._gone_error()
             try:
                 wire.send_request(self.sock, op, request, payload)
-                err, body, fds = wire.recv_reply(self.sock, op)
+                err, body, fds = wire.recv_reply(self.receiver, op)
             except (EOFError, OSError, wire.ProtocolError):
                 self._driver_gone()
                 raise self._gone_error() from None
@@ -432,6 +437,25 @@ class DaemonChannel:
         from .._core.tables import TABLE_FOREIGN
         for rep in self.replicas.values():
             rep.table.set_state(TABLE_FOREIGN)
+
+    def abandon(self):
+        """In a forked child, after :meth:`foreign`: close this process's
+        copies of the parent's connection, pipe and backing fds (the
+        child has a connection of its own), so the driver sees the
+        parent's connection end when the parent ends it."""
+        if self._released:                  # closed before the fork
+            return
+        self.closed = self._released = True
+        for fd in [self._wake_r, self._wake_w] + [b.fd for b in self.backings.values()]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.backings.clear()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def spawn(self):
         """A new connection to the same driver, for a child about to be

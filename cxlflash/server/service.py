@@ -150,6 +150,24 @@ class Server:
             if fd >= 0:
                 os.close(fd)
 
+    def abandon(self):
+        """In a forked child: close this process's copies of the server's
+        descriptors (its connections' sockets, its pipe), so the children
+        it serves see the driver's process go when it goes.  Its threads
+        stayed in the parent."""
+        self._stopping = True
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for c in conns:
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
     def _gone(self, conn):
         with self._lock:
             self._conns.discard(conn)
@@ -226,10 +244,11 @@ class Connection(threading.Thread):
     def run(self):
         srv = self.server
         why = "disconnected"
+        receiver = wire.request_receiver(self.sock)
         try:
             while not srv._stopping:
                 try:
-                    op, request, payload, creds = wire.recv_request(self.sock)
+                    op, request, payload, creds = wire.recv_request(receiver)
                 except EOFError:
                     break
                 pid, uid, _ = creds
@@ -447,12 +466,17 @@ class Connection(threading.Thread):
         last reply (every one when ``full``), packed."""
         drv = self.server.drv
         mine = drv.ctx_by_pid.get(self.pid, ())
+        known = self.known
+        if len(mine) == len(known) and all(c in known for c in mine):
+            contexts = list(known)         # the usual case: no context came or went
+        else:
+            contexts = set(mine).union(known)
         records = []
-        for ctx in set(mine) | set(self.known):
+        for ctx in contexts:
             rec = self._record(ctx, drv)
             if rec is not None:
                 records.append(rec)
-        return wire.pack_tables(records)
+        return wire.pack_tables(records) if records else _NO_TABLES
 
     def _record(self, ctx, drv):
         epoch = drv.epoch               # before the state: see ReplicaContext
@@ -492,6 +516,9 @@ class Connection(threading.Thread):
                     glun.blk_len, glun.max_lba, glun.wwid, t.lxt(h))
         return (h, wire.SLOT_DIRECT, e["perms"], e["port_sel"], e["valid"],
                 e["lun_id"], e["last_lba"], glun.blk_len, glun.max_lba, glun.wwid, None)
+
+
+_NO_TABLES = wire.COUNT.pack(0)
 
 
 def _exact(payload, n):

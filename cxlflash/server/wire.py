@@ -119,7 +119,7 @@ def _sendmsg(sock, parts, anc):
 
 def send_request(sock, op, request=0, payload=b""):
     """A request, with this process's credentials."""
-    creds = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS,
+    creds = [(_SOL_SOCKET, _SCM_CREDENTIALS,
               _CREDS.pack(os.getpid(), os.getuid(), os.getgid()))]
     _sendmsg(sock, [REQUEST.pack(MAGIC, VERSION, op, request, len(payload)), payload],
              creds)
@@ -139,84 +139,125 @@ def send_error(sock, op, err, message):
 # -- receiving ---------------------------------------------------------------------
 
 
-def _recv_header(sock, want_creds, max_fds):
-    """(header bytes, fds, (pid, uid, gid) or None); EOFError at a clean end
-    of stream before any byte."""
-    space = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(max(max_fds, 1) * 4)
-    head = b""
-    fds, creds = [], None
-    try:
-        while len(head) < HEADER_SIZE:
-            data, anc, flags, _ = sock.recvmsg(HEADER_SIZE - len(head), space)
-            for level, kind, body in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(body[:len(body) - len(body) % 4])
-                    fds.extend(a)
-                elif (level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
-                      and len(body) >= _CREDS.size and creds is None):
-                    creds = _CREDS.unpack(body[:_CREDS.size])
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("more ancillary data than a message may carry")
-            if not data:
-                if head:
-                    raise ProtocolError("the peer closed the connection mid-header")
-                raise EOFError("the peer closed the connection")
-            head += data
-        if len(fds) > max_fds:
-            raise ProtocolError(f"{len(fds)} file descriptors where at most "
-                                f"{max_fds} belong")
-        if want_creds and creds is None:
-            raise ProtocolError("a request without the sender's credentials")
-        return head, fds, creds
-    except BaseException:
-        close_fds(fds)
-        raise
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SCM_CREDENTIALS = int(socket.SCM_CREDENTIALS)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_READ = 65536
 
 
-def _recv_payload(sock, n):
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ProtocolError("the peer closed the connection mid-message")
-        got += k
-    return buf
+class Receiver:
+    """Reads whole messages from a stream socket: the header and a small
+    payload usually in one ``recvmsg``.  The credentials of a message are
+    those of the read that brought its first byte (the kernel never
+    merges the data of two senders in one read)."""
+
+    def __init__(self, sock, header, want_creds, max_fds, limit):
+        self.sock = sock
+        self.header = header
+        self.want_creds = want_creds
+        self.max_fds = max_fds
+        self.limit = limit
+        self.space = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(
+            max(max_fds, 1) * 4)
+        self.buf = b""
+        self.creds = None
+
+    def _read(self, fds):
+        data, anc, flags, _ = self.sock.recvmsg(_READ, self.space)
+        creds = None
+        for level, kind, body in anc:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(body[:len(body) - len(body) % 4])
+                fds.extend(a)
+            elif (level == _SOL_SOCKET and kind == _SCM_CREDENTIALS
+                  and len(body) >= _CREDS.size):
+                creds = _CREDS.unpack_from(body)
+        if flags & _MSG_CTRUNC:
+            raise ProtocolError("more ancillary data than a message may carry")
+        if not self.buf:
+            self.creds = creds
+        return data
+
+    def message(self):
+        """(header fields, payload, fds, creds); EOFError at a clean end of
+        stream, ProtocolError on a broken message (fds already closed)."""
+        fds = []
+        try:
+            buf = self.buf
+            while len(buf) < HEADER_SIZE:
+                data = self._read(fds)
+                if not data:
+                    if buf:
+                        raise ProtocolError("the peer closed the connection mid-header")
+                    raise EOFError("the peer closed the connection")
+                buf = self.buf = buf + data
+            head = self.header.unpack_from(buf)
+            if head[0] != MAGIC:
+                raise ProtocolError(f"bad magic {head[0]!r}")
+            if head[1] != VERSION:
+                raise ProtocolError(f"protocol version {head[1]} (this end speaks "
+                                    f"{VERSION})")
+            n = head[4]
+            if n > self.limit:
+                raise ProtocolError(f"a message of {n} bytes (at most {self.limit})")
+            end = HEADER_SIZE + n
+            creds = self.creds
+            if len(buf) >= end:
+                payload = buf[HEADER_SIZE:end]
+                self.buf = buf[end:]
+            else:
+                payload = bytearray(n)
+                view = memoryview(payload)
+                got = len(buf) - HEADER_SIZE
+                view[:got] = buf[HEADER_SIZE:]
+                self.buf = b""
+                while got < n:
+                    k = self.sock.recv_into(view[got:], n - got)
+                    if k == 0:
+                        raise ProtocolError("the peer closed the connection mid-message")
+                    got += k
+            if not self.buf:
+                self.creds = None
+            if len(fds) > self.max_fds:
+                raise ProtocolError(f"{len(fds)} file descriptors where at most "
+                                    f"{self.max_fds} belong")
+            if self.want_creds and creds is None:
+                raise ProtocolError("a request without the sender's credentials")
+            return head, payload, fds, creds
+        except BaseException:
+            close_fds(fds)
+            raise
 
 
-def recv_request(sock):
-    """(op, request, payload, (pid, uid, gid)); EOFError when the peer is
-    gone, ProtocolError when it broke the protocol (a request carries no
+def request_receiver(sock):
+    """The driver's reader of a connection's requests (they carry no
     file descriptors)."""
-    head, fds, creds = _recv_header(sock, True, 0)
-    magic, version, op, request, n = REQUEST.unpack(head)
-    if magic != MAGIC:
-        raise ProtocolError(f"bad magic {magic!r}")
-    if version != VERSION:
-        raise ProtocolError(f"protocol version {version} (this driver speaks {VERSION})")
+    return Receiver(sock, REQUEST, True, 0, MAX_REQUEST)
+
+
+def reply_receiver(sock):
+    return Receiver(sock, REPLY, False, MAX_FDS, MAX_REPLY)
+
+
+def recv_request(receiver):
+    """(op, request, payload, (pid, uid, gid)); EOFError when the peer is
+    gone, ProtocolError when it broke the protocol."""
+    (_, _, op, request, _), payload, _, creds = receiver.message()
     if op not in OPS:
         raise ProtocolError(f"unknown op {op}")
-    if n > MAX_REQUEST:
-        raise ProtocolError(f"a request of {n} bytes (at most {MAX_REQUEST})")
-    return op, request, _recv_payload(sock, n), creds
+    return op, request, payload, creds
 
 
-def recv_reply(sock, op):
+def recv_reply(receiver, op):
     """(errno, payload, fds) of the reply to ``op``; EOFError when the
     driver is gone, ProtocolError on a malformed reply."""
-    head, fds, _ = _recv_header(sock, False, MAX_FDS)
-    try:
-        magic, version, rop, err, n = REPLY.unpack(head)
-        if magic != MAGIC or version != VERSION or rop != op:
-            raise ProtocolError(f"a reply that does not answer op {op}")
-        if n > MAX_REPLY:
-            raise ProtocolError(f"a reply of {n} bytes")
-        return err, _recv_payload(sock, n), fds
-    except BaseException:
+    (_, _, rop, err, _), payload, fds, _ = receiver.message()
+    if rop != op:
         close_fds(fds)
-        raise
+        raise ProtocolError(f"a reply that does not answer op {op}")
+    return err, payload, fds
 
 
 def close_fds(fds):

@@ -1,0 +1,74 @@
+"""fio's figure next to an ``io`` row: the same requests on the same store."""
+import json
+import os
+import time
+
+from .iorun import region_blocks
+from .units import si
+
+
+def fio_command(path, opts, region_bytes, block_size):
+    """fio doing what an ``io`` row does, on the same store: the same
+    request size, read share, pattern, queue depth and threads, over the
+    same region (a vLUN's blocks are the LUN's first bytes), io_uring,
+    O_DIRECT when the run uses it."""
+    seq = opts.pattern == "seq"
+    if opts.read_pct >= 100:
+        rw = "read" if seq else "randread"
+    elif opts.read_pct <= 0:
+        rw = "write" if seq else "randwrite"
+    else:
+        rw = "rw" if seq else "randrw"
+    cmd = ["fio", "--name=cxlflash-bench", f"--filename={path}", f"--rw={rw}",
+           f"--bs={opts.blocks * block_size}", f"--iodepth={opts.qd}",
+           "--ioengine=io_uring", f"--direct={1 if opts.direct_io else 0}",
+           f"--numjobs={opts.threads}", "--group_reporting", "--thread",
+           f"--size={region_bytes}", "--offset=0", f"--runtime={opts.duration:g}",
+           "--time_based", "--norandommap", "--randrepeat=0", "--output-format=json"]
+    if 0 < opts.read_pct < 100:
+        cmd.append(f"--rwmixread={opts.read_pct}")
+    if opts.read_pct >= 100:
+        cmd.append("--readonly")
+    return cmd
+
+
+def run_fio(target, lun, opts, log):
+    """fio's requests per second for the run's store, depth and request
+    size, or None (the reason is a note)."""
+    import subprocess
+    path = (opts.target if opts.target != "memory"
+            else f"/proc/{os.getpid()}/fd/{target.fd}")        # the memfd itself
+    region = region_blocks(lun, opts) * lun.block_size
+    cmd = fio_command(path, opts, region, lun.block_size)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True,
+                           timeout=opts.duration * 3 + 30)
+        doc = json.loads(p.stdout[p.stdout.index("{"):])
+        job = doc["jobs"][0]
+        if job.get("error"):
+            raise ValueError(f"fio error {job['error']}")
+        iops = float(job["read"]["iops"]) + float(job["write"]["iops"])
+    except (OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as e:
+        log.say(f"fio could not run ({e}); {' '.join(cmd)}")
+        return None
+    finally:
+        log.spent("fio", time.monotonic() - t0)
+    return {"iops": iops, "command": cmd}
+
+
+def format_fio(rows):
+    """A line per row that has fio's figure next to it."""
+    out = []
+    for r in rows:
+        f = getattr(r, "fio", None)
+        if f:
+            out.append(f"fio, the same requests on the same store (io_uring, qd "
+                       f"{_flag(f['command'], 'iodepth')}, {_flag(f['command'], 'numjobs')} "
+                       f"thread(s)): {si(f['iops']).strip()} req/s; {r.name}: "
+                       f"{r.main.rate / f['iops']:.2f}x fio's rate" if f["iops"] else "")
+    return "\n".join(l for l in out if l)
+
+
+def _flag(cmd, name):
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}="))

@@ -1,0 +1,217 @@
+"""Setting up what a run measures: an adapter with one LUN on memory, a
+file or a block device (the rules for an existing path: never written
+without --force), an open context on it, and the LUN the I/O runs on."""
+import fcntl
+import os
+import stat
+import struct
+import time
+
+from ..adapter import Adapter
+from ..backing import (BLKGETSIZE64, BLKSSZGET, Backing, BlockDeviceBacking, FileBacking,
+                       aligned_buffer)
+from ..errors import CxlFlashError
+from .iorun import region_blocks
+from .options import BenchError
+from .results import RunLog
+from .units import mib
+
+
+def probe(path):
+    """(kind, size in bytes) of what is at ``path``: kind is None when
+    nothing is there, "file", "block device" or "other"."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, 0
+    if stat.S_ISBLK(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            buf = fcntl.ioctl(fd, BLKGETSIZE64, struct.pack("Q", 0))
+        finally:
+            os.close(fd)
+        return "block device", struct.unpack("Q", buf)[0]
+    if stat.S_ISREG(st.st_mode):
+        return "file", st.st_size
+    return "other", 0
+
+
+def writes_target(opts):
+    """Does this run write to its target?  Every workload but a read-only
+    ``io`` run writes (the matrix has write rows; arkdb and the resize storm
+    write as they grow)."""
+    return not (opts.workload == "io" and opts.read_pct >= 100)
+
+
+def overwritten(opts, size, block_size=4096):
+    """Exactly what a run writing to an existing target of ``size`` bytes
+    overwrites, in words."""
+    if opts.workload in ("arkdb", "resize-storm"):
+        return (f"any of its {mib(size)} (bytes 0..{size - 1}): {opts.workload} grows and "
+                "shrinks many virtual LUNs across the whole LUN")
+    region = opts.vlun_blocks * 4096
+    if opts.lun == "direct":
+        n = min(size, region)
+        what = "the direct LUN's first --vlun-size bytes"
+    else:
+        # A fresh adapter hands a new vLUN the LUN's first chunks, in order
+        # (tests/test_cli.py checks it): its blocks are the LUN's first bytes.
+        n = min(size, region)
+        what = "the virtual LUN's blocks, the LUN's first chunks"
+    return (f"bytes 0..{n - 1} (the first {mib(n)}: {what}, prefilled, then written "
+            "by the workload)")
+
+
+class _ReadOnlyFile(FileBacking):
+    """An existing file opened O_RDONLY: a read-only run cannot write it."""
+
+    def __init__(self, path, direct=False):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
+        Backing.__init__(self, fd, 4096, path=path, direct=direct)
+
+
+class _ReadOnlyDevice(BlockDeviceBacking):
+    """An existing block device opened O_RDONLY."""
+
+    def __init__(self, path, direct=False):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
+        try:
+            buf = fcntl.ioctl(fd, BLKSSZGET, struct.pack("i", 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        Backing.__init__(self, fd, max(512, struct.unpack("i", buf)[0]), path=path,
+                         direct=direct)
+
+
+class Target:
+    """An adapter with one LUN and an open context on it.
+
+    The rules for a path (issue 13): a missing path is created (the run
+    says so); an existing file or device that may hold data is never
+    written without ``opts.force`` -- a read-only run opens it O_RDONLY and
+    reads what is there without a prefill; an empty file, a device with
+    nothing attached and anything else are refused with a message saying
+    what is wrong."""
+
+    def __init__(self, opts, log=None):
+        self.opts = opts
+        self.log = log or RunLog()
+        self.read_only = False          # an existing target, read as it is
+        t = opts.target
+        if t != "memory":
+            backing, size = self._open_path(t)
+        else:
+            backing, size = None, opts.size
+        self._backing = backing
+        self.adapter = self._open_adapter()
+        try:
+            self.wwid = self._add_lun(t, backing, size)
+        except OSError as e:
+            self.close()
+            raise BenchError(f"cannot use target {t!r}: {e.strerror or e}") from None
+        self.glun = self.adapter.driver.gluns[self.wwid]
+        self.disk = self.adapter.open_disk(self.wwid)
+        self.ctx = self.disk.attach()
+
+    def _open_path(self, t):
+        """(a Backing this run opened read-only, or None; the size to give
+        add_lun) for a path target, after the checks."""
+        o = self.opts
+        try:
+            kind, size = probe(t)
+        except OSError as e:
+            raise BenchError(f"cannot use target {t!r}: {e.strerror or e}") from None
+        if kind is None:
+            if not o.size_given and o.size is None:
+                raise BenchError(f"target {t} does not exist: give --size to create it")
+            self.log.say(f"{t} does not exist: creating it, a sparse file of "
+                         f"{mib(o.size)} (left in place after the run)")
+            return None, o.size
+        if kind == "other":
+            raise BenchError(f"cannot use target {t!r}: it is neither a regular file "
+                             "nor a block device")
+        if size == 0:
+            if kind == "block device":
+                hint = (f" (attach a file first: losetup {t} FILE)"
+                        if os.path.basename(t).startswith("loop") else "")
+                raise BenchError(f"target {t} is a block device of 0 bytes: nothing is "
+                                 f"attached to it{hint}")
+            if not o.size_given:
+                raise BenchError(f"target {t} is an empty file (0 bytes): nothing to read "
+                                 "and no room to write; give --size to extend it into a "
+                                 "LUN of that size, or use another target")
+            self.log.say(f"{t} is an empty file: extending it to {mib(o.size)} (sparse)")
+            return None, o.size
+        if o.size_given:
+            raise BenchError(f"--size is for memory or a new file: {t} exists "
+                             f"({mib(size)}) and is used at its own size")
+        if not writes_target(o):
+            self.read_only = True
+            self.log.say(f"{t} exists ({kind}, {mib(size)}): reading what it holds, "
+                         "opened read-only, without a prefill")
+            opener = _ReadOnlyDevice if kind == "block device" else _ReadOnlyFile
+            try:
+                return opener(t, direct=o.direct_io), None
+            except OSError as e:
+                raise BenchError(f"cannot use target {t!r}: {e.strerror or e}") from None
+        what = overwritten(o, size)
+        if not o.force:
+            raise BenchError(f"refusing to overwrite {t} ({kind}, {mib(size)}, may hold "
+                             f"data): this run would write {what}; give --force (or "
+                             "--allow-overwrite) to overwrite it, use a read-only "
+                             "workload (cxlflash bench io -r 100), or a new file or memory")
+        self.log.say(f"overwriting {t} ({kind}, {mib(size)}) as --force allows: {what}")
+        return None, None
+
+    def _open_adapter(self):
+        """The adapter the run measures: an embedded one (a run on a
+        daemon's driver would connect here)."""
+        return Adapter()
+
+    def _add_lun(self, t, backing, size):
+        """The target's LUN on the adapter: its WWID."""
+        if t == "memory":
+            return self.adapter.add_lun(None, size=size)
+        if backing is not None:
+            return self.adapter.add_lun(backing)
+        return self.adapter.add_lun(t, size=size, direct=self.opts.direct_io)
+
+    @property
+    def fd(self):
+        return self.glun.backing.fd
+
+    def open_lun(self, blocks=None):
+        o = self.opts
+        if o.lun == "direct":
+            return self.ctx.open_direct()
+        blocks = blocks or o.vlun_blocks
+        try:
+            # No scrub: the vLUN writes its own blocks only (a scrub would
+            # zero its chunks whole at release).
+            return self.ctx.create_virtual(blocks, scrub=False)
+        except CxlFlashError as e:
+            raise BenchError(f"cannot create a {blocks}-block virtual LUN on the "
+                             f"target: {e.strerror}") from None
+
+    def prefill(self, lun, progress):
+        """Write every block the I/O covers once, so neither side pays
+        first-write costs (or reads holes).  Not on a target read as it is."""
+        if self.read_only:
+            return
+        t0 = time.monotonic()
+        end = region_blocks(lun, self.opts)
+        bs = lun.block_size
+        step = max(1, (4 << 20) // bs)
+        buf = aligned_buffer(step * bs)
+        for lba in range(0, end, step):
+            lun.write(lba, memoryview(buf)[:min(step, end - lba) * bs])
+            done = min(lba + step, end) * bs
+            progress.count("prefill", done, end * bs, done / max(time.monotonic() - t0, 1e-9))
+        self.log.spent("prefill", time.monotonic() - t0)
+
+    def close(self):
+        self.adapter.close()
+        if self._backing is not None:
+            self._backing.close()
+            self._backing = None
