@@ -172,10 +172,6 @@ def _bench(args):
                       seed=args.seed, quiet=args.quiet, direct_io=args.direct_io,
                       force=args.force, qd=args.qd or 1, fio=args.fio,
                       connect=args.connect, clients=args.clients or 0)
-    if o.clients and o.lun == "direct" and bench.writes_target(o):
-        raise bench.BenchError("--clients with --lun direct would have every client write "
-                               "the same blocks of the physical LUN: use virtual LUNs "
-                               "(the default) or a read-only run (io -r 100)")
     if args.size is not None:
         o.size = args.size
         o.size_given = True
@@ -189,6 +185,10 @@ def _bench(args):
         o.blocks = args.blocks
     if args.pattern is not None:
         o.pattern = args.pattern
+    if o.clients and o.lun == "direct" and bench.writes_target(o):
+        raise bench.BenchError("--clients with --lun direct would have every client write "
+                               "the same blocks of the physical LUN: use virtual LUNs "
+                               "(the default) or a read-only run (io -r 100)")
     o.duration = args.duration if args.duration is not None else (
         2.5 if workload == "matrix" else 5.0)
     if args.warmup is not None:

@@ -293,6 +293,15 @@ class Target:
         self.log.spent("prefill", time.monotonic() - t0)
 
     def close(self):
+        ctx = getattr(self, "ctx", None)
+        if self.opts.connect and ctx is not None:
+            # A client's adapter.close() only closes its connection: the
+            # daemon keeps the context (and its chunks) until the adapter
+            # fd closes. Close the context itself (RELEASE, DETACH, close).
+            try:
+                ctx.close()
+            except OSError:
+                pass
         if getattr(self, "adapter", None) is not None:
             self.adapter.close()
         if self._backing is not None:
