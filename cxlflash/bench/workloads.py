@@ -103,7 +103,9 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
             need = nluns * MC_CHUNK_SIZE * (target.glun.blk_len or 4096)
             raise BenchError(f"arkdb needs a LUN of at least {nluns} chunks "
                              f"({need / (1 << 30):g} GiB) for its {nluns} vLUNs; "
-                             f"the target has {chunks} (try --size 8G)")
+                             f"the target has {chunks} "
+                             + ("(start the daemon with --size 8G, or give -t WWID of a "
+                                "larger LUN)" if opts.connect else "(try --size 8G)"))
         luns = [target.ctx.create_virtual(initial_blocks) for _ in range(nluns)]
         main = Side()
         base = Side()
