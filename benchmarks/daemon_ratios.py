@@ -541,7 +541,7 @@ def main(argv=None):
             emb = cxlflash.Adapter()
             closers.append(emb.close)
             e_file = emb.add_lun(files["embedded"])
-            e_mem = emb.add_lun(None, size=FILE_CHUNKS * CHUNK_BLOCKS * BS)
+            e_mem = emb.add_lun(None, size=4 << 30)     # as big as the daemon's (sparse)
             header = {"machine": platform.platform(), "cores": os.cpu_count(),
                       "python": sys.version.split()[0], "daemon": kind,
                       "daemon_command": daemon.command if daemon else None,
