@@ -80,11 +80,8 @@ STANDIN = (
 
 def has_serve():
     """True when this tree's CLI has ``serve``."""
-    try:
-        from cxlflash.server import daemon  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+    return importlib.util.find_spec("cxlflash.server.daemon") is not None
 
 
 class Daemon:

@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-import cxlflash
 from cxlflash import cli
 from cxlflash.bench import clients as bench_clients
 from cxlflash.bench.progress import Progress
