@@ -345,6 +345,32 @@ def attach_detach_loop(disk):
     return run
 
 
+class one_cpu:
+    """Pin this process and every thread of process ``pid`` to one CPU (the
+    first this process may use) for the block; the affinities are restored
+    after it."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.saved = {}
+
+    def __enter__(self):
+        cpu = min(os.sched_getaffinity(0))
+        tids = [0] + [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
+        for tid in tids:
+            self.saved[tid] = os.sched_getaffinity(tid)
+        for tid in tids:
+            os.sched_setaffinity(tid, {cpu})
+        return self
+
+    def __exit__(self, *exc):
+        for tid, cpus in self.saved.items():
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:             # a thread that ended meanwhile
+                pass
+
+
 def lun_info(adapter, wwid):
     for lun in adapter.status()["luns"]:
         if lun["wwid"] == wwid.hex():
@@ -610,6 +636,22 @@ def main(argv=None):
             except OSError as e:
                 rows.append(rate_row("ATTACH + DETACH pairs, one client", [], 5000, "/s",
                                      error=str(e)))
+            # The same two with this process and every daemon thread on one
+            # CPU: no cross-CPU wakeup per message (info: how much of a
+            # round trip is the wakeups; see benchmarks/README.md).
+            try:
+                with one_cpu(client.status()["pid"]):
+                    r1 = rate_loop(verify_loop(disk, ctx.context_id, v.handle), duration,
+                                   n_rate, progress, "VERIFY, one CPU")
+                    r2 = rate_loop(attach_detach_loop(disk), duration, n_rate, progress,
+                                   "ATTACH+DETACH, one CPU")
+                rows.append(rate_row("  info: VERIFY, client and daemon on one CPU", r1,
+                                     None, "/s"))
+                rows.append(rate_row("  info: ATTACH + DETACH, client and daemon on one CPU",
+                                     r2, None, "/s"))
+            except OSError as e:
+                rows.append(rate_row("  info: VERIFY, client and daemon on one CPU", [],
+                                     None, "/s", error=str(e)))
 
             # 4. reclaim after kill -9
             ms = []
