@@ -45,7 +45,8 @@ from .workloads import (WORKLOADS, io_row, run, run_arkdb, run_io, run_matrix,
                         run_resize_storm)
 
 __all__ = ["CLONE_CHUNKS", "fio_command", "format_fio", "run_fio", "IoRun", "region_blocks",
-           "machine_info", "MAX_CLIENTS", "MAX_THREADS", "BenchError", "Options", "plot", "Progress",
+           "machine_info", "MAX_CLIENTS", "MAX_THREADS", "BenchError", "Options", "plot",
+           "Progress",
            "COLUMNS", "UNITS", "format_phases", "format_table", "to_json", "Histogram",
            "Row", "RunLog", "Side", "row_alloc", "row_clone", "row_translate", "Target",
            "overwritten", "probe", "writes_target", "WORKLOADS", "io_row", "run",
