@@ -413,10 +413,12 @@ def test_a_client_whose_daemon_dies():
         d.stop()
 
 
-def test_a_busy_client_whose_daemon_dies():
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_busy_client_whose_daemon_dies(how):
     """Threads of a client in the middle of ioctls, synchronous and
-    asynchronous I/O when the daemon is killed: each ends with ENODEV or
-    AFU rc 0x21 (none hangs, none succeeds afterwards)."""
+    asynchronous I/O when the daemon is killed, or stopped (SIGTERM: it
+    must still exit 0): each ends with ENODEV or AFU rc 0x21 (none hangs,
+    none succeeds afterwards)."""
     import threading
     d = Daemon(_tmpdir())
     a = cxlflash.connect(d.socket)
@@ -456,7 +458,10 @@ def test_a_busy_client_whose_daemon_dies():
         for t in threads:
             t.start()
         time.sleep(0.3)
-        d.kill()
+        if how == "SIGKILL":
+            d.kill()
+        else:
+            d.stop()                              # asserts exit status 0
         for t in threads:
             t.join(20)
         stop.set()
@@ -745,6 +750,22 @@ def test_unknown_requests_are_refused_in_protocol(hostile):
     assert r.reply() == (0, w.vwwid + w.dwwid)
     r.close()
     _check_survived(w, baseline)
+
+
+def test_pipelined_requests_are_answered_in_order(hostile):
+    """Requests sent back to back in one write (read together by the
+    daemon) are each answered, in order, as the sender's."""
+    w = hostile
+    r = Raw(w.daemon.socket)
+    ops = [wire.OP_LUNS, wire.OP_INFO, wire.OP_TABLES] * 40
+    r.send(b"".join(frame(op) for op in ops) + frame(wire.OP_OPEN_DISK, 0,
+                                                     _disk(bytes(16), 0)))
+    replies = [r.reply() for _ in ops]
+    assert [e for e, _ in replies] == [0] * len(ops)
+    assert all(body == w.vwwid + w.dwwid for _, body in replies[::3])
+    assert all(len(body) == wire.INFO_REPLY.size for _, body in replies[1::3])
+    assert r.reply()[0] == errno.ENODEV
+    r.close()
 
 
 def test_descriptors_attached_to_a_request(hostile):
