@@ -742,6 +742,13 @@ def test_unknown_requests_are_refused_in_protocol(hostile):
     assert r.reply()[0] == errno.ENODEV
     r.send(frame(wire.OP_OPEN_DISK, 0, _disk(w.vwwid, 0, port=0xFFFFFFFF)))
     assert r.reply()[0] == errno.ENODEV
+    # Open flags out of range: the disk is not open O_RDWR -> EPERM, as the
+    # kernel refuses DK_CXLFLASH_* on a disk not opened read-write.
+    attach = uapi.dk_cxlflash_attach(hdr=uapi.dk_cxlflash_hdr(flags=os.O_RDWR))
+    for flags in (-1, 0x7FFFFFFF, -0x80000000, os.O_ACCMODE, os.O_RDONLY):
+        r.send(frame(wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_ATTACH,
+                     _disk(w.vwwid, flags=flags) + bytes(attach)))
+        assert r.reply()[0] == errno.EPERM, flags
     bad_path = wire.ADD_LUN.pack(0, 0, 1, 0, bytes(16))
     for path in (b"relative", b"/no/such/file", b"/", b"\xff\xfe", b"/a\0b"):
         r.send(frame(wire.OP_ADMIN, wire.ADMIN_ADD_LUN, bad_path + path))
