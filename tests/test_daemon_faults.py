@@ -31,7 +31,6 @@ import daemon_process
 from fuzzing import fuzz_settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 CLIENT = os.path.join(HERE, "fault_client.py")
 CHUNK_BLOCKS = 65536                    # 4K blocks per chunk
 VIRTUAL_SIZE = 1 << 40                  # the daemon's in-memory LUN (sparse)
@@ -233,7 +232,7 @@ def test_kill9_in_the_middle_of_requests(world):
     rounds, batch = 10, 4
     kills = 0
     wait_settled(world)
-    fds, threads = world.daemon.fds(), world.daemon.threads()
+    fds, threads = quiet_fds(world), world.daemon.threads()
     for r in range(rounds):
         procs = [client(world.daemon.socket, "churn", rnd.randrange(1 << 30))
                  for _ in range(batch)]
@@ -564,6 +563,20 @@ class Raw:
         self.fds.clear()
 
 
+def quiet_fds(w, timeout=10):
+    """The daemon's descriptor count once only the observer is connected
+    and nothing is being reclaimed (the baseline of a leak check)."""
+    t0 = time.monotonic()
+    while True:
+        s = w.adapter.status()
+        busy = s["counters"]["connections"] != 1 or len(s["contexts"]) != 1
+        n = w.daemon.fds()
+        time.sleep(0.02)
+        if not busy and w.daemon.fds() == n:
+            return n
+        assert time.monotonic() - t0 < timeout, json.dumps(s)
+
+
 def wait_fds(daemon, baseline, timeout=10):
     t0 = time.monotonic()
     while daemon.fds() != baseline:
@@ -579,7 +592,6 @@ def hostile():
     """A daemon for hostile peers (its own: some messages reach the
     administrator's operations) and an observer."""
     w = World()
-    wait_fds(w.daemon, w.daemon.fds())
     yield w
     w.close()
 
@@ -654,7 +666,7 @@ BROKEN = {
 @pytest.mark.parametrize("hello", [True, False], ids=["after-hello", "before-hello"])
 def test_broken_messages_close_the_connection(hostile, hello):
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     bad0 = w.adapter.status()["counters"]["bad_messages"]
     for name, data in BROKEN.items():
         r = Raw(w.daemon.socket, hello=hello)
@@ -671,7 +683,7 @@ def test_broken_messages_close_the_connection(hostile, hello):
 
 def test_requests_before_hello_close_the_connection(hostile):
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     for op in sorted(wire.OPS - {wire.OP_HELLO}):
         r = Raw(w.daemon.socket, hello=False)
         r.send(frame(op))
@@ -684,12 +696,13 @@ def _every_structure_size():
     """For every ioctl the driver knows, structures of the wrong size:
     the driver refuses each with an errno (EFAULT where the kernel's
     copy_from_user would fault, EINVAL ...), in-protocol."""
-    for request, st in sorted(uapi.DK_IOCTLS.items()):
-        n = st and __import__("ctypes").sizeof(st)
+    import ctypes
+    for request, struct_type in sorted(uapi.DK_IOCTLS.items()):
+        n = ctypes.sizeof(struct_type)
         for size in (0, 1, 8, n - 1):
             yield "disk", request, size
-    for request, st in sorted(uapi.HT_IOCTLS.items()):
-        n = __import__("ctypes").sizeof(st)
+    for request, struct_type in sorted(uapi.HT_IOCTLS.items()):
+        n = ctypes.sizeof(struct_type)
         for size in (0, 1, n - 1):
             yield "host", request, size
 
@@ -698,7 +711,7 @@ def test_wrong_structure_sizes_are_refused_in_protocol(hostile):
     """A structure shorter than its ioctl's, for every ioctl: an errno
     reply (the connection goes on), and the observer is untouched."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     r = Raw(w.daemon.socket)
     for kind, request, size in _every_structure_size():
         if kind == "disk":
@@ -723,7 +736,7 @@ def test_wrong_structure_sizes_are_refused_in_protocol(hostile):
 
 def test_unknown_requests_are_refused_in_protocol(hostile):
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     r = Raw(w.daemon.socket)
     for request in (0, 1, 0xC090CA7F, 0xFFFFFFFF, uapi.DK_CXLFLASH_ATTACH ^ 0x10000):
         r.send(frame(wire.OP_DISK_IOCTL, request, _disk(w.vwwid) + bytes(256)))
@@ -779,7 +792,7 @@ def test_descriptors_attached_to_a_request(hostile):
     """SCM_RIGHTS on a request: the connection is closed and every
     descriptor the daemon received is closed again."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     with open(os.devnull) as f:
         for n in (1, 2, 3, 16):
             for hello in (True, False):
@@ -888,7 +901,7 @@ def test_fuzz_messages(hostile):
     the stream ends; it stays alive, the observer keeps working, and no
     descriptor leaks."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     path = w.daemon.socket
 
     wwids = [w.vwwid, w.dwwid]
@@ -919,7 +932,7 @@ def test_a_flood_of_connections_at_the_descriptor_limit(hostile):
     connected, and recovers when they go."""
     import resource
     w = hostile
-    baseline, threads = w.daemon.fds(), w.daemon.threads()
+    baseline, threads = quiet_fds(w), w.daemon.threads()
     limit = resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE, (baseline + 40, limit[1]))
     socks = []
@@ -958,7 +971,7 @@ def test_connect_when_the_daemon_is_one_descriptor_short(hostile):
     protocol exception), and the next connect works."""
     import resource
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     limit = resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE)
     used = {int(fd) for fd in os.listdir(f"/proc/{w.daemon.pid}/fd")}
     free = [n for n in range(max(used) + 3) if n not in used]
@@ -980,7 +993,7 @@ def test_a_peer_that_never_reads_its_replies(hostile):
     """A peer that sends requests and never reads: only its own connection
     waits; the others are served, and its end frees everything."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     r = Raw(w.daemon.socket)
     r.sock.setblocking(False)
     sent = 0
@@ -1078,6 +1091,34 @@ def test_an_unrelated_process_cannot_reach_another_processs_context(world):
     world.intact()
 
 
+STRANGER_RAW = """
+import json, os, sys
+sys.path.insert(0, %r)
+import test_daemon_faults as T
+from cxlflash import uapi
+from cxlflash.server import wire
+r = T.Raw(sys.argv[1])
+cid, h, wwid = int(sys.argv[2]), int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+hdr = uapi.dk_cxlflash_hdr(flags=os.O_RDWR)
+out = {}
+for name, req, s in (
+        ("detach", uapi.DK_CXLFLASH_DETACH,
+         uapi.dk_cxlflash_detach(hdr=hdr, context_id=cid)),
+        ("release", uapi.DK_CXLFLASH_RELEASE,
+         uapi.dk_cxlflash_release(hdr=hdr, context_id=cid, rsrc_handle=h)),
+        ("resize", uapi.DK_CXLFLASH_VLUN_RESIZE,
+         uapi.dk_cxlflash_resize(hdr=hdr, context_id=cid, rsrc_handle=h, req_size=0)),
+        ("verify", uapi.DK_CXLFLASH_VERIFY,
+         uapi.dk_cxlflash_verify(hdr=hdr, context_id=cid, rsrc_handle=h))):
+    r.send(T.frame(wire.OP_DISK_IOCTL, req, T._disk(wwid) + bytes(s)))
+    out[name] = r.reply()[0]
+r.send(T.frame(wire.OP_TABLES))
+err, body = r.reply()
+out["tables"] = [err, len(wire.unpack_tables(body))]
+print(json.dumps(out))
+""" % HERE
+
+
 def test_raw_requests_of_a_stranger_name_nothing_of_ours(world):
     """The same through the raw protocol, from another process: whatever
     the bytes say, the driver acts for the sender the kernel names."""
@@ -1085,27 +1126,7 @@ def test_raw_requests_of_a_stranger_name_nothing_of_ours(world):
     try:
         v = ctx.create_virtual(CHUNK_BLOCKS)
         cid, h = ctx.context_id, v.handle
-        code = (
-            "import os,sys,struct,socket,json\n"
-            "sys.path.insert(0, %r)\n"
-            "import test_daemon_faults as T\n"
-            "from cxlflash import uapi\n"
-            "from cxlflash.server import wire\n"
-            "r = T.Raw(sys.argv[1])\n"
-            "cid, h, wwid = int(sys.argv[2]), int(sys.argv[3]), bytes.fromhex(sys.argv[4])\n"
-            "hdr = uapi.dk_cxlflash_hdr(flags=os.O_RDWR)\n"
-            "out = {}\n"
-            "for name, req, s in (\n"
-            "        ('detach', uapi.DK_CXLFLASH_DETACH, uapi.dk_cxlflash_detach(hdr=hdr, context_id=cid)),\n"
-            "        ('release', uapi.DK_CXLFLASH_RELEASE, uapi.dk_cxlflash_release(hdr=hdr, context_id=cid, rsrc_handle=h)),\n"
-            "        ('resize', uapi.DK_CXLFLASH_VLUN_RESIZE, uapi.dk_cxlflash_resize(hdr=hdr, context_id=cid, rsrc_handle=h, req_size=0)),\n"
-            "        ('verify', uapi.DK_CXLFLASH_VERIFY, uapi.dk_cxlflash_verify(hdr=hdr, context_id=cid, rsrc_handle=h))):\n"
-            "    r.send(T.frame(wire.OP_DISK_IOCTL, req, T._disk(wwid) + bytes(s)))\n"
-            "    out[name] = r.reply()[0]\n"
-            "r.send(T.frame(wire.OP_TABLES))\n"
-            "err, body = r.reply()\n"
-            "out['tables'] = [err, len(wire.unpack_tables(body))]\n"
-            "print(json.dumps(out))\n") % HERE
+        code = STRANGER_RAW
         p = subprocess.run([sys.executable, "-c", code, world.daemon.socket, str(cid),
                             str(h), world.vwwid.hex()], capture_output=True, text=True,
                            env=_env(), timeout=60)
