@@ -221,6 +221,9 @@ def test_kill9_of_a_holder_and_its_orphaned_clone(world):
         kill_group(p)
     wait_settled(world)
     world.intact()
+    log = world.daemon.log()                   # one line per reclaim, per disconnect
+    assert f"of pid {p.pid} (7 chunks)" in log and f"of pid {child} (7 chunks)" in log
+    assert f"pid {p.pid} disconnected" in log
 
 
 def test_kill9_in_the_middle_of_requests(world):
