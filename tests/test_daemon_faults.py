@@ -567,17 +567,19 @@ class Raw:
 
 
 def quiet_fds(w, timeout=10):
-    """The daemon's descriptor count once only the observer is connected
-    and nothing is being reclaimed (the baseline of a leak check)."""
+    """The daemon's descriptor count once only the observer holds a context
+    and its connections and descriptors stay put (nothing being closed or
+    reclaimed): the baseline of a leak check."""
     t0 = time.monotonic()
+    last = None
     while True:
         s = w.adapter.status()
-        busy = s["counters"]["connections"] != 1 or len(s["contexts"]) != 1
-        n = w.daemon.fds()
-        time.sleep(0.02)
-        if not busy and w.daemon.fds() == n:
-            return n
+        now = (s["counters"]["connections"], w.daemon.fds())
+        if len(s["contexts"]) == 1 and now == last:
+            return now[1]
+        last = now
         assert time.monotonic() - t0 < timeout, json.dumps(s)
+        time.sleep(0.03)
 
 
 def wait_fds(daemon, baseline, timeout=10):
