@@ -24,11 +24,12 @@ from cxlflash.driver.lun import MODE_NONE, MODE_VIRTUAL
 
 from forking import in_child
 
-from .helpers import (ATTACH, BLK, CH, CHILD, CHUNK, CHUNK_4K, DETACH, K4, NCHUNKS,
-    REUSE, STRANGER, U64, VERIFY, _open_fds, add_disk, attach, attach_arg, blocks,
-    chunks, cid_of, close_fd, ctx, detach, detach_arg, disk_glun, fails, find_ctx,
-    glun, last_lba, last_lba_4k, llun, mk, recover, recover_arg, release_arg, resize,
-    resize_arg, udirect, udirect_arg, uvirtual, uvirtual_arg, verify, verify_arg)
+from .helpers import (
+    ATTACH, BLK, CH, CHILD, CHUNK, CHUNK_4K, DETACH, K4, NCHUNKS, REUSE, STRANGER, U64,
+    VERIFY, _open_fds, add_disk, attach, attach_arg, blocks, chunks, cid_of, close_fd,
+    ctx, detach, detach_arg, disk_glun, fails, find_ctx, glun, last_lba, last_lba_4k,
+    llun, mk, recover, recover_arg, release_arg, resize, resize_arg, udirect,
+    udirect_arg, uvirtual, uvirtual_arg, verify, verify_arg)
 
 
 # -- ATTACH ----------------------------------------------------------------------
@@ -102,8 +103,10 @@ def test_reuse_of_another_process_context_fails(embedded):
     a = embedded
     w1, w2 = (a.add_lun(None, size=CHUNK * K4) for _ in range(2))
     at = attach(a.open_disk(w1))
-    fails(a.open_disk(w2), uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True), errno.EINVAL, STRANGER)
-    fails(a.open_disk(w2), uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True), errno.EINVAL, CHILD)
+    fails(a.open_disk(w2), uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True),
+          errno.EINVAL, STRANGER)
+    fails(a.open_disk(w2), uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True),
+          errno.EINVAL, CHILD)
 
 
 def test_pes_are_lowest_free(adapter):

@@ -28,10 +28,11 @@ from cxlflash.driver import superpipe
 from cxlflash.driver.core import Caller
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL
 
-from .helpers import (ATTACH, CH, CHILD, CHUNK, CHUNK_4K, CLONE, DETACH, DIRECT, K4,
-    ME, RECOVER, RELEASE, RESIZE, REUSE, STRANGER, VERIFY, VIRTUAL, add_disk, as_proc,
-    attach, blocks, child_io, chunks, cid_of, clone, clone_arg, close_fd, ctx, detach,
-    disk_glun, fails, find_ctx, glun, last_lba, llun, mk, recover_arg, release, resize,
+from .helpers import (
+    ATTACH, CH, CHILD, CHUNK, CHUNK_4K, CLONE, DETACH, DIRECT, K4, ME, RECOVER, RELEASE,
+    RESIZE, REUSE, STRANGER, VERIFY, VIRTUAL, add_disk, as_proc, attach, blocks,
+    child_io, chunks, cid_of, clone, clone_arg, close_fd, ctx, detach, disk_glun, fails,
+    find_ctx, glun, last_lba, llun, mk, recover_arg, release, resize,
     returns_while_context_busy, udirect, uvirtual, verify, verify_arg)
 
 
@@ -439,7 +440,8 @@ def test_vlun_clone_chunk_clone_count_255_eio_rolled_back(embedded):
     aun = _auns(a, src, 1)
     for i in range(255):
         child = CHILD.pid + 10 + i
-        dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), Caller(child, ME)).context_id
+        dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR),
+                      Caller(child, ME)).context_id
         as_proc(d, CLONE, clone_arg(src, dst), Caller(child, ME))
     assert disk_glun(d).allocator.clone_counts(aun).tolist() == [255]
     users = disk_glun(d).users

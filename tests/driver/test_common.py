@@ -20,11 +20,11 @@ import cxlflash
 from cxlflash import CxlFlashError, uapi
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL
 
-from .helpers import (ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH,
-    DIRECT, DISABLE, ENABLE, MANAGE, NAMES, RECOVER, RELEASE, RESIZE, VERIFY, VIRTUAL,
-    _open_fds, add_disk, attach, cid_of, detach, disk_glun, fails, find_ctx, last_lba,
-    manage_arg, mk, release, resize, signal_until_done, udirect, uvirtual, valid_args,
-    verify_arg)
+from .helpers import (
+    ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH, DIRECT, DISABLE,
+    ENABLE, MANAGE, NAMES, RECOVER, RELEASE, RESIZE, VERIFY, VIRTUAL, _open_fds,
+    add_disk, attach, cid_of, detach, disk_glun, fails, find_ctx, last_lba, manage_arg,
+    mk, release, resize, signal_until_done, udirect, uvirtual, valid_args, verify_arg)
 
 
 # -- §22.1 Common (all DK_* ioctls) ----------------------------------------------

@@ -16,8 +16,9 @@ import threading
 import cxlflash
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
-from .helpers import (CHUNK, CHUNK_4K, K4, attach, chunks, ctx, glun, last_lba_4k,
-    release, resize, udirect, uvirtual, verify)
+from .helpers import (
+    CHUNK, CHUNK_4K, K4, attach, chunks, ctx, glun, last_lba_4k, release, resize,
+    udirect, uvirtual, verify)
 
 
 # -- concurrency (§21) -----------------------------------------------------------

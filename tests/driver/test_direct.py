@@ -18,10 +18,11 @@ import cxlflash
 from cxlflash import uapi
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
-from .helpers import (CHILD, CHUNK, CHUNK_4K, DIRECT, K4, STRANGER, U64, _open_fds,
-    add_disk, attach, blocks, chunks, cid_of, close_fd, ctx, detach, disk_glun, fails,
-    find_ctx, glun, llun, mk, phys, release, resize_arg, returns_while_context_busy,
-    udirect, udirect_arg, uvirtual, uvirtual_arg)
+from .helpers import (
+    CHILD, CHUNK, CHUNK_4K, DIRECT, K4, STRANGER, U64, _open_fds, add_disk, attach,
+    blocks, chunks, cid_of, close_fd, ctx, detach, disk_glun, fails, find_ctx, glun,
+    llun, mk, phys, release, resize_arg, returns_while_context_busy, udirect,
+    udirect_arg, uvirtual, uvirtual_arg)
 
 
 # -- LUN modes (§8) --------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 import cxlflash
 from cxlflash import uapi
 
-from .helpers import (ATTACH, Bg, CH, DEBUG, NAMES, PROVISION, add_disk, debug_arg,
-    fails, provision_arg)
+from .helpers import (
+    ATTACH, Bg, CH, DEBUG, NAMES, PROVISION, add_disk, debug_arg, fails, provision_arg)
 
 
 # -- §22.3 Host ioctls -----------------------------------------------------------

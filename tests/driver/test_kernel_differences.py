@@ -1,8 +1,7 @@
-"""Where we differ from the kernel: the place a porter looks.
-
-The last differences from the kernel (issue 12).  Each test shows the
-behaviour chosen; a deviation is also listed in the README's "Where we
-differ from the kernel" (test_readme_lists_the_issue_12_deviations).
+"""The last differences from the kernel (issue 12): the file a porter reads
+beside the README's "Where we differ from the kernel".  Each test shows the
+behaviour chosen (`-k parity`); a deviation kept is also listed in the
+README (test_readme_lists_the_issue_12_deviations checks it).
 
 Spec references are to /work/shared/spec/kernel-semantics.md; "decision N"
 is the decision table of DESIGN.md (which wins where the two disagree).
@@ -24,17 +23,15 @@ from cxlflash import AfuError, CxlFlashError, uapi
 from cxlflash.driver import superpipe
 from cxlflash.driver.core import Caller
 
-from .helpers import (ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH,
-    DIRECT, DISABLE, ENABLE, MANAGE, ME, NAMES, NCHUNKS, PROVISION, RECOVER, RELEASE,
-    RESIZE, U64, VERIFY, VIRTUAL, _open_fds, add_disk, as_proc, attach, cid_of,
-    clone_arg, detach, disk_glun, fails, find_ctx, last_lba, manage_arg, mk,
-    provision_arg, release, resize, uvirtual, valid_args)
+from .helpers import (
+    ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH, DIRECT, DISABLE,
+    ENABLE, MANAGE, ME, NAMES, NCHUNKS, PROVISION, RECOVER, RELEASE, RESIZE, U64,
+    VERIFY, VIRTUAL, _open_fds, add_disk, as_proc, attach, cid_of, clone_arg, detach,
+    disk_glun, fails, find_ctx, last_lba, manage_arg, mk, provision_arg, release,
+    resize, uvirtual, valid_args)
 
 
-# -- The last differences from the kernel (issue 12).  Each test shows the -------
-# behaviour chosen; a deviation is also listed in the README's "Where we
-# differ from the kernel" (test_readme_lists_the_issue_12_deviations).
-# =============================================================================
+# -- the README lists every deviation kept ------------------------------------
 
 
 def _read_readme_deviations():

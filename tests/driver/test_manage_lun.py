@@ -17,10 +17,10 @@ import pytest
 import cxlflash
 from cxlflash import uapi
 
-from .helpers import (ATTACH, CHUNK, DIRECT, DISABLE, ENABLE, K4, MANAGE, STRANGER,
-    VERIFY, _open_fds, add_disk, as_proc, attach, attach_arg, cid_of, close_fd, ctx,
-    detach, fails, llun, manage, manage_arg, mk, release, udirect, uvirtual,
-    verify_arg)
+from .helpers import (
+    ATTACH, CHUNK, DIRECT, DISABLE, ENABLE, K4, MANAGE, STRANGER, VERIFY, _open_fds,
+    add_disk, as_proc, attach, attach_arg, cid_of, close_fd, ctx, detach, fails, llun,
+    manage, manage_arg, mk, release, udirect, uvirtual, verify_arg)
 
 
 # -- LUN modes (§8) --------------------------------------------------------------

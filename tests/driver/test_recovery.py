@@ -19,11 +19,12 @@ import pytest
 import cxlflash
 from cxlflash import uapi
 
-from .helpers import (ATTACH, Bg, CH, CHUNK, CHUNK_4K, ENABLE, K4, RECOVER, STRANGER,
-    VERIFY, _open_fds, add_disk, attach, attach_arg, blocks, call, chunks, cid_of,
-    clone_arg, close_fd, ctx, detach, fails, find_ctx, glun, last_lba, last_lba_4k,
-    llun, manage, mk, recover, recover_arg, release, resize, signal_until_done,
-    udirect, udirect_arg, uvirtual, uvirtual_arg, verify, verify_arg, wait_until)
+from .helpers import (
+    ATTACH, Bg, CH, CHUNK, CHUNK_4K, ENABLE, K4, RECOVER, STRANGER, VERIFY, _open_fds,
+    add_disk, attach, attach_arg, blocks, call, chunks, cid_of, clone_arg, close_fd,
+    ctx, detach, fails, find_ctx, glun, last_lba, last_lba_4k, llun, manage, mk,
+    recover, recover_arg, release, resize, signal_until_done, udirect, udirect_arg,
+    uvirtual, uvirtual_arg, verify, verify_arg, wait_until)
 
 
 # -- reset and recovery (§16) ----------------------------------------------------

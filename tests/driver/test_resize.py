@@ -18,11 +18,11 @@ import cxlflash
 from cxlflash.driver import vlun as vlun_mod
 from cxlflash import uapi
 
-from .helpers import (Bg, CH, CHILD, CHUNK, CHUNK_4K, K4, NCHUNKS, RESIZE,
-    RecordingAllocator, STRANGER, U64, add_disk, attach, blocks, child_io, chunk_bytes,
-    chunks, cid_of, clone, ctx, disk_glun, fails, glun, last_lba, last_lba_4k, mk,
-    release, resize, resize_arg, returns_while_context_busy, udirect, uvirtual,
-    uvirtual_arg, verify)
+from .helpers import (
+    Bg, CH, CHILD, CHUNK, CHUNK_4K, K4, NCHUNKS, RESIZE, RecordingAllocator, STRANGER,
+    U64, add_disk, attach, blocks, child_io, chunk_bytes, chunks, cid_of, clone, ctx,
+    disk_glun, fails, glun, last_lba, last_lba_4k, mk, release, resize, resize_arg,
+    returns_while_context_busy, udirect, uvirtual, uvirtual_arg, verify)
 
 
 # -- VLUN_RESIZE (§11) -----------------------------------------------------------

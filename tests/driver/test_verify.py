@@ -20,9 +20,10 @@ from cxlflash import uapi
 
 from scsi_sense import desc_sense, fixed_sense
 
-from .helpers import (Bg, CH, CHUNK, CHUNK_4K, HINT_SENSE, K4, NCHUNKS, STRANGER, U64,
-    VERIFY, add_disk, attach, call, cid_of, disk_glun, fails, glun, last_lba,
-    last_lba_4k, recover, release, resize, udirect, uvirtual, verify, verify_arg)
+from .helpers import (
+    Bg, CH, CHUNK, CHUNK_4K, HINT_SENSE, K4, NCHUNKS, STRANGER, U64, VERIFY, add_disk,
+    attach, call, cid_of, disk_glun, fails, glun, last_lba, last_lba_4k, recover,
+    release, resize, udirect, uvirtual, verify, verify_arg)
 
 
 # -- VERIFY (§15) ----------------------------------------------------------------
@@ -171,7 +172,8 @@ def test_verify_invalid_handle_before_sense_parse(embedded):
     cid = cid_of(d)
     udirect(d, cid)
     a.inject_fault("read_capacity")
-    fails(d, VERIFY, verify_arg(cid, 3, hint=HINT_SENSE, sense=fixed_sense(0x6, 0x29)), errno.EINVAL)
+    fails(d, VERIFY, verify_arg(cid, 3, hint=HINT_SENSE, sense=fixed_sense(0x6, 0x29)),
+          errno.EINVAL)
     assert a.driver.afu.faults.pending() == {"read_capacity": 1}
 
 

@@ -26,11 +26,11 @@ from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
 from block_pattern import pattern
 
-from .helpers import (BLK, CH, CHUNK, CHUNK_4K, DISABLE, K4, MANAGE, NCHUNKS, RELEASE,
-    RecordingAllocator, STRANGER, U64, VERIFY, VIRTUAL, _open_fds, add_disk, attach,
-    blocks, chunks, cid_of, close_fd, ctx, detach, disk_glun, fails, find_ctx, glun,
-    last_lba, manage_arg, mk, phys, release, resize, udirect, uvirtual, uvirtual_arg,
-    verify, verify_arg)
+from .helpers import (
+    BLK, CH, CHUNK, CHUNK_4K, DISABLE, K4, MANAGE, NCHUNKS, RELEASE, RecordingAllocator,
+    STRANGER, U64, VERIFY, VIRTUAL, _open_fds, add_disk, attach, blocks, chunks, cid_of,
+    close_fd, ctx, detach, disk_glun, fails, find_ctx, glun, last_lba, manage_arg, mk,
+    phys, release, resize, udirect, uvirtual, uvirtual_arg, verify, verify_arg)
 
 
 # -- spec Appendix A -------------------------------------------------------------
