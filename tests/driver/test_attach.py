@@ -25,11 +25,12 @@ from cxlflash.driver.lun import MODE_NONE, MODE_VIRTUAL
 from forking import in_child
 
 from .helpers import (
-    ATTACH, BLK, CH, CHILD, CHUNK, CHUNK_4K, DETACH, K4, NCHUNKS, REUSE, STRANGER, U64,
-    VERIFY, _open_fds, add_disk, attach, attach_arg, blocks, chunks, cid_of, close_fd,
-    ctx, detach, detach_arg, disk_glun, fails, find_ctx, glun, last_lba, last_lba_4k,
-    llun, mk, recover, recover_arg, release_arg, resize, resize_arg, udirect,
-    udirect_arg, uvirtual, uvirtual_arg, verify, verify_arg)
+    ATTACH, BLK, CH, CHILD, CHUNK, CHUNK_4K, DETACH, DIRECT, K4, NCHUNKS, RECOVER,
+    RELEASE, RESIZE, REUSE, STRANGER, U64, VERIFY, VIRTUAL, _open_fds, add_disk, attach,
+    attach_arg, blocks, chunks, cid_of, close_fd, ctx, detach, detach_arg, disk_glun,
+    fails, find_ctx, glun, last_lba, last_lba_4k, llun, recover, recover_arg,
+    release_arg, resize, resize_arg, udirect, udirect_arg, uvirtual, uvirtual_arg,
+    verify, verify_arg)
 
 
 # -- ATTACH ----------------------------------------------------------------------
@@ -86,8 +87,8 @@ def test_attach_reuse_context(embedded):
     assert c.kref == 2 and c.lun_attached(llun(a, w2))
     assert [la.llun for la in c.luns] == [llun(a, w2), llun(a, w1)]   # newest first
     # Already attached -> EINVAL (both the first LUN and the reused one).
-    fails(d1, uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True), errno.EINVAL)
-    fails(d2, uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True), errno.EINVAL)
+    fails(d1, ATTACH, attach_arg(at.context_id, reuse=True), errno.EINVAL)
+    fails(d2, ATTACH, attach_arg(at.context_id, reuse=True), errno.EINVAL)
     # The second LUN is usable through the same context.
     ud = udirect(d2, at.context_id)
     assert ud.last_lba == 999
@@ -103,9 +104,9 @@ def test_reuse_of_another_process_context_fails(embedded):
     a = embedded
     w1, w2 = (a.add_lun(None, size=CHUNK * K4) for _ in range(2))
     at = attach(a.open_disk(w1))
-    fails(a.open_disk(w2), uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True),
+    fails(a.open_disk(w2), ATTACH, attach_arg(at.context_id, reuse=True),
           errno.EINVAL, STRANGER)
-    fails(a.open_disk(w2), uapi.DK_CXLFLASH_ATTACH, attach_arg(at.context_id, reuse=True),
+    fails(a.open_disk(w2), ATTACH, attach_arg(at.context_id, reuse=True),
           errno.EINVAL, CHILD)
 
 
@@ -131,7 +132,7 @@ def test_pe_exhaustion_is_enodev(make_adapter):
         w = a.add_lun(None, size=CHUNK * K4)
         d = a.open_disk(w)
         ats = [attach(d) for _ in range(3)]
-        fails(d, uapi.DK_CXLFLASH_ATTACH, attach_arg(), errno.ENODEV)
+        fails(d, ATTACH, attach_arg(), errno.ENODEV)
         detach(d, ats[0].context_id)
         close_fd(ats[0].adap_fd)
         assert attach(d).context_id & 0xFFFFFFFF == 0
@@ -151,7 +152,7 @@ def test_pe_held_until_adapter_fd_closed_after_detach(adapter):
     d = a.open_disk(w)
     at = attach(d)
     detach(d, at.context_id)
-    fails(d, uapi.DK_CXLFLASH_DETACH, detach_arg(at.context_id), errno.EINVAL)
+    fails(d, DETACH, detach_arg(at.context_id), errno.EINVAL)
     b = attach(d)
     assert b.context_id & 0xFFFFFFFF == 1, "PE 0 reused while its adapter fd is open"
     close_fd(at.adap_fd)
@@ -169,15 +170,15 @@ def test_stale_context_id_full_64_bit_compare(adapter):
     new = attach(d).context_id
     assert new & 0xFFFFFFFF == old & 0xFFFFFFFF          # same PE
     assert new != old
-    for arg, req in [(uvirtual_arg(old), uapi.DK_CXLFLASH_USER_VIRTUAL),
-                     (udirect_arg(old), uapi.DK_CXLFLASH_USER_DIRECT),
-                     (detach_arg(old), uapi.DK_CXLFLASH_DETACH),
-                     (recover_arg(old), uapi.DK_CXLFLASH_RECOVER_AFU),
-                     (attach_arg(old, reuse=True), uapi.DK_CXLFLASH_ATTACH)]:
+    for arg, req in [(uvirtual_arg(old), VIRTUAL),
+                     (udirect_arg(old), DIRECT),
+                     (detach_arg(old), DETACH),
+                     (recover_arg(old), RECOVER),
+                     (attach_arg(old, reuse=True), ATTACH)]:
         fails(d, req, arg, errno.EINVAL)
     # Same PE, other high bits -> EINVAL too; the new id works.
-    fails(d, uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg(new ^ (1 << 40)), errno.EINVAL)
-    fails(d, uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg((new & ~0xFFFFFFFF) | 512), errno.EINVAL)
+    fails(d, VIRTUAL, uvirtual_arg(new ^ (1 << 40)), errno.EINVAL)
+    fails(d, VIRTUAL, uvirtual_arg((new & ~0xFFFFFFFF) | 512), errno.EINVAL)
     assert uvirtual(d, new, 1).rsrc_handle == 0
 
 
@@ -188,10 +189,10 @@ def test_lun_not_attached_is_invisible(adapter):
     cid = attach(d1).context_id
     attach(d2)                       # another context: w2's capacity is read
     h = uvirtual(d1, cid, 1).rsrc_handle
-    for arg, req in [(uvirtual_arg(cid), uapi.DK_CXLFLASH_USER_VIRTUAL),
-                     (udirect_arg(cid), uapi.DK_CXLFLASH_USER_DIRECT),
-                     (detach_arg(cid), uapi.DK_CXLFLASH_DETACH),
-                     (verify_arg(cid, h), uapi.DK_CXLFLASH_VERIFY)]:
+    for arg, req in [(uvirtual_arg(cid), VIRTUAL),
+                     (udirect_arg(cid), DIRECT),
+                     (detach_arg(cid), DETACH),
+                     (verify_arg(cid, h), VERIFY)]:
         fails(d2, req, arg, errno.EINVAL)
 
 
@@ -210,11 +211,11 @@ def test_closing_adapter_fd_releases_context(embedded):
     assert (g.users, g.allocator.space()) == (2, 11)
     close_fd(at.adap_fd)
     # The next ioctl finds the context gone, and its handles released.
-    fails(d, uapi.DK_CXLFLASH_VLUN_RESIZE, resize_arg(cid, h0, 0), errno.EINVAL)
+    fails(d, RESIZE, resize_arg(cid, h0, 0), errno.EINVAL)
     assert ctx(a, cid) is None
     assert a.driver.ctx_tbl[cid & 0xFFFFFFFF] is None
     assert (g.users, g.mode, g.allocator) == (0, MODE_NONE, None)
-    fails(d, uapi.DK_CXLFLASH_RELEASE, release_arg(cid, h1), errno.EINVAL)
+    fails(d, RELEASE, release_arg(cid, h1), errno.EINVAL)
     with pytest.raises(cxlflash.AfuError) as ei:
         a.read(cid, h0, 0, 1)
     assert ei.value.afu_rc == 0x21
@@ -276,7 +277,7 @@ def test_dup_of_adapter_fd_keeps_context(embedded):
     assert resize(d, cid, h, 2 * CHUNK_4K).last_lba == 2 * CHUNK_4K - 1
     a.write(cid, h, 0, blocks(1, 1))
     close_fd(fd2)
-    fails(d, uapi.DK_CXLFLASH_VLUN_RESIZE, resize_arg(cid, h, 0), errno.EINVAL)
+    fails(d, RESIZE, resize_arg(cid, h, 0), errno.EINVAL)
     assert glun(a, w).users == 0
 
 
@@ -315,13 +316,13 @@ def test_forked_child_cannot_use_parent_context(embedded):
     def child():
         out = {}
         for name, req, arg in [
-                ("resize", uapi.DK_CXLFLASH_VLUN_RESIZE, resize_arg(cid, h, 0)),
-                ("release", uapi.DK_CXLFLASH_RELEASE, release_arg(cid, h)),
-                ("verify", uapi.DK_CXLFLASH_VERIFY, verify_arg(cid, h)),
-                ("uvirtual", uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg(cid)),
-                ("detach", uapi.DK_CXLFLASH_DETACH, detach_arg(cid)),
-                ("recover", uapi.DK_CXLFLASH_RECOVER_AFU, recover_arg(cid)),
-                ("reuse", uapi.DK_CXLFLASH_ATTACH, attach_arg(cid, reuse=True))]:
+                ("resize", RESIZE, resize_arg(cid, h, 0)),
+                ("release", RELEASE, release_arg(cid, h)),
+                ("verify", VERIFY, verify_arg(cid, h)),
+                ("uvirtual", VIRTUAL, uvirtual_arg(cid)),
+                ("detach", DETACH, detach_arg(cid)),
+                ("recover", RECOVER, recover_arg(cid)),
+                ("reuse", ATTACH, attach_arg(cid, reuse=True))]:
             try:
                 cxlflash.ioctl(d, req, arg)
                 out[name] = 0
@@ -339,7 +340,7 @@ def test_forked_child_cannot_use_parent_context(embedded):
         # adapter-wide operations stay with the owner.
         child_disk = a.open_disk(w)
         arg = attach_arg()
-        cxlflash.ioctl(child_disk, uapi.DK_CXLFLASH_ATTACH, arg)
+        cxlflash.ioctl(child_disk, ATTACH, arg)
         out["own_pe"] = arg.context_id & 0xFFFFFFFF
         out["own_fd_open"] = os.fstat(arg.adap_fd) is not None
         for name, fn in [("add_lun", lambda: a.add_lun(None, size=CHUNK * K4)),
@@ -375,8 +376,8 @@ def test_forked_child_cannot_use_parent_context(embedded):
 def test_attach_num_interrupts_over_4_einval(adapter):
     a = adapter
     d = add_disk(a)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR, num_interrupts=5), errno.EINVAL)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR, num_interrupts=2**63),
+    fails(d, ATTACH, attach_arg(num_interrupts=5), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(num_interrupts=2**63),
           errno.EINVAL)
     attach(d, num_interrupts=4)
 
@@ -384,8 +385,8 @@ def test_attach_num_interrupts_over_4_einval(adapter):
 def test_attach_access_mode_3_einval_decision_16(embedded):
     a = embedded
     d = add_disk(a)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, 3), errno.EINVAL)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, U64 & ~REUSE), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(flags=3), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(flags=U64 & ~REUSE), errno.EINVAL)
     assert a.driver.ctx_tbl[0] is None
     for mode in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):
         attach(d, flags=mode)
@@ -396,7 +397,7 @@ def test_attach_read_capacity_fails_enodev(embedded):
     d = add_disk(a)
     assert disk_glun(d).max_lba == 0
     a.inject_fault("read_capacity")
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.ENODEV)
+    fails(d, ATTACH, attach_arg(), errno.ENODEV)
     assert disk_glun(d).max_lba == 0 and a.driver.ctx_tbl[0] is None
     s = attach(d)
     assert s.last_lba == NCHUNKS * 65536 - 1 and s.block_size == BLK
@@ -406,7 +407,7 @@ def test_attach_num_interrupts_before_read_capacity(embedded):
     a = embedded
     d = add_disk(a)
     a.inject_fault("read_capacity")
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR, num_interrupts=5), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(num_interrupts=5), errno.EINVAL)
     assert a.driver.afu.faults.pending() == {"read_capacity": 1}
 
 
@@ -414,7 +415,7 @@ def test_attach_read_capacity_before_reuse_lookup(adapter):
     a = adapter
     d = add_disk(a)
     a.inject_fault("read_capacity")
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR | REUSE, context_id=12345),
+    fails(d, ATTACH, attach_arg(12345, reuse=True),
           errno.ENODEV)
 
 
@@ -423,7 +424,7 @@ def test_attach_reuse_lookup_fails_einval(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     d2 = add_disk(a)
-    reuse = lambda i: mk(uapi.dk_cxlflash_attach, os.O_RDWR | REUSE, context_id=i)  # noqa: E731
+    reuse = lambda i: attach_arg(i, reuse=True)  # noqa: E731
     fails(d2, ATTACH, reuse(0), errno.EINVAL)                       # no such id
     fails(d2, ATTACH, reuse(cid ^ (1 << 40)), errno.EINVAL)         # stale high bits
     fails(d2, ATTACH, reuse((cid & ~0xFFFFFFFF) | 600), errno.EINVAL)   # PE >= 512
@@ -448,7 +449,7 @@ def test_attach_reuse_lun_already_attached_einval(embedded):
     a = embedded
     d = add_disk(a)
     cid = cid_of(d)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR | REUSE, context_id=cid),
+    fails(d, ATTACH, attach_arg(cid, reuse=True),
           errno.EINVAL)
     assert find_ctx(a, cid).kref == 1
 
@@ -458,7 +459,7 @@ def test_attach_reuse_already_attached_before_sdev_get(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     a.inject_fault("sdev_get")
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR | REUSE, context_id=cid),
+    fails(d, ATTACH, attach_arg(cid, reuse=True),
           errno.EINVAL)
     assert a.driver.afu.faults.pending() == {"sdev_get": 1}
 
@@ -482,7 +483,7 @@ def test_attach_failures_undo_everything(embedded, point, err, expected):
     a = embedded
     d = add_disk(a)
     a.inject_fault(point, err=err)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), expected)
+    fails(d, ATTACH, attach_arg(), expected)
     drv = a.driver
     assert all(c is None for c in drv.ctx_tbl) and not drv.ctx_err_recovery
     assert d.sdev.refs == 0 and not drv._files
@@ -497,7 +498,7 @@ def test_attach_reuse_failures_keep_context(embedded, point, expected):
     cid = cid_of(d)
     d2 = add_disk(a)
     a.inject_fault(point)
-    fails(d2, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR | REUSE, context_id=cid),
+    fails(d2, ATTACH, attach_arg(cid, reuse=True),
           expected)
     c = find_ctx(a, cid)
     assert c.kref == 1 and len(c.luns) == 1 and d2.sdev.refs == 0
@@ -508,7 +509,7 @@ def test_attach_pe_ids_exhausted_enodev(make_adapter):
     d = add_disk(a)
     s0 = attach(d)
     cid_of(d)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.ENODEV)
+    fails(d, ATTACH, attach_arg(), errno.ENODEV)
     detach(d, s0.context_id)
     os.close(s0.adap_fd)                        # APP_CLOSE_ADAP_FD
     _open_fds.remove(s0.adap_fd)
@@ -523,7 +524,7 @@ def test_detach_lookup_fails_or_lun_not_attached_einval(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     d2 = add_disk(a)
-    arg = lambda c: mk(uapi.dk_cxlflash_detach, context_id=c)   # noqa: E731
+    arg = lambda c: detach_arg(c)   # noqa: E731
     fails(d, DETACH, arg(cid ^ (1 << 35)), errno.EINVAL)
     fails(d2, DETACH, arg(cid), errno.EINVAL)             # LUN not attached
     fails(d, DETACH, arg(cid), errno.EINVAL, STRANGER)

@@ -23,17 +23,17 @@ import os
 import pytest
 
 import cxlflash
-from cxlflash import uapi
 from cxlflash.driver import superpipe
 from cxlflash.driver.core import Caller
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL
 
 from .helpers import (
     ATTACH, CH, CHILD, CHUNK, CHUNK_4K, CLONE, DETACH, DIRECT, K4, ME, RECOVER, RELEASE,
-    RESIZE, REUSE, STRANGER, VERIFY, VIRTUAL, add_disk, as_proc, attach, blocks,
-    child_io, chunks, cid_of, clone, clone_arg, close_fd, ctx, detach, disk_glun, fails,
-    find_ctx, glun, last_lba, llun, mk, recover_arg, release, resize,
-    returns_while_context_busy, udirect, uvirtual, verify, verify_arg)
+    RESIZE, STRANGER, VERIFY, VIRTUAL, add_disk, as_proc, attach, attach_arg, blocks,
+    child_io, chunks, cid_of, clone, clone_arg, close_fd, ctx, detach, detach_arg,
+    disk_glun, fails, find_ctx, glun, last_lba, llun, recover_arg, release, release_arg,
+    resize, resize_arg, returns_while_context_busy, udirect, udirect_arg, uvirtual,
+    uvirtual_arg, verify, verify_arg)
 
 
 # -- VLUN_CLONE (§14) ------------------------------------------------------------
@@ -120,24 +120,23 @@ def test_clone_preconditions(embedded):
     d, d2 = a.open_disk(w), a.open_disk(w2)
     src = attach(d).context_id
     dst = attach(d, caller=CHILD).context_id
-    E = uapi.DK_CXLFLASH_VLUN_CLONE
     # LUN not virtual.
-    fails(d, E, clone_arg(src, dst), errno.EINVAL, CHILD)
+    fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
     h = uvirtual(d, src, 1).rsrc_handle
     # Same ids.
-    fails(d, E, clone_arg(src, src), errno.EINVAL, CHILD)
+    fails(d, CLONE, clone_arg(src, src), errno.EINVAL, CHILD)
     # The caller's parent does not own the source.
     other_child = Caller(CHILD.pid, STRANGER.pid)
-    fails(d, E, clone_arg(src, dst), errno.EINVAL, other_child)
+    fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, other_child)
     # The caller does not own the destination.
-    fails(d, E, clone_arg(src, dst), errno.EINVAL, Caller(CHILD.pid + 1, ME))
+    fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, Caller(CHILD.pid + 1, ME))
     # The destination does not have this LUN attached.
     dst_other = attach(d2, caller=CHILD).context_id
-    fails(d, E, clone_arg(src, dst_other), errno.EINVAL, CHILD)
+    fails(d, CLONE, clone_arg(src, dst_other), errno.EINVAL, CHILD)
     # The destination has an open handle (on any LUN).
     attach(d, reuse=dst_other, caller=CHILD)
     uvirtual(d2, dst_other, 0, caller=CHILD)
-    fails(d, E, clone_arg(src, dst_other), errno.EINVAL, CHILD)
+    fails(d, CLONE, clone_arg(src, dst_other), errno.EINVAL, CHILD)
     # A source with nothing open clones nothing (success).
     src2 = attach(d2).context_id
     dst2 = attach(d2, caller=CHILD).context_id
@@ -191,7 +190,7 @@ def test_clone_count_saturates_at_255(embedded):
     assert g.allocator.clone_count(x) == 255 and g.users == 256
     kid = Caller(CHILD.pid + 5000, ME)
     dst = attach(d, caller=kid).context_id
-    fails(d, uapi.DK_CXLFLASH_VLUN_CLONE, clone_arg(src, dst), errno.EIO, kid)
+    fails(d, CLONE, clone_arg(src, dst), errno.EIO, kid)
     assert ctx(a, dst).table.rht_out == 0
     assert g.allocator.clone_count(x) == 255 and g.users == 256
     release(d, kids[0][1], h, caller=kids[0][0])
@@ -222,7 +221,7 @@ def test_clone_rollback_releases_earlier_slots(embedded):
     assert g.allocator.clone_count(b) == 255 and g.allocator.clone_count(a_chunk) == 0
     users = g.users
     dst = attach(d, caller=CHILD).context_id
-    fails(d, uapi.DK_CXLFLASH_VLUN_CLONE, clone_arg(xs, dst), errno.EIO, CHILD)
+    fails(d, CLONE, clone_arg(xs, dst), errno.EIO, CHILD)
     assert ctx(a, dst).table.rht_out == 0
     assert g.allocator.clone_count(a_chunk) == 0 and g.allocator.clone_count(b) == 255
     assert g.users == users
@@ -238,7 +237,7 @@ def test_clone_sync_failure_rolls_back(embedded):
     dst = attach(d, caller=CHILD).context_id
     users = g.users
     a.inject_fault("sync", 1)
-    fails(d, uapi.DK_CXLFLASH_VLUN_CLONE, clone_arg(src, dst), errno.EAGAIN, CHILD)
+    fails(d, CLONE, clone_arg(src, dst), errno.EAGAIN, CHILD)
     assert ctx(a, dst).table.rht_out == 0 and g.users == users
     assert [g.allocator.clone_count(x) for x in chunks(a, src, h)] == [0, 0]
     clone(d, src, dst)
@@ -253,7 +252,7 @@ def test_clone_source_in_error_not_reachable(embedded):
     uvirtual(d, src, 1)
     dst = attach(d, caller=CHILD).context_id
     a.reset()
-    fails(d, uapi.DK_CXLFLASH_VLUN_CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
+    fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
 
 
 def test_clone_across_luns_decision_9(embedded):
@@ -318,7 +317,7 @@ def _clone_setup(a, d, sizes=(CH,)):
     src = cid_of(d)
     for s in sizes:
         uvirtual(d, src, s)
-    dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), CHILD).context_id
+    dst = as_proc(d, ATTACH, attach_arg(), CHILD).context_id
     return src, dst
 
 
@@ -338,7 +337,7 @@ def test_vlun_clone_lun_not_virtual_einval(embedded):
     a = embedded
     d = add_disk(a)
     src = cid_of(d)
-    dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), CHILD).context_id
+    dst = as_proc(d, ATTACH, attach_arg(), CHILD).context_id
     fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
     udirect(d, src)
     fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
@@ -348,7 +347,7 @@ def test_vlun_clone_mode_checked_before_lookup(embedded):
     a = embedded
     d = add_disk(a)
     src = cid_of(d)
-    dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), CHILD).context_id
+    dst = as_proc(d, ATTACH, attach_arg(), CHILD).context_id
     arg = clone_arg(src, dst)
     t = returns_while_context_busy(
         a, src, lambda: superpipe.disk_ioctl(a.driver, d.sdev, d, CLONE, arg,
@@ -368,7 +367,7 @@ def test_vlun_clone_src_lookup_fails_einval(embedded):
     d2 = add_disk(a)
     other = cid_of(d2)
     uvirtual(d2, other)
-    as_proc(d2, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR | REUSE, context_id=dst), CHILD)
+    as_proc(d2, ATTACH, attach_arg(dst, reuse=True), CHILD)
     fails(d2, CLONE, arg, errno.EINVAL, CHILD)
     assert find_ctx(a, dst).rht_out == 0
 
@@ -378,7 +377,7 @@ def test_vlun_clone_src_in_error_einval(embedded):
     d = add_disk(a)
     src, _ = _clone_setup(a, d)
     a.reset()
-    dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), CHILD).context_id
+    dst = as_proc(d, ATTACH, attach_arg(), CHILD).context_id
     fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
 
 
@@ -390,7 +389,7 @@ def test_vlun_clone_dst_lookup_fails_einval(embedded):
     fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, Caller(CHILD.pid + 1, ME))
     # the destination does not have the LUN attached
     d2 = add_disk(a)
-    dst2 = as_proc(d2, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), CHILD).context_id
+    dst2 = as_proc(d2, ATTACH, attach_arg(), CHILD).context_id
     fails(d, CLONE, clone_arg(src, dst2), errno.EINVAL, CHILD)
     # the destination is in error
     a.reset()
@@ -403,7 +402,7 @@ def test_vlun_clone_dst_has_open_slot_einval(embedded):
     a = embedded
     d = add_disk(a)
     src, dst = _clone_setup(a, d)
-    as_proc(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=dst), CHILD)
+    as_proc(d, VIRTUAL, uvirtual_arg(dst), CHILD)
     users = disk_glun(d).users
     fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
     assert disk_glun(d).users == users and find_ctx(a, dst).rht_out == 1
@@ -440,13 +439,13 @@ def test_vlun_clone_chunk_clone_count_255_eio_rolled_back(embedded):
     aun = _auns(a, src, 1)
     for i in range(255):
         child = CHILD.pid + 10 + i
-        dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR),
+        dst = as_proc(d, ATTACH, attach_arg(),
                       Caller(child, ME)).context_id
         as_proc(d, CLONE, clone_arg(src, dst), Caller(child, ME))
     assert disk_glun(d).allocator.clone_counts(aun).tolist() == [255]
     users = disk_glun(d).users
     child = CHILD.pid + 9
-    dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), Caller(child, ME)).context_id
+    dst = as_proc(d, ATTACH, attach_arg(), Caller(child, ME)).context_id
     fails(d, CLONE, clone_arg(src, dst), errno.EIO, Caller(child, ME))
     assert find_ctx(a, dst).rht_out == 0 and disk_glun(d).users == users
     assert disk_glun(d).allocator.clone_counts(aun).tolist() == [255]
@@ -479,13 +478,12 @@ def test_vlun_clone_real_fork_child_cannot_use_parent_context(adapter):
             os.close(r)
             out = []
             for req, arg in [
-                (DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=cid)),
-                (VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid)),
-                (RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=h,
-                            req_size=2 * CH)),
-                (RELEASE, mk(uapi.dk_cxlflash_release, context_id=cid, rsrc_handle=h)),
+                (DIRECT, udirect_arg(cid)),
+                (VIRTUAL, uvirtual_arg(cid)),
+                (RESIZE, resize_arg(cid, h, 2 * CH)),
+                (RELEASE, release_arg(cid, h)),
                 (VERIFY, verify_arg(cid, h)),
-                (DETACH, mk(uapi.dk_cxlflash_detach, context_id=cid)),
+                (DETACH, detach_arg(cid)),
                 (RECOVER, recover_arg(cid)),
             ]:
                 try:

@@ -23,8 +23,10 @@ from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL
 from .helpers import (
     ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH, DIRECT, DISABLE,
     ENABLE, MANAGE, NAMES, RECOVER, RELEASE, RESIZE, VERIFY, VIRTUAL, _open_fds,
-    add_disk, attach, cid_of, detach, disk_glun, fails, find_ctx, last_lba, manage_arg,
-    mk, release, resize, signal_until_done, udirect, uvirtual, valid_args, verify_arg)
+    add_disk, attach, attach_arg, cid_of, detach, detach_arg, disk_glun, fails,
+    find_ctx, last_lba, manage_arg, release, release_arg, resize, resize_arg,
+    signal_until_done, udirect, udirect_arg, uvirtual, uvirtual_arg, valid_args,
+    verify_arg)
 
 
 # -- §22.1 Common (all DK_* ioctls) ----------------------------------------------
@@ -50,7 +52,7 @@ def test_common_internal_lun_mode_physical_access_still_works(embedded):
     cid = cid_of(d)
     h = udirect(d, cid).rsrc_handle
     # Even RELEASE is refused: a direct handle goes away through DETACH.
-    fails(d, RELEASE, mk(uapi.dk_cxlflash_release, context_id=cid, rsrc_handle=h),
+    fails(d, RELEASE, release_arg(cid, h),
           errno.EINVAL)
     assert disk_glun(d).mode == MODE_PHYSICAL
     detach(d, cid)
@@ -65,15 +67,15 @@ def test_common_internal_lun_mode_before_failterm(adapter):
     cid = cid_of(d)
     a.lun_mode = 1
     a.fail()
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid), errno.EINVAL)
-    fails(d, DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=cid), errno.ENODEV)
+    fails(d, VIRTUAL, uvirtual_arg(cid), errno.EINVAL)
+    fails(d, DIRECT, udirect_arg(cid), errno.ENODEV)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_NUMBERS))
 def test_common_command_number_not_one_of_ten_einval(embedded, name):
     a = embedded
     d = add_disk(a)
-    fails(d, BAD_NUMBERS[name], mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)
+    fails(d, BAD_NUMBERS[name], attach_arg(), errno.EINVAL)
     assert a.driver.ctx_tbl[0] is None
 
 
@@ -89,7 +91,7 @@ def test_common_command_number_before_state_and_copy_in(adapter, make_adapter):
         d2 = a2.open_disk(w)
         a2.begin_reset()
         t = Bg(lambda: cxlflash.ioctl(d2, BAD_NUMBERS["unknown_nr"],
-                                      mk(uapi.dk_cxlflash_attach)))
+                                      attach_arg(flags=0)))
         t.join(1.0)
         assert not t.is_alive() and t.errno == errno.EINVAL
         a2.end_reset()
@@ -112,7 +114,7 @@ def test_common_sdev_not_in_superpipe_mode_einval(embedded, req):
 def test_common_manage_lun_needs_no_superpipe_then_attach_works(make_adapter):
     a = make_adapter()
     d = add_disk(a, superpipe=False)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(), errno.EINVAL)
     cxlflash.ioctl(d, MANAGE, manage_arg(d.wwid, ENABLE))
     attach(d)
 
@@ -121,11 +123,11 @@ def test_common_no_llun_before_failterm_and_reset(make_adapter):
     a = make_adapter()
     d = add_disk(a, superpipe=False)
     a.fail()
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(), errno.EINVAL)
     a2 = make_adapter()
     d2 = add_disk(a2, superpipe=False)
     a2.begin_reset()
-    t = Bg(lambda: cxlflash.ioctl(d2, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR)))
+    t = Bg(lambda: cxlflash.ioctl(d2, ATTACH, attach_arg()))
     t.join(1.0)
     assert not t.is_alive() and t.errno == errno.EINVAL   # no wait for RESET
     a2.end_reset()
@@ -137,7 +139,7 @@ def test_common_reset_wait_interrupted_eintr(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     a.begin_reset()
-    arg = mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=CH)
+    arg = uvirtual_arg(cid, CH)
     before = bytes(arg)
     t = Bg(lambda: cxlflash.ioctl(d, VIRTUAL, arg))
     t.join(0.1)
@@ -268,7 +270,7 @@ def test_common_reserved_or_return_flags_nonzero_einval(embedded, req, field):
 def test_common_reserved_areas_and_flags_not_checked(adapter):
     a = adapter
     d = add_disk(a)
-    arg = mk(uapi.dk_cxlflash_attach, os.O_RDWR | (1 << 40))
+    arg = attach_arg(flags=os.O_RDWR | (1 << 40))
     arg.reserved[3] = 7
     cxlflash.ioctl(d, ATTACH, arg)
     _open_fds.add(arg.adap_fd)
@@ -280,19 +282,19 @@ def test_common_header_checks_before_handler(make_adapter):
     a = make_adapter(max_contexts=1)
     d = add_disk(a)
     attach(d)
-    bad_version = mk(uapi.dk_cxlflash_attach, os.O_RDWR)
+    bad_version = attach_arg()
     bad_version.hdr.version = 1
     fails(d, ATTACH, bad_version, errno.EINVAL)
-    bad_rsvd = mk(uapi.dk_cxlflash_attach, os.O_RDWR)
+    bad_rsvd = attach_arg()
     bad_rsvd.hdr.rsvd[2] = 1
     fails(d, ATTACH, bad_rsvd, errno.EINVAL)
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.ENODEV)
+    fails(d, ATTACH, attach_arg(), errno.ENODEV)
 
 
 def test_common_copy_in_before_version(adapter):
     a = adapter
     d = add_disk(a)
-    raw = bytearray(bytes(mk(uapi.dk_cxlflash_attach, os.O_RDWR)))
+    raw = bytearray(bytes(attach_arg()))
     raw[0] = 1                                  # version 1 ...
     fails(d, ATTACH, raw[:100], errno.EFAULT)   # ... in a short buffer
     fails(d, ATTACH, raw, errno.EINVAL)
@@ -302,25 +304,24 @@ def test_common_copy_out_fault_efault_operation_took_effect(embedded):
     a = embedded
     d = add_disk(a)
     # ATTACH: the context exists although the caller never saw its id.
-    fails(d, ATTACH, bytes(mk(uapi.dk_cxlflash_attach, os.O_RDWR)), errno.EFAULT)
+    fails(d, ATTACH, bytes(attach_arg()), errno.EFAULT)
     assert a.driver.ctx_tbl[0] is not None
     _open_fds.add(a.driver.ctx_tbl[0].file.user_fd)
     cid = attach(d).context_id
     assert cid & 0xFFFFFFFF == 1
     # USER_VIRTUAL: handle 0 is open with one chunk.
-    fails(d, VIRTUAL, bytes(mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=CH)),
+    fails(d, VIRTUAL, bytes(uvirtual_arg(cid, CH)),
           errno.EFAULT)
     assert last_lba(d, cid, 0) == CH - 1
     # VLUN_RESIZE: the new size is in effect.
-    fails(d, RESIZE, bytes(mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=0,
-                              req_size=3 * CH)), errno.EFAULT)
+    fails(d, RESIZE, bytes(resize_arg(cid, 0, 3 * CH)), errno.EFAULT)
     assert last_lba(d, cid, 0) == 3 * CH - 1
     # RELEASE: the handle is gone.
-    fails(d, RELEASE, bytes(mk(uapi.dk_cxlflash_release, context_id=cid, rsrc_handle=0)),
+    fails(d, RELEASE, bytes(release_arg(cid, 0)),
           errno.EFAULT)
     fails(d, VERIFY, verify_arg(cid, 0), errno.EINVAL)
     # DETACH: the context is gone.
-    fails(d, DETACH, bytes(mk(uapi.dk_cxlflash_detach, context_id=cid)), errno.EFAULT)
+    fails(d, DETACH, bytes(detach_arg(cid)), errno.EFAULT)
     assert find_ctx(a, cid) is None
     # MANAGE_LUN: superpipe mode was disabled.
     fails(d, MANAGE, bytes(manage_arg(d.wwid, DISABLE)), errno.EFAULT)

@@ -15,14 +15,13 @@ import errno
 import pytest
 
 import cxlflash
-from cxlflash import uapi
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
 from .helpers import (
-    CHILD, CHUNK, CHUNK_4K, DIRECT, K4, STRANGER, U64, _open_fds, add_disk, attach,
-    blocks, chunks, cid_of, close_fd, ctx, detach, disk_glun, fails, find_ctx, glun,
-    llun, mk, phys, release, resize_arg, returns_while_context_busy, udirect,
-    udirect_arg, uvirtual, uvirtual_arg)
+    CHILD, CHUNK, CHUNK_4K, DIRECT, K4, RESIZE, STRANGER, U64, VIRTUAL, _open_fds,
+    add_disk, attach, blocks, chunks, cid_of, close_fd, ctx, detach, disk_glun, fails,
+    find_ctx, glun, llun, phys, release, resize_arg, returns_while_context_busy,
+    udirect, udirect_arg, uvirtual, uvirtual_arg)
 
 
 # -- LUN modes (§8) --------------------------------------------------------------
@@ -36,8 +35,8 @@ def test_virtual_and_direct_exclude_each_other(embedded):
     ca, cb = attach(d).context_id, attach(d).context_id
     ha = uvirtual(d, ca, 1).rsrc_handle
     assert (g.mode, g.users) == (MODE_VIRTUAL, 1)
-    fails(d, uapi.DK_CXLFLASH_USER_DIRECT, udirect_arg(cb), errno.EINVAL)
-    fails(d, uapi.DK_CXLFLASH_USER_DIRECT, udirect_arg(ca), errno.EINVAL)
+    fails(d, DIRECT, udirect_arg(cb), errno.EINVAL)
+    fails(d, DIRECT, udirect_arg(ca), errno.EINVAL)
     assert g.users == 1
     hb = uvirtual(d, cb, 1).rsrc_handle
     ha2 = uvirtual(d, ca, 0).rsrc_handle
@@ -53,8 +52,8 @@ def test_virtual_and_direct_exclude_each_other(embedded):
     d3 = udirect(d, cb)
     assert (g.mode, g.users) == (MODE_PHYSICAL, 3)
     assert (d1.rsrc_handle, d2.rsrc_handle, d3.rsrc_handle) == (0, 0, 1)
-    fails(d, uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg(ca, 0), errno.EINVAL)
-    fails(d, uapi.DK_CXLFLASH_VLUN_RESIZE, resize_arg(ca, 0, 1), errno.EINVAL)
+    fails(d, VIRTUAL, uvirtual_arg(ca, 0), errno.EINVAL)
+    fails(d, RESIZE, resize_arg(ca, 0, 1), errno.EINVAL)
     assert g.users == 3
     # Detach releases every handle of the context on the LUN.
     detach(d, cb)
@@ -148,7 +147,7 @@ def test_user_direct_lun_virtual_einval(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     uvirtual(d, cid)
-    fails(d, DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=cid), errno.EINVAL)
+    fails(d, DIRECT, udirect_arg(cid), errno.EINVAL)
     assert disk_glun(d).mode == MODE_VIRTUAL and disk_glun(d).users == 1
 
 
@@ -157,7 +156,7 @@ def test_user_direct_lun_mode_checked_before_lookup(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     uvirtual(d, cid)
-    arg = mk(uapi.dk_cxlflash_udirect, context_id=cid)
+    arg = udirect_arg(cid)
     t = returns_while_context_busy(a, cid, lambda: cxlflash.ioctl(d, DIRECT, arg))
     assert t.errno == errno.EINVAL
 
@@ -167,7 +166,7 @@ def test_user_direct_lookup_fails_einval(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     d2 = add_disk(a)
-    arg = lambda c: mk(uapi.dk_cxlflash_udirect, context_id=c)   # noqa: E731
+    arg = lambda c: udirect_arg(c)   # noqa: E731
     fails(d, DIRECT, arg(cid + 1), errno.EINVAL)          # no context at that PE
     fails(d, DIRECT, arg(cid ^ (1 << 33)), errno.EINVAL)  # stale id
     fails(d2, DIRECT, arg(cid), errno.EINVAL)             # LUN not attached
@@ -186,7 +185,7 @@ def test_user_direct_no_free_rht_slot_emfile(embedded):
     cid = cid_of(d)
     for i in range(256):                        # MAX_RHT_PER_CONTEXT, 4 KiB pages
         assert udirect(d, cid).rsrc_handle == i
-    fails(d, DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=cid), errno.EMFILE)
+    fails(d, DIRECT, udirect_arg(cid), errno.EMFILE)
     assert disk_glun(d).users == 256
 
 
@@ -195,8 +194,8 @@ def test_user_direct_lookup_before_emfile(make_adapter):
     d = add_disk(a)
     cid = cid_of(d)
     udirect(d, cid)
-    fails(d, DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=cid ^ (1 << 40)), errno.EINVAL)
-    fails(d, DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=cid), errno.EMFILE)
+    fails(d, DIRECT, udirect_arg(cid ^ (1 << 40)), errno.EINVAL)
+    fails(d, DIRECT, udirect_arg(cid), errno.EMFILE)
 
 
 @pytest.mark.parametrize("err", [errno.ENOMEM, errno.ENOBUFS, errno.EIO, errno.EAGAIN,
@@ -206,7 +205,7 @@ def test_user_direct_sync_fails_raw_errno_handle_released(embedded, err):
     d = add_disk(a)
     cid = cid_of(d)
     a.inject_fault("sync", err=err)
-    fails(d, DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=cid), err)
+    fails(d, DIRECT, udirect_arg(cid), err)
     assert disk_glun(d).mode == MODE_NONE and disk_glun(d).users == 0
     assert find_ctx(a, cid).rht_out == 0
     assert udirect(d, cid).rsrc_handle == 0

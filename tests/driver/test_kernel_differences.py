@@ -26,9 +26,10 @@ from cxlflash.driver.core import Caller
 from .helpers import (
     ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH, DIRECT, DISABLE,
     ENABLE, MANAGE, ME, NAMES, NCHUNKS, PROVISION, RECOVER, RELEASE, RESIZE, U64,
-    VERIFY, VIRTUAL, _open_fds, add_disk, as_proc, attach, cid_of, clone_arg, detach,
-    disk_glun, fails, find_ctx, last_lba, manage_arg, mk, provision_arg, release,
-    resize, uvirtual, valid_args)
+    VERIFY, VIRTUAL, _open_fds, add_disk, as_proc, attach, attach_arg, cid_of,
+    clone_arg, detach, disk_glun, fails, find_ctx, last_lba, manage_arg, mk,
+    provision_arg, release, release_arg, resize, resize_arg, uvirtual, uvirtual_arg,
+    valid_args)
 
 
 # -- the README lists every deviation kept ------------------------------------
@@ -65,7 +66,7 @@ def test_parity_legacy_start_every_dk_but_manage_lun_einval_on_every_port(make_e
     d1 = a.open_disk(d0.wwid, port=1)
     for d in (d0, d1):
         assert d.sdev.llun is None
-        fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)
+        fails(d, ATTACH, attach_arg(), errno.EINVAL)
         for req, s in [(DIRECT, uapi.dk_cxlflash_udirect), (VIRTUAL, uapi.dk_cxlflash_uvirtual),
                        (RELEASE, uapi.dk_cxlflash_release), (DETACH, uapi.dk_cxlflash_detach),
                        (VERIFY, uapi.dk_cxlflash_verify), (RESIZE, uapi.dk_cxlflash_resize),
@@ -74,7 +75,7 @@ def test_parity_legacy_start_every_dk_but_manage_lun_einval_on_every_port(make_e
     # MANAGE_LUN without a flag only registers the WWID: still legacy.
     cxlflash.ioctl(d0, MANAGE, manage_arg(d0.wwid))
     assert d0.sdev.llun is None and not a.driver.lluns[d0.wwid].port_sel
-    fails(d0, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)
+    fails(d0, ATTACH, attach_arg(), errno.EINVAL)
     # The Pythonic layer says what to do.
     with pytest.raises(CxlFlashError) as ei:
         d0.attach()
@@ -86,7 +87,7 @@ def test_parity_legacy_start_ports_enabled_one_by_one_as_the_kernel(make_embedde
     d0 = add_disk(a, ports=(0, 1), superpipe=False)
     d1 = a.open_disk(d0.wwid, port=1)
     cxlflash.ioctl(d0, MANAGE, manage_arg(d0.wwid, ENABLE))
-    fails(d1, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)  # port 1 legacy
+    fails(d1, ATTACH, attach_arg(), errno.EINVAL)  # port 1 legacy
     cid = cid_of(d0)
     uv = uvirtual(d0, cid, 1)
     llun = d0.sdev.llun
@@ -101,7 +102,7 @@ def test_parity_legacy_start_ports_enabled_one_by_one_as_the_kernel(make_embedde
     release(d0, cid, uv.rsrc_handle)
     release(d0, cid, uv2.rsrc_handle)
     cxlflash.ioctl(d1, MANAGE, manage_arg(d0.wwid, DISABLE))
-    fails(d1, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)
+    fails(d1, ATTACH, attach_arg(), errno.EINVAL)
     assert uvirtual(d0, cid, 1).hdr.return_flags == 0    # port 0 alone again
 
 
@@ -139,7 +140,7 @@ def test_parity_delete_lun_in_superpipe_mode_nobody_uses_succeeds(embedded):
     assert a.driver.afu.counters["afu_cmds"] == sent + 1
     assert d.wwid not in a.provisioned and d.wwid not in a.driver.lluns
     assert d.wwid not in a.driver.gluns and d.sdev.llun is None
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(), errno.EINVAL)
     with pytest.raises(CxlFlashError) as ei:
         a.open_disk(d.wwid)
     assert ei.value.errno == errno.ENODEV
@@ -203,7 +204,7 @@ def test_parity_delete_lun_and_a_racing_attach(embedded):
         cxlflash.ioctl(d, MANAGE, manage_arg(d.wwid, ENABLE))
         if capacity_read:
             detach(d, cid_of(d))
-        arg = mk(uapi.dk_cxlflash_attach, os.O_RDWR)
+        arg = attach_arg()
         llun = d.sdev.llun
         cxlflash.ioctl(a, PROVISION, provision_arg(2, lun_id=lun_id))
         d.sdev.llun = llun            # as the dispatch saw it, before the delete
@@ -230,8 +231,7 @@ def test_parity_rsrc_handle_low_32_bits_resize_verify_release(embedded):
     assert last_lba(d, cid, (0xABCD << 32) | h) == 3 * CH - 1
     release(d, cid, (U64 & ~0xFFFFFFFF) | h)
     assert not find_ctx(a, cid).table.is_open(h) and find_ctx(a, cid).table.is_open(0)
-    fails(d, RELEASE, mk(uapi.dk_cxlflash_release, context_id=cid,
-                         rsrc_handle=(1 << 32) + 256), errno.EINVAL)
+    fails(d, RELEASE, release_arg(cid, (1 << 32) + 256), errno.EINVAL)
 
 
 def test_parity_rsrc_handle_low_32_bits_data_path(adapter):
@@ -265,7 +265,7 @@ def test_parity_disk_not_opened_rdwr_eperm_for_every_request(embedded, req, mode
     a = embedded
     d = add_disk(a)
     _, _, args = valid_args(a, d)
-    arg = args.get(req, mk(uapi.dk_cxlflash_attach, os.O_RDWR))
+    arg = args.get(req, attach_arg())
     ro = a.open_disk(d.wwid, flags=mode)
     before = find_ctx(a, args[DETACH].context_id).rht_out
     e = fails(ro, req, arg, errno.EPERM)
@@ -279,7 +279,7 @@ def test_parity_eperm_before_every_driver_check(make_adapter):
     a.lun_mode = 1
     a.fail()
     ro = a.open_disk(d.wwid, flags=os.O_RDONLY)
-    fails(ro, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, 7), errno.EPERM)  # not EINVAL/ENODEV
+    fails(ro, VIRTUAL, uvirtual_arg(0, flags=7), errno.EPERM)  # not EINVAL/ENODEV
     fails(ro, MANAGE, bytearray(2), errno.EPERM)                      # not EFAULT
 
 
@@ -323,8 +323,7 @@ def test_parity_clamped_grow_crossing_the_lxt_group_enomem(embedded):
     assert a.driver.afu.faults.pending() == {"alloc": 1}
     resize(d, cid, h, 6 * CH)
     resize(d, cid, h0, 7 * CH)                           # 3 free: 6 + 3 = 9, two groups
-    fails(d, RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=h,
-                        req_size=16 * CH), errno.ENOMEM)
+    fails(d, RESIZE, resize_arg(cid, h, 16 * CH), errno.ENOMEM)
     assert last_lba(d, cid, h) == 6 * CH - 1             # no change
     assert disk_glun(d).allocator.space() == 3
 
@@ -338,7 +337,7 @@ def test_parity_clone_rollback_force_releases_when_its_release_sync_fails(embedd
     cid = cid_of(d)
     h0 = uvirtual(d, cid, CH).rsrc_handle
     h1 = uvirtual(d, cid, CH).rsrc_handle
-    dst = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), CHILD).context_id
+    dst = as_proc(d, ATTACH, attach_arg(), CHILD).context_id
     users = disk_glun(d).users
     free = disk_glun(d).allocator.space()
     from cxlflash.driver import afu as afu_mod
@@ -401,8 +400,8 @@ def test_parity_eperm_in_a_forked_child_too(adapter):
     def child():
         ro = a.open_disk(d.wwid, flags=os.O_RDONLY)
         with pytest.raises(CxlFlashError) as ei:
-            cxlflash.ioctl(ro, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDONLY))
-        s = mk(uapi.dk_cxlflash_attach, os.O_RDONLY)
+            cxlflash.ioctl(ro, ATTACH, attach_arg(flags=os.O_RDONLY))
+        s = attach_arg(flags=os.O_RDONLY)
         cxlflash.ioctl(a.open_disk(d.wwid), ATTACH, s)
         os.close(s.adap_fd)
         return ei.value.errno

@@ -10,7 +10,6 @@ conditions true and asserts which errno wins.  Fixtures: ``conftest.py``
 tests that reach into the driver); builders: ``helpers.py``.
 """
 import errno
-import os
 
 import pytest
 
@@ -20,7 +19,7 @@ from cxlflash import uapi
 from .helpers import (
     ATTACH, CHUNK, DIRECT, DISABLE, ENABLE, K4, MANAGE, STRANGER, VERIFY, _open_fds,
     add_disk, as_proc, attach, attach_arg, cid_of, close_fd, ctx, detach, fails, llun,
-    manage, manage_arg, mk, release, udirect, uvirtual, verify_arg)
+    manage, manage_arg, release, udirect, udirect_arg, uvirtual, verify_arg)
 
 
 # -- LUN modes (§8) --------------------------------------------------------------
@@ -99,11 +98,11 @@ def test_manage_lun_disable_busy_while_handles_open(adapter):
     ml = uapi.dk_cxlflash_manage_lun()
     ml.wwid[:] = w
     ml.hdr.flags = DISABLE
-    fails(d, uapi.DK_CXLFLASH_MANAGE_LUN, ml, errno.EBUSY)
+    fails(d, MANAGE, ml, errno.EBUSY)
     release(d, cid, h)
     detach(d, cid)
     manage(d, w, DISABLE)
-    fails(d, uapi.DK_CXLFLASH_ATTACH, attach_arg(), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(), errno.EINVAL)
     manage(d, w, ENABLE)
     attach(d)
 
@@ -148,8 +147,8 @@ def test_manage_lun_disable_while_mode_not_none_ebusy(embedded, how):
     elif how == "direct":
         h = udirect(d, cid).rsrc_handle
     else:
-        c2 = as_proc(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), STRANGER).context_id
-        as_proc(d, DIRECT, mk(uapi.dk_cxlflash_udirect, context_id=c2), STRANGER)
+        c2 = as_proc(d, ATTACH, attach_arg(), STRANGER).context_id
+        as_proc(d, DIRECT, udirect_arg(c2), STRANGER)
     fails(d, MANAGE, manage_arg(d.wwid, DISABLE), errno.EBUSY)
     assert d.sdev.llun is not None
     # ENABLE wins when both bits are set, so that is no disable

@@ -20,11 +20,11 @@ import cxlflash
 from cxlflash import uapi
 
 from .helpers import (
-    ATTACH, Bg, CH, CHUNK, CHUNK_4K, ENABLE, K4, RECOVER, STRANGER, VERIFY, _open_fds,
-    add_disk, attach, attach_arg, blocks, call, chunks, cid_of, clone_arg, close_fd,
-    ctx, detach, fails, find_ctx, glun, last_lba, last_lba_4k, llun, manage, mk,
-    recover, recover_arg, release, resize, signal_until_done, udirect, udirect_arg,
-    uvirtual, uvirtual_arg, verify, verify_arg, wait_until)
+    ATTACH, Bg, CH, CHUNK, CHUNK_4K, CLONE, DIRECT, ENABLE, K4, RECOVER, STRANGER,
+    VERIFY, VIRTUAL, _open_fds, add_disk, attach, attach_arg, blocks, call, chunks,
+    cid_of, clone_arg, close_fd, ctx, detach, fails, find_ctx, glun, last_lba,
+    last_lba_4k, llun, manage, recover, recover_arg, release, resize, signal_until_done,
+    udirect, udirect_arg, uvirtual, uvirtual_arg, verify, verify_arg, wait_until)
 
 
 # -- reset and recovery (§16) ----------------------------------------------------
@@ -52,9 +52,9 @@ def test_reset_puts_data_path_in_error(embedded):
             fn()
         assert ei.value.errno == errno.EIO
     # Not reachable without the error fallback.
-    fails(d, uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg(cid), errno.EINVAL)
-    fails(d, uapi.DK_CXLFLASH_VERIFY, verify_arg(cid, h), errno.EINVAL)
-    fails(d, uapi.DK_CXLFLASH_ATTACH, attach_arg(cid, reuse=True), errno.EINVAL)
+    fails(d, VIRTUAL, uvirtual_arg(cid), errno.EINVAL)
+    fails(d, VERIFY, verify_arg(cid, h), errno.EINVAL)
+    fails(d, ATTACH, attach_arg(cid, reuse=True), errno.EINVAL)
     # RESIZE (grow and shrink) and RELEASE work on a context in error.
     assert resize(d, cid, h, 3 * CHUNK_4K).last_lba == last_lba_4k(3)
     assert resize(d, cid, h, CHUNK_4K).last_lba == last_lba_4k(1)
@@ -75,7 +75,7 @@ def test_closing_fd_of_context_in_error_tears_it_down(embedded):
     assert resize(d, keep.context_id, hk, 2).last_lba == last_lba_4k(1)   # in error, reachable
     assert [c.ctxid for c in a.driver.ctx_err_recovery] == [keep.context_id]
     assert glun(a, w).users == 1 and glun(a, w).allocator.space() == 7
-    fails(d, uapi.DK_CXLFLASH_RECOVER_AFU, recover_arg(at.context_id), errno.EINVAL)
+    fails(d, RECOVER, recover_arg(at.context_id), errno.EINVAL)
 
 
 def test_ioctls_wait_out_a_reset(adapter):
@@ -151,7 +151,7 @@ def test_recover_afu(embedded):
     assert ro.hdr.return_flags & uapi.DK_CXLFLASH_RECOVER_AFU_CONTEXT_RESET
     # Closing the new fd is the owner's close: now the context goes away.
     close_fd(ra.adap_fd)
-    fails(d, uapi.DK_CXLFLASH_VERIFY, verify_arg(new, h), errno.EINVAL)
+    fails(d, VERIFY, verify_arg(new, h), errno.EINVAL)
     assert glun(a, w).users == 0
 
 
@@ -168,7 +168,7 @@ def test_recover_afu_gives_a_new_pe_and_id(adapter):
     new = ra.context_id
     assert new & 0xFFFFFFFF != cid & 0xFFFFFFFF, "recovered onto the PE the old fd still holds"
     assert new != cid
-    fails(d, uapi.DK_CXLFLASH_VERIFY, verify_arg(cid, h), errno.EINVAL)
+    fails(d, VERIFY, verify_arg(cid, h), errno.EINVAL)
     # A new ATTACH cannot take the old PE either while the old fd is open.
     assert attach(d).context_id & 0xFFFFFFFF != cid & 0xFFFFFFFF
     # Once the old fd is closed, its PE is free again.
@@ -186,7 +186,7 @@ def test_recover_afu_on_healthy_context_changes_nothing(embedded):
     ra.mmio_size = 7
     ra.reason = 99
     before = bytes(ra)
-    call(d, uapi.DK_CXLFLASH_RECOVER_AFU, ra)
+    call(d, RECOVER, ra)
     assert bytes(ra) == before
     assert ctx(a, cid) is not None and ctx(a, cid).file is not None
     a.write(cid, h, 0, bytes(K4))
@@ -205,12 +205,12 @@ def test_failterm(embedded):
     assert a.state == "FAILTERM"
     with pytest.raises(cxlflash.AdapterResetError):
         a.read(cid, h, 0, 1)
-    for req, arg, dk in [(uapi.DK_CXLFLASH_ATTACH, attach_arg(), d),
-                         (uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg(cid), d),
-                         (uapi.DK_CXLFLASH_USER_DIRECT, udirect_arg(cid), d),
-                         (uapi.DK_CXLFLASH_VERIFY, verify_arg(cid, h), d),
-                         (uapi.DK_CXLFLASH_RECOVER_AFU, recover_arg(cid), d),
-                         (uapi.DK_CXLFLASH_VLUN_CLONE, clone_arg(cid, cid + 1), d)]:
+    for req, arg, dk in [(ATTACH, attach_arg(), d),
+                         (VIRTUAL, uvirtual_arg(cid), d),
+                         (DIRECT, udirect_arg(cid), d),
+                         (VERIFY, verify_arg(cid, h), d),
+                         (RECOVER, recover_arg(cid), d),
+                         (CLONE, clone_arg(cid, cid + 1), d)]:
         fails(dk, req, arg, errno.ENODEV)
     # The exceptions: RESIZE, RELEASE, DETACH (and MANAGE_LUN has no state check).
     assert resize(d, cid, h, CHUNK_4K).last_lba == last_lba_4k(1)
@@ -326,7 +326,7 @@ def test_recover_afu_old_fd_holds_old_pe_until_closed(make_embedded):
     r = recover(d, s.context_id)
     assert r.context_id & 0xFFFFFFFF == 1 and r.context_id != s.context_id
     fails(d, VERIFY, verify_arg(s.context_id, 0), errno.EINVAL)   # old id is stale
-    fails(d, ATTACH, mk(uapi.dk_cxlflash_attach, os.O_RDWR), errno.ENODEV)
+    fails(d, ATTACH, attach_arg(), errno.ENODEV)
     os.close(s.adap_fd)
     _open_fds.remove(s.adap_fd)
     assert cid_of(d) & 0xFFFFFFFF == 0

@@ -20,9 +20,9 @@ from cxlflash import uapi
 
 from .helpers import (
     Bg, CH, CHILD, CHUNK, CHUNK_4K, K4, NCHUNKS, RESIZE, RecordingAllocator, STRANGER,
-    U64, add_disk, attach, blocks, child_io, chunk_bytes, chunks, cid_of, clone, ctx,
-    disk_glun, fails, glun, last_lba, last_lba_4k, mk, release, resize, resize_arg,
-    returns_while_context_busy, udirect, uvirtual, uvirtual_arg, verify)
+    U64, VIRTUAL, add_disk, attach, blocks, child_io, chunk_bytes, chunks, cid_of,
+    clone, ctx, disk_glun, fails, glun, last_lba, last_lba_4k, release, resize,
+    resize_arg, returns_while_context_busy, udirect, uvirtual, uvirtual_arg, verify)
 
 
 # -- VLUN_RESIZE (§11) -----------------------------------------------------------
@@ -64,9 +64,9 @@ def test_resize_best_effort_growth(embedded):
     assert resize(d, cid, h, 10 * CHUNK_4K).last_lba == last_lba_4k(4)
     assert chunks(a, cid, h) == [0, 1, 2, 3] and g.allocator.space() == 0
     # No free chunk at all: ENOSPC, nothing changes.
-    fails(d, uapi.DK_CXLFLASH_VLUN_RESIZE, resize_arg(cid, h, 5 * CHUNK_4K), errno.ENOSPC)
+    fails(d, RESIZE, resize_arg(cid, h, 5 * CHUNK_4K), errno.ENOSPC)
     users = g.users
-    fails(d, uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg(cid, 1), errno.ENOSPC)
+    fails(d, VIRTUAL, uvirtual_arg(cid, 1), errno.ENOSPC)
     assert g.users == users
     # A size-0 open needs no chunk.
     h0 = uvirtual(d, cid, 0).rsrc_handle
@@ -198,17 +198,16 @@ def test_vlun_resize_lun_not_virtual_einval(adapter):
     a = adapter
     d = add_disk(a)
     cid = cid_of(d)
-    fails(d, RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, req_size=CH), errno.EINVAL)
+    fails(d, RESIZE, resize_arg(cid, 0, CH), errno.EINVAL)
     h = udirect(d, cid).rsrc_handle
-    fails(d, RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=h,
-                        req_size=CH), errno.EINVAL)
+    fails(d, RESIZE, resize_arg(cid, h, CH), errno.EINVAL)
 
 
 def test_vlun_resize_mode_checked_before_lookup(embedded):
     a = embedded
     d = add_disk(a)
     cid = cid_of(d)
-    arg = mk(uapi.dk_cxlflash_resize, context_id=cid, req_size=CH)
+    arg = resize_arg(cid, 0, CH)
     t = returns_while_context_busy(a, cid, lambda: cxlflash.ioctl(d, RESIZE, arg))
     assert t.errno == errno.EINVAL
 
@@ -221,8 +220,7 @@ def test_vlun_resize_lookup_fails_einval_error_contexts_found(embedded):
     d2 = add_disk(a)
     c2 = cid_of(d2)
     uvirtual(d2, c2)                  # LUN 2 virtual too
-    arg = lambda c, dd=None: mk(uapi.dk_cxlflash_resize, context_id=c,  # noqa: E731
-                                rsrc_handle=h, req_size=2 * CH)
+    arg = lambda c, dd=None: resize_arg(c, h, 2 * CH)  # noqa: E731
     fails(d, RESIZE, arg(cid ^ (1 << 50)), errno.EINVAL)
     fails(d2, RESIZE, arg(cid), errno.EINVAL)             # LUN not attached
     fails(d, RESIZE, arg(cid), errno.EINVAL, STRANGER)
@@ -239,8 +237,7 @@ def test_vlun_resize_invalid_handle_einval(adapter):
     attach(d2, reuse=cid)
     uvirtual(d, cid)                  # handle 0 on LUN 1
     h1 = uvirtual(d2, cid).rsrc_handle    # handle 1 on LUN 2
-    arg = lambda h: mk(uapi.dk_cxlflash_resize, context_id=cid,  # noqa: E731
-                       rsrc_handle=h, req_size=CH)
+    arg = lambda h: resize_arg(cid, h, CH)  # noqa: E731
     fails(d, RESIZE, arg(256), errno.EINVAL)              # >= MAX_RHT_PER_CONTEXT
     fails(d, RESIZE, arg(2**63 + 256), errno.EINVAL)      # its low 32 bits: 256
     fails(d, RESIZE, arg(h1), errno.EINVAL)               # opened through LUN 2
@@ -254,8 +251,7 @@ def test_vlun_resize_grow_no_free_chunk_enospc(make_adapter):
     cid = cid_of(d)
     uvirtual(d, cid, 2 * CH)
     h = uvirtual(d, cid).rsrc_handle
-    fails(d, RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=h,
-                        req_size=1), errno.ENOSPC)
+    fails(d, RESIZE, resize_arg(cid, h, 1), errno.ENOSPC)
     assert last_lba(d, cid, h) == U64
 
 
@@ -276,8 +272,7 @@ def test_vlun_resize_lxt_reallocation_enomem_no_change(embedded, cur, new):
     cid = cid_of(d)
     h = uvirtual(d, cid, cur * CH).rsrc_handle
     a.inject_fault("alloc")
-    fails(d, RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=h,
-                        req_size=new * CH), errno.ENOMEM)
+    fails(d, RESIZE, resize_arg(cid, h, new * CH), errno.ENOMEM)
     assert last_lba(d, cid, h) == cur * CH - 1
     assert disk_glun(d).allocator.space() == NCHUNKS - cur
 
@@ -290,8 +285,7 @@ def test_vlun_resize_sync_fails_eagain_size_kept(embedded, cur, new):
     cid = cid_of(d)
     h = uvirtual(d, cid, cur * CH).rsrc_handle
     a.inject_fault("sync")
-    fails(d, RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=h,
-                        req_size=new * CH), errno.EAGAIN)
+    fails(d, RESIZE, resize_arg(cid, h, new * CH), errno.EAGAIN)
     assert last_lba(d, cid, h) == (new * CH - 1) & U64
     assert disk_glun(d).allocator.space() == NCHUNKS - new
     # The documented repair: the same size again (the "equal" path).
@@ -307,8 +301,7 @@ def test_vlun_resize_shrink_of_error_context_skips_sync(embedded):
     a.inject_fault("sync")
     assert resize(d, cid, h, CH).last_lba == CH - 1     # no HW sync (§16.2)
     assert a.driver.afu.faults.pending() == {"sync": 1}
-    fails(d, RESIZE, mk(uapi.dk_cxlflash_resize, context_id=cid, rsrc_handle=h,
-                        req_size=2 * CH), errno.EAGAIN)  # grow still syncs
+    fails(d, RESIZE, resize_arg(cid, h, 2 * CH), errno.EAGAIN)  # grow still syncs
 
 
 # -- §22.2 VERIFY ----------------------------------------------------------------

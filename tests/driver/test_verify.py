@@ -16,7 +16,6 @@ import threading
 import pytest
 
 import cxlflash
-from cxlflash import uapi
 
 from scsi_sense import desc_sense, fixed_sense
 
@@ -60,9 +59,8 @@ def test_verify_sense_parsing(adapter, tmp_path):
     cid = attach(d).context_id
     h = udirect(d, cid).rsrc_handle
     os.truncate(path, 512 * K4)
-    V = uapi.DK_CXLFLASH_VERIFY
     # Fixed format with additional length < 5: ASC is not seen -> UA with ASC 0 -> EIO.
-    fails(d, V, verify_arg(cid, h, fixed_sense(0x6, 0x2A, addl=4)), errno.EIO)
+    fails(d, VERIFY, verify_arg(cid, h, fixed_sense(0x6, 0x2A, addl=4)), errno.EIO)
     # Fixed-format bytes under a descriptor code: the key is byte 1 (0) -> OK, no refresh.
     s = fixed_sense(0x6, 0x2A)
     s[0] = 0x72
@@ -70,25 +68,25 @@ def test_verify_sense_parsing(adapter, tmp_path):
     # Descriptor bytes under a fixed code: key = byte 2 & 0xF = 0xA -> EIO.
     s = desc_sense(0x6, 0x2A)
     s[0] = 0x70
-    fails(d, V, verify_arg(cid, h, s), errno.EIO)
+    fails(d, VERIFY, verify_arg(cid, h, s), errno.EIO)
     # Response code not 0x70-0x7F -> EINVAL.
     for code in (0x00, 0x60, 0x6F):
         s = fixed_sense(0x6, 0x2A, code=code)
-        fails(d, V, verify_arg(cid, h, s), errno.EINVAL)
+        fails(d, VERIFY, verify_arg(cid, h, s), errno.EINVAL)
     # Keys NO SENSE / RECOVERED / NOT READY: nothing, OK.
     for key in (0x0, 0x1, 0x2):
         assert verify(d, cid, h, fixed_sense(key, 0x2A)).last_lba == 255
     # UNIT ATTENTION: 0x3F is OK (rescan), any other ASC -> EIO.
     assert verify(d, cid, h, fixed_sense(0x6, 0x3F)).last_lba == 255
-    fails(d, V, verify_arg(cid, h, fixed_sense(0x6, 0x28)), errno.EIO)
+    fails(d, VERIFY, verify_arg(cid, h, fixed_sense(0x6, 0x28)), errno.EIO)
     # Other keys -> EIO.
     for key in (0x3, 0x4, 0x5, 0xB):
-        fails(d, V, verify_arg(cid, h, fixed_sense(key, 0x2A)), errno.EIO)
+        fails(d, VERIFY, verify_arg(cid, h, fixed_sense(key, 0x2A)), errno.EIO)
     # Other hint bits are ignored; without HINT_SENSE no parsing at all.
     vf = verify_arg(cid, h)
     vf.hint = 0x7FFFFFFFFFFFFFFF
     vf.sense_data[:] = bytes(18)
-    assert call(d, V, vf).last_lba == 255
+    assert call(d, VERIFY, vf).last_lba == 255
     # The context is usable afterwards (not left unavail).
     assert verify(d, cid, h, fixed_sense(0x6, 0x29)).last_lba == 511
 
@@ -118,9 +116,8 @@ def test_verify_empty_vlun_and_invalid_handles(adapter):
     cid = attach(d).context_id
     h = uvirtual(d, cid, 0).rsrc_handle
     assert verify(d, cid, h).last_lba == U64
-    V = uapi.DK_CXLFLASH_VERIFY
-    fails(d, V, verify_arg(cid, 7), errno.EINVAL)
-    fails(d, V, verify_arg(cid, 256), errno.EINVAL)
+    fails(d, VERIFY, verify_arg(cid, 7), errno.EINVAL)
+    fails(d, VERIFY, verify_arg(cid, 256), errno.EINVAL)
 
 
 # -- §22.2 VERIFY ----------------------------------------------------------------

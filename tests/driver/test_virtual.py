@@ -29,8 +29,8 @@ from block_pattern import pattern
 from .helpers import (
     BLK, CH, CHUNK, CHUNK_4K, DISABLE, K4, MANAGE, NCHUNKS, RELEASE, RecordingAllocator,
     STRANGER, U64, VERIFY, VIRTUAL, _open_fds, add_disk, attach, blocks, chunks, cid_of,
-    close_fd, ctx, detach, disk_glun, fails, find_ctx, glun, last_lba, manage_arg, mk,
-    phys, release, resize, udirect, uvirtual, uvirtual_arg, verify, verify_arg)
+    close_fd, ctx, detach, disk_glun, fails, find_ctx, glun, last_lba, manage_arg, phys,
+    release, release_arg, resize, udirect, uvirtual, uvirtual_arg, verify, verify_arg)
 
 
 # -- spec Appendix A -------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_appendix_a_lun_below_one_chunk_is_enomem(embedded, block_size):
     d = a.open_disk(w)
     at = attach(d)
     assert at.last_lba == 65534
-    fails(d, uapi.DK_CXLFLASH_USER_VIRTUAL, uvirtual_arg(at.context_id, 0), errno.ENOMEM)
+    fails(d, VIRTUAL, uvirtual_arg(at.context_id, 0), errno.ENOMEM)
     g = glun(a, w)
     assert (g.mode, g.users, g.allocator) == (MODE_NONE, 0, None)
     # The mode was not left stuck: direct access still works.
@@ -309,7 +309,7 @@ def test_user_virtual_allocator_init_lun_too_small_enomem(embedded):
     d = add_disk(a)
     small = a.open_disk(a.add_lun(None, size=65535 * BLK, block_size=BLK))
     cid = cid_of(small)
-    fails(small, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid), errno.ENOMEM)
+    fails(small, VIRTUAL, uvirtual_arg(cid), errno.ENOMEM)
     assert disk_glun(small).mode == MODE_NONE and disk_glun(small).allocator is None
     udirect(small, cid)                        # physical access is fine
 
@@ -319,7 +319,7 @@ def test_user_virtual_allocator_init_before_lookup(adapter):
     d = add_disk(a)
     small = a.open_disk(a.add_lun(None, size=65535 * BLK, block_size=BLK))
     attach(small)
-    fails(small, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=0xBAD), errno.ENOMEM)
+    fails(small, VIRTUAL, uvirtual_arg(0xBAD), errno.ENOMEM)
 
 
 def test_user_virtual_lun_physical_einval(embedded):
@@ -327,7 +327,7 @@ def test_user_virtual_lun_physical_einval(embedded):
     d = add_disk(a)
     cid = cid_of(d)
     udirect(d, cid)
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=CH),
+    fails(d, VIRTUAL, uvirtual_arg(cid, CH),
           errno.EINVAL)
     assert disk_glun(d).mode == MODE_PHYSICAL and disk_glun(d).users == 1
     assert disk_glun(d).allocator is None
@@ -345,7 +345,7 @@ def test_user_virtual_lun_table_no_port_bits_eio(embedded):
     a = embedded
     d = add_disk(a)
     cid = _lun_with_empty_port_sel(a, d)
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=CH), errno.EIO)
+    fails(d, VIRTUAL, uvirtual_arg(cid, CH), errno.EIO)
     assert disk_glun(d).mode == MODE_NONE and disk_glun(d).users == 0
     udirect(d, cid)                        # USER_DIRECT does not use the LUN table
 
@@ -354,7 +354,7 @@ def test_user_virtual_lun_table_before_lookup(embedded):
     a = embedded
     d = add_disk(a)
     _lun_with_empty_port_sel(a, d)
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=0xBAD), errno.EIO)
+    fails(d, VIRTUAL, uvirtual_arg(0xBAD), errno.EIO)
 
 
 def test_user_virtual_lun_table_full_enospc(make_embedded):
@@ -370,7 +370,7 @@ def test_user_virtual_lun_table_full_enospc(make_embedded):
             assert uvirtual(dk, cid).rsrc_handle == i
             assert dk.sdev.llun.lun_index == 255 - i
     last = disks[255]
-    fails(last, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid), errno.ENOSPC)
+    fails(last, VIRTUAL, uvirtual_arg(cid), errno.ENOSPC)
     assert disk_glun(last).mode == MODE_NONE and disk_glun(last).users == 0
     # Decision 20: a LUN leaving the table gives its slot back.
     release(disks[7], cid, 7)
@@ -385,7 +385,7 @@ def test_user_virtual_lookup_fails_einval(embedded):
     cid = cid_of(d)
     d2 = add_disk(a)
     cid_of(d2)                        # its capacity is known
-    arg = lambda c: mk(uapi.dk_cxlflash_uvirtual, context_id=c, lun_size=CH)  # noqa: E731
+    arg = lambda c: uvirtual_arg(c, CH)  # noqa: E731
     fails(d, VIRTUAL, arg(cid ^ (1 << 45)), errno.EINVAL)
     fails(d2, VIRTUAL, arg(cid), errno.EINVAL)            # LUN not attached
     fails(d, VIRTUAL, arg(cid), errno.EINVAL, STRANGER)
@@ -400,7 +400,7 @@ def test_user_virtual_no_free_rht_slot_emfile(make_embedded):
     cid = cid_of(d)
     uvirtual(d, cid)
     uvirtual(d, cid, CH)
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid), errno.EMFILE)
+    fails(d, VIRTUAL, uvirtual_arg(cid), errno.EMFILE)
     assert disk_glun(d).users == 2
 
 
@@ -409,7 +409,7 @@ def test_user_virtual_emfile_before_enospc(make_adapter):
     d = add_disk(a, nchunks=1)
     cid = cid_of(d)
     uvirtual(d, cid, CH)                       # the only chunk, the only slot
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=CH),
+    fails(d, VIRTUAL, uvirtual_arg(cid, CH),
           errno.EMFILE)
 
 
@@ -418,7 +418,7 @@ def test_user_virtual_initial_size_no_free_chunk_enospc(make_embedded):
     d = add_disk(a, nchunks=2)
     cid = cid_of(d)
     uvirtual(d, cid, 2 * CH)
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=1), errno.ENOSPC)
+    fails(d, VIRTUAL, uvirtual_arg(cid, 1), errno.ENOSPC)
     assert find_ctx(a, cid).rht_out == 1 and disk_glun(d).users == 1
     assert uvirtual(d, cid, 0).rsrc_handle == 1          # size 0 needs no chunk
 
@@ -438,7 +438,7 @@ def test_user_virtual_lxt_allocation_enomem(embedded):
     cid = cid_of(d)
     uvirtual(d, cid)                  # keeps the allocator alive
     a.inject_fault("alloc")
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=CH),
+    fails(d, VIRTUAL, uvirtual_arg(cid, CH),
           errno.ENOMEM)
     assert disk_glun(d).allocator.space() == NCHUNKS
     assert find_ctx(a, cid).rht_out == 1 and disk_glun(d).users == 1
@@ -451,7 +451,7 @@ def test_user_virtual_sync_fails_eagain_frees_grown_chunks_decision_7(embedded, 
     cid = cid_of(d)
     uvirtual(d, cid)                  # keeps the allocator alive
     a.inject_fault("sync")
-    fails(d, VIRTUAL, mk(uapi.dk_cxlflash_uvirtual, context_id=cid, lun_size=size),
+    fails(d, VIRTUAL, uvirtual_arg(cid, size),
           errno.EAGAIN)
     g = disk_glun(d)
     assert g.allocator.space() == NCHUNKS and g.users == 1
@@ -471,7 +471,7 @@ def test_release_lookup_fails_einval_error_contexts_found(embedded):
     cid = cid_of(d)
     h = uvirtual(d, cid, CH).rsrc_handle
     d2 = add_disk(a)
-    arg = lambda c: mk(uapi.dk_cxlflash_release, context_id=c, rsrc_handle=h)  # noqa: E731
+    arg = lambda c: release_arg(c, h)  # noqa: E731
     fails(d, RELEASE, arg(cid ^ (1 << 60)), errno.EINVAL)
     fails(d, RELEASE, arg(cid | 0xFFFF), errno.EINVAL)    # PE >= 512
     fails(d2, RELEASE, arg(cid), errno.EINVAL)            # LUN not attached
@@ -489,7 +489,7 @@ def test_release_invalid_handle_einval(embedded):
     attach(d2, reuse=cid)
     uvirtual(d, cid)
     h1 = uvirtual(d2, cid).rsrc_handle
-    arg = lambda h: mk(uapi.dk_cxlflash_release, context_id=cid, rsrc_handle=h)  # noqa: E731
+    arg = lambda h: release_arg(cid, h)  # noqa: E731
     fails(d, RELEASE, arg(256), errno.EINVAL)
     fails(d, RELEASE, arg(h1), errno.EINVAL)
     fails(d, RELEASE, arg(9), errno.EINVAL)
@@ -502,7 +502,7 @@ def test_release_virtual_sync_fails_eagain_handle_open_at_size_0_retry_succeeds(
     cid = cid_of(d)
     h = uvirtual(d, cid, 2 * CH).rsrc_handle
     a.inject_fault("sync")
-    fails(d, RELEASE, mk(uapi.dk_cxlflash_release, context_id=cid, rsrc_handle=h),
+    fails(d, RELEASE, release_arg(cid, h),
           errno.EAGAIN)
     assert last_lba(d, cid, h) == U64                     # open, size 0
     g = disk_glun(d)
