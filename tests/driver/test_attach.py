@@ -27,10 +27,10 @@ from forking import in_child
 from .helpers import (
     ATTACH, BLK, CH, CHILD, CHUNK, CHUNK_4K, DETACH, DIRECT, K4, NCHUNKS, RECOVER,
     RELEASE, RESIZE, REUSE, STRANGER, U64, VERIFY, VIRTUAL, _open_fds, add_disk, attach,
-    attach_arg, blocks, chunks, cid_of, close_fd, ctx, detach, detach_arg, disk_glun,
-    fails, find_ctx, glun, last_lba, last_lba_4k, llun, recover, recover_arg,
-    release_arg, resize, resize_arg, udirect, udirect_arg, uvirtual, uvirtual_arg,
-    verify, verify_arg)
+    attach_arg, blocks, chunks, cid_of, close_fd, close_open_fds, ctx, detach,
+    detach_arg, disk_glun, fails, find_ctx, glun, last_lba, last_lba_4k, llun, recover,
+    recover_arg, release_arg, resize, resize_arg, udirect, udirect_arg, uvirtual,
+    uvirtual_arg, verify, verify_arg)
 
 
 # -- ATTACH ----------------------------------------------------------------------
@@ -137,8 +137,7 @@ def test_pe_exhaustion_is_enodev(make_adapter):
         close_fd(ats[0].adap_fd)
         assert attach(d).context_id & 0xFFFFFFFF == 0
     finally:
-        for fd in list(_open_fds):
-            close_fd(fd)
+        close_open_fds()
         a.close()
 
 

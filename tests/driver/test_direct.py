@@ -18,8 +18,8 @@ import cxlflash
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
 from .helpers import (
-    CHILD, CHUNK, CHUNK_4K, DIRECT, K4, RESIZE, STRANGER, U64, VIRTUAL, _open_fds,
-    add_disk, attach, blocks, chunks, cid_of, close_fd, ctx, detach, disk_glun, fails,
+    CHILD, CHUNK, CHUNK_4K, DIRECT, K4, RESIZE, STRANGER, U64, VIRTUAL, add_disk,
+    attach, blocks, chunks, cid_of, close_open_fds, ctx, detach, disk_glun, fails,
     find_ctx, glun, llun, phys, release, resize_arg, returns_while_context_busy,
     udirect, udirect_arg, uvirtual, uvirtual_arg)
 
@@ -104,12 +104,11 @@ def test_user_direct_outputs(embedded, make_embedded):
         assert ctx(a, cid0).table.entry(udirect(d0, cid0).rsrc_handle)["port_sel"] == 1
         assert glun(a, w).users == 3
     finally:
-        for fd in list(_open_fds):
-            close_fd(fd)
+        close_open_fds()
         a.close()
 
 
-# -- data integrity through the AFU path -----------------------------------------
+# -- the direct data path (decision 13) ------------------------------------------
 
 
 @pytest.mark.parametrize("block_size", [4096, 512])

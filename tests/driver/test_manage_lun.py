@@ -17,12 +17,12 @@ import cxlflash
 from cxlflash import uapi
 
 from .helpers import (
-    ATTACH, CHUNK, DIRECT, DISABLE, ENABLE, K4, MANAGE, STRANGER, VERIFY, _open_fds,
-    add_disk, as_proc, attach, attach_arg, cid_of, close_fd, ctx, detach, fails, llun,
-    manage, manage_arg, release, udirect, udirect_arg, uvirtual, verify_arg)
+    ATTACH, CHUNK, DIRECT, DISABLE, ENABLE, K4, MANAGE, STRANGER, VERIFY, add_disk,
+    as_proc, attach, attach_arg, cid_of, close_fd, close_open_fds, ctx, detach, fails,
+    llun, manage, manage_arg, release, udirect, udirect_arg, uvirtual, verify_arg)
 
 
-# -- LUN modes (§8) --------------------------------------------------------------
+# -- the LUN table, superpipe mode per port (§8) ---------------------------------
 
 
 def test_lun_table_slots_and_all_ports_active(make_embedded):
@@ -51,8 +51,7 @@ def test_lun_table_slots_and_all_ports_active(make_embedded):
             assert int(lxt[0]) & 0xFFFF == (want << 8) | 0x30 | ll.port_sel
         assert lt.promote_lun_index == 2 and lt.last_lun_index == [253, 254]
     finally:
-        for fd in list(_open_fds):
-            close_fd(fd)
+        close_open_fds()
         a.close()
 
 
@@ -84,8 +83,7 @@ def test_lun_table_slots_reclaimed_decision_20(make_embedded):
         assert seen[ws] == {254} and seen[wm] == {0}
         assert llun(a, resident).lun_index == 255
     finally:
-        for fd in list(_open_fds):
-            close_fd(fd)
+        close_open_fds()
         a.close()
 
 

@@ -304,7 +304,7 @@ def test_vlun_resize_shrink_of_error_context_skips_sync(embedded):
     fails(d, RESIZE, resize_arg(cid, h, 2 * CH), errno.EAGAIN)  # grow still syncs
 
 
-# -- §22.2 VERIFY ----------------------------------------------------------------
+# -- §22.2 VLUN_RESIZE: the unavail window of a scrubbing shrink (decision 26) ---
 
 
 def test_vlun_resize_write_same_shrink_serialises_decision_26(embedded, monkeypatch):

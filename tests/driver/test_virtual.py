@@ -28,9 +28,10 @@ from block_pattern import pattern
 
 from .helpers import (
     BLK, CH, CHUNK, CHUNK_4K, DISABLE, K4, MANAGE, NCHUNKS, RELEASE, RecordingAllocator,
-    STRANGER, U64, VERIFY, VIRTUAL, _open_fds, add_disk, attach, blocks, chunks, cid_of,
-    close_fd, ctx, detach, disk_glun, fails, find_ctx, glun, last_lba, manage_arg, phys,
-    release, release_arg, resize, udirect, uvirtual, uvirtual_arg, verify, verify_arg)
+    STRANGER, U64, VERIFY, VIRTUAL, add_disk, attach, blocks, chunks, cid_of,
+    close_open_fds, ctx, detach, disk_glun, fails, find_ctx, glun, last_lba, manage_arg,
+    phys, release, release_arg, resize, udirect, uvirtual, uvirtual_arg, verify,
+    verify_arg)
 
 
 # -- spec Appendix A -------------------------------------------------------------
@@ -295,8 +296,7 @@ def test_loop_block_device(embedded, tmp_path):
         release(d, cid, o)
         detach(d, cid)
     finally:
-        for fd in list(_open_fds):
-            close_fd(fd)
+        close_open_fds()
         a.close()
         subprocess.run([losetup or "losetup", "-d", dev], check=False)
 
