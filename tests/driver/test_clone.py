@@ -9,13 +9,7 @@ owner is not this process (0x21), so the child's context is driven
 through ``_core.datapath.afu_command`` on its table (``child_io``) -- the
 AFU command the child would issue through its MMIO window.
 
-Spec references are to /work/shared/spec/kernel-semantics.md; "decision N"
-is the decision table of DESIGN.md (which wins where the two disagree).
-Failure tests are named after their row of the failure table (spec §22);
-where the spec orders two checks, a ``*_before_*`` test makes both
-conditions true and asserts which errno wins.  Fixtures: ``conftest.py``
-(``adapter`` for tests through the public interface, ``embedded`` for
-tests that reach into the driver); builders: ``helpers.py``.
+Conventions (spec references, test names, fixtures): see ``__init__.py``.
 """
 import errno
 import os

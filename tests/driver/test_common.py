@@ -2,13 +2,7 @@
 command number, superpipe mode, reset wait, adapter state, copy-in,
 header), in the kernel's order, and the copy-out.
 
-Spec references are to /work/shared/spec/kernel-semantics.md; "decision N"
-is the decision table of DESIGN.md (which wins where the two disagree).
-Failure tests are named after their row of the failure table (spec §22);
-where the spec orders two checks, a ``*_before_*`` test makes both
-conditions true and asserts which errno wins.  Fixtures: ``conftest.py``
-(``adapter`` for tests through the public interface, ``embedded`` for
-tests that reach into the driver); builders: ``helpers.py``.
+Conventions (spec references, test names, fixtures): see ``__init__.py``.
 """
 import ctypes
 import errno

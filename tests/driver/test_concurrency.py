@@ -1,13 +1,7 @@
 """Concurrent ioctls on one adapter (§21).  (tests/test_concurrency.py races
 the data path against teardown.)
 
-Spec references are to /work/shared/spec/kernel-semantics.md; "decision N"
-is the decision table of DESIGN.md (which wins where the two disagree).
-Failure tests are named after their row of the failure table (spec §22);
-where the spec orders two checks, a ``*_before_*`` test makes both
-conditions true and asserts which errno wins.  Fixtures: ``conftest.py``
-(``adapter`` for tests through the public interface, ``embedded`` for
-tests that reach into the driver); builders: ``helpers.py``.
+Conventions (spec references, test names, fixtures): see ``__init__.py``.
 """
 import errno
 import random

@@ -3,13 +3,7 @@ beside the README's "Where we differ from the kernel".  Each test shows the
 behaviour chosen (`-k parity`); a deviation kept is also listed in the
 README (test_readme_lists_the_issue_12_deviations checks it).
 
-Spec references are to /work/shared/spec/kernel-semantics.md; "decision N"
-is the decision table of DESIGN.md (which wins where the two disagree).
-Failure tests are named after their row of the failure table (spec §22);
-where the spec orders two checks, a ``*_before_*`` test makes both
-conditions true and asserts which errno wins.  Fixtures: ``conftest.py``
-(``adapter`` for tests through the public interface, ``embedded`` for
-tests that reach into the driver); builders: ``helpers.py``.
+Conventions (spec references, test names, fixtures): see ``__init__.py``.
 """
 import errno
 import os
