@@ -25,17 +25,15 @@ from . import uapi, _args
 from ._core.datapath import AfuPaths, DataPath
 from ._core.errors import afu_error
 from ._core.tables import TABLE_FOREIGN
-from .backing import Backing, open_backing, MemoryBacking, FileBacking
-from .driver.core import Driver, Caller
-from .driver import superpipe, host
-from .driver.lun import Sdev, sam_lun_id
+from .backing import Backing
+from .channel import LocalChannel
+from .driver.core import Driver
 from .errors import (CxlFlashError, AfuError, AdapterResetError,
                      ForkedAdapterError)
-from .server import protocol
-from .server.client import Remote
-from .server.service import Connection
+from .server import wire
+from .server.client import DaemonChannel, ForkedChannel, connect_socket, default_socket
 
-__all__ = ["Adapter", "Disk", "ioctl"]
+__all__ = ["Adapter", "Disk", "ioctl", "connect", "default_socket"]
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -45,41 +43,56 @@ if TYPE_CHECKING:
 _live_adapters: "weakref.WeakSet[Adapter]" = weakref.WeakSet()
 
 
-# fork(): every adapter this process owns gets a socket pair; the parent
-# serves the child's requests on its end (cxlflash.server), and the child's
-# adapter sends its ioctls there.  A grandchild has no such connection.
+# fork(): every adapter gets a new connection for the child.  The process
+# that owns an embedded adapter serves the child over a socket pair
+# (cxlflash.server); a client of a driver elsewhere (a daemon, or a forked
+# child's parent) asks that driver for a new connection.  Either way the
+# child speaks the same protocol, as its own process.
 
 def _before_fork():
     for a in list(_live_adapters):
-        if a._owner_pid == os.getpid() and not a._driver.closed:
-            a._fork_pair = protocol.socketpair()
+        a._fork_sock = None
+        try:
+            if a._local is not None and a._owner_pid == os.getpid():
+                if not a._local.closed:
+                    a._fork_sock = wire.socketpair()
+            elif a._remote is not None or a._pending is not None:
+                r = a._channel()            # (a forked child's, made on first use)
+                a._fork_sock = (None, r.spawn())
+        except Exception:           # the child will have no connection
+            a._fork_sock = None
 
 
 def _after_fork_in_parent():
     for a in list(_live_adapters):
-        pair = a._fork_pair
-        if pair is not None:
-            a._fork_pair = None
-            pair[1].close()
-            Connection(a, pair[0]).start()
+        pair, a._fork_sock = a._fork_sock, None
+        if pair is None:
+            continue
+        pair[1].close()
+        if pair[0] is not None:
+            a._fork_server().serve_pair(pair[0])
 
 
 def _after_fork_in_child():
     for a in list(_live_adapters):
-        # The copy of the driver is frozen: the parent's contexts are not
-        # ours, and their data paths refuse I/O (AFU rc 0x21).
-        for ctx in list(a._driver.ctx_tbl) + list(a._driver.ctx_err_recovery):
-            if ctx is not None:
+        # The parent's contexts are not ours: their data paths refuse I/O
+        # here (AFU rc 0x21), and their ids are EINVAL at the driver.
+        if a._local is not None:
+            for ctx in a._local.driver.contexts():
                 ctx.table.set_state(TABLE_FOREIGN)
+        r = a._remote
+        if r is not None and r.pid != os.getpid():
+            r.foreign()
         a._engine = None                    # its threads stayed in the parent
+        a._server = None
         a._lock = threading.Lock()          # another thread may have held it
-        a._invalidate_paths()               # the parent's contexts are not ours
+        a._invalidate_paths()
         a._xlate_pool = []
-        pair = a._fork_pair
+        pair, a._fork_sock = a._fork_sock, None
         if pair is not None:
-            a._fork_pair = None
-            pair[0].close()
-            a._remote = Remote(pair[1], a, a._owner_pid)
+            if pair[0] is not None:
+                pair[0].close()
+            a._pending = (os.getpid(), pair[1])
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
@@ -90,10 +103,6 @@ def _ints(context_id, rsrc_handle, lba):
     """The integer arguments of the AFU data path, checked (_args)."""
     return (_args.integer(context_id, "context_id"),
             _args.integer(rsrc_handle, "rsrc_handle"), _args.u64(lba, "lba"))
-
-
-def _caller():
-    return Caller(os.getpid(), os.getppid())
 
 
 class Disk:
@@ -143,7 +152,9 @@ class Disk:
 
 
 class Adapter:
-    """An embedded CXL Flash adapter.
+    """An embedded CXL Flash adapter -- or, from :func:`connect`, a
+    connection to the one a ``cxlflash serve`` daemon runs: the same
+    interface either way.
 
     ``directory``: where LUNs created by ``HT_CXLFLASH_LUN_PROVISION`` (and
     :meth:`create_lun`) live as files; ``None`` keeps them in memory.
@@ -166,22 +177,27 @@ class Adapter:
         if directory is not None and not os.path.isdir(directory):
             raise CxlFlashError(errno.ENOENT, f"directory {directory!r} does not exist")
         self.directory = directory
-        self._driver = Driver(ports=ports, max_contexts=max_contexts,
-                              rht_per_context=rht_per_context,
-                              port_max_luns=port_max_luns, port_capacity=port_capacity,
-                              lun_mode=lun_mode, sq_mode=sq_mode,
-                              lun_provision=lun_provision, afu_debug=afu_debug)
+        self._setup(engine, engine_depth, io_threads)
+        self._local = LocalChannel(Driver(
+            ports=ports, max_contexts=max_contexts, rht_per_context=rht_per_context,
+            port_max_luns=port_max_luns, port_capacity=port_capacity,
+            lun_mode=lun_mode, sq_mode=sq_mode, lun_provision=lun_provision,
+            afu_debug=afu_debug, directory=directory))
         self._owner_pid = os.getpid()
-        self._backings: Dict[bytes, Backing] = {}          # wwid -> Backing we opened (and close)
-        self.provisioned: Dict[bytes, Dict[str, Any]] = {}        # wwid -> {"port", "size", "lun_id", "path"}
-        self._serial = 0
+
+    def _setup(self, engine, engine_depth, io_threads):
+        """What an embedded and a connected adapter share."""
+        self._local: Optional[LocalChannel] = None   # the driver, when it is ours
+        self._owner_pid: Optional[int] = None        # the process it belongs to
+        self._remote: Optional[DaemonChannel] = None  # this process's connection
+        self._pending = None          # (pid, socket): a forked child's connection
+        self._fork_sock = None
+        self._server = None           # serves this process's forked children
         self._lock = threading.Lock()
         self._engine_kind = engine
         self.engine_depth = engine_depth
         self.io_threads = io_threads
         self._engine: Optional[Engine] = None
-        self._fork_pair = None
-        self._remote = None          # in a forked child: the parent's driver
         # The AFU data path's DataPaths, _paths[context_id][handle] =
         # (dp.readinto, dp.write, dp): built on
         # first use, dropped whenever an ioctl, a reset, a fork or close
@@ -196,63 +212,122 @@ class Adapter:
         self._xlate_pool: List[Any] = []        # translate() outputs to recycle
         _live_adapters.add(self)
 
-    # -- identity and fork ------------------------------------------------------
+    @classmethod
+    def _over(cls, channel: DaemonChannel, *, engine: Optional[str] = None,
+              engine_depth: int = 256, io_threads: Optional[int] = None) -> "Adapter":
+        """An adapter whose driver is reached through ``channel``."""
+        self = cls.__new__(cls)
+        self.directory = None
+        self._setup(engine, engine_depth, io_threads)
+        self._remote = channel
+        return self
 
-    def _check_owner(self):
-        """Operations only the process that created the adapter can do."""
-        if os.getpid() != self._owner_pid:
-            raise ForkedAdapterError(self._owner_pid, remote=self._client() is not None)
-        if self._driver.closed:
-            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+    # -- which driver, from this process ------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True when the driver runs in another process (a daemon)."""
+        return self._local is None
+
+    def _channel(self):
+        """How this process reaches the driver (``cxlflash.channel``):
+        ENODEV when it is closed or gone, ForkedAdapterError when this
+        process has no way to it."""
+        pid = os.getpid()
+        if self._local is not None and pid == self._owner_pid:
+            if self._local.closed:
+                raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+            return self._local
+        r = self._remote
+        if r is None or r.pid != pid:
+            pending = self._pending
+            if pending is None or pending[0] != pid:
+                raise ForkedAdapterError(self._owner_pid or 0)
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
+                    if self._local is not None:
+                        r = ForkedChannel(pending[1], self._owner_pid)
+                    else:
+                        r = DaemonChannel(pending[1])
+                    self._remote = r
+                r = self._remote
+        if r.closed:
+            raise r._gone_error()
+        return r
 
     def _client(self):
-        """In a forked child: the connection to the parent's driver."""
-        r = self._remote
-        return r if r is not None and r.pid == os.getpid() else None
-
-    def _check_user(self):
-        """Operations the owner and its children can do: None in the owner,
-        the connection in a child."""
-        if os.getpid() == self._owner_pid:
-            if self._driver.closed:
-                raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+        """This process's connection to a driver in another process, or
+        None (the driver is here, or out of reach)."""
+        try:
+            ch = self._channel()
+        except CxlFlashError:
             return None
-        r = self._client()
-        if r is None:
-            raise ForkedAdapterError(self._owner_pid)
-        return r
+        return None if ch is self._local else ch
+
+    def _gone(self) -> bool:
+        """The driver is closed or out of reach from this process."""
+        try:
+            self._channel()
+        except CxlFlashError:
+            return True
+        return False
+
+    def _fork_server(self):
+        if self._server is None:
+            from .server.service import Server
+            self._server = Server(self, log=lambda line: None)
+        return self._server
 
     @property
     def driver(self) -> Driver:
-        """The driver model (for tools and tests)."""
-        return self._driver
+        """The driver model (for tools and tests) of an embedded adapter."""
+        if self._local is None:
+            raise AttributeError("a connected adapter has no driver in this process: "
+                                 "it runs in the daemon (see status())")
+        return self._local.driver
+
+    @property
+    def provisioned(self) -> Dict[bytes, Dict[str, Any]]:
+        """The LUNs LUN_PROVISION made: {wwid: {"port", "size", "lun_id", "path"}}."""
+        return self.driver.provisioned
+
+    def _info(self):
+        ch = self._channel()
+        return ch.info()
 
     @property
     def ports(self) -> int:
-        return self._driver.num_ports
+        return self._info()[0]
 
     @property
     def state(self) -> str:
         """The adapter state: 'NORMAL', 'RESET' or 'FAILTERM'."""
-        return self._driver.afu.state
+        if self._local is not None and os.getpid() == self._owner_pid:
+            return self._local.driver.afu.state
+        return self._info()[1]
 
     @property
     def lun_mode(self) -> int:
         """The internal-LUN mode (sysfs ``lun_mode``); nonzero restricts
         the ioctls to physical access."""
-        return self._driver.lun_mode
+        return self._info()[2]
 
     @lun_mode.setter
     def lun_mode(self, value: int) -> None:
-        self._driver.lun_mode = int(value)
+        self._channel().set_lun_mode(_args.integer(value, "lun_mode"))
+
+    def status(self) -> Dict[str, Any]:
+        """The driver's LUNs, contexts and counters (what ``cxlflash ctl``
+        shows), as plain data."""
+        ch = self._channel()
+        if ch is self._local:
+            out = {"pid": os.getpid(), "uid": os.getuid()}
+            out.update(ch.status())
+            return out
+        return ch.status()
 
     # -- LUNs -------------------------------------------------------------------
-
-    def _new_wwid(self):
-        with self._lock:
-            self._serial += 1
-            serial = self._serial
-        return host._naa6_wwid(serial ^ (id(self) & 0xFFFF) << 20)
 
     def add_lun(self, backing: Union[str, os.PathLike, Backing, None], *,
                 ports: Sequence[int] = (0,), wwid: Optional[bytes] = None,
@@ -267,49 +342,32 @@ class Adapter:
         enabled on every path, as ``cxlfsetlunmode`` would (a documented
         deviation); ``superpipe=False`` is the kernel's legacy start: every
         DK ioctl but DK_CXLFLASH_MANAGE_LUN is EINVAL until MANAGE_LUN
-        enables superpipe on that port.  Returns the 16-byte WWID.
+        enables superpipe on that port.  Returns the 16-byte WWID.  On a
+        connected adapter the daemon opens the path (an administrator's
+        operation).
         """
-        self._check_owner()
+        ch = self._channel()
         ports = tuple(_args.integer(p, "ports[]") for p in ports)
         if size is not None:
             size = _args.integer(size, "size")
         block_size = _args.integer(block_size, "block_size")
-        if not ports:
-            raise CxlFlashError(errno.EINVAL, "a LUN needs at least one port")
-        if wwid is None:
-            wwid = self._new_wwid()
-        wwid = bytes(wwid)
-        if len(wwid) != uapi.CXLFLASH_WWID_LEN:
-            raise CxlFlashError(errno.EINVAL, f"a WWID has 16 bytes, got {len(wwid)}")
-        opened = open_backing(backing, size=size, block_size=block_size,
-                              direct=direct)
+        if wwid is not None:
+            wwid = bytes(wwid)
         try:
-            self._driver.add_lun(opened, ports, wwid)
-        except BaseException:
-            if opened is not backing:
-                opened.close()
-            raise
-        if opened is not backing:
-            self._backings[wwid] = opened
-        if superpipe:
-            for p in ports:
-                self._driver.enable_superpipe(self._driver.sdev(wwid, p))
-        return wwid
+            return ch.add_lun(backing, ports, wwid, superpipe, size, block_size, direct)
+        finally:
+            self._invalidate_paths()
 
     def luns(self) -> List[bytes]:
         """The WWIDs of the LUNs behind the adapter."""
-        return [w for w, g in self._driver.gluns.items() if g.backing is not None]
+        return self._channel().luns()
 
     def open_disk(self, wwid: bytes, port: int = 0, flags: int = os.O_RDWR) -> Disk:
         """Open the SCSI disk of LUN ``wwid`` on ``port`` (the ``/dev/sdX``
         fd the DK_* ioctls are issued on)."""
         port = _args.integer(port, "port")
         flags = _args.integer(flags, "flags")
-        remote = self._check_user()
-        if remote is not None:
-            remote.check_sdev(bytes(wwid), port)
-            return Disk(self, Sdev(port, 0, bytes(wwid)), flags)
-        return Disk(self, self._driver.sdev(bytes(wwid), port), flags)
+        return Disk(self, self._channel().open_disk(bytes(wwid), port), flags)
 
     def create_lun(self, size: int, *, port: int = 0, superpipe: bool = True) -> bytes:
         """Provision a new LUN of ``size`` bytes (a multiple of 4096) on
@@ -338,15 +396,11 @@ class Adapter:
         """Delete a LUN made by :meth:`create_lun` (its file too), in
         superpipe mode or not: EBUSY while a resource handle is open on it
         or a context has it attached."""
-        self._check_owner()
-        info = self.provisioned.get(bytes(wwid))
-        if info is None:
-            raise CxlFlashError(errno.ENODEV, f"no provisioned LUN {bytes(wwid).hex()}")
-        arg = uapi.ht_cxlflash_lun_provision()
-        arg.hdr.subcmd = uapi.HT_CXLFLASH_LUN_PROVISION_SUBCMD_DELETE_LUN
-        arg.port = info["port"]
-        arg.lun_id = info["lun_id"]
-        self._host_ioctl(uapi.HT_CXLFLASH_LUN_PROVISION, arg)
+        ch = self._channel()
+        try:
+            ch.delete_lun(bytes(wwid))
+        finally:
+            self._invalidate_paths()
 
     @property
     def engine(self) -> "Engine":
@@ -357,9 +411,12 @@ class Adapter:
         at most; ``io_threads`` workers for the thread pool."""
         eng = self._engine
         if eng is None:
-            if self._driver.closed and self._client() is None:
-                raise self._closed_error()      # what the data path raises
-            self._check_user()
+            try:
+                self._channel()
+            except CxlFlashError as e:
+                if e.errno == errno.ENODEV:
+                    raise self._closed_error() from None   # what the data path raises
+                raise
             from ._core.engine import Engine
             with self._lock:
                 if self._engine is None:
@@ -369,76 +426,37 @@ class Adapter:
         return eng
 
     def _context_record(self, context_id):
-        """The driver's record of a live or in-error context of ours (in a
-        forked child: the replica of it)."""
-        remote = self._client()
-        if remote is not None:
-            return remote.context_record(context_id)
-        drv = self._driver
-        pe = context_id & 0xFFFFFFFF
-        ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
-        if ctx is None or ctx.ctxid != context_id:
-            ctx = next((c for c in drv.ctx_err_recovery if c.ctxid == context_id), None)
-        return ctx
+        """This process's record of a live or in-error context of its own
+        (the driver's, or the replica of a connection), or None."""
+        try:
+            ch = self._channel()
+        except CxlFlashError:
+            return None
+        return ch.context_record(context_id)
 
-    def _provision(self, port, size_4k):
-        """Create a LUN for HT_CXLFLASH_LUN_PROVISION: (wwid, lun_id)."""
-        wwid = self._new_wwid()
-        nbytes = size_4k * uapi.CXLFLASH_BLOCK_SIZE
-        if self.directory is None:
-            backing, path = MemoryBacking(nbytes), None
-        else:
-            path = os.path.join(self.directory, f"lun-{wwid.hex()}.img")
-            backing = FileBacking(path, nbytes, create=True)
-        self._driver.add_lun(backing, (port,), wwid)
-        self._backings[wwid] = backing
-        sdev = self._driver.sdev(wwid, port)
-        lun_id = sam_lun_id(sdev.scsi_lun)
-        self.provisioned[wwid] = {"port": port, "size": size_4k, "lun_id": lun_id,
-                                  "path": path}
-        return wwid, lun_id
-
-    def _unprovision(self, wwid):
-        """Close the backing store of a provisioned LUN that the DELETE
-        ioctl took off the driver (``Driver.remove_lun``: nothing uses it
-        any more) and forget it."""
-        p = self.provisioned.pop(wwid)
-        self._invalidate_paths()
-        backing = self._backings.pop(wwid, None)
-        if backing is not None:
-            # No handle reaches the LUN any more (Driver.remove_lun refused
-            # the delete otherwise, and every RELEASE took its table's write
-            # lock).  Also wait for the transfers in flight through ANY
-            # table: a data path kept from before a RELEASE whose handle
-            # number was re-opened on another LUN still carries this fd
-            # (hazard H1 in /work/notes/api.md).
-            self._fence(self._driver.contexts())
-            backing.close()
-            if p["path"]:
-                os.unlink(p["path"])
+    def _retire_context(self, context_id):
+        """Before this process closes a context's adapter fd."""
+        try:
+            ch = self._channel()
+        except CxlFlashError:
+            return
+        ch.retire_context(context_id)
 
     # -- ioctls -------------------------------------------------------------------
 
     def _disk_ioctl(self, disk, request, arg):
         if disk.closed:
             raise CxlFlashError(errno.EBADF, "the disk is closed")
-        remote = self._check_user()
+        ch = self._channel()
         try:
-            if remote is not None:
-                remote.disk_ioctl(disk, request, arg)
-            else:
-                superpipe.disk_ioctl(self._driver, disk.sdev, disk, request, arg,
-                                     _caller())
+            ch.disk_ioctl(disk.sdev, disk.flags, request, arg)
         finally:
             self._invalidate_paths()
 
     def _host_ioctl(self, request, arg):
-        remote = self._check_user()
+        ch = self._channel()
         try:
-            if remote is not None:
-                remote.host_ioctl(request, arg)
-            else:
-                host.host_ioctl(self._driver, self, request, arg, _caller())
+            ch.host_ioctl(request, arg)
         finally:
             self._invalidate_paths()
 
@@ -471,6 +489,9 @@ class Adapter:
             eng.settle_completed()
 
     def _closed_error(self):
+        r = self._remote
+        if r is not None and r.pid == os.getpid() and r.dead:
+            return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: " + r._gone_error().strerror)
         return AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the adapter is closed: "
                         "no context exists any more (create a new Adapter)")
 
@@ -489,7 +510,7 @@ class Adapter:
             # The IOARCB's res_hndl is u32 (sislite.h): 2**32 + h is h.
             rsrc_handle &= 0xFFFFFFFF
         gen = self._paths_gen
-        if os.getpid() == self._owner_pid and self._driver.closed:
+        if self._gone():
             raise self._closed_error()
         if not 0 <= context_id <= _args.U64_MAX:
             raise AfuError(0x21, f"AFU rc 0x21 CAP_VIOLATION: {context_id} is not "
@@ -521,8 +542,7 @@ class Adapter:
             # (rc 0x13): the ioctl-level contract, whatever the data path's
             # own argument check called it.
             return afu_error(0x13, handle, _args.U64_MAX)
-        if (isinstance(e, AfuError) and e.afu_rc == 0x21 and
-                os.getpid() == self._owner_pid and self._driver.closed):
+        if isinstance(e, AfuError) and e.afu_rc == 0x21 and self._gone():
             return self._closed_error()
         return e
 
@@ -632,85 +652,80 @@ class Adapter:
 
     # -- the AFU state machine and fault injection -------------------------------------
 
+    def _admin(self, name, *args):
+        """An adapter-wide operation: the owner of an embedded adapter, or
+        an administrator of the daemon (others: EPERM)."""
+        try:
+            return getattr(self._channel(), name)(*args)
+        finally:
+            self._invalidate_paths()
+
     def reset(self) -> None:
         """Reset the AFU (spec §16.1): every context goes into error --
         its data path raises AdapterResetError -- until RECOVER_AFU."""
-        self._check_owner()
-        try:
-            self._driver.begin_reset()
-            self._driver.end_reset(ok=True)
-        finally:
-            self._invalidate_paths()
+        self._admin("begin_reset")
+        self._admin("end_reset", True)
 
     def begin_reset(self) -> None:
         """First half of :meth:`reset`: the state stays RESET (ioctls wait)
         until :meth:`end_reset`."""
-        self._check_owner()
-        try:
-            self._driver.begin_reset()
-        finally:
-            self._invalidate_paths()
+        self._admin("begin_reset")
 
     def end_reset(self, ok: bool = True) -> None:
         """Second half of a reset: NORMAL, or FAILTERM when ``ok`` is false."""
-        self._check_owner()
-        try:
-            self._driver.end_reset(ok)
-        finally:
-            self._invalidate_paths()
+        self._admin("end_reset", bool(ok))
 
     def fail(self) -> None:
         """Fail the AFU for good (FAILTERM): most ioctls get ENODEV; RESIZE,
         RELEASE and DETACH still work so users can clean up."""
-        self._check_owner()
-        try:
-            self._driver.fail()
-        finally:
-            self._invalidate_paths()
+        self._admin("fail")
 
     def inject_fault(self, point: str, count: int = 1, err: Optional[int] = None) -> None:
         """Make the next ``count`` operations at ``point`` fail (with
         ``err``, or the point's usual errno).  Points: see
         ``cxlflash.driver.afu.FAULT_POINTS`` ('sync' for the AFU sync)."""
-        self._driver.afu.faults.inject(point, count, err)
+        count = _args.integer(count, "count")
+        if err is not None:
+            err = _args.integer(err, "err")
+        self._channel().inject_fault(point, count, err)
 
     def signal_waiters(self) -> None:
         """Interrupt every thread waiting in the driver, as a signal would
         (they fail with EINTR)."""
-        self._driver.afu.signal_waiters()
+        self._channel().signal_waiters()
 
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Destroy every context and close the LUNs the adapter opened.
+        """Embedded: destroy every context and close the LUNs the adapter
+        opened.  Connected: close this process's connection (the daemon
+        releases its contexts as their adapter fds close).
 
         The data path is fenced first: every transfer in flight finishes,
         and none starts after (they fail with AfuError 0x21, "the adapter
         is closed"); only then are the backing fds closed, so no transfer
         can reach a file that reuses their numbers."""
-        if os.getpid() != self._owner_pid or self._driver.closed:
-            return
-        # Driver.close() sets every context's table GONE under its write
-        # lock: it returns after every transfer in flight has ended --
-        # asynchronous requests included -- and none starts afterwards
-        # (AfuError 0x21).  Then the engine completes their futures and
-        # stops.
-        self._driver.close()
+        pid = os.getpid()
+        if self._local is not None and pid == self._owner_pid:
+            if self._local.closed:
+                return
+            # Driver.close() sets every context's table GONE under its
+            # write lock: it returns after every transfer in flight has
+            # ended -- asynchronous requests included -- and none starts
+            # afterwards (AfuError 0x21); then it closes the backings.
+            # Then the engine completes their futures and stops.
+            if self._server is not None:
+                self._server.close()
+            self._local.close()
+        else:
+            r = self._remote
+            if r is None or r.pid != pid or r._released:
+                return
+            r.close()
         if self._engine is not None:
             self._engine.close()
         self._invalidate_paths()
         self._xlate_pool = []
-        for b in self._backings.values():
-            b.close()
-        self._backings.clear()
-
-    @staticmethod
-    def _fence(contexts):
-        """Wait until no transfer is in flight through the contexts' tables
-        (each table's write lock, taken and dropped)."""
-        for c in contexts:
-            with c.table.fence():
-                pass
 
     def __enter__(self) -> Self:
         return self
@@ -725,8 +740,11 @@ class Adapter:
             pass
 
     def __repr__(self):
-        return (f"<Adapter ports={self.ports} luns={len(self.luns())} "
-                f"state={self.state}>")
+        try:
+            return (f"<Adapter{' connected' if self.connected else ''} ports={self.ports} "
+                    f"luns={len(self.luns())} state={self.state}>")
+        except (CxlFlashError, ValueError):
+            return f"<Adapter{' connected' if self.connected else ''} closed>"
 
 
 def ioctl(target: Union["Disk", "Adapter"], request: int, arg: Any) -> int:
@@ -742,3 +760,23 @@ def ioctl(target: Union["Disk", "Adapter"], request: int, arg: Any) -> int:
         raise CxlFlashError(errno.ENOTTY, f"{type(target).__name__} is not a "
                             "cxlflash Disk or Adapter")
     return 0
+
+
+def connect(path: Union[str, os.PathLike, None] = None, *, engine: Optional[str] = None,
+            engine_depth: int = 256, io_threads: Optional[int] = None) -> Adapter:
+    """Connect to the driver a ``cxlflash serve`` daemon runs, at the Unix
+    socket ``path`` (default: :func:`default_socket`: ``$CXLFLASH_SOCKET``,
+    else ``$XDG_RUNTIME_DIR/cxlflash.sock``, else
+    ``/run/cxlflash/cxlflash.sock``).  Returns an :class:`Adapter` with
+    the same interface as an embedded one; its data path reads and writes
+    the backing stores directly from this process.  ENODEV when no daemon
+    answers there."""
+    path = os.fspath(path) if path is not None else default_socket()
+    sock = connect_socket(path)
+    try:
+        channel = DaemonChannel(sock, f"the cxlflash daemon at {path!r}")
+    except BaseException:
+        sock.close()
+        raise
+    return Adapter._over(channel, engine=engine, engine_depth=engine_depth,
+                         io_threads=io_threads)

@@ -253,7 +253,7 @@ class Context:
                     if not lun.disk.closed:       # else closing the fd releases it
                         first_error = first_error or e
             for disk in reversed(self.disks):
-                if disk.closed or self.adapter.driver.closed:
+                if disk.closed or self.adapter._gone():
                     continue      # the fd's release (or the adapter's) detaches
                 arg = uapi.dk_cxlflash_detach()
                 arg.context_id = self.context_id
@@ -304,9 +304,7 @@ class _Held:
         """In a forked child, before the adapter fd is closed: stop the
         replica's data path (transfers under way end first), so none can
         use the chunks the owner frees when it sees the close."""
-        remote = self.adapter._client()
-        if remote is not None:
-            remote.retire_context(self.context_id)
+        self.adapter._retire_context(self.context_id)
 
     def set_fd(self, fd):
         self.adap_fd = fd

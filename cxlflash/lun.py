@@ -147,9 +147,10 @@ class _Lun:
         """The context's record; a clear error when this object or its
         context is gone."""
         self._check_open()
-        rec = None if self.adapter.driver.closed else self._record()
+        gone = self.adapter._gone()
+        rec = None if gone else self._record()
         if rec is None or self.handle is None or rec.rht_lun[self.handle] is None:
-            gone = ("the adapter is closed" if self.adapter.driver.closed else
+            gone = ("the adapter is closed" if gone else
                     "its context was detached or its handle released behind "
                     "this object's back")
             raise CxlFlashError(errno.EINVAL, f"{type(self).__name__} handle "
@@ -288,8 +289,7 @@ class _Lun:
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
         eng = self.adapter._engine
-        if self.adapter.driver.closed and (eng is None or eng.closed) \
-                and self.adapter._client() is None:
+        if (eng is None or eng.closed) and self.adapter._gone():
             # Every request fails as the closed adapter's data path fails it
             # (one failing request does not stop the others).
             _args.qd(qd)
@@ -436,7 +436,7 @@ class _Lun:
             if self.closed:
                 return
             ctx = self.context
-            if not (ctx.closed or self.adapter.driver.closed):
+            if not (ctx.closed or self.adapter._gone()):
                 arg = uapi.dk_cxlflash_release()
                 arg.context_id = ctx.context_id
                 arg.rsrc_handle = self.handle

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cxlflash
-import cxlflash.adapter as adapter_mod
+import cxlflash.channel as channel_mod
 from cxlflash import uapi
 from cxlflash.driver.core import Caller
 from cxlflash.errors import (AdapterResetError, AfuError, CxlFlashError,
@@ -100,20 +100,44 @@ def test_child_writes_and_grows_through_the_parents_driver(adapter, ctx):
     assert v.chunks == 1 and v.read(0, 1) == pattern(0, 1).tobytes()
 
 
-def test_grandchild_cannot_reach_the_driver(adapter, ctx):
+def test_grandchild_clones_its_parents_context(adapter, ctx):
+    """A child's child reaches the driver too (the child asked it for a
+    connection at fork), and clones what ITS parent holds -- not its
+    grandparent's context, which is EINVAL as with the kernel."""
     v = ctx.create_virtual(10)
+    v.write(0, pattern(0, 1, seed=7))
 
     def child():
-        def grandchild():
+        def grandchild_too_early():
             try:
-                ctx.clone_after_fork()
-            except ForkedAdapterError as e:
-                return 0 if "no connection" in str(e) else 3
+                ctx.clone_after_fork()          # the grandparent's context
+            except CxlFlashError as e:
+                return 0 if e.errno == errno.EINVAL else 3
             return 4
-        return in_child(grandchild)
+
+        if in_child(grandchild_too_early) != 0:
+            return 5
+        ctx.clone_after_fork()                  # now the child's own
+        v.write(1, pattern(1, 1, seed=8))
+
+        def grandchild():
+            ctx.clone_after_fork()
+            ok = (v.read(0, 1) == pattern(0, 1, seed=7).tobytes() and
+                  v.read(1, 1) == pattern(1, 1, seed=8).tobytes())
+            v.write(2, pattern(2, 1, seed=9))   # shared chunks: the child sees it
+            ctx.close()
+            return 0 if ok else 6
+
+        if in_child(grandchild) != 0:
+            return 7
+        ok = v.read(2, 1) == pattern(2, 1, seed=9).tobytes()
+        ctx.close()
+        return 0 if ok else 8
 
     assert in_child(child) == 0
     assert v.size == 10
+    assert v.read(0, 1) == pattern(0, 1, seed=7).tobytes()
+    assert v.read(2, 1) == pattern(2, 1, seed=9).tobytes()
 
 
 @pytest.fixture
@@ -129,7 +153,7 @@ def fake_child(monkeypatch):
         return Caller(pid=child, ppid=parent)
 
     def start():
-        monkeypatch.setattr(adapter_mod, "_caller", caller)
+        monkeypatch.setattr(channel_mod, "this_process", caller)
         return child
 
     start.calls = calls

@@ -130,7 +130,7 @@ def test_delete_lun_fences_the_tables_before_closing_the_backing(adapter, monkey
     wwid = adapter.create_lun(GIB)
     other = adapter.open_disk(adapter.create_lun(GIB))
     ctx = other.attach()                         # a live table on another LUN
-    backing = adapter._backings[wwid]
+    backing = adapter.driver.backings[wwid]
     order = []
 
     def spy_close(self=backing, real=backing.close):
@@ -138,7 +138,7 @@ def test_delete_lun_fences_the_tables_before_closing_the_backing(adapter, monkey
         real()
 
     monkeypatch.setattr(backing, "close", spy_close)
-    monkeypatch.setattr(type(adapter), "_fence", staticmethod(
+    monkeypatch.setattr(type(adapter.driver), "fence_tables", staticmethod(
         lambda tables: order.append(("fence", len(tables)))))
     adapter.delete_lun(wwid)
     assert order == [("fence", 1), "close"]

@@ -569,7 +569,7 @@ def test_a_child_replica_never_goes_back_to_an_older_snapshot():
             assert entered.wait(10)
             resize(d, cid, h, 2 * CHUNK)     # answered after the first
             t.join(10)
-            return remote.replicas[cid].table.lxt_count(h)
+            return remote.by_id[cid].table.lxt_count(h)
 
         assert in_child(child) == 2
     finally:
@@ -649,7 +649,7 @@ def test_a_child_retires_its_replica_before_closing_the_adapter_fd():
             cid = at.context_id
             h = uvirtual(d, cid, CHUNK)
             a.write(cid, h, 0, b"\x01" * K4)
-            table = a._remote.replicas[cid].table
+            table = a._remote.by_id[cid].table
             a._remote.retire_context(cid)
             os.close(at.adap_fd)
             attach(d)                          # another ioctl: a fresh snapshot
@@ -657,7 +657,7 @@ def test_a_child_retires_its_replica_before_closing_the_adapter_fd():
                 afu_command(table, h, a.driver.gluns[w].backing.fd, K4, 0, bytearray(K4))
             except cxlflash.AfuError as e:
                 stale = e.afu_rc
-            return stale, cid in a._remote.replicas
+            return stale, cid in a._remote.by_id
 
         assert in_child(child) == (0x21, False)
     finally:

@@ -33,6 +33,7 @@ import pytest
 from hypothesis import example, given, note, strategies as st
 
 import cxlflash
+import cxlflash.channel
 from cxlflash import uapi
 from cxlflash._core import pattern
 from cxlflash.errors import CxlFlashError
@@ -424,7 +425,7 @@ class Fuzz:
             # owner releases them (at its next ioctl, or when we exit).
             return
         # The fds just closed are released at the next ioctl (reap).
-        w.a.driver.reap(cxlflash.adapter._caller())
+        w.a.driver.reap(cxlflash.channel.this_process())
         for d in w.disks:                 # a DISABLE_SUPERPIPE that went through
             if d.sdev.llun is None:
                 w.a.driver.enable_superpipe(d.sdev)
@@ -535,7 +536,7 @@ def batch_child_ioctls():
         return "ok"
 
     assert in_child(child) == "ok"
-    me = cxlflash.adapter._caller()
+    me = cxlflash.channel.this_process()
     for _ in range(200):                      # the child's contexts go with it
         w.a.driver.reap(me)
         if all(c.pid == os.getpid() for c in live_contexts(w.a)):

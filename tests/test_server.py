@@ -10,48 +10,11 @@ import pytest
 import cxlflash
 from cxlflash import uapi
 from cxlflash._core.tables import ResourceTable, TABLE_GONE, TABLE_IN_ERROR
-from cxlflash.server import protocol
+from cxlflash.server import wire
 from cxlflash.server.client import ReplicaContext
 from forking import in_child
 
 CHUNK = 1 << 16
-
-
-def test_messages_carry_payload_pid_and_fds():
-    a, b = protocol.socketpair()
-    r, w = os.pipe()
-    try:
-        big = np.arange(300_000, dtype=np.uint64)          # more than a socket buffer
-        payload = {"lxt": big, "text": "x" * 10}
-        import threading
-        t = threading.Thread(target=protocol.send, args=(a, payload, [r]))
-        t.start()
-        got, fds, pid = protocol.recv(b)
-        t.join()
-        assert pid == os.getpid()
-        assert got["text"] == "x" * 10 and np.array_equal(got["lxt"], big)
-        assert len(fds) == 1 and fds[0] != r
-        os.write(w, b"hi")
-        assert os.read(fds[0], 2) == b"hi"                 # the same pipe
-        os.close(fds[0])
-    finally:
-        for s in (a, b):
-            s.close()
-        os.close(r)
-        os.close(w)
-
-
-def test_recv_reports_a_closed_peer():
-    a, b = protocol.socketpair()
-    a.close()
-    with pytest.raises(EOFError):
-        protocol.recv(b)
-    b.close()
-
-
-def test_parent_pid_from_proc():
-    assert protocol.parent_pid(os.getpid()) == os.getppid()
-    assert protocol.parent_pid(2 ** 30) == 0                # no such process
 
 
 def test_load_slot_builds_and_replaces_entries():
@@ -79,22 +42,24 @@ def test_load_slot_builds_and_replaces_entries():
         t.load_slot(8, 0, 3, 16)
 
 
-def test_replica_follows_snapshots_in_place():
+def test_replica_follows_records_in_place():
     class B:
         fd, zero_mode, block_size = -1, 0, 4096
     lxt = np.array([(4 << 16) | 0x31], dtype=np.uint64)
-    rec = {"rht_size": 4, "pid": 7, "in_error": False,
-           "slots": [(0, 0, 3, 16, lxt, 0, 0, 0, b"w" * 16, 4096, 1 << 20)]}
+
+    def slot(lxt):
+        return (0, wire.SLOT_VIRTUAL, 3, 16, 0, 0, 0, 4096, 1 << 20, b"w" * 16, lxt)
+
     epoch = bytearray(8)
-    rep = ReplicaContext(1, {**rec, "epoch": 0}, lambda wwid: B(), epoch)
+    rep = ReplicaContext(1, 4, epoch)
+    rep.update(0, 0, [slot(lxt)], lambda wwid: B())
     table = rep.table
     assert table.translate(0, 5) == (4 << 16) | 5
     grown = np.concatenate([lxt, np.array([(6 << 16) | 0x31], dtype=np.uint64)])
-    rep.update({**rec, "epoch": 0,
-                "slots": [(0, 0, 3, 16, grown, 0, 0, 0, b"w" * 16, 4096, 1 << 20)]},
-               lambda wwid: B(), epoch)
+    rep.update(0, 0, [slot(grown)], lambda wwid: B())
     assert rep.table is table and table.lxt_count(0) == 2  # the same table, updated
-    rep.update({**rec, "epoch": 0, "in_error": True, "slots": []}, lambda wwid: B(), epoch)
+    closed = (0, wire.SLOT_CLOSED, 0, 0, 0, 0, 0, 0, 0, bytes(16), None)
+    rep.update(wire.CTX_IN_ERROR, 0, [closed], lambda wwid: B())
     assert table.open_handles() == [] and table.state == TABLE_IN_ERROR
     rep.retire()
     assert table.state == TABLE_GONE
@@ -180,7 +145,7 @@ def test_a_child_whose_owner_is_gone_gets_enodev():
         d = a.open_disk(w)
 
         def child():
-            a._remote.sock.close()                         # as if the owner exited
+            a._client().sock.close()                       # as if the owner exited
             try:
                 d.attach()
             except cxlflash.CxlFlashError as e:

@@ -74,6 +74,10 @@ cdef struct rht_entry:
     int fd                  # the backing store's fd in this process, or -1
     uint8_t fp              # format << 4 | permissions
     uint8_t nmask           # byte 15: 16 for virtual, port_sel for direct, 0 = free
+    # The table's change count when this entry last changed (opened,
+    # resized, cloned into, closed, capacity followed): what a replica in
+    # another process needs again (``changed_since``).  Kept when closed.
+    uint64_t gen
 
 
 cdef class ResourceTable:
@@ -88,6 +92,8 @@ cdef class ResourceTable:
     cdef readonly uint64_t epoch_seen
     cdef object epoch_buffer
     cdef cxl_lock lock
+    # Changes to entries so far (see rht_entry.gen); write lock held.
+    cdef readonly uint64_t generation
     # Asynchronous requests in flight through the table (engine.pyx).  The
     # submitter counts one in under the read lock; the engine counts it
     # out, atomically, when it completes -- so a write lock, once taken,
@@ -134,6 +140,8 @@ cdef class ResourceTable:
     cdef int backing_fd(self, uint32_t handle, int fallback) noexcept nogil
 
     # Internal helpers.
+    # Record a change of entry ``e`` (write lock held).
+    cdef void _touch(self, rht_entry *e) noexcept nogil
     cdef rht_entry *_entry(self, uint32_t handle, bint want_open=*) except NULL
     cdef rht_entry *_virtual(self, uint32_t handle) except NULL
     cdef int _free_slot(self) noexcept nogil

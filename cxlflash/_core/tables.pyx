@@ -306,6 +306,10 @@ cdef class ResourceTable:
 
     # -- helpers (the caller holds the lock) -----------------------------------
 
+    cdef void _touch(self, rht_entry *e) noexcept nogil:
+        self.generation += 1
+        e.gen = self.generation
+
     cdef rht_entry *_entry(self, uint32_t handle, bint want_open=True) except NULL:
         if handle >= self.rht_size:
             raise IndexError(
@@ -387,6 +391,7 @@ cdef class ResourceTable:
         h = self._free_slot()
         if h >= 0:
             memcpy(&self.rht[h], init, sizeof(rht_entry))
+            self._touch(&self.rht[h])
             self.rht_out += 1
         self.unlock()
         if h < 0:
@@ -429,6 +434,7 @@ cdef class ResourceTable:
             auns = lxt_auns(e.lxt, e.lxt_cnt)
             lxt_free(e.lxt, e.lxt_cap)
             memset(e, 0, sizeof(rht_entry))
+            self._touch(e)
             self.rht_out -= 1
         finally:
             self.unlock()
@@ -463,6 +469,7 @@ cdef class ResourceTable:
                         for i in range(n):
                             e.lxt[old + i] = ((<uint64_t> a[i]) << MC_CHUNK_SHIFT) | low
                         e.lxt_cnt = <uint32_t> (old + n)
+                        self._touch(e)
         finally:
             self.unlock()
         if rc != 0:
@@ -495,6 +502,7 @@ cdef class ResourceTable:
                         for i in range(k):
                             e.lxt[old + i] = ((<uint64_t> allocator.ba_alloc()) << MC_CHUNK_SHIFT) | low
                         e.lxt_cnt = <uint32_t> (old + k)
+                        self._touch(e)
                 allocator.unlock()
         finally:
             self.unlock()
@@ -527,6 +535,7 @@ cdef class ResourceTable:
                 for i in range(n):
                     v[i] = <int64_t> (e.lxt[old - 1 - i] >> MC_CHUNK_SHIFT)
                 e.lxt_cnt = <uint32_t> new_count_
+                self._touch(e)
                 # A smaller LXT that cannot be had keeps the larger one.
                 self._set_lxt_capacity(e, new_count_)
         finally:
@@ -713,6 +722,7 @@ cdef class ResourceTable:
             d.fp = snap.fp & (0xFC | (p_ & 3))
             d.lxt = lxt
             d.lxt_cap = cap if cnt else 0
+            self._touch(d)
             self.rht_out += 1
         self.unlock()
         if busy:
@@ -798,6 +808,7 @@ cdef class ResourceTable:
             e.last_lba = last_lba_
             e.valid = <uint8_t> valid_
             e.fd = fd_
+            self._touch(e)
             if not was_open:
                 self.rht_out += 1
             p = NULL
@@ -820,8 +831,10 @@ cdef class ResourceTable:
         self._wlock()
         for i in range(self.rht_size):
             e = &self.rht[i]
-            if e.nmask != 0 and (e.fp >> 4) == RHT_FMT_DIRECT and e.fd == fd_:
+            if e.nmask != 0 and (e.fp >> 4) == RHT_FMT_DIRECT and e.fd == fd_ \
+                    and e.last_lba != last:
                 e.last_lba = last
+                self._touch(e)
                 n += 1
         self.unlock()
         return n
@@ -841,6 +854,26 @@ cdef class ResourceTable:
         self.unlock()
 
     # -- introspection -------------------------------------------------------------------
+
+    def changed_since(self, since):
+        """``(generation, handles)``: the table's change count now, and the
+        handles -- open or closed since -- whose entries changed after
+        change count ``since`` (0: every handle ever used).  What a replica
+        of this table in another process must load again."""
+        cdef uint64_t since_ = arg_u64(since, b"since", NO_LIMIT)
+        cdef uint32_t i
+        cdef uint64_t gen
+        out = []
+        self._rlock()
+        try:
+            gen = self.generation
+            if gen > since_:
+                for i in range(self.rht_size):
+                    if self.rht[i].gen > since_:
+                        out.append(i)
+        finally:
+            self.unlock()
+        return gen, out
 
     def open_handles(self):
         """The open handles, ascending."""

@@ -9,9 +9,24 @@ import select
 import socket
 import threading
 
+from typing import NamedTuple
+
 from .._core.tables import ResourceTable
 
 MAX_CONTEXT = 512
+
+# get_context control flags (spec §4)
+CTX_CTRL_CLONE = 1 << 1
+CTX_CTRL_ERR = 1 << 2
+CTX_CTRL_ERR_FALLBACK = 1 << 3
+CTX_CTRL_NOPID = 1 << 4
+CTX_CTRL_FILE = 1 << 5
+
+
+class Caller(NamedTuple):
+    """Who is calling: the process id and its parent's."""
+    pid: int
+    ppid: int
 
 
 def encode_ctxid(cookie, pe):
@@ -87,6 +102,11 @@ class Context:
     @property
     def rht_out(self):
         return self.table.rht_out
+
+    def chunks_held(self):
+        """The chunks mapped by the context's virtual handles."""
+        t = self.table
+        return sum(t.lxt_count(h) for h in t.open_handles() if t.is_virtual(h))
 
     def lun_attached(self, llun):
         return any(la.llun is llun for la in self.luns)

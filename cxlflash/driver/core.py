@@ -12,42 +12,32 @@ Every entry point takes the caller's identity explicitly (``Caller``); the
 driver never asks the OS who is calling.
 """
 import contextlib
-import ctypes
 import errno
 import itertools
 import mmap
+import os
 import select
 import struct
 import threading
-from typing import NamedTuple
 
 from .. import uapi
 from .._core.tables import TABLE_IN_ERROR, TABLE_GONE
 from ..errors import CxlFlashError
 from .afu import Afu, NORMAL, RESET, FAILTERM
-from .context import AdapterFile, MAX_CONTEXT
-from .lun import GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, sam_lun_id
-
-# get_context control flags (spec §4)
-CTX_CTRL_CLONE = 1 << 1
-CTX_CTRL_ERR = 1 << 2
-CTX_CTRL_ERR_FALLBACK = 1 << 3
-CTX_CTRL_NOPID = 1 << 4
-CTX_CTRL_FILE = 1 << 5
-
-
-class Caller(NamedTuple):
-    """Who is calling: the process id and its parent's."""
-    pid: int
-    ppid: int
-
+from .context import (AdapterFile, MAX_CONTEXT, Caller, CTX_CTRL_CLONE, CTX_CTRL_ERR,
+                      CTX_CTRL_ERR_FALLBACK, CTX_CTRL_NOPID, CTX_CTRL_FILE)
+from .host import naa6_wwid
+from .vlun import release_handle
+from ..backing import MemoryBacking, FileBacking
+from .lun import (GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, MODE_VIRTUAL,
+                  MODE_PHYSICAL, sam_lun_id)
 
 class Driver:
     """One adapter's driver state (host + driver + AFU)."""
 
     def __init__(self, *, ports=2, max_contexts=512, rht_per_context=256,
                  port_max_luns=64, port_capacity=1 << 30, lun_mode=0,
-                 sq_mode=False, lun_provision=True, afu_debug=True):
+                 sq_mode=False, lun_provision=True, afu_debug=True, directory=None):
         if not 1 <= ports <= 4:
             raise ValueError(f"an adapter has 1 to 4 FC ports, not {ports}")
         if not 1 <= max_contexts <= MAX_CONTEXT:
@@ -74,6 +64,15 @@ class Driver:
         self.lluns = {}                             # wwid -> LocalLun
         self.sdevs = {}                             # (port, wwid) -> Sdev
         self.lun_table = LunTable(ports)
+        # Where LUN_PROVISION creates LUNs (files there; None: memory), the
+        # LUNs it made ({wwid: {"port", "size", "lun_id", "path"}}) and the
+        # backing stores the driver opened and closes ({wwid: Backing}).
+        self.directory = directory
+        self.provisioned = {}
+        self.backings = {}
+        self._serial = 0
+        # The live and in-error contexts of each process: {pid: set(ctx)}.
+        self.ctx_by_pid = {}
         self.next_scsi_lun = 1
         self._cookies = itertools.count(0x1000)
         self._files = {}                            # driver fileno -> AdapterFile
@@ -81,15 +80,73 @@ class Driver:
         # Reaping is single-flight (see reap()).
         self._reap_lock = threading.Lock()
         self._epoll = select.epoll()
-        # The reset epoch, in memory a forked child shares: its replicas
-        # of its contexts see the AFU resets of this driver (spec §16.1).
-        self.reset_epoch = mmap.mmap(-1, mmap.PAGESIZE)
+        # The reset epoch, in memory every client maps (a forked child by
+        # inheritance, others from the memfd passed at connect): their
+        # replicas of their contexts see the AFU resets (spec §16.1).
+        self.epoch_fd = os.memfd_create("cxlflash-reset-epoch", os.MFD_CLOEXEC)
+        os.ftruncate(self.epoch_fd, mmap.PAGESIZE)
+        self.reset_epoch = mmap.mmap(self.epoch_fd, mmap.PAGESIZE)
         self.closed = False
 
     # -- LUNs and paths ----------------------------------------------------
 
-    def add_lun(self, backing, ports, wwid):
-        """Make ``backing`` a physical LUN visible on ``ports``."""
+    def new_wwid(self):
+        """A WWID for a LUN this driver makes (NAA-6, unique per driver)."""
+        with self.global_mutex:
+            self._serial += 1
+            return naa6_wwid(self._serial ^ (id(self) & 0xFFFF) << 20)
+
+    def add_lun(self, backing, ports, wwid, *, owned=False):
+        """Make ``backing`` a physical LUN visible on ``ports``.  ``owned``:
+        the driver closes the backing store when the LUN is deleted or the
+        driver closed."""
+        glun = self._add_lun(backing, ports, wwid)
+        if owned:
+            self.backings[wwid] = backing
+        return glun
+
+    def provision(self, port, size_4k):
+        """Create a LUN for HT_CXLFLASH_LUN_PROVISION -- a file in
+        ``directory``, or memory -- and return ``(wwid, lun_id)``."""
+        wwid = self.new_wwid()
+        nbytes = size_4k * uapi.CXLFLASH_BLOCK_SIZE
+        if self.directory is None:
+            backing, path = MemoryBacking(nbytes), None
+        else:
+            path = os.path.join(self.directory, f"lun-{wwid.hex()}.img")
+            backing = FileBacking(path, nbytes, create=True)
+        self.add_lun(backing, (port,), wwid, owned=True)
+        lun_id = sam_lun_id(self.sdev(wwid, port).scsi_lun)
+        self.provisioned[wwid] = {"port": port, "size": size_4k, "lun_id": lun_id,
+                                  "path": path}
+        return wwid, lun_id
+
+    def unprovision(self, wwid):
+        """After a LUN delete took LUN ``wwid`` off the driver (remove_lun:
+        nothing uses it any more): close its backing store, remove its
+        file, forget it."""
+        p = self.provisioned.pop(wwid)
+        backing = self.backings.pop(wwid, None)
+        if backing is not None:
+            # No handle reaches the LUN any more (remove_lun refused the
+            # delete otherwise, and every RELEASE took its table's write
+            # lock).  Also wait for the transfers in flight through ANY
+            # table: a data path kept from before a RELEASE whose handle
+            # number was re-opened on another LUN still carries this fd.
+            self.fence_tables(self.contexts())
+            backing.close()
+            if p["path"]:
+                os.unlink(p["path"])
+
+    @staticmethod
+    def fence_tables(contexts):
+        """Wait until no transfer is in flight through the contexts' tables
+        (each table's write lock, taken and dropped)."""
+        for c in contexts:
+            with c.table.fence():
+                pass
+
+    def _add_lun(self, backing, ports, wwid):
         with self.global_mutex:
             if wwid in self.gluns and self.gluns[wwid].backing is not None:
                 raise CxlFlashError(errno.EEXIST,
@@ -199,14 +256,15 @@ class Driver:
         itself be hung up (its own socket says so), and it is taken out of
         the table there, so exactly one thread releases it and a new live
         file that reused the number is never touched."""
+        released = []
         if not self._files or self.closed:
-            return
+            return released
         self._reap_lock.acquire()
         try:
             try:
                 events = self._epoll.poll(0)
             except (OSError, ValueError):          # closed under us
-                return
+                return released
             for fileno, _ in events:
                 with self._files_lock:
                     f = self._files.get(fileno)
@@ -217,20 +275,27 @@ class Driver:
                         self._epoll.unregister(fileno)
                     except (OSError, ValueError):
                         pass
-                self.release_file(f, caller)
+                gone = self.release_file(f, caller)
+                if gone is not None:
+                    released.append(gone)
         finally:
             self._reap_lock.release()
+        return released
 
     def release_file(self, f, caller):
         """The adapter fd's release (spec §6.3).  The closer of the last
         copy is taken to be the context's owner (we cannot see who closed
         it); the context is fenced (no transfer through it runs from here
-        on), detached from every LUN and destroyed."""
+        on), detached from every LUN and destroyed.  Returns
+        ``(context_id, pid, chunks it held)``, or None when the fd held no
+        context any more."""
+        gone = None
         try:
             ctx = self.get_context(0, caller, file=f,
                                    ctrl=CTX_CTRL_ERR_FALLBACK | CTX_CTRL_FILE | CTX_CTRL_NOPID)
             if ctx is not None:
                 try:
+                    gone = (ctx.ctxid, ctx.pid, ctx.chunks_held())
                     ctx.table.set_state(TABLE_GONE)
                     self.afu.rwsem.acquire_shared()
                     try:
@@ -242,6 +307,7 @@ class Driver:
                     ctx.mutex.release()
         finally:
             self.forget_file(f)
+        return gone
 
     # -- contexts -------------------------------------------------------------
 
@@ -259,6 +325,21 @@ class Driver:
 
     def new_cookie(self):
         return next(self._cookies) & 0xFFFFFFFF or 1
+
+    def find_context(self, context_id=None, *, pe=None):
+        """The live or in-error context with ``context_id`` (or at PE
+        ``pe``), or None: a record for reporting and for the data path's
+        checks (the ioctls use :meth:`get_context`, which locks it and
+        checks its owner)."""
+        with self.ctx_tbl_lock:
+            if pe is None:
+                pe = context_id & 0xFFFFFFFF
+            ctx = self.ctx_tbl[pe] if 0 <= pe < len(self.ctx_tbl) else None
+            if ctx is not None and (context_id is None or ctx.ctxid == context_id):
+                return ctx
+            return next((c for c in self.ctx_err_recovery
+                         if (c.pe == pe if context_id is None else c.ctxid == context_id)),
+                        None)
 
     def get_context(self, raw_id, caller, llun=None, *, file=None, ctrl=0):
         """Find a context and lock it (spec §4); None when not found, not
@@ -314,13 +395,17 @@ class Driver:
                 self.ctx_tbl[ctx.pe] = None
             if ctx in self.ctx_err_recovery:
                 self.ctx_err_recovery.remove(ctx)
+            mine = self.ctx_by_pid.get(ctx.pid)
+            if mine is not None:
+                mine.discard(ctx)
+                if not mine:
+                    del self.ctx_by_pid[ctx.pid]
         ctx.table.set_state(TABLE_GONE)
         # The adapter file -- and the PE of its backend context -- stay
         # until the user closes fd2 (APP_CLOSE_ADAP_FD, spec §7).
 
     def detach_lun(self, ctx, llun, caller):
         """DETACH of one LUN from a locked context (spec §7 steps 2-5)."""
-        from .superpipe import release_handle
         for h in list(ctx.table.open_handles()):
             if ctx.rht_lun[h] is llun:
                 release_handle(self, ctx, llun, h, force=True)
@@ -353,7 +438,10 @@ class Driver:
 
     @property
     def epoch(self):
-        return struct.unpack_from("<Q", self.reset_epoch, 0)[0]
+        try:
+            return struct.unpack_from("<Q", self.reset_epoch, 0)[0]
+        except ValueError:                  # closed with the driver
+            return self._epoch_closed
 
     def _drain_and_mark_in_error(self):
         """Drain the ioctls under way (the rwsem taken exclusively), put
@@ -500,44 +588,49 @@ class Driver:
             for f in files:
                 self.forget_file(f)
             self._epoll.close()
+        # Every table is fenced: no transfer can reach these any more.
+        for b in self.backings.values():
+            b.close()
+        self.backings.clear()
+        os.close(self.epoch_fd)
+        self.epoch_fd = -1
+        self._epoch_closed = self.epoch
+        try:
+            self.reset_epoch.close()        # (mmap keeps a descriptor of its own)
+        except BufferError:                 # a table of this process still watches it
+            pass
+
+    # -- reporting ----------------------------------------------------------------
+
+    def status(self):
+        """What ``cxlflash ctl`` shows: the LUNs, the contexts, counters
+        (plain data, JSON-ready)."""
+        modes = {MODE_NONE: "none", MODE_VIRTUAL: "virtual", MODE_PHYSICAL: "physical"}
+        luns = []
+        with self.global_mutex:
+            for wwid, glun in list(self.gluns.items()):
+                if glun.backing is None:
+                    continue
+                alloc = glun.allocator
+                blocks = glun.max_lba + 1 if glun.max_lba else 0
+                luns.append({
+                    "wwid": wwid.hex(), "block_size": glun.blk_len,
+                    "max_lba": glun.max_lba, "size": blocks * glun.blk_len,
+                    "mode": modes.get(glun.mode, str(glun.mode)),
+                    "ports": sorted(p for (p, w) in self.sdevs if w == wwid),
+                    "users": glun.users,
+                    "chunks_total": alloc.limit if alloc is not None else 0,
+                    "chunks_free": alloc.space() if alloc is not None else 0,
+                    "path": getattr(glun.backing, "path", None)})
+        contexts = []
+        for c in self.contexts():
+            contexts.append({
+                "context_id": c.ctxid, "pid": c.pid,
+                "luns": [la.llun.wwid.hex() for la in c.luns],
+                "handles": c.table.rht_out, "chunks": c.chunks_held(),
+                "in_error": bool(c.err_recovery_active)})
+        return {"state": self.afu.state, "ports": self.num_ports, "luns": luns,
+                "contexts": contexts, "counters": dict(self.afu.counters)}
 
 
-# -- argument copy (the user/kernel boundary) ------------------------------------------
-
-
-def copy_in(arg, struct_type):
-    """Copy the caller's argument into a fresh structure: EFAULT when it is
-    not a buffer of at least the structure's size."""
-    size = ctypes.sizeof(struct_type)
-    try:
-        view = memoryview(arg).cast("B")
-    except TypeError:
-        raise CxlFlashError(errno.EFAULT, f"the argument is not a buffer of "
-                            f"{size} bytes (expected a {struct_type.__name__})") from None
-    if view.nbytes < size:
-        raise CxlFlashError(errno.EFAULT, f"the argument has {view.nbytes} bytes; "
-                            f"{struct_type.__name__} needs {size}")
-    return struct_type.from_buffer_copy(view[:size])
-
-
-def copy_out(arg, struct):
-    """Copy the result back to the caller: EFAULT when the buffer is
-    read-only (the operation has taken effect)."""
-    size = ctypes.sizeof(struct)
-    view = memoryview(arg).cast("B")
-    if view.readonly:
-        raise CxlFlashError(errno.EFAULT, "the argument is read-only: the result "
-                            "could not be copied back (the operation took effect)")
-    view[:size] = bytes(struct)
-
-
-def check_header(hdr, host=False):
-    if hdr.version != 0:
-        raise CxlFlashError(errno.EINVAL, f"unsupported structure version {hdr.version} "
-                            "(only version 0 exists)")
-    rsvd = hdr.rsvd[0] | hdr.rsvd[1] | (0 if host else hdr.rsvd[2])
-    if rsvd or hdr.return_flags:
-        raise CxlFlashError(errno.EINVAL, "hdr.rsvd and hdr.return_flags must be zero on input")
-
-
-__all__ = ["Driver", "Caller", "copy_in", "copy_out", "check_header", "uapi"]
+__all__ = ["Driver", "Caller"]

@@ -27,7 +27,7 @@ import struct
 from .. import uapi
 from ..errors import CxlFlashError
 from .afu import NORMAL
-from .core import copy_in, copy_out, check_header
+from .uaccess import copy_in, copy_out, check_header
 
 DUMP_CONTEXTS = 0x01
 DUMP_LUNS = 0x02
@@ -39,6 +39,20 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class _iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class ProcessMemory:
+    """The caller's memory, as copy_from_user/copy_to_user reach it: a
+    process's address space through process_vm_readv/writev."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def read(self, address, length):
+        return _vm_copy(self.pid, address, length)
+
+    def write(self, address, data):
+        _vm_copy(self.pid, address, len(data), data)
 
 
 def _vm_copy(pid, address, length, data=None):
@@ -69,7 +83,7 @@ def _new_wwid_salt():
 os.register_at_fork(after_in_child=_new_wwid_salt)    # a child's adapters differ too
 
 
-def _naa6_wwid(serial):
+def naa6_wwid(serial):
     """A unique NAA-6 (IEEE registered extended) 16-byte WWID: the serial
     and a random salt (so adapters of different processes sharing a LUN
     directory do not collide)."""
@@ -77,7 +91,7 @@ def _naa6_wwid(serial):
     return struct.pack(">QQ", hi, (_WWID_SALT << 32 | serial) & (2**64 - 1))
 
 
-def lun_provision(drv, adapter, arg, caller):
+def lun_provision(drv, arg, caller, memory=None):
     """HT_CXLFLASH_LUN_PROVISION (spec §18.3)."""
     afu = drv.afu
     if not afu.has_lun_provision:
@@ -87,7 +101,7 @@ def lun_provision(drv, adapter, arg, caller):
                             f"has {drv.num_ports})")
     sub = arg.hdr.subcmd
     port = arg.port
-    mine = [p for p in adapter.provisioned.values() if p["port"] == port]
+    mine = [p for p in drv.provisioned.values() if p["port"] == port]
     if sub == uapi.HT_CXLFLASH_LUN_PROVISION_SUBCMD_QUERY_PORT:
         arg.max_num_luns = drv.port_max_luns
         arg.cur_num_luns = len(mine)
@@ -110,7 +124,7 @@ def lun_provision(drv, adapter, arg, caller):
         if sum(p["size"] for p in mine) + arg.size > drv.port_capacity:
             raise CxlFlashError(errno.EIO, f"port {port} has not enough space for "
                                 f"{arg.size} 4K blocks")
-        wwid, lun_id = adapter._provision(port, arg.size)
+        wwid, lun_id = drv.provision(port, arg.size)
         arg.lun_id = lun_id
         arg.wwid[:] = wwid
         return
@@ -124,7 +138,7 @@ def lun_provision(drv, adapter, arg, caller):
                 raise CxlFlashError(err, "the AFU refused the LUN delete command")
 
         with drv.global_mutex:           # one delete of a LUN at a time
-            wwid = next((w for w, p in list(adapter.provisioned.items())
+            wwid = next((w for w, p in list(drv.provisioned.items())
                          if p["port"] == port and p["lun_id"] == arg.lun_id), None)
             if wwid is None:
                 send()
@@ -134,7 +148,7 @@ def lun_provision(drv, adapter, arg, caller):
             # open on the LUN or a context has it attached; superpipe mode
             # alone does not keep it (Driver.remove_lun).
             drv.remove_lun(wwid, commit=send)
-            adapter._unprovision(wwid)
+            drv.unprovision(wwid)
         return
     raise CxlFlashError(errno.EINVAL, f"unknown LUN provision subcommand {sub}")
 
@@ -159,9 +173,7 @@ def _debug_data(drv, subcmd):
         return b"".join(out)
     if op == DUMP_RHT:
         pe = (subcmd[1] << 8) | subcmd[2]
-        ctx = drv.ctx_tbl[pe] if pe < len(drv.ctx_tbl) else None
-        if ctx is None:
-            ctx = next((c for c in drv.ctx_err_recovery if c.pe == pe), None)
+        ctx = drv.find_context(pe=pe)
         if ctx is None:
             raise CxlFlashError(errno.EIO, f"AFU debug: no context at PE {pe}")
         out = []
@@ -183,7 +195,7 @@ def _debug_data(drv, subcmd):
     raise CxlFlashError(errno.EIO, f"AFU debug: unknown subcommand 0x{op:02x}")
 
 
-def afu_debug(drv, adapter, arg, caller):
+def afu_debug(drv, arg, caller, memory=None):
     """HT_CXLFLASH_AFU_DEBUG (spec §18.4)."""
     afu = drv.afu
     if not afu.has_debug:
@@ -193,10 +205,12 @@ def afu_debug(drv, adapter, arg, caller):
     if n > uapi.HT_CXLFLASH_AFU_DEBUG_MAX_DATA_LEN:
         raise CxlFlashError(errno.EINVAL, f"data_len {n} exceeds "
                             f"{uapi.HT_CXLFLASH_AFU_DEBUG_MAX_DATA_LEN}")
+    if memory is None:
+        memory = ProcessMemory(caller.pid)
     if n:
         afu.faults.check("alloc", "allocating the bounce buffer")
         if write:
-            _vm_copy(caller.pid, arg.data_ea, n)
+            memory.read(arg.data_ea, n)
     err = afu.send_cmd("afu_cmd", "AFU debug")
     if err:
         raise CxlFlashError(err, "the AFU debug command failed")
@@ -207,7 +221,7 @@ def afu_debug(drv, adapter, arg, caller):
     else:
         data = _debug_data(drv, bytes(arg.afu_subcmd))
     if n and not write:
-        _vm_copy(caller.pid, arg.data_ea, n, data[:n].ljust(n, b"\0"))
+        memory.write(arg.data_ea, data[:n].ljust(n, b"\0"))
 
 
 HT_HANDLERS = {
@@ -216,7 +230,7 @@ HT_HANDLERS = {
 }
 
 
-def host_ioctl(drv, adapter, request, arg, caller):
+def host_ioctl(drv, request, arg, caller, memory=None):
     """One HT_* ioctl (spec §18.2)."""
     drv.reap(caller)
     drv.afu.rwsem.acquire_shared()
@@ -229,7 +243,7 @@ def host_ioctl(drv, adapter, request, arg, caller):
                                 "HT_CXLFLASH_* request")
         s = copy_in(arg, uapi.HT_IOCTLS[request])
         check_header(s.hdr, host=True)
-        handler(drv, adapter, s, caller)
+        handler(drv, s, caller, memory)
         copy_out(arg, s)
     finally:
         drv.afu.rwsem.release_shared()

@@ -9,11 +9,13 @@ import time
 from .. import uapi
 from .._core.tables import TABLE_LIVE
 from ..errors import CxlFlashError
-from .afu import AFU_LW_SYNC, AFU_HW_SYNC, NORMAL
+from .afu import AFU_LW_SYNC, NORMAL
 from .context import Context, LunAccess, encode_ctxid
-from .core import (CTX_CTRL_ERR_FALLBACK, copy_in, copy_out, check_header)
+from .context import CTX_CTRL_ERR_FALLBACK
+from .uaccess import copy_in, copy_out, check_header
 from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 from . import vlun
+from .vlun import release_handle
 
 
 
@@ -121,6 +123,7 @@ def _new_context(drv, sdev, llun, arg, caller):
         ctx.initialized = True
         ctx.mutex.acquire()
         drv.ctx_tbl[pe] = ctx
+        drv.ctx_by_pid.setdefault(ctx.pid, set()).add(ctx)
     return ctx
 
 
@@ -168,36 +171,6 @@ def user_direct(drv, sdev, disk, arg, caller):
             raise CxlFlashError(err, "the AFU sync failed; the handle was released: retry")
     finally:
         ctx.mutex.release()
-
-
-def release_handle(drv, ctx, llun, handle, force=False):
-    """The internal RELEASE (spec §13 steps 2-6) on a locked context.
-
-    ``force`` (DETACH, rollbacks; decision 21) checks the handle in even if
-    the resize to 0 reports a failed sync.
-    """
-    vlun.get_rhte(drv, ctx, handle, llun)
-    glun = llun.parent
-    if glun.mode == MODE_VIRTUAL:
-        rc, _ = vlun.resize(drv, ctx, llun, handle, 0)
-        if rc and not force:
-            raise CxlFlashError(rc, "the AFU sync failed; the handle is still open "
-                                "with size 0: release it again")
-    elif glun.mode == MODE_PHYSICAL:
-        if not ctx.err_recovery_active:
-            drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC)
-    else:
-        return
-    # The core's close takes the table's write lock: the transfers through
-    # the handle have ended before its chunks change hands.
-    leftover = ctx.table.close(handle)
-    try:
-        if len(leftover) and glun.allocator is not None:
-            vlun.drop_chunks(glun, leftover, ctx.rht_needs_ws[handle])
-    finally:
-        ctx.rht_lun[handle] = None
-        ctx.rht_needs_ws[handle] = False
-        glun.detach()
 
 
 def release(drv, sdev, disk, arg, caller):

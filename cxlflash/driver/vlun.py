@@ -7,7 +7,7 @@ from .._core.datapath import scrub_chunks
 from ..errors import CxlFlashError
 from .afu import AFU_LW_SYNC, AFU_HW_SYNC
 from .context import LunAccess
-from .core import CTX_CTRL_CLONE, CTX_CTRL_ERR_FALLBACK
+from .context import CTX_CTRL_CLONE, CTX_CTRL_ERR_FALLBACK
 from .._core.tables import MC_CHUNK_SHIFT
 from .lun import MODE_VIRTUAL, MODE_PHYSICAL
 
@@ -214,7 +214,6 @@ def vlun_resize(drv, sdev, disk, arg, caller):
 
 def vlun_clone(drv, sdev, disk, arg, caller):
     """DK_CXLFLASH_VLUN_CLONE (spec §14; decisions 9 and 10)."""
-    from .superpipe import release_handle
     llun = sdev.llun
     if arg.context_id_src == arg.context_id_dst:
         raise CxlFlashError(errno.EINVAL, "source and destination contexts are the same")
@@ -298,3 +297,37 @@ def _clone(drv, src, dst, caller, release_handle):
         dst.kref += 1
         if la.sdev is not None:
             la.sdev.refs += 1
+
+
+# -- RELEASE (superpipe.c's _cxlflash_disk_release; here because DETACH,
+# clone rollbacks and the release path all need it) --------------------------
+
+
+def release_handle(drv, ctx, llun, handle, force=False):
+    """The internal RELEASE (spec §13 steps 2-6) on a locked context.
+
+    ``force`` (DETACH, rollbacks; decision 21) checks the handle in even if
+    the resize to 0 reports a failed sync.
+    """
+    get_rhte(drv, ctx, handle, llun)
+    glun = llun.parent
+    if glun.mode == MODE_VIRTUAL:
+        rc, _ = resize(drv, ctx, llun, handle, 0)
+        if rc and not force:
+            raise CxlFlashError(rc, "the AFU sync failed; the handle is still open "
+                                "with size 0: release it again")
+    elif glun.mode == MODE_PHYSICAL:
+        if not ctx.err_recovery_active:
+            drv.afu.sync(ctx.pe, handle, AFU_HW_SYNC)
+    else:
+        return
+    # The core's close takes the table's write lock: the transfers through
+    # the handle have ended before its chunks change hands.
+    leftover = ctx.table.close(handle)
+    try:
+        if len(leftover) and glun.allocator is not None:
+            drop_chunks(glun, leftover, ctx.rht_needs_ws[handle])
+    finally:
+        ctx.rht_lun[handle] = None
+        ctx.rht_needs_ws[handle] = False
+        glun.detach()

@@ -1,163 +1,505 @@
-"""The owner's side of the shared driver: serves one client connection.
+"""The driver's side of the shared driver: serves client connections.
 
-Every request runs the driver as the client's own process (its pid comes
-from the kernel-checked credentials of the message, its parent from
-/proc), so the ownership rules of the kernel hold across processes: a child
-can attach contexts of its own and clone its parent's, and gets EINVAL for
-its parent's context ids everywhere else.
+One ``Server`` per driver.  It serves the connections of a daemon's Unix
+socket (``serve_forever``) and socket pairs made for forked children
+(``serve_pair``), one thread per connection.  Every request runs the
+driver as the process the kernel names in the message's credentials --
+never as anything the bytes say -- so the ownership rules of the kernel
+hold between processes: a context belongs to the process that attached
+it, a child clones its parent's, anyone else gets EINVAL.
+
+A reaper thread watches the driver's adapter fds: when the last copy of
+one is closed -- by its process, or by the kernel as that process dies
+(``kill -9``) -- it runs the release path at once (spec §6.3), so every
+chunk, PE and LUN-table slot comes back without waiting for another
+request.
+
+A connection that breaks the protocol (``wire.ProtocolError``: bad magic
+or version, an unknown op, an oversize length, descriptors where none
+belong, missing credentials) is logged and closed; the others go on.
 """
 import errno
+import json
 import os
+import select
+import socket
+import struct
+import sys
 import threading
-import time
 
 from .. import uapi
-from ..driver import host, superpipe
+from ..channel import this_process
 from ..driver.core import Caller
 from ..errors import CxlFlashError
-from . import protocol
+from . import wire
+
+__all__ = ["Server"]
 
 
-class _DiskView:
-    """The client's open disk, as the driver sees it."""
-
-    def __init__(self, flags):
-        self.flags = flags
-        self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        self.closed = False
+def _stderr_log(line):
+    try:
+        print(f"cxlflash serve: {line}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
-def snapshot(drv, pid):
-    """Replicas of every context ``pid`` owns: {context_id: record}.  Each
-    context is read holding its mutex, so a record is one consistent state
-    (not an entry of one moment and an LXT of another)."""
-    out = {}
-    for c in drv.contexts():
-        if c.pid != pid:
-            continue
-        with c.mutex:
-            if c.removed:
+class _PeerMemory:
+    """A remote caller's memory for HT_CXLFLASH_AFU_DEBUG: the client
+    copies in and out of its own address space; the driver records what
+    to write, and knows from the client whether the source was readable."""
+
+    def __init__(self, readable):
+        self.readable = readable
+        self.out = b""
+
+    def read(self, address, length):
+        if not self.readable:
+            raise CxlFlashError(errno.EFAULT, f"data_ea 0x{address:x}: {length} bytes "
+                                "are not addressable in the caller")
+        return bytes(length)
+
+    def write(self, address, data):
+        self.out = bytes(data)
+
+
+class Server:
+    """Serves one driver (an embedded ``Adapter``'s) to other processes."""
+
+    def __init__(self, adapter, sock=None, *, log=_stderr_log):
+        self.adapter = adapter
+        self.local = adapter._local
+        self.drv = self.local.driver
+        self.sock = sock
+        self.log = log
+        self.uid = os.getuid()
+        self.pid = this_process().pid          # the driver's own process
+        self._lock = threading.Lock()
+        self._conns = set()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.counters = {"connects": 0, "reclaims": 0, "bad_messages": 0}
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
+                                        name="cxlflash-reaper")
+        self._reaper.start()
+
+    # -- connections ----------------------------------------------------------------
+
+    def serve_pair(self, sock):
+        """Serve one end of a socket pair (a forked child's connection)."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        conn = Connection(self, sock)
+        with self._lock:
+            if self._stopping:
+                sock.close()
+                return
+            self._conns.add(conn)
+        conn.start()
+
+    def serve_forever(self):
+        """Accept connections until :meth:`shutdown`."""
+        try:
+            while not self._stopping:
+                r, _, _ = select.select([self.sock, self._wake_r], [], [])
+                if self._stopping:
+                    break
+                if self.sock not in r:
+                    continue
+                try:
+                    s, _ = self.sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    if self._stopping:
+                        break
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self.log(f"cannot accept a connection: {e.strerror}")
+                        select.select([], [], [], 0.1)
+                        continue
+                    raise
+                s.setblocking(True)
+                self.serve_pair(s)
+        finally:
+            self.close()
+
+    def shutdown(self):
+        """Stop accepting and serving; :meth:`serve_forever` returns, and
+        every connection closes (their contexts are released as their
+        adapter fds close, or with the adapter)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def close(self):
+        """Stop serving now: every connection is closed (their threads
+        end), the reaper stops.  The adapter stays open."""
+        self.shutdown()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.abort()
+        for c in conns:
+            if c is not threading.current_thread():
+                c.join(5)
+        if self._reaper is not threading.current_thread():
+            self._reaper.join(5)
+        with self._lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def _gone(self, conn):
+        with self._lock:
+            self._conns.discard(conn)
+
+    # -- reclaim ----------------------------------------------------------------------
+
+    def _reap_loop(self):
+        drv = self.drv
+        p = select.poll()
+        try:
+            p.register(drv._epoll.fileno(), select.POLLIN)
+        except (OSError, ValueError):
+            return
+        wake = self._wake_r
+        p.register(wake, select.POLLIN)
+        nobody = Caller(0, 0)
+        while not drv.closed:
+            try:
+                events = p.poll(1000)
+            except (OSError, ValueError):
+                return
+            if drv.closed:
+                return
+            if self._stopping:
+                return
+            if not events:
                 continue
-            out.update(_record(drv, c))
-    return out
+            try:
+                released = drv.reap(nobody)
+            except Exception as e:                      # keep reaping
+                self.log(f"the release path failed: {e!r}")
+                released = []
+            for context_id, pid, chunks in released:
+                self.counters["reclaims"] += 1
+                self.log(f"reclaimed context 0x{context_id:016x} of pid {pid} "
+                         f"({chunks} chunks)")
+            if not released:
+                # Readiness for an fd another thread is releasing: let it.
+                select.select([], [], [], 0.005)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def status(self):
+        out = {"pid": self.pid, "uid": self.uid}
+        out.update(self.local.status())
+        with self._lock:
+            conns = len(self._conns)
+        out["counters"].update(self.counters, connections=conns)
+        return out
 
 
-def _record(drv, c):
-    """One context's record (its mutex held)."""
-    slots = []
-    for h in c.table.open_handles():
-        e = c.table.entry(h)
-        llun = c.rht_lun[h]
-        glun = llun.parent
-        if e["format"] == 0:
-            slots.append((h, 0, e["perms"], e["nmask"], c.table.lxt(h), 0, 0, 0,
-                          glun.wwid, glun.blk_len, glun.max_lba))
-        else:
-            slots.append((h, 1, e["perms"], e["port_sel"], None, e["lun_id"],
-                          e["last_lba"], e["valid"], glun.wwid, glun.blk_len,
-                          glun.max_lba))
-    return {c.ctxid: {"rht_size": c.table.rht_size, "pid": c.pid,
-                      "in_error": c.err_recovery_active, "slots": slots,
-                      "epoch": drv.epoch}}
+def _message(e):
+    return e.strerror or str(e)
 
 
 class Connection(threading.Thread):
-    """Serves the requests of one client until it goes away."""
+    """Serves the requests of one client process until it goes away."""
 
-    def __init__(self, adapter, sock):
-        super().__init__(name="cxlflash-driver-service", daemon=True)
-        self.adapter = adapter
+    def __init__(self, server, sock):
+        super().__init__(name="cxlflash-connection", daemon=True)
+        self.server = server
         self.sock = sock
-        self.client_pid = None
-        self.seq = 0                    # numbers the snapshots sent, in order
+        self.pid = None
+        self.uid = None
+        self.known = {}            # ctx -> (generation, context_id, in_error) last sent
+        self.gens = {}             # ctx -> generation of the entries last sent
+
+    def abort(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def run(self):
-        drv = self.adapter.driver
+        srv = self.server
+        why = "disconnected"
         try:
-            while not drv.closed:
-                msg, fds, pid = protocol.recv(self.sock)
-                for fd in fds:
-                    os.close(fd)
-                self.client_pid = pid
-                reply, out_fds, close_after = self.handle(msg, pid)
+            while not srv._stopping:
                 try:
-                    protocol.send(self.sock, reply, out_fds)
-                finally:
-                    for fd in close_after:
-                        os.close(fd)
-        except (EOFError, OSError):
-            pass
+                    op, request, payload, creds = wire.recv_request(self.sock)
+                except EOFError:
+                    break
+                pid, uid, _ = creds
+                if self.pid is None:
+                    if op != wire.OP_HELLO:
+                        raise wire.ProtocolError("the first request must be HELLO")
+                    self.pid, self.uid = pid, uid
+                    srv.counters["connects"] += 1
+                    srv.log(f"pid {pid} (uid {uid}) connected")
+                if pid != self.pid:
+                    wire.send_error(self.sock, op, errno.EPERM,
+                                    f"this connection belongs to pid {self.pid}: each "
+                                    "process needs its own (cxlflash.connect())")
+                    continue
+                self.handle(op, request, payload)
+        except wire.ProtocolError as e:
+            srv.counters["bad_messages"] += 1
+            why = f"closed: {e}"
+        except (OSError, struct.error) as e:
+            why = f"closed: {e}"
         finally:
-            self.sock.close()
-            self._release_client()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            srv._gone(self)
+            if self.pid is not None:
+                srv.log(f"pid {self.pid} {why}")
+            elif why != "disconnected":
+                srv.log(f"a connection was {why}")
 
-    def _release_client(self):
-        """The client is gone: its adapter fds close as it exits, and their
-        release path runs.  Wait briefly for the kernel to close them all."""
-        drv = self.adapter.driver
-        if self.client_pid is None:
-            return
-        # The closer of the client's fds is the client itself (as it exits).
-        client = Caller(self.client_pid, protocol.parent_pid(self.client_pid))
-        deadline = time.monotonic() + 2.0
-        while not drv.closed:
-            drv.reap(client)
-            if not snapshot(drv, self.client_pid) or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+    # -- requests ------------------------------------------------------------------------
 
-    def handle(self, msg, pid):
-        """One request: (reply, fds to send, fds to close after sending)."""
-        drv = self.adapter.driver
-        caller = Caller(pid, protocol.parent_pid(pid))
-        kind = msg[0]
+    def caller(self, request=None):
+        """The calling process; its parent (from /proc) only where a
+        request needs it -- a clone's source belongs to the parent."""
+        if request == uapi.DK_CXLFLASH_VLUN_CLONE:
+            return Caller(self.pid, wire.parent_pid(self.pid))
+        return Caller(self.pid, -1)
+
+    def _check_admin(self, what):
+        if self.uid not in (self.server.uid, 0):
+            raise CxlFlashError(errno.EPERM, f"{what} needs an administrator: the "
+                                f"daemon's user (uid {self.server.uid}) or root")
+
+    def handle(self, op, request, payload):
+        fds = []
         try:
-            if kind == "disk":
-                _, wwid, port, flags, request, data = msg
-                sdev = drv.sdev(wwid, port)
-                buf = bytearray(data) if data is not None else None
-                superpipe.disk_ioctl(drv, sdev, _DiskView(flags), request, buf, caller)
-                fds = self._adapter_fds(request, buf)
-                return ("ok", bytes(buf), snapshot(drv, pid), self._next_seq()), fds, fds
-            if kind == "host":
-                _, request, data = msg
-                buf = bytearray(data) if data is not None else None
-                host.host_ioctl(drv, self.adapter, request, buf, caller)
-                return ("ok", bytes(buf), None), [], []
-            if kind == "sdev":
-                _, wwid, port = msg
-                drv.sdev(wwid, port)
-                return ("ok", None, None), [], []
-            if kind == "backing":
-                _, wwid = msg
-                glun = drv.gluns.get(wwid)
-                if glun is None or glun.backing is None:
-                    raise CxlFlashError(errno.ENODEV, f"no LUN {wwid.hex()}")
-                b = glun.backing
-                return ("ok", (b.block_size, b.zero_mode), None), [b.fd], []
-            if kind == "snapshot":
-                return ("ok", None, snapshot(drv, pid), self._next_seq()), [], []
-            raise CxlFlashError(errno.EINVAL, f"unknown request {kind!r}")
-        except CxlFlashError as e:
-            return ("err", e.errno, e.strerror), [], []
-        except OSError as e:
-            return ("err", e.errno or errno.EIO, e.strerror or str(e)), [], []
-        except Exception as e:           # never leave the client waiting
-            return ("err", errno.EIO, f"the driver failed on this request: {e!r}"), [], []
+            try:
+                body, fds = self._dispatch(op, request, payload)
+            except wire.ProtocolError:
+                raise
+            except CxlFlashError as e:
+                wire.send_error(self.sock, op, e.errno, _message(e))
+                return
+            except OSError as e:
+                wire.send_error(self.sock, op, e.errno or errno.EIO, _message(e))
+                return
+            except (ValueError, TypeError, OverflowError, UnicodeDecodeError,
+                    struct.error) as e:
+                wire.send_error(self.sock, op, errno.EINVAL, f"a malformed request: {e}")
+                return
+            except Exception as e:        # never leave the client waiting
+                wire.send_error(self.sock, op, errno.EIO,
+                                f"the driver failed on this request: {e!r}")
+                return
+            wire.send_reply(self.sock, op, 0, body, fds)
+        finally:
+            wire.close_fds(fds)
 
-    def _next_seq(self):
-        self.seq += 1
-        return self.seq
+    def _dispatch(self, op, request, payload):
+        """(reply payload, fds to send and then close)."""
+        local = self.server.local
+        drv = self.server.drv
+        if op == wire.OP_HELLO:
+            flags = wire.HELLO_ADMIN if self.uid in (self.server.uid, 0) else 0
+            return (wire.HELLO_REPLY.pack(self.server.pid, drv.num_ports,
+                                          drv.rht_per_context, flags),
+                    [os.dup(drv.epoch_fd)])
+        if op == wire.OP_DISK_IOCTL:
+            return self._disk_ioctl(request, payload)
+        if op == wire.OP_HOST_IOCTL:
+            return self._host_ioctl(request, payload)
+        if op == wire.OP_OPEN_DISK:
+            wwid, port, _, _ = wire.DISK.unpack(_exact(payload, wire.DISK.size))
+            local.open_disk(wwid, port)
+            return b"", []
+        if op == wire.OP_BACKING:
+            wwid = bytes(_exact(payload, 16))
+            glun = drv.gluns.get(wwid)
+            if glun is None or glun.backing is None:
+                raise CxlFlashError(errno.ENODEV, f"no LUN {wwid.hex()}")
+            b = glun.backing
+            return wire.BACKING_REPLY.pack(b.block_size, b.zero_mode), [os.dup(b.fd)]
+        if op == wire.OP_LUNS:
+            _exact(payload, 0)
+            return b"".join(local.luns()), []
+        if op == wire.OP_TABLES:
+            _exact(payload, 0)
+            self.known.clear()
+            self.gens.clear()
+            return self._tables(full=True), []
+        if op == wire.OP_INFO:
+            ports, state, lun_mode = local.info()
+            return wire.INFO_REPLY.pack(ports, wire.STATES.index(state), lun_mode), []
+        if op == wire.OP_STATUS:
+            return json.dumps(self.server.status()).encode(), []
+        if op == wire.OP_ADMIN:
+            return self._admin(request, payload)
+        if op == wire.OP_SPAWN:
+            _exact(payload, 0)
+            mine, theirs = wire.socketpair()
+            self.server.serve_pair(mine)
+            fd = theirs.detach()
+            return b"", [fd]
+        raise wire.ProtocolError(f"unknown op {op}")
+
+    def _disk_ioctl(self, request, payload):
+        if len(payload) < wire.DISK.size:
+            raise wire.ProtocolError("a disk ioctl without its disk")
+        wwid, port, flags, has_arg = wire.DISK.unpack_from(payload)
+        if has_arg > 1:
+            raise wire.ProtocolError("has_arg is 0 or 1")
+        arg = bytearray(payload[wire.DISK.size:]) if has_arg else None
+        if not has_arg and len(payload) != wire.DISK.size:
+            raise wire.ProtocolError("structure bytes after has_arg = 0")
+        local = self.server.local
+        sdev = local.open_disk(wwid, port)
+        local.disk_ioctl(sdev, flags, request, arg, self.caller(request))
+        fds = []
+        st = uapi.DK_IOCTLS.get(request)
+        if request in (uapi.DK_CXLFLASH_ATTACH, uapi.DK_CXLFLASH_RECOVER_AFU):
+            s = st.from_buffer_copy(arg)
+            if s.hdr.return_flags & uapi.DK_CXLFLASH_APP_CLOSE_ADAP_FD:
+                # The new adapter fd goes to the client, and ours is closed
+                # once sent: the client holds the only copy (its close, or
+                # its death, releases the context).
+                fds = [s.adap_fd]
+        out = bytes(arg[:_size(st)])
+        return wire.COUNT.pack(len(out)) + out + self._tables(), fds
+
+    def _host_ioctl(self, request, payload):
+        self._check_admin("a host ioctl (HT_CXLFLASH_*)")
+        if len(payload) < 8:
+            raise wire.ProtocolError("a host ioctl without its flags")
+        has_arg, readable = struct.unpack_from("<II", payload)
+        if has_arg > 1 or readable > 1:
+            raise wire.ProtocolError("has_arg and readable are 0 or 1")
+        arg = bytearray(payload[8:]) if has_arg else None
+        memory = _PeerMemory(bool(readable))
+        self.server.local.host_ioctl(request, arg, self.caller(), memory)
+        out = bytes(arg[:_size(uapi.HT_IOCTLS.get(request))])
+        return (wire.COUNT.pack(len(out)) + out + wire.COUNT.pack(len(memory.out))
+                + memory.out), []
+
+    def _admin(self, action, payload):
+        self._check_admin("this operation")
+        local = self.server.local
+        if action == wire.ADMIN_ADD_LUN:
+            if len(payload) < wire.ADD_LUN.size:
+                raise wire.ProtocolError("a short ADD_LUN")
+            size, block_size, port_mask, flags, wwid = wire.ADD_LUN.unpack_from(payload)
+            path = bytes(payload[wire.ADD_LUN.size:]).decode("utf-8")
+            if "\0" in path or (path and not os.path.isabs(path)):
+                raise CxlFlashError(errno.EINVAL, "a LUN's path must be absolute")
+            ports = tuple(p for p in range(32) if port_mask >> p & 1)
+            got = local.add_lun(path or None, ports,
+                                wwid if flags & wire.ADD_WWID else None,
+                                bool(flags & wire.ADD_SUPERPIPE),
+                                size if flags & wire.ADD_SIZE else None,
+                                block_size, bool(flags & wire.ADD_DIRECT))
+            self.server.log(f"pid {self.pid} added LUN {got.hex()} "
+                            f"({path or 'memory'})")
+            return got, []
+        if action == wire.ADMIN_CREATE_LUN:
+            size, port, superpipe_on = wire.CREATE_LUN.unpack(
+                _exact(payload, wire.CREATE_LUN.size))
+            return local.create_lun(size, port, bool(superpipe_on), self.caller()), []
+        if action == wire.ADMIN_DELETE_LUN:
+            local.delete_lun(bytes(_exact(payload, 16)), self.caller())
+            return b"", []
+        if action == wire.ADMIN_BEGIN_RESET:
+            _exact(payload, 0)
+            local.begin_reset()
+            return b"", []
+        if action == wire.ADMIN_END_RESET:
+            (ok,) = wire.END_RESET.unpack(_exact(payload, wire.END_RESET.size))
+            local.end_reset(bool(ok))
+            return b"", []
+        if action == wire.ADMIN_FAIL:
+            _exact(payload, 0)
+            local.fail()
+            return b"", []
+        if action == wire.ADMIN_INJECT_FAULT:
+            if len(payload) < wire.FAULT.size:
+                raise wire.ProtocolError("a short INJECT_FAULT")
+            count, has_err, err = wire.FAULT.unpack_from(payload)
+            point = bytes(payload[wire.FAULT.size:]).decode("utf-8")
+            local.inject_fault(point, count, err if has_err else None)
+            return b"", []
+        if action == wire.ADMIN_SIGNAL_WAITERS:
+            _exact(payload, 0)
+            local.signal_waiters()
+            return b"", []
+        if action == wire.ADMIN_SET_LUN_MODE:
+            (mode,) = wire.LUN_MODE.unpack(_exact(payload, wire.LUN_MODE.size))
+            local.set_lun_mode(mode)
+            return b"", []
+        raise CxlFlashError(errno.EINVAL, f"unknown administrator action {action}")
+
+    # -- table replicas ---------------------------------------------------------------------
+
+    def _tables(self, full=False):
+        """The records of this process's contexts that changed since the
+        last reply (every one when ``full``), packed."""
+        drv = self.server.drv
+        mine = drv.ctx_by_pid.get(self.pid, ())
+        records = []
+        for ctx in set(mine) | set(self.known):
+            rec = self._record(ctx, drv)
+            if rec is not None:
+                records.append(rec)
+        return wire.pack_tables(records)
+
+    def _record(self, ctx, drv):
+        epoch = drv.epoch               # before the state: see ReplicaContext
+        in_error = bool(ctx.err_recovery_active)
+        if ctx.removed:
+            if ctx not in self.known:
+                return None
+            del self.known[ctx]
+            self.gens.pop(ctx, None)
+            return (ctx.ctxid, ctx.cookie, ctx.table.rht_size, wire.CTX_GONE, epoch, [])
+        since = self.gens.get(ctx, 0)
+        gen, handles = ctx.table.changed_since(since)
+        if self.known.get(ctx) == (gen, ctx.ctxid, in_error):
+            return None
+        if handles:
+            # The entries and their LUN records in one consistent state.
+            with ctx.mutex:
+                gen, handles = ctx.table.changed_since(since)
+                slots = [self._slot(ctx, h) for h in handles]
+        else:
+            slots = []
+        self.known[ctx] = (gen, ctx.ctxid, in_error)
+        self.gens[ctx] = gen
+        flags = wire.CTX_IN_ERROR if in_error else 0
+        return (ctx.ctxid, ctx.cookie, ctx.table.rht_size, flags, epoch, slots)
 
     @staticmethod
-    def _adapter_fds(request, buf):
-        """An ATTACH or RECOVER_AFU that made a new adapter fd: it goes to
-        the client, and our copy is closed once sent, so the client holds
-        the only one (its close or exit then releases the context)."""
-        st = protocol.ADAPTER_FD_IOCTLS.get(request)
-        if st is None:
-            return []
-        arg = st.from_buffer_copy(buf)
-        if not arg.hdr.return_flags & uapi.DK_CXLFLASH_APP_CLOSE_ADAP_FD:
-            return []
-        return [arg.adap_fd]
+    def _slot(ctx, h):
+        t = ctx.table
+        e = t.entry(h)
+        llun = ctx.rht_lun[h]
+        if not e["open"] or llun is None:
+            return (h, wire.SLOT_CLOSED, 0, 0, 0, 0, 0, 0, 0, bytes(16), None)
+        glun = llun.parent
+        if e["format"] == 0:
+            return (h, wire.SLOT_VIRTUAL, e["perms"], e["nmask"], 0, 0, 0,
+                    glun.blk_len, glun.max_lba, glun.wwid, t.lxt(h))
+        return (h, wire.SLOT_DIRECT, e["perms"], e["port_sel"], e["valid"],
+                e["lun_id"], e["last_lba"], glun.blk_len, glun.max_lba, glun.wwid, None)
+
+
+def _exact(payload, n):
+    if len(payload) != n:
+        raise wire.ProtocolError(f"a payload of {len(payload)} bytes where {n} belong")
+    return payload
+
+
+def _size(st):
+    import ctypes
+    return ctypes.sizeof(st) if st is not None else 0

@@ -1,0 +1,313 @@
+"""The shared driver's wire protocol: how a client and the driver's owner
+talk over a Unix stream socket.
+
+Every message is a 16-byte header and a payload.  A request's header is
+``magic "CXLF", version u16, op u16, request u32, length u32`` (little
+endian); ``request`` is the ioctl number for the ioctl ops and the action
+for ``OP_ADMIN``.  A reply's header is ``magic, version, op u16, errno
+i32, length u32``: errno 0 and the op's payload, or the errno and a UTF-8
+message.  Requests carry the sender's credentials (``SCM_CREDENTIALS``,
+checked by the kernel: the driver knows who is calling from them, never
+from the bytes); only replies carry file descriptors (``SCM_RIGHTS``).
+
+The payloads, by op (``<`` struct formats)::
+
+  HELLO      ->  -                          <-  HELLO_REPLY, fd: the reset epoch (memfd)
+  DISK_IOCTL ->  DISK + the structure       <-  u32 n + n structure bytes + tables;
+                                                fd: a new adapter fd (ATTACH, RECOVER_AFU)
+  HOST_IOCTL ->  u32 has_arg + structure    <-  u32 n + n structure bytes
+  OPEN_DISK  ->  DISK (no structure)        <-  -
+  BACKING    ->  wwid[16]                   <-  BACKING_REPLY, fd: the backing store
+  LUNS       ->  -                          <-  wwid[16] per LUN
+  TABLES     ->  -                          <-  tables (every context of the caller)
+  INFO       ->  -                          <-  INFO_REPLY
+  STATUS     ->  -                          <-  UTF-8 JSON (``cxlflash ctl``)
+  ADMIN      ->  per action (ADMIN_*)       <-  per action
+  SPAWN      ->  -                          <-  -, fd: a new connection (for a forked child)
+
+Tables (the caller's contexts whose entries changed, in a fixed layout):
+``u32 count`` then per context ``CONTEXT`` and its ``SLOT`` records, each
+followed by ``lxt_cnt`` u64 LXT entries.  A slot of kind ``SLOT_CLOSED``
+says the handle was closed; a context with ``CTX_GONE`` was destroyed.
+
+Nothing here unpickles anything: every length and field is checked before
+use, and a message that breaks a rule raises :class:`ProtocolError`
+(the connection is then closed).
+"""
+import array
+import errno
+import os
+import socket
+import struct
+
+MAGIC = b"CXLF"
+VERSION = 1
+
+REQUEST = struct.Struct("<4sHHII")
+REPLY = struct.Struct("<4sHHiI")
+HEADER_SIZE = 16
+
+OP_HELLO = 1
+OP_DISK_IOCTL = 2
+OP_HOST_IOCTL = 3
+OP_OPEN_DISK = 4
+OP_BACKING = 5
+OP_LUNS = 6
+OP_TABLES = 7
+OP_INFO = 8
+OP_STATUS = 9
+OP_ADMIN = 10
+OP_SPAWN = 11
+OPS = frozenset(range(OP_HELLO, OP_SPAWN + 1))
+
+ADMIN_ADD_LUN = 1
+ADMIN_DELETE_LUN = 2
+ADMIN_BEGIN_RESET = 3
+ADMIN_END_RESET = 4
+ADMIN_FAIL = 5
+ADMIN_INJECT_FAULT = 6
+ADMIN_SIGNAL_WAITERS = 7
+ADMIN_SET_LUN_MODE = 8
+ADMIN_CREATE_LUN = 9
+
+#: The largest request payload a driver accepts (structures and paths are
+#: far smaller), and the largest reply a client accepts (tables of big LUNs).
+MAX_REQUEST = 64 << 10
+MAX_REPLY = 1 << 30
+#: The most descriptors one reply carries.
+MAX_FDS = 2
+
+DISK = struct.Struct("<16sIiI")          # wwid, port, open flags, has_arg
+HELLO_REPLY = struct.Struct("<IIII")     # server pid, ports, rht_per_context, flags
+HELLO_ADMIN = 1                          # flags: the caller is an administrator
+BACKING_REPLY = struct.Struct("<II")     # block_size, zero_mode
+INFO_REPLY = struct.Struct("<IIq")       # ports, state (STATES index), lun_mode
+STATES = ("NORMAL", "RESET", "FAILTERM")
+ADD_LUN = struct.Struct("<QIII16s")      # size, block_size, ports mask, flags, wwid; path
+ADD_SIZE, ADD_WWID, ADD_SUPERPIPE, ADD_DIRECT = 1, 2, 4, 8
+CREATE_LUN = struct.Struct("<QII")       # size (bytes), port, superpipe
+END_RESET = struct.Struct("<I")          # ok
+FAULT = struct.Struct("<Iiq")            # count, has_err, err; point (UTF-8)
+LUN_MODE = struct.Struct("<q")
+
+COUNT = struct.Struct("<I")
+CONTEXT = struct.Struct("<QIIIIQ")       # context_id, cookie, rht_size, flags, slots, epoch
+CTX_IN_ERROR, CTX_GONE = 1, 2
+SLOT = struct.Struct("<IBBBBQQIIQ16s")   # handle, kind, perms, nmask, valid, lun_id,
+                                         # last_lba, lxt_cnt, blk_len, max_lba, wwid
+SLOT_CLOSED, SLOT_VIRTUAL, SLOT_DIRECT = 0, 1, 2
+MAX_RHT = 4096
+
+_CREDS = struct.Struct("iII")
+
+
+class ProtocolError(Exception):
+    """A message broke the protocol: the connection must be closed."""
+
+
+# -- sending -----------------------------------------------------------------------
+
+
+def _sendmsg(sock, parts, anc):
+    """Send ``parts`` (one message) with ancillary data on its first byte."""
+    total = sum(len(p) for p in parts)
+    sent = sock.sendmsg(parts, anc)
+    if sent < total:
+        rest = b"".join(bytes(p) for p in parts)[sent:]
+        sock.sendall(rest)
+
+
+def send_request(sock, op, request=0, payload=b""):
+    """A request, with this process's credentials."""
+    creds = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS,
+              _CREDS.pack(os.getpid(), os.getuid(), os.getgid()))]
+    _sendmsg(sock, [REQUEST.pack(MAGIC, VERSION, op, request, len(payload)), payload],
+             creds)
+
+
+def send_reply(sock, op, err=0, payload=b"", fds=()):
+    anc = []
+    if fds:
+        anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()))
+    _sendmsg(sock, [REPLY.pack(MAGIC, VERSION, op, err, len(payload)), payload], anc)
+
+
+def send_error(sock, op, err, message):
+    send_reply(sock, op, err or errno.EIO, message.encode("utf-8", "replace")[:4096])
+
+
+# -- receiving ---------------------------------------------------------------------
+
+
+def _recv_header(sock, want_creds, max_fds):
+    """(header bytes, fds, (pid, uid, gid) or None); EOFError at a clean end
+    of stream before any byte."""
+    space = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(max(max_fds, 1) * 4)
+    head = b""
+    fds, creds = [], None
+    try:
+        while len(head) < HEADER_SIZE:
+            data, anc, flags, _ = sock.recvmsg(HEADER_SIZE - len(head), space)
+            for level, kind, body in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(body[:len(body) - len(body) % 4])
+                    fds.extend(a)
+                elif (level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                      and len(body) >= _CREDS.size and creds is None):
+                    creds = _CREDS.unpack(body[:_CREDS.size])
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("more ancillary data than a message may carry")
+            if not data:
+                if head:
+                    raise ProtocolError("the peer closed the connection mid-header")
+                raise EOFError("the peer closed the connection")
+            head += data
+        if len(fds) > max_fds:
+            raise ProtocolError(f"{len(fds)} file descriptors where at most "
+                                f"{max_fds} belong")
+        if want_creds and creds is None:
+            raise ProtocolError("a request without the sender's credentials")
+        return head, fds, creds
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+def _recv_payload(sock, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ProtocolError("the peer closed the connection mid-message")
+        got += k
+    return buf
+
+
+def recv_request(sock):
+    """(op, request, payload, (pid, uid, gid)); EOFError when the peer is
+    gone, ProtocolError when it broke the protocol (a request carries no
+    file descriptors)."""
+    head, fds, creds = _recv_header(sock, True, 0)
+    magic, version, op, request, n = REQUEST.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} (this driver speaks {VERSION})")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op}")
+    if n > MAX_REQUEST:
+        raise ProtocolError(f"a request of {n} bytes (at most {MAX_REQUEST})")
+    return op, request, _recv_payload(sock, n), creds
+
+
+def recv_reply(sock, op):
+    """(errno, payload, fds) of the reply to ``op``; EOFError when the
+    driver is gone, ProtocolError on a malformed reply."""
+    head, fds, _ = _recv_header(sock, False, MAX_FDS)
+    try:
+        magic, version, rop, err, n = REPLY.unpack(head)
+        if magic != MAGIC or version != VERSION or rop != op:
+            raise ProtocolError(f"a reply that does not answer op {op}")
+        if n > MAX_REPLY:
+            raise ProtocolError(f"a reply of {n} bytes")
+        return err, _recv_payload(sock, n), fds
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+def close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- tables -------------------------------------------------------------------------
+
+
+def pack_tables(records):
+    """``records``: [(context_id, cookie, rht_size, flags, epoch, slots)],
+    slots: [(handle, kind, perms, nmask, valid, lun_id, last_lba, blk_len,
+    max_lba, wwid, lxt)] with ``lxt`` a uint64 array or None."""
+    out = [COUNT.pack(len(records))]
+    for context_id, cookie, rht_size, flags, epoch, slots in records:
+        out.append(CONTEXT.pack(context_id, cookie, rht_size, flags, len(slots), epoch))
+        for (h, kind, perms, nmask, valid, lun_id, last_lba, blk_len, max_lba,
+             wwid, lxt) in slots:
+            n = 0 if lxt is None else len(lxt)
+            out.append(SLOT.pack(h, kind, perms, nmask, valid, lun_id, last_lba, n,
+                                 blk_len, max_lba, wwid))
+            if n:
+                out.append(lxt.astype("<u8", copy=False).tobytes())
+    return b"".join(out)
+
+
+def unpack_tables(buf, offset=0):
+    """The records of :func:`pack_tables`, every field checked; the LXTs
+    as uint64 arrays.  ProtocolError on anything malformed."""
+    import numpy as np
+    view = memoryview(buf)
+    end = len(view)
+
+    def take(st):
+        nonlocal offset
+        if end - offset < st.size:
+            raise ProtocolError("truncated tables")
+        v = st.unpack_from(view, offset)
+        offset += st.size
+        return v
+
+    (count,) = take(COUNT)
+    if count > 65536:
+        raise ProtocolError(f"{count} contexts in one reply")
+    records = []
+    for _ in range(count):
+        context_id, cookie, rht_size, flags, nslots, epoch = take(CONTEXT)
+        if not 1 <= rht_size <= MAX_RHT or nslots > rht_size or flags & ~3:
+            raise ProtocolError("a malformed context record")
+        slots = []
+        for _ in range(nslots):
+            (h, kind, perms, nmask, valid, lun_id, last_lba, n, blk_len, max_lba,
+             wwid) = take(SLOT)
+            if h >= rht_size or kind > SLOT_DIRECT or perms > 3:
+                raise ProtocolError("a malformed slot record")
+            if kind != SLOT_CLOSED and nmask == 0:
+                raise ProtocolError("an open slot without a port mask")
+            if n and kind != SLOT_VIRTUAL:
+                raise ProtocolError("an LXT on a slot that is not virtual")
+            if n * 8 > end - offset:
+                raise ProtocolError("truncated LXT")
+            lxt = None
+            if kind == SLOT_VIRTUAL:
+                lxt = np.frombuffer(view[offset:offset + n * 8], dtype="<u8").astype(
+                    np.uint64)
+                offset += n * 8
+            slots.append((h, kind, perms, nmask, valid, lun_id, last_lba, blk_len,
+                          max_lba, bytes(wwid), lxt))
+        records.append((context_id, cookie, rht_size, flags, epoch, slots))
+    if offset != end:
+        raise ProtocolError(f"{end - offset} bytes after the tables")
+    return records
+
+
+def parent_pid(pid):
+    """The parent of process ``pid`` (from /proc), or 0."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def socketpair():
+    """A connected pair for a forked child's connection."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    return a, b
