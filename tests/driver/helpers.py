@@ -25,7 +25,7 @@ import cxlflash
 from cxlflash import uapi, CxlFlashError
 from cxlflash._core.datapath import afu_command
 from cxlflash.driver import superpipe
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 
 # -- geometry -----------------------------------------------------------------
 

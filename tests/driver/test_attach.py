@@ -13,7 +13,7 @@ import pytest
 
 import cxlflash
 from cxlflash import AdapterResetError, AfuError, uapi
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.driver.lun import MODE_NONE, MODE_VIRTUAL
 
 from forking import in_child

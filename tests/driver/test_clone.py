@@ -18,7 +18,7 @@ import pytest
 
 import cxlflash
 from cxlflash.driver import superpipe
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL
 
 from .helpers import (

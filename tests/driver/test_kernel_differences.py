@@ -15,7 +15,7 @@ import pytest
 import cxlflash
 from cxlflash import AfuError, CxlFlashError, uapi
 from cxlflash.driver import superpipe
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 
 from .helpers import (
     ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH, DIRECT, DISABLE,
