@@ -103,8 +103,8 @@ def test_lun_provision_unknown_subcmd_einval(adapter, sub):
 
 @pytest.mark.parametrize("err", [None, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN,
                                  errno.ETIMEDOUT])
-def test_lun_provision_afu_command_failed(adapter, err):
-    a = adapter
+def test_lun_provision_afu_command_failed(embedded, err):
+    a = embedded
     d = add_disk(a)
     a.inject_fault("afu_cmd", err=err)
     fails(a, PROVISION, provision_arg(1, size=CH), err or errno.EIO)
@@ -180,8 +180,8 @@ def test_afu_debug_read_copy_out_efault(embedded):
     assert a.driver.afu.counters["afu_cmds"] == sent + 1          # the command ran
 
 
-def test_ht_copy_out_fault_efault_operation_took_effect(adapter):
-    a = adapter
+def test_ht_copy_out_fault_efault_operation_took_effect(embedded):
+    a = embedded
     d = add_disk(a)
     fails(a, PROVISION, bytes(provision_arg(1, size=CH)), errno.EFAULT)
     assert len(a.provisioned) == 1                                # the LUN exists
