@@ -12,31 +12,10 @@ from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
 from .helpers import (
     CHUNK, CHUNK_4K, K4, attach, chunks, ctx, glun, last_lba_4k, release, resize,
-    udirect, uvirtual, verify)
+    run_threads, udirect, uvirtual, verify)
 
 
 # -- concurrency (§21) -----------------------------------------------------------
-
-
-def run_threads(*fns):
-    errors = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as e:              # noqa: BLE001
-                errors.append(e)
-        return run
-
-    ts = [threading.Thread(target=wrap(fn)) for fn in fns]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
-        assert not t.is_alive()
-    if errors:
-        raise errors[0]
 
 
 def test_resizes_on_one_context_serialise(embedded):
