@@ -1,13 +1,13 @@
 """Fixtures of the driver tests.
 
-Two kinds of adapter, the same type (``cxlflash.Adapter``) today:
+Two kinds of adapter, the same type (``cxlflash.Adapter``):
 
 - ``adapter`` (and the factory ``make_adapter(**Adapter kwargs)``): for tests
   that use only the public interface -- ``cxlflash.ioctl``, the Adapter and
   Disk methods (``add_lun``, ``open_disk``, ``fail``, ``reset``,
   ``inject_fault``, ``signal_waiters``, ``lun_mode``, ...), ``read``,
-  ``write``, ``translate``.  This is the seam where a daemon-connected
-  adapter (``cxlflash.connect``) can be put in place of the embedded one.
+  ``write``, ``translate``.  Each such test runs twice (tests/conftest.py):
+  ``[embedded]``, and ``[connected]`` to a daemon process of its own.
 - ``embedded`` (and ``make_embedded(**kw)``): for tests that reach into the
   driver -- ``adapter.driver``, ``disk.sdev``, ``superpipe.disk_ioctl`` with a
   pretend ``Caller``, the driver's records.  Always an embedded adapter.
@@ -17,13 +17,17 @@ a retry loop would otherwise sleep 0.1-1 s per retry).  Every adapter is
 closed at teardown, after the adapter fds the test was handed
 (``helpers._open_fds``) are closed.
 """
+import contextlib
+
 import pytest
 
 import cxlflash
 
+from api_fixtures import new_adapter
 from .helpers import close_open_fds
 
 FAST_RETRY = 0.001               # seconds, for recovery and mailbox retries
+FAST_SETTINGS = {"recovery_retry_delay": FAST_RETRY, "mailbox_retry_delay": FAST_RETRY}
 
 
 def _embedded_adapter(**kw):
@@ -58,11 +62,18 @@ def _close_adapter_fds():
 
 
 @pytest.fixture
-def make_adapter():
-    """make_adapter(**Adapter kwargs) -> an adapter for public-interface tests."""
-    made, make = _factory(_embedded_adapter)
-    yield make
-    _close(made)
+def make_adapter(adapter_kind):
+    """make_adapter(**Adapter kwargs) -> an adapter for public-interface
+    tests, of the test's kind: tests/conftest.py runs each test that uses it
+    against an embedded adapter and against one connected to a daemon of
+    its own (``api_fixtures.new_adapter``, ``daemons.py``)."""
+    with contextlib.ExitStack() as stack:
+        def make(**kw):
+            return stack.enter_context(new_adapter(adapter_kind, FAST_SETTINGS, **kw))
+        try:
+            yield make
+        finally:
+            close_open_fds()            # before the adapters close
 
 
 @pytest.fixture
