@@ -19,11 +19,6 @@ TABLE_IN_ERROR: TableState
 TABLE_GONE: TableState
 TABLE_FOREIGN: TableState
 
-class ChunkGeometry(enum.IntEnum):
-    MC_CHUNK_SHIFT = 16
-    MC_CHUNK_SIZE = 65536
-    MC_CHUNK_OFF_MASK = 0xFFFF
-
 MC_CHUNK_SHIFT: int
 MC_CHUNK_SIZE: int
 MC_CHUNK_OFF_MASK: int

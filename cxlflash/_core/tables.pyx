@@ -991,7 +991,8 @@ cdef class _Fence:
 
 # The states by name, for Python code (TABLE_LIVE, TABLE_IN_ERROR, ...).
 globals().update(TableState.__members__)
-# The chunk geometry by name (MC_CHUNK_SHIFT, MC_CHUNK_SIZE, MC_CHUNK_OFF_MASK):
-# the package's one definition of it, as plain ints (numpy does not take an
-# IntEnum member as a Python int: ``np.uint64(x) >> member`` is refused).
-globals().update({name: int(value) for name, value in ChunkGeometry.__members__.items()})
+# The chunk geometry by name, for Python code: geometry.pxd's values, as
+# plain ints (numpy does not take an IntEnum member as a Python int:
+# ``np.uint64(x) >> member`` is refused).
+globals().update(MC_CHUNK_SHIFT=<int> MC_CHUNK_SHIFT, MC_CHUNK_SIZE=<int> MC_CHUNK_SIZE,
+                 MC_CHUNK_OFF_MASK=<int> MC_CHUNK_OFF_MASK)
