@@ -357,9 +357,8 @@ class Driver:
     def get_context(self, rctxid, caller, llun=None, *, file=None, ctrl=0):
         """Find a context by its id as the user gave it (``rctxid``, the
         kernel's name; compared with each ``CtxInfo.ctxid``) and lock it
-        (spec §4); None when not found, not
-        the caller's, or the LUN is not attached.  The caller releases
-        ``ctx.mutex``."""
+        (spec §4); None when not found, not the caller's, or the LUN is
+        not attached.  The caller releases ``ctx.mutex``."""
         pe = rctxid & 0xFFFFFFFF
         by_file = bool(ctrl & CTX_CTRL_FILE)
         if not by_file and pe >= MAX_CONTEXT:
