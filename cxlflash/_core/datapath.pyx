@@ -357,7 +357,7 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
     if rc == XFER_AFU_ERROR:
         if handle < table.rht_size:
             table._rlock()          # a read of the table: under its read lock
-            extent = table.extent(handle)
+            extent = table._extent(handle)
             table.unlock()
         raise io_error(status, afu_rc=afu_rc, handle=handle, lba=bad_lba, write=write,
                        extent=extent if handle < table.rht_size else None)

@@ -129,7 +129,7 @@ cdef class ResourceTable:
                                int write, int *afu_rc) noexcept nogil
     # The number of blocks addressable through the handle (vLUN size in
     # native blocks, or the LUN size for a direct handle).
-    cdef uint64_t extent(self, uint32_t handle) noexcept nogil
+    cdef uint64_t _extent(self, uint32_t handle) noexcept nogil
     # The backing fd the handle was opened on, or ``fallback`` when it was
     # opened without one.  Caller holds the lock: the fd then cannot be
     # closed or its handle re-opened elsewhere until the lock is dropped.

@@ -301,7 +301,7 @@ cdef class ResourceTable:
         cdef int fd = self.rht[handle].fd
         return fd if fd >= 0 else fallback
 
-    cdef uint64_t extent(self, uint32_t handle) noexcept nogil:
+    cdef uint64_t _extent(self, uint32_t handle) noexcept nogil:
         return entry_extent(&self.rht[handle])
 
     # -- helpers (the caller holds the lock) -----------------------------------
@@ -559,7 +559,7 @@ cdef class ResourceTable:
             if rc == AFU_RC_OK:
                 plba = self.translate_one(h_, vlba_, write, &rc)
             if rc != AFU_RC_OK and h_ < self.rht_size:
-                extent = self.extent(h_)
+                extent = self._extent(h_)
         self.unlock()
         if state != TABLE_LIVE:
             raise state_error(state, h_)
@@ -650,7 +650,7 @@ cdef class ResourceTable:
                                 break
                             o[i] = (entry & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (v & MC_CHUNK_OFF_MASK)
             if bad >= 0 and h_ < self.rht_size:
-                extent = self.extent(h_)
+                extent = self._extent(h_)
             self.unlock()
         if state != TABLE_LIVE:
             raise state_error(state, h_)
@@ -932,8 +932,9 @@ cdef class ResourceTable:
             self.unlock()
         return out
 
-    def chunks(self, handle):
-        """The chunk numbers of a vLUN, in virtual order (int64 array)."""
+    def auns(self, handle):
+        """The chunk numbers (auns) of a vLUN, in virtual order (int64
+        array; ``lxt_count`` is how many)."""
         cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         cdef rht_entry *e
         self._rlock()
@@ -943,8 +944,9 @@ cdef class ResourceTable:
         finally:
             self.unlock()
 
-    def blocks(self, handle):
-        """Native blocks addressable through the handle."""
+    def extent(self, handle):
+        """Native blocks addressable through the handle: a vLUN's mapped
+        chunks x MC_CHUNK_SIZE, a direct LUN's last LBA + 1."""
         cdef rht_entry e = self._copy(handle, 1)
         return entry_extent(&e)
 
