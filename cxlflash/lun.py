@@ -217,7 +217,7 @@ class _Lun:
         lba = _args.u64(lba, "lba")
         nblocks = _args.u64(nblocks, "nblocks")
         self._check_open()
-        _args.extent(lba, nblocks, self._size)       # before allocating
+        _args.within(lba, nblocks, self._size)       # before allocating
         if self._direct:
             # O_DIRECT reads into an aligned buffer; the caller gets a copy
             aligned = aligned_buffer(nblocks * self.block_size)
