@@ -75,6 +75,11 @@ cdef extern from *:
 
 
 # Request types (list I/O's LIST_READ/WRITE/UNMAP are 1, 2, 3).
+# engine.h reports two of datapath.pxd's XFER_* results from C: the same
+# numbers, or the engine would misreport a reset or a short backing store.
+if CXL_XFER_IN_ERROR != XFER_IN_ERROR or CXL_XFER_BACKING_ENDED != XFER_BACKING_ENDED:
+    raise ImportError("engine.h's CXL_XFER_* differ from datapath.pxd's XFER_*")
+
 OP_READ = CXL_OP_READ
 OP_WRITE = CXL_OP_WRITE
 OP_FLUSH = CXL_OP_FLUSH

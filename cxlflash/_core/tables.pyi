@@ -22,6 +22,7 @@ TABLE_FOREIGN: TableState
 MC_CHUNK_SHIFT: int
 MC_CHUNK_SIZE: int
 MC_CHUNK_OFF_MASK: int
+ABI: dict[str, int]
 
 class ResourceTable:
     """One context's RHT and its LXTs (spec §2.5, §2.6, §19)."""

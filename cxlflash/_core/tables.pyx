@@ -998,3 +998,17 @@ globals().update(TableState.__members__)
 # ``np.uint64(x) >> member`` is refused).
 globals().update(MC_CHUNK_SHIFT=<int> MC_CHUNK_SHIFT, MC_CHUNK_SIZE=<int> MC_CHUNK_SIZE,
                  MC_CHUNK_OFF_MASK=<int> MC_CHUNK_OFF_MASK)
+# The kernel ABI values the core defines in tables.pxd (RHT/LXT layout,
+# permissions, the AFU codes it reports), for the test that uapi.py's copy
+# equals them (tests/test_uapi.py): {name: int}.
+ABI = {"MC_RHT_NMASK": MC_RHT_NMASK, "LXT_GROUP_SIZE": LXT_GROUP_SIZE,
+       "LXT_LUNIDX_SHIFT": LXT_LUNIDX_SHIFT, "LXT_PERM_SHIFT": LXT_PERM_SHIFT,
+       "RHT_PERM_READ": RHT_PERM_READ, "RHT_PERM_WRITE": RHT_PERM_WRITE,
+       "RHT_PERM_RW": RHT_PERM_RW,
+       "SISL_AFU_RC_RHT_INVALID": AFU_RC_RHT_INVALID,
+       "SISL_AFU_RC_RHT_OUT_OF_BOUNDS": AFU_RC_RHT_OUT_OF_BOUNDS,
+       "SISL_AFU_RC_RHT_RW_PERM": AFU_RC_RHT_RW_PERM,
+       "SISL_AFU_RC_LXT_OUT_OF_BOUNDS": AFU_RC_LXT_OUT_OF_BOUNDS,
+       "SISL_AFU_RC_LXT_RW_PERM": AFU_RC_LXT_RW_PERM,
+       "SISL_AFU_RC_CAP_VIOLATION": AFU_RC_CAP_VIOLATION,
+       "SCSI_LBA_OUT_OF_RANGE": SCSI_LBA_OUT_OF_RANGE}
