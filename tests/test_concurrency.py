@@ -28,7 +28,7 @@ from cxlflash._core import pattern
 from cxlflash._core.allocator import ChunkAllocator
 from cxlflash._core.tables import ResourceTable
 from cxlflash.driver import superpipe
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.errors import AdapterResetError, AfuError, CxlFlashError
 
 from forking import in_child

@@ -22,7 +22,7 @@ from cxlflash import uapi
 from cxlflash._core.datapath import afu_command
 from cxlflash._core.tables import TABLE_LIVE
 from cxlflash.driver import superpipe, vlun
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from forking import in_child
 from scsi_sense import fixed_sense
 

@@ -1,7 +1,7 @@
 """The driver model: LUN records, contexts, the AFU state machine and one
 handler per ioctl, in plain Python over ``cxlflash._core``.
 
-``core``       Driver: context lookup, teardown, reset; the shared state
+``driver``     Driver: context lookup, teardown, reset; the shared state
 ``superpipe``  ATTACH, DETACH, USER_DIRECT, RELEASE, VERIFY, RECOVER_AFU,
                MANAGE_LUN, and the DK_* dispatch pipeline
 ``vlun``       USER_VIRTUAL, VLUN_RESIZE, VLUN_CLONE
@@ -10,6 +10,7 @@ handler per ioctl, in plain Python over ``cxlflash._core``.
 ``context``    CtxInfo (the kernel's ctx_info), the adapter fd
 ``afu``        AFU state, syncs, fault injection, the ioctl rwsem
 """
-from .core import Driver, Caller
+from .driver import Driver
+from .context import Caller
 
 __all__ = ["Driver", "Caller"]
