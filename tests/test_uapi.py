@@ -401,12 +401,12 @@ def test_module_is_self_contained():
 
 
 def test_chunk_geometry_has_one_source():
-    """The core defines the chunk geometry (tables.pxd's ChunkGeometry);
+    """The core defines the chunk geometry (_core/geometry.pxd);
     uapi, which imports nothing of the package, keeps the kernel ABI's
     copy, and the rest of the package uses the core's."""
     from cxlflash import lun
     from cxlflash._core import tables
-    from cxlflash.driver import lun as driver_lun, vlun
+    from cxlflash.driver import lunmgt, vlun
 
     assert (tables.MC_CHUNK_SHIFT, tables.MC_CHUNK_SIZE, tables.MC_CHUNK_OFF_MASK) \
         == (uapi.MC_CHUNK_SHIFT, uapi.MC_CHUNK_SIZE, uapi.MC_CHUNK_SIZE - 1)
@@ -414,8 +414,8 @@ def test_chunk_geometry_has_one_source():
     # plain ints: numpy refuses np.uint64(x) >> an IntEnum member
     assert {type(tables.MC_CHUNK_SHIFT), type(tables.MC_CHUNK_SIZE),
             type(tables.MC_CHUNK_OFF_MASK)} == {int}
-    assert driver_lun.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT
-    assert driver_lun.MC_CHUNK_SIZE is tables.MC_CHUNK_SIZE
+    assert lunmgt.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT
+    assert lunmgt.MC_CHUNK_SIZE is tables.MC_CHUNK_SIZE
     assert vlun.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT
     assert lun.MC_CHUNK_SIZE is tables.MC_CHUNK_SIZE
     assert lun.CHUNK_BLOCKS == tables.MC_CHUNK_SIZE and type(lun.CHUNK_BLOCKS) is int

@@ -6,7 +6,7 @@ handler per ioctl, in plain Python over ``cxlflash._core``.
                MANAGE_LUN, and the DK_* dispatch pipeline
 ``vlun``       USER_VIRTUAL, VLUN_RESIZE, VLUN_CLONE
 ``host``       HT_CXLFLASH_LUN_PROVISION, HT_CXLFLASH_AFU_DEBUG
-``lun``        GlobalLun, LocalLun, Sdev, the AFU LUN table
+``lunmgt``     GlobalLun, LocalLun, Sdev, the AFU LUN table (the kernel's lunmgt.c)
 ``context``    CtxInfo (the kernel's ctx_info), the adapter fd
 ``afu``        AFU state, syncs, fault injection, the ioctl rwsem
 """

@@ -30,7 +30,7 @@ from .context import (AdapterFile, MAX_CONTEXT, Caller, CTX_CTRL_CLONE, CTX_CTRL
 from .host import naa6_wwid
 from .vlun import release_handle
 from ..backing import MemoryBacking, FileBacking
-from .lun import (GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, MODE_VIRTUAL,
+from .lunmgt import (GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, MODE_VIRTUAL,
                   MODE_PHYSICAL, sam_lun_id)
 
 class Driver:

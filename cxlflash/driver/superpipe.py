@@ -13,7 +13,7 @@ from .afu import AFU_LW_SYNC, NORMAL
 from .context import CtxInfo, LunAccess, encode_ctxid
 from .context import CTX_CTRL_ERR_FALLBACK, lookup_failed
 from .uaccess import copy_in, copy_out, check_header
-from .lun import MODE_VIRTUAL, MODE_PHYSICAL
+from .lunmgt import MODE_VIRTUAL, MODE_PHYSICAL
 from . import vlun
 from .vlun import release_handle
 
