@@ -64,6 +64,11 @@ def test_beyond_the_logical_size_is_einval_both_ways(ctx):
         assert isinstance(sync, CxlFlashError) and sync.errno == errno.EINVAL
         same(sync, listed)
         assert "logical size of 10" in str(sync) and "logical size of 10" in str(listed)
+    empty = ctx.create_virtual(0)
+    sync, status, listed = both_ways(empty, cxlflash.LIST_READ, 0)
+    assert status == core_errors.IO_BEYOND_SIZE
+    same(sync, listed)
+    assert "set a size first" in str(sync) and "set a size first" in str(listed)
 
 
 def test_no_write_permission_is_the_same_afu_error_both_ways(disk):

@@ -128,10 +128,11 @@ def io_error(status: int, *, afu_rc: int = 0, handle: Optional[int] = None,
             "belongs to another process (a forked child must attach its own "
             "context and clone)") + where, index=index)
     if status == IO_BEYOND_SIZE:
+        what = f"blocks {lba}..{lba + nblocks - 1}" if nblocks else f"LBA {lba}"
         return CxlFlashError(errno.EINVAL, message or (
-            (f"blocks {lba}..{lba + nblocks - 1}" if nblocks else f"LBA {lba}")
-            + f" are beyond the logical size of {size} blocks (LBAs "
-            f"0..{size - 1}): grow the LUN first" + where))
+            f"{what} are beyond the logical size of {size} blocks (LBAs "
+            f"0..{size - 1}): grow the LUN first" if size else
+            f"{what} are beyond the logical size of 0 blocks: set a size first") + where)
     if status == -errno.ESHUTDOWN and message is None:
         message = ("the request did not run: the adapter's I/O engine was closed "
                    "(the adapter was closed during the list)" + where)
