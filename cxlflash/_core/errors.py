@@ -128,7 +128,8 @@ def io_error(status: int, *, afu_rc: int = 0, handle: Optional[int] = None,
             "belongs to another process (a forked child must attach its own "
             "context and clone)") + where, index=index)
     if status == IO_BEYOND_SIZE:
-        what = f"blocks {lba}..{lba + nblocks - 1}" if nblocks else f"LBA {lba}"
+        first = lba or 0
+        what = f"blocks {first}..{first + nblocks - 1}" if nblocks else f"LBA {first}"
         return CxlFlashError(errno.EINVAL, message or (
             f"{what} are beyond the logical size of {size} blocks (LBAs "
             f"0..{size - 1}): grow the LUN first" if size else
