@@ -57,6 +57,7 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"cxlflash {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     from .bench import COLUMNS, MAX_THREADS
+    from .bench.options import MAX_CLIENTS
     b = sub.add_parser(
         "bench", help="run benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark the translation engine and the data path, each row "
@@ -121,6 +122,16 @@ prefill.""")
     b.add_argument("--plot", metavar="FILE.png", help="draw latency histograms and "
                    "throughput over time (needs matplotlib: cxlflash[plot])")
     b.add_argument("--quiet", action="store_true", help="no progress display")
+    b.add_argument("--connect", metavar="SOCKET",
+                   help="run as a client of the cxlflash daemon at SOCKET (cxlflash "
+                        "serve), on its first LUN with room for the virtual LUN, or "
+                        "the LUN -t WWID names (cxlflash ctl luns); the core rows of "
+                        "the matrix still run in this process")
+    b.add_argument("--clients", type=_positive(int), default=None, metavar="N",
+                   help=f"N client processes (1..{MAX_CLIENTS}) run the workload at once "
+                        "against one daemon -- the one --connect names, else one "
+                        "started for the run with an in-memory LUN of N x --size; each "
+                        "client's rows and their total are reported")
     sub.add_parser("info", help="versions and build facts")
     from .server import ctl, daemon
     daemon.add_parser(sub)
@@ -145,10 +156,22 @@ def _bench(args):
     if workload == "matrix" and io_opts:
         raise bench.BenchError("--read-pct, --blocks and --pattern choose an io "
                                "workload: run 'cxlflash bench io ...'")
+    if args.clients is not None and args.clients > bench.MAX_CLIENTS:
+        raise bench.BenchError(f"--clients {args.clients} is more than {bench.MAX_CLIENTS}")
+    if args.clients and not args.connect:
+        if args.target != "memory":
+            raise bench.BenchError(
+                "--clients without --connect starts a daemon with an in-memory LUN; to "
+                f"run on {args.target}, start one on it (cxlflash serve --socket PATH "
+                f"--lun {args.target}) and give --connect PATH")
+    if args.connect and args.size is not None:
+        raise bench.BenchError("--size is the size of a LUN this run creates; with "
+                               "--connect the run uses the daemon's LUNs")
     o = bench.Options(workload=workload, target=args.target, lun=args.lun,
                       threads=args.threads, compare_raw=args.compare_raw,
                       seed=args.seed, quiet=args.quiet, direct_io=args.direct_io,
-                      force=args.force, qd=args.qd or 1, fio=args.fio)
+                      force=args.force, qd=args.qd or 1, fio=args.fio,
+                      connect=args.connect, clients=args.clients or 0)
     if args.size is not None:
         o.size = args.size
         o.size_given = True
@@ -162,13 +185,17 @@ def _bench(args):
         o.blocks = args.blocks
     if args.pattern is not None:
         o.pattern = args.pattern
+    if o.clients and o.lun == "direct" and bench.writes_target(o):
+        raise bench.BenchError("--clients with --lun direct would have every client write "
+                               "the same blocks of the physical LUN: use virtual LUNs "
+                               "(the default) or a read-only run (io -r 100)")
     o.duration = args.duration if args.duration is not None else (
         2.5 if workload == "matrix" else 5.0)
     if args.warmup is not None:
         if args.warmup < 0:
             raise bench.BenchError("--warmup must be >= 0")
         o.warmup = args.warmup
-    if o.target == "memory" and o.size % 4096:
+    if o.target == "memory" and not o.connect and o.size % 4096:
         raise bench.BenchError("--size must be a multiple of 4096")
     if args.plot:
         try:
@@ -187,8 +214,14 @@ def _bench(args):
             raise bench.BenchError(f"cannot write {path}: permission denied")
     progress = bench.Progress(enabled=False if args.quiet else None)
     from ._core.engine import engine_info
-    print(f"cxlflash {__version__} bench: {workload} on {o.target}"
-          f"{'' if o.target != 'memory' else ' (in-memory adapter)'}, "
+    if o.clients:
+        where = (f"{o.clients} client processes of the daemon at {o.connect}" if o.connect
+                 else f"{o.clients} client processes of a daemon started for the run")
+    elif o.connect:
+        where = f"a client of the daemon at {o.connect}"
+    else:
+        where = f"{o.target}{'' if o.target != 'memory' else ' (in-memory adapter)'}"
+    print(f"cxlflash {__version__} bench: {workload} on {where}, "
           f"{o.duration:g} s per row, engine {engine_info()['engine']}, qd {o.qd}",
           flush=True)
     log = bench.RunLog(out=sys.stdout)
@@ -205,13 +238,21 @@ def _bench(args):
                 bench.to_json(log.rows, o, args.json, log, incomplete=why)
                 print(f"figures written to {args.json}")
         raise
+    clients = getattr(log, "clients", None)
+    if clients:
+        for k, (pid, crows, _) in enumerate(clients, 1):
+            print(f"client {k} (pid {pid}):")
+            print(bench.format_table(crows))
+        print(f"total of the {len(clients)} clients (rates and MB/s added, each row run "
+              "by every client over the same window; latencies of all requests):")
     print(bench.format_table(rows))
     fio = bench.format_fio(rows)
     if fio:
         print(fio)
     print(bench.format_phases(log, o))
     if args.json:
-        bench.to_json(rows, o, args.json, log)
+        bench.to_json(rows, o, args.json, log,
+                      extra={"clients": [doc for _, _, doc in clients]} if clients else None)
         print(f"figures written to {args.json}")
     if args.plot:
         bench.plot(rows, args.plot)

@@ -855,6 +855,18 @@ cdef class ResourceTable:
 
     # -- introspection -------------------------------------------------------------------
 
+    def mapped_chunks(self):
+        """The chunks every virtual handle of the table maps, in one read
+        (a handle closed by another thread meanwhile is simply not counted)."""
+        cdef uint32_t i
+        cdef uint64_t n = 0
+        self._rlock()
+        for i in range(self.rht_size):
+            if self.rht[i].nmask != 0 and (self.rht[i].fp >> 4) == RHT_FMT_VIRTUAL:
+                n += self.rht[i].lxt_cnt
+        self.unlock()
+        return n
+
     def changed_since(self, since):
         """``(generation, handles)``: the table's change count now, and the
         handles -- open or closed since -- whose entries changed after

@@ -20,6 +20,7 @@ One concern per module:
   iorun      the I/O run engine (IoRun)
   target     the adapter, LUN and context a run measures
   workloads  matrix, io, arkdb, resize-storm; run()
+  clients    --clients N: N client processes of one daemon, their rows and total
   fio        fio's figure next to an io row
   report     the table, the JSON document
   plot       --plot
@@ -33,7 +34,7 @@ from .cases import CLONE_CHUNKS
 from .fio import fio_command, format_fio, run_fio
 from .iorun import IoRun, region_blocks
 from .machine import machine_info
-from .options import MAX_THREADS, BenchError, Options
+from .options import MAX_CLIENTS, MAX_THREADS, BenchError, Options
 from .plot import plot
 from .progress import Progress
 from .report import COLUMNS, UNITS, format_phases, format_table, to_json
@@ -44,7 +45,8 @@ from .workloads import (WORKLOADS, io_row, run, run_arkdb, run_io, run_matrix,
                         run_resize_storm)
 
 __all__ = ["CLONE_CHUNKS", "fio_command", "format_fio", "run_fio", "IoRun", "region_blocks",
-           "machine_info", "MAX_THREADS", "BenchError", "Options", "plot", "Progress",
+           "machine_info", "MAX_CLIENTS", "MAX_THREADS", "BenchError", "Options", "plot",
+           "Progress",
            "COLUMNS", "UNITS", "format_phases", "format_table", "to_json", "Histogram",
            "Row", "RunLog", "Side", "row_alloc", "row_clone", "row_translate", "Target",
            "overwritten", "probe", "writes_target", "WORKLOADS", "io_row", "run",

@@ -36,8 +36,8 @@ def run_fio(target, lun, opts, log):
     """fio's requests per second for the run's store, depth and request
     size, or None (the reason is a note)."""
     import subprocess
-    path = (opts.target if opts.target != "memory"
-            else f"/proc/{os.getpid()}/fd/{target.fd}")        # the memfd itself
+    path = (opts.target if opts.target != "memory" and not opts.connect
+            else f"/proc/{os.getpid()}/fd/{target.fd}")        # the memfd (or the daemon's store)
     region = region_blocks(lun, opts) * lun.block_size
     cmd = fio_command(path, opts, region, lun.block_size)
     t0 = time.monotonic()

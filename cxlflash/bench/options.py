@@ -1,9 +1,11 @@
 """What a run is asked to do: its options, and the error a bad one raises."""
 from dataclasses import dataclass
+from typing import Optional
 
 from .._core.tables import MC_CHUNK_SIZE
 
 MAX_THREADS = 256           # --threads beyond this is refused
+MAX_CLIENTS = 64            # --clients beyond this is refused
 
 
 class BenchError(Exception):
@@ -31,3 +33,5 @@ class Options:
     qd: int = 1                       # requests in flight per thread (the engine)
     fio: bool = True                  # io: add fio's figure where fio is on PATH
     size_given: bool = False          # --size was given (not the default)
+    connect: Optional[str] = None     # run as a client of the daemon at this socket
+    clients: int = 0                  # N > 0: N client processes at once (bench.clients)

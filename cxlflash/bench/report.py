@@ -79,7 +79,8 @@ def format_phases(log, opts):
     return "time: " + ", ".join(parts) + " (not in the figures)"
 
 
-def to_json(rows, opts, path, log=None, incomplete=None):
+def to_json(rows, opts, path, log=None, incomplete=None, extra=None):
+    """``extra``: more keys of the document (--clients: each client's own)."""
     doc = {"machine": machine_info(), "options": asdict(opts),
            "rows": [r.as_dict() for r in rows],
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -88,5 +89,7 @@ def to_json(rows, opts, path, log=None, incomplete=None):
         doc["phases_s"] = log.phases
     if incomplete:
         doc["incomplete"] = incomplete
+    if extra:
+        doc.update(extra)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, default=float)

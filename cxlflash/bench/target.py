@@ -11,6 +11,7 @@ from ..adapter import Adapter
 from ..backing import (BLKGETSIZE64, BLKSSZGET, Backing, BlockDeviceBacking, FileBacking,
                        aligned_buffer)
 from ..errors import CxlFlashError
+from .._core.tables import MC_CHUNK_SIZE
 from .iorun import region_blocks
 from .options import BenchError
 from .results import RunLog
@@ -84,6 +85,16 @@ class _ReadOnlyDevice(BlockDeviceBacking):
                          direct=direct)
 
 
+class _DaemonLun:
+    """What a run needs of a daemon's LUN (the embedded run reads the
+    driver's record): its WWID, last LBA and block size, from ATTACH."""
+
+    def __init__(self, wwid, max_lba, blk_len):
+        self.wwid = wwid
+        self.max_lba = max_lba
+        self.blk_len = blk_len
+
+
 class Target:
     """An adapter with one LUN and an open context on it.
 
@@ -98,7 +109,11 @@ class Target:
         self.opts = opts
         self.log = log or RunLog()
         self.read_only = False          # an existing target, read as it is
+        self._backing = None
         t = opts.target
+        if opts.connect:
+            self._connect(opts)
+            return
         if t != "memory":
             backing, size = self._open_path(t)
         else:
@@ -113,6 +128,69 @@ class Target:
         self.glun = self.adapter.driver.gluns[self.wwid]
         self.disk = self.adapter.open_disk(self.wwid)
         self.ctx = self.disk.attach()
+
+    def _connect(self, opts):
+        """A client of the daemon at ``opts.connect``, on one of its LUNs:
+        ``-t WWID`` (hex, as ``cxlflash ctl luns`` shows it), or with the
+        default target the first LUN with room for the run's virtual LUN.
+        The daemon's LUNs are shared: a run writes only into the chunks of
+        its own virtual LUN; ``--lun direct`` writes the physical LUN itself,
+        so a run that writes needs --force there."""
+        from ..adapter import connect
+        try:
+            self.adapter = connect(opts.connect)
+        except OSError as e:
+            raise BenchError(f"--connect {opts.connect}: {e.strerror or e}") from None
+        try:
+            luns = self.adapter.status()["luns"]
+            self.wwid = self._daemon_lun(opts, luns)
+            self.disk = self.adapter.open_disk(self.wwid)
+            self.ctx = self.disk.attach()
+        except OSError as e:
+            self.close()
+            raise BenchError(f"--connect {opts.connect}: {e.strerror or e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.glun = _DaemonLun(self.wwid, self.ctx.last_lba, self.ctx.block_size)
+        self.log.say(f"a client of the daemon at {opts.connect} (pid "
+                     f"{self.adapter.status()['pid']}), LUN {self.wwid.hex()}")
+
+    def _daemon_lun(self, opts, luns):
+        if not luns:
+            raise BenchError(f"the daemon at {opts.connect} has no LUN")
+        t = opts.target
+        if t != "memory":
+            try:
+                want = bytes.fromhex(t)
+            except ValueError:
+                want = None
+            if want is None or len(want) != 16:
+                raise BenchError(f"with --connect, -t names one of the daemon's LUNs by "
+                                 f"its WWID (32 hex digits, see 'cxlflash ctl luns'), not "
+                                 f"{t!r}; a file or device is the daemon's to open: "
+                                 f"'cxlflash serve --lun {t}'")
+            if not any(lun["wwid"] == want.hex() for lun in luns):
+                raise BenchError(f"the daemon at {opts.connect} has no LUN {want.hex()} "
+                                 f"(it has {', '.join(lun['wwid'] for lun in luns)})")
+            lun = next(lun for lun in luns if lun["wwid"] == want.hex())
+        else:
+            # A chunk is MC_CHUNK_SIZE blocks of the LUN, whatever its block size.
+            need = 0 if opts.lun == "direct" else -(-opts.vlun_blocks // MC_CHUNK_SIZE)
+            lun = next((lun for lun in luns if lun["chunks_free"] >= need), None)
+            if lun is None:
+                raise BenchError(
+                    f"no LUN of the daemon at {opts.connect} has room for a "
+                    f"{opts.vlun_blocks}-block virtual LUN ({need} chunks): "
+                    + "; ".join(f"{x['wwid']}: {x['chunks_free']} of {x['chunks_total']} "
+                                "chunks free" for x in luns)
+                    + " (give a smaller --vlun-size, or -t WWID)")
+        if opts.lun == "direct" and writes_target(opts) and not opts.force:
+            raise BenchError(f"refusing to write the daemon's LUN {lun['wwid']} directly "
+                             f"(--lun direct: its first {mib(opts.vlun_blocks * 4096)}, "
+                             "which other clients' virtual LUNs may hold); give --force, "
+                             "or use a virtual LUN (the default) or a read-only run")
+        return bytes.fromhex(lun["wwid"])
 
     def _open_path(self, t):
         """(a Backing this run opened read-only, or None; the size to give
@@ -179,6 +257,10 @@ class Target:
 
     @property
     def fd(self):
+        """The backing store's fd in this process (the raw baseline's; for
+        a client, the one the daemon passed for its replicas)."""
+        if self.opts.connect:
+            return self.adapter._channel()._backing(self.wwid).fd
         return self.glun.backing.fd
 
     def open_lun(self, blocks=None):
@@ -211,7 +293,17 @@ class Target:
         self.log.spent("prefill", time.monotonic() - t0)
 
     def close(self):
-        self.adapter.close()
+        ctx = getattr(self, "ctx", None)
+        if self.opts.connect and ctx is not None:
+            # A client's adapter.close() only closes its connection: the
+            # daemon keeps the context (and its chunks) until the adapter
+            # fd closes. Close the context itself (RELEASE, DETACH, close).
+            try:
+                ctx.close()
+            except OSError:
+                pass
+        if getattr(self, "adapter", None) is not None:
+            self.adapter.close()
         if self._backing is not None:
             self._backing.close()
             self._backing = None

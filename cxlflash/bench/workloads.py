@@ -18,6 +18,7 @@ from .._core.datapath import LIST_READ, LIST_WRITE
 from .._core.tables import MC_CHUNK_SIZE
 from ..backing import aligned_buffer
 from ..errors import CxlFlashError
+from . import clients
 from .fio import run_fio
 from .harness import join_some, start_workers
 from .iorun import IoRun
@@ -32,6 +33,7 @@ from .units import size_name
 def io_row(target, lun, opts, name, progress, log=None):
     log = log or target.log
     run = IoRun(lun, target.fd, opts, name, opts.seed)
+    clients.sync()              # --clients: every client starts the row together
     if opts.warmup:
         t0 = time.monotonic()
         run.run(opts.warmup, progress, record=False)
@@ -54,9 +56,9 @@ def run_matrix(opts, progress, log=None):
     core_t = max(opts.duration * 2 / 3, 0.2)
     target = Target(opts, log)            # refused (or created) before anything runs
     try:
-        rows.append(row_translate(core_t, progress))
-        rows.append(row_alloc(core_t, progress))
-        rows.append(row_clone(core_t, progress))
+        for row in (row_translate, row_alloc, row_clone):
+            clients.sync()
+            rows.append(row(core_t, progress))
         lun = target.open_lun()
         target.prefill(lun, progress)
         for name, read_pct, blocks, pat in (
@@ -101,7 +103,9 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
             need = nluns * MC_CHUNK_SIZE * (target.glun.blk_len or 4096)
             raise BenchError(f"arkdb needs a LUN of at least {nluns} chunks "
                              f"({need / (1 << 30):g} GiB) for its {nluns} vLUNs; "
-                             f"the target has {chunks} (try --size 8G)")
+                             f"the target has {chunks} "
+                             + ("(start the daemon with --size 8G, or give -t WWID of a "
+                                "larger LUN)" if opts.connect else "(try --size 8G)"))
         luns = [target.ctx.create_virtual(initial_blocks) for _ in range(nluns)]
         main = Side()
         base = Side()
@@ -182,6 +186,7 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
                 resizes.ops += rs.ops
                 resizes.hist.merge(rs.hist)
 
+        clients.sync()
         start = time.monotonic()
         threads = start_workers(worker, nluns, stop, errors)
         while any(th.is_alive() for th in threads):
@@ -231,6 +236,7 @@ def run_resize_storm(opts, progress, log=None, nluns=8):
         io_lun = target.open_lun()
         target.prefill(io_lun, progress)
         storm = [target.ctx.create_virtual(0) for _ in range(nluns)]
+        clients.sync()          # the storms start together; io_row syncs again
         stop = threading.Event()
         lock = threading.Lock()
         resizes = Side()
@@ -284,6 +290,8 @@ def run(opts, progress=None, log=None):
     interrupted, and what the run did outside the rows."""
     progress = progress or Progress(enabled=False)
     log = log or RunLog()
+    if opts.clients:
+        return clients.run_clients(opts, progress, log)
     try:
         rows = WORKLOADS[opts.workload](opts, progress, log)
         if rows is not log.rows:

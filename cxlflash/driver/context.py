@@ -109,8 +109,7 @@ class CtxInfo:
 
     def chunks_held(self):
         """The chunks mapped by the context's virtual handles."""
-        t = self.table
-        return sum(t.lxt_count(h) for h in t.open_handles() if t.is_virtual(h))
+        return self.table.mapped_chunks()
 
     def lun_attached(self, llun):
         return any(la.llun is llun for la in self.luns)

@@ -148,22 +148,51 @@ class _NoFence:
         return False
 
 
+class _Link:
+    """One connection to the driver: a socket, its reader, its lock (one
+    request at a time on it)."""
+
+    __slots__ = ("sock", "receiver", "lock")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.receiver = wire.reply_receiver(sock)
+        self.lock = threading.RLock()
+
+
+#: The requests that change what this process's replicas hold: they go
+#: over the main connection, one at a time, and their replies' tables are
+#: applied in order.  Everything else goes over side connections, so a
+#: thread waiting in the driver (an ioctl waiting for an AFU reset to end)
+#: never holds up another thread's end_reset(), signal, status or I/O.
+_MAIN_OPS = frozenset((wire.OP_HELLO, wire.OP_DISK_IOCTL, wire.OP_TABLES))
+
+
 class DaemonChannel:
     """A connection to a driver in another process (see ``cxlflash.channel``).
 
-    One request at a time: ``lock`` (re-entrant) is held across the round
-    trip AND the application of the reply's tables, so the replicas move
-    in the order the driver answered.  Lock order: ``lock``, then a
-    replica table's fence (never the other way)."""
+    Three kinds of connection: the main one carries the requests that
+    change this process's tables (``lock``, re-entrant, is held across the
+    round trip AND the application of the reply's tables, so the replicas
+    move in the order the driver answered); a control connection only
+    asks the driver for new connections (for side connections, and for a
+    child at fork); side connections, made on demand, carry the rest.
+    Lock order: ``lock``, then a replica table's fence (never the other
+    way); a side or control connection's lock is never held while waiting
+    for another lock."""
 
     forked = False
 
     def __init__(self, sock, what=None):
         self.sock = sock
-        self.receiver = wire.reply_receiver(sock)
+        self.main = _Link(sock)
+        self.lock = self.main.lock
+        self.control = None
+        self._side_free = []            # idle side connections
+        self._links = [self.main]       # every connection, for close()
+        self._links_lock = threading.Lock()
         self.pid = os.getpid()
         self.what = what or "the cxlflash daemon"
-        self.lock = threading.RLock()
         self.replicas = {}              # cookie -> ReplicaContext
         self.by_id = {}                 # context_id -> ReplicaContext
         self.backings = {}              # wwid -> _BackingView
@@ -175,14 +204,25 @@ class DaemonChannel:
         self.server_pid = 0
         err, payload, fds = self._round_trip(wire.OP_HELLO, 0, b"", want_fds=1)
         try:
-            if err or len(payload) != wire.HELLO_REPLY.size or len(fds) != 1:
-                raise wire.ProtocolError("a malformed HELLO reply")
+            if err:
+                # The driver could not take this process (out of descriptors...).
+                raise CxlFlashError(err, f"{self.what} refused the connection: "
+                                    + bytes(payload).decode("utf-8", "replace"))
+            if len(payload) != wire.HELLO_REPLY.size or len(fds) != 1:
+                raise CxlFlashError(errno.EPROTO, f"{self.what} sent a malformed "
+                                    "HELLO reply: is it a cxlflash daemon of this "
+                                    "version?")
             self.server_pid, self.ports, self.rht_per_context, flags = \
                 wire.HELLO_REPLY.unpack(payload)
             self.admin = bool(flags & wire.HELLO_ADMIN)
-            self.epoch = mmap.mmap(fds[0], mmap.PAGESIZE, prot=mmap.PROT_READ)
+            try:
+                self.epoch = mmap.mmap(fds[0], mmap.PAGESIZE, prot=mmap.PROT_READ)
+            except (OSError, ValueError) as e:
+                raise CxlFlashError(errno.EPROTO, f"{self.what} sent a reset epoch "
+                                    f"that cannot be mapped ({e})") from None
         finally:
             wire.close_fds(fds)
+        self.control = self._new_link(self.main)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._watcher = threading.Thread(target=self._watch, daemon=True,
                                          name="cxlflash-driver-watch")
@@ -197,13 +237,13 @@ class DaemonChannel:
                              "gone: the driver and every context it held are gone "
                              "(restart it and attach again)")
 
-    def _round_trip(self, op, request, payload, want_fds=0):
-        with self.lock:
+    def _exchange(self, link, op, request, payload, want_fds):
+        with link.lock:
             if self.closed:
                 raise self._gone_error()
             try:
-                wire.send_request(self.sock, op, request, payload)
-                err, body, fds = wire.recv_reply(self.receiver, op)
+                wire.send_request(link.sock, op, request, payload)
+                err, body, fds = wire.recv_reply(link.receiver, op)
             except (EOFError, OSError, wire.ProtocolError):
                 self._driver_gone()
                 raise self._gone_error() from None
@@ -212,6 +252,37 @@ class DaemonChannel:
                 self._driver_gone()
                 raise self._gone_error()
             return err, body, fds
+
+    def _new_link(self, via):
+        """A new connection to the driver, asked for over ``via``."""
+        err, body, fds = self._exchange(via, wire.OP_SPAWN, 0, b"", 1)
+        if err or len(fds) != 1:
+            wire.close_fds(fds)
+            raise CxlFlashError(err or errno.EPROTO, f"{self.what} gave no new "
+                                "connection: " + bytes(body).decode("utf-8", "replace"))
+        link = _Link(socket.socket(fileno=fds[0]))
+        with self._links_lock:
+            self._links.append(link)
+        err, body, fds = self._exchange(link, wire.OP_HELLO, 0, b"", 1)
+        wire.close_fds(fds)
+        if err:
+            raise CxlFlashError(err, bytes(body).decode("utf-8", "replace"))
+        return link
+
+    def _round_trip(self, op, request, payload, want_fds=0):
+        if op in _MAIN_OPS or self.control is None:
+            return self._exchange(self.main, op, request, payload, want_fds)
+        if op == wire.OP_SPAWN:
+            return self._exchange(self.control, op, request, payload, want_fds)
+        with self._links_lock:
+            link = self._side_free.pop() if self._side_free else None
+        if link is None:
+            link = self._new_link(self.control)
+        try:
+            return self._exchange(link, op, request, payload, want_fds)
+        finally:
+            with self._links_lock:
+                self._side_free.append(link)
 
     def call(self, op, request=0, payload=b"", want_fds=0):
         """(payload, fds) of a successful request; CxlFlashError with the
@@ -276,10 +347,7 @@ class DaemonChannel:
                 self._watcher.join(5)
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            self._close_links()
             try:
                 self.epoch.close()
             except BufferError:             # a retired replica still maps it
@@ -452,10 +520,16 @@ class DaemonChannel:
             except OSError:
                 pass
         self.backings.clear()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._close_links()
+
+    def _close_links(self):
+        with self._links_lock:
+            links, self._links, self._side_free = self._links, [], []
+        for link in links:
+            try:
+                link.sock.close()
+            except OSError:
+                pass
 
     def spawn(self):
         """A new connection to the same driver, for a child about to be

@@ -150,7 +150,8 @@ class Receiver:
     """Reads whole messages from a stream socket: the header and a small
     payload usually in one ``recvmsg``.  The credentials of a message are
     those of the read that brought its first byte (the kernel never
-    merges the data of two senders in one read)."""
+    merges the data of two senders in one read); every later read of the
+    same message must bring the same credentials."""
 
     def __init__(self, sock, header, want_creds, max_fds, limit):
         self.sock = sock
@@ -163,8 +164,9 @@ class Receiver:
         self.buf = b""
         self.creds = None
 
-    def _read(self, fds):
-        data, anc, flags, _ = self.sock.recvmsg(_READ, self.space)
+    @staticmethod
+    def _ancillary(anc, flags, fds):
+        """The credentials of one read; its descriptors go to ``fds``."""
         creds = None
         for level, kind, body in anc:
             if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
@@ -176,8 +178,21 @@ class Receiver:
                 creds = _CREDS.unpack_from(body)
         if flags & _MSG_CTRUNC:
             raise ProtocolError("more ancillary data than a message may carry")
+        return creds
+
+    def _same_sender(self, creds, first):
+        """A message is one process's: bytes of another process (a child
+        sharing the connection) in the middle of it break the protocol."""
+        if creds != first:
+            raise ProtocolError("a message whose bytes come from two processes")
+
+    def _read(self, fds):
+        data, anc, flags, _ = self.sock.recvmsg(_READ, self.space)
+        creds = self._ancillary(anc, flags, fds)
         if not self.buf:
             self.creds = creds
+        elif data:
+            self._same_sender(creds, self.creds)
         return data
 
     def message(self):
@@ -214,9 +229,10 @@ class Receiver:
                 view[:got] = buf[HEADER_SIZE:]
                 self.buf = b""
                 while got < n:
-                    k = self.sock.recv_into(view[got:], n - got)
+                    k, anc, flags, _ = self.sock.recvmsg_into([view[got:]], self.space)
                     if k == 0:
                         raise ProtocolError("the peer closed the connection mid-message")
+                    self._same_sender(self._ancillary(anc, flags, fds), creds)
                     got += k
             if not self.buf:
                 self.creds = None
