@@ -292,8 +292,11 @@ class Adapter:
 
     @property
     def provisioned(self) -> Dict[bytes, Dict[str, Any]]:
-        """The LUNs LUN_PROVISION made: {wwid: {"port", "size", "lun_id", "path"}}."""
-        return self.driver.provisioned
+        """The LUNs LUN_PROVISION made: {wwid: {"port", "size", "lun_id", "path"}}
+        (a connected adapter's: a copy of the daemon's, as of now)."""
+        if self._local is not None:
+            return self._local.driver.provisioned
+        return {bytes.fromhex(w): p for w, p in self.status()["provisioned"].items()}
 
     def _info(self):
         ch = self._channel()

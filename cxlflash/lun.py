@@ -136,6 +136,12 @@ class _Lun:
         self._check_open()
         gone = self.adapter._gone()
         rec = None if gone else self._record()
+        if rec is None and not gone:
+            # A recovery in another thread may have changed the context's id
+            # (in the driver, or in this process's replica) and not yet the
+            # Context's: it does both under the context's lock.
+            with self.context._lock:
+                rec = self._record()
         if rec is None or self.handle is None or rec.rht_lun[self.handle] is None:
             gone = ("the adapter is closed" if gone else
                     "its context was detached or its handle released behind "

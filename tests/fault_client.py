@@ -253,8 +253,9 @@ def user(a, path):
 def drop_privileges(uid):
     """Become ``uid`` (after every import: the interpreter may live where
     that user cannot read)."""
-    import cxlflash.server.client  # noqa: F401
-    import numpy  # noqa: F401
+    import importlib
+    for name in ("cxlflash.server.client", "numpy", "json", "socket", "struct"):
+        importlib.import_module(name)
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)

@@ -31,7 +31,6 @@ import daemon_process
 from fuzzing import fuzz_settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 CLIENT = os.path.join(HERE, "fault_client.py")
 CHUNK_BLOCKS = 65536                    # 4K blocks per chunk
 VIRTUAL_SIZE = 1 << 40                  # the daemon's in-memory LUN (sparse)
@@ -222,6 +221,9 @@ def test_kill9_of_a_holder_and_its_orphaned_clone(world):
         kill_group(p)
     wait_settled(world)
     world.intact()
+    log = world.daemon.log()                   # one line per reclaim, per disconnect
+    assert f"of pid {p.pid} (7 chunks)" in log and f"of pid {child} (7 chunks)" in log
+    assert f"pid {p.pid} disconnected" in log
 
 
 def test_kill9_in_the_middle_of_requests(world):
@@ -233,7 +235,7 @@ def test_kill9_in_the_middle_of_requests(world):
     rounds, batch = 10, 4
     kills = 0
     wait_settled(world)
-    fds, threads = world.daemon.fds(), world.daemon.threads()
+    fds, threads = quiet_fds(world), world.daemon.threads()
     for r in range(rounds):
         procs = [client(world.daemon.socket, "churn", rnd.randrange(1 << 30))
                  for _ in range(batch)]
@@ -413,10 +415,12 @@ def test_a_client_whose_daemon_dies():
         d.stop()
 
 
-def test_a_busy_client_whose_daemon_dies():
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_busy_client_whose_daemon_dies(how):
     """Threads of a client in the middle of ioctls, synchronous and
-    asynchronous I/O when the daemon is killed: each ends with ENODEV or
-    AFU rc 0x21 (none hangs, none succeeds afterwards)."""
+    asynchronous I/O when the daemon is killed, or stopped (SIGTERM: it
+    must still exit 0): each ends with ENODEV or AFU rc 0x21 (none hangs,
+    none succeeds afterwards)."""
     import threading
     d = Daemon(_tmpdir())
     a = cxlflash.connect(d.socket)
@@ -456,7 +460,10 @@ def test_a_busy_client_whose_daemon_dies():
         for t in threads:
             t.start()
         time.sleep(0.3)
-        d.kill()
+        if how == "SIGKILL":
+            d.kill()
+        else:
+            d.stop()                              # asserts exit status 0
         for t in threads:
             t.join(20)
         stop.set()
@@ -559,6 +566,22 @@ class Raw:
         self.fds.clear()
 
 
+def quiet_fds(w, timeout=10):
+    """The daemon's descriptor count once only the observer holds a context
+    and its connections and descriptors stay put (nothing being closed or
+    reclaimed): the baseline of a leak check."""
+    t0 = time.monotonic()
+    last = None
+    while True:
+        s = w.adapter.status()
+        now = (s["counters"]["connections"], w.daemon.fds())
+        if len(s["contexts"]) == 1 and now == last:
+            return now[1]
+        last = now
+        assert time.monotonic() - t0 < timeout, json.dumps(s)
+        time.sleep(0.03)
+
+
 def wait_fds(daemon, baseline, timeout=10):
     t0 = time.monotonic()
     while daemon.fds() != baseline:
@@ -574,7 +597,6 @@ def hostile():
     """A daemon for hostile peers (its own: some messages reach the
     administrator's operations) and an observer."""
     w = World()
-    wait_fds(w.daemon, w.daemon.fds())
     yield w
     w.close()
 
@@ -649,7 +671,7 @@ BROKEN = {
 @pytest.mark.parametrize("hello", [True, False], ids=["after-hello", "before-hello"])
 def test_broken_messages_close_the_connection(hostile, hello):
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     bad0 = w.adapter.status()["counters"]["bad_messages"]
     for name, data in BROKEN.items():
         r = Raw(w.daemon.socket, hello=hello)
@@ -666,7 +688,7 @@ def test_broken_messages_close_the_connection(hostile, hello):
 
 def test_requests_before_hello_close_the_connection(hostile):
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     for op in sorted(wire.OPS - {wire.OP_HELLO}):
         r = Raw(w.daemon.socket, hello=False)
         r.send(frame(op))
@@ -679,12 +701,13 @@ def _every_structure_size():
     """For every ioctl the driver knows, structures of the wrong size:
     the driver refuses each with an errno (EFAULT where the kernel's
     copy_from_user would fault, EINVAL ...), in-protocol."""
-    for request, st in sorted(uapi.DK_IOCTLS.items()):
-        n = st and __import__("ctypes").sizeof(st)
+    import ctypes
+    for request, struct_type in sorted(uapi.DK_IOCTLS.items()):
+        n = ctypes.sizeof(struct_type)
         for size in (0, 1, 8, n - 1):
             yield "disk", request, size
-    for request, st in sorted(uapi.HT_IOCTLS.items()):
-        n = __import__("ctypes").sizeof(st)
+    for request, struct_type in sorted(uapi.HT_IOCTLS.items()):
+        n = ctypes.sizeof(struct_type)
         for size in (0, 1, n - 1):
             yield "host", request, size
 
@@ -693,7 +716,7 @@ def test_wrong_structure_sizes_are_refused_in_protocol(hostile):
     """A structure shorter than its ioctl's, for every ioctl: an errno
     reply (the connection goes on), and the observer is untouched."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     r = Raw(w.daemon.socket)
     for kind, request, size in _every_structure_size():
         if kind == "disk":
@@ -718,7 +741,7 @@ def test_wrong_structure_sizes_are_refused_in_protocol(hostile):
 
 def test_unknown_requests_are_refused_in_protocol(hostile):
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     r = Raw(w.daemon.socket)
     for request in (0, 1, 0xC090CA7F, 0xFFFFFFFF, uapi.DK_CXLFLASH_ATTACH ^ 0x10000):
         r.send(frame(wire.OP_DISK_IOCTL, request, _disk(w.vwwid) + bytes(256)))
@@ -737,6 +760,13 @@ def test_unknown_requests_are_refused_in_protocol(hostile):
     assert r.reply()[0] == errno.ENODEV
     r.send(frame(wire.OP_OPEN_DISK, 0, _disk(w.vwwid, 0, port=0xFFFFFFFF)))
     assert r.reply()[0] == errno.ENODEV
+    # Open flags out of range: the disk is not open O_RDWR -> EPERM, as the
+    # kernel refuses DK_CXLFLASH_* on a disk not opened read-write.
+    attach = uapi.dk_cxlflash_attach(hdr=uapi.dk_cxlflash_hdr(flags=os.O_RDWR))
+    for flags in (-1, 0x7FFFFFFF, -0x80000000, os.O_ACCMODE, os.O_RDONLY):
+        r.send(frame(wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_ATTACH,
+                     _disk(w.vwwid, flags=flags) + bytes(attach)))
+        assert r.reply()[0] == errno.EPERM, flags
     bad_path = wire.ADD_LUN.pack(0, 0, 1, 0, bytes(16))
     for path in (b"relative", b"/no/such/file", b"/", b"\xff\xfe", b"/a\0b"):
         r.send(frame(wire.OP_ADMIN, wire.ADMIN_ADD_LUN, bad_path + path))
@@ -747,11 +777,27 @@ def test_unknown_requests_are_refused_in_protocol(hostile):
     _check_survived(w, baseline)
 
 
+def test_pipelined_requests_are_answered_in_order(hostile):
+    """Requests sent back to back in one write (read together by the
+    daemon) are each answered, in order, as the sender's."""
+    w = hostile
+    r = Raw(w.daemon.socket)
+    ops = [wire.OP_LUNS, wire.OP_INFO, wire.OP_TABLES] * 40
+    r.send(b"".join(frame(op) for op in ops) + frame(wire.OP_OPEN_DISK, 0,
+                                                     _disk(bytes(16), 0)))
+    replies = [r.reply() for _ in ops]
+    assert [e for e, _ in replies] == [0] * len(ops)
+    assert all(body == w.vwwid + w.dwwid for _, body in replies[::3])
+    assert all(len(body) == wire.INFO_REPLY.size for _, body in replies[1::3])
+    assert r.reply()[0] == errno.ENODEV
+    r.close()
+
+
 def test_descriptors_attached_to_a_request(hostile):
     """SCM_RIGHTS on a request: the connection is closed and every
     descriptor the daemon received is closed again."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     with open(os.devnull) as f:
         for n in (1, 2, 3, 16):
             for hello in (True, False):
@@ -860,7 +906,7 @@ def test_fuzz_messages(hostile):
     the stream ends; it stays alive, the observer keeps working, and no
     descriptor leaks."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     path = w.daemon.socket
 
     wwids = [w.vwwid, w.dwwid]
@@ -891,7 +937,7 @@ def test_a_flood_of_connections_at_the_descriptor_limit(hostile):
     connected, and recovers when they go."""
     import resource
     w = hostile
-    baseline, threads = w.daemon.fds(), w.daemon.threads()
+    baseline, threads = quiet_fds(w), w.daemon.threads()
     limit = resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE, (baseline + 40, limit[1]))
     socks = []
@@ -930,7 +976,7 @@ def test_connect_when_the_daemon_is_one_descriptor_short(hostile):
     protocol exception), and the next connect works."""
     import resource
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     limit = resource.prlimit(w.daemon.pid, resource.RLIMIT_NOFILE)
     used = {int(fd) for fd in os.listdir(f"/proc/{w.daemon.pid}/fd")}
     free = [n for n in range(max(used) + 3) if n not in used]
@@ -952,7 +998,7 @@ def test_a_peer_that_never_reads_its_replies(hostile):
     """A peer that sends requests and never reads: only its own connection
     waits; the others are served, and its end frees everything."""
     w = hostile
-    baseline = w.daemon.fds()
+    baseline = quiet_fds(w)
     r = Raw(w.daemon.socket)
     r.sock.setblocking(False)
     sent = 0
@@ -1050,6 +1096,34 @@ def test_an_unrelated_process_cannot_reach_another_processs_context(world):
     world.intact()
 
 
+STRANGER_RAW = """
+import json, os, sys
+sys.path.insert(0, %r)
+import test_daemon_faults as T
+from cxlflash import uapi
+from cxlflash.server import wire
+r = T.Raw(sys.argv[1])
+cid, h, wwid = int(sys.argv[2]), int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+hdr = uapi.dk_cxlflash_hdr(flags=os.O_RDWR)
+out = {}
+for name, req, s in (
+        ("detach", uapi.DK_CXLFLASH_DETACH,
+         uapi.dk_cxlflash_detach(hdr=hdr, context_id=cid)),
+        ("release", uapi.DK_CXLFLASH_RELEASE,
+         uapi.dk_cxlflash_release(hdr=hdr, context_id=cid, rsrc_handle=h)),
+        ("resize", uapi.DK_CXLFLASH_VLUN_RESIZE,
+         uapi.dk_cxlflash_resize(hdr=hdr, context_id=cid, rsrc_handle=h, req_size=0)),
+        ("verify", uapi.DK_CXLFLASH_VERIFY,
+         uapi.dk_cxlflash_verify(hdr=hdr, context_id=cid, rsrc_handle=h))):
+    r.send(T.frame(wire.OP_DISK_IOCTL, req, T._disk(wwid) + bytes(s)))
+    out[name] = r.reply()[0]
+r.send(T.frame(wire.OP_TABLES))
+err, body = r.reply()
+out["tables"] = [err, len(wire.unpack_tables(body))]
+print(json.dumps(out))
+""" % HERE
+
+
 def test_raw_requests_of_a_stranger_name_nothing_of_ours(world):
     """The same through the raw protocol, from another process: whatever
     the bytes say, the driver acts for the sender the kernel names."""
@@ -1057,27 +1131,7 @@ def test_raw_requests_of_a_stranger_name_nothing_of_ours(world):
     try:
         v = ctx.create_virtual(CHUNK_BLOCKS)
         cid, h = ctx.context_id, v.handle
-        code = (
-            "import os,sys,struct,socket,json\n"
-            "sys.path.insert(0, %r)\n"
-            "import test_daemon_faults as T\n"
-            "from cxlflash import uapi\n"
-            "from cxlflash.server import wire\n"
-            "r = T.Raw(sys.argv[1])\n"
-            "cid, h, wwid = int(sys.argv[2]), int(sys.argv[3]), bytes.fromhex(sys.argv[4])\n"
-            "hdr = uapi.dk_cxlflash_hdr(flags=os.O_RDWR)\n"
-            "out = {}\n"
-            "for name, req, s in (\n"
-            "        ('detach', uapi.DK_CXLFLASH_DETACH, uapi.dk_cxlflash_detach(hdr=hdr, context_id=cid)),\n"
-            "        ('release', uapi.DK_CXLFLASH_RELEASE, uapi.dk_cxlflash_release(hdr=hdr, context_id=cid, rsrc_handle=h)),\n"
-            "        ('resize', uapi.DK_CXLFLASH_VLUN_RESIZE, uapi.dk_cxlflash_resize(hdr=hdr, context_id=cid, rsrc_handle=h, req_size=0)),\n"
-            "        ('verify', uapi.DK_CXLFLASH_VERIFY, uapi.dk_cxlflash_verify(hdr=hdr, context_id=cid, rsrc_handle=h))):\n"
-            "    r.send(T.frame(wire.OP_DISK_IOCTL, req, T._disk(wwid) + bytes(s)))\n"
-            "    out[name] = r.reply()[0]\n"
-            "r.send(T.frame(wire.OP_TABLES))\n"
-            "err, body = r.reply()\n"
-            "out['tables'] = [err, len(wire.unpack_tables(body))]\n"
-            "print(json.dumps(out))\n") % HERE
+        code = STRANGER_RAW
         p = subprocess.run([sys.executable, "-c", code, world.daemon.socket, str(cid),
                             str(h), world.vwwid.hex()], capture_output=True, text=True,
                            env=_env(), timeout=60)

@@ -199,14 +199,15 @@ def _send_raw(sock, data, fds=(), creds=True):
 
 def test_a_request_carries_the_kernels_credentials(pair):
     a, b = pair
+    me = (os.getpid(), os.getuid(), os.getgid())
+    rx = wire.request_receiver(b)
     wire.send_request(a, wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_DETACH, b"payload")
-    assert wire.recv_request(wire.request_receiver(b)) == (wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_DETACH,
-                                    bytearray(b"payload"),
-                                    (os.getpid(), os.getuid(), os.getgid()))
+    assert wire.recv_request(rx) == (wire.OP_DISK_IOCTL, uapi.DK_CXLFLASH_DETACH,
+                                     b"payload", me)
     # Without SCM_CREDENTIALS the kernel supplies the sender's (SO_PASSCRED).
     _send_raw(a, wire.REQUEST.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS, 0, 0),
               creds=False)
-    assert wire.recv_request(wire.request_receiver(b))[3] == (os.getpid(), os.getuid(), os.getgid())
+    assert wire.recv_request(rx)[3] == me
 
 
 def test_a_request_larger_than_the_socket_buffer_arrives_whole(pair):

@@ -648,8 +648,10 @@ class Driver:
                 "luns": [la.llun.wwid.hex() for la in c.luns],
                 "handles": c.table.rht_out, "chunks": c.chunks_held(),
                 "in_error": bool(c.err_recovery_active)})
+        provisioned = {w.hex(): dict(p) for w, p in list(self.provisioned.items())}
         return {"state": self.afu.state, "ports": self.num_ports, "luns": luns,
-                "contexts": contexts, "counters": dict(self.afu.counters)}
+                "contexts": contexts, "provisioned": provisioned,
+                "counters": dict(self.afu.counters)}
 
 
 __all__ = ["Driver", "Caller"]
