@@ -132,7 +132,7 @@ def test_clone_core(benchmark, mapped_table):
 
     def drop_refs(dst):
         # The child's release: one clone reference per chunk goes away.
-        assert alloc.free_many(src.chunks(h)) == 0
+        assert alloc.free_many(src.auns(h)) == 0
 
     benchmark.pedantic(clone, setup=lambda: ((ResourceTable(),), {}),
                        teardown=drop_refs, rounds=15, warmup_rounds=1)

@@ -46,7 +46,7 @@ def nonneg(value, name, limit=None, what=None):
     return v
 
 
-def extent(lba, nblocks, size, what="the logical size"):
+def within(lba, nblocks, size, what="the logical size"):
     """Blocks ``lba .. lba+nblocks-1`` within ``size`` blocks, or
     CxlFlashError(EINVAL) naming the range (``lba``/``nblocks`` are ints
     already known to be >= 0)."""

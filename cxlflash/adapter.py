@@ -27,7 +27,7 @@ from ._core.errors import afu_error
 from ._core.tables import TABLE_FOREIGN
 from .backing import Backing
 from .channel import LocalChannel
-from .driver.core import Driver
+from .driver.driver import Driver
 from .errors import (CxlFlashError, AfuError, AdapterResetError,
                      ForkedAdapterError)
 from .server import wire

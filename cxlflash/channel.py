@@ -25,7 +25,7 @@ methods below, so it never knows which one it has:
 ``set_lun_mode``, ``info()``, ``status()``   the administrator's operations.
 ``closed``                 the driver is closed or gone (ENODEV from now on).
 
-The driver runs every request as ``caller`` (``driver.core.Caller``): in
+The driver runs every request as ``caller`` (``driver.context.Caller``): in
 this process, the process itself; in the daemon, the peer the kernel
 names.
 """
@@ -35,7 +35,8 @@ import os
 from . import uapi
 from .backing import open_backing
 from .driver import superpipe, host
-from .driver.core import Driver, Caller
+from .driver.driver import Driver
+from .driver.context import Caller
 from .errors import CxlFlashError
 
 __all__ = ["LocalChannel"]

@@ -22,7 +22,6 @@ recovered, ``ValueError`` after :meth:`close`.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 from functools import partial
 from typing import TYPE_CHECKING, Any, Dict, Optional
@@ -38,9 +37,9 @@ from . import uapi, _args
 from ._core.datapath import DataPath, LIST_READ, LIST_WRITE, LIST_UNMAP
 from ._core.engine import OP_READ, OP_WRITE, OP_FLUSH, OP_ZERO, OP_DISCARD
 from .backing import aligned_buffer
-from ._core.errors import afu_error
+from ._core.errors import io_error
 from ._core.tables import MC_CHUNK_SIZE
-from .errors import CxlFlashError, AdapterResetError
+from .errors import CxlFlashError
 
 
 if TYPE_CHECKING:
@@ -87,22 +86,10 @@ class ListResult:
         s = int(self.status[i])
         if s >= 0:
             return None
-        if s == -1000:
-            return afu_error(int(self._codes[i]), self._lun.handle, self._lba(i))
-        if s == -1001:
-            return AdapterResetError()
-        if s == -1002:
-            return CxlFlashError(errno.EBADF, "the context is gone or not this process's")
-        if s == -1003:
-            return CxlFlashError(errno.EINVAL, f"request {i} (blocks "
-                                 f"{self._lba(i)}..+{int(np.ravel(self._nblocks)[i])}) "
-                                 f"is beyond the logical size of {self._lun.size} "
-                                 f"blocks (LBAs 0..{self._lun.size - 1})")
-        if s == -errno.ESHUTDOWN:
-            return CxlFlashError(errno.ESHUTDOWN, f"request {i} did not run: the "
-                                 "adapter's I/O engine was closed (the adapter was "
-                                 "closed during the list)")
-        return OSError(-s, os.strerror(-s))
+        # the one mapping, the synchronous path's too
+        return io_error(s, afu_rc=int(self._codes[i]), handle=self._lun.handle,
+                        lba=self._lba(i), nblocks=int(np.ravel(self._nblocks)[i]),
+                        size=self._lun.size, index=i)
 
     def _lba(self, i):
         return int(np.ravel(self._lbas)[i])
@@ -236,7 +223,7 @@ class _Lun:
         lba = _args.u64(lba, "lba")
         nblocks = _args.u64(nblocks, "nblocks")
         self._check_open()
-        _args.extent(lba, nblocks, self._size)       # before allocating
+        _args.within(lba, nblocks, self._size)       # before allocating
         if self._direct:
             # O_DIRECT reads into an aligned buffer; the caller gets a copy
             aligned = aligned_buffer(nblocks * self.block_size)

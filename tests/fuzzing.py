@@ -138,7 +138,7 @@ def check_allocators(adapter):
                 continue
             glun = ctx.rht_lun[h].parent
             counts = refs.setdefault(id(glun), (glun, {}))[1]
-            for aun in t.chunks(h).tolist():
+            for aun in t.auns(h).tolist():
                 counts[aun] = counts.get(aun, 0) + 1
     for glun in adapter.driver.gluns.values():
         alloc = glun.allocator

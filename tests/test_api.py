@@ -19,7 +19,7 @@ import pytest
 import cxlflash
 import cxlflash.adapter as adapter_mod
 from cxlflash import uapi
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.errors import (AdapterResetError, AfuError, CxlFlashError,
                              ForkedAdapterError)
 

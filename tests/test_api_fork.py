@@ -11,7 +11,7 @@ import pytest
 import cxlflash
 import cxlflash.channel as channel_mod
 from cxlflash import uapi
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.errors import (AdapterResetError, AfuError, CxlFlashError,
                              ForkedAdapterError)
 

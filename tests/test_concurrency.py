@@ -28,7 +28,7 @@ from cxlflash._core import pattern
 from cxlflash._core.allocator import ChunkAllocator
 from cxlflash._core.tables import ResourceTable
 from cxlflash.driver import superpipe
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from cxlflash.errors import AdapterResetError, AfuError, CxlFlashError
 
 from forking import in_child
@@ -362,7 +362,7 @@ def test_table_readers_race_grow_and_shrink():
         alloc = ChunkAllocator(8192)
         h = t.open_virtual(3)
         t.grow_from(h, alloc, 1, 0, 1)                 # chunk 0 always mapped
-        first = int(t.chunks(h)[0])
+        first = int(t.auns(h)[0])
         vlbas = np.arange(0, CHUNK, 97, dtype=np.uint64)
         want = (np.uint64(first) << np.uint64(16)) | vlbas
         r = Racer()
@@ -370,7 +370,7 @@ def test_table_readers_race_grow_and_shrink():
 
         def reader():
             while r.running():
-                c = t.chunks(h)
+                c = t.auns(h)
                 assert len(c) >= 1 and c[0] == first
                 assert (c >= 0).all() and (c < 8192).all(), "garbage chunk numbers"
                 x = t.lxt(h)
@@ -410,7 +410,7 @@ def test_vlun_readers_race_set_size():
                 def reader():
                     while r.running():
                         assert v.chunks >= 1
-                        c = table.chunks(v.handle)          # the LXT, copied
+                        c = table.auns(v.handle)          # the LXT, copied
                         assert len(c) >= 1 and ((c >= 0) & (c < 4096)).all(), \
                             "garbage chunk numbers"
                         p = v.translate([0, 127])

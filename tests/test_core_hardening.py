@@ -115,7 +115,7 @@ def test_translate_refuses_a_table_the_data_path_refuses(state, exc):
     with pytest.raises(exc):
         t.translate_many(h, np.arange(4, dtype=np.uint64))
     t.set_state(TABLE_LIVE)
-    assert t.translate(h, 5) == (int(t.chunks(h)[0]) << 16) | 5
+    assert t.translate(h, 5) == (int(t.auns(h)[0]) << 16) | 5
 
 
 def test_translate_sees_a_moved_epoch():
@@ -178,7 +178,7 @@ def test_readers_racing_grow_do_not_crash():
         def reader():
             lbas = np.arange(0, 8 << 16, 4096, dtype=np.uint64)
             while not stop.is_set():
-                c = t.chunks(h)
+                c = t.auns(h)
                 assert len(t.lxt(h)) >= 8 and len(c) >= 8
                 t.translate_many(h, lbas)
         ts = [threading.Thread(target=grower)] + [threading.Thread(target=reader) for _ in range(2)]
@@ -210,7 +210,7 @@ def test_clone_slot_copies_a_consistent_source():
     try:
         for _ in range(30):
             dst.clone_slot(src, h, 3, a)
-            copied = dst.chunks(h)
+            copied = dst.auns(h)
             assert len(copied) in (1000, 4000)
             assert a.free_many(dst.close(h)) == 0   # every copied chunk was held
     finally:
@@ -218,7 +218,7 @@ def test_clone_slot_copies_a_consistent_source():
         g.join()
     # Every reference the clones took was given back, none twice.
     assert a.space() == (1 << 16) - 1000
-    assert not np.any(a.clone_counts(src.chunks(h)))
+    assert not np.any(a.clone_counts(src.auns(h)))
 
 
 def test_clone_into_an_open_slot_changes_nothing():
@@ -229,7 +229,7 @@ def test_clone_into_an_open_slot_changes_nothing():
     dst.open_virtual(3)
     with pytest.raises(ValueError, match="destination is open"):
         dst.clone_slot(src, h, 3, a)
-    assert not np.any(a.clone_counts(src.chunks(h)))
+    assert not np.any(a.clone_counts(src.auns(h)))
     assert dst.rht_out == 1
 
 
@@ -497,15 +497,15 @@ def _table_with_vlun():
     lambda a, t, h: t.translate(float(h), 1),
     lambda a, t, h: t.shrink(h, 1.0),
     lambda a, t, h: t.grow_from(h, a, 1.0, 0, 1),
-    lambda a, t, h: t.chunks("0"),
+    lambda a, t, h: t.auns("0"),
     lambda a, t, h: t.close(None),
 ])
 def test_core_refuses_non_integers_and_changes_nothing(call):
     a, t, h = _table_with_vlun()
-    before = (a.space(), list(t.chunks(h)), t.rht_out)
+    before = (a.space(), list(t.auns(h)), t.rht_out)
     with pytest.raises(TypeError, match="must be an integer|array of integers"):
         call(a, t, h)
-    assert (a.space(), list(t.chunks(h)), t.rht_out) == before
+    assert (a.space(), list(t.auns(h)), t.rht_out) == before
 
 
 @pytest.mark.parametrize("call, exc", [

@@ -22,7 +22,7 @@ from cxlflash import uapi
 from cxlflash._core.datapath import afu_command
 from cxlflash._core.tables import TABLE_LIVE
 from cxlflash.driver import superpipe, vlun
-from cxlflash.driver.core import Caller
+from cxlflash.driver.context import Caller
 from forking import in_child
 from scsi_sense import fixed_sense
 
@@ -126,7 +126,7 @@ def big_write():
     for k in range(1, NCH + 1):
         resize(d, cid, ha, k * per)
         resize(d, cid, hb, k * per)
-    auns = ctx_of(a, cid).table.chunks(ha)
+    auns = ctx_of(a, cid).table.auns(ha)
     assert len(auns) == NCH and np.all(np.diff(auns) > 1)
     data = np.full(NCH * CHUNK * SMALL, 0xA5, dtype=np.uint8)
     outcome = []
@@ -491,7 +491,7 @@ def test_verify_capacity_shrink_limits_the_allocator():
         call(d, uapi.DK_CXLFLASH_VERIFY, vf)
         assert glun.max_lba == 2 * CHUNK - 1
         resize(d, cid, h, 4 * CHUNK)                   # best effort: one more chunk
-        auns = ctx_of(a, cid).table.chunks(h)
+        auns = ctx_of(a, cid).table.auns(h)
         assert len(auns) == 2 and auns.max() < 2
         with pytest.raises(cxlflash.CxlFlashError) as ei:
             uvirtual(d, cid, CHUNK)
@@ -533,7 +533,7 @@ def test_vlun_clone_raises_clone_counts_in_the_copy_pass(one_chunk):
         child.table = real
     alloc = a.driver.gluns[d.wwid].allocator
     assert len(spy.calls) == 1 and spy.calls[0][3] is alloc
-    assert alloc.clone_count(int(real.chunks(h)[0])) == 1
+    assert alloc.clone_count(int(real.auns(h)[0])) == 1
     # The clone's data path reaches the shared chunk.
     a.write(pc, h, 0, b"\x11" * K4)
     out = bytearray(K4)

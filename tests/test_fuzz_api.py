@@ -75,7 +75,7 @@ class World:
             self.vv.write(lba, blocks(lba, 16, 900))
             self.mark(self.vv, lba, 16)
         self.victim_ranges = list(self.img_a.ranges)
-        self.victim_chunks = self.table(self.vv).chunks(self.vv.handle).tolist()
+        self.victim_chunks = self.table(self.vv).auns(self.vv.handle).tolist()
 
     def table(self, lun):
         return self.a._context_record(lun.context.context_id).table
@@ -117,7 +117,7 @@ class World:
         a = self.a
         assert self.victim.context_id in {c.ctxid for c in live_contexts(a)}, \
             f"{what}: the victim context is gone"
-        assert self.table(self.vv).chunks(self.vv.handle).tolist() == self.victim_chunks, \
+        assert self.table(self.vv).auns(self.vv.handle).tolist() == self.victim_chunks, \
             f"{what}: the victim's vLUN changed chunks"
         self.img_a.check(what)
         self.img_b.check(what)
@@ -162,7 +162,7 @@ class Fuzz:
 
     def cleanup(self):
         w = self.w
-        chunks = w.table(self.v).chunks(self.v.handle).tolist() if not self.v.closed else []
+        chunks = w.table(self.v).auns(self.v.handle).tolist() if not self.v.closed else []
         for o in self.extra:
             try:
                 o.close()
@@ -402,7 +402,7 @@ def run_op(w, f, op):
                 assert isinstance(err, OSError) and str(err)
     elif name == "set_size":
         blocks_, best, release = op[2], op[3], op[4]
-        old_chunks = w.table(lun).chunks(lun.handle).tolist()
+        old_chunks = w.table(lun).auns(lun.handle).tolist()
         old_size = lun.size
         try:
             res = lun.set_size(blocks_, best_effort=best, release=release)
@@ -415,12 +415,12 @@ def run_op(w, f, op):
                     0 <= int(blocks_) <= lun.lun_blocks
                 assert not ok or int(blocks_) > 2 * CHUNK, f"{what} refused: {e!r}"
             assert lun.size == old_size, f"{what} refused but changed the size"
-            new_chunks = w.table(lun).chunks(lun.handle).tolist()
+            new_chunks = w.table(lun).auns(lun.handle).tolist()
         else:
             assert is_int(blocks_) and not is_float(blocks_) and 0 <= int(blocks_), \
                 f"{what} accepted"
             assert res == lun.size and res <= int(blocks_)
-            new_chunks = w.table(lun).chunks(lun.handle).tolist()
+            new_chunks = w.table(lun).auns(lun.handle).tolist()
             assert len(new_chunks) * CHUNK >= lun.size
         assert new_chunks[:min(len(old_chunks), len(new_chunks))] == \
             old_chunks[:min(len(old_chunks), len(new_chunks))], f"{what}: kept chunks moved"

@@ -344,7 +344,7 @@ def check_table_invariants(t):
         if t.is_virtual(h):
             cnt, cap = t.lxt_count(h), t.lxt_capacity(h)
             assert cap % 8 == 0 and cap >= cnt, f"handle {h}: lxt_cnt {cnt} cap {cap}"
-            assert len(t.chunks(h)) == cnt == len(t.lxt(h))
+            assert len(t.auns(h)) == cnt == len(t.lxt(h))
 
 
 HANDLE = st.one_of(st.integers(0, 5), st.sampled_from(EXTREME_INTS), st.sampled_from(NON_INTS))
@@ -472,7 +472,7 @@ def _table_ops(size, ops):
         if name == "introspect":
             h = args[0]
             for m in ("is_open", "is_virtual", "perms", "lxt_count", "lxt_capacity",
-                      "lxt", "chunks", "blocks", "entry"):
+                      "lxt", "auns", "extent", "entry"):
                 before = table_state(t)
                 call(getattr(t, m), h)
                 assert table_state(t) == before, f"{m}({h!r}) changed the table"

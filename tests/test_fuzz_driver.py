@@ -95,7 +95,7 @@ class World:
 
     def _chunks(self, v):
         rec = self.a._context_record(v.context.context_id)
-        return rec.table.chunks(v.handle).tolist()
+        return rec.table.auns(v.handle).tolist()
 
     def check(self, what):
         if self.a._client() is not None:
@@ -380,7 +380,7 @@ class Fuzz:
                 continue
             t = c.table
             for h in t.open_handles():
-                n = t.blocks(h)
+                n = t.extent(h)
                 for lba in {0, max(n - 8, 0)} | {k * CHUNK for k in range(min(n // CHUNK, 8))}:
                     try:
                         w.a.write(c.ctxid, h, lba, data)

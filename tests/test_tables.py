@@ -96,7 +96,7 @@ def test_close_clears_the_entry():
     # The slot comes back empty, with no stale LXT.
     assert t.open_virtual(2) == h
     assert t.lxt_count(h) == 0 and t.lxt_capacity(h) == 0
-    assert t.lxt(h).tolist() == [] and t.blocks(h) == 0
+    assert t.lxt(h).tolist() == [] and t.extent(h) == 0
     assert t.perms(h) == 2
     # The other format reuses it cleanly too.
     t.close(h)
@@ -124,7 +124,7 @@ def test_entry_fields():
                           "lun_id": 0xABCD, "valid": 0x80, "port_sel": 0b101,
                           "last_lba": 4095}
     assert t.is_virtual(v) and not t.is_virtual(d)
-    assert t.blocks(v) == 2 * CHUNK and t.blocks(d) == 4096
+    assert t.extent(v) == 2 * CHUNK and t.extent(d) == 4096
 
 
 @pytest.mark.parametrize("port_sel", [0, 16, -1])
@@ -138,7 +138,7 @@ def test_direct_port_sel_must_be_a_nonzero_mask(port_sel):
 def test_virtual_only_operations_refuse_direct_handles():
     t = ResourceTable(4)
     d = t.open_direct(3, 1, 1, 100)
-    for op in (t.lxt_count, t.lxt_capacity, t.lxt, t.chunks):
+    for op in (t.lxt_count, t.lxt_capacity, t.lxt, t.auns):
         with pytest.raises(ValueError):
             op(d)
     with pytest.raises(ValueError):
@@ -161,7 +161,7 @@ def test_lxt_entry_layout():
     assert t.lxt(h).dtype == np.uint64
     assert t.lxt(h).tolist() == want
     assert want[0] == 0x5_2A_33
-    assert t.chunks(h).tolist() == [5, 0, 2 ** 40, 9]
+    assert t.auns(h).tolist() == [5, 0, 2 ** 40, 9]
     assert [e >> 16 for e in want] == [5, 0, 2 ** 40, 9]
     # lxt() is a copy.
     copy = t.lxt(h)
@@ -184,7 +184,7 @@ def test_lxt_capacity_grows_and_shrinks_in_groups_of_8():
         t.shrink(h, n)
         assert t.lxt_count(h) == n
         assert t.lxt_capacity(h) == -(-n // 8) * 8
-    assert t.blocks(h) == 0
+    assert t.extent(h) == 0
     t.grow(h, [3], 0, 1)                          # grows again after size 0
     assert t.lxt(h).tolist() == [lxt_entry(3, 0, 1)]
 
@@ -194,7 +194,7 @@ def test_shrink_returns_the_tail_last_first():
     h = t.open_virtual(3)
     t.grow(h, [10, 11, 12, 13, 14], 1, 1)
     assert t.shrink(h, 2).tolist() == [14, 13, 12]
-    assert t.chunks(h).tolist() == [10, 11]       # the head keeps its mapping
+    assert t.auns(h).tolist() == [10, 11]       # the head keeps its mapping
     assert t.shrink(h, 2).tolist() == []
     with pytest.raises(ValueError):
         t.shrink(h, 3)
@@ -478,11 +478,11 @@ def test_clone_is_independent_afterwards():
     before = src.lxt(0).tolist()
     dst.grow(0, [99, 100], 0, 1)
     assert src.lxt(0).tolist() == before
-    assert dst.chunks(0).tolist() == [4, 5, 6, 99, 100]
+    assert dst.auns(0).tolist() == [4, 5, 6, 99, 100]
     assert src.shrink(4, 2).tolist() == list(range(28, 21, -1))
-    assert dst.chunks(4).tolist() == list(range(20, 29))
+    assert dst.auns(4).tolist() == list(range(20, 29))
     src.close(0)
-    assert dst.chunks(0).tolist() == [4, 5, 6, 99, 100]
+    assert dst.auns(0).tolist() == [4, 5, 6, 99, 100]
     dst.close(2)
     assert src.entry(2)["open"]
 
@@ -530,15 +530,15 @@ def test_appendix_a_walk():
             assert alloc.free_many(t.shrink(h, chunks)) == 0
 
     h0 = parent.open_virtual(3)
-    assert h0 == 0 and parent.blocks(h0) == 0
+    assert h0 == 0 and parent.extent(h0) == 0
     resize(parent, h0, 1)                          # RESIZE to 100
-    assert parent.chunks(h0).tolist() == [0] and parent.blocks(h0) - 1 == 65535
+    assert parent.auns(h0).tolist() == [0] and parent.extent(h0) - 1 == 65535
     resize(parent, h0, 3)                          # RESIZE to 131073
-    assert parent.chunks(h0).tolist() == [0, 1, 2]
-    assert parent.blocks(h0) - 1 == 196607
+    assert parent.auns(h0).tolist() == [0, 1, 2]
+    assert parent.extent(h0) - 1 == 196607
     h1 = parent.open_virtual(3)
     resize(parent, h1, 1)
-    assert (h1, parent.chunks(h1).tolist()) == (1, [3])
+    assert (h1, parent.auns(h1).tolist()) == (1, [3])
     assert parent.translate(h1, 5) == (3 << 16) | 5
     assert parent.shrink(h0, 1).tolist() == [2, 1]  # frees 2 then 1
     alloc.free_many([2, 1])

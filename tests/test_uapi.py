@@ -401,12 +401,12 @@ def test_module_is_self_contained():
 
 
 def test_chunk_geometry_has_one_source():
-    """The core defines the chunk geometry (tables.pxd's ChunkGeometry);
+    """The core defines the chunk geometry (_core/geometry.pxd);
     uapi, which imports nothing of the package, keeps the kernel ABI's
     copy, and the rest of the package uses the core's."""
     from cxlflash import lun
     from cxlflash._core import tables
-    from cxlflash.driver import lun as driver_lun, vlun
+    from cxlflash.driver import lunmgt, vlun
 
     assert (tables.MC_CHUNK_SHIFT, tables.MC_CHUNK_SIZE, tables.MC_CHUNK_OFF_MASK) \
         == (uapi.MC_CHUNK_SHIFT, uapi.MC_CHUNK_SIZE, uapi.MC_CHUNK_SIZE - 1)
@@ -414,8 +414,27 @@ def test_chunk_geometry_has_one_source():
     # plain ints: numpy refuses np.uint64(x) >> an IntEnum member
     assert {type(tables.MC_CHUNK_SHIFT), type(tables.MC_CHUNK_SIZE),
             type(tables.MC_CHUNK_OFF_MASK)} == {int}
-    assert driver_lun.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT
-    assert driver_lun.MC_CHUNK_SIZE is tables.MC_CHUNK_SIZE
+    assert lunmgt.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT
+    assert lunmgt.MC_CHUNK_SIZE is tables.MC_CHUNK_SIZE
     assert vlun.MC_CHUNK_SHIFT is tables.MC_CHUNK_SHIFT
     assert lun.MC_CHUNK_SIZE is tables.MC_CHUNK_SIZE
     assert lun.CHUNK_BLOCKS == tables.MC_CHUNK_SIZE and type(lun.CHUNK_BLOCKS) is int
+
+
+def test_the_cores_abi_constants_equal_uapis():
+    """uapi.py keeps the kernel ABI's copy of what the core defines in C
+    (tables.pxd: the RHT/LXT layout, permissions, the AFU codes it reports;
+    _core/errors.py: the codes' names): each equals the core's."""
+    from cxlflash._core import errors as core_errors
+    from cxlflash._core import tables
+
+    assert len(tables.ABI) == 14
+    for name, value in tables.ABI.items():
+        if name == "SCSI_LBA_OUT_OF_RANGE":
+            assert value == core_errors.SCSI_LBA_OUT_OF_RANGE == 0x100
+        else:
+            assert value == getattr(uapi, name), name
+        assert type(value) is int
+    sisl = {v: k[len("SISL_AFU_RC_"):] for k, v in vars(uapi).items()
+            if k.startswith("SISL_AFU_RC_")}
+    assert core_errors.AFU_RC_NAMES == sisl

@@ -15,6 +15,7 @@ from libc.stdint cimport uint8_t, int8_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset
 from cxlflash._core.args cimport arg_int, i64_array
+from cxlflash._core.geometry cimport MC_CHUNK_SHIFT, MC_CHUNK_SIZE
 from cxlflash._core.includes.system cimport ctz64, popcount64
 from cxlflash._core.locks cimport (
     cxl_lock, lock_init, lock_destroy, cxl_mutex_lock, cxl_mutex_unlock,
@@ -24,7 +25,7 @@ import errno
 from cxlflash._core._lazy import numpy as np   # imported on first use
 
 DEF HIBIT = 63
-# 2**47 chunks of 65536 blocks: 2**63 blocks, every physical LBA an off_t
+# 2**47 chunks of MC_CHUNK_SIZE (2**16) blocks: 2**63 blocks, every physical LBA an off_t
 # (and an int64 translation) can hold.
 DEF MAX_TOTAL_CHUNKS = 140737488355328
 
@@ -36,8 +37,8 @@ cdef inline const int64_t[::1] _aun_array(object auns):
 cdef class ChunkAllocator:
     """ChunkAllocator(total_chunks)
 
-    The allocator of one LUN with ``total_chunks`` whole chunks (65536
-    native blocks each).  Chunk numbers run from 0 to ``total_chunks - 1``.
+    The allocator of one LUN with ``total_chunks`` whole chunks
+    (``MC_CHUNK_SIZE``, 65536, native blocks each).  Chunk numbers run from 0 to ``total_chunks - 1``.
     """
 
     def __cinit__(self, total_chunks):
@@ -45,7 +46,7 @@ cdef class ChunkAllocator:
         if total_chunks <= 0 or total_chunks > MAX_TOTAL_CHUNKS:
             raise ValueError(
                 f"total_chunks must be 1..{MAX_TOTAL_CHUNKS}, got {total_chunks}: "
-                "a LUN smaller than one chunk (65536 blocks) cannot be virtual")
+                f"a LUN smaller than one chunk ({MC_CHUNK_SIZE} blocks) cannot be virtual")
         self.total_chunks = total_chunks
         self.words = (total_chunks - 1) // 64 + 1
         self.bitmap = <uint64_t *> malloc(self.words * sizeof(uint64_t))
@@ -157,7 +158,7 @@ cdef class ChunkAllocator:
         cdef uint8_t full
         cdef uint8_t *counts
         while i < n:
-            aun = lxt[i] >> 16
+            aun = lxt[i] >> MC_CHUNK_SHIFT
             # Fast path: 64 consecutive chunks filling one bitmap word (what
             # a fresh grow lays down) are copied and cloned as a block.  The
             # loops have no early exit so the compiler can vectorise them.
@@ -167,7 +168,7 @@ cdef class ChunkAllocator:
                 for j in range(64):
                     e = lxt[i + j]
                     copy[i + j] = e
-                    diff |= (e >> 16) ^ (aun + j)
+                    diff |= (e >> MC_CHUNK_SHIFT) ^ (aun + j)
                 if diff == 0:
                     counts = self.clone_map + aun
                     full = 0
@@ -180,7 +181,7 @@ cdef class ChunkAllocator:
                         continue
             if aun >= <uint64_t> self.total_chunks or self.ba_clone(aun) != 0:
                 for k in range(i):
-                    self.ba_free(lxt[k] >> 16)
+                    self.ba_free(lxt[k] >> MC_CHUNK_SHIFT)
                 return -1
             copy[i] = lxt[i]
             i += 1

@@ -8,13 +8,13 @@ raised before any memory is allocated or any byte moves.
 """
 from cpython.exc cimport PyErr_Occurred, PyErr_Clear
 from libc.stdint cimport uint32_t, uint64_t, int64_t, INT64_MAX
+from cxlflash._core.geometry cimport NO_LIMIT
 
 import errno as _errno
 import operator
 from cxlflash._core._lazy import numpy as np   # imported on first use
 from cxlflash._core.errors import CxlFlashError
 
-cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
 
 # An argument out of range: a CxlFlashError (an OSError), errno EINVAL.
 ArgumentError = CxlFlashError

@@ -1,6 +1,7 @@
 # Block I/O through a resource handle to a backing file descriptor.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from cxlflash._core.tables cimport ResourceTable, MC_CHUNK_SIZE
+from cxlflash._core.tables cimport ResourceTable
+from cxlflash._core.geometry cimport MC_CHUNK_SIZE
 
 cdef enum:
     ZERO_PUNCH = 0        # fallocate(PUNCH_HOLE): regular files, memfd
@@ -61,8 +62,16 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
 cdef int zero_range(int fd, int zero_mode, uint64_t offset,
                     uint64_t length) noexcept nogil
 
+# A request's failure as list I/O reports it (and as every failure is
+# raised: cxlflash._core.errors.io_error, whose IO_* are these numbers).
+cdef enum:
+    IO_AFU_ERROR = -1000    # the AFU refused it (its afu_rc beside it)
+    IO_IN_ERROR = -1001     # AFU reset: the context is in error
+    IO_GONE = -1002         # the context is gone or another process's
+    IO_BEYOND_SIZE = -1003  # beyond the LUN's logical size (DataPath.limit)
+
 # A request's outcome (0, an errno or an XFER_* code) as list I/O reports
-# it: the blocks done, -errno, -1000 AFU refusal, -1001 reset, -1002 gone.
+# it: the blocks done, -errno, or an IO_* code.
 cdef int64_t list_status(int rc, uint64_t nblocks) noexcept nogil
 
 # The next piece of a range that one translation covers -- to the end of

@@ -23,7 +23,7 @@ parameter and the range, a non-integer is a ``TypeError``.
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
 from libc.errno cimport errno, EINTR, EINVAL, EIO, ENOMEM, EOPNOTSUPP
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from posix.types cimport off_t
@@ -34,13 +34,14 @@ from cxlflash._core.args cimport arg_fd, arg_u64, arg_block_size, u64_array
 from cxlflash._core.tables cimport (
     ResourceTable, rht_entry, AFU_RC_OK, AFU_RC_LXT_OUT_OF_BOUNDS,
     SCSI_LBA_OUT_OF_RANGE, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN,
-    MC_CHUNK_SHIFT, MC_CHUNK_SIZE, RHT_FMT_DIRECT)
+    RHT_FMT_DIRECT)
+from cxlflash._core.geometry cimport MC_CHUNK_SHIFT, MC_CHUNK_SIZE, NO_LIMIT, OFF_MAX
 
 import errno as _errno
 import os
 import stat
 from cxlflash._core._lazy import numpy as np   # imported on first use
-from cxlflash._core.errors import afu_error, AfuError, AdapterResetError
+from cxlflash._core.errors import io_error
 from cxlflash._core.args import einval
 
 # The error of an argument outside its range: errno EINVAL.  The package's
@@ -59,8 +60,6 @@ cdef extern from *:
                                                   uint64_t *res) noexcept nogil
 
 DEF ZERO_BUF = 1048576
-cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
-cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX    # the largest off_t
 
 # List I/O request types (the block library's cblk_io_t request_type).
 LIST_READ = 1
@@ -349,39 +348,38 @@ cdef object backing_end(int fd, uint64_t stopped):
 cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
                           int afu_rc, uint64_t bad_lba, int write) except -1:
     """Raise the exception for a failed transfer (``rc`` from transfer;
-    ``fd`` the backing store, for XFER_BACKING_ENDED)."""
+    ``fd`` the backing store, for XFER_BACKING_ENDED): the one mapping,
+    ``io_error`` of the status list I/O reports for it, with the message
+    the synchronous path can make more precise."""
     cdef uint64_t extent = 0
+    cdef int64_t status = list_status(rc, 0)
+    message = None
     if rc == XFER_AFU_ERROR:
         if handle < table.rht_size:
             table._rlock()          # a read of the table: under its read lock
-            extent = table.extent(handle)
+            extent = table._extent(handle)
             table.unlock()
-        raise afu_error(afu_rc, handle, bad_lba, write=write,
-                        extent=extent if handle < table.rht_size else None)
-    if rc == XFER_IN_ERROR:
-        raise AdapterResetError()
+        raise io_error(status, afu_rc=afu_rc, handle=handle, lba=bad_lba, write=write,
+                       extent=extent if handle < table.rht_size else None)
     if rc == XFER_FOREIGN:
-        raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: this context belongs to "
-                       "another process (a forked child must attach its own "
-                       "context and clone)")
-    if rc == XFER_GONE:
-        raise AfuError(0x21, "AFU rc 0x21 CAP_VIOLATION: the context no longer "
-                       "exists (detached or closed)")
-    if rc == XFER_BACKING_ENDED:
-        raise OSError(_errno.EIO, f"the backing store ended at byte "
-                      f"{backing_end(fd, bad_lba)}: it is shorter than the LUN "
-                      "says (it shrank, e.g. a file truncated under it); issue "
-                      "DK_CXLFLASH_VERIFY on the disk to refresh the LUN's "
-                      "capacity, then address only blocks within it")
-    if rc == XFER_BEYOND_OFF_T:
-        raise einval(f"block {bad_lba} of the {'write' if write else 'read'} "
-                      "lies beyond byte 2**63-1, the most a backing store can "
-                      "address (off_t): address lower blocks")
-    if rc == EINVAL:
-        raise OSError(rc, "the backing store refused the transfer (with O_DIRECT, "
-                      "buffers and offsets must be aligned: use "
-                      "cxlflash.aligned_buffer)")
-    raise OSError(rc, os.strerror(rc))
+        message = ("this context belongs to another process (a forked child "
+                   "must attach its own context and clone)")
+    elif rc == XFER_GONE:
+        message = "the context no longer exists (detached or closed)"
+    elif rc == XFER_BACKING_ENDED:
+        message = (f"the backing store ended at byte {backing_end(fd, bad_lba)}: "
+                   "it is shorter than the LUN says (it shrank, e.g. a file "
+                   "truncated under it); issue DK_CXLFLASH_VERIFY on the disk to "
+                   "refresh the LUN's capacity, then address only blocks within it")
+    elif rc == XFER_BEYOND_OFF_T:
+        message = (f"block {bad_lba} of the {'write' if write else 'read'} lies "
+                   "beyond byte 2**63-1, the most a backing store can address "
+                   "(off_t): address lower blocks")
+    elif rc == EINVAL:
+        message = ("the backing store refused the transfer (with O_DIRECT, "
+                   "buffers and offsets must be aligned: use "
+                   "cxlflash.aligned_buffer)")
+    raise io_error(status, handle=handle, lba=bad_lba, write=write, message=message)
 
 
 cdef class DataPath:
@@ -443,10 +441,7 @@ cdef class DataPath:
             raise einval(f"blocks {lba}..{lba + nblocks - 1} pass "
                           f"the last addressable LBA 2**64-1")
         if self._limit != NO_LIMIT and (lba > self._limit or nblocks > self._limit - lba):
-            raise einval(
-                (f"blocks {lba}..{lba + nblocks - 1}" if nblocks else f"LBA {lba}")
-                + f" are beyond the logical size of {self._limit} blocks: grow "
-                f"the LUN first")
+            raise io_error(IO_BEYOND_SIZE, lba=lba, nblocks=nblocks, size=self._limit)
         return 0
 
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1:
@@ -628,7 +623,7 @@ cdef class DataPath:
         if nblocks and nblocks - 1 > NO_LIMIT - lba:
             return -EINVAL                  # passes LBA 2**64-1
         if limit != NO_LIMIT and (lba > limit or nblocks > limit - lba):
-            return -1003
+            return IO_BEYOND_SIZE
         if op == 3:
             rc = self._unmap(lba, nblocks, afu_rc, &bad)
         elif offset > buflen or nblocks > (buflen - offset) // self.block_size:
@@ -647,13 +642,14 @@ cdef class DataPath:
         blocks transferred (>= 0) or a negative code (-errno: -EINVAL for
         an unknown request type, a range passing LBA 2**64-1 or a request
         not fitting in the buffer, -EIO for a backing store that ended;
-        -1000 for an AFU refusal, with its code in ``afu_rc``; -1001 AFU
-        reset; -1002 context gone or foreign; -1003 beyond the logical
-        size).  Requests are independent: one failing does not stop the
+        IO_AFU_ERROR (-1000) for an AFU refusal, with its code in
+        ``afu_rc``; IO_IN_ERROR (-1001) AFU reset; IO_GONE (-1002) context
+        gone or foreign; IO_BEYOND_SIZE (-1003) beyond the logical size;
+        ``cxlflash._core.errors.io_error`` makes a status its exception).  Requests are independent: one failing does not stop the
         others, and each is checked whole before any of its bytes move.
         A context found in error after an AFU reset (its state, or a moved
         reset epoch in a replica) is recovered first (``on_reset``); if a
-        reset during the batch fails requests with -1001, the context is
+        reset during the batch fails requests with IO_IN_ERROR, the context is
         recovered and those requests are re-driven once, after the rest.
         ``lat_ns``: an optional int64 array that receives each request's
         latency in nanoseconds.
@@ -703,14 +699,14 @@ cdef class DataPath:
                     st[i] = self._list_one(o[i], l[i], c[i], off[i],
                                            <char *> view.buf, buflen, &afu_rc)
                     cd[i] = afu_rc
-                    if st[i] == -1001:
+                    if st[i] == IO_IN_ERROR:
                         nreset += 1
                     if timed:
                         lat[i] = now_ns() - t0
             if nreset and may_recover and self.on_reset():
                 with nogil:
                     for i in range(n):
-                        if st[i] != -1001:
+                        if st[i] != IO_IN_ERROR:
                             continue
                         if timed:
                             t0 = now_ns()
@@ -747,11 +743,11 @@ cdef int64_t list_status(int rc, uint64_t nblocks) noexcept nogil:
     if rc == 0:
         return <int64_t> nblocks
     if rc == XFER_AFU_ERROR:
-        return -1000
+        return IO_AFU_ERROR
     if rc == XFER_IN_ERROR:
-        return -1001
+        return IO_IN_ERROR
     if rc == XFER_GONE or rc == XFER_FOREIGN:
-        return -1002
+        return IO_GONE
     if rc == XFER_BACKING_ENDED:
         return -EIO
     if rc == XFER_BEYOND_OFF_T:

@@ -47,9 +47,11 @@ from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT, TABLE_IN_ERROR
 from cxlflash._core.rawio cimport raw_requests, raw_fit
+from cxlflash._core.geometry cimport NO_LIMIT, OFF_MAX
 from cxlflash._core.datapath cimport (
     DataPath, check_range, chunk_step, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
-    XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T)
+    XFER_GONE, XFER_FOREIGN, XFER_BACKING_ENDED, XFER_BEYOND_OFF_T,
+    IO_AFU_ERROR, IO_IN_ERROR, IO_BEYOND_SIZE)
 
 import errno as _errno
 import os
@@ -71,10 +73,13 @@ cdef extern from *:
     int64_t cxl_atomic_add_i64(int64_t *p, int64_t v) nogil
     uint64_t cxl_atomic_load_u64(uint64_t *p) nogil
 
-cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFF
-cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX
 
 # Request types (list I/O's LIST_READ/WRITE/UNMAP are 1, 2, 3).
+# engine.h reports two of datapath.pxd's XFER_* results from C: the same
+# numbers, or the engine would misreport a reset or a short backing store.
+if CXL_XFER_IN_ERROR != XFER_IN_ERROR or CXL_XFER_BACKING_ENDED != XFER_BACKING_ENDED:
+    raise ImportError("engine.h's CXL_XFER_* differ from datapath.pxd's XFER_*")
+
 OP_READ = CXL_OP_READ
 OP_WRITE = CXL_OP_WRITE
 OP_FLUSH = CXL_OP_FLUSH
@@ -1234,17 +1239,17 @@ _no_lat = _array.array("q", [0])        # lat_ns when none is given
 cdef inline int list_done(cxl_req *r, const uint64_t[::1] c, int64_t[::1] st,
                           int[::1] cd, int64_t[::1] lat, bint timed,
                           bint redrive) noexcept nogil:
-    """Record a list request's outcome; 1 if it failed with -1001."""
+    """Record a list request's outcome; 1 if it failed with IO_IN_ERROR."""
     cdef Py_ssize_t k = <Py_ssize_t> r.index
     cdef int64_t s = list_status(r.status, c[k])
     st[k] = s
-    cd[k] = r.afu_rc if s == -1000 else 0
+    cd[k] = r.afu_rc if s == IO_AFU_ERROR else 0
     if timed:
         if redrive:
             lat[k] += cxl_now_ns() - r.t_submit
         else:
             lat[k] = cxl_now_ns() - r.t_submit
-    return s == -1001
+    return s == IO_IN_ERROR
 
 
 cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
@@ -1253,7 +1258,7 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
                          int64_t[::1] st, int[::1] cd, int64_t[::1] lat,
                          bint timed, Py_ssize_t qd, bint redrive) noexcept nogil:
     """Run a list's requests (with ``redrive``: only those that failed
-    with -1001) ``qd`` at a time: the number that failed with -1001, or
+    with IO_IN_ERROR) ``qd`` at a time: the number that failed with IO_IN_ERROR, or
     -1 without memory."""
     cdef Py_ssize_t n = o.shape[0], i = 0, outstanding = 0, nreset = 0
     cdef cxl_slots sl
@@ -1265,7 +1270,7 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
         return -1
     while i < n or outstanding:
         while i < n and sl.nfree:
-            if redrive and st[i] != -1001:
+            if redrive and st[i] != IO_IN_ERROR:
                 i += 1
                 continue
             op = o[i]
@@ -1276,7 +1281,7 @@ cdef Py_ssize_t run_list(cxl_engine *eng, DataPath dp, const uint8_t[::1] o,
             if op < 1 or op > 3 or (nb and nb - 1 > NO_LIMIT - lba):
                 st[i] = -EINVAL
             elif limit != NO_LIMIT and (lba > limit or nb > limit - lba):
-                st[i] = -1003
+                st[i] = IO_BEYOND_SIZE
             elif op != 3 and (off[i] > buflen or nb > (buflen - off[i]) // bs):
                 st[i] = -EINVAL
             else:

@@ -8,8 +8,9 @@ both sides move bytes the same way.
 """
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
-from libc.stdint cimport uint64_t, int64_t, INT64_MAX
+from libc.stdint cimport uint64_t, int64_t
 from cxlflash._core.args cimport arg_fd, arg_u64, u64_array
+from cxlflash._core.geometry cimport OFF_MAX
 from cxlflash._core.datapath cimport (io_full, now_ns, backing_end,
                                       XFER_BACKING_ENDED)
 
@@ -18,7 +19,6 @@ import os
 from cxlflash._core._lazy import numpy as np   # imported on first use
 from cxlflash._core.args import einval
 
-cdef uint64_t OFF_MAX = <uint64_t> INT64_MAX    # the largest off_t
 
 
 cdef tuple raw_requests(object ops, object offsets, uint64_t nb, object buf_offsets,

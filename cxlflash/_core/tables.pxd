@@ -33,13 +33,9 @@ cdef enum:
     RHT_FMT_DIRECT = 1
     DIRECT_VALID = 0x80
 
-# Chunk geometry (the kernel's vlun.h): the one definition of the package
-# (Python imports it from cxlflash._core.tables; uapi.py keeps the kernel
-# ABI's copy, which tests/test_uapi.py checks against this one).
-cpdef enum ChunkGeometry:
-    MC_CHUNK_SHIFT = 16         # log2 of a chunk's size in blocks
-    MC_CHUNK_SIZE = 65536       # blocks per chunk (1 << MC_CHUNK_SHIFT)
-    MC_CHUNK_OFF_MASK = 0xFFFF  # a block's offset in its chunk (MC_CHUNK_SIZE - 1)
+# Chunk geometry: cxlflash/_core/geometry.pxd (the allocator below the
+# tables needs it too).
+from cxlflash._core.geometry cimport MC_CHUNK_SHIFT, MC_CHUNK_SIZE, MC_CHUNK_OFF_MASK
 
 # AFU response codes (sislite.h), as the translation reports them.
 cdef enum:
@@ -133,7 +129,7 @@ cdef class ResourceTable:
                                int write, int *afu_rc) noexcept nogil
     # The number of blocks addressable through the handle (vLUN size in
     # native blocks, or the LUN size for a direct handle).
-    cdef uint64_t extent(self, uint32_t handle) noexcept nogil
+    cdef uint64_t _extent(self, uint32_t handle) noexcept nogil
     # The backing fd the handle was opened on, or ``fallback`` when it was
     # opened without one.  Caller holds the lock: the fd then cannot be
     # closed or its handle re-opened elsewhere until the lock is dropped.

@@ -301,7 +301,7 @@ cdef class ResourceTable:
         cdef int fd = self.rht[handle].fd
         return fd if fd >= 0 else fallback
 
-    cdef uint64_t extent(self, uint32_t handle) noexcept nogil:
+    cdef uint64_t _extent(self, uint32_t handle) noexcept nogil:
         return entry_extent(&self.rht[handle])
 
     # -- helpers (the caller holds the lock) -----------------------------------
@@ -559,7 +559,7 @@ cdef class ResourceTable:
             if rc == AFU_RC_OK:
                 plba = self.translate_one(h_, vlba_, write, &rc)
             if rc != AFU_RC_OK and h_ < self.rht_size:
-                extent = self.extent(h_)
+                extent = self._extent(h_)
         self.unlock()
         if state != TABLE_LIVE:
             raise state_error(state, h_)
@@ -650,7 +650,7 @@ cdef class ResourceTable:
                                 break
                             o[i] = (entry & ~(<uint64_t> MC_CHUNK_OFF_MASK)) | (v & MC_CHUNK_OFF_MASK)
             if bad >= 0 and h_ < self.rht_size:
-                extent = self.extent(h_)
+                extent = self._extent(h_)
             self.unlock()
         if state != TABLE_LIVE:
             raise state_error(state, h_)
@@ -944,8 +944,9 @@ cdef class ResourceTable:
             self.unlock()
         return out
 
-    def chunks(self, handle):
-        """The chunk numbers of a vLUN, in virtual order (int64 array)."""
+    def auns(self, handle):
+        """The chunk numbers (auns) of a vLUN, in virtual order (int64
+        array; ``lxt_count`` is how many)."""
         cdef uint32_t h_ = handle_arg(handle, self.rht_size)
         cdef rht_entry *e
         self._rlock()
@@ -955,8 +956,9 @@ cdef class ResourceTable:
         finally:
             self.unlock()
 
-    def blocks(self, handle):
-        """Native blocks addressable through the handle."""
+    def extent(self, handle):
+        """Native blocks addressable through the handle: a vLUN's mapped
+        chunks x MC_CHUNK_SIZE, a direct LUN's last LBA + 1."""
         cdef rht_entry e = self._copy(handle, 1)
         return entry_extent(&e)
 
@@ -1003,7 +1005,22 @@ cdef class _Fence:
 
 # The states by name, for Python code (TABLE_LIVE, TABLE_IN_ERROR, ...).
 globals().update(TableState.__members__)
-# The chunk geometry by name (MC_CHUNK_SHIFT, MC_CHUNK_SIZE, MC_CHUNK_OFF_MASK):
-# the package's one definition of it, as plain ints (numpy does not take an
-# IntEnum member as a Python int: ``np.uint64(x) >> member`` is refused).
-globals().update({name: int(value) for name, value in ChunkGeometry.__members__.items()})
+# The chunk geometry by name, for Python code: geometry.pxd's values, as
+# plain ints (numpy does not take an IntEnum member as a Python int:
+# ``np.uint64(x) >> member`` is refused).
+globals().update(MC_CHUNK_SHIFT=<int> MC_CHUNK_SHIFT, MC_CHUNK_SIZE=<int> MC_CHUNK_SIZE,
+                 MC_CHUNK_OFF_MASK=<int> MC_CHUNK_OFF_MASK)
+# The kernel ABI values the core defines in tables.pxd (RHT/LXT layout,
+# permissions, the AFU codes it reports), for the test that uapi.py's copy
+# equals them (tests/test_uapi.py): {name: int}.
+ABI = {"MC_RHT_NMASK": MC_RHT_NMASK, "LXT_GROUP_SIZE": LXT_GROUP_SIZE,
+       "LXT_LUNIDX_SHIFT": LXT_LUNIDX_SHIFT, "LXT_PERM_SHIFT": LXT_PERM_SHIFT,
+       "RHT_PERM_READ": RHT_PERM_READ, "RHT_PERM_WRITE": RHT_PERM_WRITE,
+       "RHT_PERM_RW": RHT_PERM_RW,
+       "SISL_AFU_RC_RHT_INVALID": AFU_RC_RHT_INVALID,
+       "SISL_AFU_RC_RHT_OUT_OF_BOUNDS": AFU_RC_RHT_OUT_OF_BOUNDS,
+       "SISL_AFU_RC_RHT_RW_PERM": AFU_RC_RHT_RW_PERM,
+       "SISL_AFU_RC_LXT_OUT_OF_BOUNDS": AFU_RC_LXT_OUT_OF_BOUNDS,
+       "SISL_AFU_RC_LXT_RW_PERM": AFU_RC_LXT_RW_PERM,
+       "SISL_AFU_RC_CAP_VIOLATION": AFU_RC_CAP_VIOLATION,
+       "SCSI_LBA_OUT_OF_RANGE": SCSI_LBA_OUT_OF_RANGE}

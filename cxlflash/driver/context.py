@@ -1,8 +1,9 @@
 """User contexts (spec §1.4, §2.7) and the adapter file descriptor (fd2).
 
-A context is what one ATTACH creates for one process: an RHT (a
-``_core.tables.ResourceTable``), the LUNs attached to it, its permissions,
-its owner's pid, and the adapter fd through which the process holds it.
+A context (``CtxInfo``, the kernel's ctx_info) is what one ATTACH creates
+for one process: an RHT (a ``_core.tables.ResourceTable``), the LUNs
+attached to it, its permissions, its owner's pid, and the adapter fd
+through which the process holds it.
 """
 import errno
 import os
@@ -80,8 +81,9 @@ class LunAccess:
         self.counted = counted
 
 
-class Context:
-    """One user context (ctx_info)."""
+class CtxInfo:
+    """One user context: the kernel's ``struct ctx_info`` (superpipe.h).
+    Not the API's ``cxlflash.Context``, which is a process's handle on one."""
 
     def __init__(self, *, cookie, pe, perms, irqs, pid, rht_size):
         self.cookie = cookie
@@ -113,7 +115,7 @@ class Context:
         return any(la.llun is llun for la in self.luns)
 
     def __repr__(self):
-        return (f"<Context id=0x{self.ctxid:016x} pe={self.pe} pid={self.pid} "
+        return (f"<CtxInfo id=0x{self.ctxid:016x} pe={self.pe} pid={self.pid} "
                 f"handles={self.table.rht_out} luns={len(self.luns)}"
                 f"{' in-error' if self.err_recovery_active else ''}>")
 

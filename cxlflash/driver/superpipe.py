@@ -10,10 +10,10 @@ from .. import uapi
 from .._core.tables import TABLE_LIVE
 from ..errors import CxlFlashError
 from .afu import AFU_LW_SYNC, NORMAL
-from .context import Context, LunAccess, encode_ctxid
+from .context import CtxInfo, LunAccess, encode_ctxid
 from .context import CTX_CTRL_ERR_FALLBACK, lookup_failed
 from .uaccess import copy_in, copy_out, check_header
-from .lun import MODE_VIRTUAL, MODE_PHYSICAL
+from .lunmgt import MODE_VIRTUAL, MODE_PHYSICAL
 from . import vlun
 from .vlun import release_handle
 
@@ -111,7 +111,7 @@ def _new_context(drv, sdev, llun, arg, caller):
             os.close(f.user_fd)
             raise
         f.pe = pe
-        ctx = Context(cookie=drv.new_cookie(), pe=pe, perms=(arg.hdr.flags + 1) & 3,
+        ctx = CtxInfo(cookie=drv.new_cookie(), pe=pe, perms=(arg.hdr.flags + 1) & 3,
                       irqs=arg.num_interrupts, pid=caller.pid, rht_size=drv.rht_per_context)
         ctx.file = f
         ctx.luns.insert(0, LunAccess(llun, sdev))

@@ -9,7 +9,7 @@ from .afu import AFU_LW_SYNC, AFU_HW_SYNC
 from .context import LunAccess
 from .context import CTX_CTRL_CLONE, CTX_CTRL_ERR_FALLBACK
 from .._core.tables import MC_CHUNK_SHIFT
-from .lun import MODE_VIRTUAL, MODE_PHYSICAL
+from .lunmgt import MODE_VIRTUAL, MODE_PHYSICAL
 
 U64 = (1 << 64) - 1
 

@@ -28,7 +28,7 @@ from .. import uapi
 from .._core.tables import ResourceTable, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE
 from ..driver.host import ProcessMemory
 from ..driver.uaccess import copy_out
-from ..driver.lun import Sdev
+from ..driver.lunmgt import Sdev
 from ..errors import CxlFlashError, ForkedAdapterError
 from . import wire
 

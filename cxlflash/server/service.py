@@ -30,7 +30,7 @@ import threading
 
 from .. import uapi
 from ..channel import this_process
-from ..driver.core import Caller
+from ..driver.context import Caller
 from ..errors import CxlFlashError
 from . import wire
 

@@ -295,7 +295,7 @@ def find_ctx(a, cid):
 
 def chunks(a, cid, h):
     """The aun of each chunk of handle ``h``, in vLBA order."""
-    return [int(x) for x in ctx(a, cid).table.chunks(h)]
+    return [int(x) for x in ctx(a, cid).table.auns(h)]
 
 
 def glun(a, w):

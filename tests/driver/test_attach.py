@@ -14,7 +14,7 @@ import pytest
 import cxlflash
 from cxlflash import AdapterResetError, AfuError, uapi
 from cxlflash.driver.context import Caller
-from cxlflash.driver.lun import MODE_NONE, MODE_VIRTUAL
+from cxlflash.driver.lunmgt import MODE_NONE, MODE_VIRTUAL
 
 from forking import in_child
 

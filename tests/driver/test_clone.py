@@ -19,7 +19,7 @@ import pytest
 import cxlflash
 from cxlflash.driver import superpipe
 from cxlflash.driver.context import Caller
-from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL
+from cxlflash.driver.lunmgt import MODE_NONE, MODE_PHYSICAL
 
 from .helpers import (
     ATTACH, CH, CHILD, CHUNK, CHUNK_4K, CLONE, DETACH, DIRECT, K4, ME, RECOVER, RELEASE,

@@ -12,7 +12,7 @@ import pytest
 
 import cxlflash
 from cxlflash import CxlFlashError, uapi
-from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL
+from cxlflash.driver.lunmgt import MODE_NONE, MODE_PHYSICAL
 
 from .helpers import (
     ALL_DK, ATTACH, BAD_NUMBERS, BLK, Bg, CH, CHILD, CLONE, DETACH, DIRECT, DISABLE,

@@ -8,7 +8,7 @@ import random
 import threading
 
 import cxlflash
-from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
+from cxlflash.driver.lunmgt import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
 from .helpers import (
     CHUNK, CHUNK_4K, K4, attach, chunks, ctx, glun, last_lba_4k, release, resize,

@@ -9,7 +9,7 @@ import errno
 import pytest
 
 import cxlflash
-from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
+from cxlflash.driver.lunmgt import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
 from .helpers import (
     CHILD, CHUNK, CHUNK_4K, DIRECT, K4, RESIZE, STRANGER, U64, VIRTUAL, add_disk,

@@ -16,7 +16,7 @@ import pytest
 import cxlflash
 from cxlflash import uapi
 from cxlflash.backing import ZERO_BLKZEROOUT
-from cxlflash.driver.lun import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
+from cxlflash.driver.lunmgt import MODE_NONE, MODE_PHYSICAL, MODE_VIRTUAL
 
 from block_pattern import pattern
 

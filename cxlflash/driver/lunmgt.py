@@ -1,7 +1,8 @@
-"""LUN records (spec §1.2, §1.3, §8, §10.3, §12.1).
+"""LUN records and their management (spec §1.2, §1.3, §8, §10.3, §12.1):
+the kernel's vlun.h records, managed as in its lunmgt.c.
 
-``GlobalLun`` (the kernel's glun): one per WWID -- mode, user count, capacity
-and, while virtual, the chunk allocator.  ``LocalLun`` (llun): the adapter's
+``GlobalLun`` (the kernel's glun_info): one per WWID -- mode, user count, capacity
+and, while virtual, the chunk allocator.  ``LocalLun`` (llun_info): the adapter's
 view -- LUN ids per port, the ports superpipe is enabled on, and the LUN
 table slot.  ``Sdev``: one SCSI device, i.e. one path (port) to a LUN.
 """

@@ -30,7 +30,7 @@ from .context import (AdapterFile, MAX_CONTEXT, Caller, CTX_CTRL_CLONE, CTX_CTRL
 from .host import naa6_wwid
 from .vlun import release_handle
 from ..backing import MemoryBacking, FileBacking
-from .lun import (GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, MODE_VIRTUAL,
+from .lunmgt import (GlobalLun, LocalLun, LunTable, Sdev, MODE_NONE, MODE_VIRTUAL,
                   MODE_PHYSICAL, sam_lun_id)
 
 class Driver:
@@ -342,23 +342,24 @@ class Driver:
                          if (c.pe == pe if context_id is None else c.ctxid == context_id)),
                         None)
 
-    def locked_context(self, raw_id, caller, llun=None, *, ctrl=0, why=None,
+    def locked_context(self, rctxid, caller, llun=None, *, ctrl=0, why=None,
                        undo=None):
-        """``with drv.locked_context(raw_id, caller, llun) as ctx:`` the
+        """``with drv.locked_context(rctxid, caller, llun) as ctx:`` the
         context :meth:`get_context` finds, locked for the block; EINVAL
         (``why``, after ``undo()``) when there is none the caller may use."""
-        ctx = self.get_context(raw_id, caller, llun, ctrl=ctrl)
+        ctx = self.get_context(rctxid, caller, llun, ctrl=ctrl)
         if ctx is None:
             if undo is not None:
                 undo()
             raise lookup_failed(why)
         return LockedContext(ctx)
 
-    def get_context(self, raw_id, caller, llun=None, *, file=None, ctrl=0):
-        """Find a context and lock it (spec §4); None when not found, not
-        the caller's, or the LUN is not attached.  The caller releases
-        ``ctx.mutex``."""
-        pe = raw_id & 0xFFFFFFFF
+    def get_context(self, rctxid, caller, llun=None, *, file=None, ctrl=0):
+        """Find a context by its id as the user gave it (``rctxid``, the
+        kernel's name; compared with each ``CtxInfo.ctxid``) and lock it
+        (spec §4); None when not found, not the caller's, or the LUN is
+        not attached.  The caller releases ``ctx.mutex``."""
+        pe = rctxid & 0xFFFFFFFF
         by_file = bool(ctrl & CTX_CTRL_FILE)
         if not by_file and pe >= MAX_CONTEXT:
             return None
@@ -369,12 +370,12 @@ class Driver:
                     ctx = next((c for c in self.ctx_tbl if c is not None and c.file is file), None)
                 else:
                     c = self.ctx_tbl[pe]
-                    if c is not None and c.ctxid == raw_id:
+                    if c is not None and c.ctxid == rctxid:
                         ctx = c
                 if (ctrl & CTX_CTRL_ERR) or (ctx is None and ctrl & CTX_CTRL_ERR_FALLBACK):
                     ctx = next((c for c in self.ctx_err_recovery
                                 if (by_file and c.file is file) or
-                                (not by_file and c.ctxid == raw_id)), None)
+                                (not by_file and c.ctxid == rctxid)), None)
                 if ctx is None:
                     return None
             ctx.mutex.acquire()
@@ -382,7 +383,7 @@ class Driver:
             with self.ctx_tbl_lock:
                 still = (not ctx.removed and
                          (ctx in self.ctx_err_recovery or self.ctx_tbl[ctx.pe] is ctx) and
-                         (by_file and ctx.file is file or not by_file and ctx.ctxid == raw_id))
+                         (by_file and ctx.file is file or not by_file and ctx.ctxid == rctxid))
             if still:
                 break
             ctx.mutex.release()
