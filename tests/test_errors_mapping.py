@@ -81,10 +81,10 @@ def test_no_write_permission_is_the_same_afu_error_both_ways(disk):
         assert listed.index == 0 and "(request element 0)" in str(listed)
 
 
+@pytest.mark.driver(recovery_retry_delay=0)
 def test_an_unrecovered_reset_is_adapter_reset_error_both_ways(adapter, ctx):
     v = ctx.create_virtual(10)
     v.write(0, pattern(0, 1))
-    adapter.driver.recovery_retry_delay = 0
     adapter.inject_fault("backend_context", 100)    # recovery keeps failing
     adapter.reset()
     sync, status, listed = both_ways(v, cxlflash.LIST_READ, 0)
