@@ -142,17 +142,20 @@ class _Lun:
             # Context's: it does both under the context's lock.
             with self.context._lock:
                 rec = self._record()
+        if gone:
+            # The driver is closed or out of reach: its own error (ENODEV,
+            # with the reason), as the ioctl would have answered.
+            self.adapter._channel()
+            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
         if rec is None or self.handle is None or rec.rht_lun[self.handle] is None:
-            gone = ("the adapter is closed" if gone else
-                    "its context was detached or its handle released behind "
-                    "this object's back")
             raise CxlFlashError(errno.EINVAL, f"{type(self).__name__} handle "
-                                f"{self.handle}: {gone}; close() it")
+                                f"{self.handle}: its context was detached or its "
+                                "handle released behind this object's back; close() it")
         return rec
 
     def _rebind(self):
         """(Re)create the data path on the context's current table."""
-        rec = self._record()
+        rec = self._record() or self._live_record()     # (or why there is none)
         glun = rec.rht_lun[self.handle].parent
         old = self._dp
         if (old is not None and old.table is rec.table

@@ -442,7 +442,9 @@ def test_a_busy_client_whose_daemon_dies(how):
             except cxlflash.AfuError as e:
                 ends[name] = ("afu", e.afu_rc, n)
             except OSError as e:
-                ends[name] = ("errno", e.errno, n)
+                ends[name] = ("errno", e.errno, n, str(e))
+            except Exception as e:              # noqa: BLE001 -- reported below
+                ends[name] = ("other", repr(e), n)
 
         def ioctls():
             c = disk.attach()
@@ -468,10 +470,11 @@ def test_a_busy_client_whose_daemon_dies(how):
             t.join(20)
         stop.set()
         assert not any(t.is_alive() for t in threads), ends
+        assert set(ends) == set(work), ends       # no thread died of anything else
         for name, end in ends.items():
             assert end[0] in ("afu", "errno"), (name, end)
             assert end[1] == (0x21 if end[0] == "afu" else errno.ENODEV), (name, end)
-            assert end[-1] > 0, (name, end)             # it was working before
+            assert end[2] > 0, (name, end)             # it was working before
     finally:
         a.close()
         d.stop()

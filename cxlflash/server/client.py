@@ -316,7 +316,16 @@ class DaemonChannel:
         if self.dead:
             return
         self.dead = True
-        self._shut()
+        # A reply being applied (under the lock) finishes first: it may be
+        # binding a replica to a backing fd this is about to close.
+        while not self.lock.acquire(timeout=0.1):
+            if self._released:              # close() does it
+                return
+        try:
+            if not self._released:
+                self._shut()
+        finally:
+            self.lock.release()
 
     def _shut(self):
         self.closed = True
