@@ -48,6 +48,8 @@ cdef enum:
     # The largest payload (READ or WRITE) served: the advertised maximum
     # block size.
     NBD_MAX_PAYLOAD = 32 * 1024 * 1024
+    # A worker keeps a payload buffer up to this size between requests.
+    NBD_KEEP_BUFFER = 4 * 1024 * 1024
     # Reads at least this long get hole chunks where the backing has holes.
     NBD_HOLE_READ_MIN = 64 * 1024
     # Extents per READ reply / BLOCK_STATUS reply.

@@ -489,6 +489,11 @@ cdef class NbdConnection:
                 return 0
             cxl_mutex_unlock(&self.recv_mu)
             self.handle(w, flags, typ, cookie, offset, length)
+            if w.cap > NBD_KEEP_BUFFER:
+                # Large payloads are rare: do not keep 32 MiB per worker.
+                free(w.buf)
+                w.buf = NULL
+                w.cap = 0
 
     cdef int handle(self, worker *w, uint16_t flags, uint16_t typ, uint64_t cookie,
                     uint64_t offset, uint32_t length) noexcept nogil:

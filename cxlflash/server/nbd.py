@@ -166,6 +166,18 @@ def parse_hostport(text):
     return host, int(port)
 
 
+def _peer_name(sock, peer, listener):
+    """For the log: ``pid N`` on a Unix socket, HOST:PORT on TCP."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            return f"pid {pid} on {listener}"
+        except OSError:
+            return listener
+    return f"{peer[0]}:{peer[1]}" if peer else listener
+
+
 class Export:
     """One export: ``name``, ``size`` (bytes, what new clients are told),
     ``lun`` (the VirtualLun or DirectLun), ``context``, ``direct``."""
@@ -378,7 +390,7 @@ class NbdServer:
                 continue
             if c.family != socket.AF_UNIX:
                 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            who = peer if peer else name
+            who = _peer_name(c, peer, name)
             t = threading.Thread(target=self._connection, args=(c, who),
                                  name="cxlflash-nbd-conn", daemon=True)
             with self._lock:
