@@ -315,11 +315,11 @@ def print_rows(rows, out):
               file=out)
 
 
-def print_servers(results, servers, out):
+def print_servers(results, servers, workloads, out):
     print("# per server (median over rounds): IOPS, mean latency (fio lat_ns), "
           "server CPU per request", file=out)
     w = max(len(s) for s in servers)
-    for wl, _, what in WORKLOADS:
+    for wl, _, what in workloads:
         print(f"#  {what}", file=out)
         for s in servers:
             rs = results.get((s, wl))
@@ -369,6 +369,8 @@ def main(argv=None):
     ap.add_argument("--vsize", help="the virtual export's size (default 512M, --quick 256M)")
     ap.add_argument("--dir", default="/dev/shm", help="where the data files go (default /dev/shm)")
     ap.add_argument("--servers", help="comma-separated subset of: " + ", ".join(SERVERS))
+    ap.add_argument("--workloads", help="comma-separated subset of: "
+                    + ", ".join(w[0] for w in WORKLOADS) + " (rows of the others: MISSING)")
     ap.add_argument("--json", metavar="OUT", help="write every figure to OUT")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
@@ -380,6 +382,14 @@ def main(argv=None):
     for s in wanted:
         if s not in SERVERS:
             ap.error(f"unknown server {s!r}: choose from {', '.join(SERVERS)}")
+    workloads = WORKLOADS
+    if args.workloads:
+        names = [w.strip() for w in args.workloads.split(",")]
+        for n in names:
+            if n not in [w[0] for w in WORKLOADS]:
+                ap.error(f"unknown workload {n!r}: choose from "
+                         f"{', '.join(w[0] for w in WORKLOADS)}")
+        workloads = [w for w in WORKLOADS if w[0] in names]
     tty = sys.stderr.isatty() and not args.quiet
 
     def progress(msg):
@@ -437,7 +447,7 @@ def main(argv=None):
             fio_cmds = {}
             step = 0
             for r in range(rounds):
-                for wi, wl in enumerate(WORKLOADS):
+                for wi, wl in enumerate(workloads):
                     k = (r + wi) % len(names)
                     for name in names[k:] + names[:k]:
                         if name in errors:
@@ -467,7 +477,7 @@ def main(argv=None):
 
     rows = build_rows(results, errors)
     print_rows(rows, sys.stdout)
-    print_servers(results, [s for s in SERVERS if s in wanted], sys.stdout)
+    print_servers(results, [s for s in SERVERS if s in wanted], workloads, sys.stdout)
     for n, e in errors.items():
         print(f"# {n} failed: {e}")
     elapsed = time.perf_counter() - t_start
