@@ -160,18 +160,23 @@ def _group(value):
         raise ValueError(f"no group named {value!r} on this host") from None
 
 
+def _checked(parse):
+    """An argparse type from a parser raising ValueError."""
+    import argparse
+
+    def f(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    f.__name__ = parse.__name__.lstrip("_")
+    return f
+
+
 def add_parser(sub):
     """The ``serve`` subcommand on the ``cxlflash`` parser's subparsers."""
     import argparse
-
-    def checked(parse):
-        def f(text):
-            try:
-                return parse(text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        f.__name__ = parse.__name__.lstrip("_")
-        return f
+    checked = _checked
 
     s = sub.add_parser(
         "serve", help="run the driver as a daemon that other processes connect to",
@@ -241,7 +246,7 @@ def _threads(text):
     return n
 
 
-def _export_options(g, checked):
+def _export_options(g, checked=_checked):
     g.add_argument("--export", metavar="NAME=SIZE|NAME=direct", action="append",
                    type=checked(_nbd_export), default=None,
                    help="an export: a new virtual LUN of SIZE bytes (suffixes K, M, G, "
@@ -254,15 +259,7 @@ def _export_options(g, checked):
 def add_nbd_parser(sub):
     """The ``nbd`` subcommand: a driver of its own, exporting new LUNs."""
     import argparse
-
-    def checked(parse):
-        def f(text):
-            try:
-                return parse(text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        f.__name__ = parse.__name__.lstrip("_")
-        return f
+    checked = _checked
 
     s = sub.add_parser(
         "nbd", help="export new LUNs over NBD (qemu, nbdcopy, fio, nbd-client)",
