@@ -252,6 +252,27 @@ def test_nbdcopy_sparse_source_leaves_holes(tmp_path):
         assert sha256_of(out) == digest
 
 
+def test_nbdcopy_sparse_into_a_file_target_keeps_the_file_sparse(tmp_path):
+    """A direct export of a file: what nbdcopy leaves as holes are holes
+    of the file itself (fallocate PUNCH_HOLE), and the file is the image."""
+    size = 256 * MiB
+    target = tmp_path / "lun.img"
+    random_data_file(target, size)                  # fully allocated
+    sparse = tmp_path / "sparse.img"
+    digest = write_file(sparse, size, [(100 * MiB, 104 * MiB, "random"),
+                                       (200 * MiB, 200 * MiB + 4096, "random")])
+    with NbdProcess(tmp_path, exports=["d=direct"], target=target) as s:
+        uri = s.uri("d")
+        run(s, ["nbdcopy", sparse, uri])
+        assert nbdinfo_map(s, uri) == [
+            (0, 100 * MiB, "hole,zero"), (100 * MiB, 104 * MiB, "data"),
+            (104 * MiB, 200 * MiB, "hole,zero"), (200 * MiB, 200 * MiB + 4096, "data"),
+            (200 * MiB + 4096, size, "hole,zero")]
+        allocated = os.stat(target).st_blocks * 512
+        assert allocated <= 5 * MiB, f"the target file still has {allocated} bytes allocated"
+        assert sha256_of(target) == digest
+
+
 # -- qemu-img and qemu-io --------------------------------------------------
 
 def test_qemu_img_info_convert_both_ways_and_map(tmp_path):
