@@ -27,11 +27,11 @@ PIECE = 4 * MiB
 
 # -- helpers ---------------------------------------------------------------
 
-def run(server, args, timeout=120, check=True):
+def run(server, args, timeout=120, check=True, cwd=None):
     """Runs a client; asserts it exited 0 (quoting its output and the
     server's log) unless ``check`` is false.  Returns the CompletedProcess."""
     p = subprocess.run([str(a) for a in args], stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check:
         assert p.returncode == 0, (
             f"{' '.join(map(str, args))} exited {p.returncode}\n"
@@ -328,9 +328,11 @@ def test_qemu_io_pattern_writes_and_verified_reads(tmp_path):
 # -- fio -------------------------------------------------------------------
 
 def fio_json(server, uri, *args):
+    # In the server's directory: fio leaves its verify state file there.
     p = run(server, ["fio", "--output-format=json", "--name=nbd", "--ioengine=nbd",
                      f"--uri={uri}", "--bs=4k", "--iodepth=16", "--size=64M",
-                     "--randseed=1234", *args], timeout=300)
+                     "--randseed=1234", *args], timeout=300,
+            cwd=os.path.dirname(server.socket))
     out = p.stdout
     doc = json.loads(out[out.index("{"):])
     (job,) = doc["jobs"]
