@@ -375,3 +375,29 @@ def test_tcp_nbdinfo_and_qemu_io(tmp_path):
         # The same export through the Unix socket.
         assert_verified(qemu_io(s, s.uri("disk"), "read -P 0x3c 4096 128k"))
         assert_verified(qemu_io(s, s.tcp_uri("two"), "read -P 0 0 8M"))
+
+
+# -- the daemon's exports --------------------------------------------------
+
+def test_daemon_exports_beside_an_api_clients_vlun(tmp_path):
+    """``cxlflash serve --nbd unix:PATH --export``: the export is a vLUN of
+    the daemon's LUN, next to a vLUN of an API client; each keeps its data."""
+    import daemon_process
+    sock = tmp_path / "nbd.sock"
+    with daemon_process.start(tmp_path, "--size", "1G", "--nbd", f"unix:{sock}",
+                              "--export", "disk=64M", "--export", "small=1M") as d:
+        uri = f"nbd+unix:///disk?socket={sock}"
+        (e,) = nbdinfo_json(d, uri)["exports"]
+        assert e["export-size"] == 64 * MiB and e["can_multi_conn"] is True, e
+        listed = {x["export-name"]: x["export-size"]
+                  for x in nbdinfo_json(d, f"nbd+unix:///?socket={sock}", "--list")["exports"]}
+        assert listed == {"disk": 64 * MiB, "small": MiB}
+        with d.connect() as a, a.open_disk(a.luns()[0]) as disk, \
+                disk.attach(os.O_RDWR) as ctx, ctx.create_virtual(size=2 * 65536) as vlun:
+            mine = bytes([0xa7]) * (16 * 4096)
+            vlun.write(0, mine)
+            vlun.write(65536, mine)       # its second chunk
+            p = qemu_io(d, uri, "write -P 0x3e 0 64M", "read -P 0x3e 0 64M")
+            assert_verified(p, "wrote 67108864/67108864 bytes at offset 0")
+            assert_verified(qemu_io(d, f"nbd+unix:///small?socket={sock}", "read -P 0 0 1M"))
+            assert vlun.read(0, 16) == mine and vlun.read(65536, 16) == mine
