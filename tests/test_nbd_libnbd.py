@@ -593,3 +593,79 @@ h.shutdown()
         start = min(r["start"], r["start_again"])
         assert start < 3 * r["end"] + 1.0, (
             f"256 KiB read at offset 0: {start:.2f} ms; at the last MiB: {r['end']:.2f} ms")
+
+
+# -- read-modify-write against whole-block requests --------------------------
+
+def test_unaligned_writes_do_not_undo_concurrent_whole_block_writes(tmp_path):
+    """Three processes keep writing a few bytes into blocks 0..3 (the
+    server read-modify-writes those blocks) while a fourth writes the whole
+    blocks (pwrite of a new value, or zero()) and reads each block back
+    right after its write is answered.  Bytes no small write touches must
+    hold that value: a read-modify-write must not put back a copy of the
+    block read before the whole-block write was answered."""
+    with NbdProcess(tmp_path, exports=["disk=16M"]) as s:
+        r = libnbd(s, r'''
+import time
+uri = sys.argv[1]
+N, BLOCKS = 2000, 4
+SMALL = ((0, 100, 0xAA), (200, 300, 0xBB), (3000, 3001, 0xCC))
+def rest(d):
+    return d[100:200] + d[300:3000] + d[3001:]
+go_r, go_w = os.pipe()
+stop_r, stop_w = os.pipe()
+pids = []
+for lo, hi, tag in SMALL:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(go_w)
+            os.close(stop_w)
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            data = bytes([tag]) * (hi - lo)
+            os.read(go_r, 1)
+            os.set_blocking(stop_r, False)
+            while True:
+                for b in range(BLOCKS):
+                    h.pwrite(data, b * 4096 + lo)
+                try:
+                    if os.read(stop_r, 1) == b"":
+                        break
+                except BlockingIOError:
+                    pass
+            h.shutdown()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    pids.append(pid)
+os.close(stop_r)
+h = connect(uri)
+os.write(go_w, b"xyz")
+bad = {"write": 0, "zero": 0}
+first = None
+t0 = time.monotonic()
+for v in range(1, N + 1):
+    for b in range(BLOCKS):
+        if v % 2:
+            h.pwrite(bytes([v & 0xff]) * 4096, b * 4096)
+            want, kind = v & 0xff, "write"
+        else:
+            h.zero(4096, b * 4096)
+            want, kind = 0, "zero"
+        got = rest(h.pread(4096, b * 4096))
+        if got != bytes([want]) * len(got):
+            bad[kind] += 1
+            if first is None:
+                first = [v, b, kind, sorted(set(got))]
+os.close(stop_w)
+out["children"] = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
+out["bad"] = bad
+out["first"] = first
+out["seconds"] = time.monotonic() - t0
+h.shutdown()
+''', s.uri("disk"))
+        assert r["children"] == [0, 0, 0], r
+        assert r["bad"] == {"write": 0, "zero": 0}, (
+            f"of {2000 * 4} whole-block requests, these read back something else: {r['bad']}; "
+            f"first (value, block, kind, bytes seen): {r['first']}")
