@@ -355,6 +355,14 @@ def test_fio_randwrite_verify_then_randread(tmp_path):
         assert job["read"]["io_bytes"] == 64 * MiB, job["read"]
         assert job["read"]["total_ios"] == 64 * MiB // 4096, job["read"]
         assert nbdinfo_map(s, uri) == [(0, 64 * MiB, "data")]
+        # Four connections at once (one per job, 16 MiB each), sizes from
+        # 512 bytes to 128 KiB (partial blocks too), a FLUSH every 32 writes.
+        job = fio_json(s, uri, "--rw=randwrite", "--verify=crc32c", "--numjobs=4",
+                       "--size=16M", "--offset_increment=16M", "--bsrange=512-128k",
+                       "--fsync=32", "--group_reporting")
+        assert job["write"]["io_bytes"] == 64 * MiB, job["write"]
+        assert job["read"]["io_bytes"] == 64 * MiB, job["read"]
+        assert job["sync"]["total_ios"] > 0, job["sync"]
 
 
 # -- TCP -------------------------------------------------------------------
