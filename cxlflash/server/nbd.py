@@ -242,7 +242,7 @@ class NbdServer:
         self._lock = threading.Lock()
         self._listeners = []            # (socket, name, unix path or None)
         self._accepters = []
-        self._handlers = set()          # connection threads
+        self._handlers = {}             # connection thread -> its socket
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
 
@@ -415,7 +415,7 @@ class NbdServer:
             t = threading.Thread(target=self._connection, args=(c, who),
                                  name="cxlflash-nbd-conn", daemon=True)
             with self._lock:
-                self._handlers.add(t)
+                self._handlers[t] = c
             t.start()
 
     # -- one connection ------------------------------------------------------------------
@@ -462,7 +462,7 @@ class NbdServer:
             except OSError:
                 pass
             with self._lock:
-                self._handlers.discard(threading.current_thread())
+                self._handlers.pop(threading.current_thread(), None)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -488,10 +488,15 @@ class NbdServer:
         self._listeners = []
         with self._lock:
             conns = [c for e in self.exports.values() for c in e.connections]
-            handlers = list(self._handlers)
+            handlers = list(self._handlers.items())
         for c in conns:
             c.abort()
-        for t in handlers:
+        for _, sock in handlers:         # those still in the handshake
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t, _ in handlers:
             t.join(10)
         with self._lock:
             exports, self.exports, self._order = list(self.exports.values()), {}, []
