@@ -669,3 +669,41 @@ h.shutdown()
         assert r["bad"] == {"write": 0, "zero": 0}, (
             f"of {2000 * 4} whole-block requests, these read back something else: {r['bad']}; "
             f"first (value, block, kind, bytes seen): {r['first']}")
+
+
+def test_block_status_sees_trims_and_writes_of_another_connection(tmp_path):
+    """Block status on connection A after B trims or writes: every one of
+    A's workers answers from the store as it is now (the server remembers
+    data runs per worker; a remembered run must not hide B's hole, and
+    nothing may hide B's data)."""
+    with NbdProcess(tmp_path, exports=["disk=64M"]) as s:
+        r = libnbd(s, r'''
+M = 1 << 20
+a = connect(sys.argv[1])
+b = connect(sys.argv[1])
+a.pwrite(os.urandom(8 * M), 0)
+res = {}
+res["before"] = [status(a, 0, 8 * M) for _ in range(48)]   # every worker of A
+b.trim(1 * M, 2 * M)                        # [2M, 3M)
+res["after_trim"] = [status(a, 0, 8 * M) for _ in range(48)]
+b.pwrite(b"\x01" * 4096, 2 * M + 8192)
+res["after_write"] = [status(a, 0, 8 * M) for _ in range(48)]
+b.zero(1 * M, 5 * M)                        # [5M, 6M)
+res["after_zero"] = [status(a, 0, 8 * M) for _ in range(48)]
+out["res"] = {k: sorted(set(json.dumps(x) for x in v)) for k, v in res.items()}
+a.shutdown(); b.shutdown()
+''', s.uri("disk"))
+        M = MiB
+        want = {
+            "before": [[0, 8 * M, DATA]],
+            "after_trim": [[0, 2 * M, DATA], [2 * M, 3 * M, HOLE_ZERO], [3 * M, 8 * M, DATA]],
+            "after_write": [[0, 2 * M, DATA], [2 * M, 2 * M + 8192, HOLE_ZERO],
+                            [2 * M + 8192, 2 * M + 12288, DATA],
+                            [2 * M + 12288, 3 * M, HOLE_ZERO], [3 * M, 8 * M, DATA]],
+            "after_zero": [[0, 2 * M, DATA], [2 * M, 2 * M + 8192, HOLE_ZERO],
+                           [2 * M + 8192, 2 * M + 12288, DATA],
+                           [2 * M + 12288, 3 * M, HOLE_ZERO], [3 * M, 5 * M, DATA],
+                           [5 * M, 6 * M, HOLE_ZERO], [6 * M, 8 * M, DATA]],
+        }
+        for k, v in want.items():
+            assert r["res"][k] == [json.dumps(v)], (k, r["res"][k])
