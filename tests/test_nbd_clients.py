@@ -302,6 +302,12 @@ def test_qemu_img_info_convert_both_ways_and_map(tmp_path):
         m = qemu_img_map(s, uri)
         assert m == [(0, 8 * MiB, (True, False)), (8 * MiB, 40 * MiB, (False, True)),
                      (40 * MiB, 41 * MiB, (True, False)), (41 * MiB, size, (False, True))], m
+        # qemu-img compare agrees, and notices a one-byte change.
+        p = run(s, ["qemu-img", "compare", "-f", "raw", "-F", "raw", img, uri])
+        assert "Images are identical" in p.stdout, p.stdout
+        qemu_io(s, uri, "write -P 0x01 45M 1")
+        p = run(s, ["qemu-img", "compare", "-f", "raw", "-F", "raw", img, uri], check=False)
+        assert p.returncode == 1 and f"Content mismatch at offset {45 * MiB}!" in p.stdout, p
 
 
 def test_qemu_io_pattern_writes_and_verified_reads(tmp_path):
