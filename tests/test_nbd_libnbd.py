@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 
 from nbd_servers import NbdProcess
 
@@ -707,3 +708,87 @@ a.shutdown(); b.shutdown()
         }
         for k, v in want.items():
             assert r["res"][k] == [json.dumps(v)], (k, r["res"][k])
+
+
+# -- resizing an export under a connected client ---------------------------
+
+class _InProcess:
+    """What libnbd()/libnbd_paused() need of a server: its log."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self):
+        return "\n".join(self.lines)
+
+
+def test_resize_while_a_client_is_connected(tmp_path):
+    """NbdServer.resize_export grows an export for clients that connect
+    afterwards (nbdinfo, a new libnbd handle); a connected client keeps the
+    size it was told, and shrinking below that is EBUSY until it goes."""
+    import cxlflash
+    from cxlflash.server.nbd import NbdServer
+    log = _InProcess()
+    adapter = cxlflash.Adapter()
+    adapter.add_lun(None, size=1 << 30)
+    srv = NbdServer(adapter, log=log.lines.append)
+    try:
+        srv.add_export("disk", 64 * MiB)
+        sock = srv.listen_unix(str(tmp_path / "nbd.sock"))
+        srv.start()
+        uri = f"nbd+unix:///disk?socket={sock}"
+
+        def nbdinfo_size():
+            p = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                               timeout=60)
+            assert p.returncode == 0, (p.stderr, log.log())
+            return int(p.stdout)
+
+        script = r'''
+old = connect(sys.argv[1], strict=False)
+out["told"] = old.get_size()
+old.pwrite(b"\x5b" * 4096, (64 << 20) - 4096)
+pause()
+out["still_told"] = old.get_size()
+out["old_past"] = errnum(old.pread, 4096, 64 << 20)
+new = connect(sys.argv[1])
+out["new_size"] = new.get_size()
+new.pwrite(b"\x6c" * 4096, 100 << 20)
+out["new_read"] = new.pread(4096, 100 << 20) == b"\x6c" * 4096
+out["kept"] = new.pread(4096, (64 << 20) - 4096) == b"\x5b" * 4096
+new.shutdown(); old.shutdown()
+'''
+        paused = libnbd_paused(log, script, uri)
+        with paused as first:
+            assert first["told"] == 64 * MiB
+            srv.resize_export("disk", 128 * MiB)
+            assert srv.exports["disk"].size == 128 * MiB
+            assert nbdinfo_size() == 128 * MiB
+            try:
+                srv.resize_export("disk", 32 * MiB)
+            except OSError as e:
+                assert e.errno == errno.EBUSY, e
+                assert "disconnect" in str(e), e
+            else:
+                raise AssertionError("shrinking below a connected client's size succeeded")
+            assert srv.exports["disk"].size == 128 * MiB
+        r = paused.final
+        assert r["still_told"] == 64 * MiB, "NBD cannot tell a connected client of a resize"
+        # Past the size it was told: EINVAL, although the export is larger now.
+        assert r["old_past"] is not None and r["old_past"][0] == errno.EINVAL, r
+        assert r["new_size"] == 128 * MiB
+        assert r["new_read"] is True and r["kept"] is True
+        # Everyone gone: it may shrink now.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                srv.resize_export("disk", 32 * MiB)
+                break
+            except OSError as e:
+                # The server may not have noticed the disconnects yet.
+                assert e.errno == errno.EBUSY and time.monotonic() < deadline, e
+                time.sleep(0.05)
+        assert nbdinfo_size() == 32 * MiB
+    finally:
+        srv.close()
+        adapter.close()
