@@ -163,6 +163,12 @@ def test_nbdinfo_size_flags_and_block_sizes(tmp_path):
         assert "export-size: 8388608 (8M)" in text, text
         assert "can_multi_conn: true" in text, text
         assert run(s, ["nbdinfo", "--size", s.uri("disk")]).stdout.strip() == str(64 * MiB)
+        # nbdinfo --can/--is, as scripts ask: exit 0 true, 2 false.
+        for q in ("can multi-conn", "can trim", "can zero", "can fast-zero", "can fua",
+                  "can flush", "can cache", "can df", "can structured-reply", "can connect",
+                  "is read-only"):
+            p = run(s, ["nbdinfo", *f"--{q}".split(), s.uri("disk")], check=False)
+            assert p.returncode == (2 if q == "is read-only" else 0), (q, p)
 
 
 def test_nbdinfo_list_shows_every_export(tmp_path):
