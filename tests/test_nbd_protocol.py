@@ -1,0 +1,1012 @@
+"""NBD protocol conformance, bad input and durability of the NBD export
+(issue 11), spoken byte by byte with the strict client of ``nbd_wire``.
+
+Most tests run against an in-process ``NbdServer`` on an embedded adapter
+(fixture ``served``: exports "disk" then "other" on one memory LUN); a few
+against ``cxlflash nbd`` as a process (``nbd_servers.NbdProcess``): the
+fuzz's process twin, SIGKILL after an answered FLUSH, SIGTERM, and the
+command line's errors."""
+import errno
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+import cxlflash
+from cxlflash.server.nbd import NbdServer
+
+import nbd_wire as w
+from nbd_wire import Closed, Conn, OptionError, checked_ok
+from nbd_servers import NbdProcess, subprocess_env
+
+MiB = 1 << 20
+KiB = 1 << 10
+DISK = 64 * MiB                 # export "disk" (the first: the default export)
+OTHER = 8 * MiB                 # export "other": its data must never change
+LUN = 1 << 30                   # the memory LUN both are carved from
+MAX_PAYLOAD = 32 * MiB
+
+TRANSMISSION_FLAGS = (w.FLAG_HAS_FLAGS | w.FLAG_SEND_FLUSH | w.FLAG_SEND_FUA
+                      | w.FLAG_SEND_TRIM | w.FLAG_SEND_WRITE_ZEROES | w.FLAG_SEND_CACHE
+                      | w.FLAG_CAN_MULTI_CONN | w.FLAG_SEND_FAST_ZERO)
+
+
+def short_dir():
+    """A short directory for unix sockets (sun_path holds 108 bytes; pytest's
+    tmp_path can be longer)."""
+    return tempfile.mkdtemp(prefix="nbdp", dir="/tmp")
+
+
+def pattern(seed, n):
+    return random.Random(seed).randbytes(n)
+
+
+class Served:
+    """An in-process server: ``.srv``, ``.adapter``, ``.path`` (unix),
+    ``.tcp`` (host, port), ``.log`` (the server's log lines)."""
+
+    def __init__(self):
+        self.dir = short_dir()
+        self.log = []
+        self.adapter = cxlflash.Adapter()
+        self.wwid = self.adapter.add_lun(None, size=LUN)
+        self.srv = NbdServer(self.adapter, log=self.log.append)
+        self.srv.add_export("disk", DISK)
+        self.srv.add_export("other", OTHER)
+        self.path = self.srv.listen_unix(os.path.join(self.dir, "s"))
+        self.tcp = self.srv.listen_tcp("127.0.0.1", 0)
+        self.srv.start()
+        self._other = None
+
+    def raw(self, address=None, timeout=10.0):
+        return Conn.connect(self.path if address is None else address, timeout)
+
+    def conn(self, name="disk", structured=True, meta=False, address=None):
+        c = self.raw(address)
+        c.handshake(name, structured=structured, meta=meta)
+        return c
+
+    def fill_other(self):
+        """Known data at both ends of "other", and its digest."""
+        with self.conn("other", structured=False) as c:
+            checked_ok(c.write(0, pattern(1, MiB)))
+            checked_ok(c.write(OTHER - MiB, pattern(2, MiB)))
+            checked_ok(c.flush())
+        self._other = self.other_digest()
+
+    def other_digest(self):
+        with self.conn("other", structured=False) as c:
+            h = hashlib.sha256()
+            for off in range(0, OTHER, 4 * MiB):
+                h.update(checked_ok(c.read(off, 4 * MiB)).data)
+            return h.hexdigest()
+
+    def assert_other_intact(self):
+        assert self._other is not None
+        assert self.other_digest() == self._other, "export 'other' changed"
+
+    def assert_serving(self, address=None):
+        """A well-behaved client still gets its data back."""
+        data = os.urandom(8 * KiB)
+        with self.conn(address=address) as c:
+            checked_ok(c.write(DISK - 8 * KiB, data))
+            assert checked_ok(c.read(DISK - 8 * KiB, 8 * KiB)).data == data
+            c.disc()
+            c.expect_closed()
+
+    def close(self):
+        self.srv.close()
+        self.adapter.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def served():
+    s = Served()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def fresh_block_status(c, offset, length, flags=0):
+    r = checked_ok(c.block_status(offset, length, flags))
+    (cid,) = [k for k, v in c.meta_contexts.items() if v == "base:allocation"]
+    return r.extents[cid]
+
+
+def status_at(extents, offset, start):
+    """The base:allocation flags of the extent holding ``offset``
+    (extents starting at ``start``)."""
+    pos = start
+    for length, flags in extents:
+        if pos <= offset < pos + length:
+            return flags
+        pos += length
+    raise AssertionError(f"offset {offset} not described by {extents}")
+
+
+# -- handshake ------------------------------------------------------------
+
+def test_greeting_is_fixed_newstyle_with_no_zeroes(served):
+    with served.raw() as c:
+        assert c.read_greeting() == w.FLAG_FIXED_NEWSTYLE | w.FLAG_NO_ZEROES
+
+
+@pytest.mark.parametrize("flags", [1 << 2, 1 << 31, w.FLAG_C_FIXED_NEWSTYLE | 1 << 5, 0xFFFFFFFF])
+def test_client_flags_with_unknown_bits_close_the_connection(served, flags):
+    with served.raw() as c:
+        c.greet(flags)
+        try:
+            c.send_option(w.OPT_LIST)
+        except Closed:
+            pass
+        c.expect_closed()
+    served.assert_serving()
+
+
+def test_export_name_with_no_zeroes_sends_no_padding(served):
+    with served.raw() as c:
+        c.greet(w.FLAG_C_FIXED_NEWSTYLE | w.FLAG_C_NO_ZEROES)
+        info = c.export_name("disk")
+        assert info.size == served.srv.exports["disk"].size == DISK
+        assert info.flags == TRANSMISSION_FLAGS
+        # Any padding would be read here as the reply's magic.
+        r = checked_ok(c.read(0, 512))
+        assert r.kind == "simple" and r.data == bytes(512)
+
+
+@pytest.mark.parametrize("client_flags", [w.FLAG_C_FIXED_NEWSTYLE, 0])
+def test_export_name_without_no_zeroes_sends_124_zero_bytes(served, client_flags):
+    with served.raw() as c:
+        c.greet(client_flags)
+        info = c.export_name("disk")            # reads and checks the 124 zeros
+        assert info.size == DISK
+        checked_ok(c.write(4096, b"z" * 100))
+        assert checked_ok(c.read(4096, 100)).data == b"z" * 100
+
+
+def test_export_name_of_an_unknown_export_closes(served):
+    with served.raw() as c:
+        c.greet()
+        c.send_option(w.OPT_EXPORT_NAME, b"nosuch")
+        c.expect_closed()
+    served.assert_serving()
+
+
+def test_empty_export_name_is_the_first_export(served):
+    with served.raw() as c:
+        c.greet()
+        info = c.export_name("")
+        assert info.size == DISK
+    with served.raw() as c:
+        c.greet()
+        info = c.go("", [w.INFO_NAME])
+        assert info.size == DISK and info.name == "disk"
+
+
+# -- options --------------------------------------------------------------
+
+def test_list_names_every_export_then_acks(served):
+    with served.raw() as c:
+        c.greet()
+        replies = c.option_replies(w.OPT_LIST, intermediate=(w.REP_SERVER,))
+        assert [r.type for r in replies] == [w.REP_SERVER, w.REP_SERVER, w.REP_ACK]
+        assert sorted(c.list_exports()) == ["disk", "other"]
+
+
+def test_list_with_data_is_invalid_and_the_connection_stays_usable(served):
+    with served.raw() as c:
+        c.greet()
+        r = c.option_final(w.OPT_LIST, b"xyz")
+        assert r.type == w.REP_ERR_INVALID
+        assert sorted(c.list_exports()) == ["disk", "other"]
+
+
+@pytest.mark.parametrize("opt", [w.OPT_INFO, w.OPT_GO])
+def test_info_and_go_describe_the_export(served, opt):
+    with served.raw() as c:
+        c.greet()
+        assert c.structured_reply().type == w.REP_ACK
+        info, final = c.info_replies(opt, c.info_data("other", [w.INFO_BLOCK_SIZE, w.INFO_NAME]))
+        assert final.type == w.REP_ACK, final
+        assert info.size == OTHER == served.srv.exports["other"].size
+        assert info.flags == TRANSMISSION_FLAGS | w.FLAG_SEND_DF
+        assert info.block_size == (1, 4096, MAX_PAYLOAD)
+        assert info.name in (None, "other")
+        if opt == w.OPT_INFO:                        # still negotiating
+            assert sorted(c.list_exports()) == ["disk", "other"]
+            c.go("other")
+        c._enter_transmission(info)
+        assert checked_ok(c.read(OTHER - 4096, 4096)).data == bytes(4096)
+
+
+@pytest.mark.parametrize("opt", [w.OPT_INFO, w.OPT_GO])
+def test_info_and_go_of_an_unknown_export(served, opt):
+    with served.raw() as c:
+        c.greet()
+        info, final = c.info_replies(opt, c.info_data("nosuch", [w.INFO_BLOCK_SIZE]))
+        assert final.type == w.REP_ERR_UNKNOWN and info.size is None
+        assert c.go("disk").size == DISK           # still negotiating
+        checked_ok(c.read(0, 1))
+
+
+def _info_malformed():
+    good = Conn.info_data("disk", [w.INFO_BLOCK_SIZE])
+    return {
+        "name-longer-than-data": (Conn.info_data("disk", [], name_length=100), None),
+        "name-length-2**32-1": (Conn.info_data("disk", [], name_length=0xFFFFFFFF), None),
+        "count-past-the-end": (Conn.info_data("disk", [w.INFO_NAME], count=5), None),
+        "count-short": (Conn.info_data("disk", [w.INFO_NAME, w.INFO_BLOCK_SIZE], count=1), None),
+        "no-count": (struct.pack(">I", 4) + b"disk", None),
+        "three-bytes": (b"\0\0\0", None),
+        "empty": (b"", None),
+        "odd-trailing-byte": (good + b"\0", None),
+    }
+
+
+@pytest.mark.parametrize("opt", [w.OPT_INFO, w.OPT_GO])
+@pytest.mark.parametrize("case", sorted(_info_malformed()))
+def test_info_and_go_with_malformed_lengths_are_invalid(served, opt, case):
+    data, length = _info_malformed()[case]
+    with served.raw() as c:
+        c.greet()
+        info, final = c.info_replies(opt, data, length)
+        assert final.type == w.REP_ERR_INVALID, (case, final)
+        assert info.size is None
+        # Still negotiating, and the stream is in step.
+        assert sorted(c.list_exports()) == ["disk", "other"]
+        assert c.go("disk").size == DISK
+        checked_ok(c.read(0, 1))
+
+
+def test_abort_acks_then_closes(served):
+    with served.raw() as c:
+        c.greet()
+        assert c.abort() is not None            # ACK, then EOF
+    with served.raw() as c:                     # data with ABORT: ignored
+        c.greet()
+        c.send_option(w.OPT_ABORT, b"junk")
+        r = c.read_option_reply(w.OPT_ABORT)
+        assert r.type == w.REP_ACK
+        c.expect_closed()
+    served.assert_serving()
+
+
+def test_structured_reply_option(served):
+    with served.raw() as c:
+        c.greet()
+        assert c.option_final(w.OPT_STRUCTURED_REPLY, b"x").type == w.REP_ERR_INVALID
+        assert c.structured_reply().type == w.REP_ACK
+        info = c.go("disk")
+        assert info.flags & w.FLAG_SEND_DF
+        r = checked_ok(c.read(0, 4096))
+        assert r.kind == "structured"
+
+
+def test_list_meta_context(served):
+    with served.raw() as c:
+        c.greet()
+        c.structured_reply()
+        assert set(c.list_meta_context("disk", ["base:allocation"])) == {"base:allocation"}
+        assert "base:allocation" in c.list_meta_context("disk", [])
+        assert "base:allocation" in c.list_meta_context("disk", ["base:"])
+        assert c.list_meta_context("disk", ["x-nosuch:thing", "base:nosuch"]) == {}
+        # LIST selects nothing: BLOCK_STATUS stays refused.
+        c.go("disk")
+        r = c.block_status(0, 4096)
+        assert r.error == w.EINVAL
+
+
+def test_set_meta_context_selects_base_allocation_only(served):
+    with served.raw() as c:
+        c.greet()
+        c.structured_reply()
+        found = c.set_meta_context("disk", ["x-nosuch:thing", "base:allocation", "base:nosuch"])
+        assert list(found) == ["base:allocation"]
+        c.go("disk")
+        ext = fresh_block_status(c, 0, MiB)
+        assert ext[0][1] == w.STATE_HOLE | w.STATE_ZERO, ext      # never written
+
+
+def test_set_meta_context_before_structured_reply_is_invalid(served):
+    with served.raw() as c:
+        c.greet()
+        found, final = c.meta_replies(w.OPT_SET_META_CONTEXT,
+                                      c.meta_data("disk", ["base:allocation"]))
+        assert final.type == w.REP_ERR_INVALID and found == {}
+        c.structured_reply()
+        assert list(c.set_meta_context("disk", ["base:allocation"])) == ["base:allocation"]
+        c.go("disk")
+        fresh_block_status(c, 0, 4096)
+
+
+@pytest.mark.parametrize("opt", [w.OPT_SET_META_CONTEXT, w.OPT_LIST_META_CONTEXT])
+def test_meta_context_with_malformed_lengths_is_invalid(served, opt):
+    cases = [
+        Conn.meta_data("disk", ["base:allocation"], name_length=1000),
+        Conn.meta_data("disk", ["base:allocation"], count=3),
+        Conn.meta_data("disk", []) + b"\0",
+        struct.pack(">I", 4) + b"disk" + struct.pack(">I", 1) + struct.pack(">I", 100) + b"base:",
+        b"\0\0",
+    ]
+    with served.raw() as c:
+        c.greet()
+        c.structured_reply()
+        for data in cases:
+            found, final = c.meta_replies(opt, data)
+            assert final.type == w.REP_ERR_INVALID, (data, final)
+        assert sorted(c.list_exports()) == ["disk", "other"]
+
+
+@pytest.mark.parametrize("opt", [w.OPT_PEEK_EXPORT, w.OPT_STARTTLS, w.OPT_EXTENDED_HEADERS,
+                                 12, 1000, 0x7FFFFFFF, 0xFFFFFFFF, 0])
+def test_unsupported_options_are_err_unsup(served, opt):
+    with served.raw() as c:
+        c.greet()
+        assert c.option_final(opt).type == w.REP_ERR_UNSUP
+        # With data (skipped); STARTTLS may call data invalid instead.
+        allowed = {w.REP_ERR_UNSUP}
+        if opt in (w.OPT_STARTTLS, w.OPT_EXTENDED_HEADERS):
+            allowed.add(w.REP_ERR_INVALID)
+        assert c.option_final(opt, os.urandom(3000)).type in allowed
+        assert sorted(c.list_exports()) == ["disk", "other"]
+        c.go("disk")
+        checked_ok(c.read(0, 1))
+
+
+def test_option_length_of_1_gib_closes_and_others_are_served(served):
+    with served.raw() as keep:                  # a client in transmission meanwhile
+        keep.handshake("disk")
+        for opt in (w.OPT_LIST, w.OPT_GO, 1000):
+            with served.raw() as c:
+                c.greet()
+                c.send_option(opt, b"\0" * 100, length=1 << 30)
+                t0 = time.monotonic()
+                c.read_until_closed(timeout=10)
+                assert time.monotonic() - t0 < 5
+        checked_ok(keep.write(0, b"still"))
+        assert checked_ok(keep.read(0, 5)).data == b"still"
+    served.assert_serving()
+
+
+def test_bad_option_magic_closes(served):
+    with served.raw() as c:
+        c.greet()
+        c.send_option(w.OPT_LIST, magic=0x1122334455667788)
+        c.read_until_closed()
+    served.assert_serving()
+
+
+# -- transmission -----------------------------------------------------------
+
+def test_transmission_flags(served):
+    with served.conn(structured=False) as c:
+        assert c.export.flags == TRANSMISSION_FLAGS
+    with served.conn(structured=True) as c:
+        assert c.export.flags == TRANSMISSION_FLAGS | w.FLAG_SEND_DF
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_read_write_round_trip(served, structured, transport):
+    addr = served.tcp if transport == "tcp" else None
+    with served.conn(structured=structured, address=addr) as c:
+        cases = [(0, 4096), (4097, 10000), (DISK - 513, 513), (5 * MiB + 3, 3 * MiB + 5),
+                 (7, 1)]
+        for i, (off, n) in enumerate(cases):
+            data = pattern(100 + i, n)
+            checked_ok(c.write(off, data, w.CMD_FLAG_FUA if i % 2 else 0))
+            r = checked_ok(c.read(off, n))
+            assert r.data == data
+            assert r.kind == ("structured" if structured else "simple")
+        # Neighbours of the unaligned writes are intact.
+        assert checked_ok(c.read(4096, 1)).data == b"\0"
+        want = bytearray(pattern(100, 4096))
+        want[7:8] = pattern(104, 1)
+        assert checked_ok(c.read(0, 4096)).data == bytes(want)
+
+
+def test_read_of_the_whole_maximum_payload(served):
+    data = pattern(7, MAX_PAYLOAD)
+    with served.conn(structured=False) as c:
+        checked_ok(c.write(0, data))
+        assert checked_ok(c.read(0, MAX_PAYLOAD)).data == data
+    with served.conn(structured=True) as c:
+        assert checked_ok(c.read(0, MAX_PAYLOAD)).data == data
+
+
+def test_read_with_df_is_one_data_chunk(served):
+    with served.conn() as c:
+        checked_ok(c.write(MiB, pattern(3, 4096)))
+        checked_ok(c.trim(MiB + 4096, 60 * KiB))
+        r = checked_ok(c.read(MiB, 64 * KiB, w.CMD_FLAG_DF))
+        content = [t for _, t, _ in r.chunks if t in (w.REPLY_TYPE_OFFSET_DATA,
+                                                      w.REPLY_TYPE_OFFSET_HOLE)]
+        assert content == [w.REPLY_TYPE_OFFSET_DATA]
+        assert r.data == pattern(3, 4096) + bytes(60 * KiB)
+
+
+def test_read_over_a_trimmed_range_has_hole_chunks(served):
+    with served.conn() as c:
+        base = 8 * MiB
+        checked_ok(c.write(base, pattern(4, 2 * MiB)))
+        checked_ok(c.trim(base + 512 * KiB, MiB))
+        r = checked_ok(c.read(base, 2 * MiB))
+        assert r.data == pattern(4, 512 * KiB) + bytes(MiB) + pattern(4, 2 * MiB)[1536 * KiB:]
+        assert r.holes, r
+        assert sum(s for _, s in r.holes) >= 512 * KiB
+        for o, s in r.holes:
+            assert base + 512 * KiB <= o and o + s <= base + 1536 * KiB, r.holes
+        # A fresh, never-written range of 64 KiB reads as a hole too.
+        r = checked_ok(c.read(40 * MiB, 64 * KiB))
+        assert r.holes == [(40 * MiB, 64 * KiB)] and r.data == bytes(64 * KiB)
+
+
+def test_block_status(served):
+    with served.conn(meta=True) as c:
+        ext = fresh_block_status(c, 0, DISK)
+        assert ext[0][1] == w.STATE_HOLE | w.STATE_ZERO     # never written
+        checked_ok(c.write(0, pattern(5, 64 * KiB)))
+        ext = fresh_block_status(c, 0, MiB)
+        assert ext[0] == (64 * KiB, 0), ext
+        assert ext[1][1] == w.STATE_HOLE | w.STATE_ZERO, ext
+        one = fresh_block_status(c, 0, MiB, w.CMD_FLAG_REQ_ONE)
+        assert one == [(64 * KiB, 0)]
+        one = fresh_block_status(c, 64 * KiB, 4096, w.CMD_FLAG_REQ_ONE)
+        assert one == [(4096, w.STATE_HOLE | w.STATE_ZERO)]
+        one = fresh_block_status(c, 0, 4096, w.CMD_FLAG_REQ_ONE)
+        assert one == [(4096, 0)]
+        # Past the end.
+        assert c.block_status(DISK - 4096, 8192).error == w.EINVAL
+        assert c.block_status(DISK, 1).error == w.EINVAL
+
+
+def test_block_status_without_a_context_is_einval(served):
+    with served.conn(structured=True, meta=False) as c:
+        assert c.block_status(0, 4096).error == w.EINVAL
+        checked_ok(c.read(0, 1))
+    with served.conn(structured=False) as c:
+        r = c.block_status(0, 4096)
+        assert r.kind == "simple" and r.error == w.EINVAL
+        checked_ok(c.read(0, 1))
+
+
+def test_trim_reads_zeros_and_is_a_hole(served):
+    with served.conn(meta=True) as c:
+        off = 16 * MiB
+        checked_ok(c.write(off, pattern(6, MiB)))
+        assert status_at(fresh_block_status(c, off, MiB), off, off) == 0
+        checked_ok(c.trim(off, MiB))
+        assert checked_ok(c.read(off, MiB)).data == bytes(MiB)
+        assert fresh_block_status(c, off, MiB, w.CMD_FLAG_REQ_ONE) == \
+            [(MiB, w.STATE_HOLE | w.STATE_ZERO)]
+        assert status_at(fresh_block_status(c, off, MiB), off, off) == w.STATE_HOLE | w.STATE_ZERO
+        assert c.trim(DISK - 4096, 8192).error == w.EINVAL
+
+
+def test_write_zeroes_with_and_without_no_hole(served):
+    with served.conn(meta=True) as c:
+        a, b = 20 * MiB, 24 * MiB
+        checked_ok(c.write(a, pattern(8, MiB)))
+        checked_ok(c.write(b, pattern(9, MiB)))
+        checked_ok(c.write_zeroes(a, MiB))
+        checked_ok(c.write_zeroes(b, MiB, w.CMD_FLAG_NO_HOLE))
+        assert checked_ok(c.read(a, MiB)).data == bytes(MiB)
+        assert checked_ok(c.read(b, MiB)).data == bytes(MiB)
+        assert fresh_block_status(c, a, MiB, w.CMD_FLAG_REQ_ONE) == \
+            [(MiB, w.STATE_HOLE | w.STATE_ZERO)]
+        assert status_at(fresh_block_status(c, b, MiB), b, b) & w.STATE_HOLE == 0
+        # Unaligned zeroing keeps the neighbours.
+        checked_ok(c.write(a, pattern(10, 8192)))
+        checked_ok(c.write_zeroes(a + 100, 1000))
+        want = bytearray(pattern(10, 8192))
+        want[100:1100] = bytes(1000)
+        assert checked_ok(c.read(a, 8192)).data == bytes(want)
+
+
+def test_fast_zero(served):
+    with served.conn(meta=True) as c:
+        a = 28 * MiB
+        checked_ok(c.write(a, pattern(11, MiB)))
+        r = c.write_zeroes(a, MiB, w.CMD_FLAG_FAST_ZERO | w.CMD_FLAG_NO_HOLE)
+        assert r.error == w.ENOTSUP
+        assert checked_ok(c.read(a, MiB)).data == pattern(11, MiB)     # untouched
+        checked_ok(c.write_zeroes(a, MiB, w.CMD_FLAG_FAST_ZERO))       # memfd punches
+        assert checked_ok(c.read(a, MiB)).data == bytes(MiB)
+        assert fresh_block_status(c, a, MiB, w.CMD_FLAG_REQ_ONE)[0][1] == \
+            w.STATE_HOLE | w.STATE_ZERO
+
+
+def test_cache_and_flush(served):
+    with served.conn() as c:
+        checked_ok(c.write(30 * MiB, pattern(12, 8192)))
+        checked_ok(c.cache(30 * MiB, 8192))
+        checked_ok(c.cache(0, DISK))
+        assert c.cache(DISK - 4096, 8192).error == w.EINVAL
+        checked_ok(c.flush())
+        checked_ok(c.write(30 * MiB, pattern(13, 100), w.CMD_FLAG_FUA))
+        assert checked_ok(c.read(30 * MiB, 8192)).data == \
+            pattern(13, 100) + pattern(12, 8192)[100:]
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_disc_closes_after_the_replies_in_flight(served, structured):
+    with served.conn(structured=structured) as c:
+        checked_ok(c.write(0, pattern(14, MiB)))
+        cookies = [c.send_request(w.CMD_READ, i * 64 * KiB, 64 * KiB) for i in range(16)]
+        cookies.append(c.send_request(w.CMD_WRITE, 2 * MiB, 4096, payload=b"w" * 4096))
+        c.disc()
+        replies = c.read_replies(len(cookies))
+        assert sorted(r.cookie for r in replies) == sorted(cookies)
+        for r in replies:
+            checked_ok(r)
+            if r.request[0] == w.CMD_READ:
+                off = r.request[2]
+                assert r.data == pattern(14, MiB)[off:off + 64 * KiB]
+        c.expect_closed()
+    with served.conn() as c:
+        assert checked_ok(c.read(2 * MiB, 4096)).data == b"w" * 4096
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_pipelined_requests_each_answered_once(served, structured):
+    rng = random.Random(15)
+    with served.conn(structured=structured) as c:
+        base = pattern(16, 4 * MiB)
+        checked_ok(c.write(0, base))
+        sent = {}
+        for i in range(32):
+            cookie = rng.getrandbits(64)
+            if i % 2:
+                off, n = rng.randrange(0, 4 * MiB - 70000), rng.randrange(1, 70000)
+                c.send_request(w.CMD_READ, off, n, cookie=cookie)
+                sent[cookie] = ("r", off, n)
+            else:
+                off = 8 * MiB + i * 64 * KiB
+                data = pattern(1000 + i, 64 * KiB - i)
+                c.send_request(w.CMD_WRITE, off, len(data), cookie=cookie, payload=data)
+                sent[cookie] = ("w", off, data)
+        replies = c.read_replies(32)
+        assert not c.pending
+        assert sorted(r.cookie for r in replies) == sorted(sent)
+        for r in replies:
+            checked_ok(r)
+            kind, off, x = sent[r.cookie]
+            if kind == "r":
+                assert r.data == base[off:off + x]
+        for kind, off, x in sent.values():
+            if kind == "w":
+                assert checked_ok(c.read(off, len(x))).data == x
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_range_errors(served, structured):
+    with served.conn(structured=structured) as c:
+        for off, n in [(DISK - 4096, 8192), (DISK, 1), (DISK + MiB, 4096),
+                       (2**64 - 4096, 8192), (2**64 - 1, 1), (2**63, 4096)]:
+            assert c.read(off, n).error == w.EINVAL, (off, n)
+            assert c.trim(off, n).error == w.EINVAL, (off, n)
+            assert c.write_zeroes(off, n).error in (w.EINVAL, w.ENOSPC), (off, n)
+            r = c.write(off, pattern(off & 0xFFFF, n))   # the payload is consumed
+            assert r.error in (w.EINVAL, w.ENOSPC), (off, n)
+        checked_ok(c.write(DISK - 4096, b"e" * 4096))
+        assert checked_ok(c.read(DISK - 4096, 4096)).data == b"e" * 4096
+    served.assert_serving()
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_read_over_32_mib_is_einval(served, structured):
+    with served.conn(structured=structured) as c:
+        assert c.read(0, MAX_PAYLOAD + 1).error == w.EINVAL
+        assert c.read(0, 0xFFFFFFFF).error == w.EINVAL
+        checked_ok(c.read(0, 4096))
+
+
+def test_write_over_32_mib_closes(served):
+    with served.conn() as c:
+        c.send_request(w.CMD_WRITE, 0, MAX_PAYLOAD + 1, payload=bytes(64 * KiB))
+        try:
+            c.send(bytes(MiB))
+        except Closed:
+            pass
+        rest = c.read_until_closed()
+        # An error reply before closing is allowed; nothing else.
+        assert len(rest) <= 16 + 6 + 4096 + 20, rest[:64]
+    served.assert_serving()
+
+
+@pytest.mark.parametrize("cmd", [9, 99, 0x7FFF, 0xFFFF, w.CMD_RESIZE])
+def test_unknown_command_is_einval(served, cmd):
+    for structured in (False, True):
+        with served.conn(structured=structured) as c:
+            assert c.command(cmd, 0, 4096).error == w.EINVAL
+            checked_ok(c.read(0, 1))
+
+
+@pytest.mark.parametrize("magic", [0, w.SIMPLE_REPLY_MAGIC, w.EXTENDED_REQUEST_MAGIC,
+                                   0x12560953, 0x25609514])
+def test_bad_request_magic_closes(served, magic):
+    with served.conn() as c:
+        c.send_request(w.CMD_READ, 0, 4096, magic=magic)
+        c.pending.clear()
+        c.read_until_closed()
+    served.assert_serving()
+
+
+# -- bad input ----------------------------------------------------------------
+
+_INTERESTING_OPTS = [w.OPT_EXPORT_NAME, w.OPT_ABORT, w.OPT_LIST, w.OPT_STARTTLS, w.OPT_INFO,
+                     w.OPT_GO, w.OPT_STRUCTURED_REPLY, w.OPT_LIST_META_CONTEXT,
+                     w.OPT_SET_META_CONTEXT, w.OPT_EXTENDED_HEADERS, 0, 77, 0xFFFFFFFF]
+
+
+def _rand_len(rng, big):
+    x = rng.random()
+    if x < 0.6:
+        return rng.randrange(0, 64)
+    if x < 0.85:
+        return rng.randrange(0, 9000)
+    if x < 0.95:
+        return rng.choice([0xFFFFFFFF, 1 << 31, big, big + 1, big - 1, 65536, 65537])
+    return rng.getrandbits(32)
+
+
+def fuzz_one(rng, address, export="disk", size=DISK):
+    """One connection fed garbage at a random stage; then the client
+    half-closes and the server must close too."""
+    stage = rng.randrange(7)
+    c = Conn.connect(address, timeout=10)
+    try:
+        if stage == 0:                               # instead of the client flags
+            c.send(rng.randbytes(rng.randrange(1, 300)))
+        elif stage == 1:                             # flags, then garbage
+            c.read_greeting()
+            c.send(struct.pack(">I", rng.choice([0, 1, 3, 3, 3]))
+                   + rng.randbytes(rng.randrange(0, 300)))
+        elif stage in (2, 3):                        # option-shaped garbage
+            c.greet()
+            out = bytearray()
+            for _ in range(rng.randrange(1, 6)):
+                opt = rng.choice(_INTERESTING_OPTS)
+                data = rng.randbytes(rng.randrange(0, 80))
+                if stage == 3 and opt in (w.OPT_INFO, w.OPT_GO, w.OPT_SET_META_CONTEXT,
+                                          w.OPT_LIST_META_CONTEXT):
+                    # Plausible structure, wrong numbers.
+                    name = rng.choice([export.encode(), b"", b"nosuch", rng.randbytes(5)])
+                    data = (struct.pack(">I", _rand_len(rng, len(name))) + name
+                            + struct.pack(">H", rng.randrange(0, 5)) + rng.randbytes(rng.randrange(0, 12)))
+                length = len(data) if rng.random() < 0.8 else _rand_len(rng, len(data))
+                magic = w.IHAVEOPT if rng.random() < 0.9 else rng.getrandbits(64)
+                out += struct.pack(">QII", magic, opt, length) + data
+            c.send(out)
+        elif stage == 4:                             # random bytes as options
+            c.greet()
+            c.send(rng.randbytes(rng.randrange(1, 500)))
+        else:                                        # transmission
+            structured = rng.random() < 0.5
+            c.handshake(export, structured=structured, meta=structured and rng.random() < 0.5)
+            if stage == 5:
+                c.send(rng.randbytes(rng.randrange(1, 500)))
+            else:
+                out = bytearray()
+                for _ in range(rng.randrange(1, 10)):
+                    cmd = rng.choice([0, 0, 1, 1, 3, 4, 5, 6, 7, 2, 8, rng.randrange(65536)])
+                    flags = rng.choice([0, 0, 1, 2, 4, 8, 16, rng.randrange(65536)])
+                    x = rng.random()
+                    offset = (rng.randrange(0, size) if x < 0.7 else
+                              rng.choice([size - 1, size, 2**64 - 1, 2**63, size - 4096]))
+                    length = _rand_len(rng, MAX_PAYLOAD)
+                    if cmd in (w.CMD_READ, w.CMD_WRITE) and length > 4 * MiB and rng.random() < 0.9:
+                        length = rng.randrange(0, 4 * MiB)
+                    magic = w.REQUEST_MAGIC if rng.random() < 0.95 else rng.getrandbits(32)
+                    out += struct.pack(">IHHQQI", magic, flags, cmd, rng.getrandbits(64),
+                                       offset, length)
+                    if cmd == w.CMD_WRITE:
+                        n = length if rng.random() < 0.8 else rng.randrange(0, 1000)
+                        out += rng.randbytes(min(n, 4 * MiB))
+                c.send(out)
+        c.sock.shutdown(socket.SHUT_WR)
+        c.read_until_closed(timeout=15)
+    except Closed:
+        pass
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        c.close()
+    return stage
+
+
+def test_fuzz_random_bytes_at_every_stage(served):
+    served.fill_other()
+    rng = random.Random(0x11)
+    stages = set()
+    for i in range(300):
+        stages.add(fuzz_one(rng, served.path))
+        if i % 50 == 49:
+            served.assert_serving()
+    assert stages == set(range(7))
+    served.assert_serving()
+    served.assert_other_intact()
+
+
+def test_fuzz_against_the_process():
+    d = short_dir()
+    try:
+        with NbdProcess(d, exports=["disk=64M", "other=8M"]) as p:
+            with Conn.connect(p.socket) as c:
+                c.handshake("other", structured=False)
+                checked_ok(c.write(0, pattern(21, MiB)))
+                checked_ok(c.write(7 * MiB, pattern(22, MiB)))
+            rng = random.Random(0x12)
+            for i in range(120):
+                fuzz_one(rng, p.socket)
+                assert p.proc.poll() is None, f"cxlflash nbd died:\n{p.log()}"
+            with Conn.connect(p.socket) as c:
+                c.handshake("other", structured=True)
+                assert checked_ok(c.read(0, MiB)).data == pattern(21, MiB)
+                assert checked_ok(c.read(7 * MiB, MiB)).data == pattern(22, MiB)
+            with Conn.connect(p.socket) as c:
+                c.handshake("disk")
+                checked_ok(c.write(0, b"alive"))
+                assert checked_ok(c.read(0, 5)).data == b"alive"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_disconnect_in_the_middle_of_a_write_payload(served):
+    served.fill_other()
+    for cut in (0, 1, 4096, 512 * KiB, MiB - 1):
+        with served.conn() as c:
+            c.send_request(w.CMD_WRITE, 4 * MiB, MiB, payload=pattern(cut, cut))
+        with served.conn() as c:           # the header alone, on another
+            c.send(struct.pack(">IHHQQI", w.REQUEST_MAGIC, 0, w.CMD_WRITE, 1, 0, 4096)[:cut % 28])
+    served.assert_serving()
+    served.assert_other_intact()
+
+
+def test_requests_sent_and_the_reply_never_read(served):
+    served.fill_other()
+    for structured in (False, True):
+        for _ in range(5):
+            c = served.conn(structured=structured)
+            for i in range(8):
+                c.send_request(w.CMD_READ, i * 4 * MiB, 4 * MiB)
+            c.send_request(w.CMD_WRITE, 48 * MiB, 4096, payload=b"q" * 4096)
+            c.close()
+    served.assert_serving()
+    served.assert_other_intact()
+
+
+def _fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_connections_opened_and_dropped(served):
+    served.assert_serving()
+    time.sleep(0.2)
+    fds0, threads0 = _fd_count(), threading.active_count()
+    held = []
+    for i in range(60):                          # many at once
+        c = served.raw()
+        if i % 3 == 1:
+            c.read_greeting()
+        elif i % 3 == 2:
+            c.handshake("disk" if i % 2 else "other")
+        held.append(c)
+    served.assert_serving()
+    for c in held:
+        c.close()
+    for i in range(150):                         # one after another
+        c = served.raw()
+        if i % 4 == 1:
+            c.greet()
+        elif i % 4 == 2:
+            c.handshake()
+            c.send_request(w.CMD_READ, 0, MiB)
+        elif i % 4 == 3:
+            c.greet()
+            c.send_option(w.OPT_GO, b"\0\0")     # half an option
+        c.close()
+    served.assert_serving()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if _fd_count() <= fds0 + 2 and threading.active_count() <= threads0 + 2:
+            break
+        time.sleep(0.1)
+    assert _fd_count() <= fds0 + 2, (fds0, _fd_count(), "file descriptors leak")
+    assert threading.active_count() <= threads0 + 2, (threads0, threading.active_count(),
+                                                      "threads leak")
+
+
+# -- durability -------------------------------------------------------------
+
+@pytest.fixture
+def file_served(tmp_path):
+    path = str(tmp_path / "lun.img")
+    with open(path, "wb") as f:
+        f.truncate(256 * MiB)
+    d = short_dir()
+    a = cxlflash.Adapter()
+    wwid = a.add_lun(path)
+    srv = NbdServer(a, log=None)
+    srv.add_export("whole", None, direct=True, lun=wwid)
+    sock = srv.listen_unix(os.path.join(d, "s"))
+    srv.start()
+    try:
+        yield srv, sock, path
+    finally:
+        srv.close()
+        a.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _pread(path, off, n):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def test_flush_makes_answered_writes_reach_the_file(file_served):
+    srv, sock, path = file_served
+    with Conn.connect(sock) as c:
+        info = c.handshake("whole")
+        assert info.size == 256 * MiB == srv.exports["whole"].size
+        for i, off in enumerate([0, 4096 * 7, 100 * MiB + 3, 256 * MiB - 8192]):
+            checked_ok(c.write(off, pattern(30 + i, 8192)))
+        checked_ok(c.flush())
+        for i, off in enumerate([0, 4096 * 7, 100 * MiB + 3, 256 * MiB - 8192]):
+            assert _pread(path, off, 8192) == pattern(30 + i, 8192), off
+
+
+def test_flush_on_one_connection_covers_writes_of_another(file_served):
+    srv, sock, path = file_served
+    a = Conn.connect(sock)
+    b = Conn.connect(sock)
+    try:
+        assert a.handshake("whole").flags & w.FLAG_CAN_MULTI_CONN
+        b.handshake("whole")
+        cookies = [a.send_request(w.CMD_WRITE, i * MiB, 64 * KiB, payload=pattern(40 + i, 64 * KiB))
+                   for i in range(8)]
+        assert sorted(r.cookie for r in map(checked_ok, a.read_replies(8))) == sorted(cookies)
+        checked_ok(b.flush())
+        for i in range(8):
+            assert _pread(path, i * MiB, 64 * KiB) == pattern(40 + i, 64 * KiB)
+        assert checked_ok(b.read(3 * MiB, 64 * KiB)).data == pattern(43, 64 * KiB)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_answered_flush_survives_sigkill_of_the_process(tmp_path):
+    path = str(tmp_path / "lun.img")
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)
+    d = short_dir()
+    try:
+        p = NbdProcess(d, exports=["d=direct"], target=path)
+        try:
+            with Conn.connect(p.socket) as a, Conn.connect(p.socket) as b:
+                assert a.handshake("d").size == 64 * MiB
+                b.handshake("d")
+                checked_ok(a.write(5 * MiB + 17, pattern(50, 3 * MiB)))
+                checked_ok(a.write(63 * MiB, pattern(51, MiB), w.CMD_FLAG_FUA))
+                checked_ok(b.flush())
+                os.kill(p.pid, signal.SIGKILL)
+                p.proc.wait(30)
+        finally:
+            p.kill()
+        assert _pread(path, 5 * MiB + 17, 3 * MiB) == pattern(50, 3 * MiB)
+        assert _pread(path, 63 * MiB, MiB) == pattern(51, MiB)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- resize -----------------------------------------------------------------
+
+def test_resize_bigger_is_seen_by_new_connections_only(served):
+    old = served.conn()
+    try:
+        checked_ok(old.write(DISK - 4096, b"o" * 4096))
+        served.srv.resize_export("disk", 2 * DISK)
+        assert served.srv.exports["disk"].size == 2 * DISK
+        assert old.export.size == DISK
+        assert old.read(DISK, 4096).error == w.EINVAL          # the old size holds
+        assert checked_ok(old.read(DISK - 4096, 4096)).data == b"o" * 4096
+        with served.raw() as c:
+            c.greet()
+            assert c.info("disk").size == 2 * DISK
+            assert c.go("disk").size == 2 * DISK
+            checked_ok(c.write(2 * DISK - 4096, b"n" * 4096))
+            assert checked_ok(c.read(2 * DISK - 4096, 4096)).data == b"n" * 4096
+            assert checked_ok(c.read(DISK - 4096, 4096)).data == b"o" * 4096
+            assert c.read(2 * DISK, 1).error == w.EINVAL
+        checked_ok(old.read(0, 1))
+    finally:
+        old.close()
+
+
+def test_shrinking_below_a_connected_export_is_ebusy(served):
+    with served.conn() as c:
+        checked_ok(c.write(DISK - 4096, b"k" * 4096))
+        with pytest.raises(OSError) as e:
+            served.srv.resize_export("disk", DISK // 2)
+        assert e.value.errno == errno.EBUSY
+        assert "disk" in str(e.value)
+        assert served.srv.exports["disk"].size == DISK
+        assert checked_ok(c.read(DISK - 4096, 4096)).data == b"k" * 4096
+    with served.conn() as c:
+        assert c.export.size == DISK
+
+
+# -- the command line ---------------------------------------------------------
+
+CLI_BAD = {
+    "no-listener": (["--export", "d=1M"], "--unix"),
+    "export-without-size": (["--export", "lonely"], "lonely"),
+    "export-without-name": (["--export", "=1M"], "=1M"),
+    "size-not-a-number": (["--export", "d=abc"], "abc"),
+    "size-bad-suffix": (["--export", "d=1Q"], "1Q"),
+    "size-zero": (["--export", "zero=0"], "zero"),
+    "size-negative": (["--export", "neg=-1M"], "-1M"),
+    "duplicate-names": (["--export", "dup=1M", "--export", "dup=2M"], "dup"),
+    "direct-without-target": (["--export", "d=direct"], "--target"),
+    "no-export": ([], "--export"),
+    "target-missing": (["--export", "d=direct", "--target", "/nonexistent/x.img"],
+                       "/nonexistent/x.img"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_BAD))
+def test_cli_bad_arguments(case):
+    args, needle = CLI_BAD[case]
+    d = short_dir()
+    try:
+        sock = os.path.join(d, "s")
+        listen = [] if case == "no-listener" else ["--unix", sock]
+        p = subprocess.run([sys.executable, "-m", "cxlflash", "nbd", *listen, *args,
+                            "--pid-file", os.path.join(d, "pid")],
+                           capture_output=True, text=True, timeout=60, env=subprocess_env(),
+                           cwd=d, stdin=subprocess.DEVNULL)
+        assert p.returncode not in (0, None) and p.returncode > 0, (p.returncode, p.stderr)
+        assert "error" in p.stderr and needle in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr, p.stderr
+        assert not os.path.exists(sock), "a socket was left behind"
+        assert not os.path.exists(os.path.join(d, "pid")), "a pid file was left behind"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_cli_sigterm_exits_0_and_removes_socket_and_pid_file():
+    d = short_dir()
+    try:
+        p = NbdProcess(d, exports=["a=1M", "b=2M"])
+        try:
+            assert os.path.exists(p.socket)
+            with Conn.connect(p.socket) as c:        # a client still connected
+                c.greet()
+                assert sorted(c.list_exports()) == ["a", "b"]
+                c.go("b")
+                assert c.export.size == 2 * MiB
+                checked_ok(c.write(0, b"x"))
+                p.stop()
+            assert p.status == 0
+        finally:
+            if p.status is None:
+                p.kill()
+        assert not os.path.exists(p.socket), p.log()
+        assert not os.path.exists(p.pid_file), p.log()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
