@@ -4,6 +4,7 @@
 ``cxlflash info``   what the package is built with
 ``cxlflash serve``  the driver as a daemon (see ``cxlflash serve --help``)
 ``cxlflash ctl``    what a daemon serves: LUNs, contexts, counters
+``cxlflash nbd``    export new LUNs over NBD (see ``cxlflash nbd --help``)
 """
 import argparse
 import os
@@ -135,6 +136,7 @@ prefill.""")
     sub.add_parser("info", help="versions and build facts")
     from .server import ctl, daemon
     daemon.add_parser(sub)
+    daemon.add_nbd_parser(sub)
     ctl.add_parser(sub)
     return p
 
@@ -284,6 +286,9 @@ def main(argv=None):
         if args.command == "serve":
             from .server import daemon
             return daemon.run(args)
+        if args.command == "nbd":
+            from .server import daemon
+            return daemon.run_nbd(args)
         if args.command == "ctl":
             from .server import ctl
             return ctl.run(args)

@@ -144,6 +144,8 @@ cdef class DataPath:
     cdef int _raise(self, int rc, int afu_rc, uint64_t bad_lba, int write) except -1
     cdef int _run(self, uint64_t lba, uint64_t nblocks, char *buf, int write,
                   int *afu_rc, uint64_t *bad_lba) noexcept nogil
+    cdef int _zero(self, uint64_t lba, uint64_t nblocks, int zero_mode, int *afu_rc,
+                   uint64_t *bad_lba) noexcept nogil
     cdef int _unmap(self, uint64_t lba, uint64_t nblocks, int *afu_rc,
                     uint64_t *bad_lba) noexcept nogil
     cdef int64_t _list_one(self, uint64_t op, uint64_t lba, uint64_t nblocks,

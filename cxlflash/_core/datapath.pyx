@@ -544,9 +544,15 @@ cdef class DataPath:
 
     cdef int _unmap(self, uint64_t lba, uint64_t nblocks, int *afu_rc,
                     uint64_t *bad_lba) noexcept nogil:
-        """Zero blocks through the table (write permission needed): the
-        whole range is checked first, then physically contiguous runs are
-        zeroed."""
+        """Zero blocks through the table (write permission needed), the
+        backing store's way (punching holes where it can)."""
+        return self._zero(lba, nblocks, self.zero_mode, afu_rc, bad_lba)
+
+    cdef int _zero(self, uint64_t lba, uint64_t nblocks, int zero_mode, int *afu_rc,
+                   uint64_t *bad_lba) noexcept nogil:
+        """Zero blocks through the table (write permission needed) with
+        ``zero_mode`` (a ZERO_*): the whole range is checked first, then
+        physically contiguous runs are zeroed."""
         cdef uint64_t v = lba, left = nblocks, n, bs = self.block_size
         cdef uint64_t run_p = 0, run_len = 0
         cdef int64_t p
@@ -571,7 +577,7 @@ cdef class DataPath:
                     run_len += n
                 else:
                     if run_len:
-                        rc = zero_range(fd, self.zero_mode, run_p * bs, run_len * bs)
+                        rc = zero_range(fd, zero_mode, run_p * bs, run_len * bs)
                         if rc:
                             break
                     run_p = <uint64_t> p
@@ -579,7 +585,7 @@ cdef class DataPath:
                 v += n
                 left -= n
             if rc == 0 and run_len:
-                rc = zero_range(fd, self.zero_mode, run_p * bs, run_len * bs)
+                rc = zero_range(fd, zero_mode, run_p * bs, run_len * bs)
         self.table.unlock()
         return rc
 

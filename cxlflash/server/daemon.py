@@ -73,12 +73,13 @@ class Log:
     threads never interleave; a stderr that is closed or a broken pipe is
     ignored -- the daemon goes on serving without its log."""
 
-    def __init__(self, fd=2):
+    def __init__(self, fd=2, prefix=None):
         self.fd = fd
+        self.prefix = PREFIX if prefix is None else prefix
         self._lock = threading.Lock()
 
     def __call__(self, message):
-        text = PREFIX + " ".join(str(message).splitlines()) + "\n"
+        text = self.prefix + " ".join(str(message).splitlines()) + "\n"
         data = text.encode("utf-8", "backslashreplace")
         with self._lock:
             try:
@@ -213,7 +214,89 @@ Exit status 1: it could not start; 2: a mistake in the options or --config.""")
     s.add_argument("--ports", type=checked(_ports), default=None, metavar="N",
                    help=f"the adapter's FC ports, 1..{MAX_PORTS} (default 2); every "
                         "LUN is visible on all of them")
+    g = s.add_argument_group("NBD export (qemu, nbdcopy, fio, nbd-client)")
+    g.add_argument("--nbd", metavar="unix:PATH|tcp:[HOST:]PORT", action="append",
+                   type=checked(_nbd_address), default=None,
+                   help="also serve --export's over NBD there (repeatable; TCP host "
+                        "default 127.0.0.1)")
+    _export_options(g, checked)
     return s
+
+
+def _nbd_address(text):
+    from .nbd import parse_listen
+    return parse_listen(text)
+
+
+def _nbd_export(text):
+    from .nbd import parse_export
+    return parse_export(text)
+
+
+def _threads(text):
+    n = int(text)
+    if not 1 <= n <= 256:
+        raise ValueError(f"{text}: 1..256")
+    return n
+
+
+def _export_options(g, checked):
+    g.add_argument("--export", metavar="NAME=SIZE|NAME=direct", action="append",
+                   type=checked(_nbd_export), default=None,
+                   help="an export: a new virtual LUN of SIZE bytes (suffixes K, M, G, "
+                        "T), or 'direct' for the whole physical LUN; clients name it "
+                        "nbd+unix:///NAME?socket=PATH (repeatable)")
+    g.add_argument("--threads", type=checked(_threads), default=None, metavar="N",
+                   help="requests of one NBD connection served at once (default 16)")
+
+
+def add_nbd_parser(sub):
+    """The ``nbd`` subcommand: a driver of its own, exporting new LUNs."""
+    import argparse
+
+    def checked(parse):
+        def f(text):
+            try:
+                return parse(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        f.__name__ = parse.__name__.lstrip("_")
+        return f
+
+    s = sub.add_parser(
+        "nbd", help="export new LUNs over NBD (qemu, nbdcopy, fio, nbd-client)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start a driver in this process, create one virtual LUN per "
+                    "--export on --target (default: an in-memory LUN just large "
+                    "enough), and serve them over the Network Block Device protocol "
+                    "until stopped.",
+        epilog="""Examples:
+  cxlflash nbd --unix /tmp/nbd.sock --export disk=10G
+  qemu-img convert -O raw 'nbd+unix:///disk?socket=/tmp/nbd.sock' disk.img
+  nbdcopy image.raw 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+  cxlflash nbd --tcp 127.0.0.1:10809 --export whole=direct --target /dev/sdX
+
+Readiness: once the sockets accept, the pid file is written and READY=1 is
+sent on $NOTIFY_SOCKET.  SIGTERM or SIGINT stop it (exit 0): connections
+end, the LUNs are released, the sockets and the pid file removed.  An
+export keeps the size its clients were told until they reconnect.""")
+    s.add_argument("--unix", metavar="PATH", help="serve on this Unix socket")
+    s.add_argument("--tcp", metavar="[HOST:]PORT", type=checked(_hostport),
+                   help="serve on TCP (host default 127.0.0.1)")
+    _export_options(s, checked)
+    s.add_argument("--target", metavar="FILE_OR_DEVICE",
+                   help="the physical LUN the exports are made on: an existing file "
+                        "or block device (default: memory)")
+    s.add_argument("--pid-file", metavar="PATH",
+                   help="written with the pid when ready, removed at exit")
+    s.add_argument("--exit-with-parent", action="store_true",
+                   help="stop (as on SIGTERM) when the parent process exits")
+    return s
+
+
+def _hostport(text):
+    from .nbd import parse_hostport
+    return parse_hostport(text)
 
 
 def default_socket():
@@ -309,6 +392,12 @@ class Settings:
         self.pid_file = pick("pid_file")
         self.ports = pick("ports") or 2
         self.exit_with_parent = bool(getattr(args, "exit_with_parent", False))
+        self.control = True             # serve cxlflash.connect() clients
+        self.nbd = [("unix", os.path.abspath(a)) if k == "unix" else (k, a)
+                    for k, a in (getattr(args, "nbd", None) or [])]
+        self.exports = getattr(args, "export", None) or []
+        self.threads = getattr(args, "threads", None)
+        _check_exports(self.exports, bool(self.nbd), "--nbd")
         # What only applies to a socket this daemon creates (named for the
         # log when socket activation makes them moot).
         self.socket_options = [o for o, v in (("--socket", self.socket),
@@ -356,6 +445,63 @@ class Settings:
                                  f"as {seen[ident]}: each LUN once (two LUNs on one store "
                                  "would overwrite each other)", 2)
             seen[ident] = p
+
+
+def _check_exports(exports, listening, where):
+    names = [n for n, _ in exports]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ServeError(f"--export {dup[0]!r} given twice: each export needs its own name", 2)
+    if exports and not listening:
+        raise ServeError(f"--export needs {where}: where clients connect", 2)
+    if listening and not exports:
+        raise ServeError(f"{where} serves --export's: give at least one "
+                         "(--export NAME=SIZE, e.g. disk=1G)", 2)
+    direct = [n for n, size in exports if size is None]
+    if direct and len(exports) > 1:
+        raise ServeError(f"--export {direct[0]}=direct is the whole LUN: it cannot share "
+                         "it with other exports", 2)
+
+
+class NbdSettings:
+    """``cxlflash nbd``: a driver of its own for its exports."""
+
+    def __init__(self, args):
+        from .._core.tables import MC_CHUNK_SIZE
+        chunk_bytes = MC_CHUNK_SIZE * 4096      # the in-memory LUN's blocks are 4 KiB
+        self.notes = []
+        self.socket = None
+        self.control = False
+        self.socket_options = []
+        self.directory = None
+        self.mode = None
+        self.group = None
+        self.ports = 1
+        self.pid_file = args.pid_file
+        self.exit_with_parent = bool(args.exit_with_parent)
+        self.nbd = []
+        if args.unix:
+            self.nbd.append(("unix", os.path.abspath(args.unix)))
+        if args.tcp:
+            self.nbd.append(("tcp", args.tcp))
+        if not self.nbd:
+            raise ServeError("where should clients connect? give --unix PATH and/or "
+                             "--tcp [HOST:]PORT", 2)
+        self.exports = args.export or []
+        self.threads = args.threads
+        _check_exports(self.exports, True, "--unix/--tcp")
+        self.luns = [os.path.abspath(args.target)] if args.target else []
+        if self.luns:
+            self._check_luns()
+            self.size = None
+        else:
+            if any(size is None for _, size in self.exports):
+                raise ServeError("--export NAME=direct exports a whole physical LUN: "
+                                 "give it one with --target FILE_OR_DEVICE", 2)
+            # Just large enough: each export in whole chunks of 4096-byte blocks.
+            self.size = sum(-(-size // chunk_bytes) for _, size in self.exports) * chunk_bytes
+
+    _check_luns = Settings._check_luns
 
 
 # -- process -----------------------------------------------------------------
@@ -650,6 +796,7 @@ class Daemon:
         self.server = None
         self.thread = None
         self.server_error = None
+        self.nbd = None
 
     def _stop_pending(self):
         pending = signal.sigpending() & set(STOP_SIGNALS)
@@ -687,22 +834,25 @@ class Daemon:
         try:
             if s.pid_file:
                 self.pid_file = PidFile(s.pid_file)
-            self.listener = Listener.activated(self.log)
-            if self.listener is not None and s.socket_options:
-                self.log(f"{', '.join(s.socket_options)} ignored: the socket comes from "
-                         "socket activation (the .socket unit sets ListenStream=, "
-                         "SocketMode=, SocketGroup=)")
-            if self.listener is None:
-                self.listener = Listener.bound(s.socket or default_socket(), s.mode,
-                                               s.group, self.log)
-            self.log(f"listening on {self.listener.name}")
+            if s.control:
+                self.listener = Listener.activated(self.log)
+                if self.listener is not None and s.socket_options:
+                    self.log(f"{', '.join(s.socket_options)} ignored: the socket comes "
+                             "from socket activation (the .socket unit sets "
+                             "ListenStream=, SocketMode=, SocketGroup=)")
+                if self.listener is None:
+                    self.listener = Listener.bound(s.socket or default_socket(), s.mode,
+                                                   s.group, self.log)
+                self.log(f"listening on {self.listener.name}")
             # Only now the LUNs: a daemon that already serves this socket may
             # have them open.
             for note in s.notes:
                 self.log(note)
             self.adapter = self._adapter()
+            if s.nbd:
+                self._start_nbd()
             signo = self._stop_pending()
-            if signo is None:
+            if signo is None and s.control:
                 from . import service
                 self.server = service.Server(self.adapter, self.listener.sock, log=self.log)
                 self.thread = threading.Thread(target=self._serve, name="cxlflash-serve",
@@ -733,7 +883,7 @@ class Daemon:
             info = signal.sigtimedwait(STOP_SIGNALS, 1.0)
             if info is not None:
                 return info.si_signo
-            if not self.thread.is_alive():
+            if self.thread is not None and not self.thread.is_alive():
                 return None
 
     def _log_held(self):
@@ -750,10 +900,37 @@ class Daemon:
                      f"pid{'s' if len(pids) != 1 else ''} {', '.join(map(str, pids))} "
                      f"({chunks} chunks)")
 
+    def _start_nbd(self):
+        from .nbd import NbdServer
+        s = self.settings
+        kw = {} if s.threads is None else {"threads": s.threads}
+        self.nbd = NbdServer(self.adapter, log=self.log, **kw)
+        for kind, addr in s.nbd:
+            if kind == "unix":
+                self.nbd.listen_unix(addr)
+            else:
+                try:
+                    self.nbd.listen_tcp(*addr)
+                except OSError as e:
+                    raise ServeError(f"cannot listen on tcp:{addr[0]}:{addr[1]}: "
+                                     f"{e.strerror} (choose another port)") from None
+        for name, size in s.exports:
+            self.nbd.add_export(name, size, direct=size is None)
+        self.nbd.start()
+        for a in self.nbd.addresses:
+            self.log(f"NBD on {a}")
+
     def _stop(self, status, quiet=False):
         """Stop everything started, in order; the exit status."""
         if self.listener is not None:
             self.listener.unlink()      # new clients: ENOENT, and a new daemon may bind
+        if self.nbd is not None:
+            try:
+                self.nbd.close()
+            except Exception as e:
+                self.log(f"error stopping the NBD server: {e!r}")
+                status = 1
+            self.nbd = None
         if self.server is not None:
             try:
                 self.server.shutdown()
@@ -812,12 +989,17 @@ def standard_fds():
     return opened
 
 
-def run(args):
+def run_nbd(args):
+    """``cxlflash nbd``: the exit status."""
+    return run(args, NbdSettings, "cxlflash nbd")
+
+
+def run(args, settings_class=None, what="cxlflash serve"):
     """``cxlflash serve``: the exit status."""
     standard_fds()
-    log = Log()
+    log = Log(prefix=f"{what}: ")
     try:
-        settings = Settings(args)
+        settings = (settings_class or Settings)(args)
         # Before any thread exists, so every thread inherits the mask: the
         # stop signals are only ever taken by the main thread's
         # sigtimedwait.  They stay blocked until the process exits: a second

@@ -83,3 +83,36 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_atfork(void (*prepare)() noexcept nogil,
                        void (*parent)() noexcept nogil,
                        void (*child)() noexcept nogil)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int MSG_NOSIGNAL
+    int SHUT_RDWR
+
+
+cdef extern from "<unistd.h>" nogil:
+    off_t lseek(int fd, off_t offset, int whence)
+    int fdatasync(int fd)
+    int SEEK_DATA
+    int SEEK_HOLE
+
+
+cdef extern from "<endian.h>" nogil:
+    uint64_t htobe64(uint64_t x)
+    uint64_t be64toh(uint64_t x)
+    unsigned int htobe32(unsigned int x)
+    unsigned int be32toh(unsigned int x)
+    unsigned short htobe16(unsigned short x)
+    unsigned short be16toh(unsigned short x)
