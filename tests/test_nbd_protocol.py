@@ -559,24 +559,33 @@ def test_disc_closes_after_the_replies_in_flight(served, structured):
         assert checked_ok(c.read(2 * MiB, 4096)).data == b"w" * 4096
 
 
+def _pipeline(c, rng, count, read_max, write_max):
+    """``count`` requests (reads of the 4 MiB at 0, writes from 8 MiB on)
+    with random 64-bit cookies: {cookie: ("r", off, n) | ("w", off, data)}."""
+    sent = {}
+    for i in range(count):
+        cookie = rng.getrandbits(64)
+        if i % 2:
+            off, n = rng.randrange(0, 4 * MiB - read_max), rng.randrange(1, read_max)
+            c.send_request(w.CMD_READ, off, n, cookie=cookie)
+            sent[cookie] = ("r", off, n)
+        else:
+            off = 8 * MiB + i * write_max
+            data = pattern(1000 + i, write_max - i % 4096)
+            c.send_request(w.CMD_WRITE, off, len(data), cookie=cookie, payload=data)
+            sent[cookie] = ("w", off, data)
+    return sent
+
+
 @pytest.mark.parametrize("structured", [False, True])
 def test_pipelined_requests_each_answered_once(served, structured):
+    """32 requests sent before any reply is read (replies small enough for
+    the socket buffers: a client that never reads can block any server)."""
     rng = random.Random(15)
     with served.conn(structured=structured) as c:
         base = pattern(16, 4 * MiB)
         checked_ok(c.write(0, base))
-        sent = {}
-        for i in range(32):
-            cookie = rng.getrandbits(64)
-            if i % 2:
-                off, n = rng.randrange(0, 4 * MiB - 70000), rng.randrange(1, 70000)
-                c.send_request(w.CMD_READ, off, n, cookie=cookie)
-                sent[cookie] = ("r", off, n)
-            else:
-                off = 8 * MiB + i * 64 * KiB
-                data = pattern(1000 + i, 64 * KiB - i)
-                c.send_request(w.CMD_WRITE, off, len(data), cookie=cookie, payload=data)
-                sent[cookie] = ("w", off, data)
+        sent = _pipeline(c, rng, 32, 4096, 64 * KiB)
         replies = c.read_replies(32)
         assert not c.pending
         assert sorted(r.cookie for r in replies) == sorted(sent)
@@ -585,6 +594,37 @@ def test_pipelined_requests_each_answered_once(served, structured):
             kind, off, x = sent[r.cookie]
             if kind == "r":
                 assert r.data == base[off:off + x]
+        for kind, off, x in sent.values():
+            if kind == "w":
+                assert checked_ok(c.read(off, len(x))).data == x
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_many_requests_in_flight_while_replies_are_read(served, structured):
+    """512 requests with large reads, sent from a thread while this one
+    reads the replies: every cookie answered once, with its data."""
+    rng = random.Random(17)
+    with served.conn(structured=structured) as c:
+        base = pattern(18, 4 * MiB)
+        checked_ok(c.write(0, base))
+        box = {}
+
+        def sender():
+            box["sent"] = _pipeline(c, rng, 512, 256 * KiB, 32 * KiB)
+
+        t = threading.Thread(target=sender)
+        t.start()
+        got = {}
+        for _ in range(512):
+            r = checked_ok(c.read_reply())
+            assert r.cookie not in got
+            got[r.cookie] = r
+        t.join()
+        sent = box["sent"]
+        assert sorted(got) == sorted(sent)
+        for cookie, (kind, off, x) in sent.items():
+            if kind == "r":
+                assert got[cookie].data == base[off:off + x]
         for kind, off, x in sent.values():
             if kind == "w":
                 assert checked_ok(c.read(off, len(x))).data == x
