@@ -63,6 +63,20 @@ cdef struct extent:
     int hole
 
 
+cdef struct worker:
+    char *buf                    # payloads, aligned; grown on demand
+    uint64_t cap
+    char *blk                    # one block, for read-modify-write
+    char hdr[NBD_MAX_EXTENTS * 32 + 64]   # reply headers
+    extent ext[NBD_MAX_EXTENTS]
+    # The last data run SEEK_HOLE found: [cache_d, cache_h) of cache_fd,
+    # valid while the export's punch_gen is cache_gen.
+    int cache_fd
+    uint64_t cache_gen
+    uint64_t cache_d
+    uint64_t cache_h
+
+
 cdef class NbdExport:
     # The data path of the export's LUN (replaced, never freed while the
     # export lives, after an AFU reset recovery: see _recovered()).
@@ -73,6 +87,7 @@ cdef class NbdExport:
     cdef readonly bint can_punch
     cdef readonly bint seek_holes
     cdef cxl_lock rmw            # read-modify-write of partial blocks
+    cdef uint64_t punch_gen      # counts this export's hole punches (atomic)
     cdef bint rmw_ready
 
     cdef int recover(self, int rc) noexcept nogil
@@ -80,15 +95,8 @@ cdef class NbdExport:
     cdef int zero_blocks(self, uint64_t lba, uint64_t nblocks, int mode) noexcept nogil
     cdef int zero_bytes(self, char *blk, uint64_t offset, uint64_t length) noexcept nogil
     cdef int sync(self) noexcept nogil
-    cdef int extents(self, uint64_t offset, uint64_t length, extent *out, int max_out) noexcept nogil
-
-
-cdef struct worker:
-    char *buf                    # payloads, aligned; grown on demand
-    uint64_t cap
-    char *blk                    # one block, for read-modify-write
-    char hdr[NBD_MAX_EXTENTS * 32 + 64]   # reply headers
-    extent ext[NBD_MAX_EXTENTS]
+    cdef int extents(self, worker *w, uint64_t offset, uint64_t length, extent *out,
+                     int max_out) noexcept nogil
 
 
 cdef class NbdConnection:

@@ -22,7 +22,7 @@ from libc.errno cimport (errno, EINTR, EINVAL, ENOMEM, ENOSPC, EDQUOT, EPERM,
                          EACCES, EROFS, ENXIO)
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memset, strlen
+from libc.string cimport memcmp, memcpy, memset, strlen
 from posix.types cimport off_t
 from cxlflash._core.includes.system cimport (
     iovec, msghdr, sendmsg, recv, shutdown, MSG_NOSIGNAL, SHUT_RDWR, lseek,
@@ -45,8 +45,16 @@ cdef enum:
     REQUEST_SIZE = 28
     SIMPLE_SIZE = 16
     CHUNK_SIZE = 20              # structured reply chunk header
+    ZERO_GRANULE = 4096          # READ replies: zero runs found per 4 KiB
     KNOWN_FLAGS = (NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF
                    | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO)
+
+
+cdef extern from *:
+    """
+    #define CXLFLASH_ATOMIC_INC(p) __atomic_add_fetch((p), 1, __ATOMIC_SEQ_CST)
+    """
+    void atomic_inc "CXLFLASH_ATOMIC_INC"(uint64_t *p) noexcept nogil
 
 
 # -- big-endian fields ---------------------------------------------------------------
@@ -187,6 +195,9 @@ cdef class NbdExport:
         rc = self.dp._zero(lba, nblocks, mode, &afu_rc, &bad)
         if rc and self.recover(rc):
             rc = self.dp._zero(lba, nblocks, mode, &afu_rc, &bad)
+        if mode != ZERO_WRITE:
+            # After the punch: a data run found before it is forgotten.
+            atomic_inc(&self.punch_gen)
         return rc
 
     cdef int zero_bytes(self, char *blk, uint64_t offset, uint64_t length) noexcept nogil:
@@ -217,13 +228,15 @@ cdef class NbdExport:
         self.dp.table.unlock()
         return rc
 
-    cdef int extents(self, uint64_t offset, uint64_t length, extent *out,
+    cdef int extents(self, worker *w, uint64_t offset, uint64_t length, extent *out,
                      int max_out) noexcept nogil:
         """The export's bytes [offset, offset+length) as extents of data and
         holes of the backing store (SEEK_DATA/SEEK_HOLE on each chunk's
         physical range), adjacent ones merged, at most ``max_out`` (>= 2):
         what does not fit is reported as data.  The number of extents."""
         cdef int n = 0, afu_rc = 0, fd, hole
+        cdef bint cached
+        cdef uint64_t gen = 0
         cdef uint64_t v = offset, end = offset + length, bs = self.block_size
         cdef uint64_t vlba, nblk, seg_end, phys, pend, q, a, b, covered = offset
         cdef int64_t p
@@ -249,7 +262,10 @@ cdef class NbdExport:
             q = phys
             while q < pend:
                 d = <off_t> q
-                if self.seek_holes:
+                cached = (w.cache_fd == fd and w.cache_gen == self.punch_gen
+                          and w.cache_d <= q < w.cache_h)
+                if self.seek_holes and not cached:
+                    gen = self.punch_gen
                     d = lseek(fd, <off_t> q, SEEK_DATA)
                     if d < 0:
                         d = <off_t> pend if errno == ENXIO else <off_t> q
@@ -263,10 +279,23 @@ cdef class NbdExport:
                 if <uint64_t> d >= pend:
                     break
                 h = <off_t> pend
-                if self.seek_holes:
+                if cached:
+                    h = <off_t> w.cache_h
+                elif self.seek_holes:
+                    # SEEK_HOLE walks the data to its end (page by page on
+                    # tmpfs): remember the run, so that the next request
+                    # in it costs nothing.  Only data is remembered, and
+                    # this export's punches forget it (punch_gen); a punch
+                    # by another user of the store can only make this say
+                    # data where there is a hole -- never the other way.
                     h = lseek(fd, d, SEEK_HOLE)
-                    if h <= d or <uint64_t> h > pend:
-                        h = <off_t> pend
+                    if h > d:
+                        w.cache_fd = fd
+                        w.cache_gen = gen
+                        w.cache_d = <uint64_t> d
+                        w.cache_h = <uint64_t> h
+                if h <= d or <uint64_t> h > pend:
+                    h = <off_t> pend
                 n = add_extent(out, n, max_out, v + (<uint64_t> d - phys),
                                <uint64_t> (h - d), 0)
                 if n < 0:
@@ -287,6 +316,43 @@ cdef class NbdExport:
                 out[n].hole = 0
                 n += 1
         return n
+
+
+cdef inline bint all_zero(const char *p, uint64_t n) noexcept nogil:
+    # Data usually differs from zero in its first word: that is all it costs.
+    cdef uint64_t w0 = 0
+    if n < 8:
+        return n == 0 or (p[0] == 0 and (n == 1 or memcmp(p, p + 1, n - 1) == 0))
+    memcpy(&w0, p, 8)
+    return w0 == 0 and memcmp(p, p + 1, n - 1) == 0
+
+
+cdef int zero_runs(const char *data, uint64_t offset, uint64_t length, extent *out,
+                   int max_out) noexcept nogil:
+    """The read's bytes [offset, offset+length), already in ``data``, as
+    extents of data and of zeros (4 KiB granules of the export, adjacent
+    ones merged; at most ``max_out``, the rest data): a READ reply sends
+    the zero runs as hole chunks.  The number of extents."""
+    cdef int n = 0
+    cdef uint64_t g = offset, end = offset + length, ge
+    while g < end:
+        ge = (g // ZERO_GRANULE + 1) * ZERO_GRANULE
+        if ge > end:
+            ge = end
+        n = add_extent(out, n, max_out, g, ge - g,
+                       1 if all_zero(data + (g - offset), ge - g) else 0)
+        if n < 0:
+            n = max_out - 1
+            if out[n - 1].hole:
+                out[n].offset = g
+                out[n].length = end - g
+                out[n].hole = 0
+                n += 1
+            else:
+                out[n - 1].length = end - out[n - 1].offset
+            return n
+        g = ge
+    return n
 
 
 cdef int add_extent(extent *out, int n, int max_out, uint64_t offset, uint64_t length,
@@ -356,6 +422,7 @@ cdef class NbdConnection:
             free(w)
             raise MemoryError()
         w.blk = <char *> blk
+        w.cache_fd = -1
         try:
             with nogil:
                 self.loop(w)
@@ -608,9 +675,8 @@ cdef class NbdConnection:
             iov[1].iov_len = length
             k = 2
         else:
-            if (length >= NBD_HOLE_READ_MIN and self.export.seek_holes
-                    and not (flags & NBD_CMD_FLAG_DF)):
-                nx = self.export.extents(offset, length, w.ext, NBD_MAX_EXTENTS)
+            if length >= NBD_HOLE_READ_MIN and not (flags & NBD_CMD_FLAG_DF):
+                nx = zero_runs(data, offset, length, w.ext, NBD_MAX_EXTENTS)
             if nx == 0:
                 nx = 1
                 w.ext[0].offset = offset
@@ -653,7 +719,7 @@ cdef class NbdConnection:
             return self.fail(w, NBD_CMD_BLOCK_STATUS, cookie, NBD_EINVAL,
                              "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT "
                              "base:allocation)")
-        nx = self.export.extents(offset, length, w.ext, NBD_MAX_EXTENTS)
+        nx = self.export.extents(w, offset, length, w.ext, NBD_MAX_EXTENTS)
         if nx == 0:
             return self.fail(w, NBD_CMD_BLOCK_STATUS, cookie, NBD_EIO,
                              "the allocation map is not available")

@@ -30,6 +30,7 @@ import struct
 import threading
 
 from .._core.nbd import NbdConnection, NbdExport, MAX_PAYLOAD
+from .. import _args
 from ..errors import CxlFlashError
 
 # -- protocol numbers (doc/proto.md) ---------------------------------------------------
@@ -79,6 +80,8 @@ TF_SEND_FAST_ZERO = 1 << 11
 
 BASE_ALLOCATION = "base:allocation"
 META_ID_BASE_ALLOCATION = 1
+
+OFF_MAX = (1 << 63) - 1
 
 #: Advertised block sizes: any alignment is served (partial blocks are
 #: read-modify-written); 4 KiB is what is cheap; 32 MiB the largest payload.
@@ -139,11 +142,27 @@ def parse_export(text):
 
 
 def check_name(name):
-    b = name.encode("utf-8", "strict")
+    """An export name: a str of at most 4096 bytes of UTF-8, without NUL
+    (TypeError / ValueError)."""
+    if not isinstance(name, str):
+        raise TypeError(f"an export name is a str, not {type(name).__name__}")
+    try:
+        b = name.encode("utf-8", "strict")
+    except UnicodeEncodeError:
+        raise ValueError("an export name must be valid UTF-8") from None
     if len(b) > MAX_NAME or "\0" in name:
         raise ValueError(f"an export name must be at most {MAX_NAME} bytes of UTF-8 "
                          "without NUL")
     return name
+
+
+def _export_size(size):
+    """Bytes, 1..2**63-1: TypeError / CxlFlashError(EINVAL)."""
+    v = _args.integer(size, "size")
+    if not 1 <= v <= OFF_MAX:
+        raise CxlFlashError(errno.EINVAL, f"an export's size is 1..2**63-1 bytes, "
+                            f"got {v}")
+    return v
 
 
 def parse_listen(text):
@@ -211,8 +230,10 @@ class NbdServer:
             raise CxlFlashError(errno.EINVAL, "the NBD server runs the driver's data "
                                 "path itself: give it an embedded adapter (in the "
                                 "daemon: cxlflash serve --nbd)")
-        if not isinstance(threads, int) or not 1 <= threads <= 256:
-            raise ValueError("threads: 1..256 worker threads per connection")
+        threads = _args.integer(threads, "threads")
+        if not 1 <= threads <= 256:
+            raise CxlFlashError(errno.EINVAL, f"threads is 1..256 worker threads per "
+                                f"connection, got {threads}")
         self.adapter = adapter
         self.threads = threads
         self.log = log or (lambda line: None)
@@ -221,7 +242,7 @@ class NbdServer:
         self._lock = threading.Lock()
         self._listeners = []            # (socket, name, unix path or None)
         self._accepters = []
-        self._handlers = set()          # connection threads
+        self._handlers = {}             # connection thread -> its socket
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
 
@@ -233,6 +254,11 @@ class NbdServer:
         WWID; default: the first), or with ``direct=True`` the whole
         physical LUN.  Returns the :class:`Export`."""
         check_name(name)
+        if direct:
+            if size is not None:
+                raise ValueError("a direct export is the whole LUN: no size")
+        else:
+            size = _export_size(size)
         with self._lock:
             if name in self.exports:
                 raise CxlFlashError(errno.EEXIST, f"an export named {name!r} exists")
@@ -247,13 +273,9 @@ class NbdServer:
         try:
             ctx = disk.attach()
             if direct:
-                if size is not None:
-                    raise ValueError("a direct export is the whole LUN: no size")
                 obj = ctx.open_direct()
                 size = obj.size * obj.block_size
             else:
-                if not isinstance(size, int) or size <= 0:
-                    raise ValueError(f"export {name!r}: a size in bytes > 0")
                 obj = ctx.create_virtual(0)
                 obj.set_size(-(-size // obj.block_size))
             export = Export(name, obj, ctx, size, direct, description)
@@ -282,8 +304,7 @@ class NbdServer:
             if export.direct:
                 raise CxlFlashError(errno.EINVAL, f"export {name!r} is a whole LUN: "
                                     "resize the LUN")
-            if not isinstance(size, int) or size <= 0:
-                raise ValueError("a size in bytes > 0")
+            size = _export_size(size)
             told = max((c.size for c in export.connections), default=0)
             if size < told:
                 raise CxlFlashError(errno.EBUSY, f"export {name!r} is {told} bytes for "
@@ -394,7 +415,7 @@ class NbdServer:
             t = threading.Thread(target=self._connection, args=(c, who),
                                  name="cxlflash-nbd-conn", daemon=True)
             with self._lock:
-                self._handlers.add(t)
+                self._handlers[t] = c
             t.start()
 
     # -- one connection ------------------------------------------------------------------
@@ -441,7 +462,7 @@ class NbdServer:
             except OSError:
                 pass
             with self._lock:
-                self._handlers.discard(threading.current_thread())
+                self._handlers.pop(threading.current_thread(), None)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -467,10 +488,15 @@ class NbdServer:
         self._listeners = []
         with self._lock:
             conns = [c for e in self.exports.values() for c in e.connections]
-            handlers = list(self._handlers)
+            handlers = list(self._handlers.items())
         for c in conns:
             c.abort()
-        for t in handlers:
+        for _, sock in handlers:         # those still in the handshake
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t, _ in handlers:
             t.join(10)
         with self._lock:
             exports, self.exports, self._order = list(self.exports.values()), {}, []
