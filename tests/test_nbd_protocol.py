@@ -453,6 +453,61 @@ def test_read_over_a_trimmed_range_has_hole_chunks(served):
         assert r.holes == [(40 * MiB, 64 * KiB)] and r.data == bytes(64 * KiB)
 
 
+def test_unaligned_zeroing_and_trim_keep_their_neighbours(served):
+    """200 random unaligned WRITE_ZEROES (with and without NO_HOLE) and
+    TRIMs: the range reads as zeros (WRITE_ZEROES), every byte outside it
+    is unchanged (both: a punched hole is rounded inwards)."""
+    rng = random.Random(23)
+    with served.conn() as c:
+        for k in range(200):
+            off, n = rng.randrange(0, 64 * KiB), rng.randrange(1, 40000)
+            cmd = rng.choice([w.CMD_WRITE_ZEROES, w.CMD_TRIM])
+            flags = rng.choice([0, w.CMD_FLAG_NO_HOLE]) if cmd == w.CMD_WRITE_ZEROES else 0
+            base = pattern(k, 128 * KiB)
+            checked_ok(c.write(0, base))
+            checked_ok(c.command(cmd, off, n, flags))
+            got = checked_ok(c.read(0, 128 * KiB)).data
+            assert got[:off] == base[:off] and got[off + n:] == base[off + n:], (cmd, off, n)
+            if cmd == w.CMD_WRITE_ZEROES:
+                assert got[off:off + n] == bytes(n), (flags, off, n)
+
+
+def test_requests_split_into_tiny_pieces(served):
+    """Headers and payloads arriving 7 bytes at a time."""
+    with served.conn() as c:
+        data = pattern(24, 4096)
+        msg = bytearray()
+        for i, off in enumerate((12345, 50000)):
+            msg += struct.pack(">IHHQQI", w.REQUEST_MAGIC, 0, w.CMD_WRITE, 70 + i, off, 4096) + data
+            c.pending[70 + i] = w.Reply(70 + i, (w.CMD_WRITE, 0, off, 4096))
+        msg += struct.pack(">IHHQQI", w.REQUEST_MAGIC, 0, w.CMD_READ, 72, 12345, 4096)
+        c.pending[72] = w.Reply(72, (w.CMD_READ, 0, 12345, 4096))
+        for i in range(0, len(msg), 7):
+            c.send(msg[i:i + 7])
+            if i % 700 == 0:
+                time.sleep(0.001)
+        replies = {r.cookie: checked_ok(r) for r in c.read_replies(3)}
+        assert sorted(replies) == [70, 71, 72]
+        assert checked_ok(c.read(50000, 4096)).data == data
+        assert checked_ok(c.read(12345, 4096)).data == data
+
+
+def test_an_export_of_an_odd_size(served):
+    served.srv.add_export("odd", MiB + 1)
+    with served.conn("odd", meta=True) as c:
+        assert c.export.size == MiB + 1
+        checked_ok(c.write(MiB, b"Z"))
+        assert checked_ok(c.read(MiB, 1)).data == b"Z"
+        assert c.read(MiB, 2).error == w.EINVAL
+        assert c.write(MiB + 1, b"Y").error in (w.EINVAL, w.ENOSPC)
+        assert fresh_block_status(c, MiB - 4096, 4097) == [(4096, w.STATE_HOLE | w.STATE_ZERO),
+                                                         (1, 0)]
+        r = checked_ok(c.read(0, MiB + 1))
+        assert r.data == bytes(MiB) + b"Z"
+        checked_ok(c.write_zeroes(MiB, 1))
+        assert checked_ok(c.read(MiB - 1, 2)).data == b"\0\0"
+
+
 def test_block_status(served):
     with served.conn(meta=True) as c:
         ext = fresh_block_status(c, 0, DISK)
