@@ -864,6 +864,66 @@ def test_concurrent_unaligned_writes_into_the_same_blocks_lose_nothing(served):
             c.close()
 
 
+def test_concurrent_mixed_commands_match_a_model(served):
+    """4 connections (2 structured, 2 simple), each owning every 4th
+    1000-byte stripe of 2 MiB, so that every 4 KiB block is shared: random
+    WRITE (some FUA), WRITE_ZEROES with and without NO_HOLE, READ and FLUSH,
+    8 requests in flight per connection on distinct stripes.  Every READ and
+    the final contents match a model of each connection's own stripes."""
+    base, stripe, nstripes = 40 * MiB, 1000, 2 * MiB // 1000
+    model = bytearray(nstripes * stripe)
+    conns = [served.conn(structured=k % 2 == 0) for k in range(4)]
+    errors = []
+
+    def run(k):
+        c = conns[k]
+        rng = random.Random(100 + k)
+        mine = list(range(k, nstripes, 4))
+        try:
+            for round_ in range(40):
+                batch = rng.sample(mine, 8)
+                expect = {}
+                for i in batch:
+                    op = rng.choice(["w", "w", "wfua", "z", "zn", "r"])
+                    off = base + i * stripe
+                    if op.startswith("w"):
+                        data = rng.randbytes(stripe)
+                        model[i * stripe:(i + 1) * stripe] = data
+                        ck = c.send_request(w.CMD_WRITE, off, stripe,
+                                            w.CMD_FLAG_FUA if op == "wfua" else 0, payload=data)
+                    elif op in ("z", "zn"):
+                        model[i * stripe:(i + 1) * stripe] = bytes(stripe)
+                        ck = c.send_request(w.CMD_WRITE_ZEROES, off, stripe,
+                                            w.CMD_FLAG_NO_HOLE if op == "zn" else 0)
+                    else:
+                        ck = c.send_request(w.CMD_READ, off, stripe)
+                        expect[ck] = bytes(model[i * stripe:(i + 1) * stripe])
+                if round_ % 10 == 9:
+                    c.send_request(w.CMD_FLUSH)
+                n = len(c.pending)
+                for r in c.read_replies(n):
+                    checked_ok(r)
+                    if r.cookie in expect:
+                        assert r.data == expect[r.cookie], f"connection {k}: stale read"
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors
+        got = checked_ok(conns[0].read(base, nstripes * stripe)).data
+        bad = [i for i in range(nstripes)
+               if got[i * stripe:(i + 1) * stripe] != model[i * stripe:(i + 1) * stripe]]
+        assert not bad, f"{len(bad)} stripes differ from the model, first {bad[:10]}"
+    finally:
+        for c in conns:
+            c.close()
+
+
 def test_set_meta_context_replaces_the_selection(served):
     with served.raw() as c:
         c.greet()
@@ -1254,6 +1314,7 @@ def test_answered_flush_survives_sigkill_of_the_process(tmp_path):
 # -- resize -----------------------------------------------------------------
 
 def test_resize_bigger_is_seen_by_new_connections_only(served):
+    served.fill_other()
     old = served.conn()
     try:
         checked_ok(old.write(DISK - 4096, b"o" * 4096))
@@ -1273,6 +1334,22 @@ def test_resize_bigger_is_seen_by_new_connections_only(served):
         checked_ok(old.read(0, 1))
     finally:
         old.close()
+    served.assert_other_intact()
+
+
+def test_shrinking_after_the_last_client_left(served):
+    """Once a client's DISC has closed its connection, the export is no
+    longer held: shrinking succeeds at once, every time."""
+    for i in range(20):
+        with served.conn(structured=bool(i % 2)) as c:
+            checked_ok(c.read(0, 1))
+            c.disc()
+            c.expect_closed()
+        served.srv.resize_export("disk", DISK // 2)
+        served.srv.resize_export("disk", DISK)
+    with served.raw() as c:
+        c.greet()
+        assert c.info("disk").size == DISK
 
 
 def test_shrinking_below_a_connected_export_is_ebusy(served):
