@@ -1099,11 +1099,12 @@ def test_fuzz_random_bytes_at_every_stage(served):
     rng = random.Random(0x11)
     stages = set()
     for i in range(300):
-        stages.add(fuzz_one(rng, served.path))
+        stages.add(fuzz_one(rng, served.tcp if i % 3 == 0 else served.path))
         if i % 50 == 49:
             served.assert_serving()
     assert stages == set(range(7))
     served.assert_serving()
+    served.assert_serving(served.tcp)
     served.assert_other_intact()
 
 
@@ -1334,6 +1335,35 @@ def test_resize_bigger_is_seen_by_new_connections_only(served):
         checked_ok(old.read(0, 1))
     finally:
         old.close()
+    served.assert_other_intact()
+
+
+def test_ranges_across_a_chunk_boundary(served):
+    """"disk" grown past its first 256 MiB chunk takes a chunk after
+    "other"'s: reads, writes, hole chunks, block status, trim and zeroing
+    across the boundary translate both sides, and "other" is untouched."""
+    served.fill_other()
+    chunk = 256 * MiB
+    served.srv.resize_export("disk", chunk + 64 * MiB)
+    with served.conn(meta=True) as c:
+        assert c.export.size == chunk + 64 * MiB
+        lo, data = chunk - 3 * MiB, pattern(25, 2 * MiB)
+        checked_ok(c.write(lo, data))                        # ends 1 MiB before
+        checked_ok(c.write(chunk + MiB, data))               # starts 1 MiB after
+        r = checked_ok(c.read(lo, 6 * MiB))
+        assert r.data == data + bytes(2 * MiB) + data
+        assert r.holes and all(lo + 2 * MiB <= o and o + s <= lo + 4 * MiB for o, s in r.holes)
+        assert allocation_map(c, lo, 6 * MiB) == [0] * 512 + [w.STATE_HOLE | w.STATE_ZERO] * 512 \
+            + [0] * 512
+        across = pattern(26, 2 * MiB)
+        checked_ok(c.write(chunk - MiB, across))
+        assert checked_ok(c.read(chunk - MiB - 5, 2 * MiB + 10)).data == \
+            data[-5:] + across + data[:5]
+        checked_ok(c.trim(chunk - 512 * KiB, MiB))
+        checked_ok(c.write_zeroes(chunk - MiB, 100, w.CMD_FLAG_NO_HOLE))
+        got = checked_ok(c.read(chunk - MiB, 2 * MiB)).data
+        assert got == bytes(100) + across[100:512 * KiB] + bytes(MiB) + across[1536 * KiB:]
+        assert allocation_map(c, chunk - 512 * KiB, MiB) == [w.STATE_HOLE | w.STATE_ZERO] * 256
     served.assert_other_intact()
 
 
