@@ -155,9 +155,11 @@ def test_client_flags_with_unknown_bits_close_the_connection(served, flags):
     served.assert_serving()
 
 
-def test_export_name_with_no_zeroes_sends_no_padding(served):
+@pytest.mark.parametrize("client_flags", [w.FLAG_C_FIXED_NEWSTYLE | w.FLAG_C_NO_ZEROES,
+                                          w.FLAG_C_NO_ZEROES])
+def test_export_name_with_no_zeroes_sends_no_padding(served, client_flags):
     with served.raw() as c:
-        c.greet(w.FLAG_C_FIXED_NEWSTYLE | w.FLAG_C_NO_ZEROES)
+        c.greet(client_flags)
         info = c.export_name("disk")
         assert info.size == served.srv.exports["disk"].size == DISK
         assert info.flags == TRANSMISSION_FLAGS
@@ -1025,7 +1027,7 @@ def _rand_len(rng, big):
     if x < 0.85:
         return rng.randrange(0, 9000)
     if x < 0.95:
-        return rng.choice([0xFFFFFFFF, 1 << 31, big, big + 1, big - 1, 65536, 65537])
+        return rng.choice([0xFFFFFFFF, 1 << 31, big, big + 1, max(big - 1, 0), 65536, 65537])
     return rng.getrandbits(32)
 
 
@@ -1102,7 +1104,7 @@ def test_fuzz_random_bytes_at_every_stage(served):
     served.fill_other()
     rng = random.Random(0x11)
     stages = set()
-    for i in range(300):
+    for i in range(500):
         stages.add(fuzz_one(rng, served.tcp if i % 3 == 0 else served.path))
         if i % 50 == 49:
             served.assert_serving()
