@@ -937,6 +937,37 @@ def test_set_meta_context_replaces_the_selection(served):
         assert c.block_status(0, 4096).error == w.EINVAL
 
 
+@pytest.mark.parametrize("bad", ["malformed", "unknown-export"])
+def test_a_failed_set_meta_context_also_replaces_the_selection(served, bad):
+    """The spec: SET_META_CONTEXT "replaces all previously-set metadata
+    contexts (including when this command fails)"."""
+    with served.raw() as c:
+        c.greet()
+        c.structured_reply()
+        assert list(c.set_meta_context("disk", ["base:allocation"])) == ["base:allocation"]
+        data = b"\0\0" if bad == "malformed" else c.meta_data("nosuch", ["base:allocation"])
+        found, final = c.meta_replies(w.OPT_SET_META_CONTEXT, data)
+        assert final.is_error and found == {}
+        c.go("disk")
+        assert c.block_status(0, 4096).error == w.EINVAL
+
+
+@pytest.mark.parametrize("name", ["é" * 1000, "€" * 700, "x" + "é" * 1000, "😀" * 600],
+                         ids=["e-acute", "euro", "x-e-acute", "emoji"])
+def test_error_messages_stay_utf8_when_cut(served, name):
+    """Error strings are UTF-8 (and <= 4096 bytes) even when the export name
+    they quote is long and multi-byte (nbd_wire checks every message)."""
+    with served.raw() as c:
+        c.greet()
+        c.structured_reply()
+        for opt in (w.OPT_INFO, w.OPT_GO):
+            info, final = c.info_replies(opt, c.info_data(name, []))
+            assert final.type in (w.REP_ERR_UNKNOWN, w.REP_ERR_INVALID), final
+        found, final = c.meta_replies(w.OPT_SET_META_CONTEXT, c.meta_data(name, ["base:allocation"]))
+        assert final.is_error
+        assert c.go("disk").size == DISK
+
+
 @pytest.mark.parametrize("name", [b"x" * 5000, b"\xff\xfe", b"disk\0", b"disk/../other"])
 def test_go_with_a_bad_export_name_is_an_error_reply(served, name):
     with served.raw() as c:
