@@ -1478,6 +1478,49 @@ def test_shrinking_after_the_last_client_left(served):
         assert c.info("disk").size == DISK
 
 
+def test_shrink_racing_a_go_never_leaves_a_client_beyond_the_end(served, monkeypatch):
+    """A shrink that lands after GO told the client its size but before the
+    connection counts as connected must still be EBUSY (or GO must tell the
+    new size).  The window is widened by delaying _Handshake._info_go's
+    return (the ACK is already sent then)."""
+    from cxlflash.server import nbd as server_nbd
+    chunk = 256 * MiB
+    served.srv.resize_export("disk", chunk + 64 * MiB)     # two chunks
+    original = server_nbd._Handshake._info_go
+
+    def slow(self, opt, data):
+        chosen = original(self, opt, data)
+        if chosen is not None:
+            time.sleep(0.5)
+        return chosen
+
+    monkeypatch.setattr(server_nbd._Handshake, "_info_go", slow)
+    outcome = []
+
+    def shrink():
+        time.sleep(0.2)
+        try:
+            served.srv.resize_export("disk", DISK)
+            outcome.append("shrunk")
+        except OSError as e:
+            outcome.append(e.errno)
+
+    with served.raw() as c:
+        c.greet()
+        t = threading.Thread(target=shrink)
+        t.start()
+        info = c.go("disk")
+        t.join()
+        if outcome == ["shrunk"]:
+            assert info.size <= DISK, (f"told {info.size} bytes, the export was shrunk to {DISK} "
+                                       "meanwhile")
+        else:
+            assert outcome == [errno.EBUSY]
+            data = pattern(27, 4096)
+            checked_ok(c.write(info.size - 4096, data))
+            assert checked_ok(c.read(info.size - 4096, 4096)).data == data
+
+
 def test_shrinking_below_a_connected_export_is_ebusy(served):
     with served.conn() as c:
         checked_ok(c.write(DISK - 4096, b"k" * 4096))
