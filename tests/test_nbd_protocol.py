@@ -426,6 +426,10 @@ def test_read_of_the_whole_maximum_payload(served):
         assert checked_ok(c.read(0, MAX_PAYLOAD)).data == data
     with served.conn(structured=True) as c:
         assert checked_ok(c.read(0, MAX_PAYLOAD)).data == data
+        # Unaligned, the maximum still goes through (a block more of buffer).
+        checked_ok(c.write(4095, data))
+        assert checked_ok(c.read(4095, MAX_PAYLOAD)).data == data
+        assert checked_ok(c.read(0, 4095)).data == data[:4095]
 
 
 def test_read_with_df_is_one_data_chunk(served):
