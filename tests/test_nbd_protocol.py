@@ -1232,6 +1232,35 @@ def test_fuzz_against_the_process():
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_fuzz_against_the_daemons_nbd_export():
+    """``cxlflash serve --nbd``: the daemon's NBD listener fed the fuzz keeps
+    serving NBD, "other" keeps its data, and the daemon's own clients
+    (cxlflash.connect) are still served."""
+    import daemon_process
+    d = short_dir()
+    try:
+        nbd_sock = os.path.join(d, "n.sock")
+        with daemon_process.start(d, "--size", "1G", "--nbd", f"unix:{nbd_sock}",
+                                  "--export", "disk=64M", "--export", "other=8M") as dp:
+            with Conn.connect(nbd_sock) as c:
+                c.handshake("other", structured=False)
+                checked_ok(c.write(0, pattern(28, MiB)))
+            rng = random.Random(0x13)
+            for i in range(120):
+                fuzz_one(rng, nbd_sock)
+                assert dp.proc.poll() is None, f"cxlflash serve died:\n{dp.log()}"
+            with Conn.connect(nbd_sock) as c:
+                c.handshake("other")
+                assert checked_ok(c.read(0, MiB)).data == pattern(28, MiB)
+            adapter = cxlflash.connect(dp.socket)
+            try:
+                assert adapter.luns()
+            finally:
+                adapter.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_disconnect_in_the_middle_of_a_write_payload(served):
     served.fill_other()
     for cut in (0, 1, 4096, 512 * KiB, MiB - 1):
