@@ -26,7 +26,7 @@ import cxlflash
 from cxlflash.server.nbd import NbdServer
 
 import nbd_wire as w
-from nbd_wire import Closed, Conn, OptionError, checked_ok
+from nbd_wire import Closed, Conn, checked_ok
 from nbd_servers import NbdProcess, subprocess_env
 
 MiB = 1 << 20
@@ -228,8 +228,9 @@ def test_info_and_go_describe_the_export(served, opt):
         assert info.name in (None, "other")
         if opt == w.OPT_INFO:                        # still negotiating
             assert sorted(c.list_exports()) == ["disk", "other"]
-            c.go("other")
-        c._enter_transmission(info)
+            assert c.go("other").size == OTHER
+        else:
+            c._enter_transmission(info)
         assert checked_ok(c.read(OTHER - 4096, 4096)).data == bytes(4096)
 
 
