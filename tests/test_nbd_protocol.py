@@ -1578,6 +1578,10 @@ CLI_BAD = {
     "direct-and-virtual": (["--export", "d=direct", "--export", "v=1M", "--target", "{file}"],
                            "direct"),
     "threads-0": (["--export", "d=1M", "--threads", "0"], "--threads"),
+    "tcp-port-in-use": (["--tcp", "127.0.0.1:{port}", "--export", "d=1M"], "{port}"),
+    "unix-path-is-a-file": (["--unix", "{file}", "--export", "d=1M"], "{file}"),
+    "pid-file-directory-missing": (["--export", "d=1M", "--pid-file", "/nonexistent-dir/pid"],
+                                   "/nonexistent-dir/pid"),
     "export-without-size": (["--export", "lonely"], "lonely"),
     "export-without-name": (["--export", "=1M"], "=1M"),
     "size-not-a-number": (["--export", "d=abc"], "abc"),
@@ -1601,12 +1605,20 @@ def test_cli_bad_arguments(case):
         target = os.path.join(d, "t.img")
         with open(target, "wb") as f:
             f.truncate(256 * MiB)
-        args = [a.replace("{file}", target) for a in args]
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = str(busy.getsockname()[1])
+        args = [a.replace("{file}", target).replace("{port}", port) for a in args]
+        needle = needle.replace("{file}", target).replace("{port}", port)
         listen = [] if case == "no-listener" or "--unix" in args else ["--unix", sock]
-        p = subprocess.run([sys.executable, "-m", "cxlflash", "nbd", *listen, *args,
-                            "--pid-file", os.path.join(d, "pid")],
-                           capture_output=True, text=True, timeout=60, env=subprocess_env(),
-                           cwd=d, stdin=subprocess.DEVNULL)
+        pid = [] if "--pid-file" in args else ["--pid-file", os.path.join(d, "pid")]
+        try:
+            p = subprocess.run([sys.executable, "-m", "cxlflash", "nbd", *listen, *args, *pid],
+                               capture_output=True, text=True, timeout=60, env=subprocess_env(),
+                               cwd=d, stdin=subprocess.DEVNULL)
+        finally:
+            busy.close()
         assert p.returncode not in (0, None) and p.returncode > 0, (p.returncode, p.stderr)
         assert "error" in p.stderr and needle in p.stderr, p.stderr
         assert "Traceback" not in p.stderr, p.stderr
