@@ -86,7 +86,9 @@ cdef class NbdExport:
     cdef readonly uint64_t block_size
     cdef readonly bint can_punch
     cdef readonly bint seek_holes
-    cdef cxl_lock rmw            # read-modify-write of partial blocks
+    # Held exclusive to read-modify-write partial blocks, shared by writes
+    # and zeroing of whole blocks.
+    cdef cxl_lock rmw
     cdef uint64_t punch_gen      # counts this export's hole punches (atomic)
     cdef bint rmw_ready
 
@@ -96,7 +98,7 @@ cdef class NbdExport:
     cdef int zero_bytes(self, char *blk, uint64_t offset, uint64_t length) noexcept nogil
     cdef int sync(self) noexcept nogil
     cdef int extents(self, worker *w, uint64_t offset, uint64_t length, extent *out,
-                     int max_out) noexcept nogil
+                     int max_out, bint pad) noexcept nogil
 
 
 cdef class NbdConnection:

@@ -33,7 +33,8 @@ from cxlflash._core.datapath cimport (
     ZERO_WRITE)
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT
 from cxlflash._core.locks cimport (lock_init, lock_destroy, cxl_mutex_lock,
-                                   cxl_mutex_unlock, CXL_LOCK_MUTEX)
+                                   cxl_mutex_unlock, cxl_rdlock, cxl_wrlock, cxl_unlock,
+                                   CXL_LOCK_MUTEX, CXL_LOCK_RW)
 
 import errno as _errno
 import os
@@ -151,7 +152,7 @@ cdef class NbdExport:
         # tmpfs); block devices do not.
         r = lseek(self.dp.fd, 0, SEEK_DATA)
         self.seek_holes = r >= 0 or errno == ENXIO
-        lock_init(&self.rmw, CXL_LOCK_MUTEX)
+        lock_init(&self.rmw, CXL_LOCK_RW)
         self.rmw_ready = True
 
     def __dealloc__(self):
@@ -192,9 +193,13 @@ cdef class NbdExport:
     cdef int zero_blocks(self, uint64_t lba, uint64_t nblocks, int mode) noexcept nogil:
         cdef int rc, afu_rc = 0
         cdef uint64_t bad = 0
+        cxl_rdlock(&self.rmw)
         rc = self.dp._zero(lba, nblocks, mode, &afu_rc, &bad)
+        cxl_unlock(&self.rmw)
         if rc and self.recover(rc):
+            cxl_rdlock(&self.rmw)
             rc = self.dp._zero(lba, nblocks, mode, &afu_rc, &bad)
+            cxl_unlock(&self.rmw)
         if mode != ZERO_WRITE:
             # After the punch: a data run found before it is forgotten.
             atomic_inc(&self.punch_gen)
@@ -206,12 +211,12 @@ cdef class NbdExport:
         cdef int rc
         if length == 0:
             return 0
-        cxl_mutex_lock(&self.rmw)
+        cxl_wrlock(&self.rmw)
         rc = self.run(offset // bs, 1, blk, 0)
         if rc == 0:
             memset(blk + offset % bs, 0, length)
             rc = self.run(offset // bs, 1, blk, 1)
-        cxl_mutex_unlock(&self.rmw)
+        cxl_unlock(&self.rmw)
         return rc
 
     cdef int sync(self) noexcept nogil:
@@ -229,11 +234,12 @@ cdef class NbdExport:
         return rc
 
     cdef int extents(self, worker *w, uint64_t offset, uint64_t length, extent *out,
-                     int max_out) noexcept nogil:
+                     int max_out, bint pad) noexcept nogil:
         """The export's bytes [offset, offset+length) as extents of data and
         holes of the backing store (SEEK_DATA/SEEK_HOLE on each chunk's
-        physical range), adjacent ones merged, at most ``max_out`` (>= 2):
-        what does not fit is reported as data.  The number of extents."""
+        physical range), adjacent ones merged, at most ``max_out`` (>= 2).
+        What does not fit is left out, or with ``pad`` reported as data.
+        The number of extents."""
         cdef int n = 0, afu_rc = 0, fd, hole
         cdef bint cached
         cdef uint64_t gen = 0
@@ -306,6 +312,10 @@ cdef class NbdExport:
         self.dp.table.unlock()
         if n < 0:
             n = max_out - 1
+        if covered < end and not pad:
+            # BLOCK_STATUS may describe less than was asked (the client asks
+            # again from where it ends): never call what was not walked data.
+            return n
         if covered < end:
             # Not walked (the extent list is full, or no translation): data.
             if n > 0 and not out[n - 1].hole:
@@ -632,8 +642,14 @@ cdef class NbdConnection:
         cdef uint64_t nblk = (skew + length + bs - 1) // bs
         cdef int rc = 0
         if skew == 0 and tail == 0:
-            return self.export.run(first, nblk, w.buf, 1)
-        cxl_mutex_lock(&self.export.rmw)
+            # Whole blocks: shared with other such writes, excluded while a
+            # partial block is read, patched and written back (which would
+            # write this write's bytes back with the old data).
+            cxl_rdlock(&self.export.rmw)
+            rc = self.export.run(first, nblk, w.buf, 1)
+            cxl_unlock(&self.export.rmw)
+            return rc
+        cxl_wrlock(&self.export.rmw)
         if skew:
             rc = self.export.run(first, 1, w.blk, 0)
             if rc == 0:
@@ -644,7 +660,7 @@ cdef class NbdConnection:
                 memcpy(w.buf + skew + length, w.blk + tail, bs - tail)
         if rc == 0:
             rc = self.export.run(first, nblk, w.buf, 1)
-        cxl_mutex_unlock(&self.export.rmw)
+        cxl_unlock(&self.export.rmw)
         return rc
 
     cdef int do_read(self, worker *w, uint16_t flags, uint64_t cookie, uint64_t offset,
@@ -719,7 +735,7 @@ cdef class NbdConnection:
             return self.fail(w, NBD_CMD_BLOCK_STATUS, cookie, NBD_EINVAL,
                              "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT "
                              "base:allocation)")
-        nx = self.export.extents(w, offset, length, w.ext, NBD_MAX_EXTENTS)
+        nx = self.export.extents(w, offset, length, w.ext, NBD_MAX_EXTENTS, 0)
         if nx == 0:
             return self.fail(w, NBD_CMD_BLOCK_STATUS, cookie, NBD_EIO,
                              "the allocation map is not available")

@@ -46,7 +46,8 @@ DEFAULT_MODE = 0o660
 MAX_PORTS = 4
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # The keys a configuration file may hold (the options' names, '-' as '_').
-CONFIG_KEYS = ("socket", "lun", "directory", "size", "mode", "group", "pid_file", "ports")
+CONFIG_KEYS = ("socket", "lun", "directory", "size", "mode", "group", "pid_file", "ports",
+               "nbd", "export", "threads")
 SUN_PATH_MAX = 107          # sizeof(sockaddr_un.sun_path) - 1
 STOP_TIMEOUT = 30.0          # seconds the server's loop has to end after shutdown()
 PROBE_TIMEOUT = 2.0         # seconds a live daemon has to answer the stale-socket probe
@@ -159,18 +160,23 @@ def _group(value):
         raise ValueError(f"no group named {value!r} on this host") from None
 
 
+def _checked(parse):
+    """An argparse type from a parser raising ValueError."""
+    import argparse
+
+    def f(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    f.__name__ = parse.__name__.lstrip("_")
+    return f
+
+
 def add_parser(sub):
     """The ``serve`` subcommand on the ``cxlflash`` parser's subparsers."""
     import argparse
-
-    def checked(parse):
-        def f(text):
-            try:
-                return parse(text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        f.__name__ = parse.__name__.lstrip("_")
-        return f
+    checked = _checked
 
     s = sub.add_parser(
         "serve", help="run the driver as a daemon that other processes connect to",
@@ -240,7 +246,7 @@ def _threads(text):
     return n
 
 
-def _export_options(g, checked):
+def _export_options(g, checked=_checked):
     g.add_argument("--export", metavar="NAME=SIZE|NAME=direct", action="append",
                    type=checked(_nbd_export), default=None,
                    help="an export: a new virtual LUN of SIZE bytes (suffixes K, M, G, "
@@ -253,15 +259,7 @@ def _export_options(g, checked):
 def add_nbd_parser(sub):
     """The ``nbd`` subcommand: a driver of its own, exporting new LUNs."""
     import argparse
-
-    def checked(parse):
-        def f(text):
-            try:
-                return parse(text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        f.__name__ = parse.__name__.lstrip("_")
-        return f
+    checked = _checked
 
     s = sub.add_parser(
         "nbd", help="export new LUNs over NBD (qemu, nbdcopy, fio, nbd-client)",
@@ -366,6 +364,19 @@ def read_config(path):
                 if not isinstance(v, int):
                     raise ValueError(f"not a number of ports: {v!r}")
                 out[key] = _ports(v)
+            elif key in ("nbd", "export"):
+                items = [v] if isinstance(v, str) else v
+                if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                    raise ValueError(f"a string or a list of strings, got {v!r}")
+                parse = _nbd_address if key == "nbd" else _nbd_export
+                out[key] = [parse(x) for x in items]
+                if key == "nbd":
+                    out[key] = [("unix", os.path.join(base, a)) if k == "unix" else (k, a)
+                                for k, a in out[key]]
+            elif key == "threads":
+                if not isinstance(v, int) or isinstance(v, bool):
+                    raise ValueError(f"a number of threads, got {v!r}")
+                out[key] = _threads(str(v))
         except ValueError as e:
             raise ServeError(f"--config {path}: {key}: {e}", 2) from None
     return out
@@ -394,9 +405,9 @@ class Settings:
         self.exit_with_parent = bool(getattr(args, "exit_with_parent", False))
         self.control = True             # serve cxlflash.connect() clients
         self.nbd = [("unix", os.path.abspath(a)) if k == "unix" else (k, a)
-                    for k, a in (getattr(args, "nbd", None) or [])]
-        self.exports = getattr(args, "export", None) or []
-        self.threads = getattr(args, "threads", None)
+                    for k, a in (pick("nbd") or [])]
+        self.exports = pick("export") or []
+        self.threads = pick("threads")
         _check_exports(self.exports, bool(self.nbd), "--nbd")
         # What only applies to a socket this daemon creates (named for the
         # log when socket activation makes them moot).

@@ -210,6 +210,7 @@ class Export:
         self.description = description
         self.core = NbdExport(lun)
         self.connections = set()        # NbdConnection objects being served
+        self.told = {}                  # handshake -> the size GO/EXPORT_NAME sent it
 
     def flags(self, structured):
         f = (TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM
@@ -305,7 +306,8 @@ class NbdServer:
                 raise CxlFlashError(errno.EINVAL, f"export {name!r} is a whole LUN: "
                                     "resize the LUN")
             size = _export_size(size)
-            told = max((c.size for c in export.connections), default=0)
+            told = max([c.size for c in export.connections] + list(export.told.values()),
+                       default=0)
             if size < told:
                 raise CxlFlashError(errno.EBUSY, f"export {name!r} is {told} bytes for "
                                     f"{len(export.connections)} connected client(s): "
@@ -423,9 +425,10 @@ class NbdServer:
     def _connection(self, sock, who):
         conn = None
         export = None
+        hs = _Handshake(self, sock)
         try:
             try:
-                chosen = _Handshake(self, sock).run()
+                chosen = hs.run()
             except (ProtocolError, OSError, UnicodeError) as e:
                 if not isinstance(e, ProtocolError) or str(e):
                     self.log(f"nbd: {who}: handshake ended: {e}")
@@ -439,6 +442,7 @@ class NbdServer:
                     return
                 conn = NbdConnection(sock.fileno(), export.core, size, structured, meta_id)
                 export.connections.add(conn)
+                export.told.pop(hs, None)
             self.log(f"nbd: {who}: serving {export.name!r} ({size} bytes, "
                      f"{'structured' if structured else 'simple'} replies)")
             workers = [threading.Thread(target=conn.serve, name="cxlflash-nbd-worker",
@@ -454,8 +458,10 @@ class NbdServer:
         except Exception as e:               # never take the server down
             self.log(f"nbd: {who}: connection failed: {e!r}")
         finally:
-            if conn is not None:
-                with self._lock:
+            with self._lock:
+                if hs.bound is not None:
+                    hs.bound.told.pop(hs, None)
+                if conn is not None:
                     export.connections.discard(conn)
             try:
                 sock.close()
@@ -529,6 +535,17 @@ class _Handshake:
         self.structured = False
         self.meta_export = None         # the export SET_META_CONTEXT named
         self.meta_id = 0
+        self.bound = None               # the export whose size GO/EXPORT_NAME sent
+
+    def bind(self, export):
+        """The size to tell a client that chose ``export``; until its
+        connection is served (or fails) that size counts as told, so a
+        shrink below it is EBUSY."""
+        with self.server._lock:
+            size = export.size
+            export.told[self] = size
+            self.bound = export
+        return size
 
     def recv(self, n):
         buf = bytearray(n)
@@ -568,7 +585,7 @@ class _Handshake:
                 if export is None:
                     raise ProtocolError(f"EXPORT_NAME of an unknown export "
                                         f"{data[:64].decode(errors='replace')!r}")
-                size = export.size
+                size = self.bind(export)
                 self.sock.sendall(struct.pack(">QH", size, export.flags(self.structured))
                                   + (b"" if no_zeroes else bytes(124)))
                 return export, size, self.structured, self._meta_for(export)
@@ -636,7 +653,7 @@ class _Handshake:
         if export is None:
             self.error(opt, REP_ERR_UNKNOWN, f"no export named {name!r}")
             return None
-        size = export.size
+        size = self.bind(export) if opt == OPT_GO else export.size
         self.reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, size,
                                               export.flags(self.structured)))
         if INFO_NAME in wanted:
