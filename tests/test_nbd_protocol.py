@@ -311,6 +311,17 @@ def test_list_meta_context(served):
         assert r.error == w.EINVAL
 
 
+def test_list_meta_context_ids_are_zero(served):
+    """The spec: in LIST_META_CONTEXT replies "the metadata context ID ...
+    is reserved and SHOULD be set to zero" (only SET hands out ids)."""
+    with served.raw() as c:
+        c.greet()
+        c.structured_reply()
+        assert c.list_meta_context("disk", ["base:allocation"]) == {"base:allocation": 0}
+        assert c.list_meta_context("disk", []) == {"base:allocation": 0}
+        assert list(c.set_meta_context("disk", ["base:allocation"])) == ["base:allocation"]
+
+
 def test_set_meta_context_selects_base_allocation_only(served):
     with served.raw() as c:
         c.greet()
