@@ -18,7 +18,7 @@ maximum (a longer WRITE closes the connection: its payload cannot be
 skipped safely).  Requests need not be block aligned: partial blocks are
 read-modify-written under a per-export lock.
 """
-from libc.errno cimport (errno, EINTR, EINVAL, ENOMEM, ENOSPC, EDQUOT, EPERM,
+from libc.errno cimport (errno, EINTR, EINVAL, ENOMEM, ENOSPC, EDQUOT, EFBIG, EPERM,
                          EACCES, EROFS, ENXIO)
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
@@ -94,7 +94,7 @@ cdef inline int wire_error(int rc) noexcept nogil:
         return NBD_EINVAL
     if rc < 0:
         return NBD_EIO
-    if rc == ENOSPC or rc == EDQUOT:
+    if rc == ENOSPC or rc == EDQUOT or rc == EFBIG:
         return NBD_ENOSPC
     if rc == EPERM or rc == EACCES or rc == EROFS:
         return NBD_EPERM
@@ -594,7 +594,11 @@ cdef class NbdConnection:
         if length == 0:
             return self.fail(w, typ, cookie, NBD_EINVAL, "a request of length 0")
         if offset > self.size or length > self.size - offset:
-            return self.fail(w, typ, cookie, NBD_EINVAL, "beyond the end of the export")
+            # As the spec has it: a write past the end is out of space, any
+            # other request past it invalid.
+            return self.fail(w, typ, cookie,
+                             NBD_ENOSPC if typ == NBD_CMD_WRITE or typ == NBD_CMD_WRITE_ZEROES
+                             else NBD_EINVAL, "beyond the end of the export")
         end = offset + length
         if typ == NBD_CMD_READ:
             return self.do_read(w, flags, cookie, offset, length)
