@@ -445,13 +445,21 @@ class NbdServer:
                 export.told.pop(hs, None)
             self.log(f"nbd: {who}: serving {export.name!r} ({size} bytes, "
                      f"{'structured' if structured else 'simple'} replies)")
-            workers = [threading.Thread(target=conn.serve, name="cxlflash-nbd-worker",
-                                        daemon=True) for _ in range(self.threads - 1)]
-            for t in workers:
-                t.start()
-            conn.serve()
-            for t in workers:
-                t.join()
+            workers = []
+            try:
+                for _ in range(self.threads - 1):
+                    t = threading.Thread(target=conn.serve, name="cxlflash-nbd-worker",
+                                         daemon=True)
+                    t.start()
+                    workers.append(t)
+                conn.serve()
+            finally:
+                # Whatever happened, no worker may outlive the socket: its
+                # fd number could be another connection's by then.
+                if not conn.ended:
+                    conn.abort()
+                for t in workers:
+                    t.join()
             why = conn.why
             self.log(f"nbd: {who}: {export.name!r}: {conn.requests} requests, "
                      f"{conn.errors} errors; {why or 'disconnected'}")
@@ -697,8 +705,10 @@ class _Handshake:
         else:
             match = BASE_ALLOCATION in queries
         if match:
+            # LIST's ids are reserved (0); SET's is the one BLOCK_STATUS uses.
             b = BASE_ALLOCATION.encode()
-            self.reply(opt, REP_META_CONTEXT, struct.pack(">I", META_ID_BASE_ALLOCATION) + b)
+            cid = META_ID_BASE_ALLOCATION if opt == OPT_SET_META_CONTEXT else 0
+            self.reply(opt, REP_META_CONTEXT, struct.pack(">I", cid) + b)
         if opt == OPT_SET_META_CONTEXT:
             self.meta_export = export
             self.meta_id = META_ID_BASE_ALLOCATION if match else 0
