@@ -47,8 +47,6 @@ cdef enum:
     SIMPLE_SIZE = 16
     CHUNK_SIZE = 20              # structured reply chunk header
     ZERO_GRANULE = 4096          # READ replies: zero runs found per 4 KiB
-    KNOWN_FLAGS = (NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF
-                   | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO)
 
 
 cdef extern from *:
@@ -101,6 +99,17 @@ cdef inline int wire_error(int rc) noexcept nogil:
     if rc == ENOMEM:
         return NBD_ENOMEM
     return NBD_EIO
+
+
+cdef inline uint16_t allowed_flags(uint16_t typ) noexcept nogil:
+    """The command flags doc/proto.md documents for a command (FUA on all)."""
+    if typ == NBD_CMD_READ:
+        return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF
+    if typ == NBD_CMD_WRITE_ZEROES:
+        return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO
+    if typ == NBD_CMD_BLOCK_STATUS:
+        return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE
+    return NBD_CMD_FLAG_FUA
 
 
 cdef int recv_full(int fd, char *buf, uint64_t n) noexcept nogil:
@@ -576,8 +585,10 @@ cdef class NbdConnection:
                     uint64_t offset, uint32_t length) noexcept nogil:
         cdef uint64_t bs = self.export.block_size, end, a, b
         cdef int rc = 0
-        if flags & ~KNOWN_FLAGS:
-            return self.fail(w, typ, cookie, NBD_EINVAL, "unknown command flags")
+        if flags & ~allowed_flags(typ):
+            # Unknown flags, and flags the spec does not give this command.
+            return self.fail(w, typ, cookie, NBD_EINVAL,
+                             "a command flag this command does not take")
         if (flags & NBD_CMD_FLAG_DF) and not self.structured:
             return self.fail(w, typ, cookie, NBD_EINVAL,
                              "NBD_CMD_FLAG_DF without structured replies")

@@ -427,6 +427,8 @@ class Settings:
             raise ServeError(f"--directory {self.directory}: no such directory "
                              "(create it first)", 2)
 
+    lun_option = "--lun"
+
     def _check_luns(self):
         seen = {}
         for p in self.luns:
@@ -434,7 +436,7 @@ class Settings:
                 st = os.stat(p)
             except FileNotFoundError:
                 raise ServeError(f"LUN {p} does not exist: create it first (e.g. "
-                                 f"truncate -s 4G {p}), or leave out --lun for an "
+                                 f"truncate -s 4G {p}), or leave out {self.lun_option} for an "
                                  "in-memory LUN", 2) from None
             except OSError as e:
                 raise ServeError(f"LUN {p}: {e.strerror}", 2) from None
@@ -512,6 +514,7 @@ class NbdSettings:
             # Just large enough: each export in whole chunks of 4096-byte blocks.
             self.size = sum(-(-size // chunk_bytes) for _, size in self.exports) * chunk_bytes
 
+    lun_option = "--target"
     _check_luns = Settings._check_luns
 
 
@@ -918,7 +921,11 @@ class Daemon:
         self.nbd = NbdServer(self.adapter, log=self.log, **kw)
         for kind, addr in s.nbd:
             if kind == "unix":
-                self.nbd.listen_unix(addr)
+                try:
+                    self.nbd.listen_unix(addr)
+                except OSError as e:
+                    raise ServeError(f"cannot listen on unix:{addr}: {e.strerror} (the "
+                                     "directory must exist and be writable)") from None
             else:
                 try:
                     self.nbd.listen_tcp(*addr)

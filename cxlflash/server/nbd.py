@@ -570,7 +570,9 @@ class _Handshake:
         self.sock.sendall(_REPLY.pack(REPLY_MAGIC, opt, rtype, len(data)) + data)
 
     def error(self, opt, rtype, message):
-        self.reply(opt, rtype, message.encode()[:1024])
+        # At most 1024 bytes, cut between characters: still UTF-8.
+        b = message.encode("utf-8", "replace")[:1024]
+        self.reply(opt, rtype, b.decode("utf-8", "ignore").encode())
 
     def run(self):
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
@@ -677,6 +679,9 @@ class _Handshake:
         return None
 
     def _meta(self, opt, data):
+        if opt == OPT_SET_META_CONTEXT:
+            # SET replaces the selection, also when it fails.
+            self.meta_export, self.meta_id = None, 0
         try:
             name, at = self._string(data, 0, "export name")
             if at + 4 > len(data):
