@@ -134,19 +134,18 @@ class _Lun:
         """The context's record; a clear error when this object or its
         context is gone."""
         self._check_open()
-        gone = self.adapter._gone()
-        rec = None if gone else self._record()
-        if rec is None and not gone:
+        if self.adapter._gone():
+            # The driver is closed or out of reach: its own error (ENODEV,
+            # with the reason), as the ioctl would have answered.
+            self.adapter._channel()
+            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
+        rec = self._record()
+        if rec is None:
             # A recovery in another thread may have changed the context's id
             # (in the driver, or in this process's replica) and not yet the
             # Context's: it does both under the context's lock.
             with self.context._lock:
                 rec = self._record()
-        if gone:
-            # The driver is closed or out of reach: its own error (ENODEV,
-            # with the reason), as the ioctl would have answered.
-            self.adapter._channel()
-            raise CxlFlashError(errno.ENODEV, "the adapter is closed")
         if rec is None or self.handle is None or rec.rht_lun[self.handle] is None:
             raise CxlFlashError(errno.EINVAL, f"{type(self).__name__} handle "
                                 f"{self.handle}: its context was detached or its "

@@ -98,7 +98,7 @@ cdef class NbdExport:
     cdef int zero_bytes(self, char *blk, uint64_t offset, uint64_t length) noexcept nogil
     cdef int sync(self) noexcept nogil
     cdef int extents(self, worker *w, uint64_t offset, uint64_t length, extent *out,
-                     int max_out, bint pad) noexcept nogil
+                     int max_out) noexcept nogil
 
 
 cdef class NbdConnection:
@@ -119,10 +119,8 @@ cdef class NbdConnection:
     cdef int loop(self, worker *w) noexcept nogil
     cdef void die(self, const char *why) noexcept nogil
     cdef int send(self, void *iov, int n) noexcept nogil
-    cdef int reply(self, worker *w, uint64_t cookie, uint16_t type, int error,
+    cdef int reply(self, worker *w, uint64_t cookie, int error,
                    const char *msg) noexcept nogil
-    cdef int fail(self, worker *w, uint16_t typ, uint64_t cookie, int error,
-                  const char *msg) noexcept nogil
     cdef int handle(self, worker *w, uint16_t flags, uint16_t typ, uint64_t cookie,
                     uint64_t offset, uint32_t length) noexcept nogil
     cdef int do_write(self, worker *w, uint64_t offset, uint32_t length) noexcept nogil

@@ -243,17 +243,18 @@ cdef class NbdExport:
         return rc
 
     cdef int extents(self, worker *w, uint64_t offset, uint64_t length, extent *out,
-                     int max_out, bint pad) noexcept nogil:
+                     int max_out) noexcept nogil:
         """The export's bytes [offset, offset+length) as extents of data and
         holes of the backing store (SEEK_DATA/SEEK_HOLE on each chunk's
-        physical range), adjacent ones merged, at most ``max_out`` (>= 2).
-        What does not fit is left out, or with ``pad`` reported as data.
-        The number of extents."""
-        cdef int n = 0, afu_rc = 0, fd, hole
+        physical range), adjacent ones merged, at most ``max_out`` - 1 (>= 1):
+        what does not fit is left out (BLOCK_STATUS may describe less than
+        was asked: the client asks again from where it ends; nothing not
+        walked is ever called data).  The number of extents."""
+        cdef int n = 0, afu_rc = 0, fd
         cdef bint cached
         cdef uint64_t gen = 0
         cdef uint64_t v = offset, end = offset + length, bs = self.block_size
-        cdef uint64_t vlba, nblk, seg_end, phys, pend, q, a, b, covered = offset
+        cdef uint64_t vlba, nblk, seg_end, phys, pend, q
         cdef int64_t p
         cdef off_t d, h
         cdef bint direct
@@ -290,7 +291,6 @@ cdef class NbdExport:
                     n = add_extent(out, n, max_out, v + (q - phys), <uint64_t> d - q, 1)
                     if n < 0:
                         break
-                    covered = v + (<uint64_t> d - phys)
                 if <uint64_t> d >= pend:
                     break
                 h = <off_t> pend
@@ -315,26 +315,10 @@ cdef class NbdExport:
                                <uint64_t> (h - d), 0)
                 if n < 0:
                     break
-                covered = v + (<uint64_t> h - phys)
                 q = <uint64_t> h
             v = seg_end
         self.dp.table.unlock()
-        if n < 0:
-            n = max_out - 1
-        if covered < end and not pad:
-            # BLOCK_STATUS may describe less than was asked (the client asks
-            # again from where it ends): never call what was not walked data.
-            return n
-        if covered < end:
-            # Not walked (the extent list is full, or no translation): data.
-            if n > 0 and not out[n - 1].hole:
-                out[n - 1].length = end - out[n - 1].offset
-            else:
-                out[n].offset = covered
-                out[n].length = end - covered
-                out[n].hole = 0
-                n += 1
-        return n
+        return max_out - 1 if n < 0 else n
 
 
 cdef inline bint all_zero(const char *p, uint64_t n) noexcept nogil:
@@ -487,7 +471,7 @@ cdef class NbdConnection:
                 iov[0].iov_len -= r
         return 0
 
-    cdef int reply(self, worker *w, uint64_t cookie, uint16_t type, int error,
+    cdef int reply(self, worker *w, uint64_t cookie, int error,
                    const char *msg) noexcept nogil:
         """A reply without data: simple, or (structured replies, an error)
         one ERROR chunk with a message.  READ errors are always chunks."""
@@ -587,27 +571,27 @@ cdef class NbdConnection:
         cdef int rc = 0
         if flags & ~allowed_flags(typ):
             # Unknown flags, and flags the spec does not give this command.
-            return self.fail(w, typ, cookie, NBD_EINVAL,
+            return self.reply(w, cookie, NBD_EINVAL,
                              "a command flag this command does not take")
         if (flags & NBD_CMD_FLAG_DF) and not self.structured:
-            return self.fail(w, typ, cookie, NBD_EINVAL,
+            return self.reply(w, cookie, NBD_EINVAL,
                              "NBD_CMD_FLAG_DF without structured replies")
         if typ == NBD_CMD_FLUSH:
             rc = self.export.sync()
-            return self.reply(w, cookie, typ, wire_error(rc) if rc else 0,
+            return self.reply(w, cookie, wire_error(rc) if rc else 0,
                               "the flush of the backing store failed")
         if typ > NBD_CMD_BLOCK_STATUS or typ == NBD_CMD_DISC:
-            return self.fail(w, typ, cookie, NBD_EINVAL, "unknown command")
+            return self.reply(w, cookie, NBD_EINVAL, "unknown command")
         if typ == NBD_CMD_READ and length > NBD_MAX_PAYLOAD:
-            return self.fail(w, typ, cookie,
+            return self.reply(w, cookie,
                              NBD_EOVERFLOW if flags & NBD_CMD_FLAG_DF else NBD_EINVAL,
                              "a READ longer than the 32 MiB maximum")
         if length == 0:
-            return self.fail(w, typ, cookie, NBD_EINVAL, "a request of length 0")
+            return self.reply(w, cookie, NBD_EINVAL, "a request of length 0")
         if offset > self.size or length > self.size - offset:
             # As the spec has it: a write past the end is out of space, any
             # other request past it invalid.
-            return self.fail(w, typ, cookie,
+            return self.reply(w, cookie,
                              NBD_ENOSPC if typ == NBD_CMD_WRITE or typ == NBD_CMD_WRITE_ZEROES
                              else NBD_EINVAL, "beyond the end of the export")
         end = offset + length
@@ -618,7 +602,7 @@ cdef class NbdConnection:
         elif typ == NBD_CMD_WRITE_ZEROES:
             if (flags & NBD_CMD_FLAG_FAST_ZERO) and (
                     (flags & NBD_CMD_FLAG_NO_HOLE) or not self.export.can_punch):
-                return self.fail(w, typ, cookie, NBD_ENOTSUP,
+                return self.reply(w, cookie, NBD_ENOTSUP,
                                  "zeroing is not faster than writing here")
             a = (offset + bs - 1) // bs
             b = end // bs
@@ -642,13 +626,9 @@ cdef class NbdConnection:
         # NBD_CMD_CACHE: the backing store is the cache; nothing to do.
         if rc == 0 and (flags & NBD_CMD_FLAG_FUA) and typ != NBD_CMD_CACHE:
             rc = self.export.sync()
-        return self.reply(w, cookie, typ, wire_error(rc) if rc else 0,
+        return self.reply(w, cookie, wire_error(rc) if rc else 0,
                           "the I/O on the backing store failed" if rc != XFER_AFU_ERROR
                           else "the export's LUN refused the range")
-
-    cdef int fail(self, worker *w, uint16_t typ, uint64_t cookie, int error,
-                  const char *msg) noexcept nogil:
-        return self.reply(w, cookie, typ, error, msg)
 
     cdef int do_write(self, worker *w, uint64_t offset, uint32_t length) noexcept nogil:
         cdef uint64_t bs = self.export.block_size
@@ -688,11 +668,11 @@ cdef class NbdConnection:
         cdef char *h
         cdef char *data
         if grow(w, nblk * bs):
-            return self.fail(w, NBD_CMD_READ, cookie, NBD_ENOMEM,
+            return self.reply(w, cookie, NBD_ENOMEM,
                              "out of memory for a READ")
         rc = self.export.run(offset // bs, nblk, w.buf, 0)
         if rc:
-            return self.fail(w, NBD_CMD_READ, cookie, wire_error(rc),
+            return self.reply(w, cookie, wire_error(rc),
                              "the read of the backing store failed")
         data = w.buf + skew
         if not self.structured:
@@ -747,12 +727,12 @@ cdef class NbdConnection:
         cdef char *d
         cdef int nx, i, rc
         if self.meta_id == 0:
-            return self.fail(w, NBD_CMD_BLOCK_STATUS, cookie, NBD_EINVAL,
+            return self.reply(w, cookie, NBD_EINVAL,
                              "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT "
                              "base:allocation)")
-        nx = self.export.extents(w, offset, length, w.ext, NBD_MAX_EXTENTS, 0)
+        nx = self.export.extents(w, offset, length, w.ext, NBD_MAX_EXTENTS)
         if nx == 0:
-            return self.fail(w, NBD_CMD_BLOCK_STATUS, cookie, NBD_EIO,
+            return self.reply(w, cookie, NBD_EIO,
                              "the allocation map is not available")
         if flags & NBD_CMD_FLAG_REQ_ONE:
             nx = 1

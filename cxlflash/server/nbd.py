@@ -335,10 +335,15 @@ class NbdServer:
             if not stat.S_ISSOCK(st.st_mode):
                 raise CxlFlashError(errno.EEXIST, f"{path} exists and is not a socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(2.0)
             try:
                 probe.connect(path)
-            except OSError:
+            except ConnectionRefusedError:
                 os.unlink(path)         # nobody listens: stale
+            except socket.timeout:
+                raise CxlFlashError(errno.EADDRINUSE, f"{path}: a server listens there "
+                                    "(it did not accept within 2 s): stop it, or choose "
+                                    "another path") from None
             else:
                 raise CxlFlashError(errno.EADDRINUSE, f"{path}: another server listens "
                                     "there (stop it, or choose another path)")
