@@ -16,6 +16,9 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+# The Ceph cluster of the RBD tests (``ceph.py``): started on first use.
+from ceph import ceph, ceph_cluster  # noqa: E402,F401
+
 ADAPTER_KINDS = ("embedded", "connected")
 
 
