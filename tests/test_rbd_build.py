@@ -50,20 +50,26 @@ def test_info_reports_librbd_as_built():
         assert "not built" in line and "librbd-dev" in line, line
 
 
+def _open(where, name):
+    if where == "add_lun":
+        with cxlflash.Adapter() as a:
+            a.add_lun(name)
+    else:
+        from cxlflash.backing import open_backing
+        open_backing(name).close()
+
+
 @pytest.mark.parametrize("where", ["add_lun", "backing"])
-def test_rbd_lun_without_librbd_is_enosys_or_works(where, tmp_path):
-    """Built without librbd: ENOSYS saying to install librbd-dev.  Built
-    with it: the name is parsed and the (missing) conf file is ENOENT."""
-    name = f"rbd:rbd/img?conf={tmp_path}/none.conf&timeout=2"
+def test_rbd_lun_is_enosys_without_librbd(where, tmp_path):
+    """Built without librbd: a well-formed RBD name is ENOSYS saying to
+    install librbd-dev.  Built with it: the name is parsed as RBD (an
+    unknown option is EINVAL, not a file that does not exist)."""
+    good = f"rbd:rbd/img?conf={tmp_path}/none.conf&timeout=2"
+    bad = good + "&colour=blue"
     with pytest.raises(OSError) as e:
-        if where == "add_lun":
-            with cxlflash.Adapter() as a:
-                a.add_lun(name)
-        else:
-            from cxlflash.backing import open_backing
-            open_backing(name).close()
+        _open(where, good if not built_with_librbd() else bad)
     if built_with_librbd():
-        assert e.value.errno == errno.ENOENT, e.value
+        assert e.value.errno == errno.EINVAL and "colour" in str(e.value), e.value
     else:
         assert e.value.errno == errno.ENOSYS, e.value
         assert "librbd-dev" in str(e.value), e.value
