@@ -52,13 +52,15 @@ GIB = 1 << 30
 DEFAULT_TIMEOUT = 10
 
 # The watcher: waits for EOF on stdin (the test process closed the pipe,
-# or died), then stops the cluster unless told "done" (already stopped).
+# or died), then stops the cluster and removes its directory unless told
+# "done" (the fixture did both).
 _WATCHER = r"""
-import subprocess, sys
+import shutil, subprocess, sys
 word = sys.stdin.read()
 if word.strip() != "done":
     subprocess.run([sys.argv[1], "stop", sys.argv[2]], stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=120)
+    shutil.rmtree(sys.argv[2], ignore_errors=True)
 """
 
 
