@@ -354,12 +354,14 @@ def test_grown_image_gives_more_chunks(adapter, ceph):
             v.set_size(2 * CHUNK)
         assert e.value.errno == errno.ENOSPC
         ceph.resize(name, 512 * MIB)
-        cid = c.context_id
-        h = v.handle
-        verify(d, cid, h, fixed_sense(0x6, 0x2A, 0x09))
-        v.set_size(2 * CHUNK)
-        v.write(2 * CHUNK - 1, pattern(0, 1))
-        assert v.read(2 * CHUNK - 1, 1) == pattern(0, 1).tobytes()
+        assert verify(d, c.context_id, v.handle,
+                      fixed_sense(0x6, 0x2A, 0x09)).last_lba == 512 * MIB // BS - 1
+        v.close()
+        # The allocator is rebuilt, from the new capacity, when the LUN's
+        # last vLUN is gone (as the kernel's is).
+        with c.create_virtual(2 * CHUNK) as v:
+            v.write(2 * CHUNK - 1, pattern(0, 1))
+            assert v.read(2 * CHUNK - 1, 1) == pattern(0, 1).tobytes()
 
 
 # -- the CLI -------------------------------------------------------------------------------
