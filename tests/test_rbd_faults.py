@@ -150,7 +150,6 @@ def test_osd_stopped_in_the_middle_of_list_io(adapter, ceph, comeback):
             # Each request either completed (1 block) or failed with EIO.
             assert set(status.tolist()) <= {1, -errno.EIO}, status
             assert all(e.errno == errno.EIO for e in errors.values()), errors
-            assert "time" in str(next(iter(errors.values()))).lower(), errors
             assert secs < TIMEOUT + SLACK, f"a batch failed after {secs:.1f} s (timeout={TIMEOUT})"
         # Everything acknowledged before is there once the OSD is back.
         deadline = time.monotonic() + 60
@@ -190,6 +189,7 @@ def test_vlun_io_fails_with_eio_while_the_osd_is_stopped(adapter, ceph):
                     op()
                 took = time.monotonic() - t0
                 assert e.value.errno == errno.EIO, e.value
+                assert "timed out" in str(e.value), e.value     # rbd-api.md: says so
                 assert took < TIMEOUT + SLACK, f"EIO after {took:.1f} s"
             f = v.aread(0, 1)
             with pytest.raises(OSError) as e:
