@@ -72,9 +72,9 @@ MALFORMED = [
     "rbd:rb\0d/img",                    # NULs
     "rbd:rbd/im\0g",
     "rbd:rbd/img?id=ad\0min",
-    "rbd:" + "p" * 100_000 + "/img",    # extreme lengths
-    "rbd:rbd/" + "i" * 100_000,
-    "rbd:rbd/img?id=" + "x" * 100_000,
+    "rbd:" + "p" * 9000 + "/img",       # extreme lengths (a daemon request holds 64 KiB)
+    "rbd:rbd/" + "i" * 60_000,
+    "rbd:rbd/img?id=" + "x" * 60_000,
 ]
 
 
@@ -88,6 +88,14 @@ def test_malformed_names_are_einval(adapter, ceph, name):
     e = errno_of(lambda: adapter.add_lun(name))
     assert e.errno == errno.EINVAL, (name[:80], e)
     assert time.monotonic() - t0 < 5, "a malformed name must be refused before connecting"
+    assert adapter.luns() == []
+
+
+def test_name_longer_than_a_daemon_request_is_einval(adapter, ceph):
+    """100 000 characters: more than a request to a daemon may hold (64 KiB):
+    still EINVAL, and the connection (and the daemon) stay."""
+    e = errno_of(lambda: adapter.add_lun(f"rbd:rbd/{'i' * 100_000}?conf={ceph.conf}"))
+    assert e.errno == errno.EINVAL, e
     assert adapter.luns() == []
 
 
@@ -311,11 +319,14 @@ def test_two_luns_on_two_images(adapter, ceph):
         assert b.read(0, 1) == pattern(0, 1, seed=2).tobytes()
 
 
-def test_delete_lun_closes_the_image(adapter, ceph):
+def test_closing_the_adapter_closes_the_image(ceph):
     name, lun = ceph.image(GIB)
-    w = adapter.add_lun(lun)
-    adapter.delete_lun(w)
-    # No watcher left: the image can be removed at once.
+    a = cxlflash.Adapter()
+    with a.open_disk(a.add_lun(lun)).attach() as c, c.create_virtual(10) as v:
+        v.write(0, pattern(0, 1))
+    assert not ceph.remove(name)                # open: "image still has watchers"
+    a.close()
+    # No watcher left (and no lock): the image can be removed at once.
     assert ceph.remove(name)
     ceph.images.remove(name)
 
@@ -352,10 +363,12 @@ def test_grown_image_gives_more_chunks(adapter, ceph):
         v = c.create_virtual(CHUNK)
         with pytest.raises(CxlFlashError) as e:
             v.set_size(2 * CHUNK)
-        assert e.value.errno == errno.ENOSPC
+        assert e.value.errno == errno.EINVAL      # beyond the physical LUN
         ceph.resize(name, 512 * MIB)
+        # VERIFY of a vLUN answers the vLUN's last LBA; the LUN's is ATTACH's.
         assert verify(d, c.context_id, v.handle,
-                      fixed_sense(0x6, 0x2A, 0x09)).last_lba == 512 * MIB // BS - 1
+                      fixed_sense(0x6, 0x2A, 0x09)).last_lba == CHUNK - 1
+        assert attach(d).last_lba == 512 * MIB // BS - 1
         v.close()
         # The allocator is rebuilt, from the new capacity, when the LUN's
         # last vLUN is gone (as the kernel's is).
