@@ -83,7 +83,8 @@ def memory_backing(lun_backing):
     """Declares that the test runs on memory only, in a module of
     ``LUN_BACKINGS``: it reads the memory backing's insides (its fd: holes,
     fstat, punch, bytes read with pread), or it makes its own LUNs
-    (``add_lun(None, ...)``) rather than the backing's."""
+    (``add_lun(None, ...)``) rather than the backing's, or hundreds of them
+    (one RBD image, connection and lock each: too slow to be worth it)."""
     assert lun_backing == "memory"
 
 

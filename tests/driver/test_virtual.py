@@ -356,7 +356,8 @@ def test_user_virtual_lun_table_before_lookup(embedded):
     fails(d, VIRTUAL, uvirtual_arg(0xBAD), errno.EIO)
 
 
-def test_user_virtual_lun_table_full_enospc(make_embedded):
+def test_user_virtual_lun_table_full_enospc(memory_backing, make_embedded):
+    # memory_backing: 256 LUNs; on RBD 256 images, connections and locks (~45 s).
     # Single-port LUNs take slots 255, 254, ... 1 of their port's table.
     a = make_embedded()
     d = add_disk(a, nchunks=1)
