@@ -25,7 +25,8 @@ cannot be removed yet ("image still has watchers"): it is retried before
 the next image is made.
 
 If the cluster cannot start the fixture fails, loudly, with the setup log:
-the RBD tests are never skipped.
+the RBD tests are never skipped.  ``CXLFLASH_CEPH_LOGS=DIR`` copies the
+cluster's logs (setup, mon, osd, librbd clients) to DIR at the end.
 """
 import os
 import random
@@ -292,6 +293,9 @@ def ceph_cluster():
     finally:
         cluster.stop()
         left = cluster.pids()
+        keep = os.environ.get("CXLFLASH_CEPH_LOGS")
+        if keep:                        # the daemons' and clients' logs, to read after the run
+            shutil.copytree(os.path.join(directory, "log"), keep, dirs_exist_ok=True)
         shutil.rmtree(directory, ignore_errors=True)
         assert not left, f"Ceph daemons still running after stop: {left}"
 
