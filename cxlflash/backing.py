@@ -158,6 +158,10 @@ def store_backing(fd):
     return _stores.get(fd)
 
 
+#: Sockets (requests in flight at once) a process whose RBD LUN another
+#: process holds gets for it (RbdBacking.serve).
+REMOTE_LINKS = 8
+
 RBD_PREFIX = "rbd:"
 RBD_DEFAULT_TIMEOUT = 30
 RBD_MAX_TIMEOUT = 86400
@@ -272,24 +276,27 @@ class RbdBacking(Backing):
                 self._engine = Engine(store=self.fd, depth=depth)
             return self._engine
 
-    def serve(self):
-        """A socket for another process (a client of the daemon, a forked
-        child) whose I/O to this image goes through this process: the
-        other end is answered by a thread here until it closes."""
+    def serve(self, links=REMOTE_LINKS):
+        """Sockets for another process (a client of the daemon, a forked
+        child) whose I/O to this image goes through this process: a
+        request in flight on each; a thread here answers each until its
+        other end closes."""
         from ._core.store import serve_remote
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fd = self.fd
-        thread = threading.Thread(target=serve_remote, args=(mine.fileno(), fd),
-                                  name="cxlflash-rbd-remote", daemon=True)
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                 for _ in range(links)]
         with self._lock:
             if self.fd < 0:
-                mine.close()
-                theirs.close()
+                for mine, theirs in pairs:
+                    mine.close()
+                    theirs.close()
                 raise CxlFlashError(errno.ENODEV, f"{self.path} is closed")
             self._serving = [(s, t) for s, t in self._serving if t.is_alive()]
-            self._serving.append((mine, thread))
-            thread.start()
-        return theirs.detach()
+            for mine, _ in pairs:
+                thread = threading.Thread(target=serve_remote, args=(mine.fileno(), self.fd),
+                                          name="cxlflash-rbd-remote", daemon=True)
+                self._serving.append((mine, thread))
+                thread.start()
+        return [theirs.detach() for _, theirs in pairs]
 
     def close(self):
         with self._lock:
@@ -313,17 +320,17 @@ class RbdBacking(Backing):
 
 class RemoteBacking(Backing):
     """A store another process serves (``RbdBacking.serve`` there), reached
-    over the socket ``fd`` (which it then owns)."""
+    over the sockets ``sock_fds`` (which it then owns; the first names it)."""
 
     kind = "remote"
     zero_mode = ZERO_WRITE
 
-    def __init__(self, sock_fd, block_size):
+    def __init__(self, sock_fds, block_size):
         from ._core.store import RemoteStore
-        self.store = RemoteStore(sock_fd)
+        self.store = RemoteStore(sock_fds)
         self._engine = None
         self._lock = threading.Lock()
-        super().__init__(sock_fd, block_size, owns_fd=False)
+        super().__init__(self.store.fd, block_size, owns_fd=False)
         _stores[self.fd] = self
 
     @property
@@ -335,7 +342,7 @@ class RemoteBacking(Backing):
         with self._lock:
             if self._engine is None:
                 from ._core.engine import Engine
-                self._engine = Engine(store=self.fd, depth=depth)
+                self._engine = Engine(store=self.fd, depth=depth, workers=REMOTE_LINKS)
             return self._engine
 
     def close(self):

@@ -23,7 +23,9 @@ from cxlflash._core.args import einval
 cdef extern from "store.h" nogil:
     ctypedef struct cxl_remote:
         cxl_store st
-    cxl_remote *cxl_remote_new(int sock)
+    enum:
+        CXL_REMOTE_LINKS
+    cxl_remote *cxl_remote_new(const int *socks, int n)
     int cxl_remote_serve(int sock, cxl_store *st)
 
 cdef extern from *:
@@ -140,21 +142,28 @@ def store_flush(fd):
 # -- the remote store ---------------------------------------------------------------
 
 cdef class RemoteStore:
-    """RemoteStore(sock_fd)
+    """RemoteStore(sock_fds)
 
     A store served by another process (``serve_remote`` there), reached
-    over the connected stream socket ``sock_fd``, which it then owns and
-    which names it in the data path.  ``close()`` unregisters it and
-    closes the socket; nothing may be in flight then.
+    over the connected stream sockets ``sock_fds`` (1..8 of them: as many
+    requests in flight), which it then owns; the first names it in the
+    data path.  ``close()`` unregisters it and closes the sockets; nothing
+    may be in flight then.
     """
     cdef cxl_remote *rm
     cdef readonly int fd
+    cdef list socks
 
-    def __cinit__(self, sock_fd):
-        self.fd = arg_fd(sock_fd)
-        if self.fd < 0:
-            raise einval("a remote store needs its socket")
-        self.rm = cxl_remote_new(self.fd)
+    def __cinit__(self, sock_fds):
+        cdef int fds[CXL_REMOTE_LINKS]
+        cdef int i
+        self.socks = [arg_fd(f) for f in sock_fds]
+        if not 1 <= len(self.socks) <= CXL_REMOTE_LINKS or min(self.socks) < 0:
+            raise einval(f"a remote store needs 1..{CXL_REMOTE_LINKS} sockets")
+        for i in range(len(self.socks)):
+            fds[i] = self.socks[i]
+        self.fd = fds[0]
+        self.rm = cxl_remote_new(fds, len(self.socks))
         if self.rm == NULL:
             raise MemoryError()
         try:
@@ -167,9 +176,11 @@ cdef class RemoteStore:
     def close(self):
         if self.rm != NULL:
             store_unregister(&self.rm.st)
-            free(self.rm)           # (its mutex is not held: nothing in flight)
+            free(self.rm)           # (no mutex is held: nothing in flight)
             self.rm = NULL
-            os.close(self.fd)
+            for f in self.socks:
+                os.close(f)
+            self.socks = []
         self.fd = -1
 
     def __dealloc__(self):

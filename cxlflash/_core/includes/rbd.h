@@ -17,7 +17,8 @@
  * A request to an OSD or monitor that does not answer within the image's
  * timeout (rados_osd_op_timeout) fails with -ETIMEDOUT, reported as -EIO
  * (the request may still have been applied: EIO means "unknown", as a SCSI
- * timeout does).  A discard does not promise zeros (it is advisory below
+ * timeout does); from then on the image is taken for down until its
+ * prober gets an answer (cxl_rbd_admit).  A discard does not promise zeros (it is advisory below
  * the object's granularity): zeroing is always rbd_write_zeroes.
  */
 #ifndef CXLFLASH_RBD_H
@@ -38,7 +39,18 @@ typedef struct cxl_rbd {
     rados_ioctx_t ioctx;
     rbd_image_t image;
     cxl_rbd_be *be;         /* the backend of its engine, once made */
+    /* An outage (cxl_rbd_admit): the last answer was a timeout. */
+    pthread_mutex_t mu;
+    int down;
+    int probing;            /* the prober thread runs */
+    int closing;
+    pthread_t prober;
 } cxl_rbd;
+
+static void cxl_rbd_init(cxl_rbd *d)
+{
+    pthread_mutex_init(&d->mu, NULL);
+}
 
 /* A failure as the data path reports it. */
 static inline int64_t cxl_rbd_err(int64_t r)
@@ -64,6 +76,75 @@ static int cxl_rbd_clip(cxl_rbd *d, uint64_t off, uint64_t *len, int64_t *err)
     return 0;
 }
 
+/* Once a request timed out, the image is taken for down: every new
+ * request fails at once with EIO (a list of thousands fails in one
+ * timeout, not in thousands / depth of them), and a prober thread reads
+ * its first block, again and again, until an answer that is not a
+ * timeout comes -- the outage ends then, within a round trip of the
+ * cluster's return.  Requests already sent each end in their own timeout.
+ * (An outage of one OSD among many: the probe may reach another, and
+ * requests to the one that is down then time out one by one.) */
+
+static inline int cxl_rbd_admit(cxl_rbd *d)
+{
+    return !__atomic_load_n(&d->down, __ATOMIC_ACQUIRE);
+}
+
+static void *cxl_rbd_probe_main(void *arg)
+{
+    cxl_rbd *d = (cxl_rbd *) arg;
+    char buf[512];
+    ssize_t r;
+    for (;;) {
+        r = rbd_read2(d->image, 0, sizeof buf, buf, 0);
+        pthread_mutex_lock(&d->mu);
+        if (r != -ETIMEDOUT || d->closing) {
+            if (r != -ETIMEDOUT)
+                __atomic_store_n(&d->down, 0, __ATOMIC_RELEASE);
+            d->probing = 0;
+            pthread_mutex_unlock(&d->mu);
+            return NULL;
+        }
+        pthread_mutex_unlock(&d->mu);
+    }
+}
+
+/* Note a request's answer from librbd: a timeout starts an outage. */
+static inline void cxl_rbd_answered(cxl_rbd *d, int64_t r)
+{
+    pthread_attr_t ta;
+    if (r != -ETIMEDOUT)
+        return;
+    pthread_mutex_lock(&d->mu);
+    __atomic_store_n(&d->down, 1, __ATOMIC_RELEASE);
+    if (!d->probing && !d->closing) {
+        if (d->probing == 0 && d->prober)
+            pthread_join(d->prober, NULL);  /* the last one has ended */
+        pthread_attr_init(&ta);
+        pthread_attr_setstacksize(&ta, 256 * 1024);
+        if (pthread_create(&d->prober, &ta, cxl_rbd_probe_main, d) == 0)
+            d->probing = 1;
+        else
+            d->prober = 0;
+        pthread_attr_destroy(&ta);
+    }
+    pthread_mutex_unlock(&d->mu);
+}
+
+/* Before closing the image: no prober runs after this. */
+static void cxl_rbd_fini(cxl_rbd *d)
+{
+    pthread_t t;
+    pthread_mutex_lock(&d->mu);
+    d->closing = 1;
+    t = d->prober;
+    d->prober = 0;
+    pthread_mutex_unlock(&d->mu);
+    if (t)
+        pthread_join(t, NULL);              /* within one timeout */
+    pthread_mutex_destroy(&d->mu);
+}
+
 /* -- the store: the synchronous data path ---------------------------------------- */
 
 static int64_t cxl_rbd_rw(cxl_store *s, int write, char *buf, uint64_t len, uint64_t off)
@@ -76,7 +157,10 @@ static int64_t cxl_rbd_rw(cxl_store *s, int write, char *buf, uint64_t len, uint
         return c < 0 ? err : 0;
     if (len > (1u << 30))
         len = 1u << 30;
+    if (!cxl_rbd_admit(d))
+        return -EIO;
     r = write ? rbd_write2(d->image, off, len, buf, 0) : rbd_read2(d->image, off, len, buf, 0);
+    cxl_rbd_answered(d, r);
     if (r < 0)
         return cxl_rbd_err(r);
     return write && r == 0 ? (int64_t) len : (int64_t) r;
@@ -95,7 +179,10 @@ static int cxl_rbd_zero(cxl_store *s, uint64_t off, uint64_t len)
             return c < 0 ? (int) err : -EIO;    /* zeros past the end: cannot */
         if (n > (1u << 30))
             n = 1u << 30;
+        if (!cxl_rbd_admit(d))
+            return -EIO;
         r = rbd_write_zeroes(d->image, off, n, 0, 0);
+        cxl_rbd_answered(d, r);
         if (r < 0)
             return (int) cxl_rbd_err(r);
         off += n;
@@ -106,7 +193,12 @@ static int cxl_rbd_zero(cxl_store *s, uint64_t off, uint64_t len)
 
 static int cxl_rbd_flush(cxl_store *s)
 {
-    int r = rbd_flush(((cxl_rbd *) s)->image);
+    cxl_rbd *d = (cxl_rbd *) s;
+    int r;
+    if (!cxl_rbd_admit(d))
+        return -EIO;
+    r = rbd_flush(d->image);
+    cxl_rbd_answered(d, r);
     return r < 0 ? (int) cxl_rbd_err(r) : 0;
 }
 
@@ -182,7 +274,7 @@ static int cxl_rbd_submit(cxl_backend *be, const cxl_io *io)
     cxl_rbd_op *op;
     uint64_t len = io->len;
     int64_t err = 0;
-    int r, clip = 0;
+    int r, clip;
     if (io->op == CXL_OP_NOP)
         return cxl_rbd_post_now(b, io->tag, 0);
     if (io->op != CXL_OP_FLUSH) {
@@ -193,6 +285,8 @@ static int cxl_rbd_submit(cxl_backend *be, const cxl_io *io)
             return cxl_rbd_post_now(b, io->tag, io->op == CXL_OP_READ ||
                                     io->op == CXL_OP_WRITE ? 0 : -EIO);
     }
+    if (!cxl_rbd_admit(d))                  /* an outage: at once */
+        return cxl_rbd_post_now(b, io->tag, -EIO);
     op = (cxl_rbd_op *) malloc(sizeof *op);
     if (op == NULL)
         return -ENOMEM;
@@ -262,6 +356,7 @@ static int cxl_rbd_reap(cxl_backend *be, cxl_cqe *out, int max, int wait_ms)
                 op = (cxl_rbd_op *) rbd_aio_get_arg(comps[i]);
                 res = rbd_aio_get_return_value(comps[i]);
                 rbd_aio_release(comps[i]);
+                cxl_rbd_answered(b->d, res);
                 if (res >= 0)
                     res = op->op == CXL_OP_READ ? res :
                           op->op == CXL_OP_FLUSH ? 0 : (int64_t) op->len;
