@@ -252,6 +252,7 @@ class DaemonChannel:
                              "(restart it and attach again)")
 
     def _exchange(self, link, op, request, payload, want_fds):
+        wire.check_request(payload)             # not a dead driver: EINVAL
         with link.lock:
             if self.closed:
                 raise self._gone_error()

@@ -41,6 +41,8 @@ import os
 import socket
 import struct
 
+from ..errors import CxlFlashError
+
 MAGIC = b"CXLF"
 VERSION = 1
 
@@ -123,8 +125,18 @@ def _sendmsg(sock, parts, anc):
         sock.sendall(rest)
 
 
+def check_request(payload):
+    """EINVAL for a request the driver would refuse for its size (it would
+    end the connection), before anything is sent."""
+    if len(payload) > MAX_REQUEST:
+        raise CxlFlashError(errno.EINVAL, f"a request of {len(payload)} bytes is over the "
+                            f"driver's limit of {MAX_REQUEST} bytes (a path or a name "
+                            "that long?)")
+
+
 def send_request(sock, op, request=0, payload=b""):
-    """A request, with this process's credentials."""
+    """A request, with this process's credentials (check_request first)."""
+    check_request(payload)
     creds = [(_SOL_SOCKET, _SCM_CREDENTIALS,
               _CREDS.pack(os.getpid(), os.getuid(), os.getgid()))]
     _sendmsg(sock, [REQUEST.pack(MAGIC, VERSION, op, request, len(payload)), payload],
