@@ -114,12 +114,17 @@ def store_kind(fd):
     return s.ops.name.decode()
 
 
-def store_size(fd):
-    """The size in bytes of the store ``fd`` names (OSError on failure)."""
+cdef cxl_store *_named(fd) except NULL:
     cdef cxl_store *s = store_of(arg_fd(fd))
-    cdef int64_t r
     if s == NULL:
         raise OSError(EBADF, f"descriptor {fd} names no store")
+    return s
+
+
+def store_size(fd):
+    """The size in bytes of the store ``fd`` names (OSError on failure)."""
+    cdef cxl_store *s = _named(fd)
+    cdef int64_t r
     with nogil:
         r = s.ops.size(s)
     if r < 0:
@@ -130,10 +135,8 @@ def store_size(fd):
 
 def store_flush(fd):
     """Flush the store ``fd`` names: 0, or the errno of the failure."""
-    cdef cxl_store *s = store_of(arg_fd(fd))
+    cdef cxl_store *s = _named(fd)
     cdef int r
-    if s == NULL:
-        raise OSError(EBADF, f"descriptor {fd} names no store")
     with nogil:
         r = s.ops.flush(s)
     return -r
@@ -195,10 +198,8 @@ def serve_remote(int sock, int store_fd):
     ``store_fd`` names, without the GIL, until the client closes its end
     or ``sock`` is shut down: 0, or the errno that ended it (EPROTO: the
     client broke the protocol; its connection is the only one ended)."""
-    cdef cxl_store *s = store_of(store_fd)
+    cdef cxl_store *s = _named(store_fd)
     cdef int rc
-    if s == NULL:
-        raise OSError(EBADF, f"descriptor {store_fd} names no store")
     with nogil:
         rc = cxl_remote_serve(sock, s)
     return rc
