@@ -64,10 +64,21 @@ cdef extern from *:
         return __atomic_compare_exchange_n(&cxl_stores[fd], &expect, s, 0,
                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     }
+    /* Name a store by ``fd``: 1, or 0 when a store of this process has it.
+     * A forked child's slots may hold its parent's stores, whose
+     * descriptors the child may have closed: a new one replaces them. */
+    static inline int cxl_store_claim(int fd, cxl_store *s)
+    {
+        cxl_store *old = __atomic_load_n(&cxl_stores[fd], __ATOMIC_ACQUIRE);
+        if (old != NULL && old->pid == cxl_store_pid)
+            return 0;
+        return cxl_store_put(fd, old, s);
+    }
     """
     void cxl_store_init()
     cxl_store *cxl_store_load(int fd) noexcept nogil
     bint cxl_store_put(int fd, cxl_store *expect, cxl_store *s) noexcept nogil
+    bint cxl_store_claim(int fd, cxl_store *s) noexcept nogil
 
 cxl_store_init()
 
@@ -80,7 +91,7 @@ cdef int store_register(cxl_store *s) except -1:
     if s.fd < 0 or s.fd >= CXL_STORE_MAX_FD:
         raise OSError(EINVAL, f"descriptor {s.fd} cannot name a store: it must be "
                       f"below {CXL_STORE_MAX_FD}")
-    if not cxl_store_put(s.fd, NULL, s):
+    if not cxl_store_claim(s.fd, s):
         raise OSError(EEXIST, f"descriptor {s.fd} already names a store")
     return 0
 
