@@ -163,6 +163,8 @@ def store_backing(fd):
 #: Sockets (requests in flight at once) a process whose RBD LUN another
 #: process holds gets for it (RbdBacking.serve).
 REMOTE_LINKS = 8
+#: The most such sockets one image serves at once (a thread each).
+MAX_SERVING = 1024
 
 RBD_PREFIX = "rbd:"
 RBD_DEFAULT_TIMEOUT = 30
@@ -313,6 +315,13 @@ class RbdBacking(StoreBacking):
                     theirs.close()
                 raise CxlFlashError(errno.ENODEV, f"{self.path} is closed")
             self._serving = [(s, t) for s, t in self._serving if t.is_alive()]
+            if len(self._serving) + links > MAX_SERVING:
+                for mine, theirs in pairs:
+                    mine.close()
+                    theirs.close()
+                raise CxlFlashError(errno.EMFILE, f"{self.path} already serves "
+                                    f"{len(self._serving)} sockets of other processes "
+                                    f"(at most {MAX_SERVING}): end some of them first")
             for mine, _ in pairs:
                 thread = threading.Thread(target=serve_remote, args=(mine.fileno(), self.fd),
                                           name="cxlflash-rbd-remote", daemon=True)
