@@ -323,11 +323,22 @@ class RbdBacking(StoreBacking):
                                     f"{len(self._serving)} sockets of other processes "
                                     f"(at most {MAX_SERVING}): end some of them first")
             for mine, _ in pairs:
-                thread = threading.Thread(target=serve_remote, args=(mine.fileno(), self.fd),
+                thread = threading.Thread(target=self._serve_one, args=(serve_remote, mine),
                                           name="cxlflash-rbd-remote", daemon=True)
                 self._serving.append((mine, thread))
                 thread.start()
         return [theirs.detach() for _, theirs in pairs]
+
+    def _serve_one(self, serve_remote, sock):
+        """A thread's life: answer ``sock`` until it ends, then end it for
+        the peer too (a peer that broke the protocol sees its end)."""
+        try:
+            serve_remote(sock.fileno(), self.fd)
+        finally:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self):
         with self._lock:
