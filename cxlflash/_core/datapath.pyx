@@ -392,8 +392,8 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
     elif rc == EIO and store_of(fd) != NULL:
         message = ("the RBD image did not answer: its cluster timed out (an OSD or "
                    "monitor down or unreachable for the LUN's timeout= seconds; until "
-                   "it answers again, new requests fail at once), or an OSD failed "
-                   "the request; a write may or may not have been applied")
+                   "it answers again, a new request waits 1 s for it, then fails), or "
+                   "an OSD failed the request; a write may or may not have been applied")
     elif rc == EROFS and store_of(fd) != NULL:
         message = ("the RBD image refused the write: another client holds its exclusive "
                    "lock (a cxlflash daemon using it in virtual mode)")
