@@ -65,6 +65,7 @@ cdef extern from "rbd/librbd.h" nogil:
     void rbd_lock_get_owners_cleanup(char **lock_owners, size_t lock_owner_count)
     int rbd_metadata_get(rbd_image_t image, const char *key, char *value, size_t *val_len)
     int rbd_metadata_set(rbd_image_t image, const char *key, const char *value)
+    int rbd_metadata_remove(rbd_image_t image, const char *key)
 
 cdef extern from "rbd.h" nogil:
     ctypedef struct cxl_rbd:
@@ -74,6 +75,8 @@ cdef extern from "rbd.h" nogil:
         rbd_image_t image
         void *be
     const cxl_store_ops cxl_rbd_store_ops
+    void cxl_rbd_init(cxl_rbd *d)
+    void cxl_rbd_fini(cxl_rbd *d) nogil
 
 #: The image metadata key where the process holding the exclusive lock
 #: names itself (host and pid), for the error of the one refused.
@@ -173,6 +176,7 @@ cdef class RbdImage:
             self.d = <cxl_rbd *> calloc(1, sizeof(cxl_rbd))
             if self.d == NULL:
                 raise MemoryError()
+            cxl_rbd_init(self.d)
             self.d.st.ops = &cxl_rbd_store_ops
             self.d.st.fd = efd
             self.d.st.pid = self.pid
@@ -234,7 +238,7 @@ cdef class RbdImage:
         with nogil:
             r = rbd_metadata_get(self.d.image, HOLDER_KEY, value, &vlen)
         if r == 0:
-            who += f" ({value[:vlen].rstrip(b'\0').decode(errors='replace')})"
+            who += f": {value[:vlen].rstrip(b'\0').decode(errors='replace')}"
         return who
 
     def lock(self):
@@ -251,7 +255,7 @@ cdef class RbdImage:
         if r == -EROFS or r == -EBUSY:
             who = self.holder()
             raise OSError(EBUSY, f"{self.name} is in use in virtual mode by another "
-                          f"client ({who or 'holder unknown'}): two allocators must not "
+                          f"client [{who or 'holder unknown'}]: two allocators must not "
                           "carve virtual LUNs out of one image; stop that one, or give "
                           "this LUN another image")
         if r == -EINVAL:
@@ -279,6 +283,7 @@ cdef class RbdImage:
             return
         self.locked = False
         with nogil:
+            rbd_metadata_remove(self.d.image, HOLDER_KEY)     # no longer ours to name
             r = rbd_lock_release(self.d.image)
 
     def close(self):
@@ -292,6 +297,7 @@ cdef class RbdImage:
         self.unlock()
         store_unregister(&self.d.st)
         with nogil:
+            cxl_rbd_fini(self.d)            # its prober (an outage) ends first
             rbd_close(self.d.image)
             rados_ioctx_destroy(self.d.ioctx)
             rados_shutdown(self.d.cluster)
