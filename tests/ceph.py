@@ -100,6 +100,7 @@ class CephCluster:
         self._unremoved = []            # images a test made that were still open
         self._serial = 0
         self._watcher = None
+        self.broken = None              # why the cluster is no longer usable
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -178,9 +179,21 @@ class CephCluster:
 
     def rbd(self, *args, check=True, timeout=60):
         """``rbd -c CONF ARGS...``: its stdout (raises with stderr unless
-        ``check=False``, then the CompletedProcess)."""
-        p = subprocess.run(["rbd", "-c", self.conf, *map(str, args)], env=self.env,
-                           capture_output=True, text=True, timeout=timeout)
+        ``check=False``, then the CompletedProcess).  A command that does
+        not finish in ``timeout`` s marks the cluster broken: every later
+        test that asks for it then fails at once, saying so (rather than
+        each waiting out its own timeout)."""
+        if self.broken:
+            pytest.fail(f"the Ceph cluster stopped answering earlier in this session "
+                        f"({self.broken}); see {self.dir}/log (CXLFLASH_CEPH_LOGS=DIR keeps "
+                        f"it)", pytrace=False)
+        try:
+            p = subprocess.run(["rbd", "-c", self.conf, *map(str, args)], env=self.env,
+                               capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.broken = (f"rbd {' '.join(map(str, args))[:100]} took more than {timeout} s; "
+                           f"daemons running: {self.pids()}")
+            raise
         if not check:
             return p
         if p.returncode != 0:
@@ -204,7 +217,7 @@ class CephCluster:
 
     def remove(self, name):
         """Remove image ``name``; False if it is still open somewhere."""
-        p = self.rbd("rm", "--no-progress", f"rbd/{name}", check=False)
+        p = self.rbd("rm", "--no-progress", f"rbd/{name}", check=False, timeout=30)
         return p.returncode == 0 or "No such file" in p.stderr
 
     def _retry_removes(self):
@@ -218,13 +231,6 @@ class CephCluster:
     def size(self, name):
         import json
         return json.loads(self.rbd("info", "--format", "json", f"rbd/{name}"))["size"]
-
-    def export(self, name):
-        """The image's bytes (``rbd export``)."""
-        p = subprocess.run(["rbd", "-c", self.conf, "export", "--no-progress", f"rbd/{name}", "-"],
-                           env=self.env, capture_output=True, timeout=120)
-        assert p.returncode == 0, p.stderr.decode(errors="replace")
-        return p.stdout
 
     # -- faults ------------------------------------------------------------------------
 
@@ -274,9 +280,10 @@ class CephTest:
         c = self.cluster
         if c._osd_stopped:
             c.cont_osd()
-        for n in self.images:
-            if not c.remove(n):
-                c._unremoved.append(n)
+        if not c.broken:
+            for n in self.images:
+                if not c.remove(n):
+                    c._unremoved.append(n)
         self.images = []
 
 

@@ -84,3 +84,36 @@ def test_nothing_stays_running(tmp_path, how):
     while os.path.exists(directory) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(directory), "the cluster's directory was left behind"
+
+
+BROKEN = textwrap.dedent('''
+    import subprocess, time
+    import pytest
+
+    def test_a_hangs(ceph):
+        ceph.stop_osd()
+        with pytest.raises(subprocess.TimeoutExpired):
+            ceph.rbd("create", "--size", "64M", "rbd/x", timeout=3)
+
+    def test_b_fails_at_once(ceph):
+        t0 = time.monotonic()
+        try:
+            ceph.image(64 << 20)
+        finally:
+            print("took", time.monotonic() - t0)
+''')
+
+
+def test_a_cluster_that_stopped_answering_fails_later_tests_at_once(tmp_path):
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {_HERE!r})\nfrom ceph import ceph, ceph_cluster  # noqa\n")
+    (tmp_path / "test_inner.py").write_text(BROKEN)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                        "--rootdir", str(tmp_path), str(tmp_path / "test_inner.py")],
+                       cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and "1 failed, 1 passed" in out, out
+    assert "stopped answering earlier in this session" in out, out
+    took = float(out.split("took ", 1)[1].split()[0])
+    assert took < 1, out
