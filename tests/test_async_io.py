@@ -32,11 +32,28 @@ from block_pattern import BS, CHUNK, GIB, pattern
 # Both engines; a build without liburing (CI's debug build) has threads only.
 KINDS = ("io_uring", "threads") if engine_info()["liburing"] else ("threads",)
 
+#: Each test of the ``disk`` fixture runs on a memory LUN and on an RBD image
+#: (``memory_backing``: memory only) -- on RBD with one engine kind only, see
+#: pytest_generate_tests below.
+LUN_BACKINGS = ("memory", "rbd")
 
-@pytest.fixture(params=KINDS, autouse=True)
-def kind(request, monkeypatch):
-    monkeypatch.setenv("CXLFLASH_ENGINE", request.param)
-    return request.param
+
+def pytest_generate_tests(metafunc):
+    """``kind`` (the adapter engine, CXLFLASH_ENGINE): every kind on a
+    memory LUN; on an RBD LUN only the first, since its I/O goes through
+    the image's own engine (or the daemon's socket) whatever the kind.
+    (tests/conftest.py leaves ``lun_backing`` to a module with this hook.)"""
+    names = metafunc.fixturenames
+    if "lun_backing" in names and "memory_backing" not in names:
+        combos = [(k, "memory") for k in KINDS] + [(KINDS[0], "rbd")]
+        metafunc.parametrize("kind, lun_backing", combos, ids=[f"{k}-{b}" for k, b in combos])
+    else:
+        metafunc.parametrize("kind", KINDS)
+
+
+@pytest.fixture(autouse=True)
+def _engine_kind(kind, monkeypatch):
+    monkeypatch.setenv("CXLFLASH_ENGINE", kind)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -202,7 +219,7 @@ def test_back_pressure_through_the_api(kind, make_adapter):
         assert a.engine.inflight == 0
 
 
-def test_direct_lun_futures(adapter):
+def test_direct_lun_futures(memory_backing, adapter):
     with adapter.open_disk(adapter.create_lun(64 << 20)) as d, d.attach() as c, \
             c.open_direct() as lun:
         futs = [lun.awrite(i * 8, pattern(i * 8, 8, seed=4)) for i in range(64)]
@@ -579,7 +596,7 @@ def test_listio_queue_depth_bounds(vlun, qd, exc):
 # -- flush, write-zeroes, discard ------------------------------------------------------------
 
 
-def test_flush_covers_the_writes_before_it(vlun):
+def test_flush_covers_the_writes_before_it(memory_backing, vlun):
     vlun.set_size(1000)
     futs = [vlun.awrite(i * 4, pattern(i * 4, 4, seed=13)) for i in range(250)]
     assert vlun.flush() is None
@@ -596,7 +613,7 @@ def test_flush_covers_the_writes_before_it(vlun):
 
 
 @pytest.mark.parametrize("where", ["memory", "file"])
-def test_write_zeroes_and_discard_read_back_zeros(where, tmp_path, make_adapter):
+def test_write_zeroes_and_discard_read_back_zeros(memory_backing, where, tmp_path, make_adapter):
     a = make_adapter(directory=None if where == "memory" else str(tmp_path))
     with a.open_disk(a.create_lun(GIB)) as d, d.attach() as c, \
             c.create_virtual(2 * CHUNK) as v:
@@ -702,7 +719,7 @@ def _ended(futs):
     return ok, bad
 
 
-def test_shrink_waits_for_requests_in_flight(ctx, adapter):
+def test_shrink_waits_for_requests_in_flight(memory_backing, ctx, adapter):
     v = ctx.create_virtual(2 * CHUNK)                  # scrubbing
     fd = backing_fd(v)
     offs = phys_offsets(v, range(CHUNK, CHUNK + NB * N_FLIGHT))
@@ -721,7 +738,7 @@ def test_shrink_waits_for_requests_in_flight(ctx, adapter):
 
 
 @pytest.mark.parametrize("how", ["lun close", "context close", "ioctl detach"])
-def test_release_and_detach_wait_for_requests_in_flight(adapter, disk, how):
+def test_release_and_detach_wait_for_requests_in_flight(memory_backing, adapter, disk, how):
     c = disk.attach()
     v = c.create_virtual(CHUNK)                        # scrubbing
     fd = backing_fd(v)
@@ -764,7 +781,7 @@ def test_release_and_detach_wait_for_requests_in_flight(adapter, disk, how):
     assert adapter.engine.inflight == 0
 
 
-def test_adapter_close_waits_for_requests_in_flight(tmp_path, make_adapter):
+def test_adapter_close_waits_for_requests_in_flight(memory_backing, tmp_path, make_adapter):
     a = make_adapter(directory=str(tmp_path))
     disk = a.open_disk(a.create_lun(GIB))
     path = lun_status(a, disk.wwid)["path"]
@@ -1045,7 +1062,7 @@ def test_adapter_close_while_a_loop_and_waiters_wait(kind, make_adapter):
     c.close()
 
 
-def test_async_requests_split_by_max_xfer_and_chunks(ctx):
+def test_async_requests_split_by_max_xfer_and_chunks(memory_backing, ctx):
     """A request split into many backend operations (max_xfer 3, two
     non-adjacent chunks) through futures, asyncio and listio at depth:
     the data lands in the right places."""
