@@ -8,7 +8,6 @@ OSD faults are in ``test_rbd_faults.py``; the build (librbd or not) in
 ``test_rbd_build.py``."""
 import asyncio
 import errno
-import os
 import subprocess
 import sys
 import time
