@@ -167,25 +167,63 @@ def pick_ports(rng):
     raise SetupError("no free port for the Ceph monitor in 30000-32000")
 
 
-# The watcher: waits for EOF on stdin (the script closed the pipe, or died),
-# then stops the cluster and removes its directory unless told "done".
+# The watcher: a process in its own session (Ctrl-C does not reach it) that
+# reads cleanup actions from a pipe, one JSON line each, and runs them, last
+# first, when the pipe ends without "done": the script died (SIGKILL, a
+# crash) before cleaning up itself.  Each action is idempotent.
 WATCHER = r"""
-import shutil, subprocess, sys
-word = sys.stdin.read()
-if word.strip() != "done":
-    subprocess.run([sys.argv[1], "stop", sys.argv[2]], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=120)
-    shutil.rmtree(sys.argv[2], ignore_errors=True)
+import json, shutil, subprocess, sys, time
+actions = []
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    actions.append(json.loads(line))
+for a in reversed(actions):
+    try:
+        if "run" in a:
+            end = time.monotonic() + a.get("retry_s", 0)
+            while subprocess.run(a["run"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, timeout=120,
+                                 env=a.get("env")).returncode and time.monotonic() < end:
+                time.sleep(2)
+        if "rmtree" in a:
+            shutil.rmtree(a["rmtree"], ignore_errors=True)
+    except Exception:
+        pass
 """
+
+
+class Watcher:
+    """Cleans up after the script if it is killed: ``add()`` an action
+    (``{"run": argv, "env": {...}}`` or ``{"rmtree": path}``) once the
+    thing it undoes exists; ``done()`` once the script has cleaned up."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", WATCHER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, text=True)
+
+    def add(self, action):
+        self.proc.stdin.write(json.dumps(action) + "\n")
+        self.proc.stdin.flush()
+
+    def done(self):
+        try:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
 
 
 class OwnCluster:
     """A throw-away cluster started with tools/ceph-cluster, stopped by close()."""
 
-    def __init__(self, osd_bytes, progress):
+    def __init__(self, osd_bytes, progress, watcher):
         self.dir = tempfile.mkdtemp(prefix="rbd-ratios-ceph-")
         self.conf = os.path.join(self.dir, "ceph.conf")
-        self.watcher = None
+        watcher.add({"rmtree": self.dir})
         self.started = False
         rng = random.Random(os.getpid() ^ time.monotonic_ns())
         last = ""
@@ -197,11 +235,7 @@ class OwnCluster:
                             CEPH_CLUSTER_OSD_BYTES=str(osd_bytes), CEPH_CLUSTER_TIMEOUT="60")
             self.env.pop("CEPH_CONF", None)
             self.env.pop("CEPH_ARGS", None)
-            if self.watcher is None:
-                self.watcher = subprocess.Popen(
-                    [sys.executable, "-c", WATCHER, TOOL, self.dir], stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    start_new_session=True, text=True)
+            watcher.add({"run": [TOOL, "stop", self.dir], "env": self.env})
             progress(f"starting a Ceph cluster in {self.dir} (mon port {self.port})")
             self.started = True
             p = subprocess.run([TOOL, "start", self.dir], env=self.env, capture_output=True,
@@ -225,22 +259,11 @@ class OwnCluster:
         return f"own cluster in {self.dir}, mon v2:127.0.0.1:{self.port}"
 
     def close(self):
-        try:
-            if self.started:
-                subprocess.run([TOOL, "stop", self.dir], env=self.env, capture_output=True,
-                               timeout=120)
-                self.started = False
-            shutil.rmtree(self.dir, ignore_errors=True)
-        finally:
-            if self.watcher is not None:
-                try:
-                    self.watcher.stdin.write("done")
-                    self.watcher.stdin.close()
-                    self.watcher.wait(30)
-                except (OSError, subprocess.TimeoutExpired):
-                    self.watcher.kill()
-                    self.watcher.wait()
-                self.watcher = None
+        if self.started:
+            subprocess.run([TOOL, "stop", self.dir], env=self.env, capture_output=True,
+                           timeout=120)
+            self.started = False
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class GivenCluster:
@@ -298,11 +321,15 @@ def private_conf(src, dst, client_id):
 class Image:
     """An image of the benchmark's own, removed by close()."""
 
-    def __init__(self, conf, pool, client_id, size, env):
+    def __init__(self, conf, pool, client_id, size, env, watcher):
         self.conf, self.pool, self.id, self.size, self.env = conf, pool, client_id, size, env
         self.name = f"cxlflash-bench-{uuid.uuid4().hex[:8]}"
         self.spec = f"{pool}/{self.name}"
         self.created = False
+        # a killed process's watch on the image lasts ~30 s: rm is refused
+        # ("image still has watchers") until then
+        watcher.add({"run": ["rbd", "-c", conf, "--id", client_id, "rm", "--no-progress",
+                             self.spec], "env": env, "retry_s": 60})
         self.rbd("create", "--size", f"{size // MIB}M", self.spec)
         self.created = True
         self.info = json.loads(self.rbd("info", "--format", "json", self.spec))
@@ -768,19 +795,21 @@ def main(argv=None):
     results, errors = {}, {}
     cluster = img = None
     header = {}
+    watcher = Watcher()
     tmp = tempfile.mkdtemp(prefix="rbd-ratios-")
+    watcher.add({"rmtree": tmp})
     try:
         try:
             need_tools(sides)
             if args.conf:
                 cluster = GivenCluster(args.conf)
             else:
-                cluster = OwnCluster(max(2 << 30, 2 * size + (512 << 20)), progress)
+                cluster = OwnCluster(max(2 << 30, 2 * size + (512 << 20)), progress, watcher)
             conf = os.path.join(tmp, "ceph.conf")
             private_conf(cluster.conf, conf, args.id)
             env = fio_env(conf)
             progress(f"creating an image of {size >> 20} MiB in pool {args.pool}")
-            img = Image(conf, args.pool, args.id, size, cluster.env)
+            img = Image(conf, args.pool, args.id, size, cluster.env, watcher)
             progress(f"writing the whole image ({size >> 20} MiB)")
             fill_s, fill_mib_s, fill_cmd = fill(img, env, tmp)
             runners = {"fio": FioSide(img, env, tmp)}
@@ -849,6 +878,11 @@ def main(argv=None):
         print(f"rbd_ratios: interrupted ({type(e).__name__}); cleaned up", file=sys.stderr)
         return 130
     finally:
+        # Clean up whatever stops us; a second Ctrl-C or SIGTERM must not
+        # cut the cleanup short (each step below is bounded by a timeout).
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            old.setdefault(s, signal.getsignal(s))
+            signal.signal(s, signal.SIG_IGN)
         try:
             if img is not None:
                 progress("removing the image")
@@ -858,6 +892,7 @@ def main(argv=None):
                 progress("stopping the cluster")
                 cluster.close()
             shutil.rmtree(tmp, ignore_errors=True)
+            watcher.done()
             progress("")
             for s, h in old.items():
                 signal.signal(s, h)
