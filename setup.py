@@ -5,8 +5,10 @@ at build time turns them on, together with the C asserts of the core.
 
 Optional C libraries are detected here; the package builds and works
 without them: liburing (the io_uring engine; without it the engine is a
-thread pool).  ``CXLFLASH_LIBURING=0`` builds without it even where it
-is installed.
+thread pool) and librbd (LUNs on Ceph RBD images, ``cxlflash._core.rbd``;
+without it asking for one says what to install).  ``CXLFLASH_LIBURING=0``
+and ``CXLFLASH_LIBRBD=0`` build without them even where they are
+installed.
 """
 import glob
 import os
@@ -68,9 +70,25 @@ def engine_options():
     return [], []
 
 
+def rbd_wanted():
+    """Whether to build the RBD backend (cxlflash._core.rbd): librbd's
+    headers and library are here, and CXLFLASH_LIBRBD is not 0."""
+    if os.environ.get("CXLFLASH_LIBRBD", "") == "0":
+        print("cxlflash: building without librbd (CXLFLASH_LIBRBD=0): no RBD LUNs",
+              file=sys.stderr)
+        return False
+    if have_library("rbd/librbd.h", "rbd_aio_write_zeroes", "rbd"):
+        return True
+    print("cxlflash: librbd not found (install librbd-dev for LUNs on Ceph RBD "
+          "images): building without it", file=sys.stderr)
+    return False
+
+
 def extension(path):
     name = os.path.splitext(os.path.basename(path))[0]
     define, libraries = macros, []
+    if name == "rbd":
+        libraries = ["rbd", "rados"]
     if name == "engine":
         extra, libraries = engine_options()
         define = macros + extra
@@ -84,6 +102,9 @@ def extension(path):
     )
 
 
-extensions = [extension(path) for path in sorted(glob.glob("cxlflash/_core/*.pyx"))]
+paths = sorted(glob.glob("cxlflash/_core/*.pyx"))
+if not rbd_wanted():
+    paths.remove(os.path.join("cxlflash", "_core", "rbd.pyx"))
+extensions = [extension(path) for path in paths]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -25,7 +25,7 @@ from . import uapi, _args
 from ._core.datapath import AfuPaths, DataPath
 from ._core.errors import afu_error
 from ._core.tables import TABLE_FOREIGN
-from .backing import Backing
+from .backing import Backing, store_backing
 from .channel import LocalChannel
 from .driver.driver import Driver
 from .errors import (CxlFlashError, AfuError, AdapterResetError,
@@ -430,6 +430,20 @@ class Adapter:
                                           self.io_threads)
                 eng = self._engine
         return eng
+
+    def _engine_for(self, fd: int) -> "Engine":
+        """The engine of requests on backing store ``fd``: the adapter's,
+        or the store's own (an RBD image, or a store the daemon serves:
+        their requests cannot go through io_uring)."""
+        b = store_backing(fd)
+        if b is None:
+            return self.engine
+        return b.engine(self.engine_depth)
+
+    def _engine_of(self, fd: int) -> "Optional[Engine]":
+        """_engine_for, without making one."""
+        b = store_backing(fd)
+        return self._engine if b is None else b._engine
 
     def _context_record(self, context_id):
         """This process's record of a live or in-error context of its own

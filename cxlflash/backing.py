@@ -1,18 +1,24 @@
-"""Storage under a physical LUN: anonymous memory, a regular file, or a
-block device.
+"""Storage under a physical LUN: anonymous memory, a regular file, a
+block device, or a Ceph RBD image.
 
-Every backing is a file descriptor the data path reads and writes with
-``pread``/``pwrite``: memory is a ``memfd`` (so it can be passed to other
-processes and have holes punched in it), files and block devices are opened
-as they are, optionally with ``O_DIRECT``.
+Every backing is a file descriptor the data path names it by: memory is a
+``memfd`` (so it can be passed to other processes and have holes punched
+in it), files and block devices are opened as they are, optionally with
+``O_DIRECT``, and read and written with ``pread``/``pwrite``.  An RBD image
+(``rbd:POOL/IMAGE?conf=...&id=...&timeout=...``) is opened through librbd
+and registered under a descriptor of its own (``cxlflash._core.store``):
+the data path calls librbd for it.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import socket
 import stat
 import struct
+import threading
+import weakref
 
 from typing import TYPE_CHECKING
 
@@ -23,7 +29,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = ["Backing", "MemoryBacking", "FileBacking", "BlockDeviceBacking",
-           "open_backing", "aligned_buffer"]
+           "RbdBacking", "parse_rbd", "open_backing", "aligned_buffer"]
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -142,6 +148,207 @@ class BlockDeviceBacking(Backing):
         return struct.unpack("Q", buf)[0]
 
 
+# Backings that are stores, not files, by the descriptor that names them
+# (for the engine of their requests: cxlflash.adapter).
+_stores: "weakref.WeakValueDictionary[int, Backing]" = weakref.WeakValueDictionary()
+
+
+def store_backing(fd):
+    """The RbdBacking or RemoteBacking whose descriptor is ``fd``, or None."""
+    return _stores.get(fd)
+
+
+RBD_PREFIX = "rbd:"
+RBD_DEFAULT_TIMEOUT = 30
+RBD_MAX_TIMEOUT = 86400
+_RBD_FORM = "rbd:POOL/IMAGE[?conf=PATH][&id=NAME][&timeout=SECONDS]"
+
+
+def is_rbd(target) -> bool:
+    """Whether ``target`` names an RBD image (a str starting "rbd:")."""
+    return isinstance(target, str) and target.startswith(RBD_PREFIX)
+
+
+def parse_rbd(spec):
+    """``rbd:POOL/IMAGE[?conf=PATH][&id=NAME][&timeout=SECONDS]`` as a dict
+    (pool, image, conf, client_id, timeout); EINVAL naming what is wrong."""
+    def bad(why):
+        return CxlFlashError(errno.EINVAL, f"{why} in the RBD LUN name {spec[:200]!r}: "
+                             f"write {_RBD_FORM}")
+    if not is_rbd(spec):
+        raise bad("no 'rbd:' prefix")
+    if "\0" in spec or len(spec) > 8192:
+        raise bad("a NUL byte or more than 8192 characters")
+    name, _, query = spec[len(RBD_PREFIX):].partition("?")
+    pool, slash, image = name.partition("/")
+    if not slash or not pool or not image:
+        raise bad("no POOL/IMAGE")
+    for what, v in (("pool", pool), ("image", image)):
+        if "/" in v or "@" in v or "&" in v or "=" in v or not v.isprintable():
+            raise bad(f"a {what} name with '/', '@', '&', '=' or an unprintable character")
+    out = {"pool": pool, "image": image, "conf": None, "client_id": "admin",
+           "timeout": RBD_DEFAULT_TIMEOUT}
+    seen = set()
+    for item in query.split("&") if query else ():
+        key, eq, value = item.partition("=")
+        if not eq or not value:
+            raise bad(f"option {item!r} without a value")
+        if key in seen:
+            raise bad(f"option {key!r} given twice")
+        seen.add(key)
+        if key == "conf":
+            out["conf"] = value
+        elif key == "id":
+            if not value.isprintable() or any(c in value for c in "/@ "):
+                raise bad("an unusable client id")
+            out["client_id"] = value
+        elif key == "timeout":
+            if not value.isdigit() or not 1 <= int(value) <= RBD_MAX_TIMEOUT:
+                raise bad(f"timeout must be whole seconds, 1..{RBD_MAX_TIMEOUT}")
+            out["timeout"] = int(value)
+        else:
+            raise bad(f"unknown option {key!r} (conf, id and timeout are known)")
+    return out
+
+
+def rbd_module():
+    """cxlflash._core.rbd, or ENOSYS saying what to install when this build
+    of cxlflash has no librbd."""
+    try:
+        from ._core import rbd
+    except ImportError:
+        raise CxlFlashError(
+            errno.ENOSYS, "this cxlflash was built without librbd, so it cannot put a "
+            "LUN on an RBD image: install librbd-dev (apt-get install librbd-dev) and "
+            "reinstall cxlflash") from None
+    return rbd
+
+
+class RbdBacking(Backing):
+    """A Ceph RBD image, named ``rbd:POOL/IMAGE[?conf=PATH][&id=NAME]
+    [&timeout=SECONDS]``; its size is the image's, now.
+
+    ``timeout`` (default 30 s): a request to an OSD or monitor that does
+    not answer fails after that long -- data requests with EIO.  The first
+    virtual LUN on it takes RBD's exclusive lock on the image
+    (``claim_virtual``), so that two hosts never run two allocators on one
+    image; it is kept until the LUN is removed."""
+
+    kind = "rbd"
+    zero_mode = ZERO_WRITE
+
+    def __init__(self, spec, block_size=4096):
+        if block_size not in (512, 4096):
+            raise CxlFlashError(errno.EINVAL,
+                                f"block size must be 512 or 4096 bytes, got {block_size}")
+        opts = parse_rbd(spec)
+        rbd = rbd_module()
+        self.image = rbd.RbdImage(opts["pool"], opts["image"], opts["conf"],
+                                  opts["client_id"], opts["timeout"])
+        self.timeout = opts["timeout"]
+        self._engine = None
+        super().__init__(self.image.fd, block_size, path=spec)
+        self._serving = []            # (socket, thread) of each client's remote store
+        self._lock = threading.Lock()
+        _stores[self.fd] = self
+
+    @property
+    def size(self):
+        return self.image.size()
+
+    def claim_virtual(self):
+        """Hold RBD's exclusive lock on the image (EBUSY naming the holder
+        when another client has it)."""
+        try:
+            self.image.lock()
+        except OSError as e:
+            raise CxlFlashError(e.errno, e.strerror) from None
+
+    def engine(self, depth=256):
+        """The image's I/O engine (librbd's aio calls; made on first use)."""
+        with self._lock:
+            if self._engine is None:
+                from ._core.engine import Engine
+                self._engine = Engine(store=self.fd, depth=depth)
+            return self._engine
+
+    def serve(self):
+        """A socket for another process (a client of the daemon, a forked
+        child) whose I/O to this image goes through this process: the
+        other end is answered by a thread here until it closes."""
+        from ._core.store import serve_remote
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = self.fd
+        thread = threading.Thread(target=serve_remote, args=(mine.fileno(), fd),
+                                  name="cxlflash-rbd-remote", daemon=True)
+        with self._lock:
+            if self.fd < 0:
+                mine.close()
+                theirs.close()
+                raise CxlFlashError(errno.ENODEV, f"{self.path} is closed")
+            self._serving = [(s, t) for s, t in self._serving if t.is_alive()]
+            self._serving.append((mine, thread))
+            thread.start()
+        return theirs.detach()
+
+    def close(self):
+        with self._lock:
+            serving, self._serving = self._serving, []
+            engine, self._engine = self._engine, None
+        for s, _ in serving:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for s, t in serving:
+            t.join()
+            s.close()
+        if engine is not None:
+            engine.close()
+        if _stores.get(self.fd) is self:
+            del _stores[self.fd]
+        self.image.close()
+        self.fd = -1
+
+
+class RemoteBacking(Backing):
+    """A store another process serves (``RbdBacking.serve`` there), reached
+    over the socket ``fd`` (which it then owns)."""
+
+    kind = "remote"
+    zero_mode = ZERO_WRITE
+
+    def __init__(self, sock_fd, block_size):
+        from ._core.store import RemoteStore
+        self.store = RemoteStore(sock_fd)
+        self._engine = None
+        self._lock = threading.Lock()
+        super().__init__(sock_fd, block_size, owns_fd=False)
+        _stores[self.fd] = self
+
+    @property
+    def size(self):
+        from ._core.store import store_size
+        return store_size(self.fd)
+
+    def engine(self, depth=256):
+        with self._lock:
+            if self._engine is None:
+                from ._core.engine import Engine
+                self._engine = Engine(store=self.fd, depth=depth)
+            return self._engine
+
+    def close(self):
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+        if _stores.get(self.fd) is self:
+            del _stores[self.fd]
+        self.store.close()
+        self.fd = -1
+
+
 def aligned_buffer(nbytes: int, alignment: int = 4096) -> npt.NDArray[np.uint8]:
     """A zeroed numpy uint8 array of ``nbytes`` whose address is a multiple
     of ``alignment`` (what O_DIRECT needs)."""
@@ -167,10 +374,17 @@ def _check_size(size, block_size):
 
 
 def open_backing(target, *, size=None, block_size=4096, direct=False):
-    """A Backing for ``target``: an existing Backing, a path (regular file or
-    block device), or None for memory (then ``size`` is required)."""
+    """A Backing for ``target``: an existing Backing, an RBD image
+    ("rbd:POOL/IMAGE?..."), a path (regular file or block device), or None
+    for memory (then ``size`` is required)."""
     if isinstance(target, Backing):
         return target
+    if is_rbd(target):
+        if size is not None or direct:
+            raise CxlFlashError(errno.EINVAL, "an RBD LUN's size is its image's (grow it "
+                                "with rbd resize) and it has no O_DIRECT: give neither "
+                                "size nor direct")
+        return RbdBacking(target, block_size)
     if target is None:
         if size is None:
             raise CxlFlashError(errno.EINVAL, "a memory LUN needs a size in bytes")

@@ -283,14 +283,14 @@ class _Lun:
                                        and lat_ns.dtype == np.int64):
             raise TypeError("lat_ns must be an int64 numpy array")
         self._check_open()
-        eng = self.adapter._engine
+        eng = self.adapter._engine_of(self._dp.fd)
         if (eng is None or eng.closed) and self.adapter._gone():
             # Every request fails as the closed adapter's data path fails it
             # (one failing request does not stop the others).
             _args.qd(qd)
             status, codes = self._dp.listio(ops, lbas, nblocks, buffer, offsets, lat_ns)
         else:
-            status, codes = self.adapter.engine.listio(self._dp, ops, lbas, nblocks,
+            status, codes = self._engine().listio(self._dp, ops, lbas, nblocks,
                                                        buffer, offsets, lat_ns, qd)
         return ListResult(self, status, codes, lbas, nblocks)
 
@@ -301,20 +301,20 @@ class _Lun:
         of the backing store, issued after every request submitted
         before it has completed)."""
         self._check_open()
-        self.adapter.engine.submit(self._dp, OP_FLUSH, 0, None, None, 0)
+        self._engine().submit(self._dp, OP_FLUSH, 0, None, None, 0)
 
     def write_zeroes(self, lba: int, nblocks: int) -> int:
         """Zero ``nblocks`` blocks at ``lba`` (they read back as zeros);
         returns the number of blocks."""
         self._check_open()
-        return self.adapter.engine.submit(self._dp, OP_ZERO, lba, nblocks, None, 0)
+        return self._engine().submit(self._dp, OP_ZERO, lba, nblocks, None, 0)
 
     def discard(self, lba: int, nblocks: int) -> int:
         """Discard ``nblocks`` blocks at ``lba``: their space may be
         released (holes punched in files); they read back as zeros.
         Returns the number of blocks."""
         self._check_open()
-        return self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks, None, 0)
+        return self._engine().submit(self._dp, OP_DISCARD, lba, nblocks, None, 0)
 
     # -- asynchronous I/O ---------------------------------------------------------------------
     #
@@ -325,12 +325,17 @@ class _Lun:
     # request runs to completion: cancelling its future or task does not
     # stop it, and its buffer stays alive until it is done.
 
+    def _engine(self):
+        """The engine that runs this LUN's requests: the adapter's, or the
+        backing store's own (an RBD image's)."""
+        return self.adapter._engine_for(self._dp.fd if self._dp is not None else -1)
+
     def _bind_async(self):
         """Bind the engine's entry points to this object's data path, so
         that a future or an asyncio read costs no Python frame of ours
         (the core checks every argument)."""
         self._check_open()
-        eng, dp = self.adapter.engine, self._dp
+        eng, dp = self._engine(), self._dp
         self.aread = partial(eng.aread, dp)
         self.areadinto = partial(eng.areadinto, dp)
         self.awrite = partial(eng.awrite, dp)
@@ -354,17 +359,17 @@ class _Lun:
     def aflush(self) -> "Future[None]":
         """Start a :meth:`flush`; a Future of None."""
         self._check_open()
-        return self.adapter.engine.submit(self._dp, OP_FLUSH, 0, None, None, 1)
+        return self._engine().submit(self._dp, OP_FLUSH, 0, None, None, 1)
 
     def awrite_zeroes(self, lba: int, nblocks: int) -> "Future[int]":
         """Start a :meth:`write_zeroes`; a Future of the block count."""
         self._check_open()
-        return self.adapter.engine.submit(self._dp, OP_ZERO, lba, nblocks, None, 1)
+        return self._engine().submit(self._dp, OP_ZERO, lba, nblocks, None, 1)
 
     def adiscard(self, lba: int, nblocks: int) -> "Future[int]":
         """Start a :meth:`discard`; a Future of the block count."""
         self._check_open()
-        return self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks, None, 1)
+        return self._engine().submit(self._dp, OP_DISCARD, lba, nblocks, None, 1)
 
     def _loop_read(self, lba, nblocks):
         return self._bind_async()._loop_read(lba, nblocks)
@@ -388,15 +393,15 @@ class _Lun:
 
     async def flush_async(self) -> None:
         self._check_open()
-        await self.adapter.engine.submit(self._dp, OP_FLUSH, 0, None, None, 2)
+        await self._engine().submit(self._dp, OP_FLUSH, 0, None, None, 2)
 
     async def write_zeroes_async(self, lba: int, nblocks: int) -> int:
         self._check_open()
-        return await self.adapter.engine.submit(self._dp, OP_ZERO, lba, nblocks, None, 2)
+        return await self._engine().submit(self._dp, OP_ZERO, lba, nblocks, None, 2)
 
     async def discard_async(self, lba: int, nblocks: int) -> int:
         self._check_open()
-        return await self.adapter.engine.submit(self._dp, OP_DISCARD, lba, nblocks,
+        return await self._engine().submit(self._dp, OP_DISCARD, lba, nblocks,
                                                 None, 2)
 
     # -- statistics --------------------------------------------------------------------------
@@ -454,7 +459,7 @@ class _Lun:
         waited for its requests in flight; their futures are completed
         before this returns."""
         if self._dp is not None:
-            eng = self.adapter._engine
+            eng = self.adapter._engine_of(self._dp.fd)
             if eng is not None and self._dp.aio_pending:
                 eng.settle(self._dp)
             self._dp.close()

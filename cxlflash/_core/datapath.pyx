@@ -36,6 +36,7 @@ from cxlflash._core.tables cimport (
     SCSI_LBA_OUT_OF_RANGE, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE, TABLE_FOREIGN,
     RHT_FMT_DIRECT)
 from cxlflash._core.geometry cimport MC_CHUNK_SHIFT, MC_CHUNK_SIZE, NO_LIMIT, OFF_MAX
+from cxlflash._core.store cimport cxl_store, store_of, store_io_full
 
 import errno as _errno
 import os
@@ -92,8 +93,13 @@ cdef int io_full(int fd, char *buf, uint64_t length, uint64_t offset,
     continued.  A range whose end is beyond off_t is EINVAL, untouched."""
     cdef uint64_t done = 0
     cdef int64_t r
+    cdef cxl_store *st
     if offset > OFF_MAX or length > OFF_MAX - offset:
         return EINVAL
+    st = store_of(fd)
+    if st != NULL:                  # not a file (an RBD image, a daemon's store)
+        r = store_io_full(st, buf, length, offset, write, end)
+        return XFER_BACKING_ENDED if r < 0 else <int> r
     while done < length:
         if write:
             r = pwrite(fd, buf + done, length - done, <off_t> (offset + done))
@@ -117,10 +123,14 @@ cdef int zero_range(int fd, int zero_mode, uint64_t offset,
     cdef char *zeros
     cdef uint64_t done, n, end = 0
     cdef int rc
+    cdef cxl_store *st
     if length == 0:
         return 0
     if offset > OFF_MAX or length > OFF_MAX - offset:
         return EINVAL
+    st = store_of(fd)
+    if st != NULL:                  # the store's own zeroing, whatever the mode
+        return -st.ops.zero(st, offset, length)
     if zero_mode == ZERO_PUNCH:
         while fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                         <off_t> offset, <off_t> length) != 0:

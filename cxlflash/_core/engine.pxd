@@ -2,6 +2,7 @@
 # includes/backend.h and includes/engine.h, and the Engine object.
 from libc.stdint cimport uint64_t, int64_t
 from cxlflash._core.datapath cimport DataPath
+from cxlflash._core.store cimport cxl_store
 
 cdef extern from "engine.h" nogil:
     enum:
@@ -127,6 +128,7 @@ cdef extern from "engine.h" nogil:
 
 cdef class Engine:
     cdef cxl_engine *eng
+    cdef cxl_store *store         # the store it serves alone, or NULL (files)
     cdef readonly str kind
     cdef readonly long depth
     cdef readonly bint closed
@@ -146,5 +148,6 @@ cdef class Engine:
     cdef int _drain_bridges(self) except -1
     cdef object _bridge(self)
     cdef int _refuse(self, DataPath dp) except -1
+    cdef int _check_store(self, int fd) except -1
     cdef object _submit(self, DataPath dp, int op, object lba, object nblocks,
                         object buffer, int mode)

@@ -47,6 +47,7 @@ from libc.string cimport memset, strerror
 from cxlflash._core.args cimport arg_fd, arg_int, arg_u64, u64_array
 from cxlflash._core.tables cimport ResourceTable, RHT_FMT_DIRECT, TABLE_IN_ERROR
 from cxlflash._core.rawio cimport raw_requests, raw_fit
+from cxlflash._core.store cimport cxl_store, store_of
 from cxlflash._core.geometry cimport NO_LIMIT, OFF_MAX
 from cxlflash._core.datapath cimport (
     DataPath, check_range, chunk_step, raise_xfer_error, count_list, list_status, XFER_AFU_ERROR, XFER_IN_ERROR,
@@ -147,6 +148,7 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
     cdef int cap = CXL_SEG_INLINE, afu_rc = 0, rc, i
     cdef char *cur = buf
     cdef char *run_buf
+    cdef cxl_store *store
     r.nseg = 0
     if cxl_req_reserve(r, cap) != 0:
         return ENOMEM
@@ -192,9 +194,11 @@ cdef int build_segs(cxl_req *r, DataPath dp, int op, uint64_t lba, uint64_t nblo
                 return rc
         lba += cmd
         nblocks -= cmd
+    store = store_of(fd)
     for i in range(r.nseg):         # the array is final: point back at it
         r.segs[i].req = r
         r.segs[i].io.tag = &r.segs[i]
+        r.segs[i].io.target.obj = store
     return 0
 
 
@@ -629,7 +633,7 @@ def engine_info():
 
 
 cdef class Engine:
-    """Engine(kind=None, depth=256, workers=None)
+    """Engine(kind=None, depth=256, workers=None, store=None)
 
     The asynchronous I/O engine of an adapter.  ``kind``: "io_uring",
     "threads", or None (``CXLFLASH_ENGINE``, else io_uring where it works,
@@ -637,22 +641,40 @@ cdef class Engine:
     (1..65536); a full engine makes the submitter wait for a completion
     (back-pressure: nothing is dropped).  ``workers``: threads of the
     thread-pool engine (default min(depth, 64)).
+
+    ``store``: the descriptor of a store that is not a file (store.pyx):
+    the engine then serves that store alone, with the store's own backend
+    (an RBD image's aio calls; ``kind`` is "rbd"), or a thread pool calling
+    it (``kind`` "remote").
     """
 
-    def __cinit__(self, kind=None, depth=256, workers=None):
+    def __cinit__(self, kind=None, depth=256, workers=None, store=None):
         cdef long d = count_arg(depth, b"depth", MAX_DEPTH)
         cdef long nw
         cdef cxl_backend *be = NULL
         cdef int err = 0
         self.eng = NULL
+        self.store = NULL
         self.closed = True
         forced = os.environ.get("CXLFLASH_ENGINE") or None
         want = kind if kind is not None else forced
-        if want not in (None, "io_uring", "threads"):
+        if store is not None:
+            # The engine of a store that is not a file: its own backend
+            # (an RBD image's aio calls), else the thread pool calling it.
+            self.store = store_of(arg_fd(store))
+            if self.store == NULL:
+                raise OSError(EINVAL, f"descriptor {store} names no store")
+            be = <cxl_backend *> self.store.ops.backend_new(self.store, d) \
+                if self.store.ops.backend_new != NULL else NULL
+            if be == NULL and self.store.ops.backend_new != NULL:
+                raise OSError(errno, f"cannot make the engine of the "
+                              f"{self.store.ops.name.decode()} store")
+            want = "threads"
+        elif want not in (None, "io_uring", "threads"):
             raise ValueError(f"unknown engine {want!r}"
                              + (" (from CXLFLASH_ENGINE)" if kind is None else "")
                              + ": use 'io_uring' or 'threads'")
-        if want != "threads":
+        if want != "threads" and store is None:
             be = cxl_uring_new(<unsigned> (d if d >= 64 else 64))
             if be == NULL:
                 err = errno
@@ -661,12 +683,15 @@ cdef class Engine:
                                   f"available: {backend_reason(err)}; use "
                                   "CXLFLASH_ENGINE=threads")
         if be == NULL:
-            nw = count_arg(workers if workers is not None else min(d, 64),
+            nw = count_arg(workers if workers is not None else
+                           min(d, 64 if store is None else 8),
                            b"workers", MAX_WORKERS)
             be = cxl_pool_new(<int> nw)
             if be == NULL:
                 raise OSError(errno, "cannot start the I/O worker threads")
             self.kind = "threads"
+        elif self.store != NULL:
+            self.kind = self.store.ops.name.decode()
         else:
             self.kind = "io_uring"
         self.eng = cxl_engine_new(be, d)
@@ -704,6 +729,15 @@ cdef class Engine:
     def injected(self):
         """Faults queued by :meth:`inject` not yet applied."""
         return cxl_engine_ninject(self.eng) if self.eng != NULL else 0
+
+    cdef int _check_store(self, int fd) except -1:
+        """A store that is not a file has an engine of its own (its
+        backend is the store's); the adapter's engine takes only files."""
+        if store_of(fd) != self.store:
+            raise OSError(EINVAL, "this LUN's backing store is served by an engine of its "
+                          "own: use the LUN object's methods (or Engine(store=fd)), "
+                          "not this engine")
+        return 0
 
     cdef int _refuse(self, DataPath dp) except -1:
         """A request on a closed engine fails as the synchronous call
@@ -985,6 +1019,7 @@ cdef class Engine:
                         object buffer, int mode):
         if self.closed or not cxl_engine_is_ours(self.eng):
             self._refuse(dp)
+        self._check_store(dp.fd)
         if op < CXL_OP_READ or op > CXL_OP_DISCARD:
             raise ValueError(f"not a request type: {op}")
         if mode < MODE_SYNC or mode > MODE_ASYNCIO:
@@ -1099,6 +1134,7 @@ cdef class Engine:
         if dp.closed:
             raise ValueError("I/O on a closed LUN: the resource was released "
                              "or its context detached")
+        self._check_store(dp.fd)
         cdef long depth = count_arg(qd, b"qd", MAX_DEPTH)
         o_arr, l_arr, c_arr, off_arr = list_arrays(ops, lbas, nblocks, offsets,
                                                    dp.block_size)
@@ -1159,6 +1195,7 @@ cdef class Engine:
         the number of requests."""
         self._check_open()
         cdef int f = arg_fd(fd)
+        self._check_store(f)
         cdef uint64_t nb = arg_u64(nbytes, b"nbytes", OFF_MAX)
         cdef long depth = count_arg(qd, b"qd", MAX_DEPTH)
         if nb > CXL_MAX_SEG_BYTES:
@@ -1339,6 +1376,7 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
     cdef int64_t bad = -1
     cdef int cap
     cdef int nowait = cxl_fd_nowait_class(fd)
+    cdef cxl_store *store = store_of(fd)
     if cxl_slots_init(&sl, qd if qd < n else n) != 0:
         return -2
     while i < n or outstanding:
@@ -1351,6 +1389,7 @@ cdef int64_t run_raw(cxl_engine *eng, int fd, const uint64_t[::1] o,
             add_run(r, &cap, <int> o[i], fd, 2, nowait, off[i], nb, buf + boff[i])
             r.segs[0].req = r
             r.segs[0].io.tag = &r.segs[0]
+            r.segs[0].io.target.obj = store
             if timed:
                 r.t_submit = cxl_now_ns()
             r.seg_left = cxl_engine_try_segs(eng, r)

@@ -28,6 +28,7 @@ from cxlflash._core.includes.system cimport (
     iovec, msghdr, sendmsg, recv, shutdown, MSG_NOSIGNAL, SHUT_RDWR, lseek,
     fdatasync, SEEK_DATA, SEEK_HOLE, posix_memalign, htobe64, be64toh, htobe32,
     be32toh, htobe16, be16toh)
+from cxlflash._core.store cimport cxl_store, store_of
 from cxlflash._core.datapath cimport (
     DataPath, chunk_step, XFER_IN_ERROR, XFER_AFU_ERROR, XFER_BEYOND_OFF_T,
     ZERO_WRITE)
@@ -232,8 +233,14 @@ cdef class NbdExport:
         """fdatasync the backing store: every write completed before is
         durable (whichever connection or process made it)."""
         cdef int rc = 0, fd
+        cdef cxl_store *st
         self.dp.table.read_lock()
         fd = self.dp.table.backing_fd(self.dp.handle, self.dp.fd)
+        st = store_of(fd)
+        if st != NULL:                  # an RBD image: its own flush
+            rc = -st.ops.flush(st)
+            self.dp.table.unlock()
+            return rc
         while fdatasync(fd) != 0:
             if errno != EINTR:
                 # A store with no cache to flush (a pipe-like fd) is durable.

@@ -13,7 +13,17 @@ def machine_info():
             "processor": platform.processor() or _cpu_model(),
             "cores": os.cpu_count(), "python": sys.version.split()[0],
             "numpy": _numpy_version(), "cxlflash": __version__,
-            "engine": eng["engine"] + (f" ({eng['reason']})" if eng["reason"] else "")}
+            "engine": eng["engine"] + (f" ({eng['reason']})" if eng["reason"] else ""),
+            "librbd": _librbd()}
+
+
+def _librbd():
+    """librbd's version, or why there are no RBD LUNs in this build."""
+    try:
+        from .._core import rbd
+    except ImportError:
+        return "not built (install librbd-dev and reinstall cxlflash for RBD LUNs)"
+    return rbd.version()
 
 
 def _numpy_version():

@@ -134,6 +134,11 @@ def user_virtual(drv, sdev, disk, arg, caller):
     glun = llun.parent
     with glun.mutex:
         created = False
+        claim = getattr(glun.backing, "claim_virtual", None)
+        if claim is not None and glun.mode != MODE_PHYSICAL:
+            # An RBD image: one allocator per image, whichever host runs
+            # it -- EBUSY naming the holder (kept until the LUN goes).
+            claim()
         if glun.mode == 0:
             glun.init_allocator()
             created = True

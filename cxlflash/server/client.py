@@ -29,6 +29,7 @@ from .._core.tables import ResourceTable, TABLE_LIVE, TABLE_IN_ERROR, TABLE_GONE
 from ..driver.host import ProcessMemory
 from ..driver.uaccess import copy_out
 from ..driver.lunmgt import Sdev
+from ..backing import RemoteBacking, is_rbd
 from ..errors import CxlFlashError, ForkedAdapterError
 from . import wire
 
@@ -68,12 +69,24 @@ def connect_socket(path):
 
 
 class _BackingView:
-    __slots__ = ("fd", "zero_mode", "block_size")
+    __slots__ = ("fd", "zero_mode", "block_size", "remote")
 
     def __init__(self, fd, zero_mode, block_size):
+        self.remote = None
+        if zero_mode == wire.ZERO_REMOTE:
+            # A socket to a store the daemon serves (an RBD image): the
+            # data path sends it the requests.
+            self.remote = RemoteBacking(fd, block_size)
+            zero_mode = self.remote.zero_mode
         self.fd = fd
         self.zero_mode = zero_mode
         self.block_size = block_size
+
+    def close(self):
+        if self.remote is not None:
+            self.remote.close()
+        else:
+            os.close(self.fd)
 
 
 class _GlunView:
@@ -335,7 +348,7 @@ class DaemonChannel:
         self.by_id.clear()
         for b in self.backings.values():
             try:
-                os.close(b.fd)
+                b.close()
             except OSError:
                 pass
         self.backings.clear()
@@ -497,7 +510,12 @@ class DaemonChannel:
                 wire.close_fds(fds)
                 raise wire.ProtocolError("a malformed BACKING reply")
             block_size, zero_mode = wire.BACKING_REPLY.unpack(body)
-            b = self.backings[wwid] = _BackingView(fds[0], zero_mode, block_size)
+            try:
+                b = _BackingView(fds[0], zero_mode, block_size)
+            except BaseException:
+                wire.close_fds(fds)
+                raise
+            self.backings[wwid] = b
         return b
 
     def refresh(self):
@@ -567,7 +585,9 @@ class DaemonChannel:
             raise CxlFlashError(errno.EINVAL, "a connected adapter adds a LUN by path "
                                 "(a file or block device the daemon opens) or None "
                                 "(memory), not a Backing object")
-        path = os.path.abspath(os.fsdecode(backing)) if backing is not None else ""
+        path = os.fsdecode(backing) if backing is not None else ""
+        if path and not is_rbd(path):
+            path = os.path.abspath(path)
         mask = 0
         for p in ports:
             if not 0 <= p < 32:

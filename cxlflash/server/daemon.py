@@ -40,6 +40,10 @@ import socket
 import stat
 import threading
 
+# backing.py imports nothing heavy (the RBD module itself loads when a LUN needs it).
+from ..backing import is_rbd, parse_rbd
+from ..errors import CxlFlashError
+
 PREFIX = "cxlflash serve: "
 DEFAULT_SIZE = 4 << 30
 DEFAULT_MODE = 0o660
@@ -195,9 +199,10 @@ Exit status 1: it could not start; 2: a mistake in the options or --config.""")
     s.add_argument("--socket", metavar="PATH",
                    help="the Unix socket to serve (default: $CXLFLASH_SOCKET, else "
                         "$XDG_RUNTIME_DIR/cxlflash.sock, else /run/cxlflash/cxlflash.sock)")
-    s.add_argument("--lun", metavar="FILE_OR_DEVICE", action="append", default=None,
-                   help="a physical LUN: an existing, non-empty file or a block "
-                        "device (repeat for more LUNs)")
+    s.add_argument("--lun", metavar="FILE_DEVICE_OR_RBD", action="append", default=None,
+                   help="a physical LUN: an existing, non-empty file, a block "
+                        "device, or an RBD image rbd:POOL/IMAGE[?conf=PATH][&id=NAME]"
+                        "[&timeout=SECONDS] (repeat for more LUNs)")
     s.add_argument("--directory", metavar="DIR",
                    help="where LUNs provisioned by clients are kept as files "
                         "(default: in memory)")
@@ -282,9 +287,10 @@ export keeps the size its clients were told until they reconnect.""")
     s.add_argument("--tcp", metavar="[HOST:]PORT", type=checked(_hostport),
                    help="serve on TCP (host default 127.0.0.1)")
     _export_options(s, checked)
-    s.add_argument("--target", metavar="FILE_OR_DEVICE",
-                   help="the physical LUN the exports are made on: an existing file "
-                        "or block device (default: memory)")
+    s.add_argument("--target", metavar="FILE_DEVICE_OR_RBD",
+                   help="the physical LUN the exports are made on: an existing file, "
+                        "a block device, or an RBD image rbd:POOL/IMAGE[?conf=PATH]"
+                        "[&id=NAME][&timeout=SECONDS] (default: memory)")
     s.add_argument("--pid-file", metavar="PATH",
                    help="written with the pid when ready, removed at exit")
     s.add_argument("--exit-with-parent", action="store_true",
@@ -421,7 +427,7 @@ class Settings:
                              "is no --lun: leave it out (a LUN file has its own size)", 2)
         if self.size is None:
             self.size = DEFAULT_SIZE
-        self.luns = [os.path.abspath(p) for p in (self.luns or [])]
+        self.luns = [_lun_path(p) for p in (self.luns or [])]
         self._check_luns()
         if self.directory is not None and not os.path.isdir(self.directory):
             raise ServeError(f"--directory {self.directory}: no such directory "
@@ -432,6 +438,17 @@ class Settings:
     def _check_luns(self):
         seen = {}
         for p in self.luns:
+            if is_rbd(p):
+                try:
+                    opts = parse_rbd(p)
+                except CxlFlashError as e:
+                    raise ServeError(f"{self.lun_option} {e.strerror}", 2) from None
+                ident = ("rbd", opts["pool"], opts["image"])
+                if ident in seen:
+                    raise ServeError(f"LUN {p} is the same image as {seen[ident]}: each "
+                                     "LUN once", 2)
+                seen[ident] = p
+                continue
             try:
                 st = os.stat(p)
             except FileNotFoundError:
@@ -458,6 +475,12 @@ class Settings:
                                  f"as {seen[ident]}: each LUN once (two LUNs on one store "
                                  "would overwrite each other)", 2)
             seen[ident] = p
+
+
+def _lun_path(p):
+    """A --lun/--target as the daemon opens it: an RBD name as it is, a
+    path made absolute."""
+    return p if is_rbd(p) else os.path.abspath(p)
 
 
 def _check_exports(exports, listening, where):
@@ -503,7 +526,7 @@ class NbdSettings:
         self.exports = args.export or []
         self.threads = args.threads
         _check_exports(self.exports, True, "--unix/--tcp")
-        self.luns = [os.path.abspath(args.target)] if args.target else []
+        self.luns = [_lun_path(args.target)] if args.target else []
         if self.luns:
             self._check_luns()
             self.size = None

@@ -31,6 +31,7 @@ import threading
 from .. import uapi
 from ..channel import this_process
 from ..driver.context import Caller
+from ..backing import RbdBacking, is_rbd
 from ..errors import CxlFlashError
 from . import wire
 
@@ -351,6 +352,12 @@ class Connection(threading.Thread):
                                     "goes only to a process with a context on it: "
                                     "attach to the LUN first")
             b = glun.backing
+            if isinstance(b, RbdBacking):
+                # Only this process can use the image (its exclusive lock
+                # refuses other clients' writes): the client gets a socket
+                # whose requests a thread here runs on the image.
+                return (wire.BACKING_REPLY.pack(b.block_size, wire.ZERO_REMOTE),
+                        [b.serve()])
             return wire.BACKING_REPLY.pack(b.block_size, b.zero_mode), [_reopen(b.fd)]
         if op == wire.OP_LUNS:
             _exact(payload, 0)
@@ -421,7 +428,7 @@ class Connection(threading.Thread):
                 raise wire.ProtocolError("a short ADD_LUN")
             size, block_size, port_mask, flags, wwid = wire.ADD_LUN.unpack_from(payload)
             path = bytes(payload[wire.ADD_LUN.size:]).decode("utf-8")
-            if "\0" in path or (path and not os.path.isabs(path)):
+            if "\0" in path or (path and not os.path.isabs(path) and not is_rbd(path)):
                 raise CxlFlashError(errno.EINVAL, "a LUN's path must be absolute")
             ports = tuple(p for p in range(32) if port_mask >> p & 1)
             got = local.add_lun(path or None, ports,

@@ -18,6 +18,7 @@ The payloads, by op (``<`` struct formats)::
   HOST_IOCTL ->  u32 has_arg + structure    <-  u32 n + n structure bytes
   OPEN_DISK  ->  DISK (no structure)        <-  -
   BACKING    ->  wwid[16]                   <-  BACKING_REPLY, fd: the backing store
+                                                 (zero_mode ZERO_REMOTE: a socket to it)
   LUNS       ->  -                          <-  wwid[16] per LUN
   TABLES     ->  -                          <-  tables (every context of the caller)
   INFO       ->  -                          <-  INFO_REPLY
@@ -81,6 +82,9 @@ DISK = struct.Struct("<16sIiI")          # wwid, port, open flags, has_arg
 HELLO_REPLY = struct.Struct("<IIII")     # server pid, ports, rht_per_context, flags
 HELLO_ADMIN = 1                          # flags: the caller is an administrator
 BACKING_REPLY = struct.Struct("<II")     # block_size, zero_mode
+# zero_mode of a BACKING reply whose fd is a socket to a store the daemon
+# serves (an RBD image: cxlflash._core.store's remote protocol).
+ZERO_REMOTE = 3
 INFO_REPLY = struct.Struct("<IIq")       # ports, state (STATES index), lun_mode
 STATES = ("NORMAL", "RESET", "FAILTERM")
 ADD_LUN = struct.Struct("<QIII16s")      # size, block_size, ports mask, flags, wwid; path

@@ -39,6 +39,7 @@
 #ifdef CXLFLASH_HAVE_LIBURING
 #include <liburing.h>
 #endif
+#include "store.h"
 
 enum {
     CXL_OP_READ = 1,
@@ -254,9 +255,32 @@ static int64_t cxl_fd_zero(const cxl_io *io)
     return (int64_t) io->len;
 }
 
+/* One operation on a store that is not a file (target.obj, store.h). */
+static int64_t cxl_store_run(const cxl_io *io)
+{
+    cxl_store *st = (cxl_store *) io->target.obj;
+    int r;
+    switch (io->op) {
+    case CXL_OP_READ:
+    case CXL_OP_WRITE:
+        return st->ops->rw(st, io->op == CXL_OP_WRITE, io->buf, io->len, io->offset);
+    case CXL_OP_FLUSH:
+        return st->ops->flush(st);
+    case CXL_OP_ZERO:
+    case CXL_OP_DISCARD:
+        r = st->ops->zero(st, io->offset, io->len);
+        return r < 0 ? r : (int64_t) io->len;
+    case CXL_OP_NOP:
+        return 0;
+    }
+    return -EINVAL;
+}
+
 /* Run one operation in the calling thread: bytes or -errno. */
 static int64_t cxl_fd_run(const cxl_io *io)
 {
+    if (io->target.obj != NULL)
+        return cxl_store_run(io);
     switch (io->op) {
     case CXL_OP_READ:
     case CXL_OP_WRITE:
