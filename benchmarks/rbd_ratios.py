@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -411,8 +412,13 @@ def fio_figures(job, wl):
     d = job["write" if wl.write else "read"]
     if d["total_ios"] <= 0:
         raise RuntimeError("fio completed no request")
+    runtime = job["job_runtime"] / 1e3
+    # fio's usr_cpu/sys_cpu: percent of one CPU over the job's runtime, the
+    # job process's every thread (librbd's too)
+    cpu_s = (job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime
     return {"iops": d["iops"], "mib_s": d["bw_bytes"] / MIB, "lat_us": d["lat_ns"]["mean"] / 1e3,
-            "ios": d["total_ios"], "runtime_s": job["job_runtime"] / 1e3}
+            "ios": d["total_ios"], "runtime_s": runtime, "cpu_s": cpu_s,
+            "cpu_us_per_req": cpu_s * 1e6 / d["total_ios"]}
 
 
 def need_tools(sides):
@@ -546,6 +552,7 @@ class OursSide:
         batch = wl.first_batch
         n = calls = 0
         lat_sum = 0
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         end = t0 + seconds
         while True:
@@ -572,12 +579,26 @@ class OursSide:
             want = int(rate * min(CALL_SECONDS, seconds / 4))
             batch = min(mx, max(batch, -(-want // wl.qd) * wl.qd))
         elapsed = t - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        # this process's every thread: ours, the engine's, librbd's
+        cpu_s = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
         return {"iops": n / elapsed, "mib_s": n * wl.bs / MIB / elapsed,
                 "lat_us": lat_sum / n / 1e3, "ios": n, "runtime_s": elapsed, "calls": calls,
-                "last_batch": batch}
+                "last_batch": batch, "cpu_s": cpu_s, "cpu_us_per_req": cpu_s * 1e6 / n}
 
 
 # -- ours through NBD (information) -----------------------------------------------------------
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid):
+    """user + sys clock ticks of process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    fields = s[s.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])        # fields 14 and 15 of the line
 
 
 class NbdSide:
@@ -642,7 +663,14 @@ class NbdSide:
                    "--time_based", f"--runtime={int(seconds * 1000)}ms", "--output-format=json",
                    f"--output={os.path.join(self.tmp, 'nbd.json')}"]
             self.cmds[wl.name] = cmd
-            return fio_figures(run_fio(cmd, self.env), wl)
+            t0 = cpu_ticks(proc.pid)
+            res = fio_figures(run_fio(cmd, self.env), wl)
+            server_s = (cpu_ticks(proc.pid) - t0) / CLK_TCK
+            # the server's CPU (every thread) and fio's, the client
+            res["server_cpu_s"] = server_s
+            res["cpu_s"] += server_s
+            res["cpu_us_per_req"] = res["cpu_s"] * 1e6 / res["ios"]
+            return res
         finally:
             self.stop(proc)
 
@@ -722,7 +750,8 @@ def print_rows(rows, out):
 
 def print_sides(results, sides, workloads, out):
     print("# per side (median over rounds): IOPS, MiB/s, mean latency per request "
-          "(fio lat_ns; ours: listio's lat_ns)", file=out)
+          "(fio lat_ns; ours: listio's lat_ns), CPU per request (fio: usr+sys of its job; "
+          "ours: getrusage of this process; nbd: the server's + fio's)", file=out)
     for wl in workloads:
         print(f"#  {wl.what}", file=out)
         for s in sides:
@@ -732,9 +761,10 @@ def print_sides(results, sides, workloads, out):
             iops = median_of(results, s, wl.name, "iops")
             mib = median_of(results, s, wl.name, "mib_s")
             lat = median_of(results, s, wl.name, "lat_us")
+            cpu = median_of(results, s, wl.name, "cpu_us_per_req")
             per = " ".join(f"{r[wl.figure]:.0f}" for r in results[(s, wl.name)])
             print(f"#    {s:<5} {iops:9.0f} IOPS  {mib:7.1f} MiB/s  lat {lat:8.0f} us  "
-                  f"(rounds: {per})", file=out)
+                  f"cpu {cpu:7.1f} us/req  (rounds: {per})", file=out)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -911,7 +941,8 @@ def main(argv=None):
             sides_out.setdefault(s, {})[w] = {
                 "iops": median_of(results, s, w, "iops"),
                 "mib_s": median_of(results, s, w, "mib_s"),
-                "lat_us": median_of(results, s, w, "lat_us"), "runs": rs}
+                "lat_us": median_of(results, s, w, "lat_us"),
+                "cpu_us_per_req": median_of(results, s, w, "cpu_us_per_req"), "runs": rs}
         with open(args.json, "w") as f:
             json.dump({"header": header,
                        "workloads": {w.name: {"what": w.what, "fio": w.fio_opts(), "qd": w.qd,
