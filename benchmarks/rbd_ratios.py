@@ -724,7 +724,8 @@ def ratio_row(what, ours, base, wl, results, errors, target):
         return row
     ratio = value / basev
     per = [y / x for x, y in zip(b, o) if x > 0]
-    row.update(ratio=ratio, ratios=per, spread=(min(per), max(per)) if per else (ratio, ratio))
+    row.update(ratio=ratio, ratios=per, spread=(min(per), max(per)) if per else (ratio, ratio),
+               median_round_ratio=statistics.median(per) if per else ratio)
     if target is None:
         row["status"] = "info"
     else:
