@@ -40,7 +40,10 @@ The sides of every workload:
   --export d=direct --target rbd:...`` (started before and stopped after
   each run, untimed) driven by ``fio --ioengine=nbd`` with the same options.
   A direct export: a virtual one is created with ``scrub`` on and would
-  zero the whole image when the server stops.
+  zero the whole image when the server stops;
+* ``fio2`` (``--sides fio,ours,fio2``; information): fio again, the same
+  command as ``fio`` in another slot of the rotation -- an A/A control row:
+  its ratio to ``fio`` is the harness's noise on this machine right now.
 
 A round runs every workload on every side, the sides rotated by one place
 per workload and round (``cxlflash.bench.harness.interleaved_round``); each
@@ -115,7 +118,8 @@ WORKLOADS = [
     Workload("seqwrite4m", "4 MiB sequential write, 4 in flight", "write", 4 * MIB, 4, 0.95,
              "mib_s", "MiB/s", 16, 1024),
 ]
-SIDES = ["fio", "ours", "nbd"]
+SIDES = ["fio", "ours", "nbd", "fio2"]
+DEFAULT_SIDES = ["fio", "ours", "nbd"]
 
 
 def parse_size(s):
@@ -743,6 +747,10 @@ def build_rows(results, errors, workloads, sides):
         if "nbd" in sides:
             rows.append(ratio_row(f"{wl.what}: cxlflash nbd (direct) + fio nbd vs fio rbd "
                                   f"({wl.unit}, info)", "nbd", "fio", wl, results, errors, None))
+    for wl in workloads:
+        if "fio2" in sides:
+            rows.append(ratio_row(f"{wl.what}: fio rbd again vs fio rbd ({wl.unit}, A/A "
+                                  f"control, info)", "fio2", "fio", wl, results, errors, None))
     return rows
 
 
@@ -812,7 +820,9 @@ def main(argv=None):
     ap.add_argument("--id", default="admin", help="the client id, without 'client.' "
                     "(default admin)")
     ap.add_argument("--sides", help="comma-separated subset of: " + ", ".join(SIDES)
-                    + " (default all; rows of a side left out are not printed)")
+                    + " (default: " + ",".join(DEFAULT_SIDES) + "; fio2 is fio again, an A/A "
+                    "control row that shows the harness's noise; rows of a side left out are "
+                    "not printed)")
     ap.add_argument("--workloads", help="comma-separated subset of: "
                     + ", ".join(w.name for w in WORKLOADS))
     ap.add_argument("--json", metavar="OUT", help="write every figure to OUT")
@@ -824,7 +834,7 @@ def main(argv=None):
     warmup_ios = args.warmup_ios if args.warmup_ios is not None else (0 if args.quick else 120000)
     if size <= 0 or size % CHUNK_BYTES:
         ap.error(f"--size must be a positive multiple of 256M (one chunk), not {size}")
-    sides = SIDES if not args.sides else [s.strip() for s in args.sides.split(",")]
+    sides = DEFAULT_SIDES if not args.sides else [s.strip() for s in args.sides.split(",")]
     for s in sides:
         if s not in SIDES:
             ap.error(f"unknown side {s!r}: choose from {', '.join(SIDES)}")
@@ -887,6 +897,8 @@ def main(argv=None):
                 runners["ours"] = ours
             if "nbd" in sides:
                 runners["nbd"] = NbdSide(img.lun(), size, tmp, cluster.env)
+            if "fio2" in sides:
+                runners["fio2"] = FioSide(img, env, tmp)
         except SetupError as e:
             progress("")
             print(f"rbd_ratios: {e}", file=sys.stderr)
