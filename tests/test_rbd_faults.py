@@ -81,6 +81,14 @@ def test_embedded_adapters_share_direct_access_and_lock_virtual_mode(ceph):
                 # EBUSY naming the holder: this process.
                 assert e.value.errno == errno.EBUSY and f"pid {os.getpid()}" in str(e.value), \
                     e.value
+                # Direct access from b still reads; its writes are refused
+                # while a holds the lock (EROFS, saying why).
+                with cb.open_direct() as y:
+                    assert y.read(0, 1) == pattern(0, 1, seed=1).tobytes()
+                    with pytest.raises(OSError) as e:
+                        y.write(2, pattern(2, 1, seed=3))
+                    assert e.value.errno == errno.EROFS, e.value
+                    assert "exclusive lock" in str(e.value), e.value
 
 
 # -- an OSD that stops answering -------------------------------------------------------------
