@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = ["Backing", "MemoryBacking", "FileBacking", "BlockDeviceBacking",
-           "RbdBacking", "parse_rbd", "open_backing", "aligned_buffer"]
+           "StoreBacking", "RbdBacking", "RemoteBacking", "parse_rbd", "open_backing",
+           "aligned_buffer"]
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -154,9 +155,16 @@ _stores: "weakref.WeakValueDictionary[int, Backing]" = weakref.WeakValueDictiona
 
 
 def store_backing(fd):
-    """The RbdBacking or RemoteBacking whose descriptor is ``fd``, or None."""
+    """The StoreBacking (RbdBacking, RemoteBacking) whose descriptor is
+    ``fd``, or None."""
     return _stores.get(fd)
 
+
+#: Sockets (requests in flight at once) a process whose RBD LUN another
+#: process holds gets for it (RbdBacking.serve).
+REMOTE_LINKS = 8
+#: The most such sockets one image serves at once (a thread each).
+MAX_SERVING = 1024
 
 RBD_PREFIX = "rbd:"
 RBD_DEFAULT_TIMEOUT = 30
@@ -224,7 +232,39 @@ def rbd_module():
     return rbd
 
 
-class RbdBacking(Backing):
+class StoreBacking(Backing):
+    """A store that is not a file (an RBD image, or a store another process
+    serves): registered under its descriptor, with an engine of its own."""
+
+    zero_mode = ZERO_WRITE
+    _engine_workers: "int | None" = None     # the thread pool's, if it is one
+
+    def __init__(self, fd, block_size, path=None):
+        self._engine = None
+        self._lock = threading.Lock()
+        super().__init__(fd, block_size, path=path, owns_fd=False)
+        _stores[self.fd] = self
+
+    def engine(self, depth=256):
+        """The store's I/O engine (made on first use)."""
+        with self._lock:
+            if self._engine is None:
+                from ._core.engine import Engine
+                self._engine = Engine(store=self.fd, depth=depth,
+                                      workers=self._engine_workers)
+            return self._engine
+
+    def _close_engine(self):
+        """Close the engine (nothing in flight after) and unregister."""
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+        if _stores.get(self.fd) is self:
+            del _stores[self.fd]
+
+
+class RbdBacking(StoreBacking):
     """A Ceph RBD image, named ``rbd:POOL/IMAGE[?conf=PATH][&id=NAME]
     [&timeout=SECONDS]``; its size is the image's, now.
 
@@ -235,7 +275,6 @@ class RbdBacking(Backing):
     image; it is kept until the LUN is removed."""
 
     kind = "rbd"
-    zero_mode = ZERO_WRITE
 
     def __init__(self, spec, block_size=4096):
         if block_size not in (512, 4096):
@@ -246,11 +285,8 @@ class RbdBacking(Backing):
         self.image = rbd.RbdImage(opts["pool"], opts["image"], opts["conf"],
                                   opts["client_id"], opts["timeout"])
         self.timeout = opts["timeout"]
-        self._engine = None
-        super().__init__(self.image.fd, block_size, path=spec)
         self._serving = []            # (socket, thread) of each client's remote store
-        self._lock = threading.Lock()
-        _stores[self.fd] = self
+        super().__init__(self.image.fd, block_size, path=spec)
 
     @property
     def size(self):
@@ -264,37 +300,49 @@ class RbdBacking(Backing):
         except OSError as e:
             raise CxlFlashError(e.errno, e.strerror) from None
 
-    def engine(self, depth=256):
-        """The image's I/O engine (librbd's aio calls; made on first use)."""
-        with self._lock:
-            if self._engine is None:
-                from ._core.engine import Engine
-                self._engine = Engine(store=self.fd, depth=depth)
-            return self._engine
-
-    def serve(self):
-        """A socket for another process (a client of the daemon, a forked
-        child) whose I/O to this image goes through this process: the
-        other end is answered by a thread here until it closes."""
+    def serve(self, links=REMOTE_LINKS):
+        """Sockets for another process (a client of the daemon, a forked
+        child) whose I/O to this image goes through this process: a
+        request in flight on each; a thread here answers each until its
+        other end closes."""
         from ._core.store import serve_remote
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fd = self.fd
-        thread = threading.Thread(target=serve_remote, args=(mine.fileno(), fd),
-                                  name="cxlflash-rbd-remote", daemon=True)
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                 for _ in range(links)]
         with self._lock:
             if self.fd < 0:
-                mine.close()
-                theirs.close()
+                for mine, theirs in pairs:
+                    mine.close()
+                    theirs.close()
                 raise CxlFlashError(errno.ENODEV, f"{self.path} is closed")
             self._serving = [(s, t) for s, t in self._serving if t.is_alive()]
-            self._serving.append((mine, thread))
-            thread.start()
-        return theirs.detach()
+            if len(self._serving) + links > MAX_SERVING:
+                for mine, theirs in pairs:
+                    mine.close()
+                    theirs.close()
+                raise CxlFlashError(errno.EMFILE, f"{self.path} already serves "
+                                    f"{len(self._serving)} sockets of other processes "
+                                    f"(at most {MAX_SERVING}): end some of them first")
+            for mine, _ in pairs:
+                thread = threading.Thread(target=self._serve_one, args=(serve_remote, mine),
+                                          name="cxlflash-rbd-remote", daemon=True)
+                self._serving.append((mine, thread))
+                thread.start()
+        return [theirs.detach() for _, theirs in pairs]
+
+    def _serve_one(self, serve_remote, sock):
+        """A thread's life: answer ``sock`` until it ends, then end it for
+        the peer too (a peer that broke the protocol sees its end)."""
+        try:
+            serve_remote(sock.fileno(), self.fd)
+        finally:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self):
         with self._lock:
             serving, self._serving = self._serving, []
-            engine, self._engine = self._engine, None
         for s, _ in serving:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -303,48 +351,30 @@ class RbdBacking(Backing):
         for s, t in serving:
             t.join()
             s.close()
-        if engine is not None:
-            engine.close()
-        if _stores.get(self.fd) is self:
-            del _stores[self.fd]
+        self._close_engine()
         self.image.close()
         self.fd = -1
 
 
-class RemoteBacking(Backing):
+class RemoteBacking(StoreBacking):
     """A store another process serves (``RbdBacking.serve`` there), reached
-    over the socket ``fd`` (which it then owns)."""
+    over the sockets ``sock_fds`` (which it then owns; the first names it)."""
 
     kind = "remote"
-    zero_mode = ZERO_WRITE
+    _engine_workers = REMOTE_LINKS      # a request in flight per socket
 
-    def __init__(self, sock_fd, block_size):
+    def __init__(self, sock_fds, block_size):
         from ._core.store import RemoteStore
-        self.store = RemoteStore(sock_fd)
-        self._engine = None
-        self._lock = threading.Lock()
-        super().__init__(sock_fd, block_size, owns_fd=False)
-        _stores[self.fd] = self
+        self.store = RemoteStore(sock_fds)
+        super().__init__(self.store.fd, block_size)
 
     @property
     def size(self):
         from ._core.store import store_size
         return store_size(self.fd)
 
-    def engine(self, depth=256):
-        with self._lock:
-            if self._engine is None:
-                from ._core.engine import Engine
-                self._engine = Engine(store=self.fd, depth=depth)
-            return self._engine
-
     def close(self):
-        with self._lock:
-            engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.close()
-        if _stores.get(self.fd) is self:
-            del _stores[self.fd]
+        self._close_engine()
         self.store.close()
         self.fd = -1
 

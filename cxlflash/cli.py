@@ -79,7 +79,8 @@ prefill.""")
                         "resize-storm (vLUNs growing and shrinking under I/O)")
     b.add_argument("-t", "--target", default="memory",
                    help="'memory' (default), a file path (created with --size if "
-                        "missing) or a block device; an existing one is only "
+                        "missing), a block device, or an RBD image "
+                        "rbd:POOL/IMAGE[?conf=PATH][&id=NAME]; an existing one is only "
                         "written with --force")
     b.add_argument("--size", type=_size, default=None,
                    help="LUN size for memory or a new file (default 1G)")

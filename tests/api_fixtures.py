@@ -87,9 +87,21 @@ def embedded(adapter, adapter_kind):
     return adapter
 
 
+def backed_lun(adapter, lun_backing, request, size, **kw):
+    """A new LUN of ``size`` bytes on ``adapter`` (its WWID): in memory
+    (``create_lun``), or on a fresh RBD image of the session's cluster
+    (``add_lun("rbd:...")``; the image is removed after the test)."""
+    if lun_backing == "memory":
+        return adapter.create_lun(size, **kw)
+    assert lun_backing == "rbd", lun_backing
+    ceph = request.getfixturevalue("ceph")
+    return adapter.add_lun(ceph.image(size)[1], **kw)
+
+
 @pytest.fixture
-def disk(adapter):
-    with adapter.open_disk(adapter.create_lun(GIB)) as d:     # 4 chunks
+def disk(adapter, lun_backing, request):
+    """A 1 GiB LUN's disk (4 chunks), of the test's ``lun_backing``."""
+    with adapter.open_disk(backed_lun(adapter, lun_backing, request, GIB)) as d:
         yield d
 
 
@@ -141,7 +153,9 @@ def adapter_closed(a):
 
 
 def phys_bytes(vlun, lba, nblocks=1):
-    """The backing store's bytes under ``nblocks`` vLBAs from ``lba``."""
+    """The backing store's bytes under ``nblocks`` vLBAs from ``lba`` (read
+    through the memory backing's fd: a test using it asks for the fixture
+    ``memory_backing``)."""
     rec = vlun.adapter._context_record(vlun.context.context_id)
     fd = rec.rht_lun[vlun.handle].parent.backing.fd
     out = bytearray()

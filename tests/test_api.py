@@ -30,6 +30,10 @@ from api_fixtures import (adapter, ctx, disk, make_adapter, vlun,  # noqa: F401
                           IoctlLog, adapter_closed, fd_is_open, live_contexts,
                           lun_status, phys_bytes)
 
+#: Each test of the ``disk`` fixture runs on a memory LUN and on an RBD image
+#: (tests/conftest.py; ``memory_backing``: memory only).
+LUN_BACKINGS = ("memory", "rbd")
+
 
 
 # -- context managers -------------------------------------------------------------
@@ -369,7 +373,7 @@ def test_open_direct_on_a_virtual_lun_is_einval(ctx):
             ctx.create_virtual(1)
         assert e.value.errno == errno.EINVAL
 
-def test_transfers_larger_than_max_xfer_are_split(adapter, ctx):
+def test_transfers_larger_than_max_xfer_are_split(adapter, ctx, memory_backing):
     assert ctx.max_xfer >= 1
     other = ctx.create_virtual(1)
     v = ctx.create_virtual(1)
@@ -450,7 +454,7 @@ def test_unmap_zeroes(vlun):
     assert vlun.unmap(0, 0) == 0
 
 
-def test_translate(adapter, ctx):
+def test_translate(adapter, ctx, memory_backing):
     other = ctx.create_virtual(1)
     v = ctx.create_virtual(1)
     other.set_size(2 * CHUNK)

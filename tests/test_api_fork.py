@@ -24,6 +24,10 @@ from api_fixtures import (adapter, ctx, disk, vlun,  # noqa: F401 (fixtures)
 
 # -- clone after fork ------------------------------------------------------------------------
 
+#: Each test of the ``disk`` fixture runs on a memory LUN and on an RBD image
+#: (tests/conftest.py; ``memory_backing``: memory only).
+LUN_BACKINGS = ("memory", "rbd")
+
 
 def _wait_released(adapter, n_live, timeout=5.0):
     """Wait for the contexts of exited children to be released (the

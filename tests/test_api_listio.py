@@ -20,6 +20,11 @@ from forking import in_child
 from api_fixtures import (adapter, ctx, disk, vlun,  # noqa: F401 (fixtures)
                           IoctlLog, fd_is_open, live_contexts, phys_bytes)
 
+#: Each test of the ``disk`` fixture runs on a memory LUN and on an RBD image
+#: (tests/conftest.py; ``memory_backing``: memory only).
+LUN_BACKINGS = ("memory", "rbd")
+
+
 # -- asynchronous I/O -----------------------------------------------------------------
 
 

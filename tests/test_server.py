@@ -286,7 +286,7 @@ def test_a_reply_is_checked_and_its_descriptors_closed_on_error(pair):
         before = _open_fds()
         for send, message in (
                 (lambda: wire.send_reply(a, wire.OP_INFO, 0, b"", [r]), "does not answer"),
-                (lambda: wire.send_reply(a, wire.OP_LUNS, 0, b"", [r, r, r]),
+                (lambda: wire.send_reply(a, wire.OP_LUNS, 0, b"", [r] * (wire.MAX_FDS + 1)),
                  "ancillary data"),
                 (lambda: _send_raw(a, wire.REPLY.pack(wire.MAGIC, wire.VERSION, wire.OP_LUNS,
                                                       0, wire.MAX_REPLY + 1), fds=[r]),

@@ -22,7 +22,7 @@ parameter and the range, a non-integer is a ``TypeError``.
 """
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_SIMPLE, PyBUF_WRITABLE)
-from libc.errno cimport errno, EINTR, EINVAL, EIO, ENOMEM, EOPNOTSUPP
+from libc.errno cimport errno, EINTR, EINVAL, EIO, ENOMEM, EOPNOTSUPP, EROFS
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
@@ -389,6 +389,14 @@ cdef int raise_xfer_error(ResourceTable table, uint32_t handle, int fd, int rc,
         message = ("the backing store refused the transfer (with O_DIRECT, "
                    "buffers and offsets must be aligned: use "
                    "cxlflash.aligned_buffer)")
+    elif rc == EIO and store_of(fd) != NULL:
+        message = ("the RBD image did not answer: its cluster timed out (an OSD or "
+                   "monitor down or unreachable for the LUN's timeout= seconds; until "
+                   "it answers again, a new request waits 1 s for it, then fails), or "
+                   "an OSD failed the request; a write may or may not have been applied")
+    elif rc == EROFS and store_of(fd) != NULL:
+        message = ("the RBD image refused the write: another client holds its exclusive "
+                   "lock (a cxlflash daemon using it in virtual mode)")
     raise io_error(status, handle=handle, lba=bad_lba, write=write, message=message)
 
 

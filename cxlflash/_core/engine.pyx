@@ -689,7 +689,7 @@ cdef class Engine:
             be = cxl_pool_new(<int> nw)
             if be == NULL:
                 raise OSError(errno, "cannot start the I/O worker threads")
-            self.kind = "threads"
+            self.kind = "threads" if self.store == NULL else self.store.ops.name.decode()
         elif self.store != NULL:
             self.kind = self.store.ops.name.decode()
         else:

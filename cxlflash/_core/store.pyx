@@ -23,7 +23,9 @@ from cxlflash._core.args import einval
 cdef extern from "store.h" nogil:
     ctypedef struct cxl_remote:
         cxl_store st
-    cxl_remote *cxl_remote_new(int sock)
+    enum:
+        CXL_REMOTE_LINKS
+    cxl_remote *cxl_remote_new(const int *socks, int n)
     int cxl_remote_serve(int sock, cxl_store *st)
 
 cdef extern from *:
@@ -62,10 +64,21 @@ cdef extern from *:
         return __atomic_compare_exchange_n(&cxl_stores[fd], &expect, s, 0,
                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     }
+    /* Name a store by ``fd``: 1, or 0 when a store of this process has it.
+     * A forked child's slots may hold its parent's stores, whose
+     * descriptors the child may have closed: a new one replaces them. */
+    static inline int cxl_store_claim(int fd, cxl_store *s)
+    {
+        cxl_store *old = __atomic_load_n(&cxl_stores[fd], __ATOMIC_ACQUIRE);
+        if (old != NULL && old->pid == cxl_store_pid)
+            return 0;
+        return cxl_store_put(fd, old, s);
+    }
     """
     void cxl_store_init()
     cxl_store *cxl_store_load(int fd) noexcept nogil
     bint cxl_store_put(int fd, cxl_store *expect, cxl_store *s) noexcept nogil
+    bint cxl_store_claim(int fd, cxl_store *s) noexcept nogil
 
 cxl_store_init()
 
@@ -78,7 +91,7 @@ cdef int store_register(cxl_store *s) except -1:
     if s.fd < 0 or s.fd >= CXL_STORE_MAX_FD:
         raise OSError(EINVAL, f"descriptor {s.fd} cannot name a store: it must be "
                       f"below {CXL_STORE_MAX_FD}")
-    if not cxl_store_put(s.fd, NULL, s):
+    if not cxl_store_claim(s.fd, s):
         raise OSError(EEXIST, f"descriptor {s.fd} already names a store")
     return 0
 
@@ -112,12 +125,17 @@ def store_kind(fd):
     return s.ops.name.decode()
 
 
-def store_size(fd):
-    """The size in bytes of the store ``fd`` names (OSError on failure)."""
+cdef cxl_store *_named(fd) except NULL:
     cdef cxl_store *s = store_of(arg_fd(fd))
-    cdef int64_t r
     if s == NULL:
         raise OSError(EBADF, f"descriptor {fd} names no store")
+    return s
+
+
+def store_size(fd):
+    """The size in bytes of the store ``fd`` names (OSError on failure)."""
+    cdef cxl_store *s = _named(fd)
+    cdef int64_t r
     with nogil:
         r = s.ops.size(s)
     if r < 0:
@@ -128,10 +146,8 @@ def store_size(fd):
 
 def store_flush(fd):
     """Flush the store ``fd`` names: 0, or the errno of the failure."""
-    cdef cxl_store *s = store_of(arg_fd(fd))
+    cdef cxl_store *s = _named(fd)
     cdef int r
-    if s == NULL:
-        raise OSError(EBADF, f"descriptor {fd} names no store")
     with nogil:
         r = s.ops.flush(s)
     return -r
@@ -140,21 +156,28 @@ def store_flush(fd):
 # -- the remote store ---------------------------------------------------------------
 
 cdef class RemoteStore:
-    """RemoteStore(sock_fd)
+    """RemoteStore(sock_fds)
 
     A store served by another process (``serve_remote`` there), reached
-    over the connected stream socket ``sock_fd``, which it then owns and
-    which names it in the data path.  ``close()`` unregisters it and
-    closes the socket; nothing may be in flight then.
+    over the connected stream sockets ``sock_fds`` (1..8 of them: as many
+    requests in flight), which it then owns; the first names it in the
+    data path.  ``close()`` unregisters it and closes the sockets; nothing
+    may be in flight then.
     """
     cdef cxl_remote *rm
     cdef readonly int fd
+    cdef list socks
 
-    def __cinit__(self, sock_fd):
-        self.fd = arg_fd(sock_fd)
-        if self.fd < 0:
-            raise einval("a remote store needs its socket")
-        self.rm = cxl_remote_new(self.fd)
+    def __cinit__(self, sock_fds):
+        cdef int fds[CXL_REMOTE_LINKS]
+        cdef int i
+        self.socks = [arg_fd(f) for f in sock_fds]
+        if not 1 <= len(self.socks) <= CXL_REMOTE_LINKS or min(self.socks) < 0:
+            raise einval(f"a remote store needs 1..{CXL_REMOTE_LINKS} sockets")
+        for i in range(len(self.socks)):
+            fds[i] = self.socks[i]
+        self.fd = fds[0]
+        self.rm = cxl_remote_new(fds, len(self.socks))
         if self.rm == NULL:
             raise MemoryError()
         try:
@@ -167,9 +190,11 @@ cdef class RemoteStore:
     def close(self):
         if self.rm != NULL:
             store_unregister(&self.rm.st)
-            free(self.rm)           # (its mutex is not held: nothing in flight)
+            free(self.rm)           # (no mutex is held: nothing in flight)
             self.rm = NULL
-            os.close(self.fd)
+            for f in self.socks:
+                os.close(f)
+            self.socks = []
         self.fd = -1
 
     def __dealloc__(self):
@@ -184,10 +209,8 @@ def serve_remote(int sock, int store_fd):
     ``store_fd`` names, without the GIL, until the client closes its end
     or ``sock`` is shut down: 0, or the errno that ended it (EPROTO: the
     client broke the protocol; its connection is the only one ended)."""
-    cdef cxl_store *s = store_of(store_fd)
+    cdef cxl_store *s = _named(store_fd)
     cdef int rc
-    if s == NULL:
-        raise OSError(EBADF, f"descriptor {store_fd} names no store")
     with nogil:
         rc = cxl_remote_serve(sock, s)
     return rc

@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+from ..backing import is_rbd, parse_rbd
 from .iorun import region_blocks
 from .units import si
 
@@ -11,7 +12,7 @@ def fio_command(path, opts, region_bytes, block_size):
     """fio doing what an ``io`` row does, on the same store: the same
     request size, read share, pattern, queue depth and threads, over the
     same region (a vLUN's blocks are the LUN's first bytes), io_uring,
-    O_DIRECT when the run uses it."""
+    O_DIRECT when the run uses it; an RBD image through fio's rbd engine."""
     seq = opts.pattern == "seq"
     if opts.read_pct >= 100:
         rw = "read" if seq else "randread"
@@ -19,9 +20,15 @@ def fio_command(path, opts, region_bytes, block_size):
         rw = "write" if seq else "randwrite"
     else:
         rw = "rw" if seq else "randrw"
-    cmd = ["fio", "--name=cxlflash-bench", f"--filename={path}", f"--rw={rw}",
-           f"--bs={opts.blocks * block_size}", f"--iodepth={opts.qd}",
-           "--ioengine=io_uring", f"--direct={1 if opts.direct_io else 0}",
+    if is_rbd(path):            # the same image through fio's rbd engine
+        rbd = parse_rbd(path)
+        where = ["--ioengine=rbd", f"--pool={rbd['pool']}", f"--rbdname={rbd['image']}",
+                 f"--clientname={rbd['client_id']}"]
+    else:
+        where = [f"--filename={path}", "--ioengine=io_uring",
+                 f"--direct={1 if opts.direct_io else 0}"]
+    cmd = ["fio", "--name=cxlflash-bench"] + where + [
+           f"--rw={rw}", f"--bs={opts.blocks * block_size}", f"--iodepth={opts.qd}",
            f"--numjobs={opts.threads}", "--group_reporting", "--thread",
            f"--size={region_bytes}", "--offset=0", f"--runtime={opts.duration:g}",
            "--time_based", "--norandommap", "--randrepeat=0", "--output-format=json"]
@@ -40,9 +47,22 @@ def run_fio(target, lun, opts, log):
             else f"/proc/{os.getpid()}/fd/{target.fd}")        # the memfd (or the daemon's store)
     region = region_blocks(lun, opts) * lun.block_size
     cmd = fio_command(path, opts, region, lun.block_size)
+    env = None
+    if is_rbd(path) and opts.read_pct < 100 and opts.lun == "virtual":
+        log.say("fio not run: its writes to the RBD image would be refused (EROFS) while "
+                "this run's virtual LUN holds the image's exclusive lock; "
+                "benchmarks/rbd_ratios.py compares with fio's rbd engine")
+        return None
+    if is_rbd(path):
+        # fio has no option for the cluster's conf: librados reads
+        # CEPH_CONF; its cache off, as ours is (CEPH_ARGS).
+        env = dict(os.environ, CEPH_ARGS="--rbd_cache=false")
+        conf = parse_rbd(path)["conf"]
+        if conf:
+            env["CEPH_CONF"] = conf
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True,
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env,
                            timeout=opts.duration * 3 + 30)
         doc = json.loads(p.stdout[p.stdout.index("{"):])
         job = doc["jobs"][0]
@@ -63,7 +83,8 @@ def format_fio(rows):
     for r in rows:
         f = getattr(r, "fio", None)
         if f:
-            out.append(f"fio, the same requests on the same store (io_uring, qd "
+            out.append(f"fio, the same requests on the same store ("
+                       f"{_flag(f['command'], 'ioengine')}, qd "
                        f"{_flag(f['command'], 'iodepth')}, {_flag(f['command'], 'numjobs')} "
                        f"thread(s)): {si(f['iops']).strip()} req/s; {r.name}: "
                        f"{r.main.rate / f['iops']:.2f}x fio's rate" if f["iops"] else "")

@@ -57,9 +57,10 @@ class IoRun:
             raise BenchError(f"the LUN ({lun.size} blocks) is too small for "
                              f"{opts.threads} threads of {opts.blocks}-block requests")
         self.seq_of = np.zeros(self.region, dtype=np.uint64)   # last write's sequence
-        # Both sides go through the adapter's engine at the same depth: the
-        # workload with lun.listio(qd=), the baseline with raw_listio(qd=).
-        self.engine = lun.adapter.engine
+        # Both sides go through the same engine at the same depth (the
+        # adapter's, or an RBD image's own): the workload with
+        # lun.listio(qd=), the baseline with raw_listio(qd=).
+        self.engine = lun.adapter._engine_for(backing_fd)
         self.seed = rng_seed
         self.writes = opts.read_pct < 100
 

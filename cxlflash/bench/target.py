@@ -9,7 +9,7 @@ import time
 
 from ..adapter import Adapter
 from ..backing import (BLKGETSIZE64, BLKSSZGET, Backing, BlockDeviceBacking, FileBacking,
-                       aligned_buffer)
+                       aligned_buffer, is_rbd)
 from ..errors import CxlFlashError
 from .._core.tables import MC_CHUNK_SIZE
 from .iorun import region_blocks
@@ -114,7 +114,9 @@ class Target:
         if opts.connect:
             self._connect(opts)
             return
-        if t != "memory":
+        if is_rbd(t):
+            backing, size = None, self._check_rbd(t)
+        elif t != "memory":
             backing, size = self._open_path(t)
         else:
             backing, size = None, opts.size
@@ -192,6 +194,24 @@ class Target:
                              "or use a virtual LUN (the default) or a read-only run")
         return bytes.fromhex(lun["wwid"])
 
+    def _check_rbd(self, t):
+        """An RBD image is used at its own size, and written only with
+        --force (it may hold data); a read-only run reads what it holds."""
+        o = self.opts
+        if o.size_given:
+            raise BenchError(f"--size is for memory or a new file: the RBD image {t} is "
+                             "used at its own size (grow it with rbd resize)")
+        if o.direct_io:
+            raise BenchError("--direct-io is for files and devices, not an RBD image")
+        if not writes_target(o):
+            self.read_only = True
+            self.log.say(f"{t}: reading what it holds, without a prefill")
+        elif not o.force:
+            raise BenchError(f"refusing to overwrite the RBD image {t} (it may hold data): "
+                             "give --force (or --allow-overwrite) to overwrite it, or use a "
+                             "read-only workload (cxlflash bench io -r 100)")
+        return None
+
     def _open_path(self, t):
         """(a Backing this run opened read-only, or None; the size to give
         add_lun) for a path target, after the checks."""
@@ -251,6 +271,8 @@ class Target:
         """The target's LUN on the adapter: its WWID."""
         if t == "memory":
             return self.adapter.add_lun(None, size=size)
+        if is_rbd(t):
+            return self.adapter.add_lun(t)
         if backing is not None:
             return self.adapter.add_lun(backing)
         return self.adapter.add_lun(t, size=size, direct=self.opts.direct_io)

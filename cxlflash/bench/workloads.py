@@ -119,7 +119,7 @@ def run_arkdb(opts, progress, log=None, nluns=20, grow_blocks=1024, initial_bloc
         def raw_once(lun, op, lba, buf, lat, hist):
             phys = lun.translate([lba]) * np.uint64(4096)
             t0 = time.perf_counter()
-            target.adapter.engine.raw_listio(target.fd, [op], phys, 4096, buf, qd=1,
+            target.adapter._engine_for(target.fd).raw_listio(target.fd, [op], phys, 4096, buf, qd=1,
                                              lat_ns=lat)
             dt = time.perf_counter() - t0
             hist.add(lat)

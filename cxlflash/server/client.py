@@ -71,12 +71,13 @@ def connect_socket(path):
 class _BackingView:
     __slots__ = ("fd", "zero_mode", "block_size", "remote")
 
-    def __init__(self, fd, zero_mode, block_size):
+    def __init__(self, fds, zero_mode, block_size):
         self.remote = None
+        fd = fds[0]
         if zero_mode == wire.ZERO_REMOTE:
-            # A socket to a store the daemon serves (an RBD image): the
-            # data path sends it the requests.
-            self.remote = RemoteBacking(fd, block_size)
+            # Sockets to a store the daemon serves (an RBD image): the
+            # data path sends them the requests.
+            self.remote = RemoteBacking(fds, block_size)
             zero_mode = self.remote.zero_mode
         self.fd = fd
         self.zero_mode = zero_mode
@@ -251,6 +252,7 @@ class DaemonChannel:
                              "(restart it and attach again)")
 
     def _exchange(self, link, op, request, payload, want_fds):
+        wire.check_request(payload)             # not a dead driver: EINVAL
         with link.lock:
             if self.closed:
                 raise self._gone_error()
@@ -505,13 +507,16 @@ class DaemonChannel:
     def _backing(self, wwid):
         b = self.backings.get(wwid)
         if b is None:
-            body, fds = self.call(wire.OP_BACKING, 0, wwid, want_fds=1)
-            if len(fds) != 1 or len(body) != wire.BACKING_REPLY.size:
+            body, fds = self.call(wire.OP_BACKING, 0, wwid, want_fds=wire.REMOTE_LINKS)
+            if len(body) != wire.BACKING_REPLY.size:
                 wire.close_fds(fds)
                 raise wire.ProtocolError("a malformed BACKING reply")
             block_size, zero_mode = wire.BACKING_REPLY.unpack(body)
+            if len(fds) != (wire.REMOTE_LINKS if zero_mode == wire.ZERO_REMOTE else 1):
+                wire.close_fds(fds)
+                raise wire.ProtocolError("a BACKING reply with the wrong number of fds")
             try:
-                b = _BackingView(fds[0], zero_mode, block_size)
+                b = _BackingView(fds, zero_mode, block_size)
             except BaseException:
                 wire.close_fds(fds)
                 raise

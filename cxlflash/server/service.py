@@ -357,7 +357,7 @@ class Connection(threading.Thread):
                 # refuses other clients' writes): the client gets a socket
                 # whose requests a thread here runs on the image.
                 return (wire.BACKING_REPLY.pack(b.block_size, wire.ZERO_REMOTE),
-                        [b.serve()])
+                        b.serve(wire.REMOTE_LINKS))
             return wire.BACKING_REPLY.pack(b.block_size, b.zero_mode), [_reopen(b.fd)]
         if op == wire.OP_LUNS:
             _exact(payload, 0)

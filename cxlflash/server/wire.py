@@ -41,6 +41,8 @@ import os
 import socket
 import struct
 
+from ..errors import CxlFlashError
+
 MAGIC = b"CXLF"
 VERSION = 1
 
@@ -75,8 +77,9 @@ ADMIN_CREATE_LUN = 9
 #: far smaller), and the largest reply a client accepts (tables of big LUNs).
 MAX_REQUEST = 64 << 10
 MAX_REPLY = 1 << 30
-#: The most descriptors one reply carries.
-MAX_FDS = 2
+#: The most descriptors one reply carries (a BACKING reply for a store the
+#: daemon serves carries REMOTE_LINKS sockets).
+MAX_FDS = 8
 
 DISK = struct.Struct("<16sIiI")          # wwid, port, open flags, has_arg
 HELLO_REPLY = struct.Struct("<IIII")     # server pid, ports, rht_per_context, flags
@@ -85,6 +88,7 @@ BACKING_REPLY = struct.Struct("<II")     # block_size, zero_mode
 # zero_mode of a BACKING reply whose fd is a socket to a store the daemon
 # serves (an RBD image: cxlflash._core.store's remote protocol).
 ZERO_REMOTE = 3
+REMOTE_LINKS = 8            # sockets in such a reply (a request in flight on each)
 INFO_REPLY = struct.Struct("<IIq")       # ports, state (STATES index), lun_mode
 STATES = ("NORMAL", "RESET", "FAILTERM")
 ADD_LUN = struct.Struct("<QIII16s")      # size, block_size, ports mask, flags, wwid; path
@@ -121,8 +125,18 @@ def _sendmsg(sock, parts, anc):
         sock.sendall(rest)
 
 
+def check_request(payload):
+    """EINVAL for a request the driver would refuse for its size (it would
+    end the connection), before anything is sent."""
+    if len(payload) > MAX_REQUEST:
+        raise CxlFlashError(errno.EINVAL, f"a request of {len(payload)} bytes is over the "
+                            f"driver's limit of {MAX_REQUEST} bytes (a path or a name "
+                            "that long?)")
+
+
 def send_request(sock, op, request=0, payload=b""):
-    """A request, with this process's credentials."""
+    """A request, with this process's credentials (check_request first)."""
+    check_request(payload)
     creds = [(_SOL_SOCKET, _SCM_CREDENTIALS,
               _CREDS.pack(os.getpid(), os.getuid(), os.getgid()))]
     _sendmsg(sock, [REQUEST.pack(MAGIC, VERSION, op, request, len(payload)), payload],

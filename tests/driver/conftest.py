@@ -16,6 +16,11 @@ Both set the driver's recovery and mailbox retry delays to 1 ms (a test of
 a retry loop would otherwise sleep 0.1-1 s per retry).  Every adapter is
 closed at teardown, after the adapter fds the test was handed
 (``helpers._open_fds``) are closed.
+
+In a module with ``LUN_BACKINGS = ("memory", "rbd")`` every test runs on
+both backings (tests/conftest.py): ``add_disk`` then makes an RBD image's
+LUN.  A test that reads the memory backing (``phys``, ``chunk_bytes``)
+asks for ``memory_backing``.
 """
 import contextlib
 
@@ -24,6 +29,7 @@ import pytest
 import cxlflash
 
 from api_fixtures import new_adapter
+from . import helpers
 from .helpers import close_open_fds
 
 FAST_RETRY = 0.001               # seconds, for recovery and mailbox retries
@@ -52,6 +58,30 @@ def _close(made):
     close_open_fds()
     for a in made:
         a.close()
+
+
+@pytest.fixture(autouse=True)
+def _lun_backing(lun_backing, request):
+    """``add_disk`` makes its LUN on an RBD image of the session's Ceph
+    cluster while the test runs on "rbd" (a module with ``LUN_BACKINGS``,
+    see tests/conftest.py); removed after the test."""
+    made = []
+    if lun_backing == "rbd":
+        ceph = request.getfixturevalue("ceph")
+
+        def image(size):
+            made.append(size)
+            return ceph.image(size)[1]
+        helpers.RBD_IMAGE = image
+    try:
+        yield
+    finally:
+        helpers.RBD_IMAGE = None
+    # An "[rbd]" test that made no RBD LUN ran on memory twice: it must say
+    # so (memory_backing).
+    assert lun_backing == "memory" or made, (
+        f"{request.node.name} ran on 'rbd' but made no LUN with add_disk(): give it the "
+        f"fixture memory_backing")
 
 
 @pytest.fixture(autouse=True)

@@ -93,10 +93,19 @@ def close_open_fds():
 # -- disks --------------------------------------------------------------------
 
 
+#: While a test runs on an RBD image (``lun_backing`` "rbd", set by
+#: driver/conftest.py): size in bytes -> the LUN string of a fresh image.
+RBD_IMAGE = None
+
+
 def add_disk(a, nchunks=NCHUNKS, ports=(0,), superpipe=True):
-    """A LUN of ``nchunks`` chunks of 512-byte blocks, opened on its first port."""
-    w = a.add_lun(None, size=nchunks * CHUNK * BLK, block_size=BLK, ports=ports,
-                  superpipe=superpipe)
+    """A LUN of ``nchunks`` chunks of 512-byte blocks, opened on its first
+    port: in memory, or on an RBD image when the test runs on "rbd"."""
+    size = nchunks * CHUNK * BLK
+    if RBD_IMAGE is None:
+        w = a.add_lun(None, size=size, block_size=BLK, ports=ports, superpipe=superpipe)
+    else:
+        w = a.add_lun(RBD_IMAGE(size), block_size=BLK, ports=ports, superpipe=superpipe)
     return a.open_disk(w, port=ports[0])
 
 
@@ -314,6 +323,8 @@ def disk_glun(d):
 
 def phys(a, w, plba, n=1):
     """Read ``n`` native blocks of the backing store at a physical LBA."""
+    assert RBD_IMAGE is None, "phys() reads the memory backing's fd: the test must ask " \
+        "for the fixture memory_backing"
     g = glun(a, w)
     bs = g.backing.block_size
     return os.pread(g.backing.fd, n * bs, plba * bs)

@@ -29,11 +29,16 @@ from .helpers import (
     resize, resize_arg, returns_while_context_busy, udirect, udirect_arg, uvirtual,
     uvirtual_arg, verify, verify_arg)
 
+#: The tests of add_disk()'s LUN run on memory and on an RBD image
+#: (tests/conftest.py); ``memory_backing``: memory only (the test reads the
+#: memory backing's fd, or makes its own LUNs with add_lun(None, ...)).
+LUN_BACKINGS = ("memory", "rbd")
+
 
 # -- VLUN_CLONE (§14) ------------------------------------------------------------
 
 
-def test_clone_shares_chunks_and_counts(embedded):
+def test_clone_shares_chunks_and_counts(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=32 * CHUNK * K4)
     d = a.open_disk(w)
@@ -96,7 +101,7 @@ def test_clone_shares_chunks_and_counts(embedded):
 @pytest.mark.parametrize("src_mode, dst_mode, want", [
     (os.O_RDWR, os.O_RDWR, 3), (os.O_WRONLY, os.O_RDWR, 2),
     (os.O_RDWR, os.O_WRONLY, 2), (os.O_RDONLY, os.O_WRONLY, 0)])
-def test_clone_perms_intersection(embedded, src_mode, dst_mode, want):
+def test_clone_perms_intersection(memory_backing, embedded, src_mode, dst_mode, want):
     a = embedded
     w = a.add_lun(None, size=4 * CHUNK * K4)
     d = a.open_disk(w)
@@ -107,7 +112,7 @@ def test_clone_perms_intersection(embedded, src_mode, dst_mode, want):
     assert ctx(a, dst).table.perms(h) == want
 
 
-def test_clone_preconditions(embedded):
+def test_clone_preconditions(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=4 * CHUNK * K4)
     w2 = a.add_lun(None, size=4 * CHUNK * K4)
@@ -140,7 +145,7 @@ def test_clone_preconditions(embedded):
     assert ctx(a, dst).table.open_handles() == [h]
 
 
-def test_closing_clone_destination_fd_releases_cloned_luns(embedded):
+def test_closing_clone_destination_fd_releases_cloned_luns(memory_backing, embedded):
     # Decision 10: the LUNs a clone added to the destination are real
     # attachments, released (with their handles) when the child's fd closes.
     a = embedded
@@ -167,7 +172,7 @@ def test_closing_clone_destination_fd_releases_cloned_luns(embedded):
     assert [glun(a, w2).allocator.clone_count(x) for x in chunks(a, src, 1)] == [0, 0]
 
 
-def test_clone_count_saturates_at_255(embedded):
+def test_clone_count_saturates_at_255(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=4 * CHUNK * K4)
     d = a.open_disk(w)
@@ -193,7 +198,7 @@ def test_clone_count_saturates_at_255(embedded):
     assert g.allocator.clone_count(x) == 255
 
 
-def test_clone_rollback_releases_earlier_slots(embedded):
+def test_clone_rollback_releases_earlier_slots(memory_backing, embedded):
     # §14.5: slot 1 fails (its chunk already has 255 clones) -> slot 0, cloned
     # already, is released again; nothing of the clone remains.
     a = embedded
@@ -221,7 +226,7 @@ def test_clone_rollback_releases_earlier_slots(embedded):
     assert g.users == users
 
 
-def test_clone_sync_failure_rolls_back(embedded):
+def test_clone_sync_failure_rolls_back(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=8 * CHUNK * K4)
     d = a.open_disk(w)
@@ -238,7 +243,7 @@ def test_clone_sync_failure_rolls_back(embedded):
     assert chunks(a, dst, h) == chunks(a, src, h)
 
 
-def test_clone_source_in_error_not_reachable(embedded):
+def test_clone_source_in_error_not_reachable(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=4 * CHUNK * K4)
     d = a.open_disk(w)
@@ -249,7 +254,7 @@ def test_clone_source_in_error_not_reachable(embedded):
     fails(d, CLONE, clone_arg(src, dst), errno.EINVAL, CHILD)
 
 
-def test_clone_across_luns_decision_9(embedded):
+def test_clone_across_luns_decision_9(memory_backing, embedded):
     a = embedded
     w1 = a.add_lun(None, size=16 * CHUNK * K4)
     w2 = a.add_lun(None, size=16 * CHUNK * K4)

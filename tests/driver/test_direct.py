@@ -17,11 +17,16 @@ from .helpers import (
     find_ctx, glun, llun, phys, release, resize_arg, returns_while_context_busy,
     udirect, udirect_arg, uvirtual, uvirtual_arg)
 
+#: The tests of add_disk()'s LUN run on memory and on an RBD image
+#: (tests/conftest.py); ``memory_backing``: memory only (the test reads the
+#: memory backing's fd, or makes its own LUNs with add_lun(None, ...)).
+LUN_BACKINGS = ("memory", "rbd")
+
 
 # -- LUN modes (§8) --------------------------------------------------------------
 
 
-def test_virtual_and_direct_exclude_each_other(embedded):
+def test_virtual_and_direct_exclude_each_other(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=8 * CHUNK * K4)
     d = a.open_disk(w)
@@ -57,7 +62,7 @@ def test_virtual_and_direct_exclude_each_other(embedded):
     assert uvirtual(d, ca, 0).rsrc_handle == 0
 
 
-def test_allocator_rebuilt_when_users_reach_zero(embedded):
+def test_allocator_rebuilt_when_users_reach_zero(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=200 * CHUNK * K4)
     d = a.open_disk(w)
@@ -80,7 +85,7 @@ def test_allocator_rebuilt_when_users_reach_zero(embedded):
     assert g.allocator is not first_alloc and g.allocator.space() == 199
 
 
-def test_user_direct_outputs(embedded, make_embedded):
+def test_user_direct_outputs(memory_backing, embedded, make_embedded):
     a = make_embedded(ports=2)
     try:
         w = a.add_lun(None, size=5000 * K4, ports=(0, 1))
@@ -106,7 +111,7 @@ def test_user_direct_outputs(embedded, make_embedded):
 
 
 @pytest.mark.parametrize("block_size", [4096, 512])
-def test_direct_bounds_decision_13(embedded, block_size):
+def test_direct_bounds_decision_13(memory_backing, embedded, block_size):
     a = embedded
     nblk = 1000
     w = a.add_lun(None, size=nblk * block_size, block_size=block_size)

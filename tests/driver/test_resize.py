@@ -18,13 +18,18 @@ from .helpers import (
     clone, ctx, disk_glun, fails, glun, last_lba, last_lba_4k, release, resize,
     resize_arg, returns_while_context_busy, udirect, uvirtual, uvirtual_arg, verify)
 
+#: The tests of add_disk()'s LUN run on memory and on an RBD image
+#: (tests/conftest.py); ``memory_backing``: memory only (the test reads the
+#: memory backing's fd, or makes its own LUNs with add_lun(None, ...)).
+LUN_BACKINGS = ("memory", "rbd")
+
 
 # -- VLUN_RESIZE (§11) -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("req, want", [(0, 0), (1, 1), (65535, 1), (65536, 1),
                                        (65537, 2), (3 * 65536, 3), (3 * 65536 + 1, 4)])
-def test_resize_rounding_4k(embedded, req, want):
+def test_resize_rounding_4k(memory_backing, embedded, req, want):
     a = embedded
     w = a.add_lun(None, size=8 * CHUNK * K4)
     d = a.open_disk(w)
@@ -37,7 +42,7 @@ def test_resize_rounding_4k(embedded, req, want):
 
 @pytest.mark.parametrize("req, want", [(1, 1), (8191, 1), (8192, 1), (8193, 2),
                                        (3 * 8192, 3), (3 * 8192 + 1, 4)])
-def test_resize_rounding_512(embedded, req, want):
+def test_resize_rounding_512(memory_backing, embedded, req, want):
     a = embedded
     w = a.add_lun(None, size=8 * CHUNK * 512, block_size=512)
     d = a.open_disk(w)
@@ -47,7 +52,7 @@ def test_resize_rounding_512(embedded, req, want):
     assert ctx(a, cid).table.lxt_count(h) == want
 
 
-def test_resize_best_effort_growth(embedded):
+def test_resize_best_effort_growth(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=4 * CHUNK * K4)
     d = a.open_disk(w)
@@ -72,7 +77,7 @@ def test_resize_best_effort_growth(embedded):
     del h0
 
 
-def test_shrink_frees_tail_first_and_keeps_head(embedded):
+def test_shrink_frees_tail_first_and_keeps_head(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=16 * CHUNK * K4)
     d = a.open_disk(w)
@@ -110,7 +115,7 @@ def test_shrink_frees_tail_first_and_keeps_head(embedded):
 
 
 @pytest.mark.parametrize("block_size", [4096, 512])
-def test_need_write_same_scrubs_freed_chunks(embedded, block_size):
+def test_need_write_same_scrubs_freed_chunks(memory_backing, embedded, block_size):
     a = embedded
     w = a.add_lun(None, size=8 * CHUNK * block_size, block_size=block_size)
     d = a.open_disk(w)
@@ -148,7 +153,7 @@ def test_need_write_same_scrubs_freed_chunks(embedded, block_size):
         assert chunk_bytes(a, w, auns[0], off) == zero
 
 
-def test_need_write_same_does_not_scrub_chunk_still_cloned(embedded):
+def test_need_write_same_does_not_scrub_chunk_still_cloned(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=8 * CHUNK * K4)
     d = a.open_disk(w)

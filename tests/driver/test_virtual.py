@@ -27,11 +27,16 @@ from .helpers import (
     phys, release, release_arg, resize, udirect, uvirtual, uvirtual_arg, verify,
     verify_arg)
 
+#: The tests of add_disk()'s LUN run on memory and on an RBD image
+#: (tests/conftest.py); ``memory_backing``: memory only (the test reads the
+#: memory backing's fd, or makes its own LUNs with add_lun(None, ...)).
+LUN_BACKINGS = ("memory", "rbd")
+
 
 # -- spec Appendix A -------------------------------------------------------------
 
 
-def test_appendix_a_4k_lun(embedded):
+def test_appendix_a_4k_lun(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=1_000_000 * CHUNK * K4)
     d = a.open_disk(w)
@@ -76,7 +81,7 @@ def test_appendix_a_4k_lun(embedded):
     assert chunks(a, cid, 1) == [3, 1]
 
 
-def test_appendix_a_512_byte_lun(embedded):
+def test_appendix_a_512_byte_lun(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=4 * CHUNK * 512, block_size=512)
     d = a.open_disk(w)
@@ -97,7 +102,7 @@ def test_appendix_a_512_byte_lun(embedded):
 
 
 @pytest.mark.parametrize("block_size", [4096, 512])
-def test_appendix_a_lun_below_one_chunk_is_enomem(embedded, block_size):
+def test_appendix_a_lun_below_one_chunk_is_enomem(memory_backing, embedded, block_size):
     a = embedded
     w = a.add_lun(None, size=65535 * block_size, block_size=block_size)
     d = a.open_disk(w)
@@ -111,7 +116,7 @@ def test_appendix_a_lun_below_one_chunk_is_enomem(embedded, block_size):
     assert ud.last_lba == 65534 and g.mode == MODE_PHYSICAL
 
 
-def test_exactly_one_chunk_lun(embedded):
+def test_exactly_one_chunk_lun(memory_backing, embedded):
     a = embedded
     w = a.add_lun(None, size=CHUNK * K4)
     d = a.open_disk(w)
@@ -137,7 +142,7 @@ def interleaved_vlun(a, nchunks=16, block_size=K4):
     return w, d, cid, h
 
 
-def test_data_lands_at_translated_physical_lba(embedded):
+def test_data_lands_at_translated_physical_lba(memory_backing, embedded):
     a = embedded
     w, d, cid, h = interleaved_vlun(a)
     rng = random.Random(5)
@@ -156,7 +161,7 @@ def test_data_lands_at_translated_physical_lba(embedded):
 
 @pytest.mark.parametrize("block_size", [4096, 512])
 @pytest.mark.parametrize("start, n", [(CHUNK - 3, 8), (2 * CHUNK - 1, 2), (CHUNK - 5, CHUNK + 10)])
-def test_write_crossing_chunk_boundaries_splits(embedded, start, n, block_size):
+def test_write_crossing_chunk_boundaries_splits(memory_backing, embedded, start, n, block_size):
     a = embedded
     bs = block_size
     w, d, cid, h = interleaved_vlun(a, block_size=bs)
@@ -185,7 +190,7 @@ def test_write_crossing_chunk_boundaries_splits(embedded, start, n, block_size):
 
 @pytest.mark.parametrize("start, n", [(3 * CHUNK - 1, 2), (3 * CHUNK, 1),
                                       (2 * CHUNK, CHUNK + 1), (0, 3 * CHUNK + 1)])
-def test_transfer_beyond_vlun_refused_whole(embedded, start, n):
+def test_transfer_beyond_vlun_refused_whole(memory_backing, embedded, start, n):
     a = embedded
     w, d, cid, h = interleaved_vlun(a)
     auns = chunks(a, cid, h)
@@ -212,7 +217,7 @@ def test_transfer_beyond_vlun_refused_whole(embedded, start, n):
     assert phys(a, w, auns[0] << 16) == bytes(K4)
 
 
-def test_afu_handle_errors(embedded):
+def test_afu_handle_errors(memory_backing, embedded):
     a = embedded
     w, d, cid, h = interleaved_vlun(a)
     with pytest.raises(cxlflash.AfuError) as ei:
@@ -238,7 +243,7 @@ def test_afu_handle_errors(embedded):
 # -- a real block device ---------------------------------------------------------
 
 
-def test_loop_block_device(embedded, tmp_path):
+def test_loop_block_device(memory_backing, embedded, tmp_path):
     losetup = shutil.which("losetup")
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
@@ -351,7 +356,8 @@ def test_user_virtual_lun_table_before_lookup(embedded):
     fails(d, VIRTUAL, uvirtual_arg(0xBAD), errno.EIO)
 
 
-def test_user_virtual_lun_table_full_enospc(make_embedded):
+def test_user_virtual_lun_table_full_enospc(memory_backing, make_embedded):
+    # memory_backing: 256 LUNs; on RBD 256 images, connections and locks (~45 s).
     # Single-port LUNs take slots 255, 254, ... 1 of their port's table.
     a = make_embedded()
     d = add_disk(a, nchunks=1)

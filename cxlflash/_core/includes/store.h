@@ -10,7 +10,7 @@
  *
  * The remote protocol (a client of ``cxlflash serve``, or a forked child,
  * whose LUN lives in a store only the serving process can open): one
- * request at a time per socket, in host byte order (both ends are on this
+ * request at a time per socket (a client has several), in host byte order (both ends are on this
  * machine): a cxl_remote_req, the data of a WRITE; a cxl_remote_rep, the
  * data of a READ (``res`` bytes).  The server checks every field.
  */
@@ -97,47 +97,73 @@ static int cxl_sock_full(int fd, char *p, size_t n, int send_)
 }
 
 /* The client's end: a cxl_store whose operations are requests to the
- * process that serves it.  One request at a time (mu); a broken socket
- * fails every later request with EIO. */
+ * process that serves it, over up to CXL_REMOTE_LINKS sockets (a request
+ * in flight on each; st.fd is the first).  A socket that breaks fails
+ * its request and every later one on it with EIO. */
+#define CXL_REMOTE_LINKS 8
+
+typedef struct cxl_remote_link {
+    int fd;
+    int broken;
+    pthread_mutex_t mu;
+} cxl_remote_link;
+
 typedef struct cxl_remote {
     cxl_store st;
-    pthread_mutex_t mu;
-    int broken;
+    int nlinks;
+    unsigned next;
+    cxl_remote_link link[CXL_REMOTE_LINKS];
 } cxl_remote;
+
+/* A link for one request, locked: a free one if there is, else wait. */
+static cxl_remote_link *cxl_remote_link_get(cxl_remote *rm)
+{
+    unsigned start = __atomic_fetch_add(&rm->next, 1, __ATOMIC_RELAXED);
+    int i;
+    cxl_remote_link *l;
+    for (i = 0; i < rm->nlinks; i++) {
+        l = &rm->link[(start + (unsigned) i) % (unsigned) rm->nlinks];
+        if (pthread_mutex_trylock(&l->mu) == 0)
+            return l;
+    }
+    l = &rm->link[start % (unsigned) rm->nlinks];
+    pthread_mutex_lock(&l->mu);
+    return l;
+}
 
 static int64_t cxl_remote_call(cxl_remote *rm, uint32_t op, uint64_t off, uint64_t len,
                                const char *wbuf, char *rbuf)
 {
     cxl_remote_req q;
     cxl_remote_rep a;
+    cxl_remote_link *l = cxl_remote_link_get(rm);
     int64_t res;
     memset(&q, 0, sizeof q);
     q.magic = CXL_REMOTE_MAGIC;
     q.op = op;
     q.offset = off;
     q.len = len;
-    pthread_mutex_lock(&rm->mu);
-    if (rm->broken)
+    if (l->broken)
         goto broken;
-    if (cxl_sock_full(rm->st.fd, (char *) &q, sizeof q, 1) != 0 ||
-            (op == CXL_REMOTE_WRITE && cxl_sock_full(rm->st.fd, (char *) wbuf, len, 1) != 0) ||
-            cxl_sock_full(rm->st.fd, (char *) &a, sizeof a, 0) != 0 ||
+    if (cxl_sock_full(l->fd, (char *) &q, sizeof q, 1) != 0 ||
+            (op == CXL_REMOTE_WRITE && cxl_sock_full(l->fd, (char *) wbuf, len, 1) != 0) ||
+            cxl_sock_full(l->fd, (char *) &a, sizeof a, 0) != 0 ||
             a.magic != CXL_REMOTE_MAGIC || a.err < 0 ||
             (a.err == 0 && (a.res < 0 || (op == CXL_REMOTE_READ && (uint64_t) a.res > len))))
         goto broken;
     if (a.err) {
-        pthread_mutex_unlock(&rm->mu);
+        pthread_mutex_unlock(&l->mu);
         return -a.err;
     }
     res = a.res;
     if (op == CXL_REMOTE_READ && res > 0 &&
-            cxl_sock_full(rm->st.fd, rbuf, (size_t) res, 0) != 0)
+            cxl_sock_full(l->fd, rbuf, (size_t) res, 0) != 0)
         goto broken;
-    pthread_mutex_unlock(&rm->mu);
+    pthread_mutex_unlock(&l->mu);
     return res;
 broken:
-    rm->broken = 1;         /* out of step with the server: stop here */
-    pthread_mutex_unlock(&rm->mu);
+    l->broken = 1;          /* out of step with the server: stop here */
+    pthread_mutex_unlock(&l->mu);
     return -EIO;
 }
 
@@ -170,15 +196,23 @@ static const cxl_store_ops cxl_remote_ops = {
     "remote", cxl_remote_rw, cxl_remote_zero, cxl_remote_flush, cxl_remote_size, NULL
 };
 
-static inline cxl_remote *cxl_remote_new(int sock)
+static inline cxl_remote *cxl_remote_new(const int *socks, int n)
 {
-    cxl_remote *rm = (cxl_remote *) calloc(1, sizeof *rm);
+    cxl_remote *rm;
+    int i;
+    if (n < 1 || n > CXL_REMOTE_LINKS)
+        return NULL;
+    rm = (cxl_remote *) calloc(1, sizeof *rm);
     if (rm == NULL)
         return NULL;
     rm->st.ops = &cxl_remote_ops;
-    rm->st.fd = sock;
+    rm->st.fd = socks[0];
     rm->st.pid = (int) getpid();
-    pthread_mutex_init(&rm->mu, NULL);
+    rm->nlinks = n;
+    for (i = 0; i < n; i++) {
+        rm->link[i].fd = socks[i];
+        pthread_mutex_init(&rm->link[i].mu, NULL);
+    }
     return rm;
 }
 
