@@ -934,7 +934,7 @@ def main(argv=None):
                             return
                         try:
                             res = runners[name].run(wl, seconds)
-                        except (RuntimeError, ValueError, OSError) as e:
+                        except (RuntimeError, ValueError, OSError, SetupError) as e:
                             errors[(name, wl.name)] = f"{type(e).__name__}: {e}"
                             return
                         res["round"] = r
