@@ -81,6 +81,34 @@ def test_embedded_adapters_share_direct_access_and_lock_virtual_mode(ceph):
                 # EBUSY naming the holder: this process.
                 assert e.value.errno == errno.EBUSY and f"pid {os.getpid()}" in str(e.value), \
                     e.value
+                # Direct access from b still reads; its writes are refused
+                # while a holds the lock (EROFS, saying why).
+                with cb.open_direct() as y:
+                    assert y.read(0, 1) == pattern(0, 1, seed=1).tobytes()
+                    with pytest.raises(OSError) as e:
+                        y.write(2, pattern(2, 1, seed=3))
+                    assert e.value.errno == errno.EROFS, e.value
+                    assert "exclusive lock" in str(e.value), e.value
+    # a is gone (its lock with it): b, refused before, writes directly again,
+    # and may take virtual mode itself -- and then keeps the lock while it
+    # serves the LUN, its virtual LUN closed or not.
+    with cxlflash.Adapter() as a:
+        da = a.open_disk(a.add_lun(lun))
+        with cxlflash.Adapter() as b:
+            db = b.open_disk(b.add_lun(lun))
+            with db.attach() as cb:
+                with cb.open_direct() as y:
+                    y.write(2, pattern(2, 1, seed=4))
+                with cb.create_virtual(10) as v:
+                    v.write(0, pattern(0, 1, seed=5))
+            with da.attach() as ca:
+                with pytest.raises(CxlFlashError) as e:
+                    ca.create_virtual(10)
+                assert e.value.errno == errno.EBUSY
+        # b closed: a, refused a moment ago, writes directly again.
+        with da.attach() as ca, ca.open_direct() as x:
+            x.write(3, pattern(3, 1, seed=6))
+            assert x.read(3, 1) == pattern(3, 1, seed=6).tobytes()
 
 
 # -- an OSD that stops answering -------------------------------------------------------------

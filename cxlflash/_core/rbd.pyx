@@ -217,47 +217,74 @@ cdef class RbdImage:
                           f"{self.name}: cannot read its size: {_why(-r)}")
         return n
 
-    def holder(self):
-        """Who holds the image's exclusive lock: a description, or None."""
-        cdef char *owners[4]
-        cdef size_t n = 4
+    cdef list _owners(self):
+        """The clients holding the image's exclusive lock (their addresses)."""
+        cdef char *owners[8]
+        cdef size_t n = 8
         cdef rbd_lock_mode_t mode
-        cdef char value[256]
-        cdef size_t vlen = sizeof(value)
         cdef int r
-        self._check()
         with nogil:
             r = rbd_lock_get_owners(self.d.image, &mode, owners, &n)
         if r < 0:
-            return None
+            return []
         try:
-            who = ", ".join(owners[i].decode(errors="replace") for i in range(n))
+            return [owners[i].decode(errors="replace") for i in range(n)]
         finally:
             rbd_lock_get_owners_cleanup(owners, n)
+
+    cdef tuple _named_holder(self):
+        """(address, description) a cxlflash holder wrote in the image's
+        metadata, or None."""
+        cdef char value[512]
+        cdef size_t vlen = sizeof(value)
+        cdef int r
         memset(value, 0, sizeof(value))
         with nogil:
             r = rbd_metadata_get(self.d.image, HOLDER_KEY, value, &vlen)
-        if r == 0:
-            who += f": {value[:vlen].rstrip(b'\0').decode(errors='replace')}"
-        return who
+        if r != 0:
+            return None
+        addr, _, what = value[:vlen].rstrip(b"\0").decode(errors="replace").partition("\t")
+        return addr, what
+
+    def holder(self):
+        """Who holds the image's exclusive lock: a description, or None."""
+        self._check()
+        owners = self._owners()
+        if not owners:
+            return None
+        named = self._named_holder()
+        return ", ".join(f"{o}: {named[1]}" if named and named[0] == o else o for o in owners)
+
+    cdef _refuse(self):
+        raise OSError(EBUSY, f"{self.name} is in use in virtual mode by another "
+                      f"client [{self.holder() or 'holder unknown'}]: two allocators must "
+                      "not carve virtual LUNs out of one image; stop that one, or give "
+                      "this LUN another image")
 
     def lock(self):
         """Take RBD's exclusive lock on the image for this process (kept
         until ``unlock()`` or ``close()``): EBUSY, naming the holder, when
-        another client has it.  May wait ``timeout`` seconds for a holder
-        that died (its watch expires, librbd then breaks its lock)."""
+        another cxlflash process has it.  May wait ``timeout`` seconds for
+        a holder that died (its watch expires, librbd then breaks its lock).
+
+        librbd's rule: once a client asked for the lock by hand, it writes
+        only while it holds it.  So a lock another cxlflash process holds
+        (its address, recorded in the image's metadata, among the owners)
+        is refused without asking; a client that merely writes directly
+        holds the lock only until asked, and is asked."""
         cdef int r, owner = 0
+        cdef bytes me
+        cdef const char *cme
         self._check()
         if self.locked:
             return
+        named = self._named_holder()
+        if named is not None and named[0] in self._owners():
+            self._refuse()
         with nogil:
             r = rbd_lock_acquire(self.d.image, RBD_LOCK_MODE_EXCLUSIVE)
         if r == -EROFS or r == -EBUSY:
-            who = self.holder()
-            raise OSError(EBUSY, f"{self.name} is in use in virtual mode by another "
-                          f"client [{who or 'holder unknown'}]: two allocators must not "
-                          "carve virtual LUNs out of one image; stop that one, or give "
-                          "this LUN another image")
+            self._refuse()
         if r == -EINVAL:
             raise OSError(EINVAL, f"{self.name} cannot be locked: it lacks the "
                           "exclusive-lock feature (rbd feature enable "
@@ -271,8 +298,10 @@ cdef class RbdImage:
             raise OSError(EBUSY, f"{self.name}: the exclusive lock was taken but this "
                           "client does not own it")
         self.locked = True
-        me = f"cxlflash on {socket.gethostname()}, pid {os.getpid()}".encode()
-        cdef const char *cme = me
+        mine = self._owners()
+        me = (f"{mine[0] if len(mine) == 1 else ''}\tcxlflash on {socket.gethostname()}, "
+              f"pid {os.getpid()}").encode()
+        cme = me
         with nogil:
             r = rbd_metadata_set(self.d.image, HOLDER_KEY, cme)
 
