@@ -489,6 +489,9 @@ cdef void drain_py_cb(void *ctx) noexcept nogil:
         (<Engine> ctx)._drain_pyq()
 
 
+_ONE = (1).to_bytes(8, sys.byteorder)
+
+
 cdef class _LoopBridge:
     """An asyncio loop's queue of completed requests, and its eventfd,
     which the loop watches (``add_reader``)."""
@@ -530,6 +533,7 @@ cdef class _LoopBridge:
         thread, rather than wait for the completer thread to hand them
         over (a thread hop and a second wake-up per batch)."""
         cdef Engine eng = self.engine
+        cdef int n = 0
         try:
             os.read(self.notify_fd, 8)
         except BlockingIOError:
@@ -538,9 +542,14 @@ cdef class _LoopBridge:
             eng.users += 1
             try:
                 with nogil:
-                    cxl_engine_try_poll(eng.eng)
+                    n = cxl_engine_try_poll(eng.eng)
             finally:
                 eng.users -= 1
+            if n < 0:
+                # Another thread (another loop) is reaping and may already
+                # have passed what woke this one, whose wake-up this read
+                # took: look again on the next iteration, not never.
+                os.write(self.notify_fd, _ONE)
         self.drain()
 
     cdef int drain(self) except -1:

@@ -580,11 +580,14 @@ static int cxl_engine_poll(cxl_engine *e, int wait_ms)
 }
 
 /* Reap, without blocking, if nobody else is reaping. */
+/* Reap what is there unless another thread is reaping: the count, or -1
+ * when busy (that thread may already have passed the completions that
+ * woke this one: a caller that consumed the notify fd re-arms it). */
 static int cxl_engine_try_poll(cxl_engine *e)
 {
     int n;
     if (pthread_mutex_trylock(&e->reap_mu) != 0)
-        return 0;
+        return -1;
     n = cxl_engine_poll_locked(e, 0);
     pthread_mutex_unlock(&e->reap_mu);
     return n;
