@@ -44,6 +44,17 @@ import pytest
 _HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(os.path.dirname(_HERE), "tools", "ceph-cluster")
 
+def rbd_built():
+    """Whether this build of cxlflash has the RBD backend (librbd at build
+    time): without it there are no RBD LUNs to run the [rbd] variants on
+    (CI's debug build; tests/test_rbd_build.py checks what it says)."""
+    try:
+        import cxlflash._core.rbd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 MIB = 1 << 20
 GIB = 1 << 30
 

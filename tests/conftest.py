@@ -28,7 +28,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 # The Ceph cluster of the RBD tests (``ceph.py``): started on first use.
-from ceph import ceph, ceph_cluster  # noqa: E402,F401
+from ceph import ceph, ceph_cluster, rbd_built  # noqa: E402,F401
 
 ADAPTER_KINDS = ("embedded", "connected")
 LUN_BACKING_KINDS = ("memory", "rbd")
@@ -67,20 +67,12 @@ def _generate_lun_backing(metafunc):
         return                      # the module crosses it with its own parameters
     kinds = tuple(getattr(metafunc.module, "LUN_BACKINGS", ("memory",)))
     assert set(kinds) <= set(LUN_BACKING_KINDS), kinds
-    if "memory_backing" in names or not _rbd_built():
+    if "memory_backing" in names or not rbd_built():
         # A build without librbd has no RBD LUNs to run them on (CI's
         # debug build; tests/test_rbd_build.py checks what it says then).
         kinds = ("memory",)
     if len(kinds) > 1:
         metafunc.parametrize("lun_backing", kinds)
-
-
-def _rbd_built():
-    try:
-        import cxlflash._core.rbd  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.fixture

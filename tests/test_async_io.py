@@ -28,6 +28,7 @@ from cxlflash.errors import AdapterResetError, AfuError, CxlFlashError
 from api_fixtures import (adapter, disk, ctx, make_adapter, vlun,  # noqa: F401
                           lun_status)
 from block_pattern import BS, CHUNK, GIB, pattern
+from ceph import rbd_built
 
 # Both engines; a build without liburing (CI's debug build) has threads only.
 KINDS = ("io_uring", "threads") if engine_info()["liburing"] else ("threads",)
@@ -45,7 +46,7 @@ def pytest_generate_tests(metafunc):
     (tests/conftest.py leaves ``lun_backing`` to a module with this hook.)"""
     names = metafunc.fixturenames
     if "lun_backing" in names and "memory_backing" not in names:
-        combos = [(k, "memory") for k in KINDS] + [(KINDS[0], "rbd")]
+        combos = [(k, "memory") for k in KINDS] + ([(KINDS[0], "rbd")] if rbd_built() else [])
         metafunc.parametrize("kind, lun_backing", combos, ids=[f"{k}-{b}" for k, b in combos])
     else:
         metafunc.parametrize("kind", KINDS)
