@@ -60,6 +60,8 @@ import sys
 import tempfile
 import time
 
+from ratio_table import cpu_ticks, median_of, print_rows, tool_version  # noqa: E402 (beside this script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STARTUP_TIMEOUT = 30.0
@@ -93,12 +95,6 @@ def parse_size(s):
     return int(s) * mult
 
 
-def tool_version(cmd):
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.strip().splitlines()[0] if out.strip() else None
 
 
 def fill_random(path, size, seed):
@@ -114,12 +110,6 @@ def fill_random(path, size, seed):
             left -= n
 
 
-def cpu_ticks(pid):
-    """user + sys clock ticks of process ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        s = f.read()
-    fields = s[s.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])        # fields 14 and 15 of the line
 
 
 class Server:
@@ -257,9 +247,6 @@ def measure(srv, workload, seconds, tmp):
 # -- rows -----------------------------------------------------------------------------------
 
 
-def median_of(results, server, workload, key):
-    xs = [r[key] for r in results.get((server, workload), [])]
-    return statistics.median(xs) if xs else None
 
 
 def ratio_row(what, ours, base, workload, key, target, results, errors, unit,
@@ -289,34 +276,8 @@ def ratio_row(what, ours, base, workload, key, target, results, errors, unit,
     return row
 
 
-def fmt(x, unit):
-    if unit == "IOPS":
-        return f"{x / 1000:.1f} k"
-    if unit == "MiB/s":
-        return f"{x:.0f} MiB/s"
-    if unit == "us":
-        return f"{x:.2f} us"
-    return f"{x:.3g} {unit}"
 
 
-def print_rows(rows, out):
-    w = max(len(r["what"]) for r in rows)
-    print(f"{'what':<{w}}  {'ours':>11}  {'baseline':>11}  {'ratio [min..max]':>20}  "
-          f"{'target':>8}  status", file=out)
-    for r in rows:
-        if r["target"] is None:
-            tgt = "-"
-        else:
-            tgt = f"{'<=' if r['lower_is_better'] else '>='} {r['target']:g}x"
-        if r["status"] == "MISSING":
-            print(f"{r['what']:<{w}}  {'':>11}  {'':>11}  {'':>20}  {tgt:>8}  MISSING: "
-                  f"{r['error']}", file=out)
-            continue
-        lo, hi = r["spread"]
-        ratio = f"{r['ratio']:.3f} [{lo:.2f}..{hi:.2f}]"
-        print(f"{r['what']:<{w}}  {fmt(r['value'], r['unit']):>11}  "
-              f"{fmt(r['base'], r['unit']):>11}  {ratio:>20}  {tgt:>8}  {r['status']}",
-              file=out)
 
 
 def print_servers(results, servers, workloads, out):

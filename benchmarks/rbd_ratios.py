@@ -72,6 +72,8 @@ import tempfile
 import time
 import uuid
 
+from ratio_table import cpu_ticks, median_of, print_rows, tool_version  # noqa: E402 (beside this script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -133,12 +135,6 @@ def parse_size(s):
     return int(s) * mult
 
 
-def tool_version(cmd):
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.strip().splitlines()[0] if out.strip() else None
 
 
 def loadavg():
@@ -621,12 +617,6 @@ class OursSide:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_ticks(pid):
-    """user + sys clock ticks of process ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        s = f.read()
-    fields = s[s.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])        # fields 14 and 15 of the line
 
 
 class NbdSide:
@@ -706,9 +696,6 @@ class NbdSide:
 # -- rows -------------------------------------------------------------------------------------
 
 
-def median_of(results, side, wl, key):
-    xs = [r[key] for r in results.get((side, wl), [])]
-    return statistics.median(xs) if xs else None
 
 
 def ratio_row(what, ours, base, wl, results, errors, target):
@@ -754,31 +741,8 @@ def build_rows(results, errors, workloads, sides):
     return rows
 
 
-def fmt(x, unit):
-    if unit == "IOPS":
-        return f"{x / 1000:.2f} k"
-    if unit == "MiB/s":
-        return f"{x:.0f} MiB/s"
-    return f"{x:.3g} {unit}"
 
 
-def print_rows(rows, out):
-    if not rows:
-        return
-    w = max(len(r["what"]) for r in rows)
-    print(f"{'what':<{w}}  {'ours':>11}  {'baseline':>11}  {'ratio [min..max]':>20}  "
-          f"{'target':>8}  status", file=out)
-    for r in rows:
-        tgt = "-" if r["target"] is None else f">= {r['target']:g}x"
-        if r["status"] == "MISSING":
-            print(f"{r['what']:<{w}}  {'':>11}  {'':>11}  {'':>20}  {tgt:>8}  MISSING: "
-                  f"{r['error']}", file=out)
-            continue
-        lo, hi = r["spread"]
-        ratio = f"{r['ratio']:.3f} [{lo:.2f}..{hi:.2f}]"
-        print(f"{r['what']:<{w}}  {fmt(r['value'], r['unit']):>11}  "
-              f"{fmt(r['base'], r['unit']):>11}  {ratio:>20}  {tgt:>8}  {r['status']}",
-              file=out)
 
 
 def print_sides(results, sides, workloads, out):
