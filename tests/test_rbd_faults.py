@@ -113,6 +113,18 @@ def test_embedded_adapters_share_direct_access_and_lock_virtual_mode(ceph):
 
 # -- an OSD that stops answering -------------------------------------------------------------
 
+def once_back(read, within=60):
+    """``read()``'s result once the LUN answers again (the OSD restarted:
+    the client learns of it from the monitor's next map), within
+    ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return read()
+        except OSError:
+            assert time.monotonic() < deadline, f"the LUN did not come back in {within} s"
+            time.sleep(0.5)
+
 
 TIMEOUT = 3                 # the LUN's timeout= (seconds)
 SLACK = 10                  # what a failed request may take beyond it
@@ -183,14 +195,7 @@ def test_osd_stopped_in_the_middle_of_list_io(adapter, ceph):
             assert all(e.errno == errno.EIO for e in errors.values()), errors
             assert secs < TIMEOUT + SLACK, f"a batch failed after {secs:.1f} s (timeout={TIMEOUT})"
         # Everything acknowledged before is there once the OSD is back.
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                got = direct.read(16000, 8)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the LUN did not come back in 60 s"
-                time.sleep(0.5)
+        got = once_back(lambda: direct.read(16000, 8))
         assert got == pattern(16000, 8, seed=99).tobytes()
         for k, status, secs, errors in w.results:
             lbas = np.flatnonzero(status == 1)
@@ -230,12 +235,5 @@ def test_vlun_io_fails_with_eio_while_the_osd_is_stopped(adapter, ceph):
             ceph.restart_osd()
         # Everything acknowledged before is there once the OSD is back (the
         # client learns of the new OSD from the monitor's next map).
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                got = v.read(0, 4)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the LUN did not come back in 60 s"
-                time.sleep(0.5)
+        got = once_back(lambda: v.read(0, 4))
         assert got == pattern(0, 4).tobytes()
